@@ -1,0 +1,60 @@
+"""Which backends exist, which work here, and why the others do not.
+
+Known backends, fastest last within a device:
+  reference  SPEC.md per caption (rcar_fast.reference); ground truth, any device.
+  torch      the pair grid in blocks, plain PyTorch (rcar_fast.torch_backend); any device.
+  triton     fused Triton kernels (rcar_fast.kernels); not part of this release yet.
+  cpp, cuda  the compiled extension (csrc/); not part of this release yet.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+KNOWN = ("reference", "torch", "triton", "cpp", "cuda")
+#: the order in which ``backend="auto"`` prefers available backends, per device type
+AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+def backend_status() -> Dict[str, str]:
+    """``{name: "available" or the reason it is not}`` for every known backend."""
+    return {
+        "reference": "available",
+        "torch": "available",
+        "triton": "unavailable: the Triton kernels are not implemented in this release",
+        "cpp": "unavailable: the compiled extension (csrc/) is not implemented in this release",
+        "cuda": "unavailable: the compiled extension (csrc/) is not implemented in this release",
+    }
+
+
+def available_backends(device: Optional[torch.device] = None) -> List[str]:
+    """Backend names usable here (for tensors on ``device`` when given)."""
+    st = backend_status()
+    names = [n for n in KNOWN if st[n] == "available"]
+    if device is not None:
+        dev = torch.device(device).type
+        names = [n for n in names if n in ("reference", "torch") or n in AUTO_ORDER.get(dev, ())]
+    return names
+
+
+def resolve(backend, device: torch.device) -> str:
+    """The backend to run for tensors on ``device``; raises ValueError naming the problem."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+    st = backend_status()
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ()) + ("torch",):
+            if st[name] == "available":
+                return name
+        return "torch"
+    if backend not in st:
+        raise ValueError(f"backend: unknown {backend!r}; known: auto, {', '.join(KNOWN)}")
+    if st[backend] != "available":
+        raise ValueError(f"backend: {backend!r} is {st[backend]}")
+    if backend in ("cpp",) and device.type != "cpu":
+        raise ValueError(f"backend: 'cpp' runs on CPU tensors, got tensors on {device}")
+    if backend in ("cuda", "triton") and device.type != "cuda":
+        raise ValueError(f"backend: {backend!r} needs CUDA tensors, got tensors on {device}")
+    return backend

@@ -1,0 +1,119 @@
+"""RCARSimilarity: the similarity head of RCAR as an nn.Module with the release's names.
+
+A state dict of the public release's similarity encoder loads with ``strict=True``:
+``sim_eval_w``, ``alv_modules.{t}.sim_transform_w``, ``rcr_modules.{t}.rcr_matrix_w.{0,2}``,
+``rcr_modules.{t}.rcr_smooth_w.{0,2}``, ``rar_modules.{t}.rar_{q,k,v}_w.0`` (SPEC.md).
+A full release checkpoint keeps them under ``sim_enc.`` of its ``model`` entry; see
+:func:`sim_state_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from . import _validate as V
+from . import ops
+
+
+def _init_linear(layer: nn.Linear) -> nn.Linear:
+    """The release's initialisation: uniform in +-sqrt(6 / (fan_in + fan_out)), bias 0."""
+    r = math.sqrt(6.0) / math.sqrt(layer.in_features + layer.out_features)
+    nn.init.uniform_(layer.weight, -r, r)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class AlignmentVector(nn.Module):
+    """Holds ``sim_transform_w`` (d -> s): E = l2n(W (Q - A)^2 + b)."""
+
+    def __init__(self, embed_dim: int, sim_dim: int):
+        super().__init__()
+        self.sim_transform_w = _init_linear(nn.Linear(embed_dim, sim_dim))
+
+
+class RCRModule(nn.Module):
+    """The recurrent correspondence regulator's weights: factors MLP s -> 2s -> d and
+    temperature MLP s -> s/2 -> 1 (see :func:`rcar_fast.ops.rcr_update`)."""
+
+    def __init__(self, embed_dim: int, sim_dim: int):
+        super().__init__()
+        self.rcr_matrix_w = nn.Sequential(_init_linear(nn.Linear(sim_dim, sim_dim * 2)), nn.Tanh(),
+                                          _init_linear(nn.Linear(sim_dim * 2, embed_dim)))
+        self.rcr_smooth_w = nn.Sequential(_init_linear(nn.Linear(sim_dim, sim_dim // 2)), nn.Tanh(),
+                                          _init_linear(nn.Linear(sim_dim // 2, 1)))
+
+
+class RARModule(nn.Module):
+    """The recurrent aggregation regulator's weights: key and query s -> s with Tanh and
+    Dropout(0.4), value s -> 1 (see :func:`rcar_fast.ops.rar_update`)."""
+
+    def __init__(self, sim_dim: int):
+        super().__init__()
+        self.rar_q_w = nn.Sequential(_init_linear(nn.Linear(sim_dim, sim_dim)), nn.Tanh(), nn.Dropout(0.4))
+        self.rar_k_w = nn.Sequential(_init_linear(nn.Linear(sim_dim, sim_dim)), nn.Tanh(), nn.Dropout(0.4))
+        self.rar_v_w = nn.Sequential(_init_linear(nn.Linear(sim_dim, 1)))
+
+
+class RCARSimilarity(nn.Module):
+    """RCAR similarity head: scores every image against every caption.
+
+    Args:
+        embed_dim: d, the feature size of regions and words (1024 in the release).
+        sim_dim: s, the width of the alignment vectors (256); even.
+        regulator: "only_rar" (steps >= 1), "only_rcr" (steps >= 0; 0 is plain SCAN) or
+            "coop_rcar" (steps >= 1; the paper's models use 2).
+        steps: T, the number of regulator steps.
+        attn_type: "t2i" (words attend to regions) or "i2t" (regions attend to words).
+        smooth: the first-step softmax temperature; None means 10.0 for t2i and 3.0 for i2t.
+
+    ``forward(img (N_i, R, d), cap (N_c, L, d), cap_lens (N_c,), backend="auto")`` returns the
+    (N_i, N_c) scores. In training mode RAR's dropout is active.
+    """
+
+    def __init__(self, embed_dim: int = 1024, sim_dim: int = 256, regulator: str = "coop_rcar",
+                 steps: int = 2, attn_type: str = "t2i", smooth: Optional[float] = None):
+        super().__init__()
+        V.check_config(regulator, steps, attn_type)
+        for name, v in (("embed_dim", embed_dim), ("sim_dim", sim_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if sim_dim < 2 or sim_dim % 2:
+            raise ValueError(f"sim_dim: must be even (rcr_smooth_w halves it), got {sim_dim}")
+        self.embed_dim, self.sim_dim = embed_dim, sim_dim
+        self.regulator, self.steps, self.attn_type = regulator, int(steps), attn_type
+        self.smooth = ops.default_smooth(attn_type) if smooth is None else \
+            V.check_temperatures("smooth", smooth, (), torch.empty(0))
+        n_alv = 1 if regulator == "only_rar" else steps
+        n_rcr = {"only_rar": 0, "only_rcr": steps, "coop_rcar": steps - 1}[regulator]
+        n_rar = 0 if regulator == "only_rcr" else steps
+        self.sim_eval_w = _init_linear(nn.Linear(sim_dim, 1))
+        self.alv_modules = nn.ModuleList(AlignmentVector(embed_dim, sim_dim) for _ in range(n_alv))
+        self.rcr_modules = nn.ModuleList(RCRModule(embed_dim, sim_dim) for _ in range(n_rcr))
+        self.rar_modules = nn.ModuleList(RARModule(sim_dim) for _ in range(n_rar))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, sim_dim={self.sim_dim}, regulator={self.regulator!r}, "
+                f"steps={self.steps}, attn_type={self.attn_type!r}, smooth={self.smooth}")
+
+    def forward(self, img: torch.Tensor, cap: torch.Tensor, cap_lens, backend: str = "auto",
+                memory_budget: Optional[int] = None) -> torch.Tensor:
+        V.check_features(img, cap, cap_lens, self.embed_dim)
+        params = dict(self.named_parameters())
+        return ops.rcar_scores(img, cap, cap_lens, params, self.regulator, self.steps,
+                               self.attn_type, self.smooth, self.training, backend, memory_budget)
+
+
+def sim_state_from_checkpoint(checkpoint: Mapping) -> dict:
+    """The similarity head's state dict out of a full release checkpoint (its ``model`` entry,
+    keys ``sim_enc.*``), ready for ``RCARSimilarity.load_state_dict(..., strict=True)``."""
+    model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(model, Mapping):
+        raise ValueError("checkpoint: expected a mapping with a 'model' state dict")
+    state = {k[len("sim_enc."):]: v for k, v in model.items() if k.startswith("sim_enc.")}
+    if not state:
+        raise ValueError("checkpoint: no 'sim_enc.' entries in its model state dict")
+    return state

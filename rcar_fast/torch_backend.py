@@ -1,0 +1,306 @@
+"""The "torch" backend: SPEC.md over a whole block of the pair grid at once, in plain PyTorch.
+
+Layout. Inside this module a block of pairs is laid out (B, P, Lq, width): B indexes the
+*context* side and P the *query* side of a pair, so that every batched product runs over B.
+  t2i: B = images (context = regions), P = captions (query = words), Lq = L (padded), Lc = R.
+  i2t: B = captions (context = words), P = images (query = regions), Lq = R, Lc = L (padded).
+Inputs are never repeated across pairs: the query source is (P, Lq, d), the context source
+(B, Lc, d), and the first-step factors F = 1 and temperature lam = smooth are kept symbolic.
+
+Padding. Padded words are replaced by zeros *by selection* (torch.where) once, on entry, so a
+NaN there cannot reach any product; masked reductions also select. Rows at padded query
+positions are finite but meaningless and are excluded from every reduction.
+
+Speed. ``rcar_scores`` walks the grid in blocks sized by a memory budget, with captions
+sorted by length and grouped so that a block pads little (t2i pays for padding in every
+product). Without autograd the element-wise chain runs in place on the block's buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+RAR_DROPOUT = 0.4
+Tensor = torch.Tensor
+
+#: default working-set budget of one block of the pair grid, in bytes (CPU tensors)
+DEFAULT_BUDGET_CPU = 24 * 2**20
+#: default working-set budget on GPUs
+DEFAULT_BUDGET_GPU = 2 * 2**30
+#: d-wide (B, P, Lq, d) buffers alive at once on the inference path (A/diff, F, new F, F*Q)
+LIVE_WIDE_BUFFERS = 4
+
+
+def _l2n(x: Tensor, inplace: bool) -> Tensor:
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x.div_(n.add_(EPS)) if inplace else x / (n + EPS)
+
+
+def _linear(x: Tensor, w: Mapping[str, Tensor], name: str) -> Tensor:
+    return F.linear(x, w[name + ".weight"], w[name + ".bias"])
+
+
+class Block:
+    """One block of the pair grid in (B, P, Lq, .) layout; see the module docstring."""
+
+    def __init__(self, query: Tensor, qmask: Optional[Tensor], context: Tensor,
+                 cmask: Optional[Tensor], inplace: bool):
+        self.query, self.qmask = query, qmask          # (P, Lq, d), (P, Lq) or None = all valid
+        self.context, self.cmask = context, cmask      # (B, Lc, d), (B, Lc) or None
+        self.inplace = inplace
+        self.qcount = (query.new_full((query.shape[0],), query.shape[1]) if qmask is None
+                       else qmask.sum(1).to(query.dtype))
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return self.context.shape[0], self.query.shape[0], self.query.shape[1]
+
+    # -- adaptive attention ------------------------------------------------------------
+    def attention(self, Fq: Optional[Tensor], lam) -> Tensor:
+        """l2n(A(Q, C, F, lam)) for every pair of the block: (B, P, Lq, d)."""
+        Q, C = self.query, self.context
+        B, P, Lq = self.shape
+        Lc, d = C.shape[1], C.shape[2]
+        if Fq is None:   # F = 1: one product of all query words against all context positions
+            S = torch.matmul(C.reshape(B * Lc, d), Q.reshape(P * Lq, d).t())
+            S = S.view(B, Lc, P, Lq).permute(0, 2, 3, 1)                  # (B, P, Lq, Lc)
+        else:
+            FQ = (Fq * Q).reshape(B, P * Lq, d)     # Fq is needed again by the next RCR step
+            S = torch.matmul(FQ, C.transpose(1, 2)).view(B, P, Lq, Lc)
+            del FQ
+        S = F.leaky_relu(S, 0.1)
+        if self.qmask is not None:
+            S = torch.where(self.qmask[None, :, :, None], S, S.new_zeros(()))
+        Sn = S / (torch.linalg.vector_norm(S, dim=2, keepdim=True) + EPS)    # across queries
+        logits = Sn * (lam.unsqueeze(-1) if isinstance(lam, Tensor) else lam)
+        if self.cmask is not None:
+            logits = torch.where(self.cmask[:, None, None, :], logits, logits.new_full((), -math.inf))
+        Pm = torch.softmax(logits, dim=-1)                               # over context positions
+        U = torch.matmul(Pm.reshape(B, P * Lq, Lc), C).view(B, P, Lq, d)
+        return _l2n(U, self.inplace)
+
+    # -- alignment vectors ---------------------------------------------------------------
+    def alignment(self, A: Tensor, w: Mapping[str, Tensor], name: str) -> Tensor:
+        """E = l2n(W (Q - A)^2 + b): (B, P, Lq, s). Consumes A on the inference path."""
+        D = A.sub_(self.query).square_() if self.inplace else (A - self.query).square()
+        return _l2n(_linear(D, w, name), self.inplace)
+
+    # -- RCR -----------------------------------------------------------------------------
+    def rcr(self, E: Tensor, Fq: Optional[Tensor], lam, w: Mapping[str, Tensor], prefix: str):
+        """(F, lam) <- (clamp(tanh(MLP(E)) + F, -1, 1), relu(MLP'(E) + lam))."""
+        m = _linear(torch.tanh(_linear(E, w, prefix + "rcr_matrix_w.0")), w, prefix + "rcr_matrix_w.2")
+        m = torch.tanh_(m) if self.inplace else torch.tanh(m)
+        if Fq is None:
+            Fn = m.add_(1.0).clamp_(-1.0, 1.0) if self.inplace else torch.clamp(m + 1.0, -1.0, 1.0)
+        else:
+            Fn = m.add_(Fq).clamp_(-1.0, 1.0) if self.inplace else torch.clamp(m + Fq, -1.0, 1.0)
+        sm = _linear(torch.tanh(_linear(E, w, prefix + "rcr_smooth_w.0")), w, prefix + "rcr_smooth_w.2")
+        return Fn, torch.relu(sm.squeeze(-1) + lam)
+
+    # -- RAR -----------------------------------------------------------------------------
+    def mean_valid(self, E: Tensor) -> Tensor:
+        """Plain mean of E over the valid query positions: (B, P, s)."""
+        if self.qmask is not None:
+            E = torch.where(self.qmask[None, :, :, None], E, E.new_zeros(()))
+        return E.sum(dim=2) / self.qcount[None, :, None]
+
+    def rar(self, E: Tensor, h: Tensor, w: Mapping[str, Tensor], prefix: str, training: bool) -> Tensor:
+        """h <- l2n(sum_q a[q] E[q]), a = softmax over valid q of v(K[q] * g)."""
+        K = F.dropout(torch.tanh(_linear(E, w, prefix + "rar_k_w.0")), RAR_DROPOUT, training)
+        g = F.dropout(torch.tanh(_linear(h, w, prefix + "rar_q_w.0")), RAR_DROPOUT, training)
+        logits = _linear(K * g.unsqueeze(2), w, prefix + "rar_v_w.0").squeeze(-1)   # (B, P, Lq)
+        if self.qmask is not None:
+            logits = torch.where(self.qmask[None], logits, logits.new_full((), -math.inf))
+        a = torch.softmax(logits, dim=-1)
+        return _l2n(torch.matmul(a.unsqueeze(2), E).squeeze(2), self.inplace)
+
+    def cosine_mean(self, A: Tensor) -> Tensor:
+        """mean over valid q of cos(Q[q], A[q]): (B, P)."""
+        Q = self.query
+        num = (A * Q).sum(-1)
+        den = torch.linalg.vector_norm(A, dim=-1) * torch.linalg.vector_norm(Q, dim=-1)
+        cos = num / torch.clamp(den, min=EPS)
+        if self.qmask is not None:
+            cos = torch.where(self.qmask[None], cos, cos.new_zeros(()))
+        return cos.sum(-1) / self.qcount[None]
+
+    # -- the whole similarity ------------------------------------------------------------
+    def scores(self, params: Mapping[str, Tensor], regulator: str, steps: int, smooth: float,
+               training: bool) -> Tensor:
+        """SPEC.md's scores for every pair of the block: (B, P)."""
+        Fq, lam = None, smooth
+        if regulator == "only_rcr":
+            for t in range(steps):
+                E = self.alignment(self.attention(Fq, lam), params, f"alv_modules.{t}.sim_transform_w")
+                Fq, lam = self.rcr(E, Fq, lam, params, f"rcr_modules.{t}.")
+            return self.cosine_mean(self.attention(Fq, lam))
+        n_alv = 1 if regulator == "only_rar" else steps
+        h = None
+        for t in range(n_alv):
+            E = self.alignment(self.attention(Fq, lam), params, f"alv_modules.{t}.sim_transform_w")
+            if h is None:
+                h = self.mean_valid(E)
+            if regulator == "coop_rcar":
+                if t < steps - 1:
+                    Fq, lam = self.rcr(E, Fq, lam, params, f"rcr_modules.{t}.")
+                h = self.rar(E, h, params, f"rar_modules.{t}.", training)
+            else:   # only_rar: T RAR steps over the one E
+                for k in range(steps):
+                    h = self.rar(E, h, params, f"rar_modules.{k}.", training)
+        return torch.sigmoid(_linear(h, params, "sim_eval_w")).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- grid helpers
+
+def _valid_mask(cap_lens: Tensor, L: int) -> Tensor:
+    return torch.arange(L, device=cap_lens.device)[None, :] < cap_lens[:, None]
+
+
+def _clean(cap: Tensor, mask: Tensor) -> Tensor:
+    """Padding replaced by zeros by selection (a NaN there never reaches a product)."""
+    return torch.where(mask[..., None], cap, cap.new_zeros(()))
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def make_block(img: Tensor, cap: Tensor, cap_lens: Tensor, attn_type: str, inplace: bool) -> Block:
+    """A block over all of img x cap (cap already cut to the block's longest caption)."""
+    mask = _valid_mask(cap_lens.to(cap.device), cap.shape[1])
+    full = bool(mask.all())
+    words = cap if full else _clean(cap, mask)
+    m = None if full else mask
+    if attn_type == "t2i":
+        return Block(words, m, img, None, inplace)
+    return Block(img, None, words, m, inplace)
+
+
+def _to_block_layout(x, attn_type: str):
+    """(N_i, N_c, ...) pair tensor -> (B, P, ...) layout."""
+    if isinstance(x, Tensor) and x.dim() >= 3 and attn_type == "i2t":
+        return x.transpose(0, 1)
+    return x
+
+
+def _from_block_layout(x: Tensor, attn_type: str) -> Tensor:
+    return x.transpose(0, 1).contiguous() if attn_type == "i2t" else x
+
+
+def _zero_padded_queries(x: Tensor, cap_lens: Tensor, attn_type: str) -> Tensor:
+    if attn_type != "t2i":
+        return x
+    mask = _valid_mask(cap_lens.to(x.device), x.shape[2])
+    shape = (1, mask.shape[0], mask.shape[1]) + (1,) * (x.dim() - 3)
+    return torch.where(mask.view(shape), x, x.new_zeros(()))
+
+
+def _factors_in(factors, attn_type):
+    return None if factors is None else _to_block_layout(factors, attn_type)
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+def adaptive_attention(img, cap, cap_lens, factors, temperatures, attn_type):
+    blk = make_block(img, cap, cap_lens, attn_type, inplace=not _needs_grad([img, cap, factors, temperatures]))
+    A = blk.attention(_factors_in(factors, attn_type), _to_block_layout(temperatures, attn_type))
+    return _zero_padded_queries(_from_block_layout(A, attn_type), cap_lens, attn_type)
+
+
+def alignment(img, cap, cap_lens, weight, bias, factors, temperatures, attn_type):
+    tensors = [img, cap, factors, temperatures, weight, bias]
+    blk = make_block(img, cap, cap_lens, attn_type, inplace=not _needs_grad(tensors))
+    A = blk.attention(_factors_in(factors, attn_type), _to_block_layout(temperatures, attn_type))
+    E = blk.alignment(A, {"w.weight": weight, "w.bias": bias}, "w")
+    return _zero_padded_queries(_from_block_layout(E, attn_type), cap_lens, attn_type)
+
+
+def rcr_update(E, factors, temperatures, cap_lens, weights, attn_type):
+    tensors = [E, factors, temperatures, *weights.values()]
+    # padded rows may hold anything: select them away before any product
+    E = _zero_padded_queries(E, cap_lens, attn_type)
+    if factors is not None:
+        factors = _zero_padded_queries(factors, cap_lens, attn_type)
+    if isinstance(temperatures, Tensor):
+        temperatures = _zero_padded_queries(temperatures, cap_lens, attn_type)
+    blk = Block(E.new_zeros(1, 1, 1), None, E.new_zeros(1, 1, 1), None, not _needs_grad(tensors))
+    Fn, lam = blk.rcr(E, factors, temperatures, weights, "")
+    return (_zero_padded_queries(Fn, cap_lens, attn_type),
+            _zero_padded_queries(lam, cap_lens, attn_type))
+
+
+def rar_update(E, h, cap_lens, weights, attn_type, training):
+    Eb = _to_block_layout(E, attn_type)
+    B, P, Lq, _ = Eb.shape
+    qmask = None
+    if attn_type == "t2i":
+        qmask = _valid_mask(cap_lens.to(E.device), Lq)
+        if bool(qmask.all()):
+            qmask = None
+    blk = Block(E.new_zeros(P, Lq, 1), qmask, E.new_zeros(B, 1, 1), None,
+                inplace=not _needs_grad([E, h, *weights.values()]))
+    if qmask is not None:   # padded rows of E may hold anything
+        Eb = torch.where(qmask[None, :, :, None], Eb, Eb.new_zeros(()))
+    hb = blk.mean_valid(Eb) if h is None else _to_block_layout(h, attn_type)
+    return _from_block_layout(blk.rar(Eb, hb, weights, "", training), attn_type)
+
+
+# ----------------------------------------------------------------------------- the scores
+
+def plan_caption_groups(lens: Sequence[int], max_waste: float = 0.125) -> List[List[int]]:
+    """Captions sorted by length, cut into groups that each pad at most ``max_waste`` of their
+    positions (a group pads to its longest caption). Returns lists of caption indices."""
+    order = sorted(range(len(lens)), key=lambda j: lens[j])
+    groups: List[List[int]] = []
+    cur: List[int] = []
+    total = 0
+    for j in order:
+        lj = lens[j]
+        if cur and (len(cur) + 1) * lj - (total + lj) > max_waste * (len(cur) + 1) * lj:
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(j)
+        total += lj
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def block_pairs(budget: int, lq: int, d: int, itemsize: int) -> int:
+    """How many pairs one block may hold so that its d-wide buffers fit ``budget`` bytes."""
+    per_pair = LIVE_WIDE_BUFFERS * lq * d * itemsize
+    return max(1, budget // per_pair)
+
+
+def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str, Tensor],
+                regulator: str, steps: int, attn_type: str, smooth: float, training: bool,
+                memory_budget: Optional[int] = None) -> Tensor:
+    """scores (N_i, N_c) computed block by block (see the module docstring)."""
+    n_i, R, d = img.shape
+    n_c = cap.shape[0]
+    if memory_budget is None:
+        memory_budget = DEFAULT_BUDGET_GPU if img.is_cuda else DEFAULT_BUDGET_CPU
+    inplace = not _needs_grad([img, cap, *params.values()])
+    lens_list = [int(x) for x in cap_lens.tolist()]
+    lens_dev = cap_lens.to(cap.device)
+    out = img.new_empty(n_i, n_c)
+    for group in plan_caption_groups(lens_list):
+        Lg = max(lens_list[j] for j in group)
+        lq = Lg if attn_type == "t2i" else R
+        max_pairs = block_pairs(memory_budget, lq, d, img.element_size())
+        nc_blk = min(len(group), max_pairs)
+        ni_blk = max(1, min(n_i, max_pairs // nc_blk))
+        for c0 in range(0, len(group), nc_blk):
+            cidx = torch.tensor(group[c0:c0 + nc_blk], device=cap.device)
+            cap_b = cap.index_select(0, cidx)[:, :Lg]
+            lens_b = lens_dev.index_select(0, cidx)
+            for i0 in range(0, n_i, ni_blk):
+                blk = make_block(img[i0:i0 + ni_blk], cap_b, lens_b, attn_type, inplace)
+                s = blk.scores(params, regulator, steps, smooth, training)
+                out[i0:i0 + ni_blk, cidx] = s if attn_type == "t2i" else s.t()
+    return out

@@ -1,0 +1,84 @@
+"""Build and install rcar_fast.
+
+    pip install --no-build-isolation -e .
+
+Environment flags (all of them):
+  RCAR_FAST_BUILD_EXT=0      build no compiled extension (the package works without it)
+  RCAR_FAST_BUILD_EXT=cpu    build the C++ CPU extension only, even where CUDA is available
+  CUDA_HOME                  the CUDA toolkit root; when unset it is read from
+                             `nvcc --dryrun` (its TOP= folder), since the nvcc on PATH may be
+                             a wrapper script whose own folder is not the toolkit
+  TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0")
+  MAX_JOBS                   parallel compile jobs (torch's ninja builder)
+
+The extension rcar_fast._C is built from csrc/ when it has sources: a CUDAExtension when torch
+has CUDA and a toolkit is found, a CppExtension otherwise. With no sources, none is built.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_home():
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True,
+                             timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"TOP=(\S+)", out)
+    return os.path.realpath(m.group(1)) if m else None
+
+
+def _extensions():
+    mode = os.environ.get("RCAR_FAST_BUILD_EXT", "auto").lower()
+    if mode in ("0", "no", "off", "false"):
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not cpp and not cu:
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx = ["-O3", "-std=c++17"]
+    home = _cuda_home()
+    if mode != "cpu" and cu and torch.version.cuda and home:
+        os.environ["CUDA_HOME"] = home
+        cpp_extension.CUDA_HOME = home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = cpp_extension.CUDAExtension(
+            "rcar_fast._C", cpp + cu,
+            extra_compile_args={"cxx": cxx + ["-DRCAR_FAST_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DRCAR_FAST_WITH_CUDA"]})
+    else:
+        ext = cpp_extension.CppExtension("rcar_fast._C", cpp, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="rcar_fast",
+    version="0.1.0",
+    description="Fast RCAR image-text matching: fused region-word attention with regulators",
+    packages=["rcar_fast", "rcar_fast.kernels"],
+    package_dir={"rcar_fast": "rcar_fast", "rcar_fast.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"test": ["pytest", "hypothesis"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["rcar-fast=rcar_fast.__main__:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
