@@ -113,5 +113,7 @@ def check_pair_tensor(name: str, x, shape, ref: Tensor) -> None:
 def check_temperatures(name: str, lam, shape, ref: Tensor):
     if isinstance(lam, numbers.Real) and not isinstance(lam, bool):
         return float(lam)
+    if shape == () and isinstance(lam, Tensor) and lam.dim() == 0 and lam.is_floating_point():
+        return float(lam)   # a scalar temperature is a constant, not a learnable tensor
     check_pair_tensor(name, lam, shape, ref)
     return lam

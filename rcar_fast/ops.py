@@ -162,6 +162,7 @@ def rcr_update(E: Tensor, factors: Optional[Tensor], temperatures: Temperatures,
     lens = _check_E(E, cap_lens, attn_type)
     if not isinstance(weights, Mapping) or "rcr_matrix_w.2.weight" not in weights:
         raise ValueError("weights: expected one RCR module's parameters (rcr_matrix_w.0.weight ...)")
+    V.check_params(weights, ["rcr_matrix_w.2.weight"], E, "weights")
     d = weights["rcr_matrix_w.2.weight"].shape[0]
     _check_shapes("weights", weights, rcr_shapes(d, E.shape[3]), E)
     shape = tuple(E.shape[:3])
@@ -217,6 +218,7 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     if not isinstance(params, Mapping) or "sim_eval_w.weight" not in params:
         raise ValueError("params: expected a mapping with every parameter of the head "
                          "(sim_eval_w.weight missing)")
+    V.check_params(params, ["sim_eval_w.weight"], img, "params")
     s = params["sim_eval_w.weight"].shape[-1]
     _check_shapes("params", params, parameter_shapes(regulator, steps, img.shape[2], s), img)
     if smooth is None:

@@ -1,0 +1,102 @@
+"""Shared helpers of the CPU test tier: random inputs with NaN padding, random heads."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import rcar_fast
+
+NAN = float("nan")
+
+#: every (regulator, steps) set-up the parity tests cover
+CONFIGS = ([("only_rar", t) for t in (1, 2, 3)] + [("only_rcr", t) for t in (0, 1, 2, 3)]
+           + [("coop_rcar", t) for t in (1, 2, 3)])
+ATTN_TYPES = ("t2i", "i2t")
+
+
+def make_lens(n_c: int, L: int, gen: torch.Generator) -> torch.Tensor:
+    """Random lengths in [1, L]; with two or more captions always one of length 1 and one of L."""
+    lens = torch.randint(1, L + 1, (n_c,), generator=gen)
+    if n_c >= 2:
+        perm = torch.randperm(n_c, generator=gen)
+        lens[perm[0]] = 1
+        lens[perm[1]] = L
+    elif n_c == 1:
+        lens[0] = L
+    return lens
+
+
+def make_inputs(n_i: int, n_c: int, R: int, L: int, d: int, dtype=torch.float64, seed: int = 0,
+                lens: Optional[Sequence[int]] = None, pad=NAN):
+    """img (n_i, R, d), cap (n_c, L, d) with ``pad`` (NaN) at every padded word, lens (n_c,)."""
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randn(n_i, R, d, generator=gen, dtype=torch.float64)
+    cap = torch.randn(n_c, L, d, generator=gen, dtype=torch.float64)
+    if lens is None:
+        lens = make_lens(n_c, L, gen)
+    else:
+        lens = torch.as_tensor(list(lens), dtype=torch.int64)
+    if pad is not None:
+        for j, lj in enumerate(lens.tolist()):
+            cap[j, lj:] = pad
+    return img.to(dtype), cap.to(dtype), lens
+
+
+def pad_mask(lens: torch.Tensor, L: int) -> torch.Tensor:
+    """(N_c, L) True at valid word positions."""
+    return torch.arange(L)[None, :] < lens[:, None]
+
+
+def query_mask(n_i: int, lens: torch.Tensor, Lq: int, attn_type: str) -> torch.Tensor:
+    """(N_i, N_c, Lq) True at valid query positions of every pair."""
+    if attn_type == "t2i":
+        m = pad_mask(lens, Lq)
+    else:
+        m = torch.ones(lens.shape[0], Lq, dtype=torch.bool)
+    return m.unsqueeze(0).expand(n_i, -1, -1)
+
+
+def randomize_(module: torch.nn.Module, seed: int, bias_scale: float = 0.2) -> torch.nn.Module:
+    """Random weights (about the release's init scale) and non-zero biases, so that a
+    parameter used in the wrong place changes the numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight"):
+                fan_out, fan_in = p.shape
+                r = 1.5 * math.sqrt(6.0 / (fan_in + fan_out))
+                p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * r)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * bias_scale)
+    return module
+
+
+def make_head(regulator: str, steps: int, attn_type: str, d: int = 40, s: int = 16,
+              dtype=torch.float64, seed: int = 0, smooth=None) -> rcar_fast.RCARSimilarity:
+    torch.manual_seed(seed)
+    m = rcar_fast.RCARSimilarity(embed_dim=d, sim_dim=s, regulator=regulator, steps=steps,
+                                 attn_type=attn_type, smooth=smooth)
+    randomize_(m, seed + 1000)
+    return m.to(dtype).eval()
+
+
+def params_of(module: torch.nn.Module, detach: bool = False) -> Dict[str, torch.Tensor]:
+    if detach:
+        return {k: v.detach() for k, v in module.named_parameters()}
+    return dict(module.named_parameters())
+
+
+def seed_of(*parts) -> int:
+    """A stable per-parametrization seed (Python's hash of str is salted per run)."""
+    h = 0
+    for ch in "|".join(map(str, parts)):
+        h = (h * 131 + ord(ch)) % 1_000_003
+    return h
+
+
+def grads(outputs: torch.Tensor, inputs: List[torch.Tensor], weights: torch.Tensor):
+    """Gradients of sum(weights * outputs) w.r.t. inputs (None where unused)."""
+    return torch.autograd.grad((outputs * weights).sum(), inputs, allow_unused=True)
