@@ -1,5 +1,13 @@
 """Triton kernels of rcar_fast, installed as ``rcar_fast.kernels`` (never a top-level package).
 
-Empty in this release: the fused Triton kernels are the subject of a later issue; until then
-``rcar_fast.backend_status()["triton"]`` says so.
+  attention.py  fused adaptive region-word attention, optionally fused with the alignment
+                projection (E = l2n(W (Q - A)^2 + b)); launcher ``attention_fwd``
+  rar.py        T steps of iterative aggregation reweighting per launch; launcher ``rar_fwd``
+
+Forward only in this release. On CPU tensors they run under TRITON_INTERPRET=1 (tests).
 """
+
+from .attention import attention_fwd
+from .rar import rar_fwd
+
+__all__ = ["attention_fwd", "rar_fwd"]

@@ -3,12 +3,15 @@
 Known backends, fastest last within a device:
   reference  SPEC.md per caption (rcar_fast.reference); ground truth, any device.
   torch      the pair grid in blocks, plain PyTorch (rcar_fast.torch_backend); any device.
-  triton     fused Triton kernels (rcar_fast.kernels); not part of this release yet.
+  triton     fused Triton kernels (rcar_fast.kernels), inference only; CUDA tensors, or CPU
+             tensors under TRITON_INTERPRET=1 (Triton's interpreter, for tests).
   cpp, cuda  the compiled extension (csrc/); not part of this release yet.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -18,12 +21,35 @@ KNOWN = ("reference", "torch", "triton", "cpp", "cuda")
 AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _triton_status() -> str:
+    err = _triton_import_error()
+    if err is not None:
+        return f"unavailable: triton does not import ({err})"
+    if not torch.cuda.is_available() and not _interpreting():
+        return "unavailable: no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors, slowly)"
+    return "available"
+
+
 def backend_status() -> Dict[str, str]:
     """``{name: "available" or the reason it is not}`` for every known backend."""
     return {
         "reference": "available",
         "torch": "available",
-        "triton": "unavailable: the Triton kernels are not implemented in this release",
+        "triton": _triton_status(),
         "cpp": "unavailable: the compiled extension (csrc/) is not implemented in this release",
         "cuda": "unavailable: the compiled extension (csrc/) is not implemented in this release",
     }
@@ -35,7 +61,8 @@ def available_backends(device: Optional[torch.device] = None) -> List[str]:
     names = [n for n in KNOWN if st[n] == "available"]
     if device is not None:
         dev = torch.device(device).type
-        names = [n for n in names if n in ("reference", "torch") or n in AUTO_ORDER.get(dev, ())]
+        names = [n for n in names if n in ("reference", "torch") or n in AUTO_ORDER.get(dev, ())
+                 or (n == "triton" and _interpreting())]
     return names
 
 
@@ -55,6 +82,9 @@ def resolve(backend, device: torch.device) -> str:
         raise ValueError(f"backend: {backend!r} is {st[backend]}")
     if backend in ("cpp",) and device.type != "cpu":
         raise ValueError(f"backend: 'cpp' runs on CPU tensors, got tensors on {device}")
-    if backend in ("cuda", "triton") and device.type != "cuda":
-        raise ValueError(f"backend: {backend!r} needs CUDA tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend: 'cuda' needs CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got tensors on {device}")
     return backend

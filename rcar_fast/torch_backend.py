@@ -19,10 +19,12 @@ product). Without autograd the element-wise chain runs in place on the block's b
 from __future__ import annotations
 
 import math
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ._plan import iter_blocks
 
 EPS = 1e-8
 RAR_DROPOUT = 0.4
@@ -51,6 +53,23 @@ def _tanh(x: Tensor, inplace: bool) -> Tensor:
 
 def _linear(x: Tensor, w: Mapping[str, Tensor], name: str) -> Tensor:
     return F.linear(x, w[name + ".weight"], w[name + ".bias"])
+
+
+def rcr_step(E: Tensor, Fq: Optional[Tensor], lam, w: Mapping[str, Tensor], prefix: str,
+             inplace: bool):
+    """One RCR step in plain torch on any (..., Lq, s) E: F None means all ones.
+
+    (F, lam) <- (clamp(tanh(rcr_matrix_w(E)) + F, -1, 1), relu(rcr_smooth_w(E) + lam)).
+    Shared-weight products only, so backends that do not fuse RCR call it too.
+    """
+    m = _linear(_tanh(_linear(E, w, prefix + "rcr_matrix_w.0"), inplace), w, prefix + "rcr_matrix_w.2")
+    m = _tanh(m, inplace)
+    if Fq is None:
+        Fn = m.add_(1.0).clamp_(-1.0, 1.0) if inplace else torch.clamp(m + 1.0, -1.0, 1.0)
+    else:
+        Fn = m.add_(Fq).clamp_(-1.0, 1.0) if inplace else torch.clamp(m + Fq, -1.0, 1.0)
+    sm = _linear(_tanh(_linear(E, w, prefix + "rcr_smooth_w.0"), inplace), w, prefix + "rcr_smooth_w.2")
+    return Fn, torch.relu(sm.squeeze(-1) + lam)
 
 
 class Block:
@@ -101,15 +120,7 @@ class Block:
     # -- RCR -----------------------------------------------------------------------------
     def rcr(self, E: Tensor, Fq: Optional[Tensor], lam, w: Mapping[str, Tensor], prefix: str):
         """(F, lam) <- (clamp(tanh(MLP(E)) + F, -1, 1), relu(MLP'(E) + lam))."""
-        ip = self.inplace
-        m = _linear(_tanh(_linear(E, w, prefix + "rcr_matrix_w.0"), ip), w, prefix + "rcr_matrix_w.2")
-        m = _tanh(m, ip)
-        if Fq is None:
-            Fn = m.add_(1.0).clamp_(-1.0, 1.0) if self.inplace else torch.clamp(m + 1.0, -1.0, 1.0)
-        else:
-            Fn = m.add_(Fq).clamp_(-1.0, 1.0) if self.inplace else torch.clamp(m + Fq, -1.0, 1.0)
-        sm = _linear(_tanh(_linear(E, w, prefix + "rcr_smooth_w.0"), ip), w, prefix + "rcr_smooth_w.2")
-        return Fn, torch.relu(sm.squeeze(-1) + lam)
+        return rcr_step(E, Fq, lam, w, prefix, self.inplace)
 
     # -- RAR -----------------------------------------------------------------------------
     def mean_valid(self, E: Tensor) -> Tensor:
@@ -268,31 +279,6 @@ def rar_update(E, h, cap_lens, weights, attn_type, training):
 
 # ----------------------------------------------------------------------------- the scores
 
-def plan_caption_groups(lens: Sequence[int], max_waste: float = 0.125) -> List[List[int]]:
-    """Captions sorted by length, cut into groups that each pad at most ``max_waste`` of their
-    positions (a group pads to its longest caption). Returns lists of caption indices."""
-    order = sorted(range(len(lens)), key=lambda j: lens[j])
-    groups: List[List[int]] = []
-    cur: List[int] = []
-    total = 0
-    for j in order:
-        lj = lens[j]
-        if cur and (len(cur) + 1) * lj - (total + lj) > max_waste * (len(cur) + 1) * lj:
-            groups.append(cur)
-            cur, total = [], 0
-        cur.append(j)
-        total += lj
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def block_pairs(budget: int, lq: int, d: int, itemsize: int) -> int:
-    """How many pairs one block may hold so that its d-wide buffers fit ``budget`` bytes."""
-    per_pair = LIVE_WIDE_BUFFERS * lq * d * itemsize
-    return max(1, budget // per_pair)
-
-
 def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str, Tensor],
                 regulator: str, steps: int, attn_type: str, smooth: float, training: bool,
                 memory_budget: Optional[int] = None) -> Tensor:
@@ -305,18 +291,11 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str,
     lens_list = [int(x) for x in cap_lens.tolist()]
     lens_dev = cap_lens.to(cap.device)
     out = img.new_empty(n_i, n_c)
-    for group in plan_caption_groups(lens_list):
-        Lg = max(lens_list[j] for j in group)
-        lq = Lg if attn_type == "t2i" else R
-        max_pairs = block_pairs(memory_budget, lq, d, img.element_size())
-        nc_blk = min(len(group), max_pairs)
-        ni_blk = max(1, min(n_i, max_pairs // nc_blk))
-        for c0 in range(0, len(group), nc_blk):
-            cidx = torch.tensor(group[c0:c0 + nc_blk], device=cap.device)
-            cap_b = cap.index_select(0, cidx)[:, :Lg]
-            lens_b = lens_dev.index_select(0, cidx)
-            for i0 in range(0, n_i, ni_blk):
-                blk = make_block(img[i0:i0 + ni_blk], cap_b, lens_b, attn_type, inplace)
-                s = blk.scores(params, regulator, steps, smooth, training)
-                out[i0:i0 + ni_blk, cidx] = s if attn_type == "t2i" else s.t()
+    for cols, Lg, i0, i1 in iter_blocks(lens_list, n_i, R, d, attn_type, img.element_size(),
+                                        memory_budget, LIVE_WIDE_BUFFERS):
+        cidx = torch.tensor(cols, device=cap.device)
+        blk = make_block(img[i0:i1], cap.index_select(0, cidx)[:, :Lg], lens_dev.index_select(0, cidx),
+                         attn_type, inplace)
+        s = blk.scores(params, regulator, steps, smooth, training)
+        out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out

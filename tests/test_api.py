@@ -108,13 +108,27 @@ def test_forward_device_mismatch_before_compute(setup, no_compute):
 def test_backend_errors(setup, no_compute):
     head, img, cap, lens = setup
     raises_naming(VE, "backend", head, img, cap, lens, backend="nope")
-    raises_naming(VE, "backend", head, img, cap, lens, backend="triton")   # not available now
+    raises_naming(VE, "backend", head, img, cap, lens, backend="cpp")      # not available now
     raises_naming(VE, "backend", head, img, cap, lens, backend="cuda")
     raises_naming(VTE, "backend", head, img, cap, lens, backend=None)
     for fn, args in ((ops.adaptive_attention, (img, cap, lens)),
                      (ops.rcar_scores, (img, cap, lens, params_of(head, True)))):
         raises_naming(VE, "backend", fn, *args, backend="nope")
-        raises_naming(VE, "backend", fn, *args, backend="triton")
+        raises_naming(VE, "backend", fn, *args, backend="cpp")
+
+
+def test_triton_refusals(setup, no_compute, monkeypatch):
+    """triton: CPU tensors only under the interpreter; inference only (no grads, no dropout)."""
+    head, img, cap, lens = setup
+    head.train()
+    raises_naming(VE, "backend", head, img, cap, lens, backend="triton")          # training mode
+    head.eval()
+    raises_naming(VE, "backend", head, img, cap, lens, backend="triton")          # params need grad
+    with torch.no_grad():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        raises_naming(VE, "backend", head, img, cap, lens, backend="triton")      # CPU, no interpreter
+        assert "triton" not in rcar_fast.available_backends("cpu")
+        assert rcar_fast.backend_status()["triton"] != "available" or torch.cuda.is_available()
 
 
 def test_argument_error_precedes_compute_with_valid_rest(setup, no_compute):
@@ -124,7 +138,7 @@ def test_argument_error_precedes_compute_with_valid_rest(setup, no_compute):
     bad[1] = L + 1
     raises_naming(VE, "cap_lens", head, img, cap, bad, backend="torch")
     raises_naming(VE, "memory_budget", head, img, cap, lens, backend="torch", memory_budget=-1)
-    raises_naming(VE, "backend", head, img, cap, lens, backend="triton")
+    raises_naming(VE, "backend", head, img, cap, lens, backend="cpp")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -241,7 +255,7 @@ def test_piece_errors(setup, no_compute):
     raises_naming(VE, "bias", al, bias=torch.randn(S + 1))
     raises_naming(TE, "weight", al, weight=w.double())
     raises_naming(VE, "factors", al, factors=torch.rand(N_I, N_C, Lq, D + 1))
-    raises_naming(VE, "backend", al, backend="triton")
+    raises_naming(VE, "backend", al, backend="cpp")
 
     rcr_w = {k: v.float() for k, v in RCRModule(D, S).state_dict().items()}
     E = torch.nn.functional.normalize(torch.randn(N_I, N_C, Lq, S), dim=-1)
@@ -311,7 +325,7 @@ def test_empty_inputs_still_checked(no_compute):
     head = make_head("coop_rcar", 2, "t2i", D, S, torch.float32, 3)
     img, cap, lens = make_inputs(0, 3, R, L, D, torch.float32, 4)
     raises_naming(VE, "cap_lens", head, img, cap, lens[:2])
-    raises_naming(VE, "backend", head, img, cap, lens, backend="triton")
+    raises_naming(VE, "backend", head, img, cap, lens, backend="cpp")
     raises_naming(VE, "embed_dim", head, img[..., :D - 1], cap[..., :D - 1], lens)
 
 
@@ -330,7 +344,7 @@ def test_backend_registry():
         assert (why == "available") == (name in names), name
         if why != "available":
             assert len(why) > len("unavailable") and why != name
-    assert "triton" not in names
+    assert "cpp" not in names and "cuda" not in names   # the compiled extension has no sources yet
 
 
 def test_auto_on_cpu_equals_torch(setup):

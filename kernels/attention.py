@@ -1,0 +1,170 @@
+"""Fused region-word attention with adaptive factors, optionally fused with the alignment
+projection: one Triton program per (context item b, query item p) pair.
+
+Layout (as rcar_fast.torch_backend): B indexes the context side, P the query side.
+  t2i: B = images (context = R regions), P = captions (query = words).
+  i2t: B = captions (context = words), P = images (query = R regions).
+Per program, with Q (Lq x d) and C (Lc x d) read in place, never repeated:
+
+  pass 1 over d:  S = (F * Q) C^T        (BQ x BC)    G = C C^T   (BC x BC)
+  on chip:        S = LeakyReLU_0.1(S); Sn = S / (||S[:, c]||_valid q + 1e-8)
+                  P = softmax over valid c of lam[q] Sn[q, c]
+                  ||U[q]||^2 = P[q] G P[q]^T  (the norm of U = P C known before U exists)
+  pass 2 over d:  A = (P C) / (||U|| + 1e-8), chunk by chunk;
+                  MODE 0 stores A (B, P, Lq, d);
+                  MODE 1 accumulates (Q - A)^2 W^T and stores E = l2n(. + b) (B, P, Lq, s),
+                  so the d-wide attended context never reaches memory.
+
+Padding is masked by selection: masked loads (other=0) never read a padded word, softmax
+columns past the context length are -inf, rows past the query length are stored as zeros.
+"""
+
+import triton
+import triton.language as tl
+
+EPS = 1e-8
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, qlen_ptr, c_ptr, clen_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, out_ptr,
+    P, LQ_OUT, D, S_DIM, lam_scalar,
+    sq_p, sq_l, sq_d,
+    sc_b, sc_l, sc_d,
+    sf_b, sf_p, sf_l, sf_d,
+    sl_b, sl_p, sl_l,
+    sw_s, sw_d,
+    so_b, so_p, so_l, so_x,
+    HAS_F: tl.constexpr, HAS_LAM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+    BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // P).to(tl.int64)
+    p = (pid % P).to(tl.int64)
+    qlen = tl.load(qlen_ptr + p)
+    clen = tl.load(clen_ptr + b)
+    rq = tl.arange(0, BQ)
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, BD)
+    qmask = rq < qlen
+    cmask = rc < clen
+    q_base = q_ptr + p * sq_p + rq[:, None] * sq_l
+    c_base = c_ptr + b * sc_b + rc[:, None] * sc_l
+    f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
+
+    # pass 1: scores and the context Gram matrix
+    S = tl.zeros((BQ, BC), dtype=tl.float32)
+    G = tl.zeros((BC, BC), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dm = (d0 + rd) < D
+        Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qmask[:, None] & dm[None, :], other=0.0)
+        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
+        if HAS_F:
+            Fc = tl.load(f_base + (d0 + rd)[None, :] * sf_d, mask=qmask[:, None] & dm[None, :], other=0.0)
+            Qc = (Qc * Fc).to(Cc.dtype)
+        if IEEE:
+            S += tl.dot(Qc, tl.trans(Cc), input_precision="ieee")
+            G += tl.dot(Cc, tl.trans(Cc), input_precision="ieee")
+        else:
+            S += tl.dot(Qc, tl.trans(Cc))
+            G += tl.dot(Cc, tl.trans(Cc))
+
+    # on chip: LeakyReLU, normalisation across valid queries, softmax over valid context
+    S = tl.where(S > 0, S, 0.1 * S)
+    S = tl.where(qmask[:, None], S, 0.0)
+    Sn = S / (tl.sqrt(tl.sum(S * S, axis=0)) + EPS)[None, :]
+    if HAS_LAM:
+        lam = tl.load(lam_ptr + b * sl_b + p * sl_p + rq * sl_l, mask=qmask, other=0.0).to(tl.float32)
+        logits = Sn * lam[:, None]
+    else:
+        logits = Sn * lam_scalar
+    logits = tl.where(cmask[None, :], logits, float("-inf"))
+    mx = tl.max(logits, axis=1)
+    e = tl.exp(logits - mx[:, None])
+    Pm = e / tl.sum(e, axis=1)[:, None]
+    if IEEE:
+        PG = tl.dot(Pm, G, input_precision="ieee")
+    else:
+        PG = tl.dot(Pm, G)
+    inv_un = 1.0 / (tl.sqrt(tl.maximum(tl.sum(PG * Pm, axis=1), 0.0)) + EPS)
+
+    # pass 2: the attended context, normalised chunk by chunk
+    rs = tl.arange(0, BS)
+    smask = rs < S_DIM
+    rows_out = rq < LQ_OUT
+    out_base = out_ptr + b * so_b + p * so_p + rq[:, None] * so_l
+    acc = tl.zeros((BQ, BS), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dm = (d0 + rd) < D
+        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            U = tl.dot(Pm.to(Cc.dtype), Cc, input_precision="ieee")
+        else:
+            U = tl.dot(Pm.to(Cc.dtype), Cc)
+        A = U * inv_un[:, None]
+        if MODE == 0:
+            A = tl.where(qmask[:, None], A, 0.0)
+            tl.store(out_base + (d0 + rd)[None, :] * so_x, A.to(out_ptr.dtype.element_ty),
+                     mask=rows_out[:, None] & dm[None, :])
+        else:
+            Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qmask[:, None] & dm[None, :], other=0.0)
+            Dq = Qc.to(tl.float32) - A
+            Dq = (Dq * Dq).to(Cc.dtype)
+            Wc = tl.load(w_ptr + rs[:, None] * sw_s + (d0 + rd)[None, :] * sw_d,
+                         mask=smask[:, None] & dm[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(Dq, tl.trans(Wc), input_precision="ieee")
+            else:
+                acc += tl.dot(Dq, tl.trans(Wc))
+    if MODE == 1:
+        bias = tl.load(bias_ptr + rs, mask=smask, other=0.0).to(tl.float32)
+        E = tl.where(smask[None, :], acc + bias[None, :], 0.0)
+        E = E / (tl.sqrt(tl.sum(E * E, axis=1)) + EPS)[:, None]
+        E = tl.where(qmask[:, None], E, 0.0)
+        tl.store(out_base + rs[None, :] * so_x, E.to(out_ptr.dtype.element_ty),
+                 mask=rows_out[:, None] & smask[None, :])
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(1, int(n))))
+
+
+def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=None, bias=None,
+                  lq_out=None, block_d: int = 64):
+    """Launch the fused attention over every (b, p) pair.
+
+    query (P, Lq, d), qlens (P,) int32 valid query rows; context (B, Lc, d), clens (B,) int32;
+    factors None or (B, P, Lq, d) (any strides); lam a float or (B, P, Lq);
+    weight (s, d) and bias (s,) given: returns E (B, P, lq_out, s), else A (B, P, lq_out, d).
+    Rows at or past a pair's query length are zero. Accumulation is fp32; fp32 inputs use
+    IEEE fp32 products (no tf32), bf16/fp16 inputs the tensor cores.
+    """
+    import torch
+
+    P, Lq, D = query.shape
+    B, Lc, _ = context.shape
+    lq_out = Lq if lq_out is None else lq_out
+    mode = 0 if weight is None else 1
+    width = D if mode == 0 else weight.shape[0]
+    out = query.new_empty(B, P, lq_out, width)
+    if B * P == 0:
+        return out
+    has_f = factors is not None
+    has_lam = isinstance(lam, torch.Tensor)
+    f = factors if has_f else query
+    lt = lam if has_lam else query
+    w = weight if mode == 1 else query
+    bb = bias if mode == 1 else query
+    sf = factors.stride() if has_f else (0, 0, 0, 0)
+    sl = lam.stride() if has_lam else (0, 0, 0)
+    sw = weight.stride() if mode == 1 else (0, 0)
+    BQ, BC, BS = _pow2(Lq), _pow2(Lc), _pow2(width if mode == 1 else 16)
+    BD = min(block_d, _pow2(D))
+    num_warps = 8 if BQ * max(BS, BD) > 8192 else 4
+    _attention_fwd_kernel[(B * P,)](
+        query, qlens, context, clens, f, lt, w, bb, out,
+        P, lq_out, D, width, float(lam) if not has_lam else 0.0,
+        *query.stride(), *context.stride(), *sf, *sl, *sw, *out.stride(),
+        HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=query.dtype == torch.float32,
+        BQ=BQ, BC=BC, BD=BD, BS=BS, num_warps=num_warps)
+    return out

@@ -1,0 +1,100 @@
+"""Iterative aggregation reweighting (RAR), fused: one Triton program per pair runs T steps
+with the pair's alignment vectors E (Lq x s) held on chip the whole time.
+
+Per step t (weights of module t, stacked on a leading axis):
+  K = tanh(E Wk^T + bk)        (Lq x s, computed BN columns at a time, never stored)
+  g = tanh(Wq h + bq)          (s)
+  logit[q] = sum_n K[q, n] g[n] wv[n] + bv;   a = softmax over valid q
+  h = l2n(sum_q a[q] E[q])
+h starts from the given h0 or from the plain mean of E over the valid positions.
+Dropout (training) is not applied here: the launcher refuses training mode.
+"""
+
+import triton
+import triton.language as tl
+
+EPS = 1e-8
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 2 sigmoid(2x) - 1: tl.sigmoid exists in the interpreter (no libdevice there)
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _rar_fwd_kernel(
+    e_ptr, qlen_ptr, h_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, out_ptr,
+    P, S_DIM, T,
+    se_b, se_p, se_l, se_s,
+    sh_b, sh_p, sh_s,
+    so_b, so_p, so_s,
+    HAS_H: tl.constexpr, IEEE: tl.constexpr,
+    BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // P).to(tl.int64)
+    p = (pid % P).to(tl.int64)
+    qlen = tl.load(qlen_ptr + p)
+    rq = tl.arange(0, BQ)
+    rs = tl.arange(0, BS)
+    qmask = rq < qlen
+    smask = rs < S_DIM
+    E = tl.load(e_ptr + b * se_b + p * se_p + rq[:, None] * se_l + rs[None, :] * se_s,
+                mask=qmask[:, None] & smask[None, :], other=0.0)
+    Ef = E.to(tl.float32)
+    if HAS_H:
+        h = tl.load(h_ptr + b * sh_b + p * sh_p + rs * sh_s, mask=smask, other=0.0).to(tl.float32)
+    else:
+        h = tl.sum(Ef, axis=0) / qlen.to(tl.float32)
+    for t in range(T):
+        logit = tl.zeros((BQ,), dtype=tl.float32)
+        for n0 in range(0, S_DIM, BN):
+            rn = n0 + tl.arange(0, BN)
+            nm = rn < S_DIM
+            woff = t * S_DIM * S_DIM + rn[:, None] * S_DIM + rs[None, :]
+            wmask = nm[:, None] & smask[None, :]
+            Wk = tl.load(wk_ptr + woff, mask=wmask, other=0.0)
+            if IEEE:
+                K = tl.dot(E.to(Wk.dtype), tl.trans(Wk), input_precision="ieee")
+            else:
+                K = tl.dot(E.to(Wk.dtype), tl.trans(Wk))
+            K = _tanh(K + tl.load(bk_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)[None, :])
+            Wq = tl.load(wq_ptr + woff, mask=wmask, other=0.0).to(tl.float32)
+            g = _tanh(tl.sum(Wq * h[None, :], axis=1) + tl.load(bq_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32))
+            wv = tl.load(wv_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)
+            logit += tl.sum(K * (g * wv)[None, :], axis=1)
+        logit += tl.load(bv_ptr + t).to(tl.float32)
+        logit = tl.where(qmask, logit, float("-inf"))
+        a = tl.exp(logit - tl.max(logit, axis=0))
+        a = a / tl.sum(a, axis=0)
+        h = tl.sum(a[:, None] * Ef, axis=0)
+        h = h / (tl.sqrt(tl.sum(h * h, axis=0)) + EPS)
+    tl.store(out_ptr + b * so_b + p * so_p + rs * so_s, h.to(out_ptr.dtype.element_ty), mask=smask)
+
+
+def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, block_n: int = 32):
+    """Run T RAR steps (T = wq.shape[0]) on every pair of E (B, P, Lq, s).
+
+    qlens (P,) int32 valid query rows; h0 None (start from the mean) or (B, P, s);
+    wq, wk (T, s, s), bq, bk (T, s), wv (T, s), bv (T,), all contiguous. Returns h (B, P, s).
+    """
+    import torch
+
+    B, P, Lq, S = E.shape
+    T = wq.shape[0]
+    out = E.new_empty(B, P, S)
+    if B * P == 0:
+        return out
+    has_h = h0 is not None
+    h = h0 if has_h else E
+    sh = h0.stride() if has_h else (0, 0, 0)
+    BQ = max(16, triton.next_power_of_2(Lq))
+    BS = max(16, triton.next_power_of_2(S))
+    BN = max(16, min(block_n, BS))
+    num_warps = 8 if BQ * BS > 8192 else 4
+    _rar_fwd_kernel[(B * P,)](
+        E, qlens, h, wq, bq, wk, bk, wv, bv, out, P, S, T,
+        *E.stride(), *sh, *out.stride(),
+        HAS_H=has_h, IEEE=E.dtype == torch.float32, BQ=BQ, BS=BS, BN=BN, num_warps=num_warps)
+    return out

@@ -1,0 +1,49 @@
+"""How the pair grid is cut into blocks (shared by the backends that work block by block)."""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Sequence, Tuple
+
+
+def plan_caption_groups(lens: Sequence[int], max_waste: float = 0.125) -> List[List[int]]:
+    """Captions sorted by length, cut into groups that each pad at most ``max_waste`` of their
+    positions (a group pads to its longest caption). Returns lists of caption indices."""
+    order = sorted(range(len(lens)), key=lambda j: lens[j])
+    groups: List[List[int]] = []
+    cur: List[int] = []
+    total = 0
+    for j in order:
+        lj = lens[j]
+        if cur and (len(cur) + 1) * lj - (total + lj) > max_waste * (len(cur) + 1) * lj:
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(j)
+        total += lj
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def block_pairs(budget: int, lq: int, d: int, itemsize: int, live_buffers: int) -> int:
+    """How many pairs one block may hold so that ``live_buffers`` (B, P, lq, d) buffers fit
+    ``budget`` bytes."""
+    per_pair = live_buffers * lq * d * itemsize
+    return max(1, budget // per_pair)
+
+
+def iter_blocks(lens: Sequence[int], n_images: int, regions: int, dim: int, attn_type: str,
+                itemsize: int, budget: int, live_buffers: int) -> Iterator[Tuple[List[int], int, int, int]]:
+    """Blocks of the pair grid: (caption indices, their padded length, first image, end image).
+
+    Captions come in length groups (:func:`plan_caption_groups`); each group is cut into
+    blocks of at most :func:`block_pairs` pairs, as many captions as fit, then images.
+    """
+    for group in plan_caption_groups(lens):
+        Lg = max(lens[j] for j in group)
+        lq = Lg if attn_type == "t2i" else regions
+        max_pairs = block_pairs(budget, lq, dim, itemsize, live_buffers)
+        nc_blk = min(len(group), max_pairs)
+        ni_blk = max(1, min(n_images, max_pairs // nc_blk))
+        for c0 in range(0, len(group), nc_blk):
+            for i0 in range(0, n_images, ni_blk):
+                yield group[c0:c0 + nc_blk], Lg, i0, min(n_images, i0 + ni_blk)

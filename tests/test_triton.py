@@ -1,0 +1,112 @@
+"""Triton backend (forward kernels) vs the reference, through Triton's CPU interpreter.
+
+conftest.py sets TRITON_INTERPRET=1 before anything imports triton, so the kernels run on CPU
+tensors here (numpy underneath: shapes stay small). Every regulator x direction x T, odd sizes,
+NaN in the padding, fp32 and fp16. GPU runs of the same kernels are in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rcar_fast
+from rcar_fast import ops, reference
+from rcar_testutil import make_head, make_inputs, params_of, seed_of
+
+pytestmark = pytest.mark.skipif("triton" not in rcar_fast.available_backends("cpu"),
+                                reason="triton not importable")
+
+CONFIGS = [("only_rar", 1), ("only_rar", 2), ("only_rar", 3), ("only_rcr", 0), ("only_rcr", 1),
+           ("only_rcr", 2), ("only_rcr", 3), ("coop_rcar", 1), ("coop_rcar", 2), ("coop_rcar", 3)]
+# (n_i, n_c, R, L, d, s): d not a power of two, R != 36, s not a power of two
+SHAPES = [(3, 4, 5, 7, 40, 16), (2, 3, 9, 4, 33, 12)]
+
+
+def _lens(n_c, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, L + 1, (n_c,), generator=g)
+    lens[0], lens[-1] = 1, L          # a one-word caption and a full one
+    return lens
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", CONFIGS)
+def test_scores_fp32(regulator, steps, attn_type, shape):
+    n_i, n_c, R, L, d, s = shape
+    seed = seed_of(regulator, steps, attn_type, *shape)
+    img, cap, lens = make_inputs(n_i, n_c, R, L, d, torch.float32, seed, lens=_lens(n_c, L, seed))
+    head = make_head(regulator, steps, attn_type, d, s, torch.float32, seed).eval()
+    with torch.no_grad():
+        want = reference.rcar_scores(img.double(), cap.double(), lens,
+                                     {k: v.double() for k, v in params_of(head).items()},
+                                     regulator, steps, attn_type)
+        out = torch.full((n_i, n_c), float("nan"))
+        out.copy_(head(img, cap, lens, backend="triton"))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 2)])
+def test_scores_fp16_error_within_twice_torch(regulator, steps, attn_type):
+    """fp16 kernels: error vs the fp64 reference at most 2x that of the fp16 torch backend (+ slack)."""
+    n_i, n_c, R, L, d, s = 3, 4, 6, 7, 48, 16
+    img, cap, lens = make_inputs(n_i, n_c, R, L, d, torch.float32, 11, lens=_lens(n_c, L, 11))
+    head = make_head(regulator, steps, attn_type, d, s, torch.float32, 12).eval()
+    with torch.no_grad():
+        want = reference.rcar_scores(img.double(), cap.double(), lens,
+                                     {k: v.double() for k, v in params_of(head).items()},
+                                     regulator, steps, attn_type)
+        h16 = head.half()
+        got = h16(img.half(), cap.half(), lens, backend="triton").double()
+        base = h16(img.half(), cap.half(), lens, backend="torch").double()
+    err, err_torch = (got - want).abs().max().item(), (base - want).abs().max().item()
+    assert err <= 2 * err_torch + 1e-3, (err, err_torch)
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["F=1,lam=float", "F,lam=tensors"])
+def test_pieces(attn_type, with_state):
+    n_i, n_c, R, L, d, s = 2, 3, 5, 6, 36, 12
+    img, cap, lens = make_inputs(n_i, n_c, R, L, d, torch.float32, 5, lens=[1, 6, 3])
+    Lq = L if attn_type == "t2i" else R
+    g = torch.Generator().manual_seed(6)
+    F = lam = None
+    if with_state:
+        F = torch.rand(n_i, n_c, Lq, d, generator=g) * 2 - 1
+        lam = torch.rand(n_i, n_c, Lq, generator=g) * 8 + 1
+        if attn_type == "t2i":      # padded query rows may hold anything
+            for j, lj in enumerate(lens.tolist()):
+                F[:, j, lj:] = float("nan")
+                lam[:, j, lj:] = float("nan")
+    W = torch.randn(s, d, generator=g) / d ** 0.5
+    b = torch.randn(s, generator=g) * 0.1
+    for fn, extra in ((ops.adaptive_attention, ()), (ops.alignment, (W, b))):
+        want = fn(img, cap, lens, *extra, factors=F, temperatures=lam, attn_type=attn_type,
+                  backend="reference")
+        got = fn(img, cap, lens, *extra, factors=F, temperatures=lam, attn_type=attn_type,
+                 backend="triton")
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)   # padded rows: zero in both
+    E = ops.alignment(img, cap, lens, W, b, attn_type=attn_type, backend="reference")
+    head = make_head("only_rar", 1, attn_type, d, s, torch.float32, 7)
+    wts = {k[len("rar_modules.0."):]: v.detach() for k, v in params_of(head).items()
+           if k.startswith("rar_modules.0.")}
+    h0 = None if not with_state else torch.nn.functional.normalize(torch.randn(n_i, n_c, s, generator=g), dim=-1)
+    if attn_type == "t2i":
+        for j, lj in enumerate(lens.tolist()):
+            E[:, j, lj:] = float("nan")
+    want = ops.rar_update(E, h0, lens, wts, attn_type, backend="reference")
+    got = ops.rar_update(E, h0, lens, wts, attn_type, backend="triton")
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+def test_memory_budget_blocks_agree():
+    img, cap, lens = make_inputs(3, 5, 4, 6, 24, torch.float32, 9)
+    head = make_head("coop_rcar", 2, "t2i", 24, 8, torch.float32, 9).eval()
+    with torch.no_grad():
+        full = head(img, cap, lens, backend="triton")
+        tiny = head(img, cap, lens, backend="triton", memory_budget=1)
+    torch.testing.assert_close(tiny, full, rtol=0, atol=1e-7)
