@@ -129,6 +129,49 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(n))))
 
 
+def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int) -> dict:
+    """The block sizes and warps the launcher picks (the compile report checks these).
+
+    Chosen from ptxas -v reports (python -m bench.resources; no GPU run yet): with 8 warps,
+    block_d 32 compiles without spills for bf16/fp16 on sm_80 and sm_90 except the fused
+    projection at BQ = BC = 64, which spills 40 B on sm_80 and gets 16; fp32 gets 16.
+    """
+    BQ, BC = _pow2(Lq), _pow2(Lc)
+    bd = 32 if half and not (mode == 1 and BQ * BC >= 4096) else 16
+    return dict(BQ=BQ, BC=BC, BD=min(bd, _pow2(D)), BS=_pow2(width if mode == 1 else 16), num_warps=8)
+
+
+#: (Lq, Lc) of the standard launches: t2i with captions up to 32 or 64 words against R = 36
+#: regions, i2t with the regions as queries; d = 1024, s = 256 (SPEC.md's shapes)
+STANDARD_SHAPES = ((32, 36), (64, 36), (36, 32), (36, 64))
+
+
+def launch_configs():
+    """Every (constexprs, num_warps) the launcher picks for the standard shapes, all dtypes."""
+    out = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for Lq, Lc in STANDARD_SHAPES:
+            for mode in (0, 1):
+                for has_state in (False, True):
+                    cfg = attention_config(dtype != "fp32", Lq, Lc, 1024, 256 if mode else 1024, mode)
+                    warps = cfg.pop("num_warps")
+                    cfg.update(HAS_F=has_state, HAS_LAM=has_state, MODE=mode, IEEE=dtype == "fp32")
+                    if (dtype, cfg, warps) not in out:
+                        out.append((dtype, cfg, warps))
+    return out
+
+
+def signature(dtype: str) -> dict:
+    """The kernel's argument types for triton.compile (pointers of ``dtype``)."""
+    sig = {n: f"*{dtype}" for n in ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "out_ptr")}
+    sig.update(qlen_ptr="*i32", clen_ptr="*i32", P="i32", LQ_OUT="i32", D="i32", S_DIM="i32",
+               lam_scalar="fp32")
+    for n in ("sq_p", "sq_l", "sq_d", "sc_b", "sc_l", "sc_d", "sf_b", "sf_p", "sf_l", "sf_d",
+              "sl_b", "sl_p", "sl_l", "sw_s", "sw_d", "so_b", "so_p", "so_l", "so_x"):
+        sig[n] = "i64"
+    return sig
+
+
 def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=None, bias=None,
                   lq_out=None, block_d=None):
     """Launch the fused attention over every (b, p) pair.
@@ -158,17 +201,12 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     sf = factors.stride() if has_f else (0, 0, 0, 0)
     sl = lam.stride() if has_lam else (0, 0, 0)
     sw = weight.stride() if mode == 1 else (0, 0)
-    BQ, BC, BS = _pow2(Lq), _pow2(Lc), _pow2(width if mode == 1 else 16)
-    # Chosen from ptxas -v reports (no GPU run yet): with 8 warps, block_d 32 compiles without
-    # spills for bf16/fp16 on sm_80 and sm_90 (BQ, BC in {32, 64}, s = 256); fp32 needs 16.
-    if block_d is None:
-        block_d = 16 if query.dtype == torch.float32 else 32
-    BD = min(block_d, _pow2(D))
-    num_warps = 8
+    cfg = attention_config(query.dtype != torch.float32, Lq, Lc, D, width, mode)
+    if block_d is not None:
+        cfg["BD"] = min(block_d, _pow2(D))
     _attention_fwd_kernel[(B * P,)](
         query, qlens, context, clens, f, lt, w, bb, out,
         P, lq_out, D, width, float(lam) if not has_lam else 0.0,
         *query.stride(), *context.stride(), *sf, *sl, *sw, *out.stride(),
-        HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=query.dtype == torch.float32,
-        BQ=BQ, BC=BC, BD=BD, BS=BS, num_warps=num_warps)
+        HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=query.dtype == torch.float32, **cfg)
     return out

@@ -73,6 +73,37 @@ def _rar_fwd_kernel(
     tl.store(out_ptr + b * so_b + p * so_p + rs * so_s, h.to(out_ptr.dtype.element_ty), mask=smask)
 
 
+def rar_config(Lq: int, S: int, block_n: int = 32) -> dict:
+    """The block sizes and warps the launcher picks (the compile report checks these).
+    8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python -m bench.resources)."""
+    BS = max(16, triton.next_power_of_2(S))
+    return dict(BQ=max(16, triton.next_power_of_2(Lq)), BS=BS, BN=max(16, min(block_n, BS)), num_warps=8)
+
+
+def launch_configs():
+    """Every (dtype, constexprs, num_warps) the launcher picks for Lq in {32, 36, 64}, s = 256."""
+    out = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for Lq in (32, 36, 64):
+            for has_h in (False, True):
+                cfg = rar_config(Lq, 256)
+                warps = cfg.pop("num_warps")
+                cfg.update(HAS_H=has_h, IEEE=dtype == "fp32")
+                if (dtype, cfg, warps) not in out:
+                    out.append((dtype, cfg, warps))
+    return out
+
+
+def signature(dtype: str) -> dict:
+    """The kernel's argument types for triton.compile (pointers of ``dtype``)."""
+    sig = {n: f"*{dtype}" for n in ("e_ptr", "h_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr",
+                                    "wv_ptr", "bv_ptr", "out_ptr")}
+    sig.update(qlen_ptr="*i32", P="i32", S_DIM="i32", T="i32")
+    for n in ("se_b", "se_p", "se_l", "se_s", "sh_b", "sh_p", "sh_s", "so_b", "so_p", "so_s"):
+        sig[n] = "i64"
+    return sig
+
+
 def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, block_n: int = 32):
     """Run T RAR steps (T = wq.shape[0]) on every pair of E (B, P, Lq, s).
 
@@ -89,12 +120,9 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, block_n: int = 32):
     has_h = h0 is not None
     h = h0 if has_h else E
     sh = h0.stride() if has_h else (0, 0, 0)
-    BQ = max(16, triton.next_power_of_2(Lq))
-    BS = max(16, triton.next_power_of_2(S))
-    BN = max(16, min(block_n, BS))
-    num_warps = 8 if BQ * BS > 8192 else 4
+    cfg = rar_config(Lq, S, block_n)
     _rar_fwd_kernel[(B * P,)](
         E, qlens, h, wq, bq, wk, bk, wv, bv, out, P, S, T,
         *E.stride(), *sh, *out.stride(),
-        HAS_H=has_h, IEEE=E.dtype == torch.float32, BQ=BQ, BS=BS, BN=BN, num_warps=num_warps)
+        HAS_H=has_h, IEEE=E.dtype == torch.float32, **cfg)
     return out

@@ -1,0 +1,145 @@
+"""Compile report: every Triton kernel configuration the launchers pick, for sm_80 and sm_90,
+without a GPU. Prints one row per (kernel, dtype, configuration, architecture):
+
+  registers, spill bytes and stack frame   ptxas -v on Triton's PTX (the ptxas in the triton wheel)
+  shared memory                            Triton's compile metadata, against the chip's limit
+                                           per block (A100 163 KB, H100/H200 227 KB)
+  tensor-core instructions                 HMMA (sm_80) / HGMMA (sm_90) in cuobjdump --dump-sass
+  local-memory traffic                     LDL/STL in the SASS
+  occupancy                                resident warps per SM by registers and shared memory
+
+    python -m bench.resources [--arch 80 90] [--json] [--out FILE]
+
+Run it with TRITON_INTERPRET unset (the interpreter replaces the GPU compiler; the tool unsets
+it for itself before importing triton). tests/test_compile.py asserts on its --json output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+os.environ.pop("TRITON_INTERPRET", None)   # must happen before triton is imported
+
+CHIPS = {80: dict(name="A100", smem_block=163 * 1024, smem_sm=164 * 1024, ptxas_arch="sm_80"),
+         90: dict(name="H100/H200", smem_block=227 * 1024, smem_sm=228 * 1024, ptxas_arch="sm_90a")}
+REGS_PER_SM, MAX_WARPS_PER_SM = 65536, 64
+
+
+def _kernels():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        from rcar_fast.kernels import attention, rar
+    except ModuleNotFoundError:
+        from kernels import attention, rar
+    return {"attention_fwd": (attention, attention._attention_fwd_kernel),
+            "rar_fwd": (rar, rar._rar_fwd_kernel)}
+
+
+def _tool(name: str) -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else name
+
+
+def compile_one(job):
+    """Compile one configuration for one architecture; returns a report row (a dict)."""
+    kname, dtype, cfg, warps, cc = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, fn = _kernels()[kname]
+    sig = module.signature(dtype)
+    sig.update({k: "constexpr" for k in cfg})
+    row = dict(kernel=kname, dtype=dtype, arch=f"sm_{cc}", num_warps=warps,
+               config=",".join(f"{k}={v}" for k, v in cfg.items()), has_dot=True)
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(cfg)),
+                           target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
+    except Exception as exc:  # a compile failure is a finding, not a crash of the report
+        row.update(compiled=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        return row
+    chip = CHIPS[cc]
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        rep = subprocess.run([_tool("ptxas"), f"-arch={chip['ptxas_arch']}", "-v", ptx, "-o", cubin],
+                             capture_output=True, text=True).stderr
+        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True).stdout
+
+    def grab(pattern):
+        m = re.search(pattern, rep)
+        return int(m.group(1)) if m else 0
+
+    regs, shared = grab(r"Used (\d+) registers"), int(k.metadata.shared)
+    blocks = min(REGS_PER_SM // max(1, regs * 32 * warps), chip["smem_sm"] // max(1, shared),
+                 MAX_WARPS_PER_SM // warps)
+    row.update(compiled=True, registers=regs, spill_stores=grab(r"(\d+) bytes spill stores"),
+               spill_loads=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"),
+               shared=shared, shared_limit=chip["smem_block"], shared_ok=shared <= chip["smem_block"],
+               hmma=len(re.findall(r"\bHMMA\b", sass)), hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+               ldl=len(re.findall(r"\bLDL\b", sass)), stl=len(re.findall(r"\bSTL\b", sass)),
+               warps_per_sm=blocks * warps)
+    return row
+
+
+def jobs(archs):
+    out = []
+    for kname, (module, _) in _kernels().items():
+        for dtype, cfg, warps in module.launch_configs():
+            for cc in archs:
+                out.append((kname, dtype, cfg, warps, cc))
+    return out
+
+
+def table(rows) -> str:
+    head = ("| kernel | dtype | arch | config | warps | regs | spill st/ld | stack | shared KB (limit) "
+            "| HMMA | HGMMA | LDL/STL | warps/SM |\n|" + " --- |" * 13)
+    lines = [head]
+    for r in rows:
+        if not r["compiled"]:
+            lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['config']} | {r['num_warps']} "
+                         f"| COMPILE FAILED: {r['error'][:80]} |" + " |" * 8)
+            continue
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['config']} | {r['num_warps']} "
+                     f"| {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} "
+                     f"| {r['shared'] / 1024:.0f} ({r['shared_limit'] // 1024}) | {r['hmma']} | {r['hgmma']} "
+                     f"| {r['ldl']}/{r['stl']} | {r['warps_per_sm']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.resources", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(CHIPS))
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    work = jobs(args.arch)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = list(pool.map(compile_one, work))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(table(rows))
+    if args.out:
+        import triton
+        with open(args.out, "w") as f:
+            f.write(f"# Triton kernel resources (triton {triton.__version__}, compiled without a GPU)\n\n")
+            f.write(table(rows) + "\n")
+    return 0 if all(r["compiled"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
