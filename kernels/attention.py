@@ -173,12 +173,12 @@ def signature(dtype: str) -> dict:
 
 
 def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=None, bias=None,
-                  lq_out=None, block_d=None):
+                  block_d=None):
     """Launch the fused attention over every (b, p) pair.
 
     query (P, Lq, d), qlens (P,) int32 valid query rows; context (B, Lc, d), clens (B,) int32;
     factors None or (B, P, Lq, d) (any strides); lam a float or (B, P, Lq);
-    weight (s, d) and bias (s,) given: returns E (B, P, lq_out, s), else A (B, P, lq_out, d).
+    weight (s, d) and bias (s,) given: returns E (B, P, Lq, s), else A (B, P, Lq, d).
     Rows at or past a pair's query length are zero. Accumulation is fp32; fp32 inputs use
     IEEE fp32 products (no tf32), bf16/fp16 inputs the tensor cores.
     """
@@ -186,7 +186,7 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
 
     P, Lq, D = query.shape
     B, Lc, _ = context.shape
-    lq_out = Lq if lq_out is None else lq_out
+    lq_out = Lq
     mode = 0 if weight is None else 1
     width = D if mode == 0 else weight.shape[0]
     out = query.new_empty(B, P, lq_out, width)

@@ -7,7 +7,8 @@ Per step t (weights of module t, stacked on a leading axis):
   logit[q] = sum_n K[q, n] g[n] wv[n] + bv;   a = softmax over valid q
   h = l2n(sum_q a[q] E[q])
 h starts from the given h0 or from the plain mean of E over the valid positions.
-Dropout (training) is not applied here: the launcher refuses training mode.
+Dropout (training): optional keep-masks already scaled by 1/(1-p), mk (B, P, Lq, s) on K and
+mg (B, P, s) on g, for a single step (T = 1); the caller draws them so backward can reuse them.
 """
 
 import triton
@@ -24,12 +25,14 @@ def _tanh(x):
 
 @triton.jit
 def _rar_fwd_kernel(
-    e_ptr, qlen_ptr, h_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, out_ptr,
+    e_ptr, qlen_ptr, h_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, mk_ptr, mg_ptr, out_ptr,
     P, S_DIM, T,
     se_b, se_p, se_l, se_s,
     sh_b, sh_p, sh_s,
+    smk_b, smk_p, smk_l, smk_s,
+    smg_b, smg_p, smg_s,
     so_b, so_p, so_s,
-    HAS_H: tl.constexpr, IEEE: tl.constexpr,
+    HAS_H: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
     BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -62,6 +65,10 @@ def _rar_fwd_kernel(
             K = _tanh(K + tl.load(bk_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)[None, :])
             Wq = tl.load(wq_ptr + woff, mask=wmask, other=0.0).to(tl.float32)
             g = _tanh(tl.sum(Wq * h[None, :], axis=1) + tl.load(bq_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32))
+            if HAS_DROP:
+                K = K * tl.load(mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l + rn[None, :] * smk_s,
+                                mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
+                g = g * tl.load(mg_ptr + b * smg_b + p * smg_p + rn * smg_s, mask=nm, other=0.0).to(tl.float32)
             wv = tl.load(wv_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)
             logit += tl.sum(K * (g * wv)[None, :], axis=1)
         logit += tl.load(bv_ptr + t).to(tl.float32)
@@ -85,10 +92,10 @@ def launch_configs():
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
         for Lq in (32, 36, 64):
-            for has_h in (False, True):
+            for has_h, has_drop in ((False, False), (True, False), (False, True), (True, True)):
                 cfg = rar_config(Lq, 256)
                 warps = cfg.pop("num_warps")
-                cfg.update(HAS_H=has_h, IEEE=dtype == "fp32")
+                cfg.update(HAS_H=has_h, HAS_DROP=has_drop, IEEE=dtype == "fp32")
                 if (dtype, cfg, warps) not in out:
                     out.append((dtype, cfg, warps))
     return out
@@ -97,18 +104,21 @@ def launch_configs():
 def signature(dtype: str) -> dict:
     """The kernel's argument types for triton.compile (pointers of ``dtype``)."""
     sig = {n: f"*{dtype}" for n in ("e_ptr", "h_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr",
-                                    "wv_ptr", "bv_ptr", "out_ptr")}
+                                    "wv_ptr", "bv_ptr", "mk_ptr", "mg_ptr", "out_ptr")}
     sig.update(qlen_ptr="*i32", P="i32", S_DIM="i32", T="i32")
-    for n in ("se_b", "se_p", "se_l", "se_s", "sh_b", "sh_p", "sh_s", "so_b", "so_p", "so_s"):
+    for n in ("se_b", "se_p", "se_l", "se_s", "sh_b", "sh_p", "sh_s", "smk_b", "smk_p", "smk_l",
+              "smk_s", "smg_b", "smg_p", "smg_s", "so_b", "so_p", "so_s"):
         sig[n] = "i64"
     return sig
 
 
-def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, block_n: int = 32):
+def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, block_n: int = 32):
     """Run T RAR steps (T = wq.shape[0]) on every pair of E (B, P, Lq, s).
 
     qlens (P,) int32 valid query rows; h0 None (start from the mean) or (B, P, s);
-    wq, wk (T, s, s), bq, bk (T, s), wv (T, s), bv (T,), all contiguous. Returns h (B, P, s).
+    wq, wk (T, s, s), bq, bk (T, s), wv (T, s), bv (T,), all contiguous;
+    keep_k (B, P, Lq, s) and keep_g (B, P, s): dropout keep-masks scaled by 1/(1-p), T = 1 only.
+    Returns h (B, P, s).
     """
     import torch
 
@@ -120,9 +130,15 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, block_n: int = 32):
     has_h = h0 is not None
     h = h0 if has_h else E
     sh = h0.stride() if has_h else (0, 0, 0)
+    has_drop = keep_k is not None
+    if has_drop and T != 1:
+        raise ValueError("keep_k: dropout masks are per step; launch one step at a time")
+    mk, mg = (keep_k, keep_g) if has_drop else (E, E)
+    smk = keep_k.stride() if has_drop else (0, 0, 0, 0)
+    smg = keep_g.stride() if has_drop else (0, 0, 0)
     cfg = rar_config(Lq, S, block_n)
     _rar_fwd_kernel[(B * P,)](
-        E, qlens, h, wq, bq, wk, bk, wv, bv, out, P, S, T,
-        *E.stride(), *sh, *out.stride(),
-        HAS_H=has_h, IEEE=E.dtype == torch.float32, **cfg)
+        E, qlens, h, wq, bq, wk, bk, wv, bv, mk, mg, out, P, S, T,
+        *E.stride(), *sh, *smk, *smg, *out.stride(),
+        HAS_H=has_h, HAS_DROP=has_drop, IEEE=E.dtype == torch.float32, **cfg)
     return out

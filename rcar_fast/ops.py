@@ -40,23 +40,6 @@ def _impl(name: str):
     return importlib.import_module(module)
 
 
-#: backends with forward kernels only: no gradients, no dropout
-INFERENCE_ONLY = ("triton",)
-
-
-def _backend(backend, device, tensors, training: bool = False) -> str:
-    """Resolve ``backend`` and refuse what it cannot do, before any computation."""
-    name = resolve(backend, device)
-    if name in INFERENCE_ONLY:
-        if training:
-            raise ValueError(f"backend: {name!r} is inference-only in this release (no dropout): "
-                             "use backend='torch' in training mode")
-        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
-            raise ValueError(f"backend: {name!r} is inference-only in this release (no backward "
-                             "kernels): use backend='torch' for gradients, or torch.no_grad()")
-    return name
-
-
 def parameter_shapes(regulator: str = "coop_rcar", steps: int = 2, embed_dim: int = 1024,
                      sim_dim: int = 256) -> Dict[str, Tuple[int, ...]]:
     """Every parameter of an RCAR similarity head, by its checkpoint name, with its shape."""
@@ -130,7 +113,7 @@ def adaptive_attention(img: Tensor, cap: Tensor, cap_lens, factors: Optional[Ten
     V.check_attn_type(attn_type)
     cap_lens = V.check_features(img, cap, cap_lens)
     temperatures = _check_state(img, cap, factors, temperatures, attn_type)
-    name = _backend(backend, img.device, [img, cap, factors, temperatures])
+    name = resolve(backend, img.device)
     shape = (img.shape[0], cap.shape[0], _query_len(img, cap, attn_type), img.shape[2])
     if img.shape[0] == 0 or cap.shape[0] == 0:
         return img.new_zeros(shape)
@@ -152,7 +135,7 @@ def alignment(img: Tensor, cap: Tensor, cap_lens, weight: Tensor, bias: Tensor,
     s = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else -1
     _check_shapes("weights", {"weight": weight, "bias": bias}, {"weight": (s, d), "bias": (s,)}, img)
     temperatures = _check_state(img, cap, factors, temperatures, attn_type)
-    name = _backend(backend, img.device, [img, cap, factors, temperatures, weight, bias])
+    name = resolve(backend, img.device)
     shape = (img.shape[0], cap.shape[0], _query_len(img, cap, attn_type), s)
     if img.shape[0] == 0 or cap.shape[0] == 0:
         return img.new_zeros(shape)
@@ -188,7 +171,7 @@ def rcr_update(E: Tensor, factors: Optional[Tensor], temperatures: Temperatures,
     if temperatures is None:
         temperatures = default_smooth(attn_type)
     temperatures = V.check_temperatures("temperatures", temperatures, shape, E)
-    name = _backend(backend, E.device, [E, factors, temperatures, *weights.values()])
+    name = resolve(backend, E.device)
     if E.numel() == 0:
         return E.new_zeros(shape + (d,)), E.new_zeros(shape)
     return _impl(name).rcr_update(E, factors, temperatures, lens, weights, attn_type)
@@ -212,7 +195,7 @@ def rar_update(E: Tensor, h: Optional[Tensor], cap_lens, weights: Mapping[str, T
         if tuple(h.shape) != (E.shape[0], E.shape[1], E.shape[3]):
             raise ValueError(f"h: expected shape {(E.shape[0], E.shape[1], E.shape[3])}, got {tuple(h.shape)}")
         V.check_pair_tensor("h", h, h.shape, E)
-    name = _backend(backend, E.device, [E, h, *weights.values()], training)
+    name = resolve(backend, E.device)
     if E.numel() == 0:
         return E.new_zeros(E.shape[0], E.shape[1], E.shape[3])
     return _impl(name).rar_update(E, h, lens, weights, attn_type, bool(training))
@@ -245,7 +228,7 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
         raise ValueError(f"memory_budget: expected a positive int of bytes, got {memory_budget!r}")
-    name = _backend(backend, img.device, [img, cap, *params.values()], training)
+    name = resolve(backend, img.device)
     if img.shape[0] == 0 or cap.shape[0] == 0:
         return img.new_zeros(img.shape[0], cap.shape[0])
     if name in ("torch", "triton"):

@@ -3,10 +3,15 @@
 Per block of the pair grid (same blocks as the torch backend, see rcar_fast._plan):
   attention + alignment projection: one fused launch (kernels/attention.py), E (s wide) out,
       the d-wide attended context never stored;
-  RAR: one launch for all T steps of only_rar, one per step in coop_rcar (kernels/rar.py);
+  RAR: one launch for all T steps of only_rar, one per step in coop_rcar or in training
+      (kernels/rar.py); dropout keep-masks are drawn here and passed in;
   RCR: its shared-weight MLP in plain torch (not fused yet): F is materialised per pair.
-Inference only in this release: no backward kernels, no dropout. rcar_fast.ops refuses
-gradients and training mode for this backend before anything runs.
+
+The kernels are wrapped as torch.library custom ops (``rcar_fast::triton_attention``,
+``rcar_fast::triton_rar``) with register_fake (torch.compile traces them) and register_autograd.
+Backward is, for now, NOT a kernel: each op's backward recomputes its block in differentiable
+torch from the saved inputs (the torch backend's math) and differentiates that. Only the op's
+inputs are saved, so the forward's intermediates never pile up in the autograd graph.
 On CPU tensors the kernels run only under TRITON_INTERPRET=1 (the test tier).
 """
 
@@ -18,7 +23,7 @@ from typing import Mapping, Optional
 import torch
 
 from ._plan import iter_blocks
-from .torch_backend import rcr_step
+from .torch_backend import RAR_DROPOUT, Block, rcr_step
 
 Tensor = torch.Tensor
 EPS = 1e-8
@@ -38,15 +43,114 @@ def _kernels():
     return kernels
 
 
+# ----------------------------------------------------------------------------- custom ops
+
+def _valid(lens: Tensor, n: int) -> Tensor:
+    return torch.arange(n, device=lens.device)[None, :] < lens[:, None]
+
+
+@torch.library.custom_op("rcar_fast::triton_attention", mutates_args=())
+def triton_attention(query: Tensor, qlens: Tensor, context: Tensor, clens: Tensor,
+                     factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
+                     weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """Fused adaptive attention over every (b, p) pair, block layout (see kernels/attention.py):
+    query (P, Lq, d), qlens (P,) int32, context (B, Lc, d), clens (B,) int32, factors None or
+    (B, P, Lq, d), lam None (use lam_scalar) or (B, P, Lq); weight (s, d) and bias (s,) given:
+    E (B, P, Lq, s), else l2n(A) (B, P, Lq, d). Rows past a query length are zero."""
+    return _kernels().attention_fwd(query, qlens, context, clens, factors,
+                                    lam_scalar if lam is None else lam, weight, bias)
+
+
+@triton_attention.register_fake
+def _(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias):
+    width = query.shape[2] if weight is None else weight.shape[0]
+    return query.new_empty(context.shape[0], query.shape[0], query.shape[1], width)
+
+
+def _attention_torch(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias):
+    """triton_attention in differentiable torch (the backward recomputes through this)."""
+    qmask, cmask = _valid(qlens, query.shape[1]), _valid(clens, context.shape[1])
+    zero = query.new_zeros(())
+    blk = Block(torch.where(qmask[..., None], query, zero), qmask,
+                torch.where(cmask[..., None], context, zero), cmask, inplace=False)
+    if factors is not None:
+        factors = torch.where(qmask[None, :, :, None], factors, zero)
+    lam = lam_scalar if lam is None else torch.where(qmask[None], lam, zero)
+    out = blk.attention(factors, lam)
+    if weight is not None:
+        out = blk.alignment(out, {"w.weight": weight, "w.bias": bias}, "w")
+    return torch.where(qmask[None, :, :, None], out, zero)
+
+
+@torch.library.custom_op("rcar_fast::triton_rar", mutates_args=())
+def triton_rar(E: Tensor, qlens: Tensor, h0: Optional[Tensor], wq: Tensor, bq: Tensor, wk: Tensor,
+               bk: Tensor, wv: Tensor, bv: Tensor, keep_k: Optional[Tensor],
+               keep_g: Optional[Tensor]) -> Tensor:
+    """T = wq.shape[0] RAR steps on every pair of E (B, P, Lq, s), see kernels/rar.py:
+    h0 None (the mean of E) or (B, P, s); keep_k (B, P, Lq, s), keep_g (B, P, s): dropout
+    keep-masks scaled by 1/(1-p), for T = 1. Returns h (B, P, s)."""
+    return _kernels().rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g)
+
+
+@triton_rar.register_fake
+def _(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g):
+    return E.new_empty(E.shape[0], E.shape[1], E.shape[3])
+
+
+def _rar_torch(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g):
+    """triton_rar in differentiable torch (the backward recomputes through this)."""
+    qmask = _valid(qlens, E.shape[2])[None]                               # (1, P, Lq)
+    E = torch.where(qmask[..., None], E, E.new_zeros(()))
+    h = E.sum(2) / qlens.to(E.dtype)[None, :, None] if h0 is None else h0
+    for t in range(wq.shape[0]):
+        K = torch.tanh(torch.nn.functional.linear(E, wk[t], bk[t]))
+        g = torch.tanh(torch.nn.functional.linear(h, wq[t], bq[t]))
+        if keep_k is not None:
+            K, g = K * keep_k, g * keep_g
+        logit = (K * g.unsqueeze(2)) @ wv[t] + bv[t]
+        a = torch.softmax(torch.where(qmask, logit, logit.new_full((), float("-inf"))), dim=-1)
+        h = torch.matmul(a.unsqueeze(2), E).squeeze(2)
+        h = h / (torch.linalg.vector_norm(h, dim=-1, keepdim=True) + EPS)
+    return h
+
+
+def _register_recompute_backward(op, torch_fn, n_inputs: int):
+    """Autograd for ``op``: save its inputs, recompute ``torch_fn`` on them in backward."""
+    def setup_context(ctx, inputs, output):
+        ctx.scalars = {i: v for i, v in enumerate(inputs) if not isinstance(v, Tensor)}
+        ctx.save_for_backward(*[v if isinstance(v, Tensor) else None for v in inputs])
+
+    def backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        for i, v in ctx.scalars.items():
+            saved[i] = v
+        wants = [i for i, v in enumerate(saved) if isinstance(v, Tensor) and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            leaves = list(saved)
+            for i in wants:
+                leaves[i] = saved[i].detach().requires_grad_(True)
+            out = torch_fn(*leaves)
+            got = torch.autograd.grad(out, [leaves[i] for i in wants], grad, allow_unused=True)
+        grads = [None] * n_inputs
+        for i, g in zip(wants, got):
+            grads[i] = g
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_recompute_backward(triton_attention, _attention_torch, 9)
+_register_recompute_backward(triton_rar, _rar_torch, 11)
+
+
+# ----------------------------------------------------------------------------- the pieces
+
 def _sources(img: Tensor, cap: Tensor, cap_lens: Tensor, attn_type: str):
     """(query, qlens, context, clens) in block layout; lengths as int32 on the features' device."""
     dev = img.device
     lens = cap_lens.to(device=dev, dtype=torch.int32)
-    if attn_type == "t2i":
-        regions = torch.full((img.shape[0],), img.shape[1], dtype=torch.int32, device=dev)
-        return cap, lens, img, regions
     regions = torch.full((img.shape[0],), img.shape[1], dtype=torch.int32, device=dev)
-    return img, regions, cap, lens
+    return (cap, lens, img, regions) if attn_type == "t2i" else (img, regions, cap, lens)
 
 
 def _block(x, attn_type):
@@ -57,33 +161,44 @@ def _unblock(x: Tensor, attn_type: str) -> Tensor:
     return x.transpose(0, 1).contiguous() if attn_type == "i2t" else x
 
 
+def _attention_call(q, ql, c, cl, factors, lam, weight=None, bias=None):
+    lam_t = lam if isinstance(lam, Tensor) else None
+    lam_s = 0.0 if isinstance(lam, Tensor) else float(lam)
+    return triton_attention(q, ql, c, cl, factors, lam_t, lam_s, weight, bias)
+
+
 def adaptive_attention(img, cap, cap_lens, factors, temperatures, attn_type):
     q, ql, c, cl = _sources(img, cap, cap_lens, attn_type)
-    A = _kernels().attention_fwd(q, ql, c, cl, _block(factors, attn_type), _block(temperatures, attn_type))
+    A = _attention_call(q, ql, c, cl, _block(factors, attn_type), _block(temperatures, attn_type))
     return _unblock(A, attn_type)
 
 
 def alignment(img, cap, cap_lens, weight, bias, factors, temperatures, attn_type):
     q, ql, c, cl = _sources(img, cap, cap_lens, attn_type)
-    E = _kernels().attention_fwd(q, ql, c, cl, _block(factors, attn_type), _block(temperatures, attn_type),
-                                 weight.contiguous(), bias.contiguous())
+    E = _attention_call(q, ql, c, cl, _block(factors, attn_type), _block(temperatures, attn_type),
+                        weight.contiguous(), bias.contiguous())
     return _unblock(E, attn_type)
 
 
 def _zero_padded(x: Tensor, cap_lens: Tensor, attn_type: str) -> Tensor:
     if attn_type != "t2i":
         return x
-    mask = torch.arange(x.shape[2], device=x.device)[None, :] < cap_lens.to(x.device)[:, None]
+    mask = _valid(cap_lens.to(x.device), x.shape[2])
     return torch.where(mask.view((1,) + tuple(mask.shape) + (1,) * (x.dim() - 3)), x, x.new_zeros(()))
 
 
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
 def rcr_update(E, factors, temperatures, cap_lens, weights, attn_type):
+    inplace = not _needs_grad([E, factors, temperatures, *weights.values()])
     E = _zero_padded(E, cap_lens, attn_type)
     if factors is not None:
         factors = _zero_padded(factors, cap_lens, attn_type)
     if isinstance(temperatures, Tensor):
         temperatures = _zero_padded(temperatures, cap_lens, attn_type)
-    Fn, lam = rcr_step(E, factors, temperatures, weights, "", inplace=True)
+    Fn, lam = rcr_step(E, factors, temperatures, weights, "", inplace)
     return _zero_padded(Fn, cap_lens, attn_type), _zero_padded(lam, cap_lens, attn_type)
 
 
@@ -94,44 +209,64 @@ def _rar_weights(params: Mapping[str, Tensor], prefixes):
             stack("rar_k_w.0.bias"), stack("rar_v_w.0.weight").flatten(1), stack("rar_v_w.0.bias").flatten())
 
 
+def _keep_masks(E: Tensor, training: bool):
+    """Dropout keep-masks for one RAR step (scaled by 1/(1-p)), or (None, None) in eval."""
+    if not training:
+        return None, None
+    scale = 1.0 / (1.0 - RAR_DROPOUT)
+    B, P, Lq, S = E.shape
+    keep_k = (torch.rand(B, P, Lq, S, device=E.device) >= RAR_DROPOUT).to(E.dtype) * scale
+    keep_g = (torch.rand(B, P, S, device=E.device) >= RAR_DROPOUT).to(E.dtype) * scale
+    return keep_k, keep_g
+
+
+def _rar_steps(E, ql, h, params, prefixes, training):
+    """RAR over the given modules: one launch for all of them in eval, one per step in training."""
+    if not training:
+        return triton_rar(E, ql, h, *_rar_weights(params, prefixes), None, None)
+    for prefix in prefixes:
+        h = triton_rar(E, ql, h, *_rar_weights(params, [prefix]), *_keep_masks(E, True))
+    return h
+
+
 def rar_update(E, h, cap_lens, weights, attn_type, training):
     Eb = _block(E, attn_type)
     B, P, Lq, _ = Eb.shape
     ql = cap_lens.to(device=E.device, dtype=torch.int32) if attn_type == "t2i" else \
         torch.full((P,), Lq, dtype=torch.int32, device=E.device)
-    out = _kernels().rar_fwd(Eb, ql, _block(h, attn_type), *_rar_weights(weights, [""]))
+    out = _rar_steps(Eb.contiguous(), ql, _block(h, attn_type), weights, [""], training)
     return _unblock(out, attn_type)
 
 
-def _block_scores(q, ql, c, cl, params, regulator, steps, smooth, lq):
+# ----------------------------------------------------------------------------- the scores
+
+def _block_scores(q, ql, c, cl, params, regulator, steps, smooth, training, inplace):
     """SPEC.md's scores of one block, (B, P)."""
-    K = _kernels()
     Fq, lam = None, smooth
 
     def align(t):
-        return K.attention_fwd(q, ql, c, cl, Fq, lam, params[f"alv_modules.{t}.sim_transform_w.weight"],
-                               params[f"alv_modules.{t}.sim_transform_w.bias"], lq_out=lq)
+        return _attention_call(q, ql, c, cl, Fq, lam, params[f"alv_modules.{t}.sim_transform_w.weight"],
+                               params[f"alv_modules.{t}.sim_transform_w.bias"])
 
     if regulator == "only_rcr":
         for t in range(steps):
-            Fq, lam = rcr_step(align(t), Fq, lam, params, f"rcr_modules.{t}.", inplace=True)
-        A = K.attention_fwd(q, ql, c, cl, Fq, lam, lq_out=lq)            # rows past qlen are 0
-        Qv = q[:, :lq]
-        valid = torch.arange(lq, device=q.device)[None, :] < ql[:, None]  # (P, lq)
-        Qv = torch.where(valid[..., None], Qv, Qv.new_zeros(()))
+            Fq, lam = rcr_step(align(t), Fq, lam, params, f"rcr_modules.{t}.", inplace)
+        A = _attention_call(q, ql, c, cl, Fq, lam)                       # rows past qlen are 0
+        valid = _valid(ql, q.shape[1])                                    # (P, Lq)
+        Qv = torch.where(valid[..., None], q, q.new_zeros(()))
         num = (A * Qv[None]).sum(-1)
         den = torch.linalg.vector_norm(A, dim=-1) * torch.linalg.vector_norm(Qv, dim=-1)[None]
         cos = torch.where(valid[None], num / torch.clamp(den, min=EPS), num.new_zeros(()))
         return cos.sum(-1) / ql.to(cos.dtype)[None]
     if regulator == "only_rar":
-        h = K.rar_fwd(align(0), ql, None, *_rar_weights(params, [f"rar_modules.{t}." for t in range(steps)]))
+        h = _rar_steps(align(0), ql, None, params, [f"rar_modules.{t}." for t in range(steps)], training)
     else:
         h = None
         for t in range(steps):
             E = align(t)
             if t < steps - 1:
-                Fq, lam = rcr_step(E, Fq, lam, params, f"rcr_modules.{t}.", inplace=True)
-            h = K.rar_fwd(E, ql, h, *_rar_weights(params, [f"rar_modules.{t}."]))
+                Fq, lam = rcr_step(E, Fq, lam, params, f"rcr_modules.{t}.", inplace)
+            h = _rar_steps(E, ql, h, params, [f"rar_modules.{t}."], training)
     return torch.sigmoid(torch.nn.functional.linear(h, params["sim_eval_w.weight"],
                                                     params["sim_eval_w.bias"])).squeeze(-1)
 
@@ -142,13 +277,13 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str,
     n_i, R, d = img.shape
     if memory_budget is None:
         memory_budget = DEFAULT_BUDGET_GPU if img.is_cuda else DEFAULT_BUDGET_CPU
+    inplace = not _needs_grad([img, cap, *params.values()])
     lens_list = [int(x) for x in cap_lens.tolist()]
     out = img.new_empty(n_i, cap.shape[0])
     for cols, Lg, i0, i1 in iter_blocks(lens_list, n_i, R, d, attn_type, img.element_size(),
                                         memory_budget, LIVE_WIDE_BUFFERS):
         cidx = torch.tensor(cols, device=cap.device)
         q, ql, c, cl = _sources(img[i0:i1], cap.index_select(0, cidx)[:, :Lg], cap_lens[cols], attn_type)
-        lq = Lg if attn_type == "t2i" else R
-        s = _block_scores(q, ql, c, cl, params, regulator, steps, smooth, lq)
+        s = _block_scores(q, ql, c, cl, params, regulator, steps, smooth, training, inplace)
         out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out

@@ -110,3 +110,108 @@ def test_memory_budget_blocks_agree():
         full = head(img, cap, lens, backend="triton")
         tiny = head(img, cap, lens, backend="triton", memory_budget=1)
     torch.testing.assert_close(tiny, full, rtol=0, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- autograd and ops
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", CONFIGS)
+def test_gradients_match_reference(regulator, steps, attn_type):
+    """Gradients of img, cap and every parameter through the triton custom ops (fp64 through the
+    interpreter) vs the reference; NaN padding gets exactly zero gradient."""
+    n_i, n_c, R, L, d, s = 2, 3, 5, 6, 24, 8
+    seed = seed_of("grad", regulator, steps, attn_type)
+    img, cap, lens = make_inputs(n_i, n_c, R, L, d, torch.float64, seed, lens=_lens(n_c, L, seed))
+    head = make_head(regulator, steps, attn_type, d, s, torch.float64, seed).eval()
+    params = list(head.parameters())
+    grads = {}
+    for backend in ("reference", "triton"):
+        x, y = img.clone().requires_grad_(), cap.clone().requires_grad_()
+        out = head(x, y, lens, backend=backend)
+        w = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)
+        grads[backend] = torch.autograd.grad((out * w).sum(), [x, y] + params, allow_unused=True)
+    for got, want in zip(grads["triton"], grads["reference"]):
+        if want is None:
+            assert got is None or not got.any()
+            continue
+        assert torch.isfinite(got).all()
+        # the kernels accumulate in fp32 even for fp64 inputs: fp32-level agreement
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    dcap = grads["triton"][1]
+    for j, lj in enumerate(lens.tolist()):
+        assert not dcap[j, lj:].any()
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("coop_rcar", 2)])
+def test_training_mode_dropout(regulator, steps, attn_type):
+    """RAR dropout is on in training (masks differ per call), off in eval; backward runs."""
+    img, cap, lens = make_inputs(2, 3, 5, 6, 24, torch.float32, 21)
+    head = make_head(regulator, steps, attn_type, 24, 8, torch.float32, 21)
+    with torch.no_grad():
+        ev = head.eval()(img, cap, lens, backend="triton")
+    head.train()
+    torch.manual_seed(1)
+    a = head(img, cap, lens, backend="triton")
+    torch.manual_seed(2)
+    b = head(img, cap, lens, backend="triton")
+    assert not torch.equal(a, b) and not torch.equal(a, ev)
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for n, p in head.named_parameters() if n.startswith("rar_modules"))
+
+
+def _op_samples(dtype=torch.float64):
+    from rcar_fast import triton_backend as tb
+    g = torch.Generator().manual_seed(4)
+    B, P, Lq, Lc, d, s = 2, 3, 5, 4, 12, 8
+    q = torch.randn(P, Lq, d, generator=g, dtype=dtype)
+    c = torch.randn(B, Lc, d, generator=g, dtype=dtype)
+    ql = torch.tensor([5, 1, 3], dtype=torch.int32)
+    cl = torch.tensor([4, 2], dtype=torch.int32)
+    F = torch.rand(B, P, Lq, d, generator=g, dtype=dtype)
+    lam = torch.rand(B, P, Lq, generator=g, dtype=dtype) * 5 + 1
+    W = torch.randn(s, d, generator=g, dtype=dtype) * 0.3
+    bias = torch.randn(s, generator=g, dtype=dtype) * 0.1
+    att = [(q, ql, c, cl, None, None, 4.0, None, None), (q, ql, c, cl, F, lam, 0.0, W, bias)]
+    E = torch.randn(B, P, Lq, s, generator=g, dtype=dtype)
+    wq, wk = (torch.randn(2, s, s, generator=g, dtype=dtype) * 0.3 for _ in range(2))
+    bq, bk, wv = (torch.randn(2, s, generator=g, dtype=dtype) * 0.3 for _ in range(3))
+    bv = torch.randn(2, generator=g, dtype=dtype)
+    h0 = torch.randn(B, P, s, generator=g, dtype=dtype)
+    keep = (torch.rand(B, P, Lq, s, generator=g) > 0.4).to(dtype) / 0.6
+    keep_g = (torch.rand(B, P, s, generator=g) > 0.4).to(dtype) / 0.6
+    rar = [(E, ql, None, wq, bq, wk, bk, wv, bv, None, None),
+           (E, ql, h0, wq[:1], bq[:1], wk[:1], bk[:1], wv[:1], bv[:1], keep, keep_g)]
+    return tb, att, rar
+
+
+def test_opcheck_custom_ops():
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration."""
+    tb, att, rar = _op_samples()
+    for args in att:
+        torch.library.opcheck(tb.triton_attention, args)
+        grad_args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a for a in args]
+        torch.library.opcheck(tb.triton_attention, grad_args)
+    for args in rar:
+        torch.library.opcheck(tb.triton_rar, args)
+        grad_args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     and a is not args[-1] and a is not args[-2] else a for a in args]
+        torch.library.opcheck(tb.triton_rar, grad_args)
+
+
+def test_custom_op_gradcheck():
+    """The registered backward against finite differences of the kernels themselves. The kernels
+    compute in fp32 even for fp64 inputs, so the step is 1e-3 and the tolerance fp32-sized."""
+    tb, att, rar = _op_samples()
+    q, ql, c, cl, F, lam, _, W, bias = att[1]
+    inputs = [t.clone().requires_grad_() for t in (q, c, F, lam, W, bias)]
+    assert torch.autograd.gradcheck(
+        lambda q, c, F, lam, W, b: tb.triton_attention(q, ql, c, cl, F, lam, 0.0, W, b),
+        inputs, eps=1e-3, atol=2e-3, rtol=2e-2, fast_mode=True)
+    E, ql, h0, wq, bq, wk, bk, wv, bv, keep, keep_g = rar[1]
+    inputs = [t.clone().requires_grad_() for t in (E, h0, wq, bq, wk, bk, wv, bv)]
+    assert torch.autograd.gradcheck(
+        lambda E, h0, wq, bq, wk, bk, wv, bv: tb.triton_rar(E, ql, h0, wq, bq, wk, bk, wv, bv, keep, keep_g),
+        inputs, eps=1e-3, atol=2e-3, rtol=2e-2, fast_mode=True)
