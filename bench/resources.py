@@ -36,12 +36,10 @@ def _kernels():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if here not in sys.path:
         sys.path.insert(0, here)
-    try:
-        from rcar_fast.kernels import attention, rar
-    except ModuleNotFoundError:
-        from kernels import attention, rar
-    return {"attention_fwd": (attention, attention._attention_fwd_kernel),
-            "rar_fwd": (rar, rar._rar_fwd_kernel)}
+    from rcar_fast.triton_backend import _kernels as load   # rcar_fast.kernels, never top-level
+    kernels = load()
+    return {"attention_fwd": (kernels.attention, kernels.attention._attention_fwd_kernel),
+            "rar_fwd": (kernels.rar, kernels.rar._rar_fwd_kernel)}
 
 
 def _tool(name: str) -> str:
