@@ -90,6 +90,11 @@ class Block:
     # -- adaptive attention ------------------------------------------------------------
     def attention(self, Fq: Optional[Tensor], lam) -> Tensor:
         """l2n(A(Q, C, F, lam)) for every pair of the block: (B, P, Lq, d)."""
+        U, n = self.attend(Fq, lam)
+        return U.div_(n) if self.inplace else U / n
+
+    def attend(self, Fq: Optional[Tensor], lam):
+        """(U, ||U|| + 1e-8) of A(Q, C, F, lam): the attended context before normalisation."""
         Q, C = self.query, self.context
         B, P, Lq = self.shape
         Lc, d = C.shape[1], C.shape[2]
@@ -109,12 +114,15 @@ class Block:
             logits = torch.where(self.cmask[:, None, None, :], logits, logits.new_full((), -math.inf))
         Pm = torch.softmax(logits, dim=-1)                               # over context positions
         U = torch.matmul(Pm.reshape(B, P * Lq, Lc), C).view(B, P, Lq, d)
-        return _l2n(U, self.inplace)
+        n = torch.linalg.vector_norm(U, dim=-1, keepdim=True)
+        return U, (n.add_(EPS) if self.inplace else n + EPS)
 
     # -- alignment vectors ---------------------------------------------------------------
-    def alignment(self, A: Tensor, w: Mapping[str, Tensor], name: str) -> Tensor:
-        """E = l2n(W (Q - A)^2 + b): (B, P, Lq, s). Consumes A on the inference path."""
-        D = A.sub_(self.query).square_() if self.inplace else (A - self.query).square()
+    def alignment(self, Fq: Optional[Tensor], lam, w: Mapping[str, Tensor], name: str) -> Tensor:
+        """E = l2n(W (Q - A(Q, C, F, lam))^2 + b): (B, P, Lq, s)."""
+        U, n = self.attend(Fq, lam)
+        D = torch.addcdiv(-self.query, U, n)          # A - Q in one pass over the d-wide U
+        D = D.square_() if self.inplace else D.square()
         return _l2n(_linear(D, w, name), self.inplace)
 
     # -- RCR -----------------------------------------------------------------------------
@@ -157,13 +165,13 @@ class Block:
         Fq, lam = None, smooth
         if regulator == "only_rcr":
             for t in range(steps):
-                E = self.alignment(self.attention(Fq, lam), params, f"alv_modules.{t}.sim_transform_w")
+                E = self.alignment(Fq, lam, params, f"alv_modules.{t}.sim_transform_w")
                 Fq, lam = self.rcr(E, Fq, lam, params, f"rcr_modules.{t}.")
             return self.cosine_mean(self.attention(Fq, lam))
         n_alv = 1 if regulator == "only_rar" else steps
         h = None
         for t in range(n_alv):
-            E = self.alignment(self.attention(Fq, lam), params, f"alv_modules.{t}.sim_transform_w")
+            E = self.alignment(Fq, lam, params, f"alv_modules.{t}.sim_transform_w")
             if h is None:
                 h = self.mean_valid(E)
             if regulator == "coop_rcar":
@@ -242,8 +250,7 @@ def adaptive_attention(img, cap, cap_lens, factors, temperatures, attn_type):
 def alignment(img, cap, cap_lens, weight, bias, factors, temperatures, attn_type):
     tensors = [img, cap, factors, temperatures, weight, bias]
     blk = make_block(img, cap, cap_lens, attn_type, inplace=not _needs_grad(tensors))
-    A = blk.attention(*_state_in(factors, temperatures, cap_lens, attn_type))
-    E = blk.alignment(A, {"w.weight": weight, "w.bias": bias}, "w")
+    E = blk.alignment(*_state_in(factors, temperatures, cap_lens, attn_type), {"w.weight": weight, "w.bias": bias}, "w")
     return _zero_padded_queries(_from_block_layout(E, attn_type), cap_lens, attn_type)
 
 

@@ -76,9 +76,10 @@ def _attention_torch(query, qlens, context, clens, factors, lam, lam_scalar, wei
     if factors is not None:
         factors = torch.where(qmask[None, :, :, None], factors, zero)
     lam = lam_scalar if lam is None else torch.where(qmask[None], lam, zero)
-    out = blk.attention(factors, lam)
-    if weight is not None:
-        out = blk.alignment(out, {"w.weight": weight, "w.bias": bias}, "w")
+    if weight is None:
+        out = blk.attention(factors, lam)
+    else:
+        out = blk.alignment(factors, lam, {"w.weight": weight, "w.bias": bias}, "w")
     return torch.where(qmask[None, :, :, None], out, zero)
 
 
