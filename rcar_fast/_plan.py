@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import Iterator, List, Sequence, Tuple
 
 
-def plan_caption_groups(lens: Sequence[int], max_waste: float = 0.125) -> List[List[int]]:
+def plan_caption_groups(lens: Sequence[int], max_waste: float = 0.0) -> List[List[int]]:
     """Captions sorted by length, cut into groups that each pad at most ``max_waste`` of their
-    positions (a group pads to its longest caption). Returns lists of caption indices."""
+    positions (a group pads to its longest caption). Returns lists of caption indices.
+
+    The default, one group per length, measured fastest on CPU (t2i 100 x 100 shard, 2 cores:
+    3262 pairs/s against 2898 with 12.5% allowed waste): nothing is padded, and a block
+    without padding skips its mask selections."""
     order = sorted(range(len(lens)), key=lambda j: lens[j])
     groups: List[List[int]] = []
     cur: List[int] = []

@@ -212,7 +212,7 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     regulator/steps: only_rar (T >= 1), only_rcr (T >= 0), coop_rcar (T >= 1), as SPEC.md.
     smooth: the first-step temperature (None: 10.0 for t2i, 3.0 for i2t).
     training: RAR dropout on. memory_budget: bytes one block of the pair grid may use on the
-    "torch" and "triton" backends (default 24 MiB on CPU, 2 GiB on GPU); others ignore it.
+    "torch" and "triton" backends (default 96 MiB on CPU, 2 GiB on GPU); others ignore it.
     """
     V.check_config(regulator, steps, attn_type)
     cap_lens = V.check_features(img, cap, cap_lens)

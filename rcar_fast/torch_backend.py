@@ -30,8 +30,9 @@ EPS = 1e-8
 RAR_DROPOUT = 0.4
 Tensor = torch.Tensor
 
-#: default working-set budget of one block of the pair grid, in bytes (CPU tensors)
-DEFAULT_BUDGET_CPU = 24 * 2**20
+#: default working-set budget of one block of the pair grid, in bytes (CPU tensors); measured
+#: on the 100 x 100 shard, 2 cores: t2i 2980 / 3232 / 3088 pairs/s at 256 / 96 / 24 MiB
+DEFAULT_BUDGET_CPU = 96 * 2**20
 #: default working-set budget on GPUs
 DEFAULT_BUDGET_GPU = 2 * 2**30
 #: d-wide (B, P, Lq, d) buffers alive at once on the inference path (A/diff, F, new F, F*Q)

@@ -654,3 +654,24 @@ def test_training_dropout_placement_matches_reference(regulator, steps, attn_typ
     with torch.no_grad():
         out_e = head(img, cap, lens, backend="torch")
     assert not torch.allclose(out_e, out_t, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 3)])
+def test_padded_blocks_match_reference(regulator, steps, attn_type, backend, monkeypatch):
+    """The planner groups captions by exact length, so blocks normally carry no padding: force
+    one group of mixed lengths (NaN padding inside every block) and compare with the reference."""
+    import rcar_fast._plan as plan
+    if backend not in rcar_fast.available_backends("cpu"):
+        pytest.skip(f"{backend} unavailable")
+    monkeypatch.setattr(plan, "plan_caption_groups", lambda lens, max_waste=0.0: [list(range(len(lens)))])
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    img, cap, lens = make_inputs(3, 5, 6, 7, 24, dtype, seed_of("padded", regulator, steps, attn_type))
+    head = make_head(regulator, steps, attn_type, 24, 8, dtype, 3)
+    with torch.no_grad():
+        want = reference.rcar_scores(img.double(), cap.double(), lens,
+                                     {k: v.double() for k, v in params_of(head).items()},
+                                     regulator, steps, attn_type)
+        got = head(img, cap, lens, backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-10 if backend == "torch" else 2e-6)
