@@ -23,7 +23,8 @@ from typing import Mapping, Optional
 import torch
 
 from ._plan import iter_blocks
-from .torch_backend import RAR_DROPOUT, Block, rcr_step
+from .torch_backend import RAR_DROPOUT, Block, _needs_grad, rcr_step
+from .torch_backend import _zero_padded_queries as _zero_padded
 
 Tensor = torch.Tensor
 EPS = 1e-8
@@ -179,17 +180,6 @@ def alignment(img, cap, cap_lens, weight, bias, factors, temperatures, attn_type
     E = _attention_call(q, ql, c, cl, _block(factors, attn_type), _block(temperatures, attn_type),
                         weight.contiguous(), bias.contiguous())
     return _unblock(E, attn_type)
-
-
-def _zero_padded(x: Tensor, cap_lens: Tensor, attn_type: str) -> Tensor:
-    if attn_type != "t2i":
-        return x
-    mask = _valid(cap_lens.to(x.device), x.shape[2])
-    return torch.where(mask.view((1,) + tuple(mask.shape) + (1,) * (x.dim() - 3)), x, x.new_zeros(()))
-
-
-def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def rcr_update(E, factors, temperatures, cap_lens, weights, attn_type):

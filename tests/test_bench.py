@@ -115,10 +115,20 @@ def test_reference_subset_and_failing_row_is_recorded(tmp_path, monkeypatch):
     assert len(read_csv(str(path))) == 3
 
 
+def test_training_batch_shrinks_to_fit_memory(tmp_path, monkeypatch):
+    case = suite.Case(Shard("train", 128, 128, 6, 24), "coop_rcar", 2, "t2i", op="train_step")
+    s = suite.Suite(_settings(), str(tmp_path / "h.csv"), log=lambda s: None)
+    monkeypatch.setattr(suite.harness, "free_memory_bytes", lambda device: 40 * 2**30)
+    assert s._fit_train(case, 16, 256 * 2**20) == (case, "")          # 16 GiB, half of 40 free: fits
+    small, note = s._fit_train(case, 16, 256 * 2 * 2**20)             # 32 GiB: the biggest square
+    assert small.shard.n_images == small.shard.n_captions == 96 and "ran 96x96" in note
+    assert s._fit_train(case, 16, 256 * 2**30)[0] is None             # not even the probe fits
+
+
 def test_cli_quick_shape_options(tmp_path, capsys):
     path, out = tmp_path / "h.csv", tmp_path / "t.md"
-    rc = suite.main(["--shards", "flickr30k", "--images", "2", "--captions", "2", "--configs", "coop_rcar:2",
-                     "--directions", "t2i", "--backends", "release_loop,torch", "--repeats", "1",
+    rc = suite.main(["--shards", "flickr30k", "--images", "2", "--captions", "2",
+                     "--configs", "coop_rcar:2", "--directions", "t2i", "--backends", "release_loop,torch", "--repeats", "1",
                      "--budget", "0", "--csv", str(path), "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out

@@ -1,0 +1,12 @@
+"""rcar_fast's benchmark suite (run it as ``python -m bench``; bench/README.md explains it).
+
+  flops.py         counted FLOPs of a shard (SPEC.md's cost table)
+  release_loop.py  the baseline: the public release's per-caption loop
+  shapes.py        the Flickr30K- and MSCOCO-shaped shards and their seeded inputs
+  harness.py       timing, peak memory, matmul rate, device and version stamps
+  report.py        CSV history rows and the markdown table
+  suite.py         cases, rows, the command line
+  plot.py          optional PNG charts (matplotlib)
+  device_suite.sh  the one-call run on the GPU machine
+  resources.py     Triton kernels' compile report (registers, shared memory, SASS), no GPU needed
+"""
