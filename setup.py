@@ -52,7 +52,7 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]   # no -std: BuildExtension picks the one torch's headers need (C++20 for 2.14)
     home = _cuda_home()
     if mode != "cpu" and cu and torch.version.cuda and home:
         os.environ["CUDA_HOME"] = home
@@ -61,7 +61,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "rcar_fast._C", cpp + cu,
             extra_compile_args={"cxx": cxx + ["-DRCAR_FAST_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DRCAR_FAST_WITH_CUDA"]})
+                                "nvcc": ["-O3", "--use_fast_math", "-DRCAR_FAST_WITH_CUDA"]})
     else:
         ext = cpp_extension.CppExtension("rcar_fast._C", cpp, extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": cpp_extension.BuildExtension}
