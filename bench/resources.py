@@ -38,7 +38,10 @@ def _kernels():
         sys.path.insert(0, here)
     from rcar_fast.triton_backend import _kernels as load   # rcar_fast.kernels, never top-level
     kernels = load()
+    import importlib
+    attention_bwd = importlib.import_module(kernels.__name__ + ".attention_bwd")   # the module
     return {"attention_fwd": (kernels.attention, kernels.attention._attention_fwd_kernel),
+            "attention_bwd": (attention_bwd, attention_bwd._attention_bwd_kernel),
             "rar_fwd": (kernels.rar, kernels.rar._rar_fwd_kernel)}
 
 

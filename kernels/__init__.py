@@ -4,10 +4,13 @@
                 projection (E = l2n(W (Q - A)^2 + b)); launcher ``attention_fwd``
   rar.py        T steps of iterative aggregation reweighting per launch; launcher ``rar_fwd``
 
-Forward only in this release. On CPU tensors they run under TRITON_INTERPRET=1 (tests).
+  attention_bwd.py  the attention's backward, recomputing each pair on chip; ``attention_bwd``
+
+RAR has no backward kernel yet. On CPU tensors they run under TRITON_INTERPRET=1 (tests).
 """
 
 from .attention import attention_fwd
+from .attention_bwd import attention_bwd
 from .rar import rar_fwd
 
-__all__ = ["attention_fwd", "rar_fwd"]
+__all__ = ["attention_fwd", "attention_bwd", "rar_fwd"]

@@ -9,21 +9,22 @@ Per block of the pair grid (same blocks as the torch backend, see rcar_fast._pla
 
 The kernels are wrapped as torch.library custom ops (``rcar_fast::triton_attention``,
 ``rcar_fast::triton_rar``) with register_fake (torch.compile traces them) and register_autograd.
-Backward is, for now, NOT a kernel: each op's backward recomputes its block in differentiable
-torch from the saved inputs (the torch backend's math) and differentiates that. Only the op's
-inputs are saved, so the forward's intermediates never pile up in the autograd graph.
+Backward: the attention's is a kernel (kernels/attention_bwd.py) that recomputes each pair on
+chip from the saved inputs; RAR's is not a kernel yet: it recomputes its block in
+differentiable torch from the saved inputs and differentiates that. Only the ops' inputs are
+saved, so the forward's intermediates never pile up in the autograd graph.
 On CPU tensors the kernels run only under TRITON_INTERPRET=1 (the test tier).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import torch
 
 from ._plan import iter_blocks
-from .torch_backend import RAR_DROPOUT, Block, _needs_grad, rcr_step
+from .torch_backend import RAR_DROPOUT, _needs_grad, rcr_step
 from .torch_backend import _zero_padded_queries as _zero_padded
 
 Tensor = torch.Tensor
@@ -68,20 +69,51 @@ def _(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias):
     return query.new_empty(context.shape[0], query.shape[0], query.shape[1], width)
 
 
-def _attention_torch(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias):
-    """triton_attention in differentiable torch (the backward recomputes through this)."""
-    qmask, cmask = _valid(qlens, query.shape[1]), _valid(clens, context.shape[1])
-    zero = query.new_zeros(())
-    blk = Block(torch.where(qmask[..., None], query, zero), qmask,
-                torch.where(cmask[..., None], context, zero), cmask, inplace=False)
-    if factors is not None:
-        factors = torch.where(qmask[None, :, :, None], factors, zero)
-    lam = lam_scalar if lam is None else torch.where(qmask[None], lam, zero)
-    if weight is None:
-        out = blk.attention(factors, lam)
-    else:
-        out = blk.alignment(factors, lam, {"w.weight": weight, "w.bias": bias}, "w")
-    return torch.where(qmask[None, :, :, None], out, zero)
+def _attention_setup(ctx, inputs, output):
+    query, qlens, context, clens, factors, lam, lam_scalar, weight, bias = inputs
+    ctx.lam_scalar = lam_scalar
+    ctx.save_for_backward(query, qlens, context, clens, factors, lam, weight, bias)
+
+
+@torch.library.custom_op("rcar_fast::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(grad: Tensor, query: Tensor, qlens: Tensor, context: Tensor, clens: Tensor,
+                         factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
+                         weight: Optional[Tensor], bias: Optional[Tensor],
+                         need_dfactors: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernel (kernels/attention_bwd.py), recomputing each pair on chip. Returns
+    fp32 (dquery, dcontext, dfactors, dlam, dweight, dbias); an absent one is an empty tensor."""
+    outs = _kernels().attention_bwd(grad, query, qlens, context, clens, factors,
+                                    lam_scalar if lam is None else lam, weight, bias, need_dfactors)
+    return tuple(query.new_empty(0, dtype=torch.float32) if o is None else o.contiguous() for o in outs)
+
+
+@triton_attention_bwd.register_fake
+def _(grad, query, qlens, context, clens, factors, lam, lam_scalar, weight, bias, need_dfactors):
+    P, Lq, D = query.shape
+    B, Lc = context.shape[0], context.shape[1]
+
+    def f32(*shape):
+        return query.new_empty(shape, dtype=torch.float32)
+    return (f32(P, Lq, D), f32(B, Lc, D), f32(B, P, Lq, D) if factors is not None and need_dfactors else f32(0),
+            f32(B, P, Lq) if lam is not None else f32(0),
+            f32(weight.shape[0], D) if weight is not None else f32(0),
+            f32(weight.shape[0]) if weight is not None else f32(0))
+
+
+def _attention_backward(ctx, grad):
+    query, qlens, context, clens, factors, lam, weight, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dc, df, dlam, dw, db = triton_attention_bwd(grad, query, qlens, context, clens, factors, lam,
+                                                    ctx.lam_scalar, weight, bias, bool(need[4]))
+
+    def cast(g, like, i):
+        return g.to(like.dtype) if like is not None and need[i] else None
+    # one entry per input: query, qlens, context, clens, factors, lam, lam_scalar, weight, bias
+    return (cast(dq, query, 0), None, cast(dc, context, 2), None, cast(df, factors, 4),
+            cast(dlam, lam, 5), None, cast(dw, weight, 7), cast(db, bias, 8))
+
+
+triton_attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 @torch.library.custom_op("rcar_fast::triton_rar", mutates_args=())
@@ -141,7 +173,6 @@ def _register_recompute_backward(op, torch_fn, n_inputs: int):
     op.register_autograd(backward, setup_context=setup_context)
 
 
-_register_recompute_backward(triton_attention, _attention_torch, 9)
 _register_recompute_backward(triton_rar, _rar_torch, 11)
 
 

@@ -3,9 +3,10 @@ for sm_80 and sm_90 by `python -m bench.resources --json` in a subprocess (the C
 under TRITON_INTERPRET=1, which replaces the GPU compiler, so the report runs without it).
 
 Asserted for every configuration: it compiles, and its shared memory fits the chip (A100 163 KB,
-H100/H200 227 KB per block). For bf16/fp16, the dtypes that run at speed: no spills, no stack
-frame, and the products lower to tensor-core instructions (HMMA / HGMMA). fp32 is the exact
-parity path (IEEE products, no tensor cores); its spills are reported by the tool, not asserted.
+H100/H200 227 KB per block). For bf16/fp16, the dtypes that run at speed: the products lower to
+tensor-core instructions (HMMA / HGMMA), and the forward kernels have no spills or stack frame.
+The attention backward kernel still spills: that is a strict xfail, not a pass. fp32 is the
+exact parity path (IEEE products, no tensor cores); its spills are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def test_every_configuration_compiles(report):
     failed = [f"{_name(r)}: {r.get('error')}" for r in report if not r["compiled"]]
     assert not failed, "\n".join(failed)
     assert {r["arch"] for r in report} == {"sm_80", "sm_90"}
-    assert {r["kernel"] for r in report} == {"attention_fwd", "rar_fwd"}
+    assert {r["kernel"] for r in report} == {"attention_fwd", "attention_bwd", "rar_fwd"}
 
 
 def test_shared_memory_fits_the_chip(report):
@@ -47,9 +48,22 @@ def test_shared_memory_fits_the_chip(report):
     assert not over, "\n".join(over)
 
 
-def test_half_precision_has_no_spills(report):
-    bad = [f"{_name(r)}: spill {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B"
-           for r in report if r["dtype"] != "fp32" and (r["spill_stores"] or r["spill_loads"] or r["stack"])]
+def _spills(report, kernels):
+    return [f"{_name(r)}: spill {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B"
+            for r in report if r["kernel"] in kernels and r["dtype"] != "fp32"
+            and (r["spill_stores"] or r["spill_loads"] or r["stack"])]
+
+
+def test_half_precision_forward_has_no_spills(report):
+    bad = _spills(report, ("attention_fwd", "rar_fwd"))
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.xfail(strict=True, reason="known: the attention backward kernel spills in bf16/fp16 "
+                   "(up to ~1.8 KB on sm_80, bench/results/resources.md); its live state must "
+                   "shrink. strict: this fails once the spills are gone, to be turned into a check")
+def test_half_precision_backward_has_no_spills(report):
+    bad = _spills(report, ("attention_bwd",))
     assert not bad, "\n".join(bad)
 
 
