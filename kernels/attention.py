@@ -26,6 +26,49 @@ EPS = tl.constexpr(1e-8)   # a plain global is rejected by the GPU compiler
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """fp32 accumulation; IEEE: exact fp32 products (no tf32) for fp32 inputs."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
+                     HAS_F: tl.constexpr, IEEE: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr,
+                     BD: tl.constexpr):
+    """Pass over d: S0 = (F * Q) C^T (BQ x BC) and G = C C^T (BC x BC), fp32."""
+    rd = tl.arange(0, BD)
+    S0 = tl.zeros((BQ, BC), dtype=tl.float32)
+    G = tl.zeros((BC, BC), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dm = (d0 + rd) < D
+        Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qmask[:, None] & dm[None, :], other=0.0)
+        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
+        if HAS_F:
+            Fc = tl.load(f_base + (d0 + rd)[None, :] * sf_d, mask=qmask[:, None] & dm[None, :], other=0.0)
+            Qc = (Qc * Fc).to(Cc.dtype)
+        S0 += _dot(Qc, tl.trans(Cc), IEEE)
+        G += _dot(Cc, tl.trans(Cc), IEEE)
+    return S0, G
+
+
+@triton.jit
+def _attention_probs(S0, G, lam, qmask, cmask, IEEE: tl.constexpr):
+    """On chip: S = LeakyReLU(S0) on valid queries, its column norms N, Sn = S / (N + eps),
+    P = softmax over valid context of lam[q] Sn, and |U| = sqrt(P G P^T) per query."""
+    S = tl.where(S0 > 0, S0, 0.1 * S0)
+    S = tl.where(qmask[:, None], S, 0.0)
+    N = tl.sqrt(tl.sum(S * S, axis=0))
+    Sn = S / (N + EPS)[None, :]
+    logits = tl.where(cmask[None, :], Sn * lam[:, None], float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    Pm = e / tl.sum(e, axis=1)[:, None]
+    un = tl.sqrt(tl.maximum(tl.sum(_dot(Pm, G, IEEE) * Pm, axis=1), 0.0))
+    return S, N, Sn, Pm, un
+
+
+@triton.jit
 def _attention_fwd_kernel(
     q_ptr, qlen_ptr, c_ptr, clen_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, out_ptr,
     P, LQ_OUT, D, S_DIM, lam_scalar,
@@ -52,41 +95,15 @@ def _attention_fwd_kernel(
     c_base = c_ptr + b * sc_b + rc[:, None] * sc_l
     f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
 
-    # pass 1: scores and the context Gram matrix
-    S = tl.zeros((BQ, BC), dtype=tl.float32)
-    G = tl.zeros((BC, BC), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        dm = (d0 + rd) < D
-        Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qmask[:, None] & dm[None, :], other=0.0)
-        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
-        if HAS_F:
-            Fc = tl.load(f_base + (d0 + rd)[None, :] * sf_d, mask=qmask[:, None] & dm[None, :], other=0.0)
-            Qc = (Qc * Fc).to(Cc.dtype)
-        if IEEE:
-            S += tl.dot(Qc, tl.trans(Cc), input_precision="ieee")
-            G += tl.dot(Cc, tl.trans(Cc), input_precision="ieee")
-        else:
-            S += tl.dot(Qc, tl.trans(Cc))
-            G += tl.dot(Cc, tl.trans(Cc))
-
-    # on chip: LeakyReLU, normalisation across valid queries, softmax over valid context
-    S = tl.where(S > 0, S, 0.1 * S)
-    S = tl.where(qmask[:, None], S, 0.0)
-    Sn = S / (tl.sqrt(tl.sum(S * S, axis=0)) + EPS)[None, :]
+    # pass 1 and on chip: scores, Gram matrix, softmax, the norm of U = P C
+    S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
+                             HAS_F, IEEE, BQ, BC, BD)
     if HAS_LAM:
         lam = tl.load(lam_ptr + b * sl_b + p * sl_p + rq * sl_l, mask=qmask, other=0.0).to(tl.float32)
-        logits = Sn * lam[:, None]
     else:
-        logits = Sn * lam_scalar
-    logits = tl.where(cmask[None, :], logits, float("-inf"))
-    mx = tl.max(logits, axis=1)
-    e = tl.exp(logits - mx[:, None])
-    Pm = e / tl.sum(e, axis=1)[:, None]
-    if IEEE:
-        PG = tl.dot(Pm, G, input_precision="ieee")
-    else:
-        PG = tl.dot(Pm, G)
-    inv_un = 1.0 / (tl.sqrt(tl.maximum(tl.sum(PG * Pm, axis=1), 0.0)) + EPS)
+        lam = tl.zeros((BQ,), dtype=tl.float32) + lam_scalar
+    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE)
+    inv_un = 1.0 / (un + EPS)
 
     # pass 2: the attended context, normalised chunk by chunk
     rs = tl.arange(0, BS)
@@ -97,10 +114,7 @@ def _attention_fwd_kernel(
     for d0 in range(0, D, BD):
         dm = (d0 + rd) < D
         Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            U = tl.dot(Pm.to(Cc.dtype), Cc, input_precision="ieee")
-        else:
-            U = tl.dot(Pm.to(Cc.dtype), Cc)
+        U = _dot(Pm.to(Cc.dtype), Cc, IEEE)
         A = U * inv_un[:, None]
         if MODE == 0:
             A = tl.where(qmask[:, None], A, 0.0)
@@ -112,10 +126,7 @@ def _attention_fwd_kernel(
             Dq = (Dq * Dq).to(Cc.dtype)
             Wc = tl.load(w_ptr + rs[:, None] * sw_s + (d0 + rd)[None, :] * sw_d,
                          mask=smask[:, None] & dm[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(Dq, tl.trans(Wc), input_precision="ieee")
-            else:
-                acc += tl.dot(Dq, tl.trans(Wc))
+            acc += _dot(Dq, tl.trans(Wc), IEEE)
     if MODE == 1:
         bias = tl.load(bias_ptr + rs, mask=smask, other=0.0).to(tl.float32)
         E = tl.where(smask[None, :], acc + bias[None, :], 0.0)

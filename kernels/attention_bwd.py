@@ -20,14 +20,7 @@ dW (s x d per pair) are the part to restructure for speed on a GPU (not measured
 import triton
 import triton.language as tl
 
-EPS = tl.constexpr(1e-8)   # a plain global is rejected by the GPU compiler
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+from .attention import EPS, _attention_probs, _dot, _scores_and_gram
 
 
 @triton.jit
@@ -66,29 +59,13 @@ def _attention_bwd_kernel(
     df_base = df_ptr + (b * P + p) * LQ * D + rq[:, None] * D
 
     # pass A: as the forward
-    S0 = tl.zeros((BQ, BC), dtype=tl.float32)
-    G = tl.zeros((BC, BC), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        dm = (d0 + rd) < D
-        Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qmask[:, None] & dm[None, :], other=0.0)
-        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
-        if HAS_F:
-            Fc = tl.load(f_base + (d0 + rd)[None, :] * sf_d, mask=qmask[:, None] & dm[None, :], other=0.0)
-            Qc = (Qc * Fc).to(Cc.dtype)
-        S0 += _dot(Qc, tl.trans(Cc), IEEE)
-        G += _dot(Cc, tl.trans(Cc), IEEE)
-    S = tl.where(S0 > 0, S0, 0.1 * S0)
-    S = tl.where(qmask[:, None], S, 0.0)
-    N = tl.sqrt(tl.sum(S * S, axis=0))
-    Sn = S / (N + EPS)[None, :]
+    S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
+                             HAS_F, IEEE, BQ, BC, BD)
     if HAS_LAM:
         lam = tl.load(lam_ptr + b * sl_b + p * sl_p + rq * sl_l, mask=qmask, other=0.0).to(tl.float32)
     else:
         lam = tl.zeros((BQ,), dtype=tl.float32) + lam_scalar
-    logits = tl.where(cmask[None, :], Sn * lam[:, None], float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    Pm = e / tl.sum(e, axis=1)[:, None]
-    un = tl.sqrt(tl.maximum(tl.sum(_dot(Pm, G, IEEE) * Pm, axis=1), 0.0))
+    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE)
     inv_un = 1.0 / (un + EPS)
 
     # pass B (MODE 1): Y, then dY = d l2n(Y)
