@@ -3,7 +3,6 @@
   attention.py  fused adaptive region-word attention, optionally fused with the alignment
                 projection (E = l2n(W (Q - A)^2 + b)); launcher ``attention_fwd``
   rar.py        T steps of iterative aggregation reweighting per launch; launcher ``rar_fwd``
-
   attention_bwd.py  the attention's backward, recomputing each pair on chip; ``attention_bwd``
 
 RAR has no backward kernel yet. On CPU tensors they run under TRITON_INTERPRET=1 (tests).

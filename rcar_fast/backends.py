@@ -4,7 +4,8 @@ Known backends, fastest last within a device:
   reference  SPEC.md per caption (rcar_fast.reference); ground truth, any device.
   torch      the pair grid in blocks, plain PyTorch (rcar_fast.torch_backend); any device.
   triton     fused Triton kernels (rcar_fast.kernels); CUDA tensors, or CPU tensors under
-             TRITON_INTERPRET=1 (Triton's interpreter, for tests). Backward recomputes in torch.
+             TRITON_INTERPRET=1 (Triton's interpreter, for tests). The attention's backward is
+             a kernel; RAR's backward recomputes in torch.
   cpp, cuda  the compiled extension (csrc/); not part of this release yet.
 """
 

@@ -7,8 +7,9 @@ are padding) and Lq = R in i2t (query = the image's regions). Padding may hold a
 included; it never changes a result, and every output here is zero at padded query rows.
 
 Every function takes ``backend=``: "auto" (the fastest available for the inputs' device),
-"reference" (SPEC.md per caption), "torch" (the pair grid in blocks) or a compiled backend
-once built; see :func:`rcar_fast.available_backends` and :func:`rcar_fast.backend_status`.
+"reference" (SPEC.md per caption), "torch" (the pair grid in blocks), "triton" (fused kernels;
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or, once built, the compiled extension's;
+see :func:`rcar_fast.available_backends` and :func:`rcar_fast.backend_status`.
 Every argument is checked before anything is computed; a bad one raises ValueError or
 TypeError naming it.
 """

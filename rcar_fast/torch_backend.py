@@ -11,9 +11,10 @@ Padding. Padded words are replaced by zeros *by selection* (torch.where) once, o
 NaN there cannot reach any product; masked reductions also select. Rows at padded query
 positions are finite but meaningless and are excluded from every reduction.
 
-Speed. ``rcar_scores`` walks the grid in blocks sized by a memory budget, with captions
-sorted by length and grouped so that a block pads little (t2i pays for padding in every
-product). Without autograd the element-wise chain runs in place on the block's buffers.
+Speed. ``rcar_scores`` walks the grid in blocks sized by a memory budget, one caption length
+per block (rcar_fast._plan), so a block carries no padding and skips its mask selections.
+Without autograd the element-wise chain runs in place, and the d-wide temporaries of every
+block live in a few buffers reused across blocks (:class:`Workspace`).
 """
 
 from __future__ import annotations
