@@ -157,16 +157,21 @@ def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int
 STANDARD_SHAPES = ((32, 36), (64, 36), (36, 32), (36, 64))
 
 
-def launch_configs():
-    """Every (constexprs, num_warps) the launcher picks for the standard shapes, all dtypes."""
+def launch_configs(config=None, extra=None):
+    """Every (dtype, constexprs, num_warps) a launcher picks for the standard shapes, all dtypes.
+
+    config: the launcher's block-size chooser (default :func:`attention_config`); extra(has_state)
+    adds kernel-specific constexprs (the backward's NEED_DF)."""
+    config = config or attention_config
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
         for Lq, Lc in STANDARD_SHAPES:
             for mode in (0, 1):
                 for has_state in (False, True):
-                    cfg = attention_config(dtype != "fp32", Lq, Lc, 1024, 256 if mode else 1024, mode)
+                    cfg = config(dtype != "fp32", Lq, Lc, 1024, 256 if mode else 1024, mode)
                     warps = cfg.pop("num_warps")
                     cfg.update(HAS_F=has_state, HAS_LAM=has_state, MODE=mode, IEEE=dtype == "fp32")
+                    cfg.update(extra(has_state) if extra else {})
                     if (dtype, cfg, warps) not in out:
                         out.append((dtype, cfg, warps))
     return out

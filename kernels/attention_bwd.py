@@ -24,6 +24,30 @@ from .attention import EPS, _attention_probs, _dot, _scores_and_gram
 
 
 @triton.jit
+def _grad_context_chunk(c_base, q_base, g_base, w_ptr, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D,
+                        Pm, inv_un, dY, rq_mask, cmask, smask, rs,
+                        MODE: tl.constexpr, IEEE: tl.constexpr, BD: tl.constexpr):
+    """One d-chunk of U = P C and of dA (MODE 1: 2 (dY W) (A - Q); MODE 0: the given gradient),
+    plus Q - A and W's chunk, which pass C needs for dW. Rows past the query length: dA = 0."""
+    rd = tl.arange(0, BD)
+    dm = (d0 + rd) < D
+    qd = rq_mask[:, None] & dm[None, :]
+    Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
+    U = _dot(Pm.to(Cc.dtype), Cc, IEEE)
+    if MODE == 1:
+        Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qd, other=0.0).to(tl.float32)
+        Wc = tl.load(w_ptr + rs[:, None] * sw_s + (d0 + rd)[None, :] * sw_d,
+                     mask=smask[:, None] & dm[None, :], other=0.0)
+        Dq = Qc - U * inv_un[:, None]
+        dA = tl.where(qd, -2.0 * _dot(dY.to(Wc.dtype), Wc, IEEE) * Dq, 0.0)
+    else:
+        Dq = U
+        Wc = Cc
+        dA = tl.load(g_base + (d0 + rd)[None, :] * sg_x, mask=qd, other=0.0).to(tl.float32)
+    return Cc, U, Dq, Wc, dA, qd, dm
+
+
+@triton.jit
 def _attention_bwd_kernel(
     q_ptr, qlen_ptr, c_ptr, clen_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, g_ptr,
     dq_ptr, dc_ptr, df_ptr, dlam_ptr, dw_ptr, db_ptr,
@@ -93,39 +117,22 @@ def _attention_bwd_kernel(
     # pass C: U . dA per row; MODE 1 also dW, and dQ's direct term -dA
     udA = tl.zeros((BQ,), dtype=tl.float32)
     for d0 in range(0, D, BD):
-        dm = (d0 + rd) < D
-        qd = qmask[:, None] & dm[None, :]
-        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
-        U = _dot(Pm.to(Cc.dtype), Cc, IEEE)
+        Cc, U, Dq, Wc, dA, qd, dm = _grad_context_chunk(
+            c_base, q_base, g_base, w_ptr, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, Pm, inv_un, dY,
+            qmask, cmask, smask, rs, MODE, IEEE, BD)
         if MODE == 1:
-            Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qd, other=0.0).to(tl.float32)
-            Wc = tl.load(w_ptr + rs[:, None] * sw_s + (d0 + rd)[None, :] * sw_d,
-                         mask=smask[:, None] & dm[None, :], other=0.0)
-            Dq = Qc - U * inv_un[:, None]
-            dA = -2.0 * _dot(dY.to(Wc.dtype), Wc, IEEE) * Dq
-            dA = tl.where(qd, dA, 0.0)
             dWc = _dot(tl.trans(dY).to(Wc.dtype), tl.where(qd, Dq * Dq, 0.0).to(Wc.dtype), IEEE)
             tl.atomic_add(dw_ptr + rs[:, None] * D + (d0 + rd)[None, :], dWc, mask=smask[:, None] & dm[None, :])
             tl.atomic_add(dq_base + (d0 + rd)[None, :], -dA, mask=qd)
-        else:
-            dA = tl.load(g_base + (d0 + rd)[None, :] * sg_x, mask=qd, other=0.0).to(tl.float32)
         udA += tl.sum(U * dA, axis=1)
 
     # pass D: dU, dP = dU C^T, dC += P^T dU
     coefU = tl.where(un > 0, udA * inv_un * inv_un / tl.where(un > 0, un, 1.0), 0.0)
     dP = tl.zeros((BQ, BC), dtype=tl.float32)
     for d0 in range(0, D, BD):
-        dm = (d0 + rd) < D
-        qd = qmask[:, None] & dm[None, :]
-        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
-        U = _dot(Pm.to(Cc.dtype), Cc, IEEE)
-        if MODE == 1:
-            Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qd, other=0.0).to(tl.float32)
-            Wc = tl.load(w_ptr + rs[:, None] * sw_s + (d0 + rd)[None, :] * sw_d,
-                         mask=smask[:, None] & dm[None, :], other=0.0)
-            dA = -2.0 * _dot(dY.to(Wc.dtype), Wc, IEEE) * (Qc - U * inv_un[:, None])
-        else:
-            dA = tl.load(g_base + (d0 + rd)[None, :] * sg_x, mask=qd, other=0.0).to(tl.float32)
+        Cc, U, Dq, Wc, dA, qd, dm = _grad_context_chunk(
+            c_base, q_base, g_base, w_ptr, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, Pm, inv_un, dY,
+            qmask, cmask, smask, rs, MODE, IEEE, BD)
         dU = tl.where(qd, dA * inv_un[:, None] - U * coefU[:, None], 0.0)
         dP += _dot(dU.to(Cc.dtype), tl.trans(Cc), IEEE)
         tl.atomic_add(dc_base + (d0 + rd)[None, :], _dot(tl.trans(Pm).to(Cc.dtype), dU.to(Cc.dtype), IEEE),
@@ -212,20 +219,9 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
 
 def launch_configs():
     """Every (dtype, constexprs, num_warps) attention_bwd launches for the standard shapes."""
-    from .attention import STANDARD_SHAPES
+    from .attention import launch_configs as forward_configs
 
-    out = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for Lq, Lc in STANDARD_SHAPES:
-            for mode in (0, 1):
-                for has_state in (False, True):
-                    cfg = attention_bwd_config(dtype != "fp32", Lq, Lc, 1024, 256 if mode else 1024, mode)
-                    warps = cfg.pop("num_warps")
-                    cfg.update(HAS_F=has_state, HAS_LAM=has_state, NEED_DF=has_state, MODE=mode,
-                               IEEE=dtype == "fp32")
-                    if (dtype, cfg, warps) not in out:
-                        out.append((dtype, cfg, warps))
-    return out
+    return forward_configs(attention_bwd_config, lambda has_state: {"NEED_DF": has_state})
 
 
 def signature(dtype: str) -> dict:

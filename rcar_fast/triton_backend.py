@@ -242,12 +242,13 @@ def _keep_masks(E: Tensor, training: bool):
     return keep_k, keep_g
 
 
-def _rar_steps(E, ql, h, params, prefixes, training):
-    """RAR over the given modules: one launch for all of them in eval, one per step in training."""
+def _rar_steps(E, ql, h, stacked, training):
+    """RAR over the modules of ``stacked`` (from :func:`_rar_weights`): one launch for all of
+    them in eval, one per step in training (each step draws its own dropout masks)."""
     if not training:
-        return triton_rar(E, ql, h, *_rar_weights(params, prefixes), None, None)
-    for prefix in prefixes:
-        h = triton_rar(E, ql, h, *_rar_weights(params, [prefix]), *_keep_masks(E, True))
+        return triton_rar(E, ql, h, *stacked, None, None)
+    for t in range(stacked[0].shape[0]):
+        h = triton_rar(E, ql, h, *(w[t:t + 1] for w in stacked), *_keep_masks(E, True))
     return h
 
 
@@ -256,14 +257,14 @@ def rar_update(E, h, cap_lens, weights, attn_type, training):
     B, P, Lq, _ = Eb.shape
     ql = cap_lens.to(device=E.device, dtype=torch.int32) if attn_type == "t2i" else \
         torch.full((P,), Lq, dtype=torch.int32, device=E.device)
-    out = _rar_steps(Eb.contiguous(), ql, _block(h, attn_type), weights, [""], training)
+    out = _rar_steps(Eb.contiguous(), ql, _block(h, attn_type), _rar_weights(weights, [""]), training)
     return _unblock(out, attn_type)
 
 
 # ----------------------------------------------------------------------------- the scores
 
-def _block_scores(q, ql, c, cl, params, regulator, steps, smooth, training, inplace):
-    """SPEC.md's scores of one block, (B, P)."""
+def _block_scores(q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace):
+    """SPEC.md's scores of one block, (B, P); rar_w: every RAR module's weights, stacked once."""
     Fq, lam = None, smooth
 
     def align(t):
@@ -281,14 +282,14 @@ def _block_scores(q, ql, c, cl, params, regulator, steps, smooth, training, inpl
         cos = torch.where(valid[None], num / torch.clamp(den, min=EPS), num.new_zeros(()))
         return cos.sum(-1) / ql.to(cos.dtype)[None]
     if regulator == "only_rar":
-        h = _rar_steps(align(0), ql, None, params, [f"rar_modules.{t}." for t in range(steps)], training)
+        h = _rar_steps(align(0), ql, None, rar_w, training)
     else:
         h = None
         for t in range(steps):
             E = align(t)
             if t < steps - 1:
                 Fq, lam = rcr_step(E, Fq, lam, params, f"rcr_modules.{t}.", inplace)
-            h = _rar_steps(E, ql, h, params, [f"rar_modules.{t}."], training)
+            h = _rar_steps(E, ql, h, tuple(w[t:t + 1] for w in rar_w), training)
     return torch.sigmoid(torch.nn.functional.linear(h, params["sim_eval_w.weight"],
                                                     params["sim_eval_w.bias"])).squeeze(-1)
 
@@ -302,10 +303,12 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str,
     inplace = not _needs_grad([img, cap, *params.values()])
     lens_list = [int(x) for x in cap_lens.tolist()]
     out = img.new_empty(n_i, cap.shape[0])
+    # the RAR weights are stacked (T, ...) once per call, not once per block
+    rar_w = None if regulator == "only_rcr" else _rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
     for cols, Lg, i0, i1 in iter_blocks(lens_list, n_i, R, d, attn_type, img.element_size(),
                                         memory_budget, LIVE_WIDE_BUFFERS):
         cidx = torch.tensor(cols, device=cap.device)
         q, ql, c, cl = _sources(img[i0:i1], cap.index_select(0, cidx)[:, :Lg], cap_lens[cols], attn_type)
-        s = _block_scores(q, ql, c, cl, params, regulator, steps, smooth, training, inplace)
+        s = _block_scores(q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace)
         out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out
