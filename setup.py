@@ -45,8 +45,8 @@ def _extensions():
     mode = os.environ.get("RCAR_FAST_BUILD_EXT", "auto").lower()
     if mode in ("0", "no", "off", "false"):
         return [], {}
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     if not cpp and not cu:
         return [], {}
     import torch
@@ -58,12 +58,14 @@ def _extensions():
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = '-DRCAR_FAST_CUDA_ARCHS=\"%s\"' % re.sub(r"[^0-9.+A-Za-z]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"])
         ext = cpp_extension.CUDAExtension(
-            "rcar_fast._C", cpp + cu,
-            extra_compile_args={"cxx": cxx + ["-DRCAR_FAST_WITH_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-DRCAR_FAST_WITH_CUDA"]})
+            "rcar_fast._C", cpp + cu, include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx + ["-DRCAR_FAST_WITH_CUDA", archs],
+                                "nvcc": ["-O3", "-DRCAR_FAST_WITH_CUDA"]})
     else:
-        ext = cpp_extension.CppExtension("rcar_fast._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("rcar_fast._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")],
+                                         extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

@@ -1,0 +1,100 @@
+// Input checks shared by the CPU and CUDA implementations of the rcar_fast ops (see README.md).
+// Each names the argument and what is wrong, so a user can act on the message.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+namespace rcar_fast {
+
+inline void check_float(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(),
+              " (the dtype of the features), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), name, ": expected a tensor on ", like.device(), ", got ",
+              t.device());
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+}
+
+inline void check_lens(const at::Tensor& lens, const char* name, int64_t n, const at::Tensor& like) {
+  TORCH_CHECK(lens.scalar_type() == at::kInt, name, ": expected int32 lengths, got ", lens.scalar_type());
+  TORCH_CHECK(lens.device() == like.device(), name, ": expected a tensor on ", like.device(), ", got ",
+              lens.device());
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == n, name, ": expected shape [", n, "], got ", lens.sizes());
+}
+
+// query (P, Lq, d), context (B, Lc, d), factors (B, P, Lq, d), lam (B, P, Lq), weight (s, d), bias (s)
+inline void check_attention(const at::Tensor& query, const at::Tensor& qlens, const at::Tensor& context,
+                            const at::Tensor& clens, const c10::optional<at::Tensor>& factors,
+                            const c10::optional<at::Tensor>& lam, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(query.is_floating_point(), "query: expected a floating tensor, got ", query.scalar_type());
+  TORCH_CHECK(query.dim() == 3, "query: expected (P, Lq, d), got shape ", query.sizes());
+  TORCH_CHECK(context.dim() == 3, "context: expected (B, Lc, d), got shape ", context.sizes());
+  check_float(context, "context", query);
+  const int64_t P = query.size(0), Lq = query.size(1), D = query.size(2);
+  const int64_t B = context.size(0);
+  TORCH_CHECK(context.size(2) == D, "context: feature size ", context.size(2),
+              " differs from query's ", D);
+  check_lens(qlens, "qlens", P, query);
+  check_lens(clens, "clens", B, query);
+  if (factors) {
+    check_float(*factors, "factors", query);
+    check_shape(*factors, "factors", {B, P, Lq, D});
+  }
+  if (lam) {
+    check_float(*lam, "lam", query);
+    check_shape(*lam, "lam", {B, P, Lq});
+  }
+  TORCH_CHECK(weight.has_value() == bias.has_value(), "weight, bias: give both or neither");
+  if (weight) {
+    check_float(*weight, "weight", query);
+    TORCH_CHECK(weight->dim() == 2 && weight->size(1) == D, "weight: expected (s, ", D, "), got ",
+                weight->sizes());
+    check_float(*bias, "bias", query);
+    check_shape(*bias, "bias", {weight->size(0)});
+  }
+}
+
+// E (B, P, Lq, s), h (B, P, s), wq/wk (T, s, s), bq/bk (T, s), wv (T, s), bv (T)
+inline void check_rar(const at::Tensor& E, const at::Tensor& qlens, const c10::optional<at::Tensor>& h,
+                      const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
+                      const at::Tensor& wv, const at::Tensor& bv, const c10::optional<at::Tensor>& keep_k,
+                      const c10::optional<at::Tensor>& keep_g) {
+  TORCH_CHECK(E.is_floating_point(), "E: expected a floating tensor, got ", E.scalar_type());
+  TORCH_CHECK(E.dim() == 4, "E: expected (B, P, Lq, s), got shape ", E.sizes());
+  const int64_t B = E.size(0), P = E.size(1), Lq = E.size(2), S = E.size(3);
+  check_lens(qlens, "qlens", P, E);
+  TORCH_CHECK(wq.dim() == 3, "wq: expected (T, s, s), got shape ", wq.sizes());
+  const int64_t T = wq.size(0);
+  TORCH_CHECK(T >= 1, "wq: expected at least one RAR step, got T = 0");
+  const std::pair<const at::Tensor*, const char*> w3[] = {{&wq, "wq"}, {&wk, "wk"}};
+  for (auto& [t, name] : w3) {
+    check_float(*t, name, E);
+    check_shape(*t, name, {T, S, S});
+  }
+  const std::pair<const at::Tensor*, const char*> w2[] = {{&bq, "bq"}, {&bk, "bk"}, {&wv, "wv"}};
+  for (auto& [t, name] : w2) {
+    check_float(*t, name, E);
+    check_shape(*t, name, {T, S});
+  }
+  check_float(bv, "bv", E);
+  check_shape(bv, "bv", {T});
+  if (h) {
+    check_float(*h, "h", E);
+    check_shape(*h, "h", {B, P, S});
+  }
+  TORCH_CHECK(keep_k.has_value() == keep_g.has_value(), "keep_k, keep_g: give both or neither");
+  if (keep_k) {
+    TORCH_CHECK(T == 1, "keep_k: dropout masks are per step; run one step (T = 1) at a time, got T = ", T);
+    check_float(*keep_k, "keep_k", E);
+    check_shape(*keep_k, "keep_k", {B, P, Lq, S});
+    check_float(*keep_g, "keep_g", E);
+    check_shape(*keep_g, "keep_g", {B, P, S});
+  }
+}
+
+}  // namespace rcar_fast

@@ -1,0 +1,40 @@
+// The op schemas of rcar_fast (declared once; see README.md for the contract) and the small
+// Python module rcar_fast._C, which loads them and reports how the extension was built.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(rcar_fast, m) {
+  m.def("attention(Tensor query, Tensor qlens, Tensor context, Tensor clens, Tensor? factors, "
+        "Tensor? lam, float lam_scalar, Tensor? weight, Tensor? bias) -> Tensor");
+  m.def("attention_bwd(Tensor grad, Tensor query, Tensor qlens, Tensor context, Tensor clens, "
+        "Tensor? factors, Tensor? lam, float lam_scalar, Tensor? weight, Tensor? bias, "
+        "bool need_dfactors) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("rar(Tensor E, Tensor qlens, Tensor? h0, Tensor wq, Tensor bq, Tensor wk, Tensor bk, "
+        "Tensor wv, Tensor bv, Tensor? keep_k, Tensor? keep_g) -> Tensor");
+  m.def("rar_bwd(Tensor grad, Tensor E, Tensor qlens, Tensor h, Tensor wq, Tensor bq, Tensor wk, "
+        "Tensor bk, Tensor wv, Tensor bv, Tensor? keep_k, Tensor? keep_g) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch"] = TORCH_VERSION;
+#ifdef RCAR_FAST_WITH_CUDA
+  info["cuda"] = true;
+#ifdef RCAR_FAST_CUDA_ARCHS
+  info["cuda_archs"] = RCAR_FAST_CUDA_ARCHS;
+#endif
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rcar_fast compiled ops (registered as torch.ops.rcar_fast.*) and build info";
+  m.def("build_info", &build_info, "how this extension was built: torch version, CUDA, archs");
+}
