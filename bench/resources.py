@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
 
 os.environ.pop("TRITON_INTERPRET", None)   # must happen before triton is imported
 
@@ -42,7 +43,9 @@ def _kernels():
     attention_bwd = importlib.import_module(kernels.__name__ + ".attention_bwd")   # the module
     return {"attention_fwd": (kernels.attention, kernels.attention._attention_fwd_kernel),
             "attention_bwd": (attention_bwd, attention_bwd._attention_bwd_kernel),
-            "rar_fwd": (kernels.rar, kernels.rar._rar_fwd_kernel)}
+            "rar_fwd": (kernels.rar, kernels.rar._rar_fwd_kernel),
+            "rar_bwd": (SimpleNamespace(launch_configs=kernels.rar.bwd_launch_configs,
+                                        signature=kernels.rar.bwd_signature), kernels.rar._rar_bwd_kernel)}
 
 
 def _tool(name: str) -> str:

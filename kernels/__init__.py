@@ -4,12 +4,13 @@
                 projection (E = l2n(W (Q - A)^2 + b)); launcher ``attention_fwd``
   rar.py        T steps of iterative aggregation reweighting per launch; launcher ``rar_fwd``
   attention_bwd.py  the attention's backward, recomputing each pair on chip; ``attention_bwd``
+  rar.py        also the backward of one RAR step; launcher ``rar_bwd``
 
-RAR has no backward kernel yet. On CPU tensors they run under TRITON_INTERPRET=1 (tests).
+On CPU tensors they run under TRITON_INTERPRET=1 (tests).
 """
 
 from .attention import attention_fwd
 from .attention_bwd import attention_bwd
-from .rar import rar_fwd
+from .rar import rar_bwd, rar_fwd
 
-__all__ = ["attention_fwd", "attention_bwd", "rar_fwd"]
+__all__ = ["attention_fwd", "attention_bwd", "rar_fwd", "rar_bwd"]

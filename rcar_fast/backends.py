@@ -6,7 +6,10 @@ Known backends, fastest last within a device:
   triton     fused Triton kernels (rcar_fast.kernels); CUDA tensors, or CPU tensors under
              TRITON_INTERPRET=1 (Triton's interpreter, for tests). The attention's backward is
              a kernel; RAR's backward recomputes in torch.
-  cpp, cuda  the compiled extension (csrc/); not part of this release yet.
+  cpp        the compiled extension's C++ CPU kernels (csrc/cpu/), CPU tensors.
+  cuda       the compiled extension's CUDA kernels (csrc/cuda/), CUDA tensors.
+The extension (rcar_fast._C) is optional: without it, or built without CUDA, backend_status()
+says why "cpp" / "cuda" is absent.
 """
 
 from __future__ import annotations
@@ -45,14 +48,37 @@ def _triton_status() -> str:
     return "available"
 
 
+@functools.lru_cache(maxsize=None)
+def _extension_error() -> Optional[str]:
+    try:
+        from . import ext_backend  # noqa: F401
+    except ImportError as exc:
+        return (f"unavailable: the compiled extension rcar_fast._C is not built ({exc}); "
+                "build it with `pip install --no-build-isolation -e .`")
+    return None
+
+
+def _extension_status(key: str) -> str:
+    err = _extension_error()
+    if err is not None:
+        return err
+    from . import ext_backend
+    if not ext_backend.has_kernels(key):
+        return (f"unavailable: rcar_fast._C was built without {key} kernels"
+                + (" (torch without CUDA, no CUDA toolkit, or RCAR_FAST_BUILD_EXT=cpu)" if key == "CUDA" else ""))
+    if key == "CUDA" and not torch.cuda.is_available():
+        return "unavailable: no CUDA device"
+    return "available"
+
+
 def backend_status() -> Dict[str, str]:
     """``{name: "available" or the reason it is not}`` for every known backend."""
     return {
         "reference": "available",
         "torch": "available",
         "triton": _triton_status(),
-        "cpp": "unavailable: the compiled extension (csrc/) is not implemented in this release",
-        "cuda": "unavailable: the compiled extension (csrc/) is not implemented in this release",
+        "cpp": _extension_status("CPU"),
+        "cuda": _extension_status("CUDA"),
     }
 
 

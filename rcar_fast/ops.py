@@ -8,7 +8,8 @@ included; it never changes a result, and every output here is zero at padded que
 
 Every function takes ``backend=``: "auto" (the fastest available for the inputs' device),
 "reference" (SPEC.md per caption), "torch" (the pair grid in blocks), "triton" (fused kernels;
-CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or, once built, the compiled extension's;
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpp" and "cuda" (the compiled
+extension's C++ CPU and CUDA kernels, when built);
 see :func:`rcar_fast.available_backends` and :func:`rcar_fast.backend_status`.
 Every argument is checked before anything is computed; a bad one raises ValueError or
 TypeError naming it.
@@ -37,7 +38,8 @@ def default_smooth(attn_type: str) -> float:
 
 def _impl(name: str):
     module = {"reference": "rcar_fast.reference", "torch": "rcar_fast.torch_backend",
-              "triton": "rcar_fast.triton_backend"}[name]
+              "triton": "rcar_fast.triton_backend", "cpp": "rcar_fast.ext_backend",
+              "cuda": "rcar_fast.ext_backend"}[name]
     return importlib.import_module(module)
 
 
@@ -213,7 +215,8 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     regulator/steps: only_rar (T >= 1), only_rcr (T >= 0), coop_rcar (T >= 1), as SPEC.md.
     smooth: the first-step temperature (None: 10.0 for t2i, 3.0 for i2t).
     training: RAR dropout on. memory_budget: bytes one block of the pair grid may use on the
-    "torch" and "triton" backends (default 96 MiB on CPU, 2 GiB on GPU); others ignore it.
+    "torch", "triton", "cpp" and "cuda" backends (default 96 MiB on CPU, 2 GiB on GPU; triton
+    on CPU 24 MiB); the reference ignores it.
     """
     V.check_config(regulator, steps, attn_type)
     cap_lens = V.check_features(img, cap, cap_lens)
@@ -232,7 +235,7 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     name = resolve(backend, img.device)
     if img.shape[0] == 0 or cap.shape[0] == 0:
         return img.new_zeros(img.shape[0], cap.shape[0])
-    if name in ("torch", "triton"):
+    if name != "reference":
         return _impl(name).rcar_scores(img, cap, cap_lens, params, regulator, steps, attn_type,
                                        smooth, bool(training), memory_budget)
     return _impl(name).rcar_scores(img, cap, cap_lens, params, regulator, steps, attn_type,

@@ -5,7 +5,7 @@ under TRITON_INTERPRET=1, which replaces the GPU compiler, so the report runs wi
 Asserted for every configuration: it compiles, and its shared memory fits the chip (A100 163 KB,
 H100/H200 227 KB per block). For bf16/fp16, the dtypes that run at speed: the products lower to
 tensor-core instructions (HMMA / HGMMA), and the forward kernels have no spills or stack frame.
-The attention backward kernel still spills: that is a strict xfail, not a pass. fp32 is the
+The backward kernels still spill: that is a strict xfail, not a pass. fp32 is the
 exact parity path (IEEE products, no tensor cores); its spills are reported, not asserted.
 """
 
@@ -40,7 +40,7 @@ def test_every_configuration_compiles(report):
     failed = [f"{_name(r)}: {r.get('error')}" for r in report if not r["compiled"]]
     assert not failed, "\n".join(failed)
     assert {r["arch"] for r in report} == {"sm_80", "sm_90"}
-    assert {r["kernel"] for r in report} == {"attention_fwd", "attention_bwd", "rar_fwd"}
+    assert {r["kernel"] for r in report} == {"attention_fwd", "attention_bwd", "rar_fwd", "rar_bwd"}
 
 
 def test_shared_memory_fits_the_chip(report):
@@ -60,10 +60,11 @@ def test_half_precision_forward_has_no_spills(report):
 
 
 @pytest.mark.xfail(strict=True, reason="known: the attention backward kernel spills in bf16/fp16 "
-                   "(up to ~1.8 KB on sm_80, bench/results/resources.md); its live state must "
-                   "shrink. strict: this fails once the spills are gone, to be turned into a check")
+                   "(up to ~1.8 KB on sm_80), and the RAR backward at 64 query rows with dropout "
+                   "(bench/results/resources.md); their live state must shrink. strict: this "
+                   "fails once the spills are gone, to be turned into a check")
 def test_half_precision_backward_has_no_spills(report):
-    bad = _spills(report, ("attention_bwd",))
+    bad = _spills(report, ("attention_bwd", "rar_bwd"))
     assert not bad, "\n".join(bad)
 
 

@@ -199,6 +199,13 @@ def test_opcheck_custom_ops():
         grad_args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
                      and a is not args[-1] and a is not args[-2] else a for a in args]
         torch.library.opcheck(tb.triton_rar, grad_args)
+        E, ql, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g = args
+        one = [w[:1].contiguous() for w in (wq, bq, wk, bk, wv, bv)]
+        h = h0 if h0 is not None else E.mean(2)
+        torch.library.opcheck(tb.triton_rar_bwd, (torch.randn_like(h), E, ql, h, *one, keep_k, keep_g))
+    for args in att:
+        grad = torch.randn_like(tb.triton_attention(*args))
+        torch.library.opcheck(tb.triton_attention_bwd, (grad, *args, True))
 
 
 def test_custom_op_gradcheck():

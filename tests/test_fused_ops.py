@@ -1,0 +1,263 @@
+"""The fused backends' ops against one per-pair reference, op by op: the Triton custom ops
+(under TRITON_INTERPRET=1) and the compiled extension's C++ CPU ops, both to the contract of
+csrc/README.md. Forward values, every gradient through the registered autograd (so the
+backward ops attention_bwd / rar_bwd), the raw outputs of rar_bwd, opcheck, fp64 and fp32, NaN
+in every padded row, lengths 1 and full, d and s not powers of two."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rcar_fast
+from rcar_fast import reference
+
+Tensor = torch.Tensor
+
+
+def _fused_backends():
+    out = []
+    st = rcar_fast.backend_status()
+    if "triton" in rcar_fast.available_backends("cpu"):
+        out.append("triton")
+    out.append(pytest.param("cpp", marks=pytest.mark.skipif(st["cpp"] != "available", reason=st["cpp"])))
+    return out
+
+
+BACKENDS = _fused_backends()
+
+
+def _ops(backend):
+    """(attention, attention_bwd, rar, rar_bwd) of one backend."""
+    if backend == "triton":
+        from rcar_fast import triton_backend as tb
+        return tb.triton_attention, tb.triton_attention_bwd, tb.triton_rar, tb.triton_rar_bwd
+    from rcar_fast import ext_backend  # noqa: F401  (registers fake and autograd)
+    o = torch.ops.rcar_fast
+    return o.attention.default, o.attention_bwd.default, o.rar.default, o.rar_bwd.default
+
+
+def _tol(dtype, backend):
+    # the Triton kernels accumulate in fp32 even for fp64 inputs; the C++ kernels in fp64
+    if dtype == torch.float64 and backend != "triton":
+        return dict(rtol=1e-9, atol=1e-11)
+    return dict(rtol=2e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- the reference
+
+def ref_attention(q, ql, c, cl, factors, lam, lam_scalar, weight, bias):
+    """The attention op's contract, per pair through reference.attention_one (differentiable)."""
+    B, P, Lq = c.shape[0], q.shape[0], q.shape[1]
+    width = q.shape[2] if weight is None else weight.shape[0]
+    rows = []
+    for b in range(B):
+        for p in range(P):
+            n, m = int(ql[p]), int(cl[b])
+            Q, C = q[p, :n][None], c[b, :m][None]
+            Fq = factors[b, p, :n][None] if factors is not None else 1.0
+            lq = lam[b, p, :n][None] if lam is not None else lam_scalar
+            A = reference.attention_one(Q, C, Fq, lq)[0]
+            if weight is not None:
+                A = reference.l2n(F.linear((Q[0] - A) ** 2, weight, bias))
+            rows.append(torch.cat([A, A.new_zeros(Lq - n, width)]))
+    return torch.stack(rows).view(B, P, Lq, width)
+
+
+def ref_rar(E, ql, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g):
+    """The rar op's contract, per pair (differentiable)."""
+    B, P, Lq, S = E.shape
+    out = []
+    for b in range(B):
+        for p in range(P):
+            n = int(ql[p])
+            e = E[b, p, :n]
+            h = e.mean(0) if h0 is None else h0[b, p]
+            for t in range(wq.shape[0]):
+                K = torch.tanh(e @ wk[t].T + bk[t])
+                g = torch.tanh(wq[t] @ h + bq[t])
+                if keep_k is not None:
+                    K, g = K * keep_k[b, p, :n], g * keep_g[b, p]
+                a = torch.softmax((K * g) @ wv[t] + bv[t], dim=0)
+                h = reference.l2n(a @ e)
+            out.append(h)
+    return torch.stack(out).view(B, P, S)
+
+
+# ----------------------------------------------------------------------------- samples
+
+def _sample(dtype, seed, with_state, with_weight, B=2, P=3, Lq=5, Lc=4, d=13, s=6):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(P, Lq, d, generator=g, dtype=torch.float64)
+    c = torch.randn(B, Lc, d, generator=g, dtype=torch.float64)
+    ql = torch.tensor([Lq, 1, 3][:P], dtype=torch.int32)
+    cl = torch.tensor([Lc, 1][:B], dtype=torch.int32)
+    for p in range(P):
+        q[p, int(ql[p]):] = float("nan")
+    for b in range(B):
+        c[b, int(cl[b]):] = float("nan")
+    factors = lam = weight = bias = None
+    if with_state:
+        factors = torch.rand(B, P, Lq, d, generator=g, dtype=torch.float64) * 2 - 1
+        lam = torch.rand(B, P, Lq, generator=g, dtype=torch.float64) * 8 + 1
+        for p in range(P):
+            factors[:, p, int(ql[p]):] = float("nan")
+            lam[:, p, int(ql[p]):] = float("nan")
+    if with_weight:
+        weight = torch.randn(s, d, generator=g, dtype=torch.float64) * 0.4
+        bias = torch.randn(s, generator=g, dtype=torch.float64) * 0.1
+    cast = [x.to(dtype) if isinstance(x, Tensor) else x for x in (q, c, factors, lam, weight, bias)]
+    q, c, factors, lam, weight, bias = cast
+    return [q, ql, c, cl, factors, lam, 4.0, weight, bias]
+
+
+def _rar_sample(dtype, seed, T, dropout, h_given, B=2, P=3, Lq=5, s=7):
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(B, P, Lq, s, generator=g, dtype=torch.float64)
+    ql = torch.tensor([Lq, 1, 3][:P], dtype=torch.int32)
+    for p in range(P):
+        E[:, p, int(ql[p]):] = float("nan")
+    wq, wk = (torch.randn(T, s, s, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+    bq, bk, wv = (torch.randn(T, s, generator=g, dtype=torch.float64) * 0.3 for _ in range(3))
+    bv = torch.randn(T, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, P, s, generator=g, dtype=torch.float64) if h_given else None
+    kk = kg = None
+    if dropout:
+        kk = (torch.rand(B, P, Lq, s, generator=g) > 0.4).double() / 0.6
+        kg = (torch.rand(B, P, s, generator=g) > 0.4).double() / 0.6
+        for p in range(P):
+            kk[:, p, int(ql[p]):] = float("nan")     # padded rows of a mask are never read either
+    return [x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+            for x in (E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)]
+
+
+ATTENTION_CASES = [(False, False), (True, False), (False, True), (True, True)]
+ATT_IDS = ["A,F=1", "A,F,lam", "E,F=1", "E,F,lam"]
+
+
+def _grad_inputs(args):
+    """Clones of the floating tensors as leaves that require grad; others as they are."""
+    return [a.clone().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a
+            for a in args]
+
+
+# ----------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("with_state,with_weight", ATTENTION_CASES, ids=ATT_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_forward_and_gradients(backend, with_state, with_weight, dtype):
+    att = _ops(backend)[0]
+    args = _sample(dtype, seed=hash((with_state, with_weight)) % 1000, with_state=with_state,
+                   with_weight=with_weight)
+    out = att(*args)
+    with torch.no_grad():
+        want = ref_attention(*[a.double() if isinstance(a, Tensor) and a.is_floating_point() else a
+                               for a in args])
+    assert out.dtype == dtype and out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, **_tol(dtype, backend))
+    if dtype != torch.float64:
+        return
+    leaves = _grad_inputs(args)
+    ref_leaves = _grad_inputs(args)
+    gout = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    idx = [i for i, a in enumerate(leaves) if isinstance(a, Tensor) and a.requires_grad]
+    got = torch.autograd.grad((att(*leaves) * gout).sum(), [leaves[i] for i in idx])
+    exp = torch.autograd.grad((ref_attention(*ref_leaves) * gout).sum(), [ref_leaves[i] for i in idx],
+                              allow_unused=True)
+    for i, g, e in zip(idx, got, exp):
+        e = torch.zeros_like(g) if e is None else torch.nan_to_num(e, nan=0.0)
+        assert torch.isfinite(g).all(), f"input {i}: non-finite gradient"
+        torch.testing.assert_close(g, e, **_tol(torch.float32, backend), msg=f"input {i}")
+    q, ql = leaves[0], args[1]
+    dq = got[idx.index(0)]
+    for p in range(q.shape[0]):
+        assert not dq[p, int(ql[p]):].any(), "gradient at a padded query row"
+
+
+# ----------------------------------------------------------------------------- RAR
+
+RAR_CASES = [(1, False, False), (1, False, True), (3, False, False), (2, False, True),
+             (1, True, False), (1, True, True)]
+RAR_IDS = ["T1,mean", "T1,h", "T3,mean", "T2,h", "T1,dropout,mean", "T1,dropout,h"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("T,dropout,h_given", RAR_CASES, ids=RAR_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rar_forward_and_gradients(backend, T, dropout, h_given, dtype):
+    rar = _ops(backend)[2]
+    args = _rar_sample(dtype, seed=10 * T + 2 * dropout + h_given, T=T, dropout=dropout, h_given=h_given)
+    out = rar(*args)
+    with torch.no_grad():
+        want = ref_rar(*[a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args])
+    torch.testing.assert_close(out.double(), want, **_tol(dtype, backend))
+    if dtype != torch.float64:
+        return
+    # the keep-masks are constants of the step, not differentiated
+    leaves = _grad_inputs(args[:9]) + args[9:]
+    ref_leaves = _grad_inputs(args[:9]) + args[9:]
+    gout = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    idx = [i for i, a in enumerate(leaves) if isinstance(a, Tensor) and a.requires_grad]
+    got = torch.autograd.grad((rar(*leaves) * gout).sum(), [leaves[i] for i in idx])
+    exp = torch.autograd.grad((ref_rar(*ref_leaves) * gout).sum(), [ref_leaves[i] for i in idx],
+                              allow_unused=True)
+    for i, g, e in zip(idx, got, exp):
+        e = torch.zeros_like(g) if e is None else torch.nan_to_num(e, nan=0.0)
+        assert torch.isfinite(g).all(), f"input {i}: non-finite gradient"
+        torch.testing.assert_close(g, e, **_tol(torch.float32, backend), msg=f"input {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rar_bwd_outputs(backend):
+    """rar_bwd's raw outputs (dKp, dgp, dwv per pair) against autograd of the reference."""
+    rar_bwd = _ops(backend)[3]
+    E, ql, h, wq, bq, wk, bk, wv, bv, kk, kg = _rar_sample(torch.float64, 7, T=1, dropout=True, h_given=True)
+    gout = torch.randn(h.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    dE, dh, dKp, dgp, dwv = rar_bwd(gout, E, ql, h, wq, bq, wk, bk, wv, bv, kk, kg)
+    B, P, Lq, S = E.shape
+    for b in range(B):
+        for p in range(P):
+            n = int(ql[p])
+            e = E[b, p, :n].clone().requires_grad_()
+            hh = h[b, p].clone().requires_grad_()
+            wvv = wv[0].clone().requires_grad_()
+            Kp = e @ wk[0].T + bk[0]
+            Kp.retain_grad()
+            gp = wq[0] @ hh + bq[0]
+            gp.retain_grad()
+            K, g = torch.tanh(Kp) * kk[b, p, :n], torch.tanh(gp) * kg[b, p]
+            a = torch.softmax((K * g) @ wvv + bv[0], dim=0)
+            out = reference.l2n(a @ e)
+            (out * gout[b, p]).sum().backward()
+            tol = _tol(torch.float64, backend)
+            torch.testing.assert_close(dE[b, p, :n].double(), e.grad, **tol)
+            torch.testing.assert_close(dh[b, p].double(), hh.grad, **tol)
+            torch.testing.assert_close(dKp[b, p, :n].double(), Kp.grad, **tol)
+            torch.testing.assert_close(dgp[b, p].double(), gp.grad, **tol)
+            # dwv per pair: sum over valid q of dlogit K g; summed over pairs it is wv's gradient
+            torch.testing.assert_close(dwv[b, p].double(), wvv.grad, **tol)
+            assert not dE[b, p, n:].any() and not dKp[b, p, n:].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    """torch.library.opcheck on all four ops: schema, fake implementation, autograd."""
+    att, att_bwd, rar, rar_bwd = _ops(backend)
+    for with_state, with_weight in ATTENTION_CASES:
+        args = _sample(torch.float64, 1, with_state, with_weight)
+        args = [torch.nan_to_num(a) if isinstance(a, Tensor) else a for a in args]
+        torch.library.opcheck(att, args)
+        torch.library.opcheck(att, _grad_inputs(args))
+        grad = torch.randn_like(att(*args))
+        torch.library.opcheck(att_bwd, [grad] + args + [True])
+    for T, dropout, h_given in RAR_CASES:
+        args = _rar_sample(torch.float64, 2, T, dropout, h_given)
+        args = [torch.nan_to_num(a) if isinstance(a, Tensor) else a for a in args]
+        torch.library.opcheck(rar, args)
+        torch.library.opcheck(rar, _grad_inputs(args[:9]) + args[9:])
+        E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = args
+        h = h0 if h0 is not None else E.mean(2)
+        torch.library.opcheck(rar_bwd, (torch.randn_like(h), E, ql, h, wq[:1], bq[:1], wk[:1], bk[:1],
+                                        wv[:1], bv[:1], kk, kg))
