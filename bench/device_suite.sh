@@ -8,7 +8,8 @@
 #   2. python -m pytest tests -m gpu -q                  (GPU tier; exit 5 = nothing selected = ok)
 #   3. python -m bench --device cuda: the 100 x 100 shards' full matrix and the training step
 #      (the headline coop_rcar T=2 on Flickr30K first, then training, then the rest)
-#   4. issue 4's goal: the full Flickr30K test matrix, 1000 x 5000, coop_rcar T=2, t2i, bf16, triton
+#   4. issues 4 and 5: the full Flickr30K test matrix, 1000 x 5000, coop_rcar T=2, t2i, bf16:
+#      triton, cuda and torch in the same run
 #   5. the headline (coop_rcar T=2, t2i and i2t) on a 1000 x 1000 Flickr-shaped shard, fp32
 #   6. the same in bf16
 #   7. torch+compile on the 100 x 100 headline, with what time is left (compiling takes minutes)
@@ -76,9 +77,9 @@ bench() {   # bench NAME MAX_S RESERVE_S ARGS...
         --time-limit $(( secs > 60 ? secs - 30 : secs / 2 )) "$@"
 }
 bench "bench 100x100 + train" 200 100 --train --compile none
-bench "bench Flickr30K test matrix 1000x5000 bf16 (triton)" 60 100 --shards flickr30k \
+bench "bench Flickr30K test matrix 1000x5000 bf16 (triton, cuda, torch)" 120 100 --shards flickr30k \
     --configs coop_rcar:2 --directions t2i --images 1000 --captions 5000 --compile none \
-    --ref-captions 20 --dtype bfloat16 --backends triton
+    --ref-captions 20 --dtype bfloat16 --backends triton,cuda,torch
 bench "bench 1000x1000 fp32" 80 60 --shards flickr30k --configs coop_rcar:2 --images 1000 \
     --captions 1000 --compile none --ref-captions 50
 bench "bench 1000x1000 bf16" 50 30 --shards flickr30k --configs coop_rcar:2 --images 1000 \

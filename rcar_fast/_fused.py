@@ -8,7 +8,10 @@ adaptive attention, fused with the alignment projection when given a weight),
 RCR's shared-weight MLP in plain torch (so F is materialised per pair); RAR in one op for all T
 steps of only_rar, one per step in coop_rcar or in training (dropout keep-masks drawn here).
 
-Autograd saves only the ops' inputs. The attention backward is one op. RAR's backward runs the
+Autograd: rcar_scores recomputes each block of the pair grid in backward (block-level
+activation checkpointing), so a training step's peak memory is one block's intermediates,
+bounded by memory_budget, not the whole batch's. Inside a block the ops save only their inputs.
+The attention backward is one op. RAR's backward runs the
 one-step backward op from the last step to the first (the steps' inputs h are recomputed with
 the forward op, s wide per pair) and builds the shared-weight gradients from its s-wide outputs
 with one GEMM each.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
+import torch.utils.checkpoint
 
 from ._plan import iter_blocks
 from .torch_backend import RAR_DROPOUT, _needs_grad, rcr_step
@@ -301,6 +305,14 @@ def rcar_scores(ops: FusedOps, img: Tensor, cap: Tensor, cap_lens: Tensor, param
         cidx = torch.tensor(cols, device=cap.device)
         q, ql, c, cl = _sources(img[i0:i1].contiguous(), cap.index_select(0, cidx)[:, :Lg].contiguous(),
                                 cap_lens[cols], attn_type)
-        s = _block_scores(ops, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace)
+        if inplace:
+            s = _block_scores(ops, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, True)
+        else:
+            # autograd: the block is recomputed in backward, so no block keeps its intermediates
+            # (d-wide F, RCR's activations) alive until the backward pass; the peak is one
+            # block's, set by memory_budget, and the RNG state is replayed (same dropout masks)
+            s = torch.utils.checkpoint.checkpoint(
+                _block_scores, ops, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, False,
+                use_reentrant=False, preserve_rng_state=True)
         out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out

@@ -108,13 +108,12 @@ def test_forward_device_mismatch_before_compute(setup, no_compute):
 def test_backend_errors(setup, no_compute):
     head, img, cap, lens = setup
     raises_naming(VE, "backend", head, img, cap, lens, backend="nope")
-    raises_naming(VE, "backend", head, img, cap, lens, backend="cpp")      # not available now
-    raises_naming(VE, "backend", head, img, cap, lens, backend="cuda")
+    raises_naming(VE, "backend", head, img, cap, lens, backend="cuda")     # CPU tensors
     raises_naming(VTE, "backend", head, img, cap, lens, backend=None)
     for fn, args in ((ops.adaptive_attention, (img, cap, lens)),
                      (ops.rcar_scores, (img, cap, lens, params_of(head, True)))):
         raises_naming(VE, "backend", fn, *args, backend="nope")
-        raises_naming(VE, "backend", fn, *args, backend="cpp")
+        raises_naming(VE, "backend", fn, *args, backend="cuda")
 
 
 def test_triton_needs_cuda_or_the_interpreter(setup, no_compute, monkeypatch):
@@ -133,7 +132,7 @@ def test_argument_error_precedes_compute_with_valid_rest(setup, no_compute):
     bad[1] = L + 1
     raises_naming(VE, "cap_lens", head, img, cap, bad, backend="torch")
     raises_naming(VE, "memory_budget", head, img, cap, lens, backend="torch", memory_budget=-1)
-    raises_naming(VE, "backend", head, img, cap, lens, backend="cpp")
+    raises_naming(VE, "backend", head, img, cap, lens, backend="cuda")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -250,7 +249,7 @@ def test_piece_errors(setup, no_compute):
     raises_naming(VE, "bias", al, bias=torch.randn(S + 1))
     raises_naming(TE, "weight", al, weight=w.double())
     raises_naming(VE, "factors", al, factors=torch.rand(N_I, N_C, Lq, D + 1))
-    raises_naming(VE, "backend", al, backend="cpp")
+    raises_naming(VE, "backend", al, backend="cuda")
 
     rcr_w = {k: v.float() for k, v in RCRModule(D, S).state_dict().items()}
     E = torch.nn.functional.normalize(torch.randn(N_I, N_C, Lq, S), dim=-1)
@@ -320,7 +319,7 @@ def test_empty_inputs_still_checked(no_compute):
     head = make_head("coop_rcar", 2, "t2i", D, S, torch.float32, 3)
     img, cap, lens = make_inputs(0, 3, R, L, D, torch.float32, 4)
     raises_naming(VE, "cap_lens", head, img, cap, lens[:2])
-    raises_naming(VE, "backend", head, img, cap, lens, backend="cpp")
+    raises_naming(VE, "backend", head, img, cap, lens, backend="cuda")
     raises_naming(VE, "embed_dim", head, img[..., :D - 1], cap[..., :D - 1], lens)
 
 
@@ -339,15 +338,34 @@ def test_backend_registry():
         assert (why == "available") == (name in names), name
         if why != "available":
             assert len(why) > len("unavailable") and why != name
-    assert "cpp" not in names and "cuda" not in names   # the compiled extension has no sources yet
+    ext_cpu = False
+    try:
+        from rcar_fast import ext_backend
+        ext_cpu = ext_backend.has_kernels("CPU")
+    except ImportError:
+        pass
+    assert ("cpp" in names) == ext_cpu, st["cpp"]
+    if not torch.cuda.is_available():
+        assert "cuda" not in names and st["cuda"].startswith("unavailable")
 
 
-def test_auto_on_cpu_equals_torch(setup):
+def test_cuda_backend_refuses_cpu_tensors_and_cpp_cuda_tensors():
+    from rcar_fast.backends import resolve
+    if rcar_fast.backend_status()["cpp"] == "available":
+        raises_naming(VE, "backend", resolve, "cpp", torch.device("cuda"))
+    if rcar_fast.backend_status()["cuda"] == "available":
+        raises_naming(VE, "backend", resolve, "cuda", torch.device("cpu"))
+
+
+def test_auto_on_cpu_is_the_first_available_of_cpp_then_torch(setup):
     head, img, cap, lens = setup
+    from rcar_fast.backends import resolve
+    want = "cpp" if "cpp" in rcar_fast.available_backends("cpu") else "torch"
+    assert resolve("auto", torch.device("cpu")) == want
     with torch.no_grad():
         a = head(img, cap, lens, backend="auto")
         b = head(img, cap, lens)
-        t = head(img, cap, lens, backend="torch")
+        t = head(img, cap, lens, backend=want)
     assert torch.equal(a, t) and torch.equal(b, t)
 
 
