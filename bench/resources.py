@@ -70,7 +70,7 @@ def compile_one(job):
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(cfg)),
                            target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
     except Exception as exc:  # a compile failure is a finding, not a crash of the report
-        row.update(compiled=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        row.update(compiled=False, error=f"{type(exc).__name__}: {str(exc)[-600:]}")
         return row
     chip = CHIPS[cc]
     with tempfile.TemporaryDirectory() as tmp:
