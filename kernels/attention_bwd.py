@@ -138,7 +138,11 @@ def _attention_bwd_kernel(
         tl.atomic_add(dc_base + (d0 + rd)[None, :], _dot(tl.trans(Pm).to(Cc.dtype), dU.to(Cc.dtype), IEEE),
                       mask=cmask[:, None] & dm[None, :])
 
-    # on chip: softmax, temperatures, normalisation across queries, LeakyReLU
+    # on chip: softmax, temperatures, normalisation across queries, LeakyReLU. S0, S, N and Sn
+    # are recomputed here rather than kept alive through passes B to D (registers: spills)
+    S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
+                             HAS_F, IEEE, BQ, BC, BD)
+    S, N, Sn, Pm2, un2 = _attention_probs(S0, G, lam, qmask, cmask, IEEE)
     dZ = Pm * (dP - tl.sum(Pm * dP, axis=1)[:, None])
     dZ = tl.where(qmask[:, None] & cmask[None, :], dZ, 0.0)
     if HAS_LAM:
@@ -172,10 +176,12 @@ def _attention_bwd_kernel(
 
 
 def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int) -> dict:
-    """Block sizes and warps of the backward. From a ptxas sweep (bf16, no GPU run yet): block_d
-    16 with 8 warps spills least (sm_90 alignment mode, BQ 32 x BC 64: 164/220 B; sm_80: 556/608
-    B); 16 warps spill more (128 registers a thread). It still spills: the live state across the
-    five passes (dY, S, Sn, P, dP) has to shrink, see bench/results/resources.md."""
+    """Block sizes and warps of the backward. From ptxas sweeps (bf16, no GPU run yet): block_d
+    16 with 8 warps spills least; 16 warps spill more (128 registers a thread: 512-1400 B).
+    Recomputing S0, S and Sn after pass D instead of keeping them alive through passes B-D took
+    sm_80's spills from 404-652 B to 112-252 B (alignment mode) and to none (attention mode).
+    dY in an s-wide scratch reloaded per chunk did not help on sm_80 (176 B at BQ 32); the dW
+    atomics (dY^T (Q - A)^2 per pair, dY needed in two layouts) are what is left to restructure."""
     from .attention import attention_config
 
     cfg = attention_config(half, Lq, Lc, D, width, mode)
