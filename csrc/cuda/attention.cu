@@ -122,13 +122,9 @@ void launch_fwd(const AttnArgs<T>& a, int64_t pid0, int64_t n, void* out, cudaSt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The row-group size of the fused projection: the smallest covering Lq, halved while the
-// block's shared memory does not fit the device.
+// The row-group size of the fused projection (plan.h: smallest covering Lq that fits the device).
 int projection_mt(int elem, const AttnInputs& in) {
-  int mt = pick_mt(in.Lq);
-  const int64_t limit = smem_limit();
-  while (mt > 1 && attn_fwd_layout(elem, in.Lq, in.Lc, in.S, mt, 1).total > limit) mt = smaller_mt(mt);
-  return mt;
+  return choose_attn_mt(elem, in.Lq, in.Lc, in.S, smem_limit());
 }
 
 void check_grid(int64_t pairs) {

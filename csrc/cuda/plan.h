@@ -150,5 +150,20 @@ RCAR_HD RarLayout rar_layout(int elem, int64_t Lq, int64_t s, int mt) {
   return L;
 }
 
+// ---------------------------------------------------------------- the launchers' choice of MT
+// The smallest row group covering Lq, halved while the block's shared memory exceeds `limit`
+// (the device's opt-in bytes per block). The launcher refuses when even MT = 1 does not fit.
+RCAR_HD int choose_attn_mt(int elem, int64_t Lq, int64_t Lc, int64_t s, int64_t limit) {
+  int mt = pick_mt(Lq);
+  while (mt > 1 && attn_fwd_layout(elem, Lq, Lc, s, mt, 1).total > limit) mt = smaller_mt(mt);
+  return mt;
+}
+
+RCAR_HD int choose_rar_mt(int elem, int64_t Lq, int64_t s, int64_t limit) {
+  int mt = pick_mt(Lq);
+  while (mt > 1 && rar_layout(elem, Lq, s, mt).total > limit) mt = smaller_mt(mt);
+  return mt;
+}
+
 }  // namespace cuda_plan
 }  // namespace rcar_fast

@@ -81,13 +81,8 @@ RarArgs<T> make_args(const RarInputs& in) {
   return r;
 }
 
-// Row-group size: the smallest covering Lq, halved while the block does not fit the device.
-int rar_mt(int elem, const RarInputs& in) {
-  int mt = pick_mt(in.Lq);
-  const int64_t limit = smem_limit();
-  while (mt > 1 && rar_layout(elem, in.Lq, in.S, mt).total > limit) mt = smaller_mt(mt);
-  return mt;
-}
+// Row-group size (plan.h: the smallest covering Lq that fits the device).
+int rar_mt(int elem, const RarInputs& in) { return choose_rar_mt(elem, in.Lq, in.S, smem_limit()); }
 
 void check_pairs(int64_t pairs) {
   TORCH_CHECK(pairs <= 0x7fffffffLL, "rar: ", pairs, " pairs exceed one launch; split the pair grid");
