@@ -8,5 +8,7 @@
   suite.py         cases, rows, the command line
   plot.py          optional PNG charts (matplotlib)
   device_suite.sh  the one-call run on the GPU machine
-  resources.py     Triton kernels' compile report (registers, shared memory, SASS), no GPU needed
+  resources.py     compile report of the Triton and CUDA kernels (registers, shared memory, SASS), no GPU needed
+  cuda_resources.py  its CUDA half: nvcc -Xptxas -v and cuobjdump per csrc/cuda/*.cu and architecture
+  cuda_plan.cpp    host program evaluating csrc/cuda/plan.h (the kernels' shared memory per launch)
 """

@@ -1,5 +1,6 @@
-"""Compile report: every Triton kernel configuration the launchers pick, for sm_80 and sm_90,
-without a GPU. Prints one row per (kernel, dtype, configuration, architecture):
+"""Compile report: every Triton kernel configuration the launchers pick and every CUDA kernel
+of the extension (csrc/cuda, see bench/cuda_resources.py), for sm_80 and sm_90, without a GPU.
+Prints one row per (kernel, dtype, configuration, architecture):
 
   registers, spill bytes and stack frame   ptxas -v on Triton's PTX (the ptxas in the triton wheel)
   shared memory                            Triton's compile metadata, against the chip's limit
@@ -8,10 +9,14 @@ without a GPU. Prints one row per (kernel, dtype, configuration, architecture):
   local-memory traffic                     LDL/STL in the SASS
   occupancy                                resident warps per SM by registers and shared memory
 
-    python -m bench.resources [--arch 80 90] [--json] [--out FILE]
+    python -m bench.resources [--arch 80 90] [--backend triton cuda] [--json] [--out FILE]
 
 Run it with TRITON_INTERPRET unset (the interpreter replaces the GPU compiler; the tool unsets
 it for itself before importing triton). tests/test_compile.py asserts on its --json output.
+CUDA rows come from nvcc -Xptxas -v and cuobjdump of each csrc/cuda/*.cu compiled per
+architecture (shared memory: static from ptxas plus the dynamic bytes of the launches the
+standard shapes get, from csrc/cuda/plan.h); without nvcc the CUDA half is skipped with a note.
+Every row carries ``backend`` ("triton" or "cuda").
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from types import SimpleNamespace
 
 os.environ.pop("TRITON_INTERPRET", None)   # must happen before triton is imported
@@ -64,7 +69,7 @@ def compile_one(job):
     module, fn = _kernels()[kname]
     sig = module.signature(dtype)
     sig.update({k: "constexpr" for k in cfg})
-    row = dict(kernel=kname, dtype=dtype, arch=f"sm_{cc}", num_warps=warps,
+    row = dict(backend="triton", kernel=kname, dtype=dtype, arch=f"sm_{cc}", num_warps=warps,
                config=",".join(f"{k}={v}" for k, v in cfg.items()), has_dot=True)
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(cfg)),
@@ -123,26 +128,71 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def cuda_table(rows) -> str:
+    head = ("| kernel | dtype | arch | launched for (d = 1024, s = 256) | regs | spill st/ld | stack "
+            "| shared KB static+dynamic (limit) | HMMA | HGMMA | LDL/STL | warps/SM |\n|" + " --- |" * 12)
+    lines = [head]
+    for r in rows:
+        if not r["compiled"]:
+            lines.append(f"| {r['kernel']} | - | {r['arch']} | COMPILE FAILED: {r['error'][:80]} |" + " |" * 8)
+            continue
+        shapes = r["config"].split("; launched for ", 1)[-1]
+        lines.append(f"| `{r['instance']}` | {r['dtype']} | {r['arch']} | {shapes} | {r['registers']} "
+                     f"| {r['spill_stores']}/{r['spill_loads']} | {r['stack']} "
+                     f"| {r['shared_static'] / 1024:.0f}+{r['shared_dynamic'] / 1024:.1f} ({r['shared_limit'] // 1024}) "
+                     f"| {r['hmma']} | {r['hgmma']} | {r['ldl']}/{r['stl']} | {r['warps_per_sm']} |")
+    return "\n".join(lines)
+
+
+def _cuda_rows(archs, jobs_):
+    """(rows, meta) of the CUDA kernels, or ([], {"skipped": why}) without nvcc."""
+    from bench import cuda_resources
+    if cuda_resources.find_nvcc() is None:
+        return [], {"skipped": "nvcc not found (set CUDA_HOME or put nvcc on PATH)"}
+    return cuda_resources.rows(archs, CHIPS, REGS_PER_SM, MAX_WARPS_PER_SM, jobs=jobs_)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.resources", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(CHIPS))
+    ap.add_argument("--backend", nargs="+", default=["triton", "cuda"], choices=("triton", "cuda"),
+                    help="kernels to compile: the Triton kernels, the extension's CUDA kernels (default both)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     ap.add_argument("--out", help="also write the markdown table to this file")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
-    work = jobs(args.arch)
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(compile_one, work))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    rows, cuda_rows, cuda_meta = [], [], {}
+    with ThreadPoolExecutor(max_workers=1) as side:
+        # the CUDA compiles (nvcc subprocesses) run beside Triton's compile processes
+        cuda_future = side.submit(_cuda_rows, args.arch, max(1, args.jobs)) if "cuda" in args.backend else None
+        if "triton" in args.backend:
+            with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                rows = list(pool.map(compile_one, jobs(args.arch)))
+        if cuda_future is not None:
+            cuda_rows, cuda_meta = cuda_future.result()
+    if cuda_meta.get("skipped"):
+        print(f"CUDA kernels skipped: {cuda_meta['skipped']}", file=sys.stderr)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(rows + cuda_rows))
     else:
-        print(table(rows))
+        if rows:
+            print(table(rows))
+        if cuda_rows:
+            print(cuda_table(cuda_rows))
     if args.out:
-        import triton
         with open(args.out, "w") as f:
-            f.write(f"# Triton kernel resources (triton {triton.__version__}, compiled without a GPU)\n\n")
-            f.write(table(rows) + "\n")
-    return 0 if all(r["compiled"] for r in rows) else 1
+            if rows:
+                import triton
+                f.write(f"# Triton kernel resources (triton {triton.__version__}, compiled without a GPU)\n\n")
+                f.write(table(rows) + "\n")
+            if cuda_rows:
+                f.write(f"\n# CUDA kernel resources (nvcc {cuda_meta['nvcc_version']}, csrc/cuda, compiled without "
+                        "a GPU)\n\n")
+                f.write(cuda_table(cuda_rows) + "\n")
+    return 0 if all(r["compiled"] for r in rows + cuda_rows) else 1
 
 
 if __name__ == "__main__":

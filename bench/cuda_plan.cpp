@@ -1,0 +1,48 @@
+// Evaluates csrc/cuda/plan.h (the CUDA kernels' launch plan) for the compile report
+// (bench/cuda_resources.py): reads one query per line on stdin, answers one line each.
+//
+//   fwd ELEM LQ LC S MODE LIMIT  ->  MT BYTES   attention_fwd_kernel (mode 1: the launcher's MT)
+//   bwd LQ LC                    ->  1 BYTES    attention_bwd_kernel
+//   gram LC                      ->  1 BYTES    gram_kernel
+//   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_fwd_kernel / rar_bwd_kernel
+//
+// ELEM: bytes of the element type; LIMIT: the chip's shared memory per block; BYTES: dynamic
+// shared memory of the launch. Not part of the extension (setup.py builds csrc/ only).
+#include <cstdint>
+#include <iostream>
+#include <sstream>
+#include <string>
+
+#include "cuda/plan.h"
+
+int main() {
+  using namespace rcar_fast::cuda_plan;
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    std::istringstream in(line);
+    std::string what;
+    in >> what;
+    if (what == "fwd") {
+      int64_t elem, lq, lc, s, mode, limit;
+      in >> elem >> lq >> lc >> s >> mode >> limit;
+      const int mt = mode == 1 ? choose_attn_mt((int)elem, lq, lc, s, limit) : 1;
+      std::cout << mt << " " << attn_fwd_layout((int)elem, lq, lc, s, mt, (int)mode).total << "\n";
+    } else if (what == "bwd") {
+      int64_t lq, lc;
+      in >> lq >> lc;
+      std::cout << 1 << " " << attn_bwd_layout(lq, lc).total << "\n";
+    } else if (what == "gram") {
+      int64_t lc;
+      in >> lc;
+      std::cout << 1 << " " << gram_layout(lc).total << "\n";
+    } else if (what == "rar") {
+      int64_t elem, lq, s, limit;
+      in >> elem >> lq >> s >> limit;
+      const int mt = choose_rar_mt((int)elem, lq, s, limit);
+      std::cout << mt << " " << rar_layout((int)elem, lq, s, mt).total << "\n";
+    } else {
+      std::cout << "error unknown query " << what << "\n";
+    }
+  }
+  return 0;
+}

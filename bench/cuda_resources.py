@@ -1,0 +1,242 @@
+"""CUDA half of the compile report (python -m bench.resources): the extension's CUDA kernels
+(csrc/cuda/*.cu) compiled with nvcc for each architecture, no GPU needed.
+
+Each .cu is compiled once per architecture to a cubin (`nvcc -cubin -Xptxas -v`, the flags of
+the extension build: torch's include paths and COMMON_NVCC_FLAGS, -O3, C++20), in parallel.
+One row per kernel instance (template instantiation) and architecture:
+
+  registers, spill bytes, stack frame, static shared memory    ptxas -v
+  dynamic shared memory                                        csrc/cuda/plan.h, evaluated by a
+      small host program (bench/cuda_plan.cpp) for the launch each standard shape gets on the
+      chip (the launchers pick the row-group size with the same code), the largest of them
+  HMMA / HGMMA, LDL / STL                                      cuobjdump --dump-sass of the cubin
+
+Importing this module has no side effects (tests/test_compile.py imports find_nvcc).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+THREADS = 256   # every kernel (csrc/cuda/plan.h kThreads)
+TYPES = {"float": ("fp32", 4), "__half": ("fp16", 2), "__nv_bfloat16": ("bf16", 2)}
+#: (Lq, Lc) of the standard launches: t2i with captions of up to 16, 32 or 64 words against
+#: R = 36 regions, i2t with the regions as queries; d = 1024, s = 256 (SPEC.md's shapes)
+ATTN_SHAPES = ((16, 36), (32, 36), (64, 36), (36, 32), (36, 64))
+RAR_LQ = (16, 32, 36, 64)
+S_DIM = 256
+#: kernels whose fp16/bf16 instances run the block GEMM on tensor cores
+TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_bwd_kernel")
+
+
+def find_nvcc():
+    """nvcc of $CUDA_HOME, else the one on PATH, else None."""
+    home = os.environ.get("CUDA_HOME")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_home(nvcc):
+    """The toolkit root: $CUDA_HOME, else the TOP= folder of `nvcc --dryrun` (PATH's nvcc may be
+    a wrapper script outside the toolkit), else nvcc's parent folder."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60).stderr
+        m = re.search(r"TOP=(\S+)", out)
+        if m:
+            return os.path.realpath(m.group(1))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def find_cuobjdump(nvcc):
+    cand = [os.path.join(_cuda_home(nvcc), "bin", "cuobjdump")]
+    try:
+        import triton   # its wheel carries cuobjdump when the toolkit does not
+        cand.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for c in cand:
+        if os.path.exists(c):
+            return c
+    return shutil.which("cuobjdump")
+
+
+def nvcc_version(nvcc):
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\S+),", out)
+    return m.group(1) if m else "?"
+
+
+def _nvcc_flags(cc):
+    from torch.utils import cpp_extension
+    flags = ["-O3", "-std=c++20", "-DRCAR_FAST_WITH_CUDA", f"-I{CSRC}"]
+    flags += [f"-I{p}" for p in cpp_extension.include_paths()]
+    flags += list(cpp_extension.COMMON_NVCC_FLAGS)
+    flags += [f"-gencode=arch=compute_{cc},code=sm_{cc}", "-cubin", "-Xptxas", "-v"]
+    return flags
+
+
+def _compile(job):
+    nvcc, src, cc, tmp = job
+    cubin = os.path.join(tmp, f"{os.path.basename(src)}.sm_{cc}.cubin")
+    t0 = time.time()
+    proc = subprocess.run([nvcc, *_nvcc_flags(cc), src, "-o", cubin], capture_output=True, text=True)
+    return dict(src=os.path.relpath(src, ROOT), cc=cc, ok=proc.returncode == 0, log=proc.stderr + proc.stdout,
+                cubin=cubin, seconds=time.time() - t0)
+
+
+def parse_ptxas(log):
+    """{mangled kernel name: registers, spills, stack, static shared} from `ptxas -v` output."""
+    out = {}
+    for block in re.split(r"Compiling entry function ", log)[1:]:
+        name = re.match(r"'([^']+)'", block).group(1)
+
+        def grab(pattern):
+            m = re.search(pattern, block)
+            return int(m.group(1)) if m else 0
+        out[name] = dict(registers=grab(r"Used (\d+) registers"), stack=grab(r"(\d+) bytes stack frame"),
+                         spill_stores=grab(r"(\d+) bytes spill stores"),
+                         spill_loads=grab(r"(\d+) bytes spill loads"), shared_static=grab(r"(\d+) bytes smem"))
+    return out
+
+
+def sass_counts(cuobjdump, cubin):
+    """{mangled kernel name: HMMA, HGMMA, LDL, STL instruction counts} from the cubin's SASS."""
+    sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
+    out = {}
+    for block in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = block.split("\n", 1)[0].strip()
+        out[name] = dict(hmma=len(re.findall(r"\bHMMA\b", block)), hgmma=len(re.findall(r"\bHGMMA\b", block)),
+                         ldl=len(re.findall(r"\bLDL\b", block)), stl=len(re.findall(r"\bSTL\b", block)))
+    return out
+
+
+def demangle(names):
+    """Mangled -> short instance name such as ``attention_fwd_kernel<__half, 4, 1>`` (c++filt)."""
+    names = list(names)
+    filt = shutil.which("c++filt")
+    if not filt:
+        raise RuntimeError("c++filt (binutils) not found: needed to name the CUDA kernels")
+    full = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    out = {}
+    for mangled, pretty in zip(names, full):
+        m = re.search(r"rcar_fast::cuda::(\w+<[^()]*>|\w+)\(", pretty)
+        out[mangled] = m.group(1) if m else pretty
+    return out
+
+
+def plan_shared(chips):
+    """{(instance, cc): [(shapes, dynamic shared bytes), ...]} for the launches the standard
+    shapes get on each chip, from csrc/cuda/plan.h through bench/cuda_plan.cpp."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise RuntimeError("no host C++ compiler (c++/g++) for bench/cuda_plan.cpp")
+    queries, keys = [], []
+    for cc, chip in chips.items():
+        limit = chip["smem_block"]
+        for tname, (_, elem) in TYPES.items():
+            for Lq, Lc in ATTN_SHAPES:
+                shape = f"Lq={Lq},Lc={Lc}"
+                queries.append(f"gram {Lc}")
+                keys.append((cc, "gram_kernel<{T}>", tname, shape, None))
+                for mode in (0, 1, 2):
+                    queries.append(f"fwd {elem} {Lq} {Lc} {S_DIM if mode else 0} {mode} {limit}")
+                    keys.append((cc, "attention_fwd_kernel<{T}, {MT}, %d>" % mode, tname, shape, None))
+                for mode in (0, 1):
+                    queries.append(f"bwd {Lq} {Lc}")
+                    keys.append((cc, "attention_bwd_kernel<{T}, %d>" % mode, tname, shape, None))
+                keys.append((cc, "l2n_bwd_rows_kernel<{T}>", tname, shape, 0))
+            for Lq in RAR_LQ:
+                for kern in ("rar_fwd_kernel", "rar_bwd_kernel"):
+                    queries.append(f"rar {elem} {Lq} {S_DIM} {limit}")
+                    keys.append((cc, kern + "<{T}, {MT}>", tname, f"Lq={Lq},s={S_DIM}", None))
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "cuda_plan")
+        subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CSRC}", os.path.join(ROOT, "bench", "cuda_plan.cpp"),
+                        "-o", exe], check=True, capture_output=True, text=True)
+        answers = subprocess.run([exe], input="\n".join(queries) + "\n", capture_output=True, text=True,
+                                 check=True).stdout.split("\n")
+    out, it = {}, iter(answers)
+    for cc, pattern, tname, shape, fixed in keys:
+        if fixed is not None:
+            mt, nbytes = 1, fixed
+        else:
+            mt, nbytes = (int(x) for x in next(it).split())
+        out.setdefault((pattern.format(T=tname, MT=mt), cc), []).append((shape, nbytes))
+    return out
+
+
+def rows(archs, chips, regs_per_sm, max_warps_per_sm, jobs=2):
+    """One report row per CUDA kernel instance and architecture (see the module docstring)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    cuobjdump = find_cuobjdump(nvcc)
+    if cuobjdump is None:
+        raise RuntimeError("cuobjdump not found (CUDA toolkit bin/ or the triton wheel)")
+    sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    plan = plan_shared({cc: chips[cc] for cc in archs})
+    out = []
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(_compile, [(nvcc, src, cc, tmp) for src in sources for cc in archs]))
+        for res in results:
+            cc, chip = res["cc"], chips[res["cc"]]
+            if not res["ok"]:
+                errors = [ln for ln in res["log"].splitlines() if "error" in ln] or res["log"].splitlines()[-3:]
+                out.append(dict(backend="cuda", kernel=res["src"], instance=res["src"], dtype="-", arch=f"sm_{cc}",
+                                num_warps=THREADS // 32, config="", compiled=False,
+                                error=" | ".join(errors)[:300], source=res["src"]))
+                continue
+            ptxas = parse_ptxas(res["log"])
+            sass = sass_counts(cuobjdump, res["cubin"])
+            names = demangle(ptxas)
+            for mangled, info in ptxas.items():
+                inst = names[mangled]
+                base = inst.split("<", 1)[0]
+                targs = [a.strip() for a in inst[len(base) + 1:-1].split(",")] if "<" in inst else []
+                tname = targs[0] if targs else "float"
+                dtype = TYPES.get(tname, (tname, 0))[0]
+                served = plan.get((inst, cc), [])
+                dyn = max((b for _, b in served), default=0)
+                shared = info["shared_static"] + dyn
+                warps = THREADS // 32
+                regs = info["registers"]
+                blocks = min(regs_per_sm // max(1, regs * 32 * warps), chip["smem_sm"] // max(1, shared),
+                             max_warps_per_sm // warps)
+                gemm = dtype != "fp32" and (base in TENSOR_CORE_GEMM or
+                                            (base == "attention_fwd_kernel" and targs[-1:] == ["1"]))
+                sc = sass.get(mangled, dict(hmma=0, hgmma=0, ldl=0, stl=0))
+                shapes = ", ".join(sorted({s for s, _ in served})) if served else "none of the standard shapes"
+                out.append(dict(
+                    backend="cuda", kernel=base, instance=inst, dtype=dtype, arch=f"sm_{cc}", num_warps=warps,
+                    config=f"{inst}; launched for {shapes}", compiled=True, source=res["src"],
+                    registers=regs, spill_stores=info["spill_stores"], spill_loads=info["spill_loads"],
+                    stack=info["stack"], shared=shared, shared_static=info["shared_static"], shared_dynamic=dyn,
+                    shared_limit=chip["smem_block"], shared_ok=shared <= chip["smem_block"],
+                    launched=bool(served), tensor_core_gemm=gemm, has_dot=gemm, warps_per_sm=blocks * warps,
+                    compile_seconds=round(res["seconds"], 1), **sc))
+    # a launch the plan gives a standard shape must name a compiled kernel (catches drift between
+    # plan.h's choices, the launchers' instantiations and the names here)
+    have = {(r["instance"], r["arch"]) for r in out if r["compiled"]}
+    failed_archs = {r["arch"] for r in out if not r["compiled"]}   # already reported
+    for (inst, cc), served in plan.items():
+        if (inst, f"sm_{cc}") not in have and f"sm_{cc}" not in failed_archs:
+            out.append(dict(backend="cuda", kernel=inst.split("<", 1)[0], instance=inst, dtype="-",
+                            arch=f"sm_{cc}", num_warps=THREADS // 32, config="", compiled=False,
+                            source="csrc/cuda/plan.h",
+                            error=f"the launch plan uses {inst} for {served[0][0]}, but no .cu compiles it"))
+    out.sort(key=lambda r: (r["kernel"], r["dtype"], r["instance"], r["arch"]))
+    return out, dict(nvcc=nvcc, nvcc_version=nvcc_version(nvcc), cuobjdump=cuobjdump)

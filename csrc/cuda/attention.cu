@@ -1,0 +1,245 @@
+// CUDA implementation of rcar_fast::attention and rcar_fast::attention_bwd (csrc/README.md).
+//
+// Forward: gram_kernel (G = C C^T per context item, fp32) then attention_fwd_kernel, one block
+// per (b, p) pair (attention_kernels.cuh). With a weight the alignment projection is fused:
+// (Q - A)^2 W^T runs on tensor cores (wmma, fp32 accumulators) for fp16/bf16, in exact fp32
+// for fp32, and the d-wide attended context never leaves the chip.
+//
+// Backward: without a weight, one per-pair kernel (attention_bwd_kernel, mode 0) recomputes the
+// pair and produces every gradient. With a weight, pairs are processed in chunks that bound the
+// scratch memory: the forward kernel in mode 2 writes D2 = (Q - A)^2 (fp32) for the chunk, the
+// shared-weight products run in cuBLAS in fp32 (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W) with
+// dY from l2n_bwd_rows_kernel, and attention_bwd_kernel (mode 1) takes G2 = d(D2) from there.
+// dquery and dcontext are accumulated with fp32 atomics (summed over pairs).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "attention_kernels.cuh"
+#include "checks.h"
+#include "launch.h"
+
+namespace rcar_fast {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Inputs as the kernels read them: last dimension contiguous, lengths contiguous.
+struct AttnInputs {
+  Tensor q, qlens, c, clens, f, lam, w, bias;
+  bool has_f = false, has_lam = false, has_w = false;
+  int64_t P = 0, Lq = 0, D = 0, B = 0, Lc = 0, S = 0;
+};
+
+AttnInputs prepare(const Tensor& query, const Tensor& qlens, const Tensor& context, const Tensor& clens,
+                   const OptTensor& factors, const OptTensor& lam, const OptTensor& weight, const OptTensor& bias) {
+  AttnInputs in;
+  in.q = last_dim_contiguous(query);
+  in.c = last_dim_contiguous(context);
+  in.qlens = qlens.contiguous();
+  in.clens = clens.contiguous();
+  in.has_f = factors.has_value();
+  in.has_lam = lam.has_value();
+  in.has_w = weight.has_value();
+  if (in.has_f) in.f = last_dim_contiguous(*factors);
+  if (in.has_lam) in.lam = *lam;
+  if (in.has_w) {
+    in.w = weight->contiguous();
+    in.bias = bias->contiguous();
+  }
+  in.P = query.size(0);
+  in.Lq = query.size(1);
+  in.D = query.size(2);
+  in.B = context.size(0);
+  in.Lc = context.size(1);
+  in.S = in.has_w ? weight->size(0) : 0;
+  return in;
+}
+
+template <typename T>
+AttnArgs<T> make_args(const AttnInputs& in, double lam_scalar, const Tensor& gram) {
+  AttnArgs<T> a{};
+  a.q = ptr<T>(in.q);
+  a.qlens = in.qlens.data_ptr<int>();
+  a.c = ptr<T>(in.c);
+  a.clens = in.clens.data_ptr<int>();
+  a.f = in.has_f ? ptr<T>(in.f) : nullptr;
+  a.lam = in.has_lam ? ptr<T>(in.lam) : nullptr;
+  a.w = in.has_w ? ptr<T>(in.w) : nullptr;
+  a.bias = in.has_w ? ptr<T>(in.bias) : nullptr;
+  a.gram = gram.data_ptr<float>();
+  a.P = in.P;
+  a.Lq = in.Lq;
+  a.Lc = in.Lc;
+  a.D = in.D;
+  a.S = in.S;
+  a.sq_p = in.q.stride(0);
+  a.sq_l = in.q.stride(1);
+  a.sc_b = in.c.stride(0);
+  a.sc_l = in.c.stride(1);
+  if (in.has_f) {
+    a.sf_b = in.f.stride(0);
+    a.sf_p = in.f.stride(1);
+    a.sf_l = in.f.stride(2);
+  }
+  if (in.has_lam) {
+    a.sl_b = in.lam.stride(0);
+    a.sl_p = in.lam.stride(1);
+    a.sl_l = in.lam.stride(2);
+  }
+  a.lam_scalar = static_cast<float>(lam_scalar);
+  return a;
+}
+
+// G = C C^T over each context item's valid rows, (B, Lc, Lc) fp32.
+template <typename T>
+Tensor launch_gram(const AttnInputs& in, cudaStream_t stream) {
+  Tensor gram = at::empty({in.B, in.Lc, in.Lc}, in.q.options().dtype(at::kFloat));
+  const int64_t smem = gram_layout(in.Lc).total;
+  prepare_smem(gram_kernel<T>, smem, "attention (Gram matrix of the context)");
+  gram_kernel<T><<<static_cast<unsigned>(in.B), kThreads, smem, stream>>>(
+      ptr<T>(in.c), in.clens.data_ptr<int>(), in.Lc, in.D, in.c.stride(0), in.c.stride(1), gram.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return gram;
+}
+
+template <typename T, int MT, int MODE>
+void launch_fwd(const AttnArgs<T>& a, int64_t pid0, int64_t n, void* out, cudaStream_t stream) {
+  auto* kernel = attention_fwd_kernel<T, MT, MODE>;
+  const int64_t smem = attn_fwd_layout((int)sizeof(T), a.Lq, a.Lc, a.S, MT, MODE).total;
+  prepare_smem(kernel, smem, "attention");
+  kernel<<<static_cast<unsigned>(n), kThreads, smem, stream>>>(a, pid0, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The row-group size of the fused projection (plan.h: smallest covering Lq that fits the device).
+int projection_mt(int elem, const AttnInputs& in) {
+  return choose_attn_mt(elem, in.Lq, in.Lc, in.S, smem_limit());
+}
+
+void check_grid(int64_t pairs) {
+  TORCH_CHECK(pairs <= 0x7fffffffLL, "attention: ", pairs, " (context, query) pairs exceed one launch; "
+              "split the pair grid");
+}
+
+Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& context, const Tensor& clens,
+                      const OptTensor& factors, const OptTensor& lam, double lam_scalar, const OptTensor& weight,
+                      const OptTensor& bias) {
+  rcar_fast::check_attention(query, qlens, context, clens, factors, lam, weight, bias);
+  check_cuda_dtype(query, "query");
+  c10::cuda::CUDAGuard guard(query.device());
+  const AttnInputs in = prepare(query, qlens, context, clens, factors, lam, weight, bias);
+  const int64_t width = in.has_w ? in.S : in.D;
+  Tensor out = at::empty({in.B, in.P, in.Lq, width}, query.options());
+  const int64_t pairs = in.B * in.P;
+  if (pairs == 0 || out.numel() == 0) return out;
+  check_grid(pairs);
+  cudaStream_t stream = current_stream();
+  dispatch_float(query.scalar_type(), "query", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    Tensor gram = launch_gram<T>(in, stream);
+    const AttnArgs<T> a = make_args<T>(in, lam_scalar, gram);
+    void* o = out.data_ptr();
+    if (!in.has_w) {
+      launch_fwd<T, 1, 0>(a, 0, pairs, o, stream);
+      return;
+    }
+    switch (projection_mt((int)sizeof(T), in)) {
+      case 1: launch_fwd<T, 1, 1>(a, 0, pairs, o, stream); break;
+      case 2: launch_fwd<T, 2, 1>(a, 0, pairs, o, stream); break;
+      default: launch_fwd<T, 4, 1>(a, 0, pairs, o, stream); break;
+    }
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
+    const Tensor& grad, const Tensor& query, const Tensor& qlens, const Tensor& context, const Tensor& clens,
+    const OptTensor& factors, const OptTensor& lam, double lam_scalar, const OptTensor& weight,
+    const OptTensor& bias, bool need_dfactors) {
+  rcar_fast::check_attention(query, qlens, context, clens, factors, lam, weight, bias);
+  check_cuda_dtype(query, "query");
+  c10::cuda::CUDAGuard guard(query.device());
+  const AttnInputs in = prepare(query, qlens, context, clens, factors, lam, weight, bias);
+  const int64_t width = in.has_w ? in.S : in.D;
+  rcar_fast::check_float(grad, "grad", query);
+  rcar_fast::check_shape(grad, "grad", {in.B, in.P, in.Lq, width});
+
+  const auto f32 = query.options().dtype(at::kFloat);
+  const bool want_df = in.has_f && need_dfactors;
+  Tensor dq = at::zeros({in.P, in.Lq, in.D}, f32);
+  Tensor dc = at::zeros({in.B, in.Lc, in.D}, f32);
+  Tensor df = want_df ? at::empty({in.B, in.P, in.Lq, in.D}, f32) : at::empty({0}, f32);
+  Tensor dlam = in.has_lam ? at::empty({in.B, in.P, in.Lq}, f32) : at::empty({0}, f32);
+  Tensor dw = in.has_w ? at::zeros({in.S, in.D}, f32) : at::empty({0}, f32);
+  Tensor db = in.has_w ? at::zeros({in.S}, f32) : at::empty({0}, f32);
+  const int64_t pairs = in.B * in.P;
+  if (pairs == 0 || in.Lq == 0) return std::make_tuple(dq, dc, df, dlam, dw, db);
+  check_grid(pairs);
+
+  cudaStream_t stream = current_stream();
+  const Tensor g = grad.contiguous();
+  BwdOut o{dq.data_ptr<float>(), dc.data_ptr<float>(), want_df ? df.data_ptr<float>() : nullptr,
+           in.has_lam ? dlam.data_ptr<float>() : nullptr};
+  const int64_t bwd_smem = attn_bwd_layout(in.Lq, in.Lc).total;
+
+  dispatch_float(query.scalar_type(), "query", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    Tensor gram = launch_gram<T>(in, stream);
+    const AttnArgs<T> a = make_args<T>(in, lam_scalar, gram);
+    if (!in.has_w) {
+      prepare_smem(attention_bwd_kernel<T, 0>, bwd_smem, "attention_bwd");
+      attention_bwd_kernel<T, 0><<<static_cast<unsigned>(pairs), kThreads, bwd_smem, stream>>>(a, 0, g.data_ptr(), o);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    prepare_smem(attention_bwd_kernel<T, 1>, bwd_smem, "attention_bwd");
+    // chunks of pairs: D2 and G2 (Lq x d) and Y, dY (Lq x s) per pair, fp32, about 256 MiB in all
+    const int64_t per_pair = in.Lq * (2 * in.D + 2 * in.S) * 4;
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(pairs, (int64_t(256) << 20) / std::max<int64_t>(1, per_pair)));
+    Tensor D2 = at::empty({chunk * in.Lq, in.D}, f32);
+    Tensor G2 = at::empty({chunk * in.Lq, in.D}, f32);
+    Tensor dY = at::empty({chunk * in.Lq, in.S}, f32);
+    const Tensor Wf = in.w.to(at::kFloat).contiguous();
+    const Tensor bf = in.bias.to(at::kFloat);
+    for (int64_t pid0 = 0; pid0 < pairs; pid0 += chunk) {
+      const int64_t n = std::min(chunk, pairs - pid0);
+      const int64_t rows = n * in.Lq;
+      Tensor d2 = D2.narrow(0, 0, rows);
+      Tensor g2 = G2.narrow(0, 0, rows);
+      Tensor dy = dY.narrow(0, 0, rows);
+      launch_fwd<T, 1, 2>(a, pid0, n, d2.data_ptr(), stream);
+      const Tensor Y = at::addmm(bf, d2, Wf.t());
+      const int64_t blocks = (rows + kWarps - 1) / kWarps;
+      l2n_bwd_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          Y.data_ptr<float>(), ptr<T>(g), in.qlens.data_ptr<int>(), pid0, rows, in.P, in.Lq, in.S,
+          dy.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      db.add_(dy.sum(0));
+      dw.addmm_(dy.t(), d2);
+      at::mm_out(g2, dy, Wf);
+      attention_bwd_kernel<T, 1><<<static_cast<unsigned>(n), kThreads, bwd_smem, stream>>>(a, pid0, g2.data_ptr(), o);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return std::make_tuple(dq, dc, df, dlam, dw, db);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace rcar_fast
+
+TORCH_LIBRARY_IMPL(rcar_fast, CUDA, m) {
+  m.impl("attention", &rcar_fast::cuda::attention_cuda);
+  m.impl("attention_bwd", &rcar_fast::cuda::attention_bwd_cuda);
+}

@@ -1,0 +1,571 @@
+// Kernels of the fused adaptive attention (forward and backward), one thread block per
+// (context item b, query item p) pair; see csrc/README.md for the op contract and
+// kernels/attention.py for the same computation in Triton.
+//
+// Per pair, with Q (Lq x d), C (Lc x d), F (Lq x d) read in place (rows past a length are never
+// read), and G = C C^T precomputed per context item (gram_kernel):
+//   pass 1 over d:  S0 = (F * Q) C^T                                  (fp32, SIMT)
+//   on chip:        S = LeakyReLU_0.1(S0); N[c] = ||S[:, c]||; P = softmax_c(lam[q] S / (N + eps))
+//                   |U[q]| = sqrt(P[q] G P[q]^T), the norm of U = P C before U exists
+//   pass 2 over d:  A = P C / (|U| + eps) chunk by chunk, then by mode:
+//                   0 store A;  1 Y += (Q - A)^2 W^T (block GEMM: tensor cores for fp16/bf16),
+//                   then E = l2n(Y + b);  2 store (Q - A)^2 in fp32 (the backward's scratch)
+#pragma once
+
+#include "common.cuh"
+
+namespace rcar_fast {
+namespace cuda {
+
+template <typename T>
+struct AttnArgs {
+  const T* q;          // (P, Lq, d), last dim contiguous
+  const int* qlens;    // (P,)
+  const T* c;          // (B, Lc, d), last dim contiguous
+  const int* clens;    // (B,)
+  const T* f;          // (B, P, Lq, d) last dim contiguous, or nullptr (all ones)
+  const T* lam;        // (B, P, Lq) any strides, or nullptr (lam_scalar)
+  const T* w;          // (s, d) contiguous (mode 1)
+  const T* bias;       // (s,) (mode 1)
+  const float* gram;   // (B, Lc, Lc) fp32, C C^T over valid rows, zero elsewhere
+  int64_t P, Lq, Lc, D, S;
+  int64_t sq_p, sq_l, sc_b, sc_l, sf_b, sf_p, sf_l, sl_b, sl_p, sl_l;
+  float lam_scalar;
+};
+
+// ---------------------------------------------------------------- G = C C^T per context item
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) gram_kernel(const T* __restrict__ c, const int* __restrict__ clens,
+                                                        int64_t Lc, int64_t D, int64_t sc_b, int64_t sc_l,
+                                                        float* __restrict__ gram) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const GramLayout L = gram_layout(Lc);
+  float* cs = reinterpret_cast<float*>(smem + L.cs);
+  float* G = reinterpret_cast<float*>(smem + L.G);
+  const int64_t b = blockIdx.x;
+  const int clen = clamp_len(clens[b], Lc);
+  const T* cb = c + b * sc_b;
+  const int tid = threadIdx.x;
+  for (int idx = tid; idx < clen * clen; idx += kThreads) G[idx] = 0.f;
+  __syncthreads();
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    for (int idx = tid; idx < clen * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      cs[r * kLDF + k] = d < D ? to_f(cb[r * sc_l + d]) : 0.f;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < clen * clen; idx += kThreads) {
+      const int i = idx / clen, j = idx - i * clen;
+      float acc = 0.f;
+#pragma unroll 8
+      for (int k = 0; k < kBD; ++k) acc = fmaf(cs[i * kLDF + k], cs[j * kLDF + k], acc);
+      G[idx] += acc;
+    }
+    __syncthreads();
+  }
+  float* gb = gram + b * Lc * Lc;
+  for (int64_t idx = tid; idx < Lc * Lc; idx += kThreads) {
+    const int i = (int)(idx / Lc), j = (int)(idx - i * Lc);
+    gb[idx] = (i < clen && j < clen) ? G[i * clen + j] : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------- pass 1: S0 = (F * Q) C^T
+// qp, cb, fp: row 0 of the pair's query, context and factors. S: qlen x clen (row stride ldS),
+// xs, cs: chunk buffers. Ends with a barrier.
+template <typename T>
+__device__ __forceinline__ void scores_pass(const T* __restrict__ qp, int64_t sq_l, const T* __restrict__ cb,
+                                            int64_t sc_l, const T* __restrict__ fp, int64_t sf_l, int qlen,
+                                            int clen, int64_t D, float* S, int ldS, float* xs, float* cs) {
+  const int tid = threadIdx.x;
+  const int n = qlen * clen;
+  for (int idx = tid; idx < n; idx += kThreads) {
+    const int q = idx / clen;
+    S[q * ldS + idx - q * clen] = 0.f;
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    for (int idx = tid; idx < qlen * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      float v = 0.f;
+      if (d < D) {
+        v = to_f(qp[r * sq_l + d]);
+        if (fp != nullptr) v *= to_f(fp[r * sf_l + d]);
+      }
+      xs[r * kLDF + k] = v;
+    }
+    for (int idx = tid; idx < clen * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      cs[r * kLDF + k] = d < D ? to_f(cb[r * sc_l + d]) : 0.f;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < n; idx += kThreads) {
+      const int q = idx / clen, cc = idx - q * clen;
+      const float* x = xs + q * kLDF;
+      const float* y = cs + cc * kLDF;
+      float acc = 0.f;
+#pragma unroll 8
+      for (int k = 0; k < kBD; ++k) acc = fmaf(x[k], y[k], acc);
+      S[q * ldS + cc] += acc;
+    }
+    __syncthreads();
+  }
+  if (D <= 0) __syncthreads();
+}
+
+// ---------------------------------------------------------------- on chip: S -> P, |U|
+// S (qlen x clen, stride ldS) holds S0 on entry and LeakyReLU(S0) on exit; P (may alias S) gets
+// the probabilities; nrm the column norms; un (optional) |U|, inv 1 / (|U| + eps).
+// G: the context item's Gram matrix (global, row stride ldG). Ends with a barrier.
+__device__ __forceinline__ void attention_probs(float* S, float* P, int ldS, int qlen, int clen, float* nrm,
+                                                const float* lam_s, const float* __restrict__ G, int64_t ldG,
+                                                float* un, float* inv) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int idx = tid; idx < qlen * clen; idx += kThreads) {
+    const int q = idx / clen, c = idx - q * clen;
+    const float s = S[q * ldS + c];
+    S[q * ldS + c] = s > 0.f ? s : 0.1f * s;
+  }
+  __syncthreads();
+  for (int c = tid; c < clen; c += kThreads) {
+    float acc = 0.f;
+    for (int q = 0; q < qlen; ++q) {
+      const float s = S[q * ldS + c];
+      acc = fmaf(s, s, acc);
+    }
+    nrm[c] = sqrtf(acc);
+  }
+  __syncthreads();
+  for (int q = warp; q < qlen; q += kWarps) {
+    const float lq = lam_s[q];
+    const float* srow = S + q * ldS;
+    float m = -INFINITY;
+    for (int c = lane; c < clen; c += 32) m = fmaxf(m, lq * (srow[c] / (nrm[c] + kEps)));
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int c = lane; c < clen; c += 32) sum += expf(lq * (srow[c] / (nrm[c] + kEps)) - m);
+    sum = warp_sum(sum);
+    const float rs = 1.f / sum;
+    for (int c = lane; c < clen; c += 32) {
+      const float z = lq * (srow[c] / (nrm[c] + kEps));
+      P[q * ldS + c] = expf(z - m) * rs;
+    }
+  }
+  __syncthreads();
+  for (int q = warp; q < qlen; q += kWarps) {
+    const float* prow = P + q * ldS;
+    float acc = 0.f;
+    for (int c2 = lane; c2 < clen; c2 += 32) {
+      float t = 0.f;
+      for (int c = 0; c < clen; ++c) t = fmaf(prow[c], G[c * ldG + c2], t);
+      acc = fmaf(t, prow[c2], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      const float u = sqrtf(fmaxf(acc, 0.f));
+      if (un != nullptr) un[q] = u;
+      inv[q] = 1.f / (u + kEps);
+    }
+  }
+  __syncthreads();
+}
+
+// Temperatures of the pair's valid rows into lam_s (no barrier).
+template <typename T>
+__device__ __forceinline__ void load_lam(const AttnArgs<T>& a, int64_t b, int64_t p, int qlen, float* lam_s) {
+  for (int q = threadIdx.x; q < qlen; q += kThreads)
+    lam_s[q] = a.lam != nullptr ? to_f(a.lam[b * a.sl_b + p * a.sl_p + q * a.sl_l]) : a.lam_scalar;
+}
+
+// Context chunk of the valid rows into cs (fp32, zero past d; no barrier).
+template <typename T>
+__device__ __forceinline__ void load_ctx_chunk(const T* __restrict__ cb, int64_t sc_l, int clen, int64_t d0,
+                                               int64_t D, float* cs) {
+  for (int idx = threadIdx.x; idx < clen * kBD; idx += kThreads) {
+    const int r = idx >> 5, k = idx & 31;
+    const int64_t d = d0 + k;
+    cs[r * kLDF + k] = d < D ? to_f(cb[r * sc_l + d]) : 0.f;
+  }
+}
+
+// ---------------------------------------------------------------- forward
+// One block per pair pid = pid0 + blockIdx.x. out: mode 0 T (B, P, Lq, d); mode 1 T (B, P, Lq, s);
+// mode 2 float (gridDim.x, Lq, d) indexed by blockIdx.x. Rows at or past qlen are written as zeros.
+template <typename T, int MT, int MODE>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnArgs<T> a, int64_t pid0, void* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const AttnFwdLayout L = attn_fwd_layout((int)sizeof(T), a.Lq, a.Lc, a.S, MT, MODE);
+  float* S = reinterpret_cast<float*>(smem + L.S);
+  float* nrm = reinterpret_cast<float*>(smem + L.nrm);
+  float* inv = reinterpret_cast<float*>(smem + L.inv);
+  float* lam_s = reinterpret_cast<float*>(smem + L.lam);
+  float* cs = reinterpret_cast<float*>(smem + L.cs);
+  float* xs = reinterpret_cast<float*>(smem + L.xs);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t pid = pid0 + blockIdx.x;
+  const int64_t b = pid / a.P, p = pid - b * a.P;
+  int qlen = clamp_len(a.qlens[p], a.Lq);
+  const int clen = clamp_len(a.clens[b], a.Lc);
+  if (clen == 0) qlen = 0;   // nothing to attend to: every row is written as zeros
+  const int64_t D = a.D, Lq = a.Lq;
+  const int64_t width = MODE == 1 ? a.S : D;
+  const int64_t orow0 = (MODE == 2 ? (int64_t)blockIdx.x : pid) * Lq;   // first output row of the pair
+
+  // rows at or past the query length: zeros
+  for (int64_t idx = (int64_t)qlen * width + tid; idx < Lq * width; idx += kThreads) {
+    if (MODE == 2)
+      static_cast<float*>(out)[orow0 * width + idx] = 0.f;
+    else
+      static_cast<T*>(out)[orow0 * width + idx] = from_f<T>(0.f);
+  }
+  if (qlen == 0) return;
+
+  const T* qp = a.q + p * a.sq_p;
+  const T* cb = a.c + b * a.sc_b;
+  const T* fp = a.f != nullptr ? a.f + b * a.sf_b + p * a.sf_p : nullptr;
+  const int ldS = (int)a.Lc;
+  load_lam(a, b, p, qlen, lam_s);
+  scores_pass(qp, a.sq_l, cb, a.sc_l, fp, a.sf_l, qlen, clen, D, S, ldS, xs, cs);
+  attention_probs(S, S, ldS, qlen, clen, nrm, lam_s, a.gram + b * a.Lc * a.Lc, a.Lc, nullptr, inv);
+  const float* P = S;
+
+  if (MODE != 1) {
+    for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+      load_ctx_chunk(cb, a.sc_l, clen, d0, D, cs);
+      __syncthreads();
+      for (int idx = tid; idx < qlen * kBD; idx += kThreads) {
+        const int r = idx >> 5, k = idx & 31;
+        const int64_t d = d0 + k;
+        if (d < D) {
+          const float* prow = P + r * ldS;
+          float u = 0.f;
+          for (int c = 0; c < clen; ++c) u = fmaf(prow[c], cs[c * kLDF + k], u);
+          const float A = u * inv[r];
+          if (MODE == 0) {
+            static_cast<T*>(out)[(orow0 + r) * D + d] = from_f<T>(A);
+          } else {
+            const float dq = to_f(qp[r * a.sq_l + d]) - A;
+            static_cast<float*>(out)[(orow0 + r) * D + d] = dq * dq;
+          }
+        }
+      }
+      __syncthreads();
+    }
+    return;
+  }
+
+  // mode 1: E = l2n((Q - A)^2 W^T + b), row group by row group, 256 output columns per pass
+  if constexpr (MODE == 1) {
+    constexpr int RG = 16 * MT;
+    const int ldo = ld_op((int)sizeof(T));
+    T* as = reinterpret_cast<T*>(smem + L.as);
+    T* ws = reinterpret_cast<T*>(smem + L.ws);
+    float* y = reinterpret_cast<float*>(smem + L.y);
+    const int64_t Sw = a.S;
+    T* o = static_cast<T*>(out);
+    for (int r0 = 0; r0 < qlen; r0 += RG) {
+      for (int64_t n0 = 0; n0 < Sw; n0 += kNG) {
+        BlockGemm<T, MT> gemm;
+        gemm.zero();
+        for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+          load_ctx_chunk(cb, a.sc_l, clen, d0, D, cs);
+          for (int idx = tid; idx < kNG * kBD; idx += kThreads) {
+            const int n = idx >> 5, k = idx & 31;
+            const int64_t gn = n0 + n, d = d0 + k;
+            ws[n * ldo + k] = (gn < Sw && d < D) ? a.w[gn * D + d] : from_f<T>(0.f);
+          }
+          __syncthreads();
+          for (int idx = tid; idx < RG * kBD; idx += kThreads) {
+            const int r = idx >> 5, k = idx & 31;
+            const int q = r0 + r;
+            const int64_t d = d0 + k;
+            float v = 0.f;
+            if (q < qlen && d < D) {
+              const float* prow = P + q * ldS;
+              float u = 0.f;
+              for (int c = 0; c < clen; ++c) u = fmaf(prow[c], cs[c * kLDF + k], u);
+              const float dq = to_f(qp[q * a.sq_l + d]) - u * inv[q];
+              v = dq * dq;
+            }
+            as[r * ldo + k] = from_f<T>(v);
+          }
+          __syncthreads();
+          gemm.chunk(as, ldo, ws, ldo);
+          __syncthreads();
+        }
+        gemm.store(y + n0, L.ldy);
+      }
+      __syncthreads();
+      for (int r = warp; r < RG; r += kWarps) {
+        const int q = r0 + r;
+        if (q >= qlen) break;
+        const float* yr = y + r * L.ldy;
+        float ss = 0.f;
+        for (int64_t n = lane; n < Sw; n += 32) {
+          const float v = yr[n] + to_f(a.bias[n]);
+          ss = fmaf(v, v, ss);
+        }
+        ss = warp_sum(ss);
+        const float rn = 1.f / (sqrtf(ss) + kEps);
+        for (int64_t n = lane; n < Sw; n += 32)
+          o[(orow0 + q) * Sw + n] = from_f<T>((yr[n] + to_f(a.bias[n])) * rn);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward (per pair)
+// Gradients of sum(grad * out) for the pair pid = pid0 + blockIdx.x, recomputing the forward:
+//   mode 0: gsrc = grad, T (B, P, Lq, d): dA = grad
+//   mode 1: gsrc = G2 = dY W, float (gridDim.x, Lq, d) (dY: gradient of Y = (Q - A)^2 W^T + b,
+//           from the host): dDq = 2 (Q - A) G2, dQ += dDq, dA = -dDq
+// then dU = dA / (|U| + eps) - U coefU, coefU = (U . dA) / (|U| (|U| + eps)^2), and with
+// U C^T = P G:  dP = diag(inv) dA C^T - diag(coefU) P G,  dC += P^T diag(inv) dA - M C with
+// M = P^T diag(coefU) P;  dZ = P (dP - rowsum(P dP)); dlam = rowsum(dZ Sn); dSn = lam dZ;
+// dS = dSn / (N + eps) - S colsum(S dSn) / (N (N + eps)^2); dS0 = LeakyReLU'(S0) dS;
+// dX = dS0 C: dF = dX Q, dQ += dX F;  dC += dS0^T X.
+// dq (P, Lq, d) and dc (B, Lc, d) are shared across pairs: fp32 atomics. df (B, P, Lq, d) and
+// dlam (B, P, Lq) belong to the pair: stored, zeros at padded rows.
+struct BwdOut {
+  float* dq;
+  float* dc;
+  float* df;     // nullptr: not wanted
+  float* dlam;   // nullptr: no lam tensor
+};
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnArgs<T> a, int64_t pid0,
+                                                                 const void* gsrc, BwdOut o) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const AttnBwdLayout L = attn_bwd_layout(a.Lq, a.Lc);
+  float* S = reinterpret_cast<float*>(smem + L.S);
+  float* P = reinterpret_cast<float*>(smem + L.P);
+  float* dP = reinterpret_cast<float*>(smem + L.dP);
+  float* M = reinterpret_cast<float*>(smem + L.M);
+  float* nrm = reinterpret_cast<float*>(smem + L.nrm);
+  float* colc = reinterpret_cast<float*>(smem + L.colc);
+  float* inv = reinterpret_cast<float*>(smem + L.inv);
+  float* un = reinterpret_cast<float*>(smem + L.un);
+  float* udA = reinterpret_cast<float*>(smem + L.udA);
+  float* coefU = reinterpret_cast<float*>(smem + L.coefU);
+  float* lam_s = reinterpret_cast<float*>(smem + L.lam);
+  float* cs = reinterpret_cast<float*>(smem + L.cs);
+  float* qs = reinterpret_cast<float*>(smem + L.qs);
+  float* fs = reinterpret_cast<float*>(smem + L.fs);
+  float* das = reinterpret_cast<float*>(smem + L.das);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t pid = pid0 + blockIdx.x;
+  const int64_t b = pid / a.P, p = pid - b * a.P;
+  int qlen = clamp_len(a.qlens[p], a.Lq);
+  const int clen = clamp_len(a.clens[b], a.Lc);
+  if (clen == 0) qlen = 0;
+  const int64_t D = a.D, Lq = a.Lq, Lc = a.Lc;
+  const int ldS = (int)Lc;
+
+  // per-pair outputs at padded rows
+  if (o.dlam != nullptr)
+    for (int64_t q = qlen + tid; q < Lq; q += kThreads) o.dlam[pid * Lq + q] = 0.f;
+  if (o.df != nullptr)
+    for (int64_t idx = (int64_t)qlen * D + tid; idx < Lq * D; idx += kThreads) o.df[pid * Lq * D + idx] = 0.f;
+  if (qlen == 0) return;
+
+  const T* qp = a.q + p * a.sq_p;
+  const T* cb = a.c + b * a.sc_b;
+  const T* fp = a.f != nullptr ? a.f + b * a.sf_b + p * a.sf_p : nullptr;
+  const float* G = a.gram + b * Lc * Lc;
+  const T* grad = MODE == 0 ? static_cast<const T*>(gsrc) + pid * Lq * D : nullptr;
+  const float* g2 = MODE == 1 ? static_cast<const float*>(gsrc) + (int64_t)blockIdx.x * Lq * D : nullptr;
+
+  load_lam(a, b, p, qlen, lam_s);
+  scores_pass(qp, a.sq_l, cb, a.sc_l, fp, a.sf_l, qlen, clen, D, S, ldS, qs, cs);
+  attention_probs(S, P, ldS, qlen, clen, nrm, lam_s, G, Lc, un, inv);
+
+  // pass C: udA = rowsum(U dA), dP <- dA C^T
+  for (int idx = tid; idx < qlen * clen; idx += kThreads) {
+    const int q = idx / clen;
+    dP[q * ldS + idx - q * clen] = 0.f;
+  }
+  for (int q = tid; q < qlen; q += kThreads) udA[q] = 0.f;
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    load_ctx_chunk(cb, a.sc_l, clen, d0, D, cs);
+    __syncthreads();
+    // warp-uniform rows: r = idx / 32 is the same for the 32 lanes of a warp
+    for (int idx = tid; idx < qlen * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      float dA = 0.f, u = 0.f;
+      if (d < D) {
+        const float* prow = P + r * ldS;
+        for (int c = 0; c < clen; ++c) u = fmaf(prow[c], cs[c * kLDF + k], u);
+        if (MODE == 1) {
+          const float dq = to_f(qp[r * a.sq_l + d]) - u * inv[r];
+          dA = -2.f * dq * g2[r * D + d];
+        } else {
+          dA = to_f(grad[r * D + d]);
+        }
+      }
+      das[r * kLDF + k] = dA;
+      const float t = warp_sum(u * dA);
+      if (lane == 0) udA[r] += t;   // row r belongs to this warp in every chunk
+    }
+    __syncthreads();
+    for (int idx = tid; idx < qlen * clen; idx += kThreads) {
+      const int q = idx / clen, c = idx - q * clen;
+      const float* x = das + q * kLDF;
+      const float* y = cs + c * kLDF;
+      float acc = 0.f;
+#pragma unroll 8
+      for (int k = 0; k < kBD; ++k) acc = fmaf(x[k], y[k], acc);
+      dP[q * ldS + c] += acc;
+    }
+    __syncthreads();
+  }
+
+  // on chip: dP, M, softmax, temperatures, normalisation across queries, LeakyReLU
+  for (int q = tid; q < qlen; q += kThreads) {
+    const float u = un[q];
+    coefU[q] = u > 0.f ? udA[q] * inv[q] * inv[q] / u : 0.f;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < qlen * clen; idx += kThreads) {
+    const int q = idx / clen, c = idx - q * clen;
+    const float* prow = P + q * ldS;
+    float pg = 0.f;
+    for (int c2 = 0; c2 < clen; ++c2) pg = fmaf(prow[c2], G[c2 * Lc + c], pg);
+    dP[q * ldS + c] = inv[q] * dP[q * ldS + c] - coefU[q] * pg;
+  }
+  for (int idx = tid; idx < clen * clen; idx += kThreads) {
+    const int c = idx / clen, c2 = idx - c * clen;
+    float m = 0.f;
+    for (int q = 0; q < qlen; ++q) m = fmaf(P[q * ldS + c] * coefU[q], P[q * ldS + c2], m);
+    M[c * ldS + c2] = m;
+  }
+  __syncthreads();
+  for (int q = warp; q < qlen; q += kWarps) {
+    const float* prow = P + q * ldS;
+    float* drow = dP + q * ldS;
+    float rs = 0.f;
+    for (int c = lane; c < clen; c += 32) rs = fmaf(prow[c], drow[c], rs);
+    rs = warp_sum(rs);
+    float dl = 0.f;
+    const float lq = lam_s[q];
+    for (int c = lane; c < clen; c += 32) {
+      const float dz = prow[c] * (drow[c] - rs);
+      dl = fmaf(dz, S[q * ldS + c] / (nrm[c] + kEps), dl);
+      drow[c] = dz * lq;   // dSn
+    }
+    dl = warp_sum(dl);
+    if (o.dlam != nullptr && lane == 0) o.dlam[pid * Lq + q] = dl;
+  }
+  __syncthreads();
+  for (int c = tid; c < clen; c += kThreads) {
+    float acc = 0.f;
+    for (int q = 0; q < qlen; ++q) acc = fmaf(S[q * ldS + c], dP[q * ldS + c], acc);
+    const float n = nrm[c];
+    colc[c] = n > 0.f ? acc / (n * (n + kEps) * (n + kEps)) : 0.f;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < qlen * clen; idx += kThreads) {
+    const int q = idx / clen, c = idx - q * clen;
+    const float s = S[q * ldS + c];
+    const float ds = dP[q * ldS + c] / (nrm[c] + kEps) - s * colc[c];
+    dP[q * ldS + c] = s > 0.f ? ds : 0.1f * ds;   // dS0 (S0 > 0 exactly where S > 0)
+  }
+  __syncthreads();
+  const float* dS0 = dP;
+
+  // pass E: dX = dS0 C, dF, dQ; dC
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    load_ctx_chunk(cb, a.sc_l, clen, d0, D, cs);
+    for (int idx = tid; idx < qlen * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      qs[r * kLDF + k] = d < D ? to_f(qp[r * a.sq_l + d]) : 0.f;
+      fs[r * kLDF + k] = (d < D && fp != nullptr) ? to_f(fp[r * a.sf_l + d]) : 1.f;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < qlen * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      float dAs = 0.f;
+      if (d < D) {
+        const float* prow = P + r * ldS;
+        const float* srow = dS0 + r * ldS;
+        float u = 0.f, dx = 0.f;
+        for (int c = 0; c < clen; ++c) {
+          const float cv = cs[c * kLDF + k];
+          u = fmaf(prow[c], cv, u);
+          dx = fmaf(srow[c], cv, dx);
+        }
+        const float qv = qs[r * kLDF + k], fv = fs[r * kLDF + k];
+        float dDq = 0.f, dA;
+        if (MODE == 1) {
+          dDq = 2.f * (qv - u * inv[r]) * g2[r * D + d];
+          dA = -dDq;
+        } else {
+          dA = to_f(grad[r * D + d]);
+        }
+        atomicAdd(o.dq + (p * Lq + r) * D + d, dDq + dx * fv);
+        if (o.df != nullptr) o.df[(pid * Lq + r) * D + d] = dx * qv;
+        dAs = dA * inv[r];
+      }
+      das[r * kLDF + k] = dAs;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < clen * kBD; idx += kThreads) {
+      const int c = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      if (d < D) {
+        float acc = 0.f;
+        for (int q = 0; q < qlen; ++q)
+          acc += P[q * ldS + c] * das[q * kLDF + k] + dS0[q * ldS + c] * (qs[q * kLDF + k] * fs[q * kLDF + k]);
+        const float* mrow = M + c * ldS;
+        for (int c2 = 0; c2 < clen; ++c2) acc = fmaf(-mrow[c2], cs[c2 * kLDF + k], acc);
+        atomicAdd(o.dc + (b * Lc + c) * D + d, acc);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------- dY for the backward's mode 1
+// Per row (pair pid0 + row / Lq, query row % Lq): Y (with bias) and the output gradient dE give
+// dY = dE / (r + eps) - Y (Y . dE) / (r (r + eps)^2), r = |Y|; zero at rows past the query length.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) l2n_bwd_rows_kernel(const float* __restrict__ Y, const T* __restrict__ grad,
+                                                                const int* __restrict__ qlens, int64_t pid0,
+                                                                int64_t rows, int64_t P, int64_t Lq, int64_t S,
+                                                                float* __restrict__ dY) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int64_t pid = pid0 + row / Lq, q = row % Lq;
+  const int64_t p = pid % P;
+  const float* yr = Y + row * S;
+  float* dr = dY + row * S;
+  if (q >= clamp_len(qlens[p], Lq)) {
+    for (int64_t n = lane; n < S; n += 32) dr[n] = 0.f;
+    return;
+  }
+  const T* gr = grad + (pid * Lq + q) * S;
+  float yy = 0.f, yg = 0.f;
+  for (int64_t n = lane; n < S; n += 32) {
+    const float y = yr[n], g = to_f(gr[n]);
+    yy = fmaf(y, y, yy);
+    yg = fmaf(y, g, yg);
+  }
+  yy = warp_sum(yy);
+  yg = warp_sum(yg);
+  const float r = sqrtf(yy);
+  const float ir = 1.f / (r + kEps);
+  const float coef = r > 0.f ? yg / (r * (r + kEps) * (r + kEps)) : 0.f;
+  for (int64_t n = lane; n < S; n += 32) dr[n] = to_f(gr[n]) * ir - yr[n] * coef;
+}
+
+}  // namespace cuda
+}  // namespace rcar_fast

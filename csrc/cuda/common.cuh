@@ -1,0 +1,158 @@
+// Device helpers shared by the rcar_fast CUDA kernels: element types, conversions, reductions,
+// and the block GEMM used for the shared-weight products (the alignment projection
+// (Q - A)^2 W^T and RAR's E Wk^T): tensor cores (nvcuda::wmma, fp32 accumulators, lowers to HMMA)
+// for fp16/bf16, exact fp32 FMAs for fp32.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#include "plan.h"
+
+namespace rcar_fast {
+namespace cuda {
+
+using namespace cuda_plan;
+
+constexpr float kEps = 1e-8f;
+
+// The index arithmetic below assumes these (idx >> 5 / idx & 31 split a chunk row; GemmF32's
+// 64 x 4 thread grid and GemmTC's 8 warps x 2 column tiles cover kNG = 256 columns).
+static_assert(kBD == 32, "chunk loops split idx into (idx >> 5, idx & 31)");
+static_assert(kThreads == 256 && kNG == 256, "block GEMM thread layouts cover 256 columns with 256 threads");
+
+// ---------------------------------------------------------------- conversions (T: float, __half, __nv_bfloat16)
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// ---------------------------------------------------------------- reductions
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum of v over the block (every thread gets it); red: >= kWarps floats of shared memory.
+// Starts and ends with a barrier, so red can be reused right away.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) t += red[w];
+  __syncthreads();
+  return t;
+}
+
+__device__ __forceinline__ int clamp_len(int n, int64_t hi) {
+  return n < 0 ? 0 : (n > hi ? (int)hi : n);
+}
+
+// ---------------------------------------------------------------- block GEMM
+// Y[r, n] (+)= sum_k A[r, k] B[n, k] for r < 16 MT rows and n < kNG = 256 columns, fed one
+// kBD = 32 wide k-chunk at a time from shared memory: A row-major (A + r * lda + k),
+// B as [n][k] (B + n * ldb + k). Accumulators stay in registers across chunks.
+
+// fp32: thread (ty = tid / 64, tx = tid % 64) owns rows ty + 4 i (i < 4 MT), columns tx + 64 j (j < 4).
+template <int MT>
+struct GemmF32 {
+  float acc[4 * MT][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 4 * MT; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  }
+
+  __device__ __forceinline__ void chunk(const float* A, int lda, const float* B, int ldb) {
+    const int tx = threadIdx.x & 63, ty = threadIdx.x >> 6;
+#pragma unroll 4
+    for (int k = 0; k < kBD; ++k) {
+      float bv[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = B[(tx + 64 * j) * ldb + k];
+#pragma unroll
+      for (int i = 0; i < 4 * MT; ++i) {
+        const float av = A[(ty + 4 * i) * lda + k];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av, bv[j], acc[i][j]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Y, int ldy) const {
+    const int tx = threadIdx.x & 63, ty = threadIdx.x >> 6;
+#pragma unroll
+    for (int i = 0; i < 4 * MT; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Y[(ty + 4 * i) * ldy + tx + 64 * j] = acc[i][j];
+  }
+};
+
+// fp16 / bf16: warp w owns the 16 x 16 tiles of columns 16 w and 16 (w + 8), all MT row tiles.
+template <typename T, int MT>
+struct GemmTC {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[MT][2];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+  }
+
+  __device__ __forceinline__ void chunk(const T* A, int lda, const T* B, int ldb) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int kk = 0; kk < kBD; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bf[j], B + (warp + 8 * j) * 16 * ldb + kk, ldb);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+        wmma::load_matrix_sync(af, A + i * 16 * lda + kk, lda);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], af, bf[j], acc[i][j]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Y, int ldy) const {
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        nvcuda::wmma::store_matrix_sync(Y + i * 16 * ldy + (warp + 8 * j) * 16, acc[i][j], ldy,
+                                        nvcuda::wmma::mem_row_major);
+  }
+};
+
+template <typename T, int MT>
+using BlockGemm = std::conditional_t<std::is_same<T, float>::value, GemmF32<MT>, GemmTC<T, MT>>;
+
+}  // namespace cuda
+}  // namespace rcar_fast

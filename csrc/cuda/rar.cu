@@ -1,0 +1,182 @@
+// CUDA implementation of rcar_fast::rar and rcar_fast::rar_bwd (csrc/README.md).
+//
+// rar: rar_fwd_kernel, one block per pair, all T steps with E in shared memory (input dtype);
+// K = tanh(E Wk^T + bk) by the block GEMM (tensor cores for fp16/bf16, fp32 FMAs for fp32).
+// rar_bwd (one step): rar_bwd_kernel recomputes the step per pair and writes dKp, dgp, dwv and
+// dE's direct part a[q] du; the shared-weight products run in cuBLAS in fp32 on the host side:
+// dE += dKp Wk, dh = dgp Wq.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "launch.h"
+#include "rar_kernels.cuh"
+
+namespace rcar_fast {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+struct RarInputs {
+  Tensor E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g;
+  bool has_h = false, has_drop = false;
+  int64_t B = 0, P = 0, Lq = 0, S = 0, steps = 0;
+};
+
+RarInputs prepare(const Tensor& E, const Tensor& qlens, const OptTensor& h, const Tensor& wq, const Tensor& bq,
+                  const Tensor& wk, const Tensor& bk, const Tensor& wv, const Tensor& bv, const OptTensor& keep_k,
+                  const OptTensor& keep_g) {
+  RarInputs in;
+  in.E = E.contiguous();
+  in.qlens = qlens.contiguous();
+  in.has_h = h.has_value();
+  if (in.has_h) in.h = h->contiguous();
+  in.wq = wq.contiguous();
+  in.bq = bq.contiguous();
+  in.wk = wk.contiguous();
+  in.bk = bk.contiguous();
+  in.wv = wv.contiguous();
+  in.bv = bv.contiguous();
+  in.has_drop = keep_k.has_value();
+  if (in.has_drop) {
+    in.keep_k = keep_k->contiguous();
+    in.keep_g = keep_g->contiguous();
+  }
+  in.B = E.size(0);
+  in.P = E.size(1);
+  in.Lq = E.size(2);
+  in.S = E.size(3);
+  in.steps = wq.size(0);
+  return in;
+}
+
+template <typename T>
+RarArgs<T> make_args(const RarInputs& in) {
+  RarArgs<T> r{};
+  r.E = ptr<T>(in.E);
+  r.qlens = in.qlens.data_ptr<int>();
+  r.h = in.has_h ? ptr<T>(in.h) : nullptr;
+  r.wq = ptr<T>(in.wq);
+  r.bq = ptr<T>(in.bq);
+  r.wk = ptr<T>(in.wk);
+  r.bk = ptr<T>(in.bk);
+  r.wv = ptr<T>(in.wv);
+  r.bv = ptr<T>(in.bv);
+  r.keep_k = in.has_drop ? ptr<T>(in.keep_k) : nullptr;
+  r.keep_g = in.has_drop ? ptr<T>(in.keep_g) : nullptr;
+  r.P = in.P;
+  r.Lq = in.Lq;
+  r.S = in.S;
+  r.steps = in.steps;
+  return r;
+}
+
+// Row-group size (plan.h: the smallest covering Lq that fits the device).
+int rar_mt(int elem, const RarInputs& in) { return choose_rar_mt(elem, in.Lq, in.S, smem_limit()); }
+
+void check_pairs(int64_t pairs) {
+  TORCH_CHECK(pairs <= 0x7fffffffLL, "rar: ", pairs, " pairs exceed one launch; split the pair grid");
+}
+
+template <typename T, int MT>
+void launch_rar_fwd(const RarArgs<T>& r, int64_t pairs, Tensor& out, cudaStream_t stream) {
+  auto* kernel = rar_fwd_kernel<T, MT>;
+  const int64_t smem = rar_layout((int)sizeof(T), r.Lq, r.S, MT).total;
+  prepare_smem(kernel, smem, "rar");
+  kernel<<<static_cast<unsigned>(pairs), kThreads, smem, stream>>>(r, mut_ptr<T>(out));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int MT>
+void launch_rar_bwd(const RarArgs<T>& r, int64_t pairs, const Tensor& grad, Tensor& dE, Tensor& dKp, Tensor& dgp,
+                    Tensor& dwv, cudaStream_t stream) {
+  auto* kernel = rar_bwd_kernel<T, MT>;
+  const int64_t smem = rar_layout((int)sizeof(T), r.Lq, r.S, MT).total;
+  prepare_smem(kernel, smem, "rar_bwd");
+  kernel<<<static_cast<unsigned>(pairs), kThreads, smem, stream>>>(
+      r, ptr<T>(grad), dE.data_ptr<float>(), dKp.data_ptr<float>(), dgp.data_ptr<float>(), dwv.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const Tensor& wq, const Tensor& bq,
+                const Tensor& wk, const Tensor& bk, const Tensor& wv, const Tensor& bv, const OptTensor& keep_k,
+                const OptTensor& keep_g) {
+  rcar_fast::check_rar(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g);
+  check_cuda_dtype(E, "E");
+  c10::cuda::CUDAGuard guard(E.device());
+  const RarInputs in = prepare(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g);
+  Tensor out = at::empty({in.B, in.P, in.S}, E.options());
+  const int64_t pairs = in.B * in.P;
+  if (out.numel() == 0) return out;
+  check_pairs(pairs);
+  cudaStream_t stream = current_stream();
+  dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const RarArgs<T> r = make_args<T>(in);
+    switch (rar_mt((int)sizeof(T), in)) {
+      case 1: launch_rar_fwd<T, 1>(r, pairs, out, stream); break;
+      case 2: launch_rar_fwd<T, 2>(r, pairs, out, stream); break;
+      default: launch_rar_fwd<T, 4>(r, pairs, out, stream); break;
+    }
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rar_bwd_cuda(
+    const Tensor& grad, const Tensor& E, const Tensor& qlens, const Tensor& h, const Tensor& wq, const Tensor& bq,
+    const Tensor& wk, const Tensor& bk, const Tensor& wv, const Tensor& bv, const OptTensor& keep_k,
+    const OptTensor& keep_g) {
+  rcar_fast::check_rar(E, qlens, OptTensor(h), wq, bq, wk, bk, wv, bv, keep_k, keep_g);
+  check_cuda_dtype(E, "E");
+  TORCH_CHECK(wq.size(0) == 1, "wq: rar_bwd differentiates one RAR step (T = 1), got T = ", wq.size(0));
+  c10::cuda::CUDAGuard guard(E.device());
+  const RarInputs in = prepare(E, qlens, OptTensor(h), wq, bq, wk, bk, wv, bv, keep_k, keep_g);
+  rcar_fast::check_float(grad, "grad", E);
+  rcar_fast::check_shape(grad, "grad", {in.B, in.P, in.S});
+  const auto f32 = E.options().dtype(at::kFloat);
+  const int64_t pairs = in.B * in.P;
+  if (pairs == 0 || in.S == 0 || in.Lq == 0) {
+    return std::make_tuple(at::zeros({in.B, in.P, in.Lq, in.S}, f32), at::zeros({in.B, in.P, in.S}, f32),
+                           at::zeros({in.B, in.P, in.Lq, in.S}, f32), at::zeros({in.B, in.P, in.S}, f32),
+                           at::zeros({in.B, in.P, in.S}, f32));
+  }
+  check_pairs(pairs);
+  Tensor dE = at::empty({in.B, in.P, in.Lq, in.S}, f32);
+  Tensor dKp = at::empty({in.B, in.P, in.Lq, in.S}, f32);
+  Tensor dgp = at::empty({in.B, in.P, in.S}, f32);
+  Tensor dwv = at::empty({in.B, in.P, in.S}, f32);
+  const Tensor g = grad.contiguous();
+  cudaStream_t stream = current_stream();
+  dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const RarArgs<T> r = make_args<T>(in);
+    switch (rar_mt((int)sizeof(T), in)) {
+      case 1: launch_rar_bwd<T, 1>(r, pairs, g, dE, dKp, dgp, dwv, stream); break;
+      case 2: launch_rar_bwd<T, 2>(r, pairs, g, dE, dKp, dgp, dwv, stream); break;
+      default: launch_rar_bwd<T, 4>(r, pairs, g, dE, dKp, dgp, dwv, stream); break;
+    }
+  });
+  // the shared-weight products, fp32: dE += dKp Wk, dh = dgp Wq
+  dE.view({-1, in.S}).addmm_(dKp.view({-1, in.S}), in.wk.select(0, 0).to(at::kFloat));
+  Tensor dh = at::mm(dgp.view({-1, in.S}), in.wq.select(0, 0).to(at::kFloat)).view({in.B, in.P, in.S});
+  return std::make_tuple(dE, dh, dKp, dgp, dwv);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace rcar_fast
+
+TORCH_LIBRARY_IMPL(rcar_fast, CUDA, m) {
+  m.impl("rar", &rcar_fast::cuda::rar_cuda);
+  m.impl("rar_bwd", &rcar_fast::cuda::rar_bwd_cuda);
+}

@@ -1,0 +1,295 @@
+// Kernels of the recurrent aggregation regulator (RAR), one thread block per pair with the
+// pair's alignment vectors E (Lq x s) held in shared memory (in the input dtype) the whole time;
+// see csrc/README.md for the op contract and kernels/rar.py for the Triton forward.
+//
+// Per step t:  g = tanh(Wq h + bq) (* keep_g);  K = tanh(E Wk^T + bk) (* keep_k), computed
+// 16 MT rows x 256 columns at a time by the block GEMM (tensor cores for fp16/bf16) and never
+// stored whole;  logit[q] = sum_n K[q, n] g[n] wv[n] + bv;  a = softmax over valid q;
+// h = l2n(sum_q a[q] E[q]).
+#pragma once
+
+#include "common.cuh"
+
+namespace rcar_fast {
+namespace cuda {
+
+template <typename T>
+struct RarArgs {
+  const T* E;        // (B, P, Lq, s) contiguous
+  const int* qlens;  // (P,)
+  const T* h;        // (B, P, s) contiguous, or nullptr (forward: start from the mean of E)
+  const T* wq;       // (T, s, s)
+  const T* bq;       // (T, s)
+  const T* wk;       // (T, s, s)
+  const T* bk;       // (T, s)
+  const T* wv;       // (T, s)
+  const T* bv;       // (T,)
+  const T* keep_k;   // (B, P, Lq, s) or nullptr
+  const T* keep_g;   // (B, P, s) or nullptr
+  int64_t P, Lq, S, steps;
+};
+
+// Shared memory of one RAR block, carved from the layout.
+template <typename T>
+struct RarSmem {
+  T* es;
+  T* ws;
+  float *y, *h, *g, *gw, *du, *logit, *a, *red;
+  RarLayout L;
+
+  __device__ __forceinline__ RarSmem(unsigned char* smem, int64_t Lq, int64_t S, int mt) {
+    L = rar_layout((int)sizeof(T), Lq, S, mt);
+    es = reinterpret_cast<T*>(smem + L.es);
+    ws = reinterpret_cast<T*>(smem + L.ws);
+    y = reinterpret_cast<float*>(smem + L.y);
+    h = reinterpret_cast<float*>(smem + L.h);
+    g = reinterpret_cast<float*>(smem + L.g);
+    gw = reinterpret_cast<float*>(smem + L.gw);
+    du = reinterpret_cast<float*>(smem + L.du);
+    logit = reinterpret_cast<float*>(smem + L.logit);
+    a = reinterpret_cast<float*>(smem + L.a);
+    red = reinterpret_cast<float*>(smem + L.red);
+  }
+};
+
+// E of the pair (rows < qlen; zeros elsewhere, padding columns included) into es. No barrier.
+template <typename T>
+__device__ __forceinline__ void load_e(const RarArgs<T>& r, const RarSmem<T>& sm, int64_t pid, int qlen) {
+  const int64_t S = r.S;
+  const T* Ep = r.E + pid * r.Lq * S;
+  const int sk = sm.L.sk, lde = sm.L.lde;
+  for (int64_t idx = threadIdx.x; idx < (int64_t)sm.L.rows * sk; idx += kThreads) {
+    const int q = (int)(idx / sk), m = (int)(idx - (int64_t)q * sk);
+    sm.es[q * lde + m] = (q < qlen && m < S) ? Ep[q * S + m] : from_f<T>(0.f);
+  }
+}
+
+// g[n] = tanh(Wq_t h + bq_t)[n] (before dropout), gw[n] = g[n] keep_g[n] wv_t[n]; warp per n.
+// Needs h complete (barrier before); no barrier after.
+template <typename T>
+__device__ __forceinline__ void query_gate(const RarArgs<T>& r, const RarSmem<T>& sm, int64_t pid, int64_t t) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t S = r.S;
+  for (int64_t n = warp; n < S; n += kWarps) {
+    const T* wrow = r.wq + (t * S + n) * S;
+    float acc = 0.f;
+    for (int64_t m = lane; m < S; m += 32) acc = fmaf(to_f(wrow[m]), sm.h[m], acc);
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      const float gv = tanhf(acc + to_f(r.bq[t * S + n]));
+      const float kg = r.keep_g != nullptr ? to_f(r.keep_g[pid * S + n]) : 1.f;
+      sm.g[n] = gv;
+      sm.gw[n] = gv * kg * to_f(r.wv[t * S + n]);
+    }
+  }
+}
+
+// logit[q] = sum_n tanh(E Wk_t^T + bk_t)[q, n] keep_k[q, n] gw[n] + bv_t for q < qlen.
+// kout (bwd): also stores K = tanh(.) (before dropout) at kout[q * S + n]. Needs es, gw complete
+// (barrier before); ends with a barrier.
+template <typename T, int MT>
+__device__ __forceinline__ void key_logits(const RarArgs<T>& r, const RarSmem<T>& sm, int64_t pid, int64_t t,
+                                           int qlen, float* kout) {
+  constexpr int RG = 16 * MT;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t S = r.S;
+  const int ldo = ld_op((int)sizeof(T));
+  const T* wk = r.wk + t * S * S;
+  const T* kk = r.keep_k != nullptr ? r.keep_k + pid * r.Lq * S : nullptr;
+  for (int q = tid; q < sm.L.rows; q += kThreads) sm.logit[q] = 0.f;
+  for (int r0 = 0; r0 < qlen; r0 += RG) {
+    for (int64_t n0 = 0; n0 < S; n0 += kNG) {
+      BlockGemm<T, MT> gemm;
+      gemm.zero();
+      for (int m0 = 0; m0 < sm.L.sk; m0 += kBD) {
+        for (int idx = tid; idx < kNG * kBD; idx += kThreads) {
+          const int n = idx >> 5, k = idx & 31;
+          const int64_t gn = n0 + n, m = m0 + k;
+          sm.ws[n * ldo + k] = (gn < S && m < S) ? wk[gn * S + m] : from_f<T>(0.f);
+        }
+        __syncthreads();
+        gemm.chunk(sm.es + r0 * sm.L.lde + m0, sm.L.lde, sm.ws, ldo);
+        __syncthreads();
+      }
+      gemm.store(sm.y, kLDY);
+      __syncthreads();
+      for (int rr = warp; rr < RG; rr += kWarps) {
+        const int q = r0 + rr;
+        if (q >= qlen) break;
+        float part = 0.f;
+        for (int nl = lane; nl < kNG && n0 + nl < S; nl += 32) {
+          const int64_t n = n0 + nl;
+          const float K = tanhf(sm.y[rr * kLDY + nl] + to_f(r.bk[t * S + n]));
+          if (kout != nullptr) kout[q * S + n] = K;
+          const float kv = kk != nullptr ? K * to_f(kk[q * S + n]) : K;
+          part = fmaf(kv, sm.gw[n], part);
+        }
+        part = warp_sum(part);
+        if (lane == 0) sm.logit[q] += part;   // row q belongs to this warp here
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// a[q] = softmax over q < qlen of logit[q] + bv_t (warp 0). Ends with a barrier.
+template <typename T>
+__device__ __forceinline__ void softmax_rows(const RarArgs<T>& r, const RarSmem<T>& sm, int64_t t, int qlen) {
+  if ((threadIdx.x >> 5) == 0) {
+    const int lane = threadIdx.x & 31;
+    const float bv = to_f(r.bv[t]);
+    float m = -INFINITY;
+    for (int q = lane; q < qlen; q += 32) m = fmaxf(m, sm.logit[q] + bv);
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int q = lane; q < qlen; q += 32) sum += expf(sm.logit[q] + bv - m);
+    sum = warp_sum(sum);
+    const float rs = 1.f / sum;
+    for (int q = lane; q < qlen; q += 32) sm.a[q] = expf(sm.logit[q] + bv - m) * rs;
+  }
+  __syncthreads();
+}
+
+// u[m] = sum_q a[q] E[q, m] into dst (m < S; zero up to sk); returns |u|^2 (block-wide).
+template <typename T>
+__device__ __forceinline__ float attend(const RarSmem<T>& sm, int64_t S, int qlen, float* dst) {
+  float ss = 0.f;
+  for (int m = threadIdx.x; m < sm.L.sk; m += kThreads) {
+    float u = 0.f;
+    if (m < S)
+      for (int q = 0; q < qlen; ++q) u = fmaf(sm.a[q], to_f(sm.es[q * sm.L.lde + m]), u);
+    dst[m] = u;
+    ss = fmaf(u, u, ss);
+  }
+  return block_sum(ss, sm.red);
+}
+
+// ---------------------------------------------------------------- forward: T steps
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r, T* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const RarSmem<T> sm(smem, r.Lq, r.S, MT);
+  const int64_t pid = blockIdx.x, S = r.S;
+  const int64_t p = pid % r.P;
+  const int qlen = clamp_len(r.qlens[p], r.Lq);
+  T* o = out + pid * S;
+  if (qlen == 0) {   // no valid row: nothing to aggregate
+    for (int64_t m = threadIdx.x; m < S; m += kThreads) o[m] = from_f<T>(0.f);
+    return;
+  }
+  load_e(r, sm, pid, qlen);
+  __syncthreads();
+  for (int m = threadIdx.x; m < sm.L.sk; m += kThreads) {
+    float v = 0.f;
+    if (m < S) {
+      if (r.h != nullptr) {
+        v = to_f(r.h[pid * S + m]);
+      } else {
+        for (int q = 0; q < qlen; ++q) v += to_f(sm.es[q * sm.L.lde + m]);
+        v /= (float)qlen;
+      }
+    }
+    sm.h[m] = v;
+  }
+  __syncthreads();
+  for (int64_t t = 0; t < r.steps; ++t) {
+    query_gate(r, sm, pid, t);
+    __syncthreads();
+    key_logits<T, MT>(r, sm, pid, t, qlen, nullptr);
+    softmax_rows(r, sm, t, qlen);
+    const float nu = sqrtf(attend(sm, S, qlen, sm.h));   // ends with a barrier
+    const float rn = 1.f / (nu + kEps);
+    for (int m = threadIdx.x; m < sm.L.sk; m += kThreads) sm.h[m] *= rn;
+    __syncthreads();
+  }
+  for (int64_t m = threadIdx.x; m < S; m += kThreads) o[m] = from_f<T>(sm.h[m]);
+}
+
+// ---------------------------------------------------------------- backward: one step (t = 0)
+// grad: dL/dh_out (B, P, s). Writes dE (B, P, Lq, s) without the E Wk^T path (the host adds
+// dKp Wk), dKp (B, P, Lq, s) = dL/d(E Wk^T + bk), dgp (B, P, s) = dL/d(Wq h + bq),
+// dwv (B, P, s) = sum_q dlogit[q] K[q, n] g[n] (dropout applied); zeros at padded rows.
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads, 1) rar_bwd_kernel(const RarArgs<T> r, const T* __restrict__ grad,
+                                                           float* __restrict__ dE, float* __restrict__ dKp,
+                                                           float* __restrict__ dgp, float* __restrict__ dwv) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const RarSmem<T> sm(smem, r.Lq, r.S, MT);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t pid = blockIdx.x, S = r.S, Lq = r.Lq;
+  const int64_t p = pid % r.P;
+  const int qlen = clamp_len(r.qlens[p], Lq);
+  float* dEp = dE + pid * Lq * S;
+  float* dKpp = dKp + pid * Lq * S;
+  // padded rows (all rows when qlen == 0) are zero
+  for (int64_t idx = (int64_t)qlen * S + tid; idx < Lq * S; idx += kThreads) {
+    dEp[idx] = 0.f;
+    dKpp[idx] = 0.f;
+  }
+  if (qlen == 0) {
+    for (int64_t m = tid; m < S; m += kThreads) {
+      dgp[pid * S + m] = 0.f;
+      dwv[pid * S + m] = 0.f;
+    }
+    return;
+  }
+  load_e(r, sm, pid, qlen);
+  for (int m = tid; m < sm.L.sk; m += kThreads) sm.h[m] = m < S ? to_f(r.h[pid * S + m]) : 0.f;
+  __syncthreads();
+  query_gate(r, sm, pid, 0);
+  __syncthreads();
+  key_logits<T, MT>(r, sm, pid, 0, qlen, dKpp);   // K stored in dKp, overwritten below
+  softmax_rows(r, sm, 0, qlen);
+
+  // h_out = l2n(u): du = grad / (|u| + eps) - u (u . grad) / (|u| (|u| + eps)^2)
+  const float uu = attend(sm, S, qlen, sm.du);
+  float ug = 0.f;
+  for (int64_t m = tid; m < S; m += kThreads) ug = fmaf(sm.du[m], to_f(grad[pid * S + m]), ug);
+  ug = block_sum(ug, sm.red);
+  const float nu = sqrtf(uu);
+  const float inu = 1.f / (nu + kEps);
+  const float coef = nu > 0.f ? ug / (nu * (nu + kEps) * (nu + kEps)) : 0.f;
+  for (int64_t m = tid; m < S; m += kThreads) sm.du[m] = to_f(grad[pid * S + m]) * inu - sm.du[m] * coef;
+  __syncthreads();
+
+  // da[q] = E[q] . du (into logit), then dlogit[q] = a[q] (da[q] - sum a da)
+  for (int q = warp; q < qlen; q += kWarps) {
+    float acc = 0.f;
+    for (int64_t m = lane; m < S; m += 32) acc = fmaf(to_f(sm.es[q * sm.L.lde + m]), sm.du[m], acc);
+    acc = warp_sum(acc);
+    if (lane == 0) sm.logit[q] = acc;
+  }
+  __syncthreads();
+  float sad = 0.f;
+  for (int q = tid; q < qlen; q += kThreads) sad = fmaf(sm.a[q], sm.logit[q], sad);
+  sad = block_sum(sad, sm.red);
+  for (int q = tid; q < qlen; q += kThreads) sm.logit[q] = sm.a[q] * (sm.logit[q] - sad);
+  __syncthreads();
+  const float* dlogit = sm.logit;
+
+  // dE = a[q] du[m] (the rest, dKp Wk, on the host)
+  for (int64_t idx = tid; idx < (int64_t)qlen * S; idx += kThreads) {
+    const int q = (int)(idx / S);
+    dEp[idx] = sm.a[q] * sm.du[idx - (int64_t)q * S];
+  }
+  // per column n: dKp, dwv, dgp (K read back from dKp, written there by key_logits)
+  const T* kk = r.keep_k != nullptr ? r.keep_k + pid * Lq * S : nullptr;
+  for (int64_t n = tid; n < S; n += kThreads) {
+    const float kg = r.keep_g != nullptr ? to_f(r.keep_g[pid * S + n]) : 1.f;
+    const float wvn = to_f(r.wv[n]);
+    const float gw = sm.gw[n];   // g keep_g wv
+    float col = 0.f;
+    for (int q = 0; q < qlen; ++q) {
+      const float K = dKpp[q * S + n];
+      const float km = kk != nullptr ? to_f(kk[q * S + n]) : 1.f;
+      col = fmaf(dlogit[q], K * km, col);
+      dKpp[q * S + n] = dlogit[q] * gw * km * (1.f - K * K);
+    }
+    const float g = sm.g[n];
+    dwv[pid * S + n] = col * g * kg;
+    dgp[pid * S + n] = col * wvn * kg * (1.f - g * g);
+  }
+}
+
+}  // namespace cuda
+}  // namespace rcar_fast
