@@ -132,7 +132,8 @@ def demo(args) -> int:
         name, attn_type = (auto if auto in backends else backends[0]), directions[0]
         exhaustive = recall_metrics(scores[attn_type, name], args.captions_per_image)
         scorer = Scorer(heads[attn_type], img, cap, lens)
-        result = two_stage(scorer, args.rerank_k, args.captions_per_image, backend=name)
+        result = min((two_stage(scorer, args.rerank_k, args.captions_per_image, backend=name)
+                      for _ in range(2)), key=lambda r: r.seconds)    # best of two, as the rows
         report = compare_two_stage(exhaustive, seconds[attn_type, name], result)
         print(f"two-stage search ({attn_type} head, {name} backend, prefilter = cosine of mean-pooled "
               f"features, top {args.rerank_k} re-ranked per query):")
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="score synthetic structured data with every backend: speed, "
                                     "agreement with the reference, recall")
-    d.add_argument("--images", type=int, default=32)
+    d.add_argument("--images", type=int, default=24)
     d.add_argument("--captions-per-image", type=int, default=5)
     d.add_argument("--regulator", choices=REGULATORS, default="coop_rcar")
     d.add_argument("--steps", type=int, default=2)

@@ -69,12 +69,14 @@ def _head_device(head: nn.Module) -> torch.device:
 
 
 def _head_in(head: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
-    """``head`` in eval mode in ``dtype`` (a copy if it must change dtype; the caller's head is
-    left as it is)."""
+    """``head`` in eval mode (RAR dropout off) and in ``dtype``; a copy when either has to
+    change, so the caller's head is left as it was."""
     p = next(iter(head.parameters()), None)
-    if dtype is not None and p is not None and p.dtype != dtype:
-        head = copy.deepcopy(head).to(dtype)
-    return head.eval() if head.training else head
+    if (dtype is not None and p is not None and p.dtype != dtype) or head.training:
+        head = copy.deepcopy(head).eval()
+        if dtype is not None:
+            head = head.to(dtype)
+    return head
 
 
 class _Progress:
@@ -123,7 +125,7 @@ def score_all(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, backend: str 
     """Scores every image against every caption: (N_i, N_c) float32 on the CPU.
 
     head: an :class:`rcar_fast.RCARSimilarity` (or a module with its forward signature); it
-    runs on its own device in eval mode. img (N_i, R, d), cap (N_c, L, d), cap_lens (N_c,):
+    runs on its own device in eval mode (a copy of it, if it was training). img (N_i, R, d), cap (N_c, L, d), cap_lens (N_c,):
     features, on any device (moved to the head's device one tile at a time).
     backend: as :func:`rcar_fast.ops.rcar_scores`. dtype: None (the head's dtype), or
     "fp16"/"bf16"/"fp32" (features and a copy of the head are cast; scores come back as

@@ -175,6 +175,17 @@ def test_score_all_matches_one_reference_call(small_set, backend, tile):
     torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=0)
 
 
+def test_score_all_scores_in_eval_mode_and_leaves_the_head_training(small_set):
+    head, img, cap, lens, want = small_set
+    head.train()
+    try:
+        got = RT.score_all(head, img, cap, lens, backend="torch", progress=False)
+        assert head.training
+    finally:
+        head.eval()
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=0)   # no RAR dropout
+
+
 def test_score_all_half_precision_keeps_the_head(small_set):
     head, img, cap, lens, want = small_set
     got = RT.score_all(head, img.float(), cap.float(), lens, backend="torch", dtype="bf16", progress=False)
@@ -436,6 +447,19 @@ def test_release_checkpoint_round_trip(tmp_path):
         a = got(x, ids, lens, backend="torch")
         b = m(x, ids, lens, backend="torch")     # m has the same config and weights
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_save_checkpoint_writes_the_release_layout(tmp_path):
+    m = make_model(5, regulator="only_rar", steps=2, attn_type="i2t")
+    path = tmp_path / "saved.pth"
+    E.save_checkpoint(m, str(path), module_prefix=True, epoch=3)
+    raw = torch.load(path, weights_only=True)
+    assert raw["epoch"] == 3 and raw["opt"]["self_regulator"] == "only_rar" and raw["opt"]["rar_step"] == 2
+    assert all(k.startswith("module.") for k in raw["model"])
+    got = E.load_checkpoint(str(path))
+    assert got.config == m.config
+    for k, v in m.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("only_rcr", 1), ("coop_rcar", 2), ("coop_rcar", 3)])
