@@ -67,9 +67,14 @@ def _fail(command: str, message: str) -> int:
 
 # ----------------------------------------------------------------------------- demo
 
+RECALL_HEADER = f"{'i2t R@1':>7}{'R@5':>6}{'R@10':>6}  {'t2i R@1':>7}{'R@5':>6}{'R@10':>6}  {'rsum':>6}"
+
+
 def _recall_cells(recall) -> str:
-    return (" ".join(f"{v:>5.1f}" for v in recall.i2t[:3]) + "  "
-            + " ".join(f"{v:>5.1f}" for v in recall.t2i[:3]) + f"  {recall.rsum:>6.1f}")
+    """i2t R@1 R@5 R@10, t2i R@1 R@5 R@10 and rsum, under :data:`RECALL_HEADER`."""
+    i, t = recall.i2t, recall.t2i
+    return (f"{i[0]:>7.1f}{i[1]:>6.1f}{i[2]:>6.1f}  {t[0]:>7.1f}{t[1]:>6.1f}{t[2]:>6.1f}  "
+            f"{recall.rsum:>6.1f}")
 
 
 def demo(args) -> int:
@@ -77,6 +82,14 @@ def demo(args) -> int:
     from .retrieval import Scorer, average_scores, compare_two_stage, recall_metrics, two_stage
 
     device = torch.device(args.device)
+    backends = [b for b in available_backends(device) if b != "reference"]
+    if args.backends:
+        wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+        unknown = [b for b in wanted if b not in backends and b != "reference"]
+        if unknown:
+            return _fail("demo", f"--backends: {', '.join(unknown)} not available here "
+                                 f"(available: {', '.join(backends) or 'none'})")
+        backends = [b for b in wanted if b != "reference"]
     n_c = args.images * args.captions_per_image
     print(f"rcar_fast demo: structured synthetic data, {args.images} images x {n_c} captions "
           f"({args.captions_per_image} per image; R=36, d=1024, lengths 6..24, NaN padding), "
@@ -88,26 +101,17 @@ def demo(args) -> int:
     img, cap, lens = data.img.to(device), data.cap.to(device), data.lens
     pairs = args.images * n_c
     directions = ["t2i", "i2t"] if args.attn_type == "both" else [args.attn_type]
-    print(f"{'direction':<9} {'backend':<10} {'pairs/s':>8} {'max|diff| vs ref':>16}   "
-          f"{'i2t R@1   R@5  R@10':>17}  {'t2i R@1   R@5  R@10':>17}    rsum")
+    print(f"{'direction':<9} {'backend':<10} {'pairs/s':>8} {'max|diff| vs ref':>16} {RECALL_HEADER}")
     scores = {}          # (direction, backend) -> (N_i, N_c) scores
     seconds = {}
     heads = {}
-    backends = [b for b in available_backends(device) if b != "reference"]
-    if args.backends:
-        wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
-        unknown = [b for b in wanted if b not in backends and b != "reference"]
-        if unknown:
-            return _fail("demo", f"--backends: {', '.join(unknown)} not available here "
-                                 f"(available: {', '.join(backends) or 'none'})")
-        backends = [b for b in wanted if b != "reference"]
     for attn_type in directions:
         head = structured_head(args.regulator, args.steps, attn_type, seed=args.seed).to(device)
         heads[attn_type] = head
         with torch.no_grad():
             ref, t_ref = _timed(lambda: head(img, cap, lens, backend="reference"), 1 if args.quick else 2)
         scores[attn_type, "reference"] = ref.float().cpu()
-        print(f"{attn_type:<9} {'reference':<10} {pairs / t_ref:>8.0f} {'-':>16}   "
+        print(f"{attn_type:<9} {'reference':<10} {pairs / t_ref:>8.0f} {'-':>16} "
               f"{_recall_cells(recall_metrics(scores[attn_type, 'reference'], args.captions_per_image))}")
         for name in backends:
             with torch.no_grad():
@@ -115,7 +119,7 @@ def demo(args) -> int:
             diff = (out - ref).abs().max().item()
             scores[attn_type, name] = out.float().cpu()
             seconds[attn_type, name] = t
-            print(f"{attn_type:<9} {name:<10} {pairs / t:>8.0f} {diff:>16.2e}   "
+            print(f"{attn_type:<9} {name:<10} {pairs / t:>8.0f} {diff:>16.2e} "
                   f"{_recall_cells(recall_metrics(scores[attn_type, name], args.captions_per_image))}")
             if not diff <= args.tolerance:
                 print(f"error: backend {name} differs from the reference by {diff:.2e} "
@@ -124,7 +128,7 @@ def demo(args) -> int:
     if len(directions) == 2:
         for name in ["reference"] + backends:
             avg = average_scores([scores["t2i", name], scores["i2t", name]])
-            print(f"{'ALL':<9} {name:<10} {'-':>8} {'-':>16}   "
+            print(f"{'ALL':<9} {name:<10} {'-':>8} {'-':>16} "
                   f"{_recall_cells(recall_metrics(avg, args.captions_per_image))}")
         print("  (ALL: the t2i and i2t heads' scores averaged, as the paper's ALL rows)")
     if args.rerank_k and backends:
@@ -137,6 +141,7 @@ def demo(args) -> int:
         report = compare_two_stage(exhaustive, seconds[attn_type, name], result)
         print(f"two-stage search ({attn_type} head, {name} backend, prefilter = cosine of mean-pooled "
               f"features, top {args.rerank_k} re-ranked per query):")
+        print(f"  {'':<10} {RECALL_HEADER}")
         print(f"  {'exhaustive':<10} {_recall_cells(exhaustive)}")
         print(f"  {'two-stage':<10} {_recall_cells(result.recall)}")
         for line in report.lines():
