@@ -125,8 +125,9 @@ def score_all(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, backend: str 
     """Scores every image against every caption: (N_i, N_c) float32 on the CPU.
 
     head: an :class:`rcar_fast.RCARSimilarity` (or a module with its forward signature); it
-    runs on its own device in eval mode (a copy of it, if it was training). img (N_i, R, d), cap (N_c, L, d), cap_lens (N_c,):
-    features, on any device (moved to the head's device one tile at a time).
+    runs on its own device in eval mode (a copy of it, if it was training).
+    img (N_i, R, d), cap (N_c, L, d), cap_lens (N_c,): features, on any device (moved to the
+    head's device, and cast to its dtype, one tile at a time).
     backend: as :func:`rcar_fast.ops.rcar_scores`. dtype: None (the head's dtype), or
     "fp16"/"bf16"/"fp32" (features and a copy of the head are cast; scores come back as
     float32). memory_budget: bytes for one tile's features, also passed to the backend as
