@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="score synthetic structured data with every backend: speed, "
                                     "agreement with the reference, recall")
-    d.add_argument("--images", type=int, default=24)
+    d.add_argument("--images", type=int, default=16)
     d.add_argument("--captions-per-image", type=int, default=5)
     d.add_argument("--regulator", choices=REGULATORS, default="coop_rcar")
     d.add_argument("--steps", type=int, default=2)
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed |difference| from the reference (fp32); exit 1 above it")
-    d.add_argument("--rerank-k", type=int, default=10,
+    d.add_argument("--rerank-k", type=int, default=5,
                    help="two-stage search keeping the top K per query (0: skip it)")
     d.add_argument("--backends", default=None,
                    help="comma-separated backends to compare with the reference (default: every "
