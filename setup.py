@@ -52,7 +52,10 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx = ["-O3"]   # no -std: BuildExtension picks the one torch's headers need (C++20 for 2.14)
+    # no -std: BuildExtension picks the one torch's headers need (C++20 for 2.14). -fopenmp:
+    # at::parallel_for is an inline OpenMP region in torch's headers (AT_PARALLEL_OPENMP); its
+    # GOMP symbols resolve to the libgomp libtorch_cpu already loads.
+    cxx = ["-O3", "-fopenmp"]
     home = _cuda_home()
     if mode != "cpu" and cu and torch.version.cuda and home:
         os.environ["CUDA_HOME"] = home

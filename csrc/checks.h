@@ -97,4 +97,36 @@ inline void check_rar(const at::Tensor& E, const at::Tensor& qlens, const c10::o
   }
 }
 
+// E (B, P, Lq, s), factors (B, P, Lq, d), lam (B, P, Lq); w1 (h1, s), b1 (h1), w2 (d, h1), b2 (d),
+// ws1 (h2, s), bs1 (h2), ws2 (1, h2), bs2 (1)
+inline void check_rcr(const at::Tensor& E, const at::Tensor& qlens, const c10::optional<at::Tensor>& factors,
+                      const c10::optional<at::Tensor>& lam, const at::Tensor& w1, const at::Tensor& b1,
+                      const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& ws1, const at::Tensor& bs1,
+                      const at::Tensor& ws2, const at::Tensor& bs2) {
+  TORCH_CHECK(E.is_floating_point(), "E: expected a floating tensor, got ", E.scalar_type());
+  TORCH_CHECK(E.dim() == 4, "E: expected (B, P, Lq, s), got shape ", E.sizes());
+  const int64_t B = E.size(0), P = E.size(1), Lq = E.size(2), S = E.size(3);
+  check_lens(qlens, "qlens", P, E);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == S, "w1: expected (h1, ", S, "), got ", w1.sizes());
+  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == w1.size(0), "w2: expected (d, ", w1.size(0), "), got ", w2.sizes());
+  TORCH_CHECK(ws1.dim() == 2 && ws1.size(1) == S, "ws1: expected (h2, ", S, "), got ", ws1.sizes());
+  const int64_t H1 = w1.size(0), D = w2.size(0), H2 = ws1.size(0);
+  const std::pair<const at::Tensor*, const char*> ws[] = {{&w1, "w1"}, {&b1, "b1"}, {&w2, "w2"}, {&b2, "b2"},
+                                                          {&ws1, "ws1"}, {&bs1, "bs1"}, {&ws2, "ws2"}, {&bs2, "bs2"}};
+  for (auto& [t, name] : ws) check_float(*t, name, E);
+  check_shape(b1, "b1", {H1});
+  check_shape(b2, "b2", {D});
+  check_shape(bs1, "bs1", {H2});
+  check_shape(ws2, "ws2", {1, H2});
+  check_shape(bs2, "bs2", {1});
+  if (factors) {
+    check_float(*factors, "factors", E);
+    check_shape(*factors, "factors", {B, P, Lq, D});
+  }
+  if (lam) {
+    check_float(*lam, "lam", E);
+    check_shape(*lam, "lam", {B, P, Lq});
+  }
+}
+
 }  // namespace rcar_fast

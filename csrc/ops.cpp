@@ -14,6 +14,8 @@ TORCH_LIBRARY(rcar_fast, m) {
   m.def("rar_bwd(Tensor grad, Tensor E, Tensor qlens, Tensor h, Tensor wq, Tensor bq, Tensor wk, "
         "Tensor bk, Tensor wv, Tensor bv, Tensor? keep_k, Tensor? keep_g) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("rcr(Tensor E, Tensor qlens, Tensor? factors, Tensor? lam, float lam_scalar, Tensor w1, Tensor b1, "
+        "Tensor w2, Tensor b2, Tensor ws1, Tensor bs1, Tensor ws2, Tensor bs2) -> (Tensor, Tensor)");
 }
 
 namespace {
