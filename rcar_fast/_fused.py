@@ -73,6 +73,11 @@ def rar_bwd_fake(grad, E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g):
     return new(B, P, Lq, S), new(B, P, S), new(B, P, Lq, S), new(B, P, S), new(B, P, S)
 
 
+def rcr_fake(E, qlens, factors, lam, lam_scalar, w1, b1, w2, b2, ws1, bs1, ws2, bs2):
+    B, P, Lq, _ = E.shape
+    return E.new_empty(B, P, Lq, w2.shape[0]), E.new_empty(B, P, Lq)
+
+
 def register_attention_autograd(op, bwd_op) -> None:
     """Autograd for an ``attention`` op: save its inputs, call ``bwd_op`` in backward."""
     def setup_context(ctx, inputs, output):
@@ -96,9 +101,11 @@ def register_attention_autograd(op, bwd_op) -> None:
 
 
 def _mean_start(E: Tensor, qlens: Tensor) -> Tensor:
-    """RAR's first h: the mean of E over each pair's valid rows (fp32 sums), in E's dtype."""
+    """RAR's first h: the mean of E over each pair's valid rows (fp32 sums, fp64 for fp64), in
+    E's dtype."""
+    acc = torch.float64 if E.dtype == torch.float64 else torch.float32
     Ev = torch.where(_valid(qlens, E.shape[2])[None, :, :, None], E, E.new_zeros(()))
-    return (Ev.float().sum(2) / qlens.float()[None, :, None]).to(E.dtype)
+    return (Ev.to(acc).sum(2) / qlens.to(acc)[None, :, None]).to(E.dtype)
 
 
 def rar_backward(rar_op, rar_bwd_op, grad, E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g, need):
@@ -161,11 +168,27 @@ def register_rar_autograd(op, bwd_op, fwd_op=None) -> None:
 
 @dataclass(frozen=True)
 class FusedOps:
-    """One backend's forward ops (autograd registered on them)."""
+    """One backend's forward ops (autograd registered on them); ``rcr``: an optional fused RCR
+    step for inference (no autograd) on ``rcr_device`` tensors, else RCR runs in torch."""
     attention: Callable
     rar: Callable
     default_budget_cpu: int
     default_budget_gpu: int
+    rcr: Optional[Callable] = None
+    rcr_device: str = "cpu"
+
+    def rcr_step(self, E, ql, Fq, lam, params, prefix, inplace):
+        """(F, lam) after one RCR step, block layout; the fused op where it applies."""
+        if self.rcr is None or not inplace or E.device.type != self.rcr_device:
+            return rcr_step(E, Fq, lam, params, prefix, inplace)
+        lam_t = lam if isinstance(lam, Tensor) else None
+        lam_s = 0.0 if isinstance(lam, Tensor) else float(lam)
+
+        def w(name):
+            return params[prefix + name].contiguous()
+        return self.rcr(E, ql, Fq, lam_t, lam_s, w("rcr_matrix_w.0.weight"), w("rcr_matrix_w.0.bias"),
+                        w("rcr_matrix_w.2.weight"), w("rcr_matrix_w.2.bias"), w("rcr_smooth_w.0.weight"),
+                        w("rcr_smooth_w.0.bias"), w("rcr_smooth_w.2.weight"), w("rcr_smooth_w.2.bias"))
 
     def attention_call(self, q, ql, c, cl, factors, lam, weight=None, bias=None):
         lam_t = lam if isinstance(lam, Tensor) else None
@@ -268,7 +291,7 @@ def _block_scores(ops: FusedOps, q, ql, c, cl, params, rar_w, regulator, steps, 
 
     if regulator == "only_rcr":
         for t in range(steps):
-            Fq, lam = rcr_step(align(t), Fq, lam, params, f"rcr_modules.{t}.", inplace)
+            Fq, lam = ops.rcr_step(align(t), ql, Fq, lam, params, f"rcr_modules.{t}.", inplace)
         A = ops.attention_call(q, ql, c, cl, Fq, lam)                    # rows past qlen are 0
         valid = _valid(ql, q.shape[1])                                    # (P, Lq)
         Qv = torch.where(valid[..., None], q, q.new_zeros(()))
@@ -283,7 +306,7 @@ def _block_scores(ops: FusedOps, q, ql, c, cl, params, rar_w, regulator, steps, 
         for t in range(steps):
             E = align(t)
             if t < steps - 1:
-                Fq, lam = rcr_step(E, Fq, lam, params, f"rcr_modules.{t}.", inplace)
+                Fq, lam = ops.rcr_step(E, ql, Fq, lam, params, f"rcr_modules.{t}.", inplace)
             h = _rar_steps(ops, E, ql, h, tuple(w[t:t + 1] for w in rar_w), training)
     return torch.sigmoid(torch.nn.functional.linear(h, params["sim_eval_w.weight"],
                                                     params["sim_eval_w.bias"])).squeeze(-1)

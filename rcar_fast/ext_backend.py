@@ -2,7 +2,9 @@
 rcar_fast._C (csrc/; schemas in csrc/ops.cpp, contract in csrc/README.md), made traceable and
 differentiable here (register_fake, register_autograd), run by the block pipeline the fused
 backends share (rcar_fast._fused). The C++ CPU kernels (csrc/cpu/) and the CUDA kernels
-(csrc/cuda/) implement the same four ops; the dispatcher picks by the tensors' device.
+(csrc/cuda/) implement the same four ops; the dispatcher picks by the tensors' device. The CPU
+kernels add ``rcr``, a fused RCR step the "cpp" backend uses on its inference path (no
+autograd: with gradients RCR runs in torch).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ torch.library.register_fake("rcar_fast::attention")(_fused.attention_fake)
 torch.library.register_fake("rcar_fast::attention_bwd")(_fused.attention_bwd_fake)
 torch.library.register_fake("rcar_fast::rar")(_fused.rar_fake)
 torch.library.register_fake("rcar_fast::rar_bwd")(_fused.rar_bwd_fake)
+torch.library.register_fake("rcar_fast::rcr")(_fused.rcr_fake)
 
 
 class _Registered:
@@ -50,7 +53,9 @@ class _Registered:
 
 _fused.register_attention_autograd(_Registered("rcar_fast::attention"), _ops.attention_bwd)
 _fused.register_rar_autograd(_Registered("rcar_fast::rar"), _ops.rar_bwd.default, _ops.rar.default)
-OPS = _fused.FusedOps(_ops.attention.default, _ops.rar.default, DEFAULT_BUDGET_CPU, DEFAULT_BUDGET_GPU)
+_rcr = _ops.rcr.default if torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", "CPU") else None
+OPS = _fused.FusedOps(_ops.attention.default, _ops.rar.default, DEFAULT_BUDGET_CPU, DEFAULT_BUDGET_GPU,
+                      rcr=_rcr, rcr_device="cpu")
 
 
 def adaptive_attention(img, cap, cap_lens, factors, temperatures, attn_type):

@@ -109,11 +109,16 @@ class RCARSimilarity(nn.Module):
 
 def sim_state_from_checkpoint(checkpoint: Mapping) -> dict:
     """The similarity head's state dict out of a full release checkpoint (its ``model`` entry,
-    keys ``sim_enc.*``), ready for ``RCARSimilarity.load_state_dict(..., strict=True)``."""
+    keys ``sim_enc.*``, or ``module.sim_enc.*`` as the release saves it from nn.DataParallel),
+    ready for ``RCARSimilarity.load_state_dict(..., strict=True)``."""
     model = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(model, Mapping):
         raise ValueError("checkpoint: expected a mapping with a 'model' state dict")
-    state = {k[len("sim_enc."):]: v for k, v in model.items() if k.startswith("sim_enc.")}
+    state = {}
+    for k, v in model.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k.startswith("sim_enc."):
+            state[k[len("sim_enc."):]] = v
     if not state:
         raise ValueError("checkpoint: no 'sim_enc.' entries in its model state dict")
     return state

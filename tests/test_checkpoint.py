@@ -212,3 +212,12 @@ def test_dropout_modules_match_release():
     drops = [mod for mod in m.modules() if isinstance(mod, torch.nn.Dropout)]
     assert len(drops) == 4 and all(dr.p == pytest.approx(0.4) for dr in drops)
     assert m.training   # a fresh module trains (RAR dropout on) until .eval()
+
+
+def test_sim_state_from_a_data_parallel_checkpoint():
+    """The release saves model.state_dict() of an nn.DataParallel wrapper: keys 'module.sim_enc.*'."""
+    sim = release_state("coop_rcar", 2, seed=5)
+    model = {"module.img_enc.fc.weight": torch.zeros(2, 2)}
+    model.update({"module.sim_enc." + k: v for k, v in sim.items()})
+    state = rcar_fast.sim_state_from_checkpoint({"model": model})
+    assert set(state) == set(sim) and all(torch.equal(state[k], sim[k]) for k in sim)

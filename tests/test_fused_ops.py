@@ -261,3 +261,50 @@ def test_opcheck(backend):
         h = h0 if h0 is not None else E.mean(2)
         torch.library.opcheck(rar_bwd, (torch.randn_like(h), E, ql, h, wq[:1], bq[:1], wk[:1], bk[:1],
                                         wv[:1], bv[:1], kk, kg))
+
+
+@pytest.mark.skipif(rcar_fast.backend_status()["cpp"] != "available", reason=rcar_fast.backend_status()["cpp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["F=1,lam=float", "F,lam"])
+def test_cpp_rcr_matches_torch_rcr_step(with_state, dtype):
+    """The C++ inference-only rcr op against the torch backend's RCR step on every valid row;
+    padded rows of the inputs hold NaN and the outputs are zero there; opcheck."""
+    from rcar_fast import ext_backend  # noqa: F401
+    from rcar_fast.modules import RCRModule
+    from rcar_fast.torch_backend import rcr_step
+    B, P, Lq, s, d = 2, 3, 5, 6, 11
+    g = torch.Generator().manual_seed(21)
+    ql = torch.tensor([5, 1, 3], dtype=torch.int32)
+    E = torch.randn(B, P, Lq, s, generator=g, dtype=torch.float64)
+    F0 = torch.rand(B, P, Lq, d, generator=g, dtype=torch.float64) * 2 - 1 if with_state else None
+    lam0 = torch.rand(B, P, Lq, generator=g, dtype=torch.float64) * 5 if with_state else 4.0
+    w = {k: v.double() for k, v in RCRModule(d, s).state_dict().items()}
+    for k in w:
+        w[k] = w[k] + 0.1 * torch.randn(w[k].shape, generator=g, dtype=torch.float64)   # nonzero biases
+    want_F, want_lam = rcr_step(E.clone(), None if F0 is None else F0.clone(),
+                                lam0.clone() if isinstance(lam0, Tensor) else lam0, w, "", False)
+    pad = torch.arange(Lq)[None, :] >= ql[:, None]                      # (P, Lq)
+    En, Fn = E.clone(), None if F0 is None else F0.clone()
+    En[:, pad] = float("nan")
+    if Fn is not None:
+        Fn[:, pad] = float("nan")
+    lamn = lam0
+    if isinstance(lam0, Tensor):
+        lamn = lam0.clone()
+        lamn[:, pad] = float("nan")
+    c = (lambda x: x.to(dtype) if isinstance(x, Tensor) else x)
+    args = (c(En), ql, c(Fn), c(lamn) if isinstance(lamn, Tensor) else None,
+            0.0 if isinstance(lamn, Tensor) else float(lamn),
+            *[c(w[k]) for k in ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight",
+                                "rcr_matrix_w.2.bias", "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias",
+                                "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")])
+    got_F, got_lam = torch.ops.rcar_fast.rcr(*args)
+    assert got_F.dtype == dtype and got_F.shape == (B, P, Lq, d) and got_lam.shape == (B, P, Lq)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
+    valid = ~pad
+    torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], **tol)
+    torch.testing.assert_close(got_lam[:, valid].double(), want_lam[:, valid], **tol)
+    assert not got_F[:, pad].any() and not got_lam[:, pad].any()
+    if dtype == torch.float64:
+        torch.library.opcheck(torch.ops.rcar_fast.rcr.default,
+                              [torch.nan_to_num(a) if isinstance(a, Tensor) else a for a in args])
