@@ -36,7 +36,8 @@ struct AttnInputs {
   const T* f;    // (B, P, Lq, D) or null
   const T* lam;  // (B, P, Lq) or null
   const T* w;    // (S, D) or null
-  const T* wt;   // W^T (D, S) or null
+  const T* wt;   // W^T (D, S) packed (pack_kn) or null
+  const T* wp;   // W (S, D) packed, for the backward, or null
   const T* bias; // (S) or null
   const int32_t* ql;
   const int32_t* cl;
@@ -97,25 +98,26 @@ int64_t tile_rows(const AttnInputs<T>& a, int64_t n0, int64_t n1, std::vector<in
   return rows;
 }
 
-// X rows of pairs [k0, k1) of the tile (pair n = n0 + k): F * Q, or Q. Returns a pointer to the
-// group's first X row (rows at stride D): Q itself when there is no F and no padding.
+// X rows of pairs [k0, k1) of the tile (pair n = n0 + k): F * Q, or Q, written to X at row
+// stride ldx. Returns the group's first X row and the row stride: Q itself (stride D) when
+// there is no F and no padding.
 template <class T>
-const T* group_x(const AttnInputs<T>& a, int64_t n0, int64_t k0, int64_t k1, const std::vector<int64_t>& ro,
-                 T* X, bool force_copy) {
+std::pair<const T*, int64_t> group_x(const AttnInputs<T>& a, int64_t n0, int64_t k0, int64_t k1,
+                                     const std::vector<int64_t>& ro, T* X, int64_t ldx, bool force_copy) {
   const int64_t D = a.D, Lq = a.Lq, P = a.P;
   bool full = true;
   for (int64_t k = k0; k < k1; ++k) full = full && a.ql[(n0 + k) % P] == Lq;
-  if (!a.f && full && !force_copy) return a.q + ((n0 + k0) % P) * Lq * D;
+  if (!a.f && full && !force_copy) return {a.q + ((n0 + k0) % P) * Lq * D, D};
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t n = n0 + k, p = n % P, nq = a.ql[p];
     for (int64_t qi = 0; qi < nq; ++qi) {
-      T* x = X + (ro[k] + qi) * D;
+      T* x = X + (ro[k] + qi) * ldx;
       const T* qrow = a.q + (p * Lq + qi) * D;
       if (a.f) mul(x, a.f + (n * Lq + qi) * D, qrow, D);
       else std::memcpy(x, qrow, sizeof(T) * D);
     }
   }
-  return X + ro[k0] * D;
+  return {X + ro[k0] * ldx, ldx};
 }
 
 template <class T>
@@ -123,8 +125,8 @@ struct FwdState {
   Scratch<T> buf;
   std::vector<int64_t> ro;
   explicit FwdState(const AttnInputs<T>& a)
-      : buf({a.rows_max * a.D, a.rows_max * a.D, a.Lc * a.rows_max, a.rows_max,
-             a.rows_max * std::max<int64_t>(a.S, 1), a.rows_max, a.rows_max}) {}
+      : buf({a.rows_max * padded_ld<T>(a.D), a.rows_max * padded_ld<T>(a.D), a.Lc * a.rows_max, a.rows_max,
+             a.rows_max * std::max<int64_t>(a.S, 1), a.rows_max, a.rows_max, a.Lc * padded_ld<T>(a.D)}) {}
 };
 
 // Forward of the pairs [n0, n1) into out (B, P, Lq, W).
@@ -138,6 +140,8 @@ void forward_tile(const AttnInputs<T>& a, int64_t n0, int64_t n1, FwdState<T>& s
   T* Yb = st.buf[4];
   T* mrow = st.buf[5];
   T* srow = st.buf[6];
+  T* Cp = st.buf[7];
+  const int64_t DP = padded_ld<T>(D);  // U, X and the context copy Cp: rows off 4 KB multiples
   auto& ro = st.ro;
   const int64_t rows = tile_rows(a, n0, n1, ro);
   const int64_t np = n1 - n0;
@@ -150,16 +154,17 @@ void forward_tile(const AttnInputs<T>& a, int64_t n0, int64_t n1, FwdState<T>& s
     const int64_t clen = a.cl[b];
     const T* Cb = a.c + b * Lc * D;
     const int64_t r0 = ro[k0], rg = ro[k1] - ro[k0];
-    const T* Xg = group_x(a, n0, k0, k1, ro, X, false);
+    const auto [Xg, ldx] = group_x(a, n0, k0, k1, ro, X, DP, false);
+    for (int64_t c = 0; c < clen; ++c) std::memcpy(Cp + c * DP, Cb + c * D, sizeof(T) * D);
     RCAR_PROF("fwd x")
-    scores_t(Xg, D, rg, Cb, clen, D, St + r0, RT);
+    scores_t(Xg, ldx, rg, Cp, DP, clen, D, St + r0, RT);
     RCAR_PROF("fwd scores")
     if (a.lam)
       for (int64_t k = k0; k < k1; ++k)
         std::memcpy(lamr + ro[k] - r0, a.lam + (n0 + k) * Lq, sizeof(T) * (ro[k + 1] - ro[k]));
     probs_cmajor(St + r0, RT, clen, ro.data() + k0, k1 - k0, a.lam ? lamr : nullptr, a.lam_s, mrow, srow);
     RCAR_PROF("fwd probs")
-    mix_rows_t(St + r0, RT, rg, Cb, clen, D, U + r0 * D, D);
+    mix_rows_t(St + r0, RT, rg, Cp, DP, clen, D, U + r0 * DP, DP);
     RCAR_PROF("fwd mix")
     k0 = k1;
   }
@@ -169,7 +174,7 @@ void forward_tile(const AttnInputs<T>& a, int64_t n0, int64_t n1, FwdState<T>& s
     for (int64_t k = 0; k < np; ++k) {
       const int64_t n = n0 + k, nq = a.ql[n % P];
       for (int64_t qi = 0; qi < nq; ++qi) {
-        const T* u = U + (ro[k] + qi) * D;
+        const T* u = U + (ro[k] + qi) * DP;
         scale(out + (n * Lq + qi) * D, u, T(1) / (std::sqrt(sumsq(u, D)) + eps<T>()), D);
       }
     }
@@ -178,14 +183,14 @@ void forward_tile(const AttnInputs<T>& a, int64_t n0, int64_t n1, FwdState<T>& s
     for (int64_t k = 0; k < np; ++k) {
       const int64_t p = (n0 + k) % P, nq = a.ql[p];
       for (int64_t qi = 0; qi < nq; ++qi) {
-        T* u = U + (ro[k] + qi) * D;
+        T* u = U + (ro[k] + qi) * DP;
         sqdiff(u, a.q + (p * Lq + qi) * D, u, T(1) / (std::sqrt(sumsq(u, D)) + eps<T>()), D);
       }
     }
     const bool dense = rows == np * Lq;  // no padding: the tile's rows are contiguous in out
     T* Y = dense ? out + n0 * Lq * S : Yb;
     RCAR_PROF("fwd sqdiff")
-    gemm_kn(rows, S, D, U, D, a.wt, S, Y, S, false);
+    gemm_kn(rows, S, D, U, DP, a.wt, Y, S, false);
     RCAR_PROF("fwd projection")
     for (int64_t k = 0; k < np; ++k) {
       const int64_t n = n0 + k, nq = a.ql[n % P];
@@ -255,14 +260,14 @@ void backward_tile(const AttnInputs<T>& a, const BwdOutputs<T>& o, int64_t n0, i
   T* dCb = o.dc + b * Lc * D;
 
   // recompute: scores, probabilities, U
-  group_x(a, n0, 0, np, ro, X, true);
-  scores_t(X, D, rows, Cb, clen, D, St, RT);
+  group_x(a, n0, 0, np, ro, X, D, true);
+  scores_t(X, D, rows, Cb, D, clen, D, St, RT);
   for (int64_t k = 0; k < np; ++k) {
     const int64_t n = n0 + k;
     pair_probs(St, RT, ro[k], ro[k + 1] - ro[k], clen, a.lam ? a.lam + n * Lq : nullptr, a.lam_s, Pm, Lc,
                Nall + k * Lc, invNall + k * Lc);
   }
-  mix_rows(Pm, Lc, rows, Cb, clen, D, U, D);
+  mix_rows(Pm, Lc, rows, Cb, D, clen, D, U, D);
   for (int64_t r = 0; r < rows; ++r) {
     un[r] = std::sqrt(sumsq(U + r * D, D));
     inv[r] = T(1) / (un[r] + eps<T>());
@@ -277,7 +282,7 @@ void backward_tile(const AttnInputs<T>& a, const BwdOutputs<T>& o, int64_t n0, i
         sqdiff(D2 + r * D, a.q + (p * Lq + qi) * D, U + r * D, inv[r], D);
       }
     }
-    gemm_kn(rows, S, D, D2, D, a.wt, S, Y, S, false);
+    gemm_kn(rows, S, D, D2, D, a.wt, Y, S, false);
     for (int64_t k = 0; k < np; ++k) {
       const int64_t n = n0 + k;
       for (int64_t qi = 0; qi < ro[k + 1] - ro[k]; ++qi) {
@@ -294,7 +299,7 @@ void backward_tile(const AttnInputs<T>& a, const BwdOutputs<T>& o, int64_t n0, i
       }
     }
     gemm(true, false, S, D, rows, T(1), dY, S, D2, D, T(1), dw, D);  // dW += dY^T (Q - A)^2
-    gemm_kn(rows, D, S, dY, S, a.w, D, G, D, false);                  // dL/dD
+    gemm_kn(rows, D, S, dY, S, a.wp, G, D, false);                    // dL/dD
     for (int64_t k = 0; k < np; ++k) {
       const int64_t p = (n0 + k) % P;
       for (int64_t qi = 0; qi < ro[k + 1] - ro[k]; ++qi) {
@@ -389,7 +394,7 @@ void backward_tile(const AttnInputs<T>& a, const BwdOutputs<T>& o, int64_t n0, i
 
 struct Prepared {
   at::ScalarType compute;  // kFloat or kDouble
-  at::Tensor q, c, f, lam, w, wt, bias;
+  at::Tensor q, c, f, lam, w, wt, wp, bias;
   std::vector<int32_t> ql, cl;
 };
 
@@ -409,7 +414,7 @@ Prepared prepare(const at::Tensor& query, const at::Tensor& qlens, const at::Ten
   if (lam) pr.lam = as_compute(*lam, pr.compute);
   if (weight) {
     pr.w = as_compute(*weight, pr.compute);
-    pr.wt = pr.w.t().contiguous();
+    pr.wt = cached_pack("attention W^T", {pr.w}, [&] { return pack_kn(pr.w.t()); });
     pr.bias = as_compute(*bias, pr.compute);
   }
   pr.ql = read_lengths(qlens, "qlens", query.size(1), "1 <= qlens[p] <= Lq");
@@ -426,6 +431,7 @@ AttnInputs<T> inputs_of(const Prepared& pr, double lam_scalar) {
   a.lam = pr.lam.defined() ? pr.lam.data_ptr<T>() : nullptr;
   a.w = pr.w.defined() ? pr.w.data_ptr<T>() : nullptr;
   a.wt = pr.wt.defined() ? pr.wt.data_ptr<T>() : nullptr;
+  a.wp = pr.wp.defined() ? pr.wp.data_ptr<T>() : nullptr;
   a.bias = pr.bias.defined() ? pr.bias.data_ptr<T>() : nullptr;
   a.ql = pr.ql.data();
   a.cl = pr.cl.data();
@@ -519,6 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_float(grad, "grad", query);
   check_shape(grad, "grad", {B, P, Lq, W});
   at::Tensor g = as_compute(grad, pr.compute);
+  if (weight) pr.wp = cached_pack("attention W", {pr.w}, [&] { return pack_kn(pr.w); });
   const auto opts = pr.q.options();
   at::Tensor dq = at::zeros({P, Lq, D}, opts);
   at::Tensor dc = at::zeros({B, Lc, D}, opts);

@@ -9,12 +9,14 @@
 #include "cpu/common.h"
 
 #include <ATen/native/CPUBlas.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
 #include <dlfcn.h>
 #include <limits>
 #include <mutex>
+#include <string>
 #ifdef RCAR_FAST_PROFILE
 #include <cstdio>
 #include <string>
@@ -115,29 +117,102 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const
   gemm_impl<double>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-void gemm_kn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-             int64_t ldc, bool accumulate) {
+void gemm_kn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc,
+             bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
     return;
   }
-  // blocks of 64 rows (plus the tail) and, for wide outputs, 128 columns: the kernels are JIT
-  // compiled once per shape and thread, so the shapes are kept few; wide B blocks stay in L2
+  // blocks of 64 rows (plus the tail): the kernels are JIT compiled once per shape and thread,
+  // so the shapes are kept few
   constexpr int64_t kMb = 64;
-  const int64_t nb = N <= 640 ? N : 128;
+  const int64_t nb = packed_block(N);
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t nn = std::min(nb, N - n0);
+    const int64_t w = std::min(nb, N - n0);
     for (int64_t m0 = 0; m0 < M; m0 += kMb)
-      at::native::cpublas::brgemm(std::min(kMb, M - m0), nn, K, lda, ldb, ldc, accumulate, A + m0 * lda, B + n0,
+      at::native::cpublas::brgemm(std::min(kMb, M - m0), w, K, lda, w, ldc, accumulate, A + m0 * lda, Bp + n0 * K,
                                   C + m0 * ldc + n0, false);
   }
 }
 
-void gemm_kn(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
-             double* C, int64_t ldc, bool accumulate) {
-  gemm(false, false, M, N, K, 1.0, A, lda, B, ldb, accumulate ? 1.0 : 0.0, C, ldc);
+void gemm_kn(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bp, double* C,
+             int64_t ldc, bool accumulate) {
+  const int64_t nb = packed_block(N);
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t w = std::min(nb, N - n0);
+    gemm(false, false, M, w, K, 1.0, A, lda, Bp + n0 * K, w, accumulate ? 1.0 : 0.0, C + n0, ldc);
+  }
+}
+
+at::Tensor pack_kn(const at::Tensor& B) {
+  TORCH_CHECK(B.dim() == 2, "pack_kn: expected a matrix, got shape ", B.sizes());
+  const int64_t N = B.size(1), nb = packed_block(N);
+  if (nb >= N) return B.contiguous().view({-1});
+  std::vector<at::Tensor> blocks;
+  for (int64_t n0 = 0; n0 < N; n0 += nb) blocks.push_back(B.narrow(1, n0, std::min(nb, N - n0)).reshape({-1}));
+  return at::cat(blocks, 0);
+}
+
+namespace {
+
+struct PackEntry {
+  std::string kind;
+  std::vector<at::Tensor> snaps;  // copies of the sources' bytes when packed
+  at::Tensor packed;
+  uint64_t used = 0;
+};
+
+struct PackCache {
+  std::mutex mu;
+  std::vector<PackEntry> entries;
+  uint64_t clock = 0;
+  static constexpr size_t kEntries = 24;
+};
+
+PackCache& pack_cache() {
+  static PackCache* c = new PackCache();  // never destroyed: no teardown order issues at exit
+  return *c;
+}
+
+bool same_bytes(const at::Tensor& snap, const at::Tensor& src) {
+  return snap.scalar_type() == src.scalar_type() && snap.sizes() == src.sizes() &&
+         std::memcmp(snap.data_ptr(), src.data_ptr(), src.nbytes()) == 0;
+}
+
+}  // namespace
+
+at::Tensor cached_pack(const char* kind, std::initializer_list<at::Tensor> srcs,
+                       const std::function<at::Tensor()>& make) {
+  bool cacheable = true;
+  for (const auto& t : srcs) cacheable = cacheable && t.is_contiguous() && t.device().is_cpu();
+  if (!cacheable) return make();
+  auto& cache = pack_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  for (auto& e : cache.entries) {
+    if (e.kind != kind || e.snaps.size() != srcs.size()) continue;
+    bool hit = true;
+    size_t i = 0;
+    for (const auto& t : srcs) hit = hit && same_bytes(e.snaps[i++], t);
+    if (hit) {
+      e.used = ++cache.clock;
+      return e.packed;
+    }
+  }
+  PackEntry e;
+  e.kind = kind;
+  for (const auto& t : srcs) e.snaps.push_back(t.clone());
+  e.packed = make();
+  e.used = ++cache.clock;
+  if (cache.entries.size() >= PackCache::kEntries) {
+    auto lru = std::min_element(cache.entries.begin(), cache.entries.end(),
+                                [](const PackEntry& a, const PackEntry& b) { return a.used < b.used; });
+    *lru = std::move(e);
+    return lru->packed;
+  }
+  cache.entries.push_back(std::move(e));
+  return cache.entries.back().packed;
 }
 
 #ifdef RCAR_FAST_PROFILE

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -34,14 +35,27 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const
           const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
 // whether the GEMMs call the BLAS directly (true) or fall back to at::mm
 bool blas_direct();
-// Row-major C (M x N) = A (M x K) B (K x N) (+ C when accumulate), B a weight stored K x N.
-// fp32 goes through at::native::cpublas::brgemm: oneDNN's JIT micro-kernels (AVX-512/AVX2),
-// measured 110-117 GFLOP/s on one core of the dev box for the shapes here against 90-100 for
-// MKL's sgemm; it falls back to the BLAS itself where oneDNN's ukernels are not built in.
-void gemm_kn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+// Row-major C (M x N) = A (M x K) B (K x N) (+ C when accumulate), B a weight packed by
+// pack_kn. fp32 goes through at::native::cpublas::brgemm: oneDNN's JIT micro-kernels
+// (AVX-512/AVX2), measured 105-117 GFLOP/s on one core of the dev box for the shapes here
+// against 80-100 for MKL's sgemm; it falls back to the BLAS where oneDNN's ukernels are not
+// built in. fp64 calls the BLAS.
+void gemm_kn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc,
+             bool accumulate);
+void gemm_kn(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bp, double* C,
              int64_t ldc, bool accumulate);
-void gemm_kn(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
-             double* C, int64_t ldc, bool accumulate);
+// Columns per block of a packed weight: wide weights are cut into blocks of 128 columns, each
+// stored K x width contiguously (rows 4 KB apart, as in a plain 1024-wide weight, alias in L1
+// and cost the kernels 20%); up to 640 columns the packed weight is the plain row-major one.
+inline int64_t packed_block(int64_t N) { return N <= 640 ? N : 128; }
+// B (K x N, any strides) packed for gemm_kn: a contiguous tensor of K * N elements.
+at::Tensor pack_kn(const at::Tensor& B);
+// make() (a packed form of the weights srcs), reused from an earlier call while every src is
+// contiguous and holds the same bytes as then (compared in full: a changed weight is never
+// missed, whatever way it was changed). kind names what make() builds. Packing a 1024 x 512
+// weight costs ~1 ms of one thread per call; the comparison ~0.05 ms. A small LRU cache.
+at::Tensor cached_pack(const char* kind, std::initializer_list<at::Tensor> srcs,
+                       const std::function<at::Tensor()>& make);
 
 // --------------------------------------------------------------------- element-wise loops
 // fp32 versions live in vec.cpp (CPU-dispatched clones); fp64 versions are the templates.
@@ -56,10 +70,9 @@ RCAR_INLINE T bitcast_i2f(int32_t i) {
   return f;
 }
 
-// exp for fp32: Cody-Waite range reduction and Cephes' degree-6 polynomial, ~1 ulp on
-// [-87, 88]; branch-free so the loops around it vectorise. Inputs are clamped to that range.
-RCAR_INLINE float exp_f32(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+// exp for fp32 on [-87, 88]: Cody-Waite range reduction and Cephes' degree-6 polynomial, ~1 ulp;
+// branch-free so that the loops around it vectorise.
+RCAR_INLINE float exp_core_f32(float x) {
   const float big = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float n = (x * 1.44269504088896341f + big) - big;
   float r = x - n * 0.693359375f;
@@ -75,10 +88,13 @@ RCAR_INLINE float exp_f32(float x) {
   return y * bitcast_i2f<float>(e);
 }
 
+// exp for fp32, inputs clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for smaller values)
+RCAR_INLINE float exp_f32(float x) { return exp_core_f32(std::min(std::max(x, -87.0f), 88.0f)); }
+
 // tanh for fp32 as (1 - e) / (1 + e), e = exp(-2|x|), the sign restored: absolute error
 // ~1e-7 everywhere (like torch's fp32 2 sigmoid(2x) - 1), about 20 operations, branch-free.
 RCAR_INLINE float tanh_f32(float x) {
-  const float e = exp_f32(-2.0f * std::min(std::fabs(x), 9.0f));
+  const float e = exp_core_f32(-2.0f * std::min(std::fabs(x), 9.0f));
   return std::copysign((1.0f - e) / (1.0f + e), x);
 }
 
@@ -259,11 +275,13 @@ void axpy(float* y, float a, const float* x, int64_t n);
 void rcr_tail(float* m, const float* b, const float* f, int64_t n);
 float tanh_dot(const float* k, const float* b, const float* w, const float* keep, int64_t n);
 float exp_shift_sum(float* x, float m, int64_t n);
-// St[c * ldst + r] = X[r] . C[c] (r < rows, c < clen, rows of length D); U[r] = sum_c Pm[r, c] C[c]
-void scores_t(const float* X, int64_t ldx, int64_t rows, const float* C, int64_t clen, int64_t D, float* St,
-              int64_t ldst);
-void mix_rows(const float* Pm, int64_t ldp, int64_t rows, const float* C, int64_t clen, int64_t D, float* U,
-              int64_t ldu);
+// St[c * ldst + r] = X[r] . C[c] (r < rows, c < clen, rows of length D); U[r] = sum_c Pm[r, c] C[c].
+// Row strides that are multiples of 4 KB make these 20-50% slower (L1 set conflicts): callers
+// hand them rows at a padded stride (padded_ld) where they can.
+void scores_t(const float* X, int64_t ldx, int64_t rows, const float* C, int64_t ldc, int64_t clen, int64_t D,
+              float* St, int64_t ldst);
+void mix_rows(const float* Pm, int64_t ldp, int64_t rows, const float* C, int64_t ldc, int64_t clen, int64_t D,
+              float* U, int64_t ldu);
 void probs_cmajor(float* St, int64_t ld, int64_t clen, const int64_t* off, int64_t npairs, const float* lam,
                   float lam_s, float* m, float* s);
 inline void probs_cmajor(double* St, int64_t ld, int64_t clen, const int64_t* off, int64_t npairs,
@@ -271,19 +289,24 @@ inline void probs_cmajor(double* St, int64_t ld, int64_t clen, const int64_t* of
   vm::probs_cmajor(St, ld, clen, off, npairs, lam, lam_s, m, s);
 }
 // U[r] = sum_c Pt[c * ldp + r] C[c]: the probabilities transposed, as probs_cmajor leaves them
-void mix_rows_t(const float* Pt, int64_t ldp, int64_t rows, const float* C, int64_t clen, int64_t D, float* U,
-                int64_t ldu);
-inline void mix_rows_t(const double* Pt, int64_t ldp, int64_t rows, const double* C, int64_t clen, int64_t D,
-                       double* U, int64_t ldu) {
-  gemm(true, false, rows, D, clen, 1.0, Pt, ldp, C, D, 0.0, U, ldu);
+void mix_rows_t(const float* Pt, int64_t ldp, int64_t rows, const float* C, int64_t ldc, int64_t clen, int64_t D,
+                float* U, int64_t ldu);
+inline void mix_rows_t(const double* Pt, int64_t ldp, int64_t rows, const double* C, int64_t ldc, int64_t clen,
+                       int64_t D, double* U, int64_t ldu) {
+  gemm(true, false, rows, D, clen, 1.0, Pt, ldp, C, ldc, 0.0, U, ldu);
 }
-inline void scores_t(const double* X, int64_t ldx, int64_t rows, const double* C, int64_t clen, int64_t D,
-                     double* St, int64_t ldst) {
-  gemm(false, true, clen, rows, D, 1.0, C, D, X, ldx, 0.0, St, ldst);
+inline void scores_t(const double* X, int64_t ldx, int64_t rows, const double* C, int64_t ldc, int64_t clen,
+                     int64_t D, double* St, int64_t ldst) {
+  gemm(false, true, clen, rows, D, 1.0, C, ldc, X, ldx, 0.0, St, ldst);
 }
-inline void mix_rows(const double* Pm, int64_t ldp, int64_t rows, const double* C, int64_t clen, int64_t D,
-                     double* U, int64_t ldu) {
-  gemm(false, false, rows, D, clen, 1.0, Pm, ldp, C, D, 0.0, U, ldu);
+inline void mix_rows(const double* Pm, int64_t ldp, int64_t rows, const double* C, int64_t ldc, int64_t clen,
+                     int64_t D, double* U, int64_t ldu) {
+  gemm(false, false, rows, D, clen, 1.0, Pm, ldp, C, ldc, 0.0, U, ldu);
+}
+// Padded row stride of the kernels' d-wide buffers: d plus 64 bytes, off the 4 KB multiples
+template <class T>
+inline int64_t padded_ld(int64_t D) {
+  return D + 64 / static_cast<int64_t>(sizeof(T));
 }
 
 inline double sumsq(const double* x, int64_t n) { return vm::sumsq(x, n); }

@@ -7,6 +7,7 @@
 // softmax over its valid rows and h = l2n(sum_q a[q] E[q]). Padded rows are never read.
 // The backward (one step) recomputes the step per tile and returns the per-row and per-pair
 // pieces of the contract; dE gets its dKp Wk term from one GEMM per tile, dh = dgp Wq likewise.
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -22,7 +23,8 @@ struct RarInputs {
   const T* E;   // (B, P, Lq, S)
   const T* h0;  // (B, P, S) or null
   const T *wq, *bq, *wk, *bk, *wv, *bv;  // (T, S, S), (T, S), (T, S, S), (T, S), (T, S), (T)
-  const T *wqt, *wkt;                    // the weights transposed, (T, S, S)
+  const T *wqt, *wkt;                    // the weights transposed and packed, T blocks of S * S
+  const T *wqp, *wkp;                    // the weights packed (backward), T blocks of S * S
   const T* keep_k;  // (B, P, Lq, S) or null
   const T* keep_g;  // (B, P, S) or null
   const int32_t* ql;
@@ -108,7 +110,7 @@ void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>
     const T* wv = a.wv + t * S;
     const T bv = a.bv[t];
     // g = tanh(Wq h + bq) * keep_g, times wv
-    gemm_kn(np, S, S, h, S, wqt, S, G, S, false);
+    gemm_kn(np, S, S, h, S, wqt, G, S, false);
     for (int64_t k = 0; k < np; ++k) {
       T* g = G + k * S;
       tanh_bias(g, bq, S);
@@ -116,7 +118,7 @@ void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>
       mul(g, g, wv, S);
     }
     RCAR_PROF("rar g")
-    gemm_kn(rows, S, S, Ep, S, wkt, S, K, S, false);
+    gemm_kn(rows, S, S, Ep, S, wkt, K, S, false);
     RCAR_PROF("rar gemm K")
     for (int64_t k = 0; k < np; ++k) {
       const int64_t n = n0 + k, nq = ro[k + 1] - ro[k];
@@ -138,11 +140,18 @@ void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>
 
 struct RarPrepared {
   at::ScalarType compute;
-  at::Tensor E, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g, wqt, wkt;
+  at::Tensor E, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g, wqt, wkt, wqp, wkp;
   std::vector<int32_t> ql;
 };
 
 at::Tensor as_compute(const at::Tensor& t, at::ScalarType st) { return t.to(st).contiguous(); }
+
+// (T, S, S) weights as T packed blocks (pack_kn) of W^T (transposed) or W, concatenated
+at::Tensor pack_steps(const at::Tensor& w, bool transposed) {
+  std::vector<at::Tensor> steps;
+  for (int64_t t = 0; t < w.size(0); ++t) steps.push_back(pack_kn(transposed ? w[t].t() : w[t]));
+  return at::cat(steps, 0);
+}
 
 RarPrepared rar_prepare(const at::Tensor& E, const at::Tensor& qlens, const c10::optional<at::Tensor>& h,
                         const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,
@@ -156,10 +165,10 @@ RarPrepared rar_prepare(const at::Tensor& E, const at::Tensor& qlens, const c10:
   pr.E = cv(E);
   if (h) pr.h = cv(*h);
   pr.wq = cv(wq);
-  pr.wqt = pr.wq.transpose(1, 2).contiguous();
+  pr.wqt = cached_pack("rar Wq^T", {pr.wq}, [&] { return pack_steps(pr.wq, true); });
   pr.bq = cv(bq);
   pr.wk = cv(wk);
-  pr.wkt = pr.wk.transpose(1, 2).contiguous();
+  pr.wkt = cached_pack("rar Wk^T", {pr.wk}, [&] { return pack_steps(pr.wk, true); });
   pr.bk = cv(bk);
   pr.wv = cv(wv);
   pr.bv = cv(bv);
@@ -179,6 +188,8 @@ RarInputs<T> rar_inputs(const RarPrepared& pr) {
   a.wq = pr.wq.data_ptr<T>();
   a.wqt = pr.wqt.data_ptr<T>();
   a.wkt = pr.wkt.data_ptr<T>();
+  a.wqp = pr.wqp.defined() ? pr.wqp.data_ptr<T>() : nullptr;
+  a.wkp = pr.wkp.defined() ? pr.wkp.data_ptr<T>() : nullptr;
   a.bq = pr.bq.data_ptr<T>();
   a.wk = pr.wk.data_ptr<T>();
   a.bk = pr.bk.data_ptr<T>();
@@ -248,9 +259,9 @@ void rar_backward_tile(const RarInputs<T>& a, const RarGrads<T>& o, int64_t n0, 
   const T* Ep = rar_e(a, n0, n1, ro, Ec);
   const T bv = a.bv[0];
 
-  gemm_kn(np, S, S, o.h + n0 * S, S, a.wqt, S, G, S, false);
+  gemm_kn(np, S, S, o.h + n0 * S, S, a.wqt, G, S, false);
   for (int64_t k = 0; k < np; ++k) tanh_bias(G + k * S, a.bq, S);
-  gemm_kn(rows, S, S, Ep, S, a.wkt, S, K, S, false);
+  gemm_kn(rows, S, S, Ep, S, a.wkt, K, S, false);
   for (int64_t r = 0; r < rows; ++r) tanh_bias(K + r * S, a.bk, S);
 
   for (int64_t k = 0; k < np; ++k) {
@@ -307,8 +318,8 @@ void rar_backward_tile(const RarInputs<T>& a, const RarGrads<T>& o, int64_t n0, 
     for (int64_t qi = 0; qi < nq; ++qi)
       std::memcpy(o.dKp + (n * Lq + qi) * S, K + (r0 + qi) * S, sizeof(T) * S);
   }
-  gemm_kn(rows, S, S, K, S, a.wk, S, dEc, S, true);           // dE += dKp Wk
-  gemm_kn(np, S, S, dG, S, a.wq, S, o.dh + n0 * S, S, false);  // dh = dgp Wq
+  gemm_kn(rows, S, S, K, S, a.wkp, dEc, S, true);           // dE += dKp Wk
+  gemm_kn(np, S, S, dG, S, a.wqp, o.dh + n0 * S, S, false);  // dh = dgp Wq
   for (int64_t k = 0; k < np; ++k) {
     const int64_t n = n0 + k;
     std::memcpy(o.dE + n * Lq * S, dEc + ro[k] * S, sizeof(T) * (ro[k + 1] - ro[k]) * S);
@@ -325,6 +336,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rar_bwd_c
   check_float(grad, "grad", E);
   check_shape(grad, "grad", {B, P, S});
   at::Tensor g = as_compute(grad, pr.compute);
+  pr.wqp = cached_pack("rar Wq", {pr.wq}, [&] { return pack_steps(pr.wq, false); });
+  pr.wkp = cached_pack("rar Wk", {pr.wk}, [&] { return pack_steps(pr.wk, false); });
   const auto opts = pr.E.options();
   at::Tensor dE = at::zeros({B, P, Lq, S}, opts);
   at::Tensor dKp = at::zeros({B, P, Lq, S}, opts);

@@ -21,9 +21,9 @@ struct RcrInputs {
   const T* f;    // (B, P, Lq, D) or null (ones)
   const T* lam;  // (B, P, Lq) or null (lam_s)
   T lam_s;
-  const T* w1t;  // [w1; ws1]^T (S, H1 + H2)
+  const T* w1t;  // [w1; ws1]^T (S, H1 + H2), packed (pack_kn)
   const T* b1c;  // [b1; bs1] (H1 + H2)
-  const T* w2t;  // w2^T (H1, D)
+  const T* w2t;  // w2^T (H1, D), packed
   const T* b2;   // (D)
   const T* ws2;  // (H2)
   T bs2;
@@ -62,12 +62,12 @@ void rcr_tile(const RcrInputs<T>& a, int64_t n0, int64_t n1, RcrState<T>& st, T*
       std::memcpy(Ec + ro[k] * S, a.E + (n0 + k) * Lq * S, sizeof(T) * (ro[k + 1] - ro[k]) * S);
     Ep = Ec;
   }
-  gemm_kn(rows, HH, S, Ep, S, a.w1t, HH, H, HH, false);
+  gemm_kn(rows, HH, S, Ep, S, a.w1t, H, HH, false);
   RCAR_PROF("rcr gemm1")
   for (int64_t r = 0; r < rows; ++r) tanh_bias(H + r * HH, a.b1c, HH);
   RCAR_PROF("rcr tanh1")
   T* M = dense ? fout + n0 * Lq * D : Mb;
-  gemm_kn(rows, D, a.H1, H, HH, a.w2t, D, M, D, false);
+  gemm_kn(rows, D, a.H1, H, HH, a.w2t, M, D, false);
   RCAR_PROF("rcr gemm2")
   for (int64_t k = 0; k < np; ++k) {
     const int64_t n = n0 + k, nq = ro[k + 1] - ro[k];
@@ -102,9 +102,10 @@ std::tuple<at::Tensor, at::Tensor> rcr_cpu(const at::Tensor& E, const at::Tensor
   at::Tensor Ec = cv(E), f, l;
   if (factors) f = cv(*factors);
   if (lam) l = cv(*lam);
-  at::Tensor w1t = at::cat({cv(w1), cv(ws1)}, 0).t().contiguous();
+  const at::Tensor w1c = cv(w1), ws1c = cv(ws1), w2c = cv(w2);
+  at::Tensor w1t = cached_pack("rcr [W1; Ws1]^T", {w1c, ws1c}, [&] { return pack_kn(at::cat({w1c, ws1c}, 0).t()); });
   at::Tensor b1c = at::cat({cv(b1), cv(bs1)}, 0).contiguous();
-  at::Tensor w2t = cv(w2).t().contiguous(), b2c = cv(b2), ws2c = cv(ws2), bs2c = cv(bs2);
+  at::Tensor w2t = cached_pack("rcr W2^T", {w2c}, [&] { return pack_kn(w2c.t()); }), b2c = cv(b2), ws2c = cv(ws2), bs2c = cv(bs2);
   const std::vector<int32_t> ql = read_lengths(qlens, "qlens", E.size(2), "1 <= qlens[p] <= Lq");
   const int64_t B = E.size(0), P = E.size(1), Lq = E.size(2), D = w2.size(0);
   at::Tensor fout = at::empty({B, P, Lq, D}, Ec.options());

@@ -53,7 +53,8 @@ RCAR_INLINE float hsum8(v8f v) {
 }
 
 template <int MR, int NR>
-RCAR_INLINE void scores_micro(const float* X, int64_t ldx, const float* C, int64_t D, float* St, int64_t ldst) {
+RCAR_INLINE void scores_micro(const float* X, int64_t ldx, const float* C, int64_t ldc, int64_t D, float* St,
+                              int64_t ldst) {
   v8f acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = v8f{};
@@ -62,41 +63,41 @@ RCAR_INLINE void scores_micro(const float* X, int64_t ldx, const float* C, int64
     v8f xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = load8(X + i * ldx + k);
     for (int j = 0; j < NR; ++j) {
-      const v8f cv = load8(C + j * D + k);
+      const v8f cv = load8(C + j * ldc + k);
       for (int i = 0; i < MR; ++i) acc[i][j] += xv[i] * cv;
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
       float s = hsum8(acc[i][j]);
-      for (int64_t kk = k; kk < D; ++kk) s += X[i * ldx + kk] * C[j * D + kk];
+      for (int64_t kk = k; kk < D; ++kk) s += X[i * ldx + kk] * C[j * ldc + kk];
       St[j * ldst + i] = s;
     }
 }
 
 template <int MR>
-RCAR_INLINE void scores_rowblock(const float* X, int64_t ldx, const float* C, int64_t clen, int64_t D, float* St,
-                                 int64_t ldst) {
+RCAR_INLINE void scores_rowblock(const float* X, int64_t ldx, const float* C, int64_t ldc, int64_t clen, int64_t D,
+                                 float* St, int64_t ldst) {
   int64_t c = 0;
-  for (; c + 4 <= clen; c += 4) scores_micro<MR, 4>(X, ldx, C + c * D, D, St + c * ldst, ldst);
+  for (; c + 4 <= clen; c += 4) scores_micro<MR, 4>(X, ldx, C + c * ldc, ldc, D, St + c * ldst, ldst);
   switch (clen - c) {
-    case 3: scores_micro<MR, 3>(X, ldx, C + c * D, D, St + c * ldst, ldst); break;
-    case 2: scores_micro<MR, 2>(X, ldx, C + c * D, D, St + c * ldst, ldst); break;
-    case 1: scores_micro<MR, 1>(X, ldx, C + c * D, D, St + c * ldst, ldst); break;
+    case 3: scores_micro<MR, 3>(X, ldx, C + c * ldc, ldc, D, St + c * ldst, ldst); break;
+    case 2: scores_micro<MR, 2>(X, ldx, C + c * ldc, ldc, D, St + c * ldst, ldst); break;
+    case 1: scores_micro<MR, 1>(X, ldx, C + c * ldc, ldc, D, St + c * ldst, ldst); break;
     default: break;
   }
 }
 
 // Pm[i * rs + c * cs]: the probability of row i and context row c
 template <int MR>
-RCAR_INLINE void mix_micro(const float* Pm, int64_t rs, int64_t cs, const float* C, int64_t clen, int64_t D,
-                           float* U, int64_t ldu) {
+RCAR_INLINE void mix_micro(const float* Pm, int64_t rs, int64_t cs, const float* C, int64_t ldc, int64_t clen,
+                           int64_t D, float* U, int64_t ldu) {
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
     v8f acc[MR][2];
     for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = v8f{};
     for (int64_t c = 0; c < clen; ++c) {
-      const v8f c0 = load8(C + c * D + j), c1 = load8(C + c * D + j + 8);
+      const v8f c0 = load8(C + c * ldc + j), c1 = load8(C + c * ldc + j + 8);
       for (int i = 0; i < MR; ++i) {
         const float p = Pm[i * rs + c * cs];
         acc[i][0] += p * c0;
@@ -111,47 +112,47 @@ RCAR_INLINE void mix_micro(const float* Pm, int64_t rs, int64_t cs, const float*
   for (; j < D; ++j)
     for (int i = 0; i < MR; ++i) {
       float s = 0;
-      for (int64_t c = 0; c < clen; ++c) s += Pm[i * rs + c * cs] * C[c * D + j];
+      for (int64_t c = 0; c < clen; ++c) s += Pm[i * rs + c * cs] * C[c * ldc + j];
       U[i * ldu + j] = s;
     }
 }
 
 }  // namespace
 
-RCAR_CLONES void scores_t(const float* X, int64_t ldx, int64_t rows, const float* C, int64_t clen, int64_t D,
-                          float* St, int64_t ldst) {
+RCAR_CLONES void scores_t(const float* X, int64_t ldx, int64_t rows, const float* C, int64_t ldc, int64_t clen,
+                          int64_t D, float* St, int64_t ldst) {
   int64_t r = 0;
-  for (; r + 3 <= rows; r += 3) scores_rowblock<3>(X + r * ldx, ldx, C, clen, D, St + r, ldst);
-  if (rows - r == 2) scores_rowblock<2>(X + r * ldx, ldx, C, clen, D, St + r, ldst);
-  else if (rows - r == 1) scores_rowblock<1>(X + r * ldx, ldx, C, clen, D, St + r, ldst);
+  for (; r + 3 <= rows; r += 3) scores_rowblock<3>(X + r * ldx, ldx, C, ldc, clen, D, St + r, ldst);
+  if (rows - r == 2) scores_rowblock<2>(X + r * ldx, ldx, C, ldc, clen, D, St + r, ldst);
+  else if (rows - r == 1) scores_rowblock<1>(X + r * ldx, ldx, C, ldc, clen, D, St + r, ldst);
 }
 
 namespace {
-RCAR_INLINE void mix_any(const float* Pm, int64_t rs, int64_t cs, int64_t rows, const float* C, int64_t clen,
-                         int64_t D, float* U, int64_t ldu) {
+RCAR_INLINE void mix_any(const float* Pm, int64_t rs, int64_t cs, int64_t rows, const float* C, int64_t ldc,
+                         int64_t clen, int64_t D, float* U, int64_t ldu) {
   int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) mix_micro<6>(Pm + r * rs, rs, cs, C, clen, D, U + r * ldu, ldu);
+  for (; r + 6 <= rows; r += 6) mix_micro<6>(Pm + r * rs, rs, cs, C, ldc, clen, D, U + r * ldu, ldu);
   const float* P = Pm + r * rs;
   float* Ur = U + r * ldu;
   switch (rows - r) {
-    case 5: mix_micro<5>(P, rs, cs, C, clen, D, Ur, ldu); break;
-    case 4: mix_micro<4>(P, rs, cs, C, clen, D, Ur, ldu); break;
-    case 3: mix_micro<3>(P, rs, cs, C, clen, D, Ur, ldu); break;
-    case 2: mix_micro<2>(P, rs, cs, C, clen, D, Ur, ldu); break;
-    case 1: mix_micro<1>(P, rs, cs, C, clen, D, Ur, ldu); break;
+    case 5: mix_micro<5>(P, rs, cs, C, ldc, clen, D, Ur, ldu); break;
+    case 4: mix_micro<4>(P, rs, cs, C, ldc, clen, D, Ur, ldu); break;
+    case 3: mix_micro<3>(P, rs, cs, C, ldc, clen, D, Ur, ldu); break;
+    case 2: mix_micro<2>(P, rs, cs, C, ldc, clen, D, Ur, ldu); break;
+    case 1: mix_micro<1>(P, rs, cs, C, ldc, clen, D, Ur, ldu); break;
     default: break;
   }
 }
 }  // namespace
 
-RCAR_CLONES void mix_rows(const float* Pm, int64_t ldp, int64_t rows, const float* C, int64_t clen, int64_t D,
-                          float* U, int64_t ldu) {
-  mix_any(Pm, ldp, 1, rows, C, clen, D, U, ldu);
+RCAR_CLONES void mix_rows(const float* Pm, int64_t ldp, int64_t rows, const float* C, int64_t ldc, int64_t clen,
+                          int64_t D, float* U, int64_t ldu) {
+  mix_any(Pm, ldp, 1, rows, C, ldc, clen, D, U, ldu);
 }
 
-RCAR_CLONES void mix_rows_t(const float* Pt, int64_t ldp, int64_t rows, const float* C, int64_t clen, int64_t D,
-                            float* U, int64_t ldu) {
-  mix_any(Pt, 1, ldp, rows, C, clen, D, U, ldu);
+RCAR_CLONES void mix_rows_t(const float* Pt, int64_t ldp, int64_t rows, const float* C, int64_t ldc, int64_t clen,
+                            int64_t D, float* U, int64_t ldu) {
+  mix_any(Pt, 1, ldp, rows, C, ldc, clen, D, U, ldu);
 }
 
 }  // namespace rcar_fast::cpu
