@@ -79,8 +79,35 @@ void softmax_rows(T* logit, int64_t nq) {
   scale(logit, logit, T(1) / s, nq);
 }
 
+// Before the tiles, per chunk of pairs: the start h (h0, or the mean of the valid E rows) and
+// step 0's g * wv = tanh(Wq h + bq) * keep_g * wv, one GEMM per chunk of 64 pairs (inside a
+// tile, a handful of pairs would make M too small for an efficient GEMM).
 template <class T>
-void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>& st, T* out) {
+void rar_start_chunk(const RarInputs<T>& a, int64_t n0, int64_t n1, T* H, T* GW) {
+  const int64_t S = a.S, Lq = a.Lq;
+  for (int64_t n = n0; n < n1; ++n) {
+    T* hn = H + n * S;
+    if (a.h0) {
+      std::memcpy(hn, a.h0 + n * S, sizeof(T) * S);
+    } else {  // the plain mean of the valid rows
+      const int64_t nq = a.ql[n % a.P];
+      std::fill(hn, hn + S, T(0));
+      for (int64_t qi = 0; qi < nq; ++qi) axpy(hn, T(1), a.E + (n * Lq + qi) * S, S);
+      scale(hn, hn, T(1) / T(nq), S);
+    }
+  }
+  gemm_kn(n1 - n0, S, S, H + n0 * S, S, a.wqt, GW + n0 * S, S, false);
+  for (int64_t n = n0; n < n1; ++n) {
+    T* g = GW + n * S;
+    tanh_bias(g, a.bq, S);
+    if (a.keep_g) mul(g, g, a.keep_g + n * S, S);
+    mul(g, g, a.wv, S);
+  }
+}
+
+template <class T>
+void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>& st, const T* H0,
+                      const T* GW0, T* out) {
   const int64_t S = a.S, Lq = a.Lq, np = n1 - n0;
   T* Ec = st.buf[0];
   T* K = st.buf[1];
@@ -91,31 +118,23 @@ void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>
   const int64_t rows = rar_rows(a, n0, n1, ro);
   const T* Ep = rar_e(a, n0, n1, ro, Ec);
   RCAR_PROF_START
-  for (int64_t k = 0; k < np; ++k) {
-    T* hk = h + k * S;
-    if (a.h0) {
-      std::memcpy(hk, a.h0 + (n0 + k) * S, sizeof(T) * S);
-    } else {  // the plain mean of the valid rows
-      const int64_t nq = ro[k + 1] - ro[k];
-      std::fill(hk, hk + S, T(0));
-      for (int64_t qi = 0; qi < nq; ++qi) axpy(hk, T(1), Ep + (ro[k] + qi) * S, S);
-      scale(hk, hk, T(1) / T(nq), S);
-    }
-  }
+  std::memcpy(h, H0 + n0 * S, sizeof(T) * np * S);
   for (int64_t t = 0; t < a.steps; ++t) {
-    const T* wqt = a.wqt + t * S * S;
     const T* wkt = a.wkt + t * S * S;
-    const T* bq = a.bq + t * S;
     const T* bk = a.bk + t * S;
-    const T* wv = a.wv + t * S;
     const T bv = a.bv[t];
-    // g = tanh(Wq h + bq) * keep_g, times wv
-    gemm_kn(np, S, S, h, S, wqt, G, S, false);
-    for (int64_t k = 0; k < np; ++k) {
-      T* g = G + k * S;
-      tanh_bias(g, bq, S);
-      if (a.keep_g) mul(g, g, a.keep_g + (n0 + k) * S, S);
-      mul(g, g, wv, S);
+    const T* GW = GW0 + n0 * S;
+    if (t > 0) {  // g * wv from this tile's h
+      const T* wqt = a.wqt + t * S * S;
+      const T* bq = a.bq + t * S;
+      const T* wv = a.wv + t * S;
+      gemm_kn(np, S, S, h, S, wqt, G, S, false);
+      for (int64_t k = 0; k < np; ++k) {
+        T* g = G + k * S;
+        tanh_bias(g, bq, S);
+        mul(g, g, wv, S);
+      }
+      GW = G;
     }
     RCAR_PROF("rar g")
     gemm_kn(rows, S, S, Ep, S, wkt, K, S, false);
@@ -125,7 +144,7 @@ void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>
       for (int64_t qi = 0; qi < nq; ++qi) {
         const int64_t r = ro[k] + qi;
         const T* kk = a.keep_k ? a.keep_k + (n * Lq + qi) * S : nullptr;
-        logit[r] = tanh_dot(K + r * S, bk, G + k * S, kk, S) + bv;
+        logit[r] = tanh_dot(K + r * S, bk, GW + k * S, kk, S) + bv;
       }
       softmax_rows(logit + ro[k], nq);
       T* hk = h + k * S;
@@ -133,8 +152,8 @@ void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>
       for (int64_t qi = 0; qi < nq; ++qi) axpy(hk, logit[ro[k] + qi], Ep + (ro[k] + qi) * S, S);
       scale(hk, hk, T(1) / (std::sqrt(sumsq(hk, S)) + eps<T>()), S);
     }
+    RCAR_PROF("rar logits+h")
   }
-  RCAR_PROF("rar logits+h")
   std::memcpy(out + n0 * S, h, sizeof(T) * np * S);
 }
 
@@ -226,7 +245,15 @@ at::Tensor rar_cpu(const at::Tensor& E, const at::Tensor& qlens, const c10::opti
     using T = decltype(tag);
     const auto a = rar_inputs<T>(pr);
     T* o = out.data_ptr<T>();
-    over_tiles(a, [&](int64_t n0, int64_t n1, RarState<T>& st) { rar_forward_tile(a, n0, n1, st, o); });
+    const int64_t NP = a.B * a.P;
+    std::vector<T> H0(static_cast<size_t>(NP) * a.S), GW0(static_cast<size_t>(NP) * a.S);
+    constexpr int64_t kChunk = 64;
+    run_tiles(
+        (NP + kChunk - 1) / kChunk, [] { return 0; },
+        [&](int64_t c, int) { rar_start_chunk(a, c * kChunk, std::min(NP, (c + 1) * kChunk), H0.data(), GW0.data()); });
+    over_tiles(a, [&](int64_t n0, int64_t n1, RarState<T>& st) {
+      rar_forward_tile(a, n0, n1, st, H0.data(), GW0.data(), o);
+    });
   };
   if (pr.compute == at::kDouble) run(double{});
   else run(float{});
