@@ -19,6 +19,7 @@ with one GEMM each.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -339,3 +340,10 @@ def rcar_scores(ops: FusedOps, img: Tensor, cap: Tensor, cap_lens: Tensor, param
                 use_reentrant=False, preserve_rng_state=True)
         out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out
+
+
+def pieces(ops: FusedOps):
+    """The pieces a backend module exposes (adaptive_attention, alignment, rcr_update,
+    rar_update, rcar_scores, in the signatures rcar_fast.ops calls), bound to its ``ops``."""
+    return (functools.partial(adaptive_attention, ops), functools.partial(alignment, ops), rcr_update,
+            functools.partial(rar_update, ops), functools.partial(rcar_scores, ops))

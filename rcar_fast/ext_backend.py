@@ -9,13 +9,11 @@ autograd: with gradients RCR runs in torch).
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
 
 import torch
 
 from . import _fused
 
-Tensor = torch.Tensor
 DEFAULT_BUDGET_CPU = 96 * 2**20
 DEFAULT_BUDGET_GPU = 2 * 2**30
 OP_NAMES = ("attention", "attention_bwd", "rar", "rar_bwd")
@@ -58,23 +56,5 @@ OPS = _fused.FusedOps(_ops.attention.default, _ops.rar.default, DEFAULT_BUDGET_C
                       rcr=_rcr, rcr_device="cpu")
 
 
-def adaptive_attention(img, cap, cap_lens, factors, temperatures, attn_type):
-    return _fused.adaptive_attention(OPS, img, cap, cap_lens, factors, temperatures, attn_type)
-
-
-def alignment(img, cap, cap_lens, weight, bias, factors, temperatures, attn_type):
-    return _fused.alignment(OPS, img, cap, cap_lens, weight, bias, factors, temperatures, attn_type)
-
-
-rcr_update = _fused.rcr_update
-
-
-def rar_update(E, h, cap_lens, weights, attn_type, training):
-    return _fused.rar_update(OPS, E, h, cap_lens, weights, attn_type, training)
-
-
-def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str, Tensor],
-                regulator: str, steps: int, attn_type: str, smooth: float, training: bool,
-                memory_budget: Optional[int] = None) -> Tensor:
-    return _fused.rcar_scores(OPS, img, cap, cap_lens, params, regulator, steps, attn_type, smooth,
-                              training, memory_budget)
+# the pieces rcar_fast.ops calls, bound to this backend's ops
+adaptive_attention, alignment, rcr_update, rar_update, rcar_scores = _fused.pieces(OPS)

@@ -13,7 +13,7 @@ pair. On CPU tensors the kernels run only under TRITON_INTERPRET=1 (the test tie
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -97,25 +97,5 @@ _fused.register_rar_autograd(triton_rar, triton_rar_bwd)
 OPS = _fused.FusedOps(triton_attention, triton_rar, DEFAULT_BUDGET_CPU, DEFAULT_BUDGET_GPU)
 
 
-# ----------------------------------------------------------------------------- the pieces
-
-def adaptive_attention(img, cap, cap_lens, factors, temperatures, attn_type):
-    return _fused.adaptive_attention(OPS, img, cap, cap_lens, factors, temperatures, attn_type)
-
-
-def alignment(img, cap, cap_lens, weight, bias, factors, temperatures, attn_type):
-    return _fused.alignment(OPS, img, cap, cap_lens, weight, bias, factors, temperatures, attn_type)
-
-
-rcr_update = _fused.rcr_update
-
-
-def rar_update(E, h, cap_lens, weights, attn_type, training):
-    return _fused.rar_update(OPS, E, h, cap_lens, weights, attn_type, training)
-
-
-def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str, Tensor],
-                regulator: str, steps: int, attn_type: str, smooth: float, training: bool,
-                memory_budget: Optional[int] = None) -> Tensor:
-    return _fused.rcar_scores(OPS, img, cap, cap_lens, params, regulator, steps, attn_type, smooth,
-                              training, memory_budget)
+# the pieces rcar_fast.ops calls, bound to this backend's ops
+adaptive_attention, alignment, rcr_update, rar_update, rcar_scores = _fused.pieces(OPS)
