@@ -48,6 +48,9 @@ def _kernels():
     attention_bwd = importlib.import_module(kernels.__name__ + ".attention_bwd")   # the module
     return {"attention_fwd": (kernels.attention, kernels.attention._attention_fwd_kernel),
             "attention_bwd": (attention_bwd, attention_bwd._attention_bwd_kernel),
+            "attention_bwd_scores": (SimpleNamespace(launch_configs=attention_bwd.scores_launch_configs,
+                                                     signature=attention_bwd.scores_signature),
+                                     attention_bwd._attention_bwd_scores_kernel),
             "rar_fwd": (kernels.rar, kernels.rar._rar_fwd_kernel),
             "rar_bwd": (SimpleNamespace(launch_configs=kernels.rar.bwd_launch_configs,
                                         signature=kernels.rar.bwd_signature), kernels.rar._rar_bwd_kernel)}
@@ -61,7 +64,8 @@ def _tool(name: str) -> str:
 
 def compile_one(job):
     """Compile one configuration for one architecture; returns a report row (a dict)."""
-    kname, dtype, cfg, warps, cc = job
+    kname, dtype, cfg, launch, cc = job
+    warps = launch["num_warps"]
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -70,10 +74,11 @@ def compile_one(job):
     sig = module.signature(dtype)
     sig.update({k: "constexpr" for k in cfg})
     row = dict(backend="triton", kernel=kname, dtype=dtype, arch=f"sm_{cc}", num_warps=warps,
+               num_stages=launch["num_stages"], maxnreg=launch["maxnreg"],
                config=",".join(f"{k}={v}" for k, v in cfg.items()), has_dot=True)
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(cfg)),
-                           target=GPUTarget("cuda", cc, 32), options={"num_warps": warps})
+                           target=GPUTarget("cuda", cc, 32), options=dict(launch))
     except Exception as exc:  # a compile failure is a finding, not a crash of the report
         row.update(compiled=False, error=f"{type(exc).__name__}: {str(exc)[-600:]}")
         return row
@@ -106,22 +111,22 @@ def compile_one(job):
 def jobs(archs):
     out = []
     for kname, (module, _) in _kernels().items():
-        for dtype, cfg, warps in module.launch_configs():
+        for dtype, cfg, launch in module.launch_configs():
             for cc in archs:
-                out.append((kname, dtype, cfg, warps, cc))
+                out.append((kname, dtype, cfg, launch, cc))
     return out
 
 
 def table(rows) -> str:
-    head = ("| kernel | dtype | arch | config | warps | regs | spill st/ld | stack | shared KB (limit) "
+    head = ("| kernel | dtype | arch | config | warps/stages/maxnreg | regs | spill st/ld | stack | shared KB (limit) "
             "| HMMA | HGMMA | LDL/STL | warps/SM |\n|" + " --- |" * 13)
     lines = [head]
     for r in rows:
         if not r["compiled"]:
-            lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['config']} | {r['num_warps']} "
+            lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['config']} | {r['num_warps']}/{r['num_stages']}/{r['maxnreg']} "
                          f"| COMPILE FAILED: {r['error'][:80]} |" + " |" * 8)
             continue
-        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['config']} | {r['num_warps']} "
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['arch']} | {r['config']} | {r['num_warps']}/{r['num_stages']}/{r['maxnreg']} "
                      f"| {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} "
                      f"| {r['shared'] / 1024:.0f} ({r['shared_limit'] // 1024}) | {r['hmma']} | {r['hgmma']} "
                      f"| {r['ldl']}/{r['stl']} | {r['warps_per_sm']} |")

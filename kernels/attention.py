@@ -12,11 +12,20 @@ Per program, with Q (Lq x d) and C (Lc x d) read in place, never repeated:
                   ||U[q]||^2 = P[q] G P[q]^T  (the norm of U = P C known before U exists)
   pass 2 over d:  A = (P C) / (||U|| + 1e-8), chunk by chunk;
                   MODE 0 stores A (B, P, Lq, d);
-                  MODE 1 accumulates (Q - A)^2 W^T and stores E = l2n(. + b) (B, P, Lq, s),
-                  so the d-wide attended context never reaches memory.
+                  MODE 1 accumulates Y = (Q - A)^2 W^T + b and stores E = l2n(Y) (B, P, Lq, s),
+                  so the d-wide attended context never reaches memory. bf16/fp16 hold Y s wide
+                  (one pass over d); fp32 builds it BSB columns per pass over d, parks Y in the
+                  output and scales it by 1 / (||Y|| + 1e-8) afterwards.
 
 Padding is masked by selection: masked loads (other=0) never read a padded word, softmax
 columns past the context length are -inf, rows past the query length are stored as zeros.
+
+fp32 inputs take exact products (input_precision "ieee": FMA, no tensor cores), split along K
+into products of K = 16 (_dot_ieee): the FMA lowering holds a thread's rows of A and columns of
+B for the whole K, which spilled for K = 64 and above. Every configuration the launchers pick
+compiles without spills on sm_80 and sm_90 (python -m bench.resources, tests/test_compile.py),
+for up to MAX_ROWS = 64 query and context rows per pair and s <= MAX_WIDTH = 256; past those the
+launchers raise a ValueError.
 """
 
 import triton
@@ -26,18 +35,53 @@ EPS = tl.constexpr(1e-8)   # a plain global is rejected by the GPU compiler
 
 
 @triton.jit
+def _dot_ieee(a, b):
+    """a @ b with exact fp32 products, split along K into products of K = 16 (even and odd
+    columns, recursively): the FMA lowering holds a thread's rows of a and columns of b for the
+    whole K, which spills for K = 64 and above (bench/results/resources.md)."""
+    K: tl.constexpr = a.shape[1]
+    if K > 16:
+        a0, a1 = tl.split(tl.reshape(a, (a.shape[0], K // 2, 2)))
+        b0, b1 = tl.split(tl.reshape(tl.trans(b), (b.shape[1], K // 2, 2)))
+        return _dot_ieee(a0, tl.trans(b0)) + _dot_ieee(a1, tl.trans(b1))
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """fp32 accumulation; IEEE: exact fp32 products (no tf32) for fp32 inputs."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return _dot_ieee(a, b)
     return tl.dot(a, b)
+
+
+@triton.jit
+def _pair(qlen_ptr, clen_ptr, P, BQ: tl.constexpr, BC: tl.constexpr):
+    """This program's pair (b, p) (int64), its query and context row ranges and their masks."""
+    pid = tl.program_id(0)
+    b = (pid // P).to(tl.int64)
+    p = (pid % P).to(tl.int64)
+    rq = tl.arange(0, BQ)
+    rc = tl.arange(0, BC)
+    return b, p, rq, rc, rq < tl.load(qlen_ptr + p), rc < tl.load(clen_ptr + b)
+
+
+@triton.jit
+def _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM: tl.constexpr):
+    """lam per query row (fp32): the pair's (B, P, Lq) tensor, or the scalar broadcast."""
+    if HAS_LAM:
+        lam = tl.load(lam_ptr + b * sl_b + p * sl_p + rq * sl_l, mask=qmask, other=0.0).to(tl.float32)
+    else:
+        lam = tl.zeros(rq.shape, dtype=tl.float32) + lam_scalar
+    return lam
 
 
 @triton.jit
 def _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
                      HAS_F: tl.constexpr, IEEE: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr,
-                     BD: tl.constexpr):
-    """Pass over d: S0 = (F * Q) C^T (BQ x BC) and G = C C^T (BC x BC), fp32."""
+                     BD: tl.constexpr, WITH_G: tl.constexpr = True):
+    """Pass over d: S0 = (F * Q) C^T (BQ x BC) and G = C C^T (BC x BC), fp32 (WITH_G False:
+    G is not computed and comes back as zeros)."""
     rd = tl.arange(0, BD)
     S0 = tl.zeros((BQ, BC), dtype=tl.float32)
     G = tl.zeros((BC, BC), dtype=tl.float32)
@@ -49,14 +93,16 @@ def _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
             Fc = tl.load(f_base + (d0 + rd)[None, :] * sf_d, mask=qmask[:, None] & dm[None, :], other=0.0)
             Qc = (Qc * Fc).to(Cc.dtype)
         S0 += _dot(Qc, tl.trans(Cc), IEEE)
-        G += _dot(Cc, tl.trans(Cc), IEEE)
+        if WITH_G:
+            G += _dot(Cc, tl.trans(Cc), IEEE)
     return S0, G
 
 
 @triton.jit
-def _attention_probs(S0, G, lam, qmask, cmask, IEEE: tl.constexpr):
+def _attention_probs(S0, G, lam, qmask, cmask, IEEE: tl.constexpr, WITH_UN: tl.constexpr = True):
     """On chip: S = LeakyReLU(S0) on valid queries, its column norms N, Sn = S / (N + eps),
-    P = softmax over valid context of lam[q] Sn, and |U| = sqrt(P G P^T) per query."""
+    P = softmax over valid context of lam[q] Sn, and |U| = sqrt(P G P^T) per query (WITH_UN
+    False: not computed, G unused, |U| comes back as zeros)."""
     S = tl.where(S0 > 0, S0, 0.1 * S0)
     S = tl.where(qmask[:, None], S, 0.0)
     N = tl.sqrt(tl.sum(S * S, axis=0))
@@ -64,8 +110,33 @@ def _attention_probs(S0, G, lam, qmask, cmask, IEEE: tl.constexpr):
     logits = tl.where(cmask[None, :], Sn * lam[:, None], float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     Pm = e / tl.sum(e, axis=1)[:, None]
-    un = tl.sqrt(tl.maximum(tl.sum(_dot(Pm, G, IEEE) * Pm, axis=1), 0.0))
+    if WITH_UN:
+        un = tl.sqrt(tl.maximum(tl.sum(_dot(Pm, G, IEEE) * Pm, axis=1), 0.0))
+    else:
+        un = tl.zeros_like(lam)
     return S, N, Sn, Pm, un
+
+
+@triton.jit
+def _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D, S_DIM, s0,
+                      Pm, inv_un, qmask, cmask, IEEE: tl.constexpr, BQ: tl.constexpr,
+                      BD: tl.constexpr, BSB: tl.constexpr):
+    """Columns s0 .. s0 + BSB of Y = (Q - A)^2 W^T + b, A = P C / (|P C| + eps): one pass over
+    d, A rebuilt chunk by chunk. Columns past S_DIM are zero."""
+    rd = tl.arange(0, BD)
+    rsc = s0 + tl.arange(0, BSB)
+    scm = rsc < S_DIM
+    Yc = tl.zeros((BQ, BSB), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dm = (d0 + rd) < D
+        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
+        Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qmask[:, None] & dm[None, :], other=0.0)
+        Dq = Qc.to(tl.float32) - _dot(Pm.to(Cc.dtype), Cc, IEEE) * inv_un[:, None]
+        Wc = tl.load(w_ptr + rsc[:, None] * sw_s + (d0 + rd)[None, :] * sw_d,
+                     mask=scm[:, None] & dm[None, :], other=0.0)
+        Yc += _dot((Dq * Dq).to(Wc.dtype), tl.trans(Wc), IEEE)
+    bias = tl.load(bias_ptr + rsc, mask=scm, other=0.0).to(tl.float32)
+    return tl.where(scm[None, :], Yc + bias[None, :], 0.0)
 
 
 @triton.jit
@@ -79,18 +150,10 @@ def _attention_fwd_kernel(
     sw_s, sw_d,
     so_b, so_p, so_l, so_x,
     HAS_F: tl.constexpr, HAS_LAM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
-    BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BSB: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // P).to(tl.int64)
-    p = (pid % P).to(tl.int64)
-    qlen = tl.load(qlen_ptr + p)
-    clen = tl.load(clen_ptr + b)
-    rq = tl.arange(0, BQ)
-    rc = tl.arange(0, BC)
+    b, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, P, BQ, BC)
     rd = tl.arange(0, BD)
-    qmask = rq < qlen
-    cmask = rc < clen
     q_base = q_ptr + p * sq_p + rq[:, None] * sq_l
     c_base = c_ptr + b * sc_b + rc[:, None] * sc_l
     f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
@@ -98,42 +161,50 @@ def _attention_fwd_kernel(
     # pass 1 and on chip: scores, Gram matrix, softmax, the norm of U = P C
     S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
                              HAS_F, IEEE, BQ, BC, BD)
-    if HAS_LAM:
-        lam = tl.load(lam_ptr + b * sl_b + p * sl_p + rq * sl_l, mask=qmask, other=0.0).to(tl.float32)
-    else:
-        lam = tl.zeros((BQ,), dtype=tl.float32) + lam_scalar
+    lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
     S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE)
     inv_un = 1.0 / (un + EPS)
 
     # pass 2: the attended context, normalised chunk by chunk
-    rs = tl.arange(0, BS)
-    smask = rs < S_DIM
     rows_out = rq < LQ_OUT
     out_base = out_ptr + b * so_b + p * so_p + rq[:, None] * so_l
-    acc = tl.zeros((BQ, BS), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        dm = (d0 + rd) < D
-        Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
-        U = _dot(Pm.to(Cc.dtype), Cc, IEEE)
-        A = U * inv_un[:, None]
-        if MODE == 0:
-            A = tl.where(qmask[:, None], A, 0.0)
+    if MODE == 0:
+        for d0 in range(0, D, BD):
+            dm = (d0 + rd) < D
+            Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
+            A = tl.where(qmask[:, None], _dot(Pm.to(Cc.dtype), Cc, IEEE) * inv_un[:, None], 0.0)
             tl.store(out_base + (d0 + rd)[None, :] * so_x, A.to(out_ptr.dtype.element_ty),
                      mask=rows_out[:, None] & dm[None, :])
-        else:
-            Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qmask[:, None] & dm[None, :], other=0.0)
-            Dq = Qc.to(tl.float32) - A
-            Dq = (Dq * Dq).to(Cc.dtype)
-            Wc = tl.load(w_ptr + rs[:, None] * sw_s + (d0 + rd)[None, :] * sw_d,
-                         mask=smask[:, None] & dm[None, :], other=0.0)
-            acc += _dot(Dq, tl.trans(Wc), IEEE)
-    if MODE == 1:
-        bias = tl.load(bias_ptr + rs, mask=smask, other=0.0).to(tl.float32)
-        E = tl.where(smask[None, :], acc + bias[None, :], 0.0)
-        E = E / (tl.sqrt(tl.sum(E * E, axis=1)) + EPS)[:, None]
-        E = tl.where(qmask[:, None], E, 0.0)
+    elif BSB == BS:   # the projection in one pass over d, Y held s wide
+        rs = tl.arange(0, BS)
+        Y = _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D, S_DIM, 0,
+                              Pm, inv_un, qmask, cmask, IEEE, BQ, BD, BS)
+        E = tl.where(qmask[:, None], Y / (tl.sqrt(tl.sum(Y * Y, axis=1)) + EPS)[:, None], 0.0)
         tl.store(out_base + rs[None, :] * so_x, E.to(out_ptr.dtype.element_ty),
-                 mask=rows_out[:, None] & smask[None, :])
+                 mask=rows_out[:, None] & (rs < S_DIM)[None, :])
+    else:   # BSB columns per pass over d; unnormalised Y parked in the (fp32) output, then scaled
+        tl.static_assert(out_ptr.dtype.element_ty.primitive_bitwidth >= 32,
+                         "the chunked projection parks unnormalised Y in the output: fp32/fp64 only")
+        r2 = tl.zeros((BQ,), dtype=tl.float32)
+        for s0 in range(0, S_DIM, BSB):
+            rsc = s0 + tl.arange(0, BSB)
+            Yc = _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D, S_DIM, s0,
+                                   Pm, inv_un, qmask, cmask, IEEE, BQ, BD, BSB)
+            r2 += tl.sum(Yc * Yc, axis=1)
+            tl.store(out_base + rsc[None, :] * so_x, Yc, mask=rows_out[:, None] & (rsc < S_DIM)[None, :])
+        tl.debug_barrier()   # the stores' layout is not the loads': other threads read them
+        inv_r = 1.0 / (tl.sqrt(r2) + EPS)
+        for s0 in range(0, S_DIM, BSB):
+            rsc = s0 + tl.arange(0, BSB)
+            m = rows_out[:, None] & (rsc < S_DIM)[None, :]
+            Yc = tl.load(out_base + rsc[None, :] * so_x, mask=m, other=0.0)
+            tl.store(out_base + rsc[None, :] * so_x, tl.where(qmask[:, None], Yc * inv_r[:, None], 0.0), mask=m)
+
+
+#: every launch passes maxnreg: without it ptxas sometimes held a kernel to 128 registers a
+#: thread (or fewer) and spilled, where 8 warps may have 255 (65536 per SM / 256 threads);
+#: with it, ptxas still allocates only what the kernel needs (python -m bench.resources)
+MAX_REGISTERS = 255
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -141,27 +212,57 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int) -> dict:
-    """The block sizes and warps the launcher picks (the compile report checks these).
+    """The block sizes and launch options the launcher picks (the compile report checks these);
+    half: any dtype but fp32 (fp32 takes the exact-product path).
 
     Chosen from ptxas -v reports (python -m bench.resources; no GPU run yet): with 8 warps,
     block_d 32 compiles without spills for bf16/fp16 on sm_80 and sm_90 except the fused
-    projection at BQ = BC = 64, which spills 40 B on sm_80 and gets 16; fp32 gets 16.
+    projection at BQ = BC = 64, which spilled 40 B on sm_80 and gets 16; fp32 gets 16. fp32's
+    projection goes BSB = 32 columns per pass over d (s wide it spilled 152-656 B) and is not
+    software-pipelined (num_stages 1: the pipelined loads spilled); bf16/fp16 keep 3 stages.
     """
     BQ, BC = _pow2(Lq), _pow2(Lc)
     bd = 32 if half and not (mode == 1 and BQ * BC >= 4096) else 16
-    return dict(BQ=BQ, BC=BC, BD=min(bd, _pow2(D)), BS=_pow2(width if mode == 1 else 16), num_warps=8)
+    BS = _pow2(width if mode == 1 else 16)
+    return dict(BQ=BQ, BC=BC, BD=min(bd, _pow2(D)), BS=BS, BSB=BS if half else min(32, BS), num_warps=8,
+                num_stages=3 if half else 1, maxnreg=MAX_REGISTERS)
 
 
-#: (Lq, Lc) of the standard launches: t2i with captions up to 32 or 64 words against R = 36
-#: regions, i2t with the regions as queries; d = 1024, s = 256 (SPEC.md's shapes)
-STANDARD_SHAPES = ((32, 36), (64, 36), (36, 32), (36, 64))
+#: (Lq, Lc) of the standard launches: t2i with captions of up to 16, 32 or 64 words against
+#: R = 36 regions, i2t with the regions as queries; d = 1024, s = 256 (SPEC.md's shapes). Every
+#: block size the launchers can pick (query and context rows up to MAX_ROWS) appears here.
+STANDARD_SHAPES = ((16, 36), (32, 36), (64, 36), (36, 16), (36, 32), (36, 64))
+#: the most query or context rows per pair the kernels take (captions of up to 64 words): the
+#: compile tier checks block sizes up to this; 128-row blocks spilled (bench/results)
+MAX_ROWS = 64
 
 
-def launch_configs(config=None, extra=None):
-    """Every (dtype, constexprs, num_warps) a launcher picks for the standard shapes, all dtypes.
+def check_rows(name: str, rows: int, what: str) -> None:
+    """A clear error, before any launch, for more rows per pair than the kernels take."""
+    if rows > MAX_ROWS:
+        raise ValueError(f"{name}: the Triton kernels take at most {MAX_ROWS} {what} per pair, got {rows} "
+                         "(captions of over 64 words: use backend='cuda' or 'torch')")
 
-    config: the launcher's block-size chooser (default :func:`attention_config`); extra(has_state)
-    adds kernel-specific constexprs (the backward's NEED_DF)."""
+
+#: the widest alignment vector (s) the kernels take: the release's s = 256 is what the compile tier
+#: checks; a wider s makes wider tiles (E held on chip in RAR, Y in the projection)
+MAX_WIDTH = 256
+
+
+def check_width(name: str, width: int) -> None:
+    if width > MAX_WIDTH:
+        raise ValueError(f"{name}: the Triton kernels take alignment vectors of at most {MAX_WIDTH} "
+                         f"(s), got {width}; use backend='cuda' or 'torch'")
+
+
+def launch_options(cfg: dict) -> dict:
+    """Pops the launch options (num_warps, num_stages, maxnreg) out of a launcher's config dict."""
+    return {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
+
+
+def launch_configs(config=None):
+    """Every (dtype, constexprs, launch options) a launcher picks for the standard shapes, all
+    dtypes. config: the launcher's block-size chooser (default :func:`attention_config`)."""
     config = config or attention_config
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
@@ -169,11 +270,10 @@ def launch_configs(config=None, extra=None):
             for mode in (0, 1):
                 for has_state in (False, True):
                     cfg = config(dtype != "fp32", Lq, Lc, 1024, 256 if mode else 1024, mode)
-                    warps = cfg.pop("num_warps")
+                    launch = launch_options(cfg)
                     cfg.update(HAS_F=has_state, HAS_LAM=has_state, MODE=mode, IEEE=dtype == "fp32")
-                    cfg.update(extra(has_state) if extra else {})
-                    if (dtype, cfg, warps) not in out:
-                        out.append((dtype, cfg, warps))
+                    if (dtype, cfg, launch) not in out:
+                        out.append((dtype, cfg, launch))
     return out
 
 
@@ -205,6 +305,10 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     lq_out = Lq
     mode = 0 if weight is None else 1
     width = D if mode == 0 else weight.shape[0]
+    check_rows("query", Lq, "query rows")
+    check_rows("context", Lc, "context rows")
+    if mode == 1:
+        check_width("weight", width)
     out = query.new_empty(B, P, lq_out, width)
     if B * P == 0:
         return out

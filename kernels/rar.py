@@ -1,5 +1,6 @@
 """Iterative aggregation reweighting (RAR), fused: one Triton program per pair runs T steps
-with the pair's alignment vectors E (Lq x s) held on chip the whole time.
+with the pair's alignment vectors E (Lq x s) held on chip the whole time (bf16/fp16; fp32, the
+exact-product path, reads E from memory where it is used instead: see _key_chunk).
 
 Per step t (weights of module t, stacked on a leading axis):
   K = tanh(E Wk^T + bk)        (Lq x s, computed BN columns at a time, never stored)
@@ -14,6 +15,8 @@ mg (B, P, s) on g, for a single step (T = 1); the caller draws them so backward 
 import triton
 import triton.language as tl
 
+from .attention import MAX_REGISTERS, check_rows, check_width, launch_options
+
 EPS = tl.constexpr(1e-8)   # a plain global is rejected by the GPU compiler
 
 
@@ -21,6 +24,41 @@ EPS = tl.constexpr(1e-8)   # a plain global is rejected by the GPU compiler
 def _tanh(x):
     # tanh(x) = 2 sigmoid(2x) - 1: tl.sigmoid exists in the interpreter (no libdevice there)
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _e_tile(e_base, se_s, rs, qmask, smask):
+    """E of one pair (BQ x BS), zeros past the query length and s."""
+    return tl.load(e_base + rs[None, :] * se_s, mask=qmask[:, None] & smask[None, :], other=0.0)
+
+
+@triton.jit
+def _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, w0, n0, rs, smask, S_DIM,
+               IEEE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Columns n0 .. n0 + BN of one step's K = tanh(E Wk^T + bk) (BQ x BN) and g = tanh(Wq h + bq)
+    (BN), before dropout; w0 is the step's offset into the stacked weights (t s^2, biases t s).
+    bf16/fp16: E is the pair's tile held in registers, one tensor-core product over all of s.
+    fp32 (IEEE, exact FMA products): E is streamed from memory BK columns at a time (E unused):
+    an FMA product holds a thread's rows of E for its whole K, which spilled at K = s."""
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < S_DIM
+    wrow = wk_ptr + w0 * S_DIM + rn[:, None] * S_DIM
+    if IEEE:
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((e_base.shape[0], BN), dtype=tl.float32)
+        for k0 in range(0, S_DIM, BK):
+            km = (k0 + rk) < S_DIM
+            Ec = tl.load(e_base + (k0 + rk)[None, :] * se_s, mask=qmask[:, None] & km[None, :], other=0.0)
+            Wkc = tl.load(wrow + (k0 + rk)[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            acc += tl.dot(Ec, tl.trans(Wkc), input_precision="ieee")
+    else:
+        Wk = tl.load(wrow + rs[None, :], mask=nm[:, None] & smask[None, :], other=0.0)
+        acc = tl.dot(E.to(Wk.dtype), tl.trans(Wk))
+    K = _tanh(acc + tl.load(bk_ptr + w0 + rn, mask=nm, other=0.0).to(tl.float32)[None, :])
+    Wq = tl.load(wq_ptr + w0 * S_DIM + rn[:, None] * S_DIM + rs[None, :], mask=nm[:, None] & smask[None, :],
+                 other=0.0).to(tl.float32)
+    g = _tanh(tl.sum(Wq * h[None, :], axis=1) + tl.load(bq_ptr + w0 + rn, mask=nm, other=0.0).to(tl.float32))
+    return K, g, rn, nm
 
 
 @triton.jit
@@ -33,7 +71,7 @@ def _rar_fwd_kernel(
     smg_b, smg_p, smg_s,
     so_b, so_p, so_s,
     HAS_H: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
-    BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+    BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // P).to(tl.int64)
@@ -43,28 +81,22 @@ def _rar_fwd_kernel(
     rs = tl.arange(0, BS)
     qmask = rq < qlen
     smask = rs < S_DIM
-    E = tl.load(e_ptr + b * se_b + p * se_p + rq[:, None] * se_l + rs[None, :] * se_s,
-                mask=qmask[:, None] & smask[None, :], other=0.0)
-    Ef = E.to(tl.float32)
+    e_base = e_ptr + b * se_b + p * se_p + rq[:, None] * se_l
+    if IEEE:   # fp32: E is read from memory where it is used, not held (see _key_chunk)
+        E = qmask
+    else:
+        E = _e_tile(e_base, se_s, rs, qmask, smask)
     if HAS_H:
         h = tl.load(h_ptr + b * sh_b + p * sh_p + rs * sh_s, mask=smask, other=0.0).to(tl.float32)
+    elif IEEE:
+        h = tl.sum(_e_tile(e_base, se_s, rs, qmask, smask), axis=0) / qlen.to(tl.float32)
     else:
-        h = tl.sum(Ef, axis=0) / qlen.to(tl.float32)
+        h = tl.sum(E.to(tl.float32), axis=0) / qlen.to(tl.float32)
     for t in range(T):
         logit = tl.zeros((BQ,), dtype=tl.float32)
         for n0 in range(0, S_DIM, BN):
-            rn = n0 + tl.arange(0, BN)
-            nm = rn < S_DIM
-            woff = t * S_DIM * S_DIM + rn[:, None] * S_DIM + rs[None, :]
-            wmask = nm[:, None] & smask[None, :]
-            Wk = tl.load(wk_ptr + woff, mask=wmask, other=0.0)
-            if IEEE:
-                K = tl.dot(E.to(Wk.dtype), tl.trans(Wk), input_precision="ieee")
-            else:
-                K = tl.dot(E.to(Wk.dtype), tl.trans(Wk))
-            K = _tanh(K + tl.load(bk_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)[None, :])
-            Wq = tl.load(wq_ptr + woff, mask=wmask, other=0.0).to(tl.float32)
-            g = _tanh(tl.sum(Wq * h[None, :], axis=1) + tl.load(bq_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32))
+            K, g, rn, nm = _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, t * S_DIM, n0,
+                                      rs, smask, S_DIM, IEEE, BN, BK)
             if HAS_DROP:
                 K = K * tl.load(mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l + rn[None, :] * smk_s,
                                 mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
@@ -75,29 +107,35 @@ def _rar_fwd_kernel(
         logit = tl.where(qmask, logit, float("-inf"))
         a = tl.exp(logit - tl.max(logit, axis=0))
         a = a / tl.sum(a, axis=0)
-        h = tl.sum(a[:, None] * Ef, axis=0)
+        if IEEE:
+            h = tl.sum(a[:, None] * _e_tile(e_base, se_s, rs, qmask, smask), axis=0)
+        else:
+            h = tl.sum(a[:, None] * E.to(tl.float32), axis=0)
         h = h / (tl.sqrt(tl.sum(h * h, axis=0)) + EPS)
     tl.store(out_ptr + b * so_b + p * so_p + rs * so_s, h.to(out_ptr.dtype.element_ty), mask=smask)
 
 
-def rar_config(Lq: int, S: int, block_n: int = 32) -> dict:
-    """The block sizes and warps the launcher picks (the compile report checks these).
-    8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python -m bench.resources)."""
+def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True) -> dict:
+    """The block sizes and launch options the launcher picks (the compile report checks these).
+    8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python -m bench.resources).
+    fp32 (half False: exact products, no tensor cores) is not software-pipelined (num_stages 1):
+    the pipelined loads spilled there."""
     BS = max(16, triton.next_power_of_2(S))
-    return dict(BQ=max(16, triton.next_power_of_2(Lq)), BS=BS, BN=max(16, min(block_n, BS)), num_warps=8)
+    return dict(BQ=max(16, triton.next_power_of_2(Lq)), BS=BS, BN=max(16, min(block_n, BS)), BK=16,
+                num_warps=8, num_stages=3 if half else 1, maxnreg=MAX_REGISTERS)
 
 
 def launch_configs():
-    """Every (dtype, constexprs, num_warps) the launcher picks for Lq in {32, 36, 64}, s = 256."""
+    """Every (dtype, constexprs, launch options) the launcher picks for Lq in {16, 32, 36, 64}, s = 256."""
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
-        for Lq in (32, 36, 64):
+        for Lq in (16, 32, 36, 64):
             for has_h, has_drop in ((False, False), (True, False), (False, True), (True, True)):
-                cfg = rar_config(Lq, 256)
-                warps = cfg.pop("num_warps")
+                cfg = rar_config(Lq, 256, half=dtype != "fp32")
+                launch = launch_options(cfg)
                 cfg.update(HAS_H=has_h, HAS_DROP=has_drop, IEEE=dtype == "fp32")
-                if (dtype, cfg, warps) not in out:
-                    out.append((dtype, cfg, warps))
+                if (dtype, cfg, launch) not in out:
+                    out.append((dtype, cfg, launch))
     return out
 
 
@@ -123,6 +161,8 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     import torch
 
     B, P, Lq, S = E.shape
+    check_rows("E", Lq, "rows")
+    check_width("E", S)
     T = wq.shape[0]
     out = E.new_empty(B, P, S)
     if B * P == 0:
@@ -136,7 +176,7 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     mk, mg = (keep_k, keep_g) if has_drop else (E, E)
     smk = keep_k.stride() if has_drop else (0, 0, 0, 0)
     smg = keep_g.stride() if has_drop else (0, 0, 0)
-    cfg = rar_config(Lq, S, block_n)
+    cfg = rar_config(Lq, S, block_n, E.dtype != torch.float32)
     _rar_fwd_kernel[(B * P,)](
         E, qlens, h, wq, bq, wk, bk, wv, bv, mk, mg, out, P, S, T,
         *E.stride(), *sh, *smk, *smg, *out.stride(),
@@ -147,7 +187,7 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
 @triton.jit
 def _rar_bwd_kernel(
     g_ptr, e_ptr, qlen_ptr, h_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, mk_ptr, mg_ptr,
-    de_ptr, dh_ptr, dkp_ptr, dgp_ptr, dwv_ptr,
+    de_ptr, dkp_ptr, dgp_ptr, dwv_ptr,
     P, LQ, S_DIM,
     sg_b, sg_p, sg_s,
     se_b, se_p, se_l, se_s,
@@ -155,13 +195,15 @@ def _rar_bwd_kernel(
     smk_b, smk_p, smk_l, smk_s,
     smg_b, smg_p, smg_s,
     HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
-    BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+    BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """Backward of ONE RAR step for one pair; h is the step's input. Outputs (fp32, contiguous):
-    dE (B, P, LQ, s), dh (B, P, s), dKp = dL/d(E Wk^T + bk) (B, P, LQ, s), dgp = dL/d(Wq h + bq)
-    and dwv[n] = sum_q dlogit[q] K[q, n] g[n] (B, P, s); the shared-weight gradients are GEMMs
-    over these, outside. Two passes over the s columns of K: the forward's logits, then the
-    gradients, K and g recomputed chunk by chunk."""
+    dE's direct term a[q] du (B, P, LQ, s), dKp = dL/d(E Wk^T + bk) (B, P, LQ, s),
+    dgp = dL/d(Wq h + bq) and dwv[n] = sum_q dlogit[q] K[q, n] g[n] (B, P, s). The products
+    with the shared weights (dE += dKp Wk, dh = dgp Wq, and the weight gradients) are GEMMs over
+    these, outside: accumulating dE (LQ x s fp32) and dh here kept a second LQ x s tile alive
+    beside E and spilled (bench/results/resources.md). Two passes over the s columns of K: the
+    forward's logits, then the gradients, K and g recomputed chunk by chunk."""
     pid = tl.program_id(0)
     b = (pid // P).to(tl.int64)
     p = (pid % P).to(tl.int64)
@@ -170,26 +212,18 @@ def _rar_bwd_kernel(
     rs = tl.arange(0, BS)
     qmask = rq < qlen
     smask = rs < S_DIM
-    E = tl.load(e_ptr + b * se_b + p * se_p + rq[:, None] * se_l + rs[None, :] * se_s,
-                mask=qmask[:, None] & smask[None, :], other=0.0)
-    Ef = E.to(tl.float32)
+    e_base = e_ptr + b * se_b + p * se_p + rq[:, None] * se_l
+    if IEEE:   # fp32: E is read from memory where it is used, not held (see _key_chunk)
+        E = qmask
+    else:
+        E = _e_tile(e_base, se_s, rs, qmask, smask)
     h = tl.load(h_ptr + b * sh_b + p * sh_p + rs * sh_s, mask=smask, other=0.0).to(tl.float32)
     go = tl.load(g_ptr + b * sg_b + p * sg_p + rs * sg_s, mask=smask, other=0.0).to(tl.float32)
     # pass 1: the forward's logits, softmax and output norm
     logit = tl.zeros((BQ,), dtype=tl.float32)
     for n0 in range(0, S_DIM, BN):
-        rn = n0 + tl.arange(0, BN)
-        nm = rn < S_DIM
-        woff = rn[:, None] * S_DIM + rs[None, :]
-        wmask = nm[:, None] & smask[None, :]
-        Wk = tl.load(wk_ptr + woff, mask=wmask, other=0.0)
-        if IEEE:
-            K = tl.dot(E.to(Wk.dtype), tl.trans(Wk), input_precision="ieee")
-        else:
-            K = tl.dot(E.to(Wk.dtype), tl.trans(Wk))
-        K = _tanh(K + tl.load(bk_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :])
-        Wq = tl.load(wq_ptr + woff, mask=wmask, other=0.0).to(tl.float32)
-        g = _tanh(tl.sum(Wq * h[None, :], axis=1) + tl.load(bq_ptr + rn, mask=nm, other=0.0).to(tl.float32))
+        K, g, rn, nm = _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, 0, n0, rs, smask,
+                                  S_DIM, IEEE, BN, BK)
         if HAS_DROP:
             K = K * tl.load(mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l + rn[None, :] * smk_s,
                             mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
@@ -200,6 +234,10 @@ def _rar_bwd_kernel(
     logit = tl.where(qmask, logit, float("-inf"))
     a = tl.exp(logit - tl.max(logit, axis=0))
     a = a / tl.sum(a, axis=0)
+    if IEEE:
+        Ef = _e_tile(e_base, se_s, rs, qmask, smask)
+    else:
+        Ef = E.to(tl.float32)
     u = tl.sum(a[:, None] * Ef, axis=0)
     nu = tl.sqrt(tl.sum(u * u, axis=0))
     # d l2n(u): du = go / (|u| + eps) - u (u . go) / (|u| (|u| + eps)^2); u = 0 has no second term
@@ -207,23 +245,13 @@ def _rar_bwd_kernel(
     du = go / (nu + EPS) - u * tl.where(nu > 0, ug / (tl.maximum(nu, 1e-30) * (nu + EPS) * (nu + EPS)), 0.0)
     da = tl.sum(Ef * du[None, :], axis=1)
     dlogit = tl.where(qmask, a * (da - tl.sum(a * da, axis=0)), 0.0)
-    dE = a[:, None] * du[None, :]
-    dh = tl.zeros((BS,), dtype=tl.float32)
     out_row = (b * P + p) * LQ
+    tl.store(de_ptr + (out_row + rq[:, None]) * S_DIM + rs[None, :],
+             tl.where(qmask[:, None], a[:, None] * du[None, :], 0.0), mask=(rq[:, None] < LQ) & smask[None, :])
     # pass 2: per column chunk, the gradients through K, g and wv
     for n0 in range(0, S_DIM, BN):
-        rn = n0 + tl.arange(0, BN)
-        nm = rn < S_DIM
-        woff = rn[:, None] * S_DIM + rs[None, :]
-        wmask = nm[:, None] & smask[None, :]
-        Wk = tl.load(wk_ptr + woff, mask=wmask, other=0.0)
-        if IEEE:
-            tk = tl.dot(E.to(Wk.dtype), tl.trans(Wk), input_precision="ieee")
-        else:
-            tk = tl.dot(E.to(Wk.dtype), tl.trans(Wk))
-        tk = _tanh(tk + tl.load(bk_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :])
-        Wq = tl.load(wq_ptr + woff, mask=wmask, other=0.0).to(tl.float32)
-        tg = _tanh(tl.sum(Wq * h[None, :], axis=1) + tl.load(bq_ptr + rn, mask=nm, other=0.0).to(tl.float32))
+        tk, tg, rn, nm = _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, 0, n0, rs, smask,
+                                  S_DIM, IEEE, BN, BK)
         K = tk
         g = tg
         if HAS_DROP:
@@ -246,14 +274,6 @@ def _rar_bwd_kernel(
                  mask=(rq[:, None] < LQ) & nm[None, :])
         tl.store(dgp_ptr + (b * P + p) * S_DIM + rn, dgp, mask=nm)
         tl.store(dwv_ptr + (b * P + p) * S_DIM + rn, dwv, mask=nm)
-        if IEEE:
-            dE += tl.dot(dKp, Wk.to(tl.float32), input_precision="ieee")
-        else:
-            dE += tl.dot(dKp.to(Wk.dtype), Wk)
-        dh += tl.sum(Wq * dgp[:, None], axis=0)
-    tl.store(de_ptr + (out_row + rq[:, None]) * S_DIM + rs[None, :], tl.where(qmask[:, None], dE, 0.0),
-             mask=(rq[:, None] < LQ) & smask[None, :])
-    tl.store(dh_ptr + (b * P + p) * S_DIM + rs, dh, mask=smask)
 
 
 #: the backward's column chunk: with 32, fp32 needed 168-225 KB of shared memory (over the
@@ -270,6 +290,8 @@ def rar_bwd(grad, E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None,
     import torch
 
     B, P, Lq, S = E.shape
+    check_rows("E", Lq, "rows")
+    check_width("E", S)
     if wq.shape[0] != 1:
         raise ValueError(f"wq: rar_bwd runs one step, got {wq.shape[0]} stacked modules")
     f32 = dict(dtype=torch.float32, device=E.device)
@@ -281,25 +303,29 @@ def rar_bwd(grad, E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None,
     mk, mg = (keep_k, keep_g) if has_drop else (E, E)
     smk = keep_k.stride() if has_drop else (0, 0, 0, 0)
     smg = keep_g.stride() if has_drop else (0, 0, 0)
-    cfg = rar_config(Lq, S, block_n)
+    cfg = rar_config(Lq, S, block_n, E.dtype != torch.float32)
     _rar_bwd_kernel[(B * P,)](
-        grad, E, qlens, h, wq, bq, wk, bk, wv, bv, mk, mg, dE, dh, dKp, dgp, dwv,
+        grad, E, qlens, h, wq, bq, wk, bk, wv, bv, mk, mg, dE, dKp, dgp, dwv,
         P, Lq, S, *grad.stride(), *E.stride(), *h.stride(), *smk, *smg,
         HAS_DROP=has_drop, IEEE=E.dtype == torch.float32, **cfg)
+    # the products with the shared weights, as fp32 GEMMs over all pairs (as the weight gradients
+    # in rcar_fast._fused: they follow torch's TF32 switch)
+    dE.view(-1, S).addmm_(dKp.view(-1, S), wk[0].float())
+    torch.mm(dgp.view(-1, S), wq[0].float(), out=dh.view(-1, S))
     return dE, dh, dKp, dgp, dwv
 
 
 def bwd_launch_configs():
-    """Every (dtype, constexprs, num_warps) rar_bwd launches for Lq in {32, 36, 64}, s = 256."""
+    """Every (dtype, constexprs, launch options) rar_bwd launches for Lq in {16, 32, 36, 64}, s = 256."""
     out = []
     for dtype in ("bf16", "fp16", "fp32"):
-        for Lq in (32, 36, 64):
+        for Lq in (16, 32, 36, 64):
             for has_drop in (False, True):
-                cfg = rar_config(Lq, 256, BWD_BLOCK_N)
-                warps = cfg.pop("num_warps")
+                cfg = rar_config(Lq, 256, BWD_BLOCK_N, dtype != "fp32")
+                launch = launch_options(cfg)
                 cfg.update(HAS_DROP=has_drop, IEEE=dtype == "fp32")
-                if (dtype, cfg, warps) not in out:
-                    out.append((dtype, cfg, warps))
+                if (dtype, cfg, launch) not in out:
+                    out.append((dtype, cfg, launch))
     return out
 
 
@@ -307,7 +333,7 @@ def bwd_signature(dtype: str) -> dict:
     """_rar_bwd_kernel's argument types for triton.compile (inputs of ``dtype``, fp32 outputs)."""
     sig = {n: f"*{dtype}" for n in ("g_ptr", "e_ptr", "h_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr",
                                     "wv_ptr", "bv_ptr", "mk_ptr", "mg_ptr")}
-    sig.update({n: "*fp32" for n in ("de_ptr", "dh_ptr", "dkp_ptr", "dgp_ptr", "dwv_ptr")})
+    sig.update({n: "*fp32" for n in ("de_ptr", "dkp_ptr", "dgp_ptr", "dwv_ptr")})
     sig.update(qlen_ptr="*i32", P="i32", LQ="i32", S_DIM="i32")
     for n in ("sg_b", "sg_p", "sg_s", "se_b", "se_p", "se_l", "se_s", "sh_b", "sh_p", "sh_s",
               "smk_b", "smk_p", "smk_l", "smk_s", "smg_b", "smg_p", "smg_s"):

@@ -27,7 +27,7 @@ DEFAULT_BUDGET_GPU = 2 * 2**30
 def _kernels():
     try:
         from . import kernels
-    except ModuleNotFoundError:   # a source checkout run without `pip install -e .`
+    except ImportError:   # a source checkout run without `pip install -e .` (or a stale one)
         import rcar_fast
         rcar_fast.__path__.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from . import kernels

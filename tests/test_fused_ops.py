@@ -148,9 +148,25 @@ def _grad_inputs(args):
 @pytest.mark.parametrize("with_state,with_weight", ATTENTION_CASES, ids=ATT_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_forward_and_gradients(backend, with_state, with_weight, dtype):
-    att = _ops(backend)[0]
     args = _sample(dtype, seed=hash((with_state, with_weight)) % 1000, with_state=with_state,
                    with_weight=with_weight)
+    _check_attention(backend, args, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_several_chunks(backend, with_state, dtype):
+    """d and s wider than one block (d = 37: three d-chunks of 16, the last partial; s = 45: in
+    Triton, fp32's forward projects 32 columns per pass and parks Y in the output, the backward
+    two Y chunks of 32 and three dY chunks of 16; partial chunks masked). fp64: gradients too."""
+    args = _sample(dtype, seed=7 + with_state, with_state=with_state, with_weight=True, d=37, s=45)
+    _check_attention(backend, args, dtype)
+
+
+def _check_attention(backend, args, dtype):
+    """Forward against the per-pair reference; for fp64 also every gradient."""
+    att = _ops(backend)[0]
     out = att(*args)
     with torch.no_grad():
         want = ref_attention(*[a.double() if isinstance(a, Tensor) and a.is_floating_point() else a
@@ -207,6 +223,28 @@ def test_rar_forward_and_gradients(backend, T, dropout, h_given, dtype):
         e = torch.zeros_like(g) if e is None else torch.nan_to_num(e, nan=0.0)
         assert torch.isfinite(g).all(), f"input {i}: non-finite gradient"
         torch.testing.assert_close(g, e, **_tol(torch.float32, backend), msg=f"input {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rar_several_chunks(backend, dtype):
+    """s = 37: three column chunks of 16 in the Triton kernels, the last partial (fp32 also
+    streams E from memory 16 columns at a time); forward and gradients (dropout, one step),
+    fp32 against the reference in fp64 on the same (fp32) inputs."""
+    rar = _ops(backend)[2]
+    args = _rar_sample(dtype, seed=11, T=1, dropout=True, h_given=True, s=37)
+    up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+    out = rar(*args)
+    torch.testing.assert_close(out.double(), ref_rar(*up), **_tol(dtype, backend))
+    tol = _tol(torch.float32, backend) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    leaves = _grad_inputs(args[:9]) + args[9:]
+    ref_leaves = _grad_inputs(up[:9]) + up[9:]
+    gout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    idx = [i for i, a in enumerate(leaves) if isinstance(a, Tensor) and a.requires_grad]
+    got = torch.autograd.grad((rar(*leaves) * gout.to(dtype)).sum(), [leaves[i] for i in idx])
+    exp = torch.autograd.grad((ref_rar(*ref_leaves) * gout).sum(), [ref_leaves[i] for i in idx])
+    for i, g, e in zip(idx, got, exp):
+        torch.testing.assert_close(g.double(), torch.nan_to_num(e, nan=0.0), **tol, msg=f"input {i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -308,3 +346,23 @@ def test_cpp_rcr_matches_torch_rcr_step(with_state, dtype):
     if dtype == torch.float64:
         torch.library.opcheck(torch.ops.rcar_fast.rcr.default,
                               [torch.nan_to_num(a) if isinstance(a, Tensor) else a for a in args])
+
+
+def test_triton_rejects_shapes_past_the_compiled_range():
+    """The Triton kernels take at most 64 query/context rows and s <= 256 per pair (the range the
+    compile tier checks): past it, a ValueError naming the argument, before any launch."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not available here")
+    att, _, rar, _ = _ops("triton")
+    args = _sample(torch.float32, seed=1, with_state=False, with_weight=True, Lq=65)
+    with pytest.raises(ValueError, match="query: the Triton kernels take at most 64 query rows"):
+        att(*args)
+    args = _sample(torch.float32, seed=1, with_state=False, with_weight=True, Lc=70)
+    with pytest.raises(ValueError, match="context: the Triton kernels take at most 64 context rows"):
+        att(*args)
+    args = _sample(torch.float32, seed=1, with_state=False, with_weight=True, s=300)
+    with pytest.raises(ValueError, match="weight: the Triton kernels take alignment vectors of at most 256"):
+        att(*args)
+    args = _rar_sample(torch.float32, seed=1, T=1, dropout=False, h_given=False, Lq=65)
+    with pytest.raises(ValueError, match="E: the Triton kernels take at most 64 rows"):
+        rar(*args)
