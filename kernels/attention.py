@@ -198,6 +198,7 @@ def _attention_fwd_kernel(
             rsc = s0 + tl.arange(0, BSB)
             m = rows_out[:, None] & (rsc < S_DIM)[None, :]
             Yc = tl.load(out_base + rsc[None, :] * so_x, mask=m, other=0.0)
+            tl.debug_barrier()   # every thread has read this chunk of Y before any overwrites it
             tl.store(out_base + rsc[None, :] * so_x, tl.where(qmask[:, None], Yc * inv_r[:, None], 0.0), mask=m)
 
 

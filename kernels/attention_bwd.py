@@ -127,13 +127,14 @@ def _attention_bwd_kernel(
         r = tl.sqrt(r2)
         rs_ = tl.where(r > 0, r, 1.0)      # guarded divisions divide by a safe value
         coef = tl.where(r > 0, ydE / (rs_ * (r + EPS) * (r + EPS)), 0.0)
-        for s0 in range(0, S_DIM, BSC):   # each element is read, then overwritten, by one thread
+        for s0 in range(0, S_DIM, BSC):
             rsc = s0 + tl.arange(0, BSC)
             scm = (rsc < S_DIM)[None, :]
             m = qmask[:, None] & scm
             Yc = tl.load(dy_row[:, None] + rsc[None, :], mask=m, other=0.0)
             dEc = tl.load(g_base + rsc[None, :] * sg_x, mask=m, other=0.0).to(tl.float32)
             dYc = tl.where(m, dEc / (r + EPS)[:, None] - Yc * coef[:, None], 0.0)
+            tl.debug_barrier()   # every thread has read this chunk of Y before any overwrites it
             tl.store(dy_row[:, None] + rsc[None, :], dYc, mask=rows[:, None] & scm)
             tl.atomic_add(db_ptr + rsc, tl.sum(dYc, axis=0), mask=rsc < S_DIM)
         tl.debug_barrier()
