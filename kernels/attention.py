@@ -39,10 +39,9 @@ def _dot_ieee(a, b):
     """a @ b with exact fp32 products, split along K into products of K = 16 (even and odd
     columns, recursively): the FMA lowering holds a thread's rows of a and columns of b for the
     whole K, which spills for K = 64 and above (bench/results/resources.md)."""
-    K: tl.constexpr = a.shape[1]
-    if K > 16:
-        a0, a1 = tl.split(tl.reshape(a, (a.shape[0], K // 2, 2)))
-        b0, b1 = tl.split(tl.reshape(tl.trans(b), (b.shape[1], K // 2, 2)))
+    if a.shape[1] > 16:
+        a0, a1 = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
+        b0, b1 = tl.split(tl.reshape(tl.trans(b), (b.shape[1], b.shape[0] // 2, 2)))
         return _dot_ieee(a0, tl.trans(b0)) + _dot_ieee(a1, tl.trans(b1))
     return tl.dot(a, b, input_precision="ieee")
 
