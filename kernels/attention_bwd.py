@@ -103,7 +103,7 @@ def _attention_bwd_kernel(
     S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE)
     inv_un = 1.0 / (un + EPS)
     # passes B-D need P only as a product operand: keep it in the inputs' dtype (the fp32 copy
-    # is recomputed after pass D; holding it through the passes spilled on sm_80)
+    # is recomputed by _attention_bwd_scores_kernel; holding it through the passes spilled)
     Pm = Pm.to(c_ptr.dtype.element_ty)
 
     if MODE == 1:
@@ -123,7 +123,9 @@ def _attention_bwd_kernel(
             ydE += tl.sum(tl.where(m, Yc * dEc, 0.0), axis=1)
             tl.store(dy_row[:, None] + rsc[None, :], Yc, mask=rows[:, None] & scm[None, :])
         tl.debug_barrier()   # the stores' layout is not the loads': other threads read them
-        # dY = d l2n(Y) from dE, chunk by chunk, over Y in the scratch
+        # dY = d l2n(Y) from dE, chunk by chunk, over Y in the scratch. Rows qlen <= q < LQ hold a
+        # Y (with Q = 0 there) that is never read: their loads are masked and they get dY = 0,
+        # which passes C and D read back
         r = tl.sqrt(r2)
         rs_ = tl.where(r > 0, r, 1.0)      # guarded divisions divide by a safe value
         coef = tl.where(r > 0, ydE / (rs_ * (r + EPS) * (r + EPS)), 0.0)

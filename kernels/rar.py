@@ -277,7 +277,8 @@ def _rar_bwd_kernel(
 
 
 #: the backward's column chunk: with 32, fp32 needed 168-225 KB of shared memory (over the
-#: A100's 163 KB) and every variant spilled; 16 fits and spills only at BQ = 64 (bench/results)
+#: A100's 163 KB) and every variant spilled; with 16 every configuration fits without spills
+#: (bench/results/resources.md)
 BWD_BLOCK_N = 16
 
 

@@ -157,35 +157,40 @@ def test_attention_forward_and_gradients(backend, with_state, with_weight, dtype
 @pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_several_chunks(backend, with_state, dtype):
-    """d and s wider than one block (d = 37: three d-chunks of 16, the last partial; s = 45: in
-    Triton, fp32's forward projects 32 columns per pass and parks Y in the output, the backward
-    two Y chunks of 32 and three dY chunks of 16; partial chunks masked). fp64: gradients too."""
-    args = _sample(dtype, seed=7 + with_state, with_state=with_state, with_weight=True, d=37, s=45)
-    _check_attention(backend, args, dtype)
+    """Blocks wider than one chunk everywhere: Lq = 40 and Lc = 36 (64-row blocks: fp32's exact
+    products split along K = 64 into four of 16), d = 37 (three d-chunks of 16, the last
+    partial), s = 45 (in Triton, fp32's forward projects 32 columns per pass and parks Y in the
+    output; the backward builds Y 32 columns and dY 16 columns at a time; partial chunks
+    masked). Gradients in both dtypes: fp32 against the reference in fp64 on the same inputs."""
+    args = _sample(dtype, seed=7 + with_state, with_state=with_state, with_weight=True, Lq=40, Lc=36,
+                   d=37, s=45)
+    _check_attention(backend, args, dtype, grads=True)
 
 
-def _check_attention(backend, args, dtype):
-    """Forward against the per-pair reference; for fp64 also every gradient."""
+def _check_attention(backend, args, dtype, grads=False):
+    """Forward against the per-pair reference; for fp64 (or with grads) also every gradient,
+    the reference in fp64 on the same inputs."""
     att = _ops(backend)[0]
     out = att(*args)
+    up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
     with torch.no_grad():
-        want = ref_attention(*[a.double() if isinstance(a, Tensor) and a.is_floating_point() else a
-                               for a in args])
+        want = ref_attention(*up)
     assert out.dtype == dtype and out.shape == want.shape
     torch.testing.assert_close(out.double(), want, **_tol(dtype, backend))
-    if dtype != torch.float64:
+    if dtype != torch.float64 and not grads:
         return
+    tol = _tol(torch.float32, backend) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     leaves = _grad_inputs(args)
-    ref_leaves = _grad_inputs(args)
-    gout = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    ref_leaves = _grad_inputs(up)
+    gout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     idx = [i for i, a in enumerate(leaves) if isinstance(a, Tensor) and a.requires_grad]
-    got = torch.autograd.grad((att(*leaves) * gout).sum(), [leaves[i] for i in idx])
+    got = torch.autograd.grad((att(*leaves) * gout.to(dtype)).sum(), [leaves[i] for i in idx])
     exp = torch.autograd.grad((ref_attention(*ref_leaves) * gout).sum(), [ref_leaves[i] for i in idx],
                               allow_unused=True)
     for i, g, e in zip(idx, got, exp):
-        e = torch.zeros_like(g) if e is None else torch.nan_to_num(e, nan=0.0)
+        e = torch.zeros_like(g.double()) if e is None else torch.nan_to_num(e, nan=0.0)
         assert torch.isfinite(g).all(), f"input {i}: non-finite gradient"
-        torch.testing.assert_close(g, e, **_tol(torch.float32, backend), msg=f"input {i}")
+        torch.testing.assert_close(g.double(), e, **tol, msg=f"input {i}")
     q, ql = leaves[0], args[1]
     dq = got[idx.index(0)]
     for p in range(q.shape[0]):
