@@ -62,6 +62,60 @@ def _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, w0, n0
 
 
 @triton.jit
+def _rar_pair(e_ptr, qlen_ptr, P, S_DIM, se_b, se_p, se_l, se_s, IEEE: tl.constexpr, BQ: tl.constexpr,
+              BS: tl.constexpr):
+    """This program's pair (b, p), its valid rows, row/column ranges and masks, the pointers to
+    its rows of E and E itself (bf16/fp16: the tile held in registers; fp32: E is read from
+    memory where it is used, not held (see _key_chunk), and E is a placeholder)."""
+    pid = tl.program_id(0)
+    b = (pid // P).to(tl.int64)
+    p = (pid % P).to(tl.int64)
+    qlen = tl.load(qlen_ptr + p)
+    rq = tl.arange(0, BQ)
+    rs = tl.arange(0, BS)
+    qmask = rq < qlen
+    smask = rs < S_DIM
+    e_base = e_ptr + b * se_b + p * se_p + rq[:, None] * se_l
+    if IEEE:
+        E = qmask
+    else:
+        E = _e_tile(e_base, se_s, rs, qmask, smask)
+    return b, p, qlen, rq, rs, qmask, smask, e_base, E
+
+
+@triton.jit
+def _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE: tl.constexpr):
+    """The pair's E in fp32: the held tile converted, or (fp32) read from memory here."""
+    if IEEE:
+        Ef = _e_tile(e_base, se_s, rs, qmask, smask)
+    else:
+        Ef = E.to(tl.float32)
+    return Ef
+
+
+@triton.jit
+def _step_weights(E, e_base, se_s, qmask, h, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, t,
+                  mk_base, smk_s, mg_base, smg_s, rs, smask, S_DIM, HAS_DROP: tl.constexpr,
+                  IEEE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One step's attention weights a = softmax over valid rows of sum_n K g wv + bv (step t of
+    the stacked weights), K and g in BN-column chunks with their dropout keep-masks."""
+    logit = tl.zeros(qmask.shape, dtype=tl.float32)
+    for n0 in range(0, S_DIM, BN):
+        K, g, rn, nm = _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, t * S_DIM, n0,
+                                  rs, smask, S_DIM, IEEE, BN, BK)
+        if HAS_DROP:
+            K = K * tl.load(mk_base + rn[None, :] * smk_s, mask=qmask[:, None] & nm[None, :],
+                            other=0.0).to(tl.float32)
+            g = g * tl.load(mg_base + rn * smg_s, mask=nm, other=0.0).to(tl.float32)
+        wv = tl.load(wv_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)
+        logit += tl.sum(K * (g * wv)[None, :], axis=1)
+    logit += tl.load(bv_ptr + t).to(tl.float32)
+    logit = tl.where(qmask, logit, float("-inf"))
+    a = tl.exp(logit - tl.max(logit, axis=0))
+    return a / tl.sum(a, axis=0)
+
+
+@triton.jit
 def _rar_fwd_kernel(
     e_ptr, qlen_ptr, h_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, mk_ptr, mg_ptr, out_ptr,
     P, S_DIM, T,
@@ -73,44 +127,18 @@ def _rar_fwd_kernel(
     HAS_H: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
     BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // P).to(tl.int64)
-    p = (pid % P).to(tl.int64)
-    qlen = tl.load(qlen_ptr + p)
-    rq = tl.arange(0, BQ)
-    rs = tl.arange(0, BS)
-    qmask = rq < qlen
-    smask = rs < S_DIM
-    e_base = e_ptr + b * se_b + p * se_p + rq[:, None] * se_l
-    if IEEE:   # fp32: E is read from memory where it is used, not held (see _key_chunk)
-        E = qmask
-    else:
-        E = _e_tile(e_base, se_s, rs, qmask, smask)
+    b, p, qlen, rq, rs, qmask, smask, e_base, E = _rar_pair(e_ptr, qlen_ptr, P, S_DIM, se_b, se_p, se_l, se_s,
+                                                            IEEE, BQ, BS)
+    mk_base = mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l
+    mg_base = mg_ptr + b * smg_b + p * smg_p
     if HAS_H:
         h = tl.load(h_ptr + b * sh_b + p * sh_p + rs * sh_s, mask=smask, other=0.0).to(tl.float32)
-    elif IEEE:
-        h = tl.sum(_e_tile(e_base, se_s, rs, qmask, smask), axis=0) / qlen.to(tl.float32)
     else:
-        h = tl.sum(E.to(tl.float32), axis=0) / qlen.to(tl.float32)
+        h = tl.sum(_e_f32(E, e_base, se_s, rs, qmask, smask, IEEE), axis=0) / qlen.to(tl.float32)
     for t in range(T):
-        logit = tl.zeros((BQ,), dtype=tl.float32)
-        for n0 in range(0, S_DIM, BN):
-            K, g, rn, nm = _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, t * S_DIM, n0,
-                                      rs, smask, S_DIM, IEEE, BN, BK)
-            if HAS_DROP:
-                K = K * tl.load(mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l + rn[None, :] * smk_s,
-                                mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
-                g = g * tl.load(mg_ptr + b * smg_b + p * smg_p + rn * smg_s, mask=nm, other=0.0).to(tl.float32)
-            wv = tl.load(wv_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)
-            logit += tl.sum(K * (g * wv)[None, :], axis=1)
-        logit += tl.load(bv_ptr + t).to(tl.float32)
-        logit = tl.where(qmask, logit, float("-inf"))
-        a = tl.exp(logit - tl.max(logit, axis=0))
-        a = a / tl.sum(a, axis=0)
-        if IEEE:
-            h = tl.sum(a[:, None] * _e_tile(e_base, se_s, rs, qmask, smask), axis=0)
-        else:
-            h = tl.sum(a[:, None] * E.to(tl.float32), axis=0)
+        a = _step_weights(E, e_base, se_s, qmask, h, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, t,
+                          mk_base, smk_s, mg_base, smg_s, rs, smask, S_DIM, HAS_DROP, IEEE, BN, BK)
+        h = tl.sum(a[:, None] * _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE), axis=0)
         h = h / (tl.sqrt(tl.sum(h * h, axis=0)) + EPS)
     tl.store(out_ptr + b * so_b + p * so_p + rs * so_s, h.to(out_ptr.dtype.element_ty), mask=smask)
 
@@ -204,40 +232,16 @@ def _rar_bwd_kernel(
     these, outside: accumulating dE (LQ x s fp32) and dh here kept a second LQ x s tile alive
     beside E and spilled (bench/results/resources.md). Two passes over the s columns of K: the
     forward's logits, then the gradients, K and g recomputed chunk by chunk."""
-    pid = tl.program_id(0)
-    b = (pid // P).to(tl.int64)
-    p = (pid % P).to(tl.int64)
-    qlen = tl.load(qlen_ptr + p)
-    rq = tl.arange(0, BQ)
-    rs = tl.arange(0, BS)
-    qmask = rq < qlen
-    smask = rs < S_DIM
-    e_base = e_ptr + b * se_b + p * se_p + rq[:, None] * se_l
-    if IEEE:   # fp32: E is read from memory where it is used, not held (see _key_chunk)
-        E = qmask
-    else:
-        E = _e_tile(e_base, se_s, rs, qmask, smask)
+    b, p, qlen, rq, rs, qmask, smask, e_base, E = _rar_pair(e_ptr, qlen_ptr, P, S_DIM, se_b, se_p, se_l, se_s,
+                                                            IEEE, BQ, BS)
+    mk_base = mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l
+    mg_base = mg_ptr + b * smg_b + p * smg_p
     h = tl.load(h_ptr + b * sh_b + p * sh_p + rs * sh_s, mask=smask, other=0.0).to(tl.float32)
     go = tl.load(g_ptr + b * sg_b + p * sg_p + rs * sg_s, mask=smask, other=0.0).to(tl.float32)
-    # pass 1: the forward's logits, softmax and output norm
-    logit = tl.zeros((BQ,), dtype=tl.float32)
-    for n0 in range(0, S_DIM, BN):
-        K, g, rn, nm = _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, 0, n0, rs, smask,
-                                  S_DIM, IEEE, BN, BK)
-        if HAS_DROP:
-            K = K * tl.load(mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l + rn[None, :] * smk_s,
-                            mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
-            g = g * tl.load(mg_ptr + b * smg_b + p * smg_p + rn * smg_s, mask=nm, other=0.0).to(tl.float32)
-        wv = tl.load(wv_ptr + rn, mask=nm, other=0.0).to(tl.float32)
-        logit += tl.sum(K * (g * wv)[None, :], axis=1)
-    logit += tl.load(bv_ptr).to(tl.float32)
-    logit = tl.where(qmask, logit, float("-inf"))
-    a = tl.exp(logit - tl.max(logit, axis=0))
-    a = a / tl.sum(a, axis=0)
-    if IEEE:
-        Ef = _e_tile(e_base, se_s, rs, qmask, smask)
-    else:
-        Ef = E.to(tl.float32)
+    # pass 1: the forward's attention weights and output norm
+    a = _step_weights(E, e_base, se_s, qmask, h, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, 0,
+                      mk_base, smk_s, mg_base, smg_s, rs, smask, S_DIM, HAS_DROP, IEEE, BN, BK)
+    Ef = _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE)
     u = tl.sum(a[:, None] * Ef, axis=0)
     nu = tl.sqrt(tl.sum(u * u, axis=0))
     # d l2n(u): du = go / (|u| + eps) - u (u . go) / (|u| (|u| + eps)^2); u = 0 has no second term
@@ -255,9 +259,8 @@ def _rar_bwd_kernel(
         K = tk
         g = tg
         if HAS_DROP:
-            mk = tl.load(mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l + rn[None, :] * smk_s,
-                         mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
-            mg = tl.load(mg_ptr + b * smg_b + p * smg_p + rn * smg_s, mask=nm, other=0.0).to(tl.float32)
+            mk = tl.load(mk_base + rn[None, :] * smk_s, mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
+            mg = tl.load(mg_base + rn * smg_s, mask=nm, other=0.0).to(tl.float32)
             K = tk * mk
             g = tg * mg
         wv = tl.load(wv_ptr + rn, mask=nm, other=0.0).to(tl.float32)

@@ -85,19 +85,6 @@ void pair_probs(const T* St, int64_t ldst, int64_t r0, int64_t nq, int64_t clen,
   }
 }
 
-// Row offsets of the tile's pairs in its compact row space; returns the number of rows.
-template <class T>
-int64_t tile_rows(const AttnInputs<T>& a, int64_t n0, int64_t n1, std::vector<int64_t>& ro) {
-  ro.resize(n1 - n0 + 1);
-  int64_t rows = 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    ro[n - n0] = rows;
-    rows += a.ql[n % a.P];
-  }
-  ro[n1 - n0] = rows;
-  return rows;
-}
-
 // X rows of pairs [k0, k1) of the tile (pair n = n0 + k): F * Q, or Q, written to X at row
 // stride ldx. Returns the group's first X row and the row stride: Q itself (stride D) when
 // there is no F and no padding.
@@ -143,7 +130,7 @@ void forward_tile(const AttnInputs<T>& a, int64_t n0, int64_t n1, FwdState<T>& s
   T* Cp = st.buf[7];
   const int64_t DP = padded_ld<T>(D);  // U, X and the context copy Cp: rows off 4 KB multiples
   auto& ro = st.ro;
-  const int64_t rows = tile_rows(a, n0, n1, ro);
+  const int64_t rows = compact_rows(a, n0, n1, ro);
   const int64_t np = n1 - n0;
   RCAR_PROF_START
   // attention, one group of pairs per context item
@@ -252,7 +239,7 @@ void backward_tile(const AttnInputs<T>& a, const BwdOutputs<T>& o, int64_t n0, i
   T* Nall = st.buf[11];     // per pair, Lc each
   T* invNall = st.buf[12];  // per pair, Lc each
   auto& ro = st.ro;
-  const int64_t rows = tile_rows(a, n0, n1, ro);
+  const int64_t rows = compact_rows(a, n0, n1, ro);
   const int64_t np = n1 - n0;
   const int64_t b = n0 / P;
   const int64_t clen = a.cl[b];

@@ -44,6 +44,21 @@ void gemm_kn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
              bool accumulate);
 void gemm_kn(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* Bp, double* C,
              int64_t ldc, bool accumulate);
+// Row offsets of pairs [n0, n1) (pair n = b P + p, p = n % P) in a tile's compact row space,
+// where pair n has ql[p] valid query rows: ro[n - n0] = first row, ro[n1 - n0] = the total,
+// which is returned. In: any input struct with ql (int32 per query item) and P.
+template <class In>
+int64_t compact_rows(const In& a, int64_t n0, int64_t n1, std::vector<int64_t>& ro) {
+  ro.resize(n1 - n0 + 1);
+  int64_t rows = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    ro[n - n0] = rows;
+    rows += a.ql[n % a.P];
+  }
+  ro[n1 - n0] = rows;
+  return rows;
+}
+
 // Columns per block of a packed weight: wide weights are cut into blocks of 128 columns, each
 // stored K x width contiguously (rows 4 KB apart, as in a plain 1024-wide weight, alias in L1
 // and cost the kernels 20%); up to 640 columns the packed weight is the plain row-major one.

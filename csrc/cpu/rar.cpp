@@ -47,19 +47,6 @@ struct RarState {
              a.rows_max, a.rows_max, a.rows_max * a.S, a.S}) {}  // logit/a, da, u, vsum
 };
 
-// compact row offsets of pairs [n0, n1); returns the rows
-template <class T>
-int64_t rar_rows(const RarInputs<T>& a, int64_t n0, int64_t n1, std::vector<int64_t>& ro) {
-  ro.resize(n1 - n0 + 1);
-  int64_t rows = 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    ro[n - n0] = rows;
-    rows += a.ql[n % a.P];
-  }
-  ro[n1 - n0] = rows;
-  return rows;
-}
-
 // The tile's valid E rows (compact, stride S): E itself when there is no padding.
 template <class T>
 const T* rar_e(const RarInputs<T>& a, int64_t n0, int64_t n1, const std::vector<int64_t>& ro, T* Ec) {
@@ -115,7 +102,7 @@ void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>
   T* G = st.buf[5];
   T* logit = st.buf[7];
   auto& ro = st.ro;
-  const int64_t rows = rar_rows(a, n0, n1, ro);
+  const int64_t rows = compact_rows(a, n0, n1, ro);
   const T* Ep = rar_e(a, n0, n1, ro, Ec);
   RCAR_PROF_START
   std::memcpy(h, H0 + n0 * S, sizeof(T) * np * S);
@@ -282,7 +269,7 @@ void rar_backward_tile(const RarInputs<T>& a, const RarGrads<T>& o, int64_t n0, 
   T* u = st.buf[9];
   T* vsum = st.buf[10];
   auto& ro = st.ro;
-  const int64_t rows = rar_rows(a, n0, n1, ro);
+  const int64_t rows = compact_rows(a, n0, n1, ro);
   const T* Ep = rar_e(a, n0, n1, ro, Ec);
   const T bv = a.bv[0];
 
