@@ -110,7 +110,8 @@ def _attention_probs(S0, G, lam, qmask, cmask, IEEE: tl.constexpr, WITH_UN: tl.c
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     Pm = e / tl.sum(e, axis=1)[:, None]
     if WITH_UN:
-        un = tl.sqrt(tl.maximum(tl.sum(_dot(Pm, G, IEEE) * Pm, axis=1), 0.0))
+        # P and G are fp32 in every dtype: exact products (tl.dot's fp32 default is tf32)
+        un = tl.sqrt(tl.maximum(tl.sum(_dot_ieee(Pm, G) * Pm, axis=1), 0.0))
     else:
         un = tl.zeros_like(lam)
     return S, N, Sn, Pm, un

@@ -21,7 +21,8 @@ The split into chunks, scratches and two kernels is what keeps every configurati
 register spills on sm_80 and sm_90 (python -m bench.resources; tests/test_compile.py): holding Y
 or dY s wide, or dP through the recompute of S0, spilled. dF (B, P, Lq, d) and dlam (B, P, Lq)
 belong to one pair and are stored; dQ, dC, dW and db are shared across pairs and accumulated
-with fp32 atomics. The atomics on dW (s x d per pair) are the part to restructure for speed on a
+with fp32 atomics, relaxed (sem="relaxed": the adds commute, and no other memory is ordered by
+them; the default acq_rel adds fences). The atomics on dW (s x d per pair) are the part to restructure for speed on a
 GPU (not measured yet).
 """
 
@@ -60,7 +61,7 @@ def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x,
             if WITH_DW:   # the same chunk of dY, loaded transposed for dY^T (Q - A)^2
                 dYt = tl.load(dy_row[None, :] + rs[:, None], mask=sm[:, None] & rows[None, :], other=0.0)
                 tl.atomic_add(dw_ptr + rs[:, None] * D + (d0 + rd)[None, :], _dot(dYt.to(Cc.dtype), Dq2, IEEE),
-                              mask=sm[:, None] & dm[None, :])
+                              mask=sm[:, None] & dm[None, :], sem="relaxed")
         dA = tl.where(qd, -2.0 * dYW * Dq, 0.0)
     else:
         dA = tl.load(g_base + (d0 + rd)[None, :] * sg_x, mask=qd, other=0.0).to(tl.float32)
@@ -138,7 +139,7 @@ def _attention_bwd_kernel(
             dYc = tl.where(m, dEc / (r + EPS)[:, None] - Yc * coef[:, None], 0.0)
             tl.debug_barrier()   # every thread has read this chunk of Y before any overwrites it
             tl.store(dy_row[:, None] + rsc[None, :], dYc, mask=rows[:, None] & scm)
-            tl.atomic_add(db_ptr + rsc, tl.sum(dYc, axis=0), mask=rsc < S_DIM)
+            tl.atomic_add(db_ptr + rsc, tl.sum(dYc, axis=0), mask=rsc < S_DIM, sem="relaxed")
         tl.debug_barrier()
 
     # pass C: U . dA per row; MODE 1 also dW, and dQ's direct term -dA
@@ -148,7 +149,7 @@ def _attention_bwd_kernel(
             c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, S_DIM, dw_ptr,
             Pm, inv_un, qmask, rows, cmask, MODE, IEEE, True, BQ, BD, BSC)
         if MODE == 1:
-            tl.atomic_add(dq_base + (d0 + rd)[None, :], -dA, mask=qd)
+            tl.atomic_add(dq_base + (d0 + rd)[None, :], -dA, mask=qd, sem="relaxed")
         udA += tl.sum(U * dA, axis=1)
 
     # pass D: dU, dP = dU C^T, dC += P^T dU
@@ -161,7 +162,7 @@ def _attention_bwd_kernel(
         dU = tl.where(qd, dA * inv_un[:, None] - U * coefU[:, None], 0.0)
         dP += _dot(dU.to(Cc.dtype), tl.trans(Cc), IEEE)
         tl.atomic_add(dc_base + (d0 + rd)[None, :], _dot(tl.trans(Pm).to(Cc.dtype), dU.to(Cc.dtype), IEEE),
-                      mask=cmask[:, None] & dm[None, :])
+                      mask=cmask[:, None] & dm[None, :], sem="relaxed")
 
     tl.store(dp_ptr + (b * P + p) * BQ * BC + rq[:, None] * BC + rc[None, :], dP)
 
@@ -221,9 +222,9 @@ def _attention_bwd_scores_kernel(
             if NEED_DF:
                 tl.store(df_base + (d0 + rd)[None, :], tl.where(qd, dX * Qc.to(tl.float32), 0.0),
                          mask=(rq < LQ)[:, None] & dm[None, :])
-            tl.atomic_add(dq_base + (d0 + rd)[None, :], dX * Fc.to(tl.float32), mask=qd)
+            tl.atomic_add(dq_base + (d0 + rd)[None, :], dX * Fc.to(tl.float32), mask=qd, sem="relaxed")
         else:
-            tl.atomic_add(dq_base + (d0 + rd)[None, :], dX, mask=qd)
+            tl.atomic_add(dq_base + (d0 + rd)[None, :], dX, mask=qd, sem="relaxed")
 
     # pass F: dC += dS0^T (F Q), in a loop of its own: with pass E's, dS0 was held in both operand
     # layouts at once (spills in fp32)
@@ -235,7 +236,7 @@ def _attention_bwd_scores_kernel(
         if HAS_F:
             X = X * tl.load(f_base + (d0 + rd)[None, :] * sf_d, mask=qd, other=0.0)
         tl.atomic_add(dc_base + (d0 + rd)[None, :], _dot(dS0t, X.to(dS0t.dtype), IEEE),
-                      mask=cmask[:, None] & dm[None, :])
+                      mask=cmask[:, None] & dm[None, :], sem="relaxed")
 
 
 def _four_warps(half: bool, mode: int, BQ: int, BC: int) -> bool:

@@ -14,6 +14,7 @@ two-stage search: :mod:`rcar_fast.retrieval`.
 from . import ops
 from .backends import available_backends, backend_status
 from .modules import RCARSimilarity, sim_state_from_checkpoint
+from ._selftest import selftest
 from . import data, encoders, retrieval
 from .data import load_precomp, structured_dataset
 from .encoders import MatchingModel, Vocabulary, load_checkpoint
@@ -23,5 +24,5 @@ __version__ = "0.1.0"
 
 __all__ = ["MatchingModel", "RCARSimilarity", "Recall", "Vocabulary", "available_backends",
            "backend_status", "data", "encoders", "load_checkpoint", "load_precomp", "ops",
-           "recall_metrics", "retrieval", "score_all", "sim_state_from_checkpoint",
+           "recall_metrics", "retrieval", "score_all", "selftest", "sim_state_from_checkpoint",
            "structured_dataset", "two_stage", "__version__"]

@@ -27,13 +27,18 @@ import torch
 import torch.utils.checkpoint
 
 from ._plan import iter_blocks
-from .torch_backend import RAR_DROPOUT, _needs_grad, rcr_step
+from .dropout import rar_keep_masks
+from .torch_backend import _needs_grad, rcr_step
 from .torch_backend import _zero_padded_queries as _zero_padded
 
 Tensor = torch.Tensor
 EPS = 1e-8
 #: d-wide (B, P, Lq, d) buffers alive at once: F and the new F being built
 LIVE_WIDE_BUFFERS = 3
+#: the same under autograd, where a block's recompute in backward keeps what its backward needs
+#: (F, RCR's pre-activations, the factor gradients): measured with the CPU allocator's profile,
+#: coop_rcar T = 2, 8 x 48 pairs, d 256 (tests/test_memory.py)
+LIVE_WIDE_BUFFERS_TRAIN = 6
 
 
 def _valid(lens: Tensor, n: int) -> Tensor:
@@ -250,24 +255,24 @@ def _rar_weights(params: Mapping[str, Tensor], prefixes):
             stack("rar_k_w.0.bias"), stack("rar_v_w.0.weight").flatten(1), stack("rar_v_w.0.bias").flatten())
 
 
-def _keep_masks(E: Tensor, training: bool):
-    """Dropout keep-masks for one RAR step (scaled by 1/(1-p)), or (None, None) in eval."""
-    if not training:
-        return None, None
-    scale = 1.0 / (1.0 - RAR_DROPOUT)
-    B, P, Lq, S = E.shape
-    keep_k = (torch.rand(B, P, Lq, S, device=E.device) >= RAR_DROPOUT).to(E.dtype) * scale
-    keep_g = (torch.rand(B, P, S, device=E.device) >= RAR_DROPOUT).to(E.dtype) * scale
-    return keep_k, keep_g
+def _keep_masks(step: int, E: Tensor, pairs):
+    """RAR step ``step``'s dropout keep-masks (scaled by 1/(1-p), rcar_fast.dropout) for the
+    block's pairs = (global image indices, global caption indices, attn_type), block layout."""
+    images, captions, attn_type = pairs
+    keep_k, keep_g = rar_keep_masks(step, images, captions, E.shape[2], E.shape[3], E.dtype, E.device)
+    if attn_type == "i2t":      # pair grid (images, captions) -> block (captions, images)
+        keep_k, keep_g = keep_k.transpose(0, 1), keep_g.transpose(0, 1)
+    return keep_k.contiguous(), keep_g.contiguous()
 
 
-def _rar_steps(ops: FusedOps, E, ql, h, stacked, training):
-    """RAR over the modules of ``stacked`` (from :func:`_rar_weights`): one launch for all of
-    them in eval, one per step in training (each step draws its own dropout masks)."""
+def _rar_steps(ops: FusedOps, E, ql, h, stacked, training, first_step=0, pairs=None):
+    """RAR over the modules of ``stacked`` (from :func:`_rar_weights`; their step numbers start
+    at ``first_step``): one launch for all of them in eval, one per step in training (each step
+    applies its own dropout masks for ``pairs``, see :func:`_keep_masks`)."""
     if not training:
         return ops.rar(E, ql, h, *stacked, None, None)
     for t in range(stacked[0].shape[0]):
-        h = ops.rar(E, ql, h, *(w[t:t + 1] for w in stacked), *_keep_masks(E, True))
+        h = ops.rar(E, ql, h, *(w[t:t + 1] for w in stacked), *_keep_masks(first_step + t, E, pairs))
     return h
 
 
@@ -276,14 +281,19 @@ def rar_update(ops: FusedOps, E, h, cap_lens, weights, attn_type, training):
     B, P, Lq, _ = Eb.shape
     ql = cap_lens.to(device=E.device, dtype=torch.int32) if attn_type == "t2i" else \
         torch.full((P,), Lq, dtype=torch.int32, device=E.device)
-    out = _rar_steps(ops, Eb.contiguous(), ql, _state(h, attn_type), _rar_weights(weights, [""]), training)
+    pairs = (torch.arange(E.shape[0]), torch.arange(E.shape[1]), attn_type)
+    out = _rar_steps(ops, Eb.contiguous(), ql, _state(h, attn_type), _rar_weights(weights, [""]), training,
+                     0, pairs)
     return _unblock(out, attn_type)
 
 
 # ----------------------------------------------------------------------------- the scores
 
-def _block_scores(ops: FusedOps, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace):
-    """SPEC.md's scores of one block, (B, P); rar_w: every RAR module's weights, stacked once."""
+def _block_scores(ops: FusedOps, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace,
+                  pairs=None):
+    """SPEC.md's scores of one block, (B, P); rar_w: every RAR module's weights, stacked once;
+    pairs: the block's (global image indices, global caption indices, attn_type), naming the
+    dropout masks in training."""
     Fq, lam = None, smooth
 
     def align(t):
@@ -301,16 +311,27 @@ def _block_scores(ops: FusedOps, q, ql, c, cl, params, rar_w, regulator, steps, 
         cos = torch.where(valid[None], num / torch.clamp(den, min=EPS), num.new_zeros(()))
         return cos.sum(-1) / ql.to(cos.dtype)[None]
     if regulator == "only_rar":
-        h = _rar_steps(ops, align(0), ql, None, rar_w, training)
+        h = _rar_steps(ops, align(0), ql, None, rar_w, training, 0, pairs)
     else:
         h = None
         for t in range(steps):
             E = align(t)
             if t < steps - 1:
                 Fq, lam = ops.rcr_step(E, ql, Fq, lam, params, f"rcr_modules.{t}.", inplace)
-            h = _rar_steps(ops, E, ql, h, tuple(w[t:t + 1] for w in rar_w), training)
+            h = _rar_steps(ops, E, ql, h, tuple(w[t:t + 1] for w in rar_w), training, t, pairs)
     return torch.sigmoid(torch.nn.functional.linear(h, params["sim_eval_w.weight"],
                                                     params["sim_eval_w.bias"])).squeeze(-1)
+
+
+def _cut_block_scores(ops, img, cap, lens, i0, i1, cidx, Lg, attn_type, params, rar_w, regulator, steps, smooth,
+                      training, inplace):
+    """:func:`_block_scores` of the block img[i0:i1] x cap[cidx, :Lg], cut here, inside the
+    checkpointed function, so that autograd saves the whole inputs once (by reference), not a
+    copy of every block's captions."""
+    q, ql, c, cl = _sources(img[i0:i1].contiguous(), cap.index_select(0, cidx)[:, :Lg].contiguous(),
+                            lens.index_select(0, cidx), attn_type)
+    return _block_scores(ops, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace,
+                         (torch.arange(i0, i1), cidx, attn_type))
 
 
 def rcar_scores(ops: FusedOps, img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str, Tensor],
@@ -321,23 +342,23 @@ def rcar_scores(ops: FusedOps, img: Tensor, cap: Tensor, cap_lens: Tensor, param
         memory_budget = ops.default_budget_gpu if img.is_cuda else ops.default_budget_cpu
     inplace = not _needs_grad([img, cap, *params.values()])
     lens_list = [int(x) for x in cap_lens.tolist()]
+    lens_dev = cap_lens.to(cap.device)
     out = img.new_empty(n_i, cap.shape[0])
     # the RAR weights are stacked (T, ...) once per call, not once per block
     rar_w = None if regulator == "only_rcr" else _rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
     for cols, Lg, i0, i1 in iter_blocks(lens_list, n_i, R, d, attn_type, img.element_size(),
-                                        memory_budget, LIVE_WIDE_BUFFERS):
+                                        memory_budget, LIVE_WIDE_BUFFERS if inplace else LIVE_WIDE_BUFFERS_TRAIN):
         cidx = torch.tensor(cols, device=cap.device)
-        q, ql, c, cl = _sources(img[i0:i1].contiguous(), cap.index_select(0, cidx)[:, :Lg].contiguous(),
-                                cap_lens[cols], attn_type)
+        block_args = (ops, img, cap, lens_dev, i0, i1, cidx, Lg, attn_type, params, rar_w, regulator, steps,
+                      smooth, training)
         if inplace:
-            s = _block_scores(ops, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, True)
+            s = _cut_block_scores(*block_args, True)
         else:
             # autograd: the block is recomputed in backward, so no block keeps its intermediates
             # (d-wide F, RCR's activations) alive until the backward pass; the peak is one
             # block's, set by memory_budget, and the RNG state is replayed (same dropout masks)
-            s = torch.utils.checkpoint.checkpoint(
-                _block_scores, ops, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, False,
-                use_reentrant=False, preserve_rng_state=True)
+            s = torch.utils.checkpoint.checkpoint(_cut_block_scores, *block_args, False,
+                                                  use_reentrant=False, preserve_rng_state=True)
         out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out
 

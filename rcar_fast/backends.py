@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -71,15 +72,28 @@ def _extension_status(key: str) -> str:
     return "available"
 
 
-def backend_status() -> Dict[str, str]:
-    """``{name: "available" or the reason it is not}`` for every known backend."""
-    return {
-        "reference": "available",
-        "torch": "available",
-        "triton": _triton_status(),
-        "cpp": _extension_status("CPU"),
-        "cuda": _extension_status("CUDA"),
-    }
+_STATUS: Optional[Dict[str, str]] = None
+
+
+def backend_status(refresh: bool = False) -> Dict[str, str]:
+    """``{name: "available" or the reason it is not}`` for every known backend.
+
+    Computed once per process (imports, the extension, CUDA and TRITON_INTERPRET are probed the
+    first time); ``refresh=True`` probes again (tests that change the environment)."""
+    global _STATUS
+    if _STATUS is None or refresh:
+        if refresh:
+            _triton_import_error.cache_clear()
+            _extension_error.cache_clear()
+            _SELFTEST.clear()
+        _STATUS = {
+            "reference": "available",
+            "torch": "available",
+            "triton": _triton_status(),
+            "cpp": _extension_status("CPU"),
+            "cuda": _extension_status("CUDA"),
+        }
+    return dict(_STATUS)
 
 
 def available_backends(device: Optional[torch.device] = None) -> List[str]:
@@ -93,14 +107,73 @@ def available_backends(device: Optional[torch.device] = None) -> List[str]:
     return names
 
 
-def resolve(backend, device: torch.device) -> str:
-    """The backend to run for tensors on ``device``; raises ValueError naming the problem."""
+def dtype_problem(backend: str, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why ``backend`` cannot compute ``dtype`` correctly here, or None if it can.
+
+    cuda: its kernels take float32, float16 and bfloat16 only. triton: under TRITON_INTERPRET=1
+    Triton's CPU interpreter computes bfloat16 wrongly without an error (DESIGN.md), so bf16 is
+    refused there."""
+    if dtype is None:
+        return None
+    if backend == "cuda" and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"'cuda' takes float32, float16 and bfloat16 inputs, not {dtype}"
+    if backend == "triton" and dtype == torch.bfloat16 and _interpreting():
+        return ("'triton' cannot compute bfloat16 under TRITON_INTERPRET=1 (Triton's CPU interpreter "
+                "computes bf16 wrongly, silently); use float32/float16 or another backend")
+    return None
+
+
+#: backends "auto" may pick for a dtype: exact ones only (triton computes float64 at fp32
+#: accuracy, so float64 goes to a backend that keeps it)
+def _auto_takes(backend: str, dtype: Optional[torch.dtype]) -> bool:
+    if dtype_problem(backend, dtype) is not None:
+        return False
+    return not (backend == "triton" and dtype == torch.float64)
+
+
+#: (backend, device, dtype) -> None when the self-test passed, else the failure in words
+_SELFTEST: Dict[tuple, Optional[str]] = {}
+_WARNED: set = set()
+
+
+def selftest_enabled() -> bool:
+    """Whether "auto" self-tests a backend before first use (RCAR_FAST_SELFTEST=0 turns it off)."""
+    return os.environ.get("RCAR_FAST_SELFTEST", "1") != "0"
+
+
+def _passes_selftest(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> bool:
+    if backend in ("reference", "torch") or not selftest_enabled():
+        return True
+    if torch.compiler.is_compiling():    # tracing: the self-test ran (or runs) eagerly
+        return True
+    key = (backend, str(device), dtype)
+    if key not in _SELFTEST:
+        from ._selftest import check_backend
+        _SELFTEST[key] = check_backend(backend, device, dtype)
+    failure = _SELFTEST[key]
+    if failure is not None and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"rcar_fast: backend {backend!r} failed its self-test on {device} {dtype} "
+                      f"({failure}); backend='auto' uses the next one. RCAR_FAST_SELFTEST=0 skips "
+                      "the self-test; rcar_fast.selftest() prints the whole table.",
+                      RuntimeWarning, stacklevel=4)
+    return failure is None
+
+
+def resolve(backend, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend to run for tensors of ``dtype`` on ``device``; raises ValueError naming the
+    problem.
+
+    "auto": the first of AUTO_ORDER[device] that is available, takes ``dtype`` exactly and
+    passes its self-test (run once per process per backend, device and dtype: a small problem
+    forward and backward against the reference, :mod:`rcar_fast.selftest`), else "torch"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+    device = torch.device(device)
     st = backend_status()
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ()) + ("torch",):
-            if st[name] == "available":
+        for name in AUTO_ORDER.get(device.type, ()):
+            if st[name] == "available" and _auto_takes(name, dtype) and _passes_selftest(name, device, dtype):
                 return name
         return "torch"
     if backend not in st:
@@ -114,4 +187,7 @@ def resolve(backend, device: torch.device) -> str:
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got tensors on {device}")
+    problem = dtype_problem(backend, dtype)
+    if problem is not None:
+        raise ValueError(f"backend: {problem}")
     return backend

@@ -87,6 +87,17 @@ def _check_shapes(what: str, params: Mapping[str, Tensor], shapes, ref: Tensor) 
                              f"got {tuple(params[name].shape)}")
 
 
+def _empty(shape, like: Tensor, *inputs) -> Tensor:
+    """Zeros of ``shape`` for an empty pair grid, still connected to every input that requires a
+    gradient (through an empty slice of it: exactly 0, no NaN from the padding), so that
+    ``loss.backward()`` works and the inputs get zero gradients."""
+    out = like.new_zeros(shape)
+    for x in inputs:
+        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():
+            out = out + x.reshape(-1)[:0].sum().to(out.dtype)
+    return out
+
+
 def _query_len(img: Tensor, cap: Tensor, attn_type: str) -> int:
     return cap.shape[1] if attn_type == "t2i" else img.shape[1]
 
@@ -116,10 +127,10 @@ def adaptive_attention(img: Tensor, cap: Tensor, cap_lens, factors: Optional[Ten
     V.check_attn_type(attn_type)
     cap_lens = V.check_features(img, cap, cap_lens)
     temperatures = _check_state(img, cap, factors, temperatures, attn_type)
-    name = resolve(backend, img.device)
+    name = resolve(backend, img.device, img.dtype)
     shape = (img.shape[0], cap.shape[0], _query_len(img, cap, attn_type), img.shape[2])
     if img.shape[0] == 0 or cap.shape[0] == 0:
-        return img.new_zeros(shape)
+        return _empty(shape, img, img, cap, factors, temperatures)
     return _impl(name).adaptive_attention(img, cap, cap_lens, factors, temperatures, attn_type)
 
 
@@ -138,10 +149,10 @@ def alignment(img: Tensor, cap: Tensor, cap_lens, weight: Tensor, bias: Tensor,
     s = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else -1
     _check_shapes("weights", {"weight": weight, "bias": bias}, {"weight": (s, d), "bias": (s,)}, img)
     temperatures = _check_state(img, cap, factors, temperatures, attn_type)
-    name = resolve(backend, img.device)
+    name = resolve(backend, img.device, img.dtype)
     shape = (img.shape[0], cap.shape[0], _query_len(img, cap, attn_type), s)
     if img.shape[0] == 0 or cap.shape[0] == 0:
-        return img.new_zeros(shape)
+        return _empty(shape, img, img, cap, weight, bias, factors, temperatures)
     return _impl(name).alignment(img, cap, cap_lens, weight, bias, factors, temperatures, attn_type)
 
 
@@ -174,9 +185,10 @@ def rcr_update(E: Tensor, factors: Optional[Tensor], temperatures: Temperatures,
     if temperatures is None:
         temperatures = default_smooth(attn_type)
     temperatures = V.check_temperatures("temperatures", temperatures, shape, E)
-    name = resolve(backend, E.device)
+    name = resolve(backend, E.device, E.dtype)
     if E.numel() == 0:
-        return E.new_zeros(shape + (d,)), E.new_zeros(shape)
+        inputs = (E, factors, temperatures, *weights.values())
+        return _empty(shape + (d,), E, *inputs), _empty(shape, E, *inputs)
     return _impl(name).rcr_update(E, factors, temperatures, lens, weights, attn_type)
 
 
@@ -198,9 +210,9 @@ def rar_update(E: Tensor, h: Optional[Tensor], cap_lens, weights: Mapping[str, T
         if tuple(h.shape) != (E.shape[0], E.shape[1], E.shape[3]):
             raise ValueError(f"h: expected shape {(E.shape[0], E.shape[1], E.shape[3])}, got {tuple(h.shape)}")
         V.check_pair_tensor("h", h, h.shape, E)
-    name = resolve(backend, E.device)
+    name = resolve(backend, E.device, E.dtype)
     if E.numel() == 0:
-        return E.new_zeros(E.shape[0], E.shape[1], E.shape[3])
+        return _empty((E.shape[0], E.shape[1], E.shape[3]), E, E, h, *weights.values())
     return _impl(name).rar_update(E, h, lens, weights, attn_type, bool(training))
 
 
@@ -232,9 +244,9 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
         raise ValueError(f"memory_budget: expected a positive int of bytes, got {memory_budget!r}")
-    name = resolve(backend, img.device)
+    name = resolve(backend, img.device, img.dtype)
     if img.shape[0] == 0 or cap.shape[0] == 0:
-        return img.new_zeros(img.shape[0], cap.shape[0])
+        return _empty((img.shape[0], cap.shape[0]), img, img, cap, *params.values())
     if name != "reference":
         return _impl(name).rcar_scores(img, cap, cap_lens, params, regulator, steps, attn_type,
                                        smooth, bool(training), memory_budget)

@@ -20,8 +20,9 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .dropout import rar_keep_masks
+
 EPS = 1e-8
-RAR_DROPOUT = 0.4
 
 Tensor = torch.Tensor
 
@@ -69,11 +70,23 @@ def rcr_one(E: Tensor, Fq, lam, params, t: int):
     return Fn, lamn
 
 
-def rar_one(E: Tensor, h: Tensor, params, t: int, training: bool = False) -> Tensor:
-    """One RAR step over all (valid) positions of E (b, Lq, s) with global h (b, s)."""
+def _keep_masks(t: int, j: int, E: Tensor):
+    """Caption j's RAR dropout keep-masks of step t against every image: ((b, Lq, s), (b, s))."""
+    n_i, lq, s = E.shape
+    keep_k, keep_g = rar_keep_masks(t, torch.arange(n_i), torch.tensor([j]), lq, s, E.dtype, E.device)
+    return keep_k[:, 0], keep_g[:, 0]
+
+
+def rar_one(E: Tensor, h: Tensor, params, t: int, training: bool = False, j: int = 0,
+            step: Optional[int] = None) -> Tensor:
+    """One RAR step over all (valid) positions of E (b, Lq, s) with global h (b, s): caption j
+    against every image; in training the dropout keep-masks of RAR step ``step`` (default t)."""
     p = f"rar_modules.{t}"
-    K = F.dropout(torch.tanh(linear(E, params, p + ".rar_k_w.0")), RAR_DROPOUT, training)
-    g = F.dropout(torch.tanh(linear(h, params, p + ".rar_q_w.0")), RAR_DROPOUT, training)
+    K = torch.tanh(linear(E, params, p + ".rar_k_w.0"))
+    g = torch.tanh(linear(h, params, p + ".rar_q_w.0"))
+    if training:
+        keep_k, keep_g = _keep_masks(t if step is None else step, j, E)
+        K, g = K * keep_k, g * keep_g
     a = torch.softmax(linear(K * g.unsqueeze(1), params, p + ".rar_v_w.0").squeeze(-1), dim=1)
     return l2n(torch.sum(a.unsqueeze(-1) * E, dim=1))
 
@@ -86,15 +99,17 @@ def _pair_tensors(img: Tensor, cap_j: Tensor, attn_type: str):
 
 
 def scores_one_caption(img: Tensor, cap_j: Tensor, params: Mapping[str, Tensor], regulator: str,
-                       steps: int, attn_type: str, smooth: float, training: bool = False) -> Tensor:
-    """SPEC.md's score of caption j (its valid words only, (len_j, d)) against every image."""
+                       steps: int, attn_type: str, smooth: float, training: bool = False,
+                       j: int = 0) -> Tensor:
+    """SPEC.md's score of caption j (its valid words only, (len_j, d)) against every image
+    (``j``: the caption's index, which names its dropout masks in training)."""
     Q, C = _pair_tensors(img, cap_j, attn_type)
     Fq, lam = 1.0, smooth
     if regulator == "only_rar":
         E = alignment_one(Q, attention_one(Q, C, Fq, lam), params, 0)
         h = E.mean(dim=1)
         for t in range(steps):
-            h = rar_one(E, h, params, t, training)
+            h = rar_one(E, h, params, t, training, j)
         return torch.sigmoid(linear(h, params, "sim_eval_w")).squeeze(-1)
     if regulator == "only_rcr":
         for t in range(steps):
@@ -112,7 +127,7 @@ def scores_one_caption(img: Tensor, cap_j: Tensor, params: Mapping[str, Tensor],
                 h = E.mean(dim=1)
             if t < steps - 1:
                 Fq, lam = rcr_one(E, Fq, lam, params, t)
-            h = rar_one(E, h, params, t, training)
+            h = rar_one(E, h, params, t, training, j)
         return torch.sigmoid(linear(h, params, "sim_eval_w")).squeeze(-1)
     raise ValueError(f"regulator: unknown {regulator!r}")
 
@@ -125,7 +140,7 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
         smooth = 10.0 if attn_type == "t2i" else 3.0
     lens = [int(x) for x in torch.as_tensor(cap_lens).tolist()]
     cols = [scores_one_caption(img, cap[j, :lens[j]], params, regulator, steps, attn_type,
-                               smooth, training) for j in range(cap.shape[0])]
+                               smooth, training, j) for j in range(cap.shape[0])]
     if not cols:
         return img.new_zeros(img.shape[0], 0)
     return torch.stack(cols, dim=1)
@@ -213,7 +228,7 @@ def rar_update(E: Tensor, h, cap_lens, weights: Mapping[str, Tensor], attn_type:
         lq = lj if attn_type == "t2i" else E.shape[2]
         Ej = E[:, j, :lq]
         hj = Ej.mean(dim=1) if h is None else h[:, j]
-        cols.append(rar_one(Ej, hj, params, 0, training))
+        cols.append(rar_one(Ej, hj, params, 0, training, j))
     if not cols:
         return E.new_zeros(E.shape[0], 0, E.shape[3])
     return torch.stack(cols, dim=1)

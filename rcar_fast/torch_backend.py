@@ -14,7 +14,9 @@ positions are finite but meaningless and are excluded from every reduction.
 Speed. ``rcar_scores`` walks the grid in blocks sized by a memory budget, one caption length
 per block (rcar_fast._plan), so a block carries no padding and skips its mask selections.
 Without autograd the element-wise chain runs in place, and the d-wide temporaries of every
-block live in a few buffers reused across blocks (:class:`Workspace`).
+block live in a few buffers reused across blocks (:class:`Workspace`). Under autograd every
+block is recomputed in backward (activation checkpointing, as the fused backends do), so a
+training step keeps one block's intermediates alive, not the whole grid's.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ._plan import iter_blocks
+from .dropout import rar_keep_masks
 
 EPS = 1e-8
-RAR_DROPOUT = 0.4
 Tensor = torch.Tensor
 
 #: default working-set budget of one block of the pair grid, in bytes (CPU tensors); measured
@@ -38,6 +41,10 @@ DEFAULT_BUDGET_CPU = 96 * 2**20
 DEFAULT_BUDGET_GPU = 2 * 2**30
 #: d-wide (B, P, Lq, d) buffers alive at once on the inference path (A/diff, F, new F, F*Q)
 LIVE_WIDE_BUFFERS = 4
+#: the same under autograd, where a block's recompute in backward keeps every d-wide tensor its
+#: backward needs: measured with the CPU allocator's profile, coop_rcar T = 2, 8 x 48 pairs,
+#: d 256 (tests/test_memory.py)
+LIVE_WIDE_BUFFERS_TRAIN = 17
 
 
 def _l2n(x: Tensor, inplace: bool) -> Tensor:
@@ -46,8 +53,11 @@ def _l2n(x: Tensor, inplace: bool) -> Tensor:
 
 
 def _tanh(x: Tensor, inplace: bool) -> Tensor:
-    """tanh(x) = 2 sigmoid(2x) - 1: on CPU torch's float32 tanh is ~6x slower than its sigmoid
-    (measured 3.1 ms vs 0.5 ms per 1.2M floats, one core), and the absolute error stays ~1e-7."""
+    """tanh(x). On CPU as 2 sigmoid(2x) - 1: torch's float32 tanh there is ~6x slower than its
+    sigmoid (measured 3.1 ms vs 0.5 ms per 1.2M floats, one core), and the absolute error stays
+    ~1e-7. On other devices torch.tanh, one pass over memory where the trick takes four."""
+    if x.device.type != "cpu":
+        return torch.tanh_(x) if inplace else torch.tanh(x)
     if inplace:
         return torch.sigmoid_(x.mul_(2.0)).mul_(2.0).sub_(1.0)
     return torch.sigmoid(x * 2.0) * 2.0 - 1.0
@@ -104,9 +114,15 @@ class Block:
     """One block of the pair grid in (B, P, Lq, .) layout; see the module docstring."""
 
     def __init__(self, query: Tensor, qmask: Optional[Tensor], context: Tensor,
-                 cmask: Optional[Tensor], inplace: bool, workspace: Optional[Workspace] = None):
+                 cmask: Optional[Tensor], inplace: bool, workspace: Optional[Workspace] = None,
+                 pairs: Optional[Tuple[Tensor, Tensor, str]] = None):
         self.query, self.qmask = query, qmask          # (P, Lq, d), (P, Lq) or None = all valid
         self.context, self.cmask = context, cmask      # (B, Lc, d), (B, Lc) or None
+        # (global image indices, global caption indices, attn_type): names the dropout masks
+        if pairs is None:
+            n_img, n_cap = (context.shape[0], query.shape[0])
+            pairs = (torch.arange(n_img), torch.arange(n_cap), "t2i")
+        self.pairs = pairs
         self.inplace = inplace
         self.ws = workspace if inplace else None        # buffers only where nothing is saved
         self.qcount = (query.new_full((query.shape[0],), query.shape[1]) if qmask is None
@@ -186,11 +202,25 @@ class Block:
             E = torch.where(self.qmask[None, :, :, None], E, E.new_zeros(()))
         return E.sum(dim=2) / self.qcount[None, :, None]
 
-    def rar(self, E: Tensor, h: Tensor, w: Mapping[str, Tensor], prefix: str, training: bool) -> Tensor:
-        """h <- l2n(sum_q a[q] E[q]), a = softmax over valid q of v(K[q] * g)."""
+    def keep_masks(self, step: int, E: Tensor) -> Tuple[Tensor, Tensor]:
+        """RAR step ``step``'s dropout keep-masks for this block's pairs, block layout."""
+        images, captions, attn_type = self.pairs
+        B, P, Lq, S = E.shape
+        keep_k, keep_g = rar_keep_masks(step, images, captions, Lq, S, E.dtype, E.device)
+        if attn_type == "i2t":      # pair grid (images, captions) -> block (captions, images)
+            keep_k, keep_g = keep_k.transpose(0, 1), keep_g.transpose(0, 1)
+        return keep_k, keep_g
+
+    def rar(self, E: Tensor, h: Tensor, w: Mapping[str, Tensor], prefix: str, training: bool,
+            step: int = 0) -> Tensor:
+        """h <- l2n(sum_q a[q] E[q]), a = softmax over valid q of v(K[q] * g); in training K and
+        g are multiplied by RAR step ``step``'s keep-masks (rcar_fast.dropout)."""
         ip = self.inplace
-        K = F.dropout(_tanh(_linear(E, w, prefix + "rar_k_w.0"), ip), RAR_DROPOUT, training)
-        g = F.dropout(_tanh(_linear(h, w, prefix + "rar_q_w.0"), ip), RAR_DROPOUT, training)
+        K = _tanh(_linear(E, w, prefix + "rar_k_w.0"), ip)
+        g = _tanh(_linear(h, w, prefix + "rar_q_w.0"), ip)
+        if training:
+            keep_k, keep_g = self.keep_masks(step, E)
+            K, g = K * keep_k, g * keep_g
         logits = _linear(K * g.unsqueeze(2), w, prefix + "rar_v_w.0").squeeze(-1)   # (B, P, Lq)
         if self.qmask is not None:
             logits = torch.where(self.qmask[None], logits, logits.new_full((), -math.inf))
@@ -226,10 +256,10 @@ class Block:
             if regulator == "coop_rcar":
                 if t < steps - 1:
                     Fq, lam = self.rcr(E, Fq, lam, params, f"rcr_modules.{t}.", t)
-                h = self.rar(E, h, params, f"rar_modules.{t}.", training)
+                h = self.rar(E, h, params, f"rar_modules.{t}.", training, t)
             else:   # only_rar: T RAR steps over the one E
                 for k in range(steps):
-                    h = self.rar(E, h, params, f"rar_modules.{k}.", training)
+                    h = self.rar(E, h, params, f"rar_modules.{k}.", training, k)
         return torch.sigmoid(_linear(h, params, "sim_eval_w")).squeeze(-1)
 
 
@@ -249,15 +279,19 @@ def _needs_grad(tensors) -> bool:
 
 
 def make_block(img: Tensor, cap: Tensor, cap_lens: Tensor, attn_type: str, inplace: bool,
-               workspace: Optional[Workspace] = None) -> Block:
-    """A block over all of img x cap (cap already cut to the block's longest caption)."""
+               workspace: Optional[Workspace] = None, images: Optional[Tensor] = None,
+               captions: Optional[Tensor] = None) -> Block:
+    """A block over all of img x cap (cap already cut to the block's longest caption);
+    ``images``/``captions``: their global indices (default 0..n-1), naming the dropout masks."""
     mask = _valid_mask(cap_lens.to(cap.device), cap.shape[1])
     full = bool(mask.all())
     words = cap if full else _clean(cap, mask)
     m = None if full else mask
+    pairs = (torch.arange(img.shape[0]) if images is None else images,
+             torch.arange(cap.shape[0]) if captions is None else captions, attn_type)
     if attn_type == "t2i":
-        return Block(words, m, img, None, inplace, workspace)
-    return Block(img, None, words, m, inplace, workspace)
+        return Block(words, m, img, None, inplace, workspace, pairs)
+    return Block(img, None, words, m, inplace, workspace, pairs)
 
 
 def _to_block_layout(x, attn_type: str):
@@ -326,8 +360,10 @@ def rar_update(E, h, cap_lens, weights, attn_type, training):
         qmask = _valid_mask(cap_lens.to(E.device), Lq)
         if bool(qmask.all()):
             qmask = None
+    n_i, n_c = E.shape[0], E.shape[1]
     blk = Block(E.new_zeros(P, Lq, 1), qmask, E.new_zeros(B, 1, 1), None,
-                inplace=not _needs_grad([E, h, *weights.values()]))
+                inplace=not _needs_grad([E, h, *weights.values()]),
+                pairs=(torch.arange(n_i), torch.arange(n_c), attn_type))
     if qmask is not None:   # padded rows of E may hold anything
         Eb = torch.where(qmask[None, :, :, None], Eb, Eb.new_zeros(()))
     hb = blk.mean_valid(Eb) if h is None else _to_block_layout(h, attn_type)
@@ -335,6 +371,16 @@ def rar_update(E, h, cap_lens, weights, attn_type, training):
 
 
 # ----------------------------------------------------------------------------- the scores
+
+def _block_scores(img, cap, lens, i0, i1, cidx, Lg, attn_type, params, regulator, steps, smooth, training,
+                  inplace, workspace):
+    """SPEC.md's scores of the block img[i0:i1] x cap[cidx, :Lg], (B, P) layout. The block is cut
+    here, inside the checkpointed function, so that autograd saves the whole inputs once (by
+    reference), not a copy of every block's captions."""
+    blk = make_block(img[i0:i1], cap.index_select(0, cidx)[:, :Lg], lens.index_select(0, cidx), attn_type,
+                     inplace, workspace, torch.arange(i0, i1), cidx)
+    return blk.scores(params, regulator, steps, smooth, training)
+
 
 def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str, Tensor],
                 regulator: str, steps: int, attn_type: str, smooth: float, training: bool,
@@ -350,10 +396,16 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens: Tensor, params: Mapping[str,
     out = img.new_empty(n_i, n_c)
     ws = Workspace() if inplace else None
     for cols, Lg, i0, i1 in iter_blocks(lens_list, n_i, R, d, attn_type, img.element_size(),
-                                        memory_budget, LIVE_WIDE_BUFFERS):
+                                        memory_budget, LIVE_WIDE_BUFFERS if inplace else LIVE_WIDE_BUFFERS_TRAIN):
         cidx = torch.tensor(cols, device=cap.device)
-        blk = make_block(img[i0:i1], cap.index_select(0, cidx)[:, :Lg], lens_dev.index_select(0, cidx),
-                         attn_type, inplace, ws)
-        s = blk.scores(params, regulator, steps, smooth, training)
+        block_args = (img, cap, lens_dev, i0, i1, cidx, Lg, attn_type, params, regulator, steps, smooth, training)
+        if inplace:
+            s = _block_scores(*block_args, True, ws)
+        else:
+            # autograd: the block is recomputed in backward (activation checkpointing), so no
+            # block keeps its d-wide intermediates alive until the backward pass; the peak is
+            # one block's, set by memory_budget; the RNG is replayed (same dropout masks)
+            s = torch.utils.checkpoint.checkpoint(_block_scores, *block_args, False, None,
+                                                  use_reentrant=False, preserve_rng_state=True)
         out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out

@@ -100,3 +100,44 @@ def seed_of(*parts) -> int:
 def grads(outputs: torch.Tensor, inputs: List[torch.Tensor], weights: torch.Tensor):
     """Gradients of sum(weights * outputs) w.r.t. inputs (None where unused)."""
     return torch.autograd.grad((outputs * weights).sum(), inputs, allow_unused=True)
+
+
+def index_keep_masks(step, images, captions, lq, width, device):
+    """A deterministic RAR dropout source (rcar_fast.dropout.MaskSource): whether position q,
+    feature k of pair (i, j) at RAR step ``step`` is kept is a fixed function of those indices
+    (60% kept, as Dropout(0.4)), so every backend and block layout applies the same masks."""
+    i = images.view(-1, 1, 1, 1)
+    j = captions.view(1, -1, 1, 1)
+    q = torch.arange(lq, device=device).view(1, 1, -1, 1)
+    k = torch.arange(width, device=device).view(1, 1, 1, -1)
+    keep_k = (i * 7919 + j * 104729 + q * 1299709 + k * 15485863 + step * 32452843) % 10 >= 4
+    kg = torch.arange(width, device=device).view(1, 1, -1)
+    keep_g = (i[..., 0] * 7919 + j[..., 0] * 104729 + kg * 49979687 + step * 86028121 + 3) % 10 >= 4
+    return keep_k, keep_g
+
+
+def peak_bytes(fn, device="cpu") -> int:
+    """Peak bytes allocated by ``fn()`` above what was allocated when it started (tensors it
+    frees before returning included).
+
+    CUDA: torch.cuda.max_memory_allocated after resetting the peak. CPU: the profiler's memory
+    events, which the c10 CPU allocator reports for every allocation and free (those inside the
+    compiled extension's C++ kernels and in backward too), summed in time order."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    assert events, "the profiler reported no allocation"
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak

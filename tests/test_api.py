@@ -116,13 +116,33 @@ def test_backend_errors(setup, no_compute):
         raises_naming(VE, "backend", fn, *args, backend="cuda")
 
 
-def test_triton_needs_cuda_or_the_interpreter(setup, no_compute, monkeypatch):
+@pytest.fixture
+def fresh_status(monkeypatch):
+    """backend_status() is computed once per process: probe again around a test that changes
+    the environment, and again after the environment is restored."""
+    rcar_fast.backend_status(refresh=True)
+    yield
+    monkeypatch.undo()
+    rcar_fast.backend_status(refresh=True)
+
+
+def test_triton_needs_cuda_or_the_interpreter(setup, no_compute, monkeypatch, fresh_status):
     """triton on CPU tensors runs only under TRITON_INTERPRET=1."""
     head, img, cap, lens = setup
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rcar_fast.backend_status(refresh=True)
     raises_naming(VE, "backend", head, img, cap, lens, backend="triton")
     assert "triton" not in rcar_fast.available_backends("cpu")
     assert rcar_fast.backend_status()["triton"] != "available" or torch.cuda.is_available()
+
+
+def test_backend_status_is_computed_once(monkeypatch, fresh_status):
+    """The status is cached: a changed environment shows only after refresh=True."""
+    before = rcar_fast.backend_status()
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if before["triton"] == "available" else "1")
+    assert rcar_fast.backend_status() == before
+    if not torch.cuda.is_available():
+        assert rcar_fast.backend_status(refresh=True)["triton"] != before["triton"]
 
 
 def test_argument_error_precedes_compute_with_valid_rest(setup, no_compute):
@@ -389,3 +409,77 @@ def test_version_and_exports():
     for name in ("adaptive_attention", "alignment", "rcr_update", "rar_update", "rcar_scores",
                  "parameter_shapes", "rcr_shapes", "rar_shapes"):
         assert callable(getattr(ops, name))
+
+
+# ----------------------------------------------------------------------------- empty grids and autograd
+
+def _cpu_backends():
+    st = rcar_fast.backend_status()
+    return ["reference", "torch",
+            pytest.param("cpp", marks=pytest.mark.skipif(st["cpp"] != "available", reason=st["cpp"])),
+            pytest.param("triton", marks=pytest.mark.skipif(
+                "triton" not in rcar_fast.available_backends("cpu"), reason=st["triton"]))]
+
+
+@pytest.mark.parametrize("empty", ["images", "captions"])
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_empty_grid_keeps_autograd(backend, empty):
+    """N_i = 0 or N_c = 0: the (empty) scores still carry a gradient, loss.backward() works, and
+    the inputs and every parameter get zero gradients (an optimizer step stays possible)."""
+    n_i, n_c = (0, 3) if empty == "images" else (2, 0)
+    img, cap, lens = make_inputs(n_i, n_c, 4, 5, 16, torch.float32, 3)
+    head = make_head("coop_rcar", 2, "t2i", 16, 8, torch.float32, 3)
+    x, y = img.requires_grad_(), cap.requires_grad_()
+    out = head(x, y, lens, backend=backend)
+    assert out.shape == (n_i, n_c) and out.requires_grad
+    out.sum().backward()
+    for t in [x, y, *head.parameters()]:
+        assert t.grad is not None and not t.grad.any() and torch.isfinite(t.grad).all()
+    with torch.no_grad():
+        assert not head(img.detach(), cap.detach(), lens, backend=backend).requires_grad
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_empty_pieces_keep_autograd(backend):
+    img, cap, lens = make_inputs(0, 3, 4, 5, 16, torch.float32, 4)
+    W = torch.randn(8, 16, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    E = ops.alignment(img, cap, lens, W, b, backend=backend)
+    assert E.shape == (0, 3, 5, 8) and E.requires_grad
+    E.sum().backward()
+    assert W.grad is not None and not W.grad.any()
+    head = make_head("only_rar", 1, "t2i", 16, 8, torch.float32, 4)
+    wts = {k[len("rar_modules.0."):]: v for k, v in head.named_parameters() if k.startswith("rar_modules.0.")}
+    h = ops.rar_update(torch.zeros(0, 3, 5, 8, requires_grad=True), None, lens, wts, backend=backend)
+    assert h.shape == (0, 3, 8) and h.requires_grad
+    h.sum().backward()
+    assert all(v.grad is not None for v in wts.values())
+
+
+# ----------------------------------------------------------------------------- tanh off the CPU
+
+def test_tanh_is_one_op_off_the_cpu():
+    """RCR's tanh: on the CPU the 2 sigmoid(2x) - 1 trick (faster there), elsewhere one tanh op
+    (one pass over memory on a GPU, not four). Checked on the meta device, which stands for any
+    non-CPU device, by recording the aten ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for inplace in (False, True):
+        meta, cpu = torch.empty(4, 8, device="meta"), torch.randn(4, 8)
+        with Ops() as rec:
+            torch_backend._tanh(meta, inplace)
+        assert rec.seen == (["tanh_"] if inplace else ["tanh"]), rec.seen
+        with Ops() as rec:
+            torch_backend._tanh(cpu, inplace)
+        assert "sigmoid" in rec.seen or "sigmoid_" in rec.seen, rec.seen
+    x = torch.randn(1000, dtype=torch.float64)
+    torch.testing.assert_close(torch_backend._tanh(x.clone(), True), torch.tanh(x), atol=1e-15, rtol=0)

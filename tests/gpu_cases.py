@@ -1,0 +1,199 @@
+"""The GPU tier's checks, written once as functions of (backend, device, sizes).
+
+tests/test_gpu.py runs them on CUDA tensors at Flickr-like sizes (skipped without a GPU);
+tests/test_gpu_cases_cpu.py runs the very same functions on CPU tensors at small sizes with the
+backends the CPU has (cpp, and triton through its interpreter), so a bug in a GPU test itself
+(a module converted in place, a wrong dtype, a comparison that cannot fail) fails in CI, not in
+the first minutes of a lent GPU.
+
+Every check compares against the reference in float64 on the CPU, from fresh random inputs with
+NaN in the padding, on a head that is copied, never converted in place.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+
+import rcar_fast
+from rcar_fast import dropout, reference
+from rcar_testutil import index_keep_masks, make_head, make_inputs, params_of
+
+#: every (regulator, steps) set-up of the GPU tier
+CONFIGS = [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 1), ("coop_rcar", 2), ("coop_rcar", 3)]
+#: backends the GPU tier is for
+GPU_BACKENDS = ("triton", "cuda")
+
+
+class Dims(NamedTuple):
+    n_i: int
+    n_c: int
+    R: int
+    L: int
+    d: int
+    s: int
+
+
+def _ref_scores(head, img, cap, lens, regulator, steps, attn_type):
+    """The reference's scores in float64 on the CPU, for a copy of ``head``."""
+    h = copy.deepcopy(head).double().cpu()
+    with torch.no_grad():
+        return reference.rcar_scores(img.double().cpu(), cap.double().cpu(), lens, params_of(h),
+                                     regulator, steps, attn_type, h.smooth)
+
+
+def fp32_matches_reference(backend, device, regulator, steps, attn_type, dims: Dims, seed: int, atol=1e-5):
+    """float32 scores of ``backend`` on ``device`` within ``atol`` of the float64 reference;
+    every element written (the output is copied into a NaN-filled buffer) and finite."""
+    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, torch.float32, seed)
+    head = make_head(regulator, steps, attn_type, dims.d, dims.s, torch.float32, seed)
+    want = _ref_scores(head, img, cap, lens, regulator, steps, attn_type)
+    h = copy.deepcopy(head).to(device)
+    out = torch.full((dims.n_i, dims.n_c), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        got = h(img.to(device), cap.to(device), lens, backend=backend)
+    assert got.dtype == torch.float32 and got.device.type == torch.device(device).type
+    out.copy_(got.cpu())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, rtol=0, atol=atol)
+
+
+def half_error_within_twice_torch(backend, device, dtype, regulator, steps, attn_type, dims: Dims, seed: int):
+    """Half-precision scores: the error against the float64 reference at most twice that of the
+    torch backend in the same dtype on the same device, + 1e-4; finite; in that dtype."""
+    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, torch.float32, seed)
+    head = make_head(regulator, steps, attn_type, dims.d, dims.s, torch.float32, seed)
+    want = _ref_scores(head, img, cap, lens, regulator, steps, attn_type)
+    h = copy.deepcopy(head).to(device=device, dtype=dtype)
+    x, y = img.to(device, dtype), cap.to(device, dtype)
+    with torch.no_grad():
+        got = h(x, y, lens, backend=backend)
+        base = h(x, y, lens, backend="torch")
+    assert got.dtype == dtype
+    got, base = got.double().cpu(), base.double().cpu()
+    err, err_torch = (got - want).abs().max().item(), (base - want).abs().max().item()
+    assert torch.isfinite(got).all()
+    assert err <= 2 * err_torch + 1e-4, (err, err_torch)
+
+
+def flickr_shaped_block(backend, device, dtype, n_i: int, n_c: int):
+    """n_i images x n_c captions of Flickr shape (R 36, d 1024, lengths 6..24, NaN padding) with
+    the default head (coop_rcar T = 2, s 256) in ``dtype``: runs, finite, within 2e-2 of the
+    float32 torch backend on the same inputs."""
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(n_i, 36, 1024, generator=g), dim=-1)
+    cap = torch.nn.functional.normalize(torch.randn(n_c, 24, 1024, generator=g), dim=-1)
+    lens = torch.randint(6, 25, (n_c,), generator=g)
+    cap[torch.arange(24)[None, :] >= lens[:, None]] = float("nan")
+    torch.manual_seed(3)
+    head = rcar_fast.RCARSimilarity().eval().to(device)
+    half = copy.deepcopy(head).to(dtype)
+    with torch.no_grad():
+        want = head(img.to(device), cap.to(device), lens, backend="torch")
+        got = half(img.to(device, dtype), cap.to(device, dtype), lens, backend=backend)
+    assert got.dtype == dtype and got.shape == (n_i, n_c)
+    got = got.float()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() < 2e-2
+
+
+def _grads(head, backend, img, cap, lens, dtype, device, **kw):
+    """(scores, gradients of img, cap and every parameter of sum(w * scores)) as float64 CPU."""
+    h = copy.deepcopy(head).to(device=device, dtype=dtype)
+    x = img.to(device, dtype).requires_grad_()
+    y = cap.to(device, dtype).requires_grad_()
+    params = list(h.parameters())
+    out = h(x, y, lens, backend=backend, **kw)
+    assert out.dtype == dtype
+    w = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    gs = torch.autograd.grad((out * w).sum(), [x, y] + params, allow_unused=True)
+    return out.detach().double().cpu(), [None if g is None else g.double().cpu() for g in gs]
+
+
+def gradients_match_reference(backend, device, regulator, steps, attn_type, dims: Dims, seed: int):
+    """float32 gradients of img, cap and every parameter through ``backend``'s backward on
+    ``device`` against the float64 reference (a deep copy of the same head); NaN padding gets
+    exactly zero gradient."""
+    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, torch.float32, seed)
+    head = make_head(regulator, steps, attn_type, dims.d, dims.s, torch.float32, seed)
+    _, want = _grads(head, "reference", img, cap, lens, torch.float64, "cpu")
+    _, got = _grads(head, backend, img, cap, lens, torch.float32, device)
+    assert len(got) == len(want) == 2 + len(list(head.parameters()))
+    for g, r in zip(got, want):
+        if r is None:
+            assert g is None or not g.any()
+            continue
+        assert g is not None and torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    for j, lj in enumerate(lens.tolist()):
+        assert not got[1][j, lj:].any()
+
+
+def training_step_with_dropout(backend, device, dims: Dims, seed: int = 9):
+    """Training mode, coop_rcar T = 2, float32: with fixed dropout masks the scores and every
+    gradient match the float64 reference under the same masks; with random masks two calls
+    differ, the same torch seed repeats them, and every parameter gets a finite gradient."""
+    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, torch.float32, seed)
+    head = make_head("coop_rcar", 2, "t2i", dims.d, dims.s, torch.float32, seed).train()
+    with dropout.fixed_keep_masks(index_keep_masks):
+        want_s, want = _grads(head, "reference", img, cap, lens, torch.float64, "cpu")
+        got_s, got = _grads(head, backend, img, cap, lens, torch.float32, device)
+    torch.testing.assert_close(got_s, want_s, rtol=0, atol=1e-5)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(1)
+    a, ga = _grads(head, backend, img, cap, lens, torch.float32, device)
+    torch.manual_seed(1)
+    b, _ = _grads(head, backend, img, cap, lens, torch.float32, device)
+    c, _ = _grads(head, backend, img, cap, lens, torch.float32, device)
+    assert torch.equal(a, b), "the same seed gave different dropout masks"
+    assert (a - c).abs().max() > 1e-4, "dropout inactive in training mode"
+    assert all(g is not None and torch.isfinite(g).all() for g in ga)
+    assert all(g.any() for g in ga[2:] if g is not None and g.numel() > 1)
+
+
+def selftest_passes(backend, device, dtypes=None):
+    """rcar_fast.selftest on ``device``: every dtype ``backend`` takes (or ``dtypes``) passes."""
+    rows = rcar_fast.selftest(device, backends=[backend], dtypes=dtypes, quiet=True)
+    assert rows, "nothing was self-tested"
+    failed = [f"{r.dtype}: {r.failure}" for r in rows if not r.ok]
+    assert not failed, failed
+
+
+#: what a step may allocate beyond its budget, in bytes, besides the gradients it returns and
+#: one scatter of them: workspaces of the compiled kernels, the scores, index tensors
+MEMORY_SLACK = 2**20
+
+
+def memory_within_budget(backend, device, attn_type, dims: Dims, budgets, dtype=torch.float32,
+                         slack=MEMORY_SLACK):
+    """Peak allocation of scoring and of a training step (forward + backward, coop_rcar T = 2)
+    under each ``budgets`` (bytes) on a grid whose d-wide tensors are each 4x the budget or more:
+
+      scoring   peak <= budget + slack
+      training  peak - (gradients of img, cap and the parameters) <= budget + slack
+                + 2 x bytes(img, cap, parameters)   (each block's backward scatters into
+                full-size gradients of the inputs; autograd then adds them up)
+
+    and the grid really is bigger than the budget (so the blocks are what keeps it down)."""
+    from rcar_testutil import peak_bytes
+    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, dtype, 5)
+    head = make_head("coop_rcar", 2, attn_type, dims.d, dims.s, dtype, 5).to(device)
+    img, cap = img.to(device), cap.to(device)
+    lq = dims.L if attn_type == "t2i" else dims.R
+    wide = dims.n_i * dims.n_c * lq * dims.d * img.element_size()     # one d-wide pair-grid tensor
+    inputs = sum(t.numel() * t.element_size() for t in [img, cap, *head.parameters()])
+    for budget in budgets:
+        assert wide >= 4 * budget, "the grid must dwarf the budget for this check to mean anything"
+        with torch.no_grad():
+            infer = peak_bytes(lambda: head(img, cap, lens, backend=backend, memory_budget=budget), device)
+        assert infer <= budget + slack, f"scoring: peak {infer} B > budget {budget} + {slack}"
+        x, y = img.clone().requires_grad_(), cap.clone().requires_grad_()
+        head.zero_grad(set_to_none=True)
+        train = peak_bytes(lambda: head(x, y, lens, backend=backend, memory_budget=budget).sum().backward(), device)
+        grads = inputs    # the gradients of img, cap and every parameter, all kept
+        limit = budget + slack + 2 * inputs
+        assert train - grads <= limit, (f"training: peak {train} B - gradients {grads} B > budget {budget} "
+                                        f"+ {slack} + 2 x inputs {inputs}")

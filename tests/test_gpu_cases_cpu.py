@@ -1,0 +1,73 @@
+"""The GPU tier's checks (tests/gpu_cases.py) run on the CPU, at small sizes, with the backends
+the CPU has: "cpp" and "triton" (its interpreter). This is what makes a bug in a GPU test
+itself fail in CI (the tier's gradient test once converted its one head in place, so the
+"reference" ran in float32 and every case raised before any kernel ran)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rcar_fast
+import test_gpu
+from gpu_cases import (CONFIGS, Dims, flickr_shaped_block, fp32_matches_reference, gradients_match_reference,
+                       half_error_within_twice_torch, selftest_passes, training_step_with_dropout)
+from rcar_testutil import seed_of
+
+
+def _cpu_backends():
+    st = rcar_fast.backend_status()
+    return [pytest.param("cpp", marks=pytest.mark.skipif(st["cpp"] != "available", reason=st["cpp"])),
+            pytest.param("triton", marks=pytest.mark.skipif(
+                "triton" not in rcar_fast.available_backends("cpu"), reason=st["triton"]))]
+
+
+BACKENDS = _cpu_backends()
+SMALL = Dims(2, 3, 5, 6, 24, 12)
+
+
+def test_gpu_tier_parametrization_is_complete():
+    """The GPU tier's parameter lists name every backend it is for and every set-up; its test
+    functions exist for each check (collected here even without a GPU)."""
+    ids = [p.values[0] if hasattr(p, "values") else p for p in test_gpu.BACKENDS]
+    assert ids == ["triton", "cuda"]
+    assert {r for r, _ in CONFIGS} == {"only_rar", "only_rcr", "coop_rcar"}
+    for name in ("test_fp32_matches_reference", "test_half_error_within_twice_torch", "test_flickr_shaped_block",
+                 "test_gradients_match_reference", "test_training_step_with_dropout", "test_selftest_passes"):
+        assert callable(getattr(test_gpu, name))
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", [("only_rcr", 2), ("coop_rcar", 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_case(backend, regulator, steps, attn_type):
+    fp32_matches_reference(backend, "cpu", regulator, steps, attn_type, SMALL, seed_of("cpu fp32", regulator, attn_type))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_case(backend):
+    """fp16 (the interpreter computes bf16 wrongly, so the triton backend refuses it here)."""
+    half_error_within_twice_torch(backend, "cpu", torch.float16, "coop_rcar", 2, "t2i", SMALL, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flickr_shaped_case(backend):
+    flickr_shaped_block(backend, "cpu", torch.float16 if backend == "triton" else torch.bfloat16, 2, 3)
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("coop_rcar", 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_case(backend, regulator, steps, attn_type):
+    gradients_match_reference(backend, "cpu", regulator, steps, attn_type, SMALL, seed_of("cpu grad", regulator, attn_type))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_case(backend):
+    training_step_with_dropout(backend, "cpu", SMALL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selftest_case(backend):
+    """float32 only here (the interpreter is slow; tests/test_selftest.py covers the dtypes)."""
+    selftest_passes(backend, "cpu", [torch.float32])
