@@ -7,11 +7,17 @@ demo   scores synthetic structured data (captions made from their images' region
        exhaustive scoring. Exits 1 if a backend differs from the reference beyond --tolerance.
 eval   evaluates release checkpoints on a split in the SCAN precomp layout: recall, optionally
        MSCOCO's five folds, several checkpoints averaged (the "ALL" rows), two-stage search.
+selftest  runs every available backend (or --backends) against the reference on a small problem
+       on --device, forward and backward, in each dtype (or --dtypes), and prints a table;
+       exit 1 if one fails (rcar_fast.selftest).
 bench  runs the benchmark suite (``python -m bench``) with the remaining arguments; needs the
        repository's bench/ folder.
 
-A missing or malformed file, a checkpoint of another shape or a wrong split prints one line
-naming the file and the problem and exits 2.
+Every user error prints one line on stderr, naming the argument or the file and the problem,
+and exits 2, with no traceback: a malformed argument (argparse's own errors too), a device
+that is not here (``--device cuda`` without a GPU), a backend that cannot run the inputs, a
+missing or malformed file, a checkpoint of another shape, a wrong split, running out of
+memory. ``bench`` arguments are checked the same way before the suite starts.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from . import available_backends, backend_status
 from .backends import resolve
 from ._validate import REGULATORS
 from .modules import RCARSimilarity
+from .retrieval import TIES
 
 
 def synthetic_shard(n_images: int, n_captions: int, regions: int = 36, dim: int = 1024,
@@ -61,8 +68,50 @@ def _timed(fn, runs: int):
 
 def _fail(command: str, message: str) -> int:
     """One line on stderr, exit status 2."""
-    print(f"rcar-fast {command}: {message}", file=sys.stderr)
+    print(f"rcar-fast {command}: {_one_line(message)}", file=sys.stderr)
     return 2
+
+
+def _one_line(message) -> str:
+    text = " ".join(str(message).split())
+    return text or "error"
+
+
+def _exc_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class UsageError(Exception):
+    """A command-line error: main() prints its one-line message and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and does not exit the process."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {_one_line(message)} (see {self.prog} --help)")
+
+
+def parse_device(text: str) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N, and only a CUDA device that is here."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: rcar-fast runs on cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here "
+                                         "(torch.cuda.is_available() is False); use --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), "
+                                         f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 # ----------------------------------------------------------------------------- demo
@@ -81,7 +130,7 @@ def demo(args) -> int:
     from .data import structured_dataset, structured_head
     from .retrieval import Scorer, average_scores, compare_two_stage, recall_metrics, two_stage
 
-    device = torch.device(args.device)
+    device = args.device
     backends = [b for b in available_backends(device) if b != "reference"]
     if args.backends:
         wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -186,24 +235,47 @@ def _encode(model, split, ids, lens, device, batch_size):
     return torch.cat(imgs), torch.cat(caps)
 
 
+def _tied_share(sims, cpi: int) -> float:
+    """Share of the i2t and t2i queries whose match scores exactly as much as a non-match."""
+    from .retrieval import i2t_tie_counts, t2i_tie_counts
+    tied_i, tied_t = i2t_tie_counts(sims, cpi)[1], t2i_tie_counts(sims, cpi)[1]
+    return (int((tied_i > 0).sum()) + int((tied_t > 0).sum())) / (tied_i.numel() + tied_t.numel())
+
+
 def evaluate(args) -> int:
     from .data import load_precomp
     from .encoders import (Vocabulary, check_vocab, checkpoint_options, encode_captions,
                            model_from_checkpoint, read_checkpoint)
     from .retrieval import (Scorer, average_recall, average_scores, compare_two_stage, fold_slices,
-                            recall_metrics, score_all, two_stage)
+                            recall_metrics, resolve_dtype, score_all, two_stage)
 
-    device = torch.device(args.device)
+    device = args.device
+    try:    # unknown, unusable here, or unable to compute the dtype: before any work
+        resolve(args.backend, device, dtype=resolve_dtype(args.dtype) or torch.float32)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--backend {args.backend}: {_exc_line(exc).replace('backend: ', '', 1)}") from None
+    if args.save_scores:
+        folder = os.path.dirname(os.path.abspath(args.save_scores))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--save-scores {args.save_scores}: no such folder {folder}")
     split = load_precomp(args.data, args.split)
     print(f"rcar-fast eval: {split.folder} split {split.split!r}: {split.n_images} images, "
           f"{len(split.captions)} captions")
+    ims_file = os.path.join(split.folder, f"{split.split}_ims.npy")
+    if args.fold5 and split.n_images % 5:
+        raise ValueError(f"--fold5: {ims_file} holds {split.n_images} images, which do not split "
+                         "into five folds of equal size")
     overrides = dict(regulator=args.regulator, steps=args.steps, attn_type=args.attn_type)
     models, opts = [], []
     for p in args.checkpoint:
         ckpt = read_checkpoint(p, args.trust_checkpoint)
         opts.append(checkpoint_options(ckpt))
-        models.append(model_from_checkpoint(ckpt, p, **overrides).to(device))
+        model = model_from_checkpoint(ckpt, p, **overrides)
         del ckpt
+        if model.config.img_dim != split.images.shape[2]:
+            raise ValueError(f"{ims_file}: region features of size {split.images.shape[2]}, but "
+                             f"{p} expects img_dim {model.config.img_dim}")
+        models.append(model.to(device))
     vocab_path = _find_vocab(args, opts)
     vocab = Vocabulary.from_json(vocab_path)
     for m, p, opt in zip(models, args.checkpoint, opts):
@@ -233,11 +305,16 @@ def evaluate(args) -> int:
                               desc=f"{tag}scoring") for s in sub]
             sims = average_scores(mats)
             t_ex = time.perf_counter() - t0
-            rec = recall_metrics(sims, cpi)
+            rec = recall_metrics(sims, cpi, ties=args.ties)
             exhaustive.append(rec)
             n_pairs = sims.numel() * len(mats)
             print(f"{tag}exhaustive: {sims.shape[0]} x {sims.shape[1]} pairs x {len(mats)} model(s) in "
                   f"{t_ex:.1f} s ({n_pairs / t_ex:.0f} pairs/s)")
+            tied = _tied_share(sims, cpi)
+            if tied > 0 and args.ties == "pessimistic":     # say what the tie rule cost
+                alt = recall_metrics(sims, cpi, ties="expected")
+                print(f"{tag}ties: {100.0 * tied:.1f}% of queries have their match tied with a non-match, "
+                      f"counted against the match (rsum {rec.rsum:.1f}; --ties expected: {alt.rsum:.1f})")
             if args.save_scores:
                 import numpy as np
                 path = args.save_scores if not args.fold5 else f"{args.save_scores}.fold{f + 1}"
@@ -278,15 +355,76 @@ def _repo_root() -> str:
 
 
 def bench(argv: List[str]) -> int:
-    """``python -m bench`` with ``argv``: the repository's bench/ folder (not installed)."""
+    """``python -m bench`` with ``argv``: the repository's bench/ folder (not installed).
+
+    Its arguments are checked first, so that a wrong one prints one line and returns 2
+    (argparse's error line without the usage block; a device that is not here; an unknown
+    shard, regulator or step count) instead of a usage block or a traceback mid-run."""
     root = _repo_root()
     if not os.path.isfile(os.path.join(root, "bench", "suite.py")):
         return _fail("bench", f"no bench/ folder next to the package ({root}); run it from a "
                               "checkout of the repository")
     if root not in sys.path:
         sys.path.insert(0, root)
-    from bench.suite import main as bench_main
-    return bench_main(argv)
+    try:
+        import bench.suite as suite
+    except ImportError as exc:
+        return _fail("bench", f"cannot import the benchmark suite ({_exc_line(exc)})")
+    message = _bench_argument_error(suite, argv)
+    if message == _HELP_SHOWN:
+        return 0
+    if message is not None:
+        return _fail("bench", message)
+    return suite.main(argv)
+
+
+_HELP_SHOWN = "(help shown)"
+
+
+def _bench_argument_error(suite, argv: List[str]) -> Optional[str]:
+    """None if the suite's arguments are usable here, :data:`_HELP_SHOWN` once ``--help`` has
+    been printed, else one line saying which argument is wrong."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            a = suite.parse_args(argv)
+    except SystemExit as exc:
+        if exc.code in (0, None):        # --help
+            sys.stdout.write(out.getvalue())
+            return _HELP_SHOWN
+        lines = [l for l in err.getvalue().splitlines() if l.strip()]
+        return lines[-1].split(": error: ", 1)[-1] if lines else f"bad arguments {argv}"
+    if a.summarize:
+        return None
+    try:
+        parse_device(a.device)
+    except argparse.ArgumentTypeError as exc:
+        return f"--device: {exc}"
+    shards = [t.strip() for t in (a.shards or "").split(",") if t.strip()]
+    unknown = [t for t in shards if t not in suite.SHARDS]
+    if unknown:
+        return f"--shards: unknown {', '.join(unknown)} (known: {', '.join(suite.SHARDS)})"
+    for item in [t for t in (a.configs or "").split(",") if t.strip()]:
+        reg, _, steps = item.strip().partition(":")
+        try:
+            RCARSimilarity(16, 8, reg, int(steps) if steps else 2)
+        except (ValueError, TypeError) as exc:
+            return f"--configs {item.strip()!r}: expected regulator:steps ({_exc_line(exc)})"
+    directions = [t.strip() for t in (a.directions or "").split(",") if t.strip()]
+    if [d for d in directions if d not in ("t2i", "i2t")]:
+        return f"--directions: expected a comma list of t2i, i2t, got {a.directions!r}"
+    for name in ("images", "captions", "train_pairs", "repeats", "ref_captions"):
+        v = getattr(a, name, None)
+        if v is not None and v < 1:
+            return f"--{name.replace('_', '-')}: expected a positive integer, got {v}"
+    try:
+        suite.settings_from_args(a)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        return f"bad arguments ({type(exc).__name__}: {_exc_line(exc)})"
+    return None
 
 
 # ----------------------------------------------------------------------------- parser
@@ -301,21 +439,32 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rcar-fast", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="rcar-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="score synthetic structured data with every backend: speed, "
                                     "agreement with the reference, recall")
-    d.add_argument("--images", type=int, default=16)
-    d.add_argument("--captions-per-image", type=int, default=5)
+    d.add_argument("--images", type=_positive_int, default=16)
+    d.add_argument("--captions-per-image", type=_positive_int, default=5)
     d.add_argument("--regulator", choices=REGULATORS, default="coop_rcar")
     d.add_argument("--steps", type=int, default=2)
     d.add_argument("--attn-type", choices=["t2i", "i2t", "both"], default="both")
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if there is one)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed |difference| from the reference (fp32); exit 1 above it")
-    d.add_argument("--rerank-k", type=int, default=5,
+    d.add_argument("--rerank-k", type=_non_negative_int, default=5,
                    help="two-stage search keeping the top K per query (0: skip it)")
     d.add_argument("--backends", default=None,
                    help="comma-separated backends to compare with the reference (default: every "
@@ -331,9 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "average their scores, as the paper's ALL rows")
     e.add_argument("--vocab", help="vocabulary json (default: *vocab*.json next to the checkpoint or data)")
     e.add_argument("--backend", default="auto")
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if there is one)")
     e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="score in half precision (features and head cast; default: fp32)")
+    e.add_argument("--ties", choices=list(TIES), default="pessimistic",
+                   help="a non-match scoring exactly as much as the match: ranked ahead of it "
+                        "(pessimistic, the release's rule) or in random order (expected recall)")
     e.add_argument("--fold5", action="store_true", help="MSCOCO 1K: mean over five folds of 1000 images")
     e.add_argument("--rerank-k", type=_positive_int, default=None,
                    help="also run two-stage search keeping the top K per query, and compare")
@@ -348,31 +501,77 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle any Python object the checkpoint holds (only for trusted files)")
 
+    t = sub.add_parser("selftest", help="every available backend against the reference on a small "
+                                        "problem, forward and backward, each dtype; a table")
+    t.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    t.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
+    t.add_argument("--dtypes", default=None, help="comma-separated of fp32, fp16, bf16, fp64 (default: all)")
+
     sub.add_parser("bench", help="the benchmark suite (python -m bench); arguments pass through",
                    add_help=False)
     return p
+
+
+SELFTEST_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def selftest_command(args) -> int:
+    """rcar-fast selftest: exit 0 when every row passes, 1 when one fails, 2 on bad arguments."""
+    from ._selftest import selftest
+    device = torch.device(args.device)
+    names = [b for b in available_backends(device) if b != "reference"]
+    if args.backends:
+        wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+        unknown = [b for b in wanted if b not in names]
+        if unknown:
+            return _fail("selftest", f"--backends: {', '.join(unknown)} not available on {device} "
+                                     f"(available: {', '.join(names)})")
+        names = wanted
+    dtypes = None
+    if args.dtypes:
+        words = [w.strip() for w in args.dtypes.split(",") if w.strip()]
+        bad = [w for w in words if w not in SELFTEST_DTYPES]
+        if bad:
+            return _fail("selftest", f"--dtypes: unknown {', '.join(bad)} (known: {', '.join(SELFTEST_DTYPES)})")
+        dtypes = [SELFTEST_DTYPES[w] for w in words]
+    rows = selftest(device, names, dtypes)
+    return 0 if all(r.ok for r in rows) else 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if args.command == "demo":
-        if args.images < 1 or args.captions_per_image < 1 or args.rerank_k < 0:
-            return _fail("demo", "--images and --captions-per-image must be >= 1, --rerank-k >= 0")
         try:
             RCARSimilarity(16, 8, args.regulator, args.steps)
         except (ValueError, TypeError) as exc:
-            return _fail("demo", str(exc))
-        return demo(args)
+            return _fail("demo", f"--regulator {args.regulator} --steps {args.steps}: {_exc_line(exc)}")
+        try:
+            return demo(args)
+        except torch.OutOfMemoryError as exc:
+            return _fail("demo", f"out of memory on {args.device} ({_exc_line(exc)}); try fewer --images")
+    if args.command == "selftest":
+        return selftest_command(args)
     if args.command == "eval":
         if args.rerank_only and not args.rerank_k:
             return _fail("eval", "--rerank-only needs --rerank-k K")
+        if args.ties != "pessimistic" and args.rerank_k:
+            return _fail("eval", f"--ties {args.ties}: two-stage search (--rerank-k) ranks ties "
+                                 "pessimistically only; drop one of them")
         try:
             return evaluate(args)
+        except torch.OutOfMemoryError as exc:
+            return _fail("eval", f"out of memory on {args.device} ({_exc_line(exc)}); lower "
+                                 "--memory-budget or --batch-size")
         except (ValueError, TypeError, OSError) as exc:   # files, shapes, splits: one line
-            return _fail("eval", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            return _fail("eval", _exc_line(exc))
     return 2
 
 

@@ -11,9 +11,16 @@ Metrics, as the release's ``lib/evaluation.py`` (i2t, t2i): caption j belongs to
   t2i: every caption ranks all images; its rank is that of its image.
   R@K = percent of queries with rank < K (0-based ranks); medr = floor(median rank) + 1;
   meanr = mean rank + 1; rsum = the six recalls summed.
-Ties: a non-matching item that scores exactly as much as the best match counts as ranked
-ahead of it (the release's argsort leaves ties to the sort; a constant score matrix here gets
-the worst ranks, not the best). Scores must be finite.
+Ties (``ties=``): "pessimistic", the default, is the release's rule as this module states it: a
+non-matching item that scores exactly as much as the best match counts as ranked ahead of it
+(the release's argsort leaves ties to the sort; a constant score matrix here gets the worst
+ranks, not the best). "expected" takes the expectation over a uniformly random order of every
+tied block instead: a query with ``a`` non-matches above its best match, ``g`` non-matches
+tied with it and ``m`` of its own items tied with it (m = 1 in t2i) has the expected rank
+``a + g / (m + 1)``, and R@K counts ``P(rank < K)`` under that random order; medr is
+floor(median of the expected ranks) + 1, meanr the mean expected rank + 1. The two agree
+wherever no match ties a non-match; half-precision scores tie often (README, "Evaluate a
+release checkpoint"). Scores must be finite.
 Protocols: Flickr30K 1K test and MSCOCO 5K score the whole split; MSCOCO 1K is the average
 of the metrics (medr and meanr too) over five folds of 1,000 images and their 5,000 captions.
 
@@ -21,7 +28,9 @@ Two-stage search (:func:`two_stage`). A cheap global prefilter, the cosine betwe
 mean of an image's regions and the mean of a caption's valid words, picks the top K captions
 of every image and the top K images of every caption; RCAR scores only those pairs (each pair
 once, though both directions may ask for it). Items the prefilter dropped keep their prefilter
-order behind the re-ranked K. With K >= the candidate count it is exhaustive scoring.
+order behind the re-ranked K. With K >= the candidate count it is exhaustive scoring. Ties
+count against the match at every step: in the re-ranking, among the dropped items, and at the
+cut (where the K-th place ties, non-matches take the places first, then lower indices).
 :func:`compare_two_stage` reports the recall lost and the time saved against exhaustive.
 """
 
@@ -130,8 +139,10 @@ def score_all(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, backend: str 
     head's device, and cast to its dtype, one tile at a time).
     backend: as :func:`rcar_fast.ops.rcar_scores`. dtype: None (the head's dtype), or
     "fp16"/"bf16"/"fp32" (features and a copy of the head are cast; scores come back as
-    float32). memory_budget: bytes for one tile's features, also passed to the backend as
-    its per-block budget. progress: None = a bar for runs of 200K pairs or more, True/False.
+    float32, but hold the head's output rounded to that dtype: bf16 scores have 8 significant
+    bits and tie often, and the default tie rule counts a tie against the match, see
+    :func:`recall_metrics`). memory_budget: bytes for one tile's features, also passed to the
+    backend as its per-block budget. progress: None = a bar for runs of 200K pairs or more, True/False.
     tile: (images, captions) per tile instead of :func:`plan_tiles`'s choice.
     Captions are tiled in order of length, so a tile pads only to its own longest caption.
     """
@@ -205,42 +216,88 @@ def _check_sims(sims, captions_per_image: int) -> Tensor:
     return sims.cpu()
 
 
-def i2t_ranks(sims, captions_per_image: int = 5, chunk: int = 256) -> Tensor:
-    """(N_i,) 0-based rank of each image's best-ranked own caption among all captions."""
+TIES = ("pessimistic", "expected")
+
+
+def _check_ties(ties) -> str:
+    if not isinstance(ties, str) or ties not in TIES:
+        raise ValueError(f"ties: expected 'pessimistic' or 'expected', got {ties!r}")
+    return ties
+
+
+def _check_chunk(chunk) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+    return chunk
+
+
+def i2t_tie_counts(sims, captions_per_image: int = 5, chunk: int = 256) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per image, (N_i,) int64 each: non-matching captions scoring above its best own caption,
+    non-matching captions scoring exactly as much, and own captions scoring exactly as much
+    (at least 1). Rows are processed ``chunk`` images at a time."""
     sims = _check_sims(sims, captions_per_image)
-    k = captions_per_image
+    k, chunk = captions_per_image, _check_chunk(chunk)
     n_i = sims.shape[0]
-    ranks = torch.empty(n_i, dtype=torch.int64)
+    ahead, tied, tied_own = (torch.empty(n_i, dtype=torch.int64) for _ in range(3))
     for r0 in range(0, n_i, chunk):
         rows = sims[r0:r0 + chunk]
         n = rows.shape[0]
-        idx = torch.arange(r0, r0 + n)
-        gt_cols = idx[:, None] * k + torch.arange(k)[None, :]
-        best = rows.gather(1, gt_cols).max(dim=1).values
+        img_idx = torch.arange(r0, r0 + n)                     # global image indices
+        gt_cols = img_idx[:, None] * k + torch.arange(k)[None, :]
+        own = rows.gather(1, gt_cols)
+        best = own.max(dim=1).values[:, None]
         others = rows.clone()
-        others.scatter_(1, gt_cols, -math.inf)
-        ranks[r0:r0 + n] = (others >= best[:, None]).sum(dim=1)
-    return ranks
+        others.scatter_(1, gt_cols, -math.inf)                 # scores are finite: never tie
+        ahead[r0:r0 + n] = (others > best).sum(dim=1)
+        tied[r0:r0 + n] = (others == best).sum(dim=1)
+        tied_own[r0:r0 + n] = (own == best).sum(dim=1)
+    return ahead, tied, tied_own
 
 
-def t2i_ranks(sims, captions_per_image: int = 5, chunk: int = 1024) -> Tensor:
-    """(N_c,) 0-based rank of each caption's image among all images."""
+def t2i_tie_counts(sims, captions_per_image: int = 5, chunk: int = 1024) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per caption, (N_c,) int64 each: other images scoring above its own image, other images
+    scoring exactly as much, and 1 (its one image; the form of :func:`i2t_tie_counts`).
+    Columns are processed ``chunk`` captions at a time."""
     sims = _check_sims(sims, captions_per_image)
-    k = captions_per_image
+    k, chunk = captions_per_image, _check_chunk(chunk)
     n_c = sims.shape[1]
-    ranks = torch.empty(n_c, dtype=torch.int64)
+    ahead, tied = torch.empty(n_c, dtype=torch.int64), torch.empty(n_c, dtype=torch.int64)
     for c0 in range(0, n_c, chunk):
-        cols = sims[:, c0:c0 + chunk].t()                    # (n, N_i)
+        cols = sims[:, c0:c0 + chunk].t()                      # (n, N_i)
         n = cols.shape[0]
-        gt = torch.arange(c0, c0 + n) // k
+        gt = torch.arange(c0, c0 + n) // k                     # global caption index -> image
         own = cols.gather(1, gt[:, None])
         others = cols.clone()
         others.scatter_(1, gt[:, None], -math.inf)
-        ranks[c0:c0 + n] = (others >= own).sum(dim=1)
-    return ranks
+        ahead[c0:c0 + n] = (others > own).sum(dim=1)
+        tied[c0:c0 + n] = (others == own).sum(dim=1)
+    return ahead, tied, torch.ones(n_c, dtype=torch.int64)
+
+
+def _ranks_from_counts(counts, ties: str) -> Tensor:
+    ahead, tied, tied_own = counts
+    if ties == "pessimistic":
+        return ahead + tied
+    return ahead.double() + tied.double() / (tied_own.double() + 1.0)
+
+
+def i2t_ranks(sims, captions_per_image: int = 5, chunk: int = 256, ties: str = "pessimistic") -> Tensor:
+    """(N_i,) 0-based rank of each image's best-ranked own caption among all captions: int64
+    under ``ties="pessimistic"`` (tied non-matches ahead), float64 expected ranks under
+    ``"expected"`` (see the module docstring)."""
+    ties = _check_ties(ties)
+    return _ranks_from_counts(i2t_tie_counts(sims, captions_per_image, chunk), ties)
+
+
+def t2i_ranks(sims, captions_per_image: int = 5, chunk: int = 1024, ties: str = "pessimistic") -> Tensor:
+    """(N_c,) 0-based rank of each caption's image among all images (``ties`` as
+    :func:`i2t_ranks`)."""
+    ties = _check_ties(ties)
+    return _ranks_from_counts(t2i_tie_counts(sims, captions_per_image, chunk), ties)
 
 
 METRIC_NAMES = ("r1", "r5", "r10", "medr", "meanr")
+RECALL_AT = (1, 5, 10)
 
 
 def recall_from_ranks(ranks) -> Tuple[float, float, float, float, float]:
@@ -250,6 +307,30 @@ def recall_from_ranks(ranks) -> Tuple[float, float, float, float, float]:
         raise ValueError(f"ranks: expected a non-empty 1-d array, got shape {r.shape}")
     return (100.0 * float(np.mean(r < 1)), 100.0 * float(np.mean(r < 5)),
             100.0 * float(np.mean(r < 10)), float(np.floor(np.median(r)) + 1), float(r.mean() + 1))
+
+
+def recall_from_counts(counts, ties: str = "pessimistic") -> Tuple[float, float, float, float, float]:
+    """(R@1, R@5, R@10, medr, meanr) from (ahead, tied, tied_own) counts
+    (:func:`i2t_tie_counts`, :func:`t2i_tie_counts`) under the ``ties`` rule.
+
+    "expected": with t = K - ahead, P(rank < K) is 0 for t <= 0, 1 for t > tied, else
+    1 - C(tied, t) / C(tied + tied_own, t) (the first t of the tied block are all non-matches
+    with that probability)."""
+    ties = _check_ties(ties)
+    if ties == "pessimistic":
+        return recall_from_ranks(_ranks_from_counts(counts, ties))
+    ahead, tied, own = (c.double() for c in counts)
+    recalls = []
+    for K in RECALL_AT:
+        t = K - ahead
+        all_others = torch.ones_like(ahead)                    # P(first t tied are non-matches)
+        for j in range(K):
+            step = torch.where(tied > j, (tied - j) / (tied + own - j).clamp(min=1.0), 0.0)
+            all_others = torch.where(t > j, all_others * step, all_others)
+        p = torch.where(t <= 0, 0.0, torch.where(t > tied, 1.0, 1.0 - all_others))
+        recalls.append(100.0 * float(p.mean()))
+    r = _ranks_from_counts(counts, ties).numpy()
+    return (recalls[0], recalls[1], recalls[2], float(np.floor(np.median(r)) + 1), float(r.mean() + 1))
 
 
 @dataclass
@@ -279,9 +360,12 @@ def recall_from_rank_arrays(i2t: Tensor, t2i: Tensor) -> Recall:
     return Recall(recall_from_ranks(i2t), recall_from_ranks(t2i))
 
 
-def recall_metrics(sims, captions_per_image: int = 5) -> Recall:
-    """i2t and t2i metrics of one (N, 5N) score matrix (Flickr30K 1K test, MSCOCO 5K)."""
-    return recall_from_rank_arrays(i2t_ranks(sims, captions_per_image), t2i_ranks(sims, captions_per_image))
+def recall_metrics(sims, captions_per_image: int = 5, ties: str = "pessimistic") -> Recall:
+    """i2t and t2i metrics of one (N, 5N) score matrix (Flickr30K 1K test, MSCOCO 5K).
+    ``ties``: "pessimistic" (the release's rule, default) or "expected" (module docstring)."""
+    ties = _check_ties(ties)
+    return Recall(recall_from_counts(i2t_tie_counts(sims, captions_per_image), ties),
+                  recall_from_counts(t2i_tie_counts(sims, captions_per_image), ties))
 
 
 def average_recall(results: Sequence[Recall]) -> Recall:
@@ -302,10 +386,11 @@ def fold_slices(n_images: int, folds: int = 5, captions_per_image: int = 5) -> L
             for f in range(folds)]
 
 
-def fold5_metrics(sims, captions_per_image: int = 5) -> Tuple[Recall, List[Recall]]:
+def fold5_metrics(sims, captions_per_image: int = 5, ties: str = "pessimistic") -> Tuple[Recall, List[Recall]]:
     """(average, per fold) metrics over five folds of a full (N, 5N) matrix (MSCOCO 1K)."""
     sims = _check_sims(sims, captions_per_image)
-    per = [recall_metrics(sims[si, sc], captions_per_image)
+    ties = _check_ties(ties)
+    per = [recall_metrics(sims[si, sc], captions_per_image, ties)
            for si, sc in fold_slices(sims.shape[0], 5, captions_per_image)]
     return average_recall(per), per
 
@@ -428,6 +513,24 @@ def _as_scorers(scorers) -> List[Scorer]:
     return scorers
 
 
+def top_candidates(P: Tensor, k: int, own: Tensor) -> Tensor:
+    """(rows, k) column indices of each row's k highest scores in ``P`` (rows, cols); ``own``
+    (rows, m) holds each row's matching columns. Where the k-th place ties, the tied
+    non-matches take the places first, then the matches, each in column order: a tie at the
+    cut counts against the match, and the candidates do not depend on ``topk``'s tie order."""
+    vals, idx = P.topk(k, dim=1)
+    at_cut = (P >= vals[:, -1:]).sum(dim=1) > k          # topk chose among tied scores
+    rows = at_cut.nonzero().flatten()
+    if rows.numel():
+        sub = P[rows]
+        is_own = torch.zeros(sub.shape, dtype=torch.bool).scatter_(1, own[rows], True)
+        tie_key = is_own.to(torch.uint8)                   # non-matches (0) before matches (1)
+        by_key = torch.sort(tie_key, dim=1, stable=True).indices
+        order = torch.sort(sub.gather(1, by_key), dim=1, descending=True, stable=True).indices
+        idx[rows] = by_key.gather(1, order[:, :k])
+    return idx
+
+
 def two_stage(scorers, k: int, captions_per_image: int = 5, backend: str = "auto", dtype=None,
               memory_budget: Optional[int] = None, progress: Optional[bool] = None,
               prefilter: Optional[Tensor] = None) -> TwoStageResult:
@@ -438,7 +541,8 @@ def two_stage(scorers, k: int, captions_per_image: int = 5, backend: str = "auto
     in both directions (capped at the number of images / captions). prefilter: an (N_i, N_c)
     first-stage score matrix to use instead of :func:`prefilter_scores`.
     A query whose match the prefilter dropped ranks it behind all k candidates, in prefilter
-    order among the rest; ties count against the match, as in :func:`i2t_ranks`.
+    order among the rest. Ties count against the match, as in :func:`i2t_ranks`: in the
+    re-ranking, among the dropped items, and at the cut (:func:`top_candidates`).
     """
     scorers = _as_scorers(scorers)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -451,12 +555,17 @@ def two_stage(scorers, k: int, captions_per_image: int = 5, backend: str = "auto
     if prefilter is None:
         P = average_scores([prefilter_scores(s.img, s.cap, s.lens) for s in scorers])
     else:
-        P = prefilter.float().cpu()
+        V.check_float("prefilter", prefilter, 2)
+        P = prefilter.cpu()                     # its own precision: no ties made by rounding
         if P.shape != (n_i, n_c):
             raise ValueError(f"prefilter: expected shape {(n_i, n_c)}, got {tuple(P.shape)}")
+        if not bool(torch.isfinite(P).all()):
+            raise ValueError("prefilter: holds NaN or infinite scores")
     kc, ki = min(k, n_c), min(k, n_i)
-    cand_c = P.topk(kc, dim=1).indices                        # (N_i, kc) captions per image
-    cand_i = P.topk(ki, dim=0).indices.t().contiguous()       # (N_c, ki) images per caption
+    own = torch.arange(n_i)[:, None] * cpi + torch.arange(cpi)[None, :]     # (N_i, cpi)
+    gt_img = torch.arange(n_c) // cpi
+    cand_c = top_candidates(P, kc, own)                        # (N_i, kc) captions per image
+    cand_i = top_candidates(P.t(), ki, gt_img[:, None])        # (N_c, ki) images per caption
     keys = torch.cat([(torch.arange(n_i)[:, None] * n_c + cand_c).reshape(-1),
                       (cand_i * n_c + torch.arange(n_c)[:, None]).reshape(-1)])
     keys = torch.unique(keys)                                 # sorted, each pair once
@@ -472,7 +581,6 @@ def two_stage(scorers, k: int, captions_per_image: int = 5, backend: str = "auto
     gt_c = (cand_c // cpi) == torch.arange(n_i)[:, None]
     best_in = torch.where(gt_c, r_c, -math.inf).max(dim=1).values
     rank_in = (torch.where(gt_c, -math.inf, r_c) >= best_in[:, None]).sum(dim=1)
-    own = torch.arange(n_i)[:, None] * cpi + torch.arange(cpi)[None, :]
     best_p = P.gather(1, own).max(dim=1).values
     outside = torch.ones(n_i, n_c, dtype=torch.bool)
     outside.scatter_(1, cand_c, False)
@@ -482,7 +590,6 @@ def two_stage(scorers, k: int, captions_per_image: int = 5, backend: str = "auto
 
     # t2i: caption j's candidates cand_i[j]
     r_i = lookup(cand_i * n_c + torch.arange(n_c)[:, None])                  # (N_c, ki)
-    gt_img = torch.arange(n_c) // cpi
     gt_i = cand_i == gt_img[:, None]
     best_in = torch.where(gt_i, r_i, -math.inf).max(dim=1).values
     rank_in = (torch.where(gt_i, -math.inf, r_i) >= best_in[:, None]).sum(dim=1)
@@ -541,4 +648,5 @@ def compare_two_stage(exhaustive: Recall, exhaustive_s: float, result: TwoStageR
 __all__ = ["Recall", "Scorer", "TwoStageReport", "TwoStageResult", "average_recall", "average_scores",
            "compare_two_stage", "fold5_metrics", "fold_slices", "global_embeddings", "i2t_ranks",
            "plan_tiles", "prefilter_scores", "recall_from_ranks", "recall_metrics", "resolve_dtype",
-           "score_all", "score_pairs", "t2i_ranks", "two_stage"]
+           "score_all", "score_pairs", "t2i_ranks", "top_candidates", "two_stage", "i2t_tie_counts",
+           "t2i_tie_counts", "recall_from_counts", "TIES"]

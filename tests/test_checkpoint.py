@@ -221,3 +221,66 @@ def test_sim_state_from_a_data_parallel_checkpoint():
     model.update({"module.sim_enc." + k: v for k, v in sim.items()})
     state = rcar_fast.sim_state_from_checkpoint({"model": model})
     assert set(state) == set(sim) and all(torch.equal(state[k], sim[k]) for k in sim)
+
+
+# ----------------------------------------------------------------------------- encoder options
+
+def image_features_by_hand(state, x):
+    """fc(x) + mlp(x) of the release's image encoder, from its weights (eval-mode BatchNorm),
+    before any l2n."""
+    fc = x @ state["img_enc.fc.weight"].t() + state["img_enc.fc.bias"]
+    h = x @ state["img_enc.mlp.layers.0.weight"].t() + state["img_enc.mlp.layers.0.bias"]
+    h = (h - state["img_enc.mlp.bns.0.running_mean"]) / torch.sqrt(state["img_enc.mlp.bns.0.running_var"] + 1e-5)
+    h = torch.relu(h * state["img_enc.mlp.bns.0.weight"] + state["img_enc.mlp.bns.0.bias"])
+    return fc + h @ state["img_enc.mlp.layers.1.weight"].t() + state["img_enc.mlp.layers.1.bias"]
+
+
+def text_features_by_hand(model, ids, lens):
+    """The bidirectional GRU run on each caption alone, directions averaged, before any l2n;
+    zero past the caption's length."""
+    enc = model.txt_enc
+    out = torch.zeros(ids.shape[0], ids.shape[1], enc.embed_size, dtype=enc.embed.weight.dtype)
+    for j in range(ids.shape[0]):
+        n = int(lens[j])
+        y, _ = enc.rnn(enc.embed.weight[ids[j, :n]][None])
+        out[j, :n] = (y[0, :, :enc.embed_size] + y[0, :, enc.embed_size:]) / 2
+    return out
+
+
+def l2n(x):
+    return x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+
+
+@pytest.mark.parametrize("flag", ["no_imgnorm", "no_txtnorm"])
+def test_each_norm_option_alone_is_read_and_skips_only_its_l2n(tmp_path, flag):
+    """The release's --no_imgnorm / --no_txtnorm: its encoders skip their final l2norm when the
+    flag is set. Each flag alone, from a checkpoint's opt, changes only its own encoder."""
+    from test_retrieval import IMG_DIM, VOCAB, make_model, release_opt
+    from rcar_fast import encoders as E
+    m = make_model(6, attn_type="t2i")
+    path = tmp_path / f"{flag}.pth"
+    torch.save({"model": m.state_dict(), "opt": release_opt(attn_type="t2i", **{flag: True})}, path)
+    got = E.load_checkpoint(str(path))
+    assert (got.config.no_imgnorm, got.config.no_txtnorm) == (flag == "no_imgnorm", flag == "no_txtnorm")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, IMG_DIM, generator=gen)
+    ids, lens = torch.randint(0, VOCAB, (5, 6), generator=gen), torch.tensor([6, 2, 4, 1, 5])
+    with torch.no_grad():
+        raw_img = image_features_by_hand(m.state_dict(), x)
+        raw_txt = text_features_by_hand(m, ids, lens)
+        img, txt = got.encode_images(x), got.encode_captions(ids, lens)
+        want_img = raw_img if flag == "no_imgnorm" else l2n(raw_img)
+        want_txt = raw_txt if flag == "no_txtnorm" else l2n(raw_txt)
+        torch.testing.assert_close(img, want_img, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(txt, want_txt, atol=1e-5, rtol=1e-5)
+        # the un-normalised side really is off the unit sphere (the test can tell them apart)
+        norms = (raw_img if flag == "no_imgnorm" else raw_txt[0, :6]).norm(dim=-1)
+        assert ((norms - 1).abs() > 0.05).all()
+        # and the scores follow the features
+        want = got.sim_enc(want_img, want_txt, lens, backend="reference")
+        torch.testing.assert_close(got(x, ids, lens, backend="torch"), want, atol=1e-5, rtol=0)
+    # save_checkpoint writes each flag under its own name, and it loads back
+    E.save_checkpoint(got, str(tmp_path / "again.pth"))
+    raw = torch.load(tmp_path / "again.pth", weights_only=True)["opt"]
+    assert (raw["no_imgnorm"], raw["no_txtnorm"]) == (flag == "no_imgnorm", flag == "no_txtnorm")
+    assert E.load_checkpoint(str(tmp_path / "again.pth")).config == got.config

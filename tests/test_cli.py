@@ -141,6 +141,98 @@ def test_eval_error_from_a_subprocess_has_no_traceback(tmp_path):
     one_line_error(p.returncode, p.stdout, p.stderr, "missing", "no such data folder")
 
 
+def test_eval_device_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    data, ckpt, *_ = write_eval_files(tmp_path)
+    base = ["eval", "--data", str(data), "--checkpoint", str(ckpt), "--no-progress"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        one_line_error(*run_main(base + ["--device", device], capsys), "--device", repr(device),
+                       "no CUDA device")
+    one_line_error(*run_main(base + ["--device", "gpu"], capsys), "--device", "'gpu' is not a device")
+    one_line_error(*run_main(base + ["--device", "mps"], capsys), "--device", "cpu or cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    one_line_error(*run_main(base + ["--device", "cuda:2"], capsys), "--device", "2 CUDA device(s)")
+
+
+def test_eval_device_cuda_without_a_gpu_from_a_subprocess(tmp_path):
+    data, ckpt, *_ = write_eval_files(tmp_path)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "rcar_fast", "eval", "--data", str(data), "--checkpoint",
+                        str(ckpt), "--device", "cuda"], capture_output=True, text=True, env=env, timeout=120)
+    one_line_error(p.returncode, p.stdout, p.stderr, "--device", "no CUDA device")
+
+
+def test_eval_argument_errors_are_one_line(tmp_path, capsys):
+    data, ckpt, *_ = write_eval_files(tmp_path, n=6)
+    base = ["eval", "--data", str(data), "--checkpoint", str(ckpt), "--no-progress"]
+    # argparse's own errors: one line, no usage block
+    one_line_error(*run_main([], capsys), "rcar-fast", "command")
+    one_line_error(*run_main(["eval"], capsys), "--data", "--checkpoint")
+    one_line_error(*run_main(base + ["--dtype", "fp8"], capsys), "--dtype", "fp8")
+    one_line_error(*run_main(base + ["--batch-size", "0"], capsys), "--batch-size")
+    one_line_error(*run_main(base + ["--ties", "random"], capsys), "--ties")
+    one_line_error(*run_main(["frobnicate"], capsys), "frobnicate")
+    # checked before any file is read or any work done
+    one_line_error(*run_main(base + ["--backend", "nope"], capsys), "--backend nope", "unknown")
+    one_line_error(*run_main(base + ["--save-scores", str(tmp_path / "no" / "s.npy")], capsys),
+                   "--save-scores", "no such folder")
+    one_line_error(*run_main(base + ["--ties", "expected", "--rerank-k", "3"], capsys), "--ties", "--rerank-k")
+    one_line_error(*run_main(base + ["--rerank-only"], capsys), "--rerank-only")
+    # 6 images do not make five folds
+    one_line_error(*run_main(base + ["--fold5"], capsys), "--fold5", "test_ims.npy", "6 images")
+    # features of another size than the checkpoint's img_dim
+    np.save(data / "test_ims.npy", np.zeros((6, 3, IMG_DIM + 1), np.float32))
+    one_line_error(*run_main(base, capsys), "test_ims.npy", str(IMG_DIM + 1), "model_best.pth",
+                   f"img_dim {IMG_DIM}")
+
+
+def test_eval_bf16_triton_under_the_interpreter_is_refused(tmp_path, capsys, monkeypatch):
+    """The interpreter computes bfloat16 wrongly without an error (DESIGN.md): resolving backend
+    'triton' for bf16 there raises ValueError, which eval prints as one line (exit 2) instead of
+    printing wrong recall."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    data, ckpt, *_ = write_eval_files(tmp_path, n=2)
+    rc, out, err = run_main(["eval", "--data", str(data), "--checkpoint", str(ckpt), "--no-progress",
+                             "--device", "cpu", "--dtype", "bf16", "--backend", "triton"], capsys)
+    one_line_error(rc, out, err, "triton", "bfloat16", "TRITON_INTERPRET")
+    assert "rsum" not in out
+
+
+def test_eval_ties_expected_reports_the_expected_recall(tmp_path, capsys, monkeypatch):
+    data, ckpt, *_ = write_eval_files(tmp_path, n=6)
+    from rcar_fast import retrieval as RT
+    # scores with ties (half precision makes them): rounded to quarters
+    gen = torch.Generator().manual_seed(0)
+    tied = torch.round(4 * torch.rand(6, 30, generator=gen)) / 4
+    monkeypatch.setattr(RT, "score_all", lambda *a, **k: tied.clone())
+    rsum = {}
+    for ties in ("pessimistic", "expected"):
+        rc, out, err = run_main(["eval", "--data", str(data), "--checkpoint", str(ckpt), "--backend",
+                                 "torch", "--no-progress", "--ties", ties], capsys)
+        assert rc == 0, err
+        rsum[ties] = printed_rsum(out, "exhaustive (result)")
+        assert rsum[ties] == pytest.approx(RT.recall_metrics(tied, ties=ties).rsum, abs=0.051)
+        notes = [l for l in out.splitlines() if l.startswith("ties:")]
+        if ties == "pessimistic":       # the cost of the rule is said, with the other rule's rsum
+            share = _share_tied(tied)
+            assert len(notes) == 1 and f"{100 * share:.1f}% of queries" in notes[0], out
+            assert f"--ties expected: {RT.recall_metrics(tied, ties='expected').rsum:.1f}" in notes[0]
+        else:
+            assert notes == []
+    assert rsum["expected"] > rsum["pessimistic"] + 10
+
+
+def _share_tied(sims):
+    """Queries whose match scores exactly as much as some non-match, counted here directly."""
+    n_i, n_c = sims.shape
+    own = torch.arange(n_c)[None, :] // 5 == torch.arange(n_i)[:, None]
+    i2t = [bool((sims[i][~own[i]] == sims[i][own[i]].max()).any()) for i in range(n_i)]
+    t2i = [bool((sims[:, j][~own[:, j]] == sims[j // 5, j]).any()) for j in range(n_c)]
+    return (sum(i2t) + sum(t2i)) / (n_i + n_c)
+
+
 def test_demo_prints_recall_and_two_stage(capsys):
     # (the triton interpreter, on in the tests, would take minutes at d = 1024)
     rc, out, err = run_main(["demo", "--images", "3", "--captions-per-image", "2", "--quick",
@@ -167,6 +259,18 @@ def test_demo_rejects_an_unavailable_backend(capsys):
     one_line_error(*run_main(["demo", "--images", "2", "--backends", "cuda"], capsys), "--backends", "cuda")
 
 
+def test_demo_argument_errors_are_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(*run_main(["demo", "--device", "cuda"], capsys), "--device", "no CUDA device")
+    one_line_error(*run_main(["demo", "--images", "0"], capsys), "--images", "positive")
+    one_line_error(*run_main(["demo", "--images", "two"], capsys), "--images", "'two'")
+    one_line_error(*run_main(["demo", "--captions-per-image", "-1"], capsys), "--captions-per-image")
+    one_line_error(*run_main(["demo", "--rerank-k", "-1"], capsys), "--rerank-k", ">= 0")
+    one_line_error(*run_main(["demo", "--steps", "0"], capsys), "--steps 0", "coop_rcar")
+    one_line_error(*run_main(["demo", "--regulator", "rcar"], capsys), "--regulator", "rcar")
+    one_line_error(*run_main(["demo", "--tolerance", "small"], capsys), "--tolerance")
+
+
 def test_bench_passes_arguments_through(monkeypatch, capsys):
     sys.path.insert(0, ROOT) if ROOT not in sys.path else None
     import bench.suite
@@ -174,6 +278,26 @@ def test_bench_passes_arguments_through(monkeypatch, capsys):
     monkeypatch.setattr(bench.suite, "main", lambda argv: seen.append(argv) or 7)
     assert cli.main(["bench", "--quick", "--device", "cpu"]) == 7
     assert seen == [["--quick", "--device", "cpu"]]
+
+
+def test_bench_argument_errors_are_one_line(monkeypatch, capsys):
+    sys.path.insert(0, ROOT) if ROOT not in sys.path else None
+    import bench.suite
+    ran = []
+    monkeypatch.setattr(bench.suite, "main", lambda argv: ran.append(argv) or 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(*run_main(["bench", "--no-such-flag"], capsys), "unrecognized", "--no-such-flag")
+    one_line_error(*run_main(["bench", "--dtype", "fp8"], capsys), "--dtype", "fp8")
+    one_line_error(*run_main(["bench", "--device", "cuda"], capsys), "--device", "no CUDA device")
+    one_line_error(*run_main(["bench", "--device", "gpu"], capsys), "--device", "'gpu'")
+    one_line_error(*run_main(["bench", "--shards", "flickr30k,imagenet"], capsys), "--shards", "imagenet")
+    one_line_error(*run_main(["bench", "--configs", "coop_rcar:two"], capsys), "--configs", "coop_rcar:two")
+    one_line_error(*run_main(["bench", "--configs", "rcar:2"], capsys), "--configs", "rcar")
+    one_line_error(*run_main(["bench", "--directions", "t2i,up"], capsys), "--directions")
+    one_line_error(*run_main(["bench", "--images", "0"], capsys), "--images")
+    assert ran == []                   # nothing started
+    assert run_main(["bench", "--quick", "--shards", "mscoco", "--configs", "only_rar:2"], capsys)[0] == 0
+    assert ran == [["--quick", "--shards", "mscoco", "--configs", "only_rar:2"]]
 
 
 def test_bench_without_the_repository_fails_in_one_line(monkeypatch, tmp_path, capsys):

@@ -9,6 +9,7 @@ from direct torch computations (nn.GRU, nn.Linear) — never from the functions 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import types
@@ -103,6 +104,65 @@ def test_ties_count_against_the_match():
     assert rec.rsum == 200.0
 
 
+def random_order_metrics(sims, cpi):
+    """The "expected" tie rule by brute force: every order of a query's items equally likely,
+    then a stable sort by score (so tied items keep that random order); per direction, the
+    percent of (query, order) with rank < 1, 5, 10 averaged over queries, floor(median of the
+    per-query mean ranks) + 1, and the mean rank + 1. Small rows only (n! orders)."""
+    def query(scores, matches):
+        ranks = []
+        for perm in itertools.permutations(range(len(scores))):
+            order = sorted(perm, key=lambda c: -scores[c])
+            ranks.append(min(order.index(c) for c in matches))
+        return np.array(ranks, dtype=np.float64)
+
+    n_i, n_c = sims.shape
+    out = []
+    for per_query in ([query(sims[i], range(cpi * i, cpi * i + cpi)) for i in range(n_i)],
+                      [query(sims[:, j], [j // cpi]) for j in range(n_c)]):
+        mean_rank = np.array([r.mean() for r in per_query])
+        out.append(tuple(100.0 * np.mean([np.mean(r < K) for r in per_query]) for K in (1, 5, 10))
+                   + (float(np.floor(np.median(mean_rank)) + 1), float(mean_rank.mean() + 1)))
+    return out
+
+
+def test_expected_ties_on_a_constant_matrix():
+    rec = RT.recall_metrics(torch.full((3, 15), 0.5), ties="expected")
+    # i2t: 10 tied non-matches, 5 tied own captions. The first own caption's position X in a
+    # random order: P(X >= t) = C(10, t) / C(15, t); E[X] = 10 / 6
+    assert_metrics(rec.i2t, (100.0 * (1 - 10 / 15), 100.0 * (1 - 252 / 3003), 100.0 * (1 - 1 / 3003),
+                             2.0, 10 / 6 + 1))
+    # t2i: 2 tied other images, 1 own: rank 0, 1, 2 equally likely
+    assert_metrics(rec.t2i, (100.0 / 3, 100.0, 100.0, 2.0, 2.0))
+    assert RT.i2t_ranks(torch.full((3, 15), 0.5), ties="expected").tolist() == [10 / 6] * 3
+    assert RT.t2i_ranks(torch.full((3, 15), 0.5), ties="expected").tolist() == [1.0] * 15
+
+
+@pytest.mark.parametrize("n,cpi,seed", [(2, 3, 0), (3, 2, 1), (7, 1, 2), (2, 3, 3), (3, 2, 4)])
+def test_expected_ties_average_every_tie_order(n, cpi, seed):
+    gen = torch.Generator().manual_seed(seed)
+    sims = torch.randint(0, 3, (n, cpi * n), generator=gen).double()     # ties everywhere
+    want_i2t, want_t2i = random_order_metrics(sims.numpy(), cpi)
+    rec = RT.recall_metrics(sims, cpi, ties="expected")
+    assert_metrics(rec.i2t, want_i2t)
+    assert_metrics(rec.t2i, want_t2i)
+    # the release's rule is the worst order: never more recall
+    worst = RT.recall_metrics(sims, cpi)
+    assert all(w <= e + 1e-9 for w, e in zip(worst.i2t[:3] + worst.t2i[:3], rec.i2t[:3] + rec.t2i[:3]))
+
+
+def test_tie_rules_agree_without_ties():
+    sims = scores_with_signal(40, seed=3)
+    assert RT.recall_metrics(sims, ties="expected") == RT.recall_metrics(sims)
+    assert torch.equal(RT.i2t_ranks(sims, ties="expected"), RT.i2t_ranks(sims).double())
+    mean, per = RT.fold5_metrics(sims, ties="expected")
+    assert mean == RT.fold5_metrics(sims)[0]
+    with pytest.raises(ValueError, match="ties"):
+        RT.recall_metrics(sims, ties="optimistic")
+    with pytest.raises(ValueError, match="ties"):
+        RT.t2i_ranks(sims, ties=None)
+
+
 def test_medr_of_an_even_count_floors_the_median():
     # ranks 0, 1, 2, 3: np.median 1.5, floor 1, +1 -> 2; mean 1.5 + 1
     assert RT.recall_from_ranks(torch.tensor([3, 0, 2, 1])) == (25.0, 100.0, 100.0, 2.0, 2.5)
@@ -118,6 +178,34 @@ def test_metrics_match_release_loops_on_random_scores(n):
     assert np.array_equal(RT.t2i_ranks(sims).numpy(), release_t2i(n, s))
     assert_metrics(rec.i2t, release_metrics(release_i2t(n, s)))
     assert_metrics(rec.t2i, release_metrics(release_t2i(n, s)))
+
+
+def scores_with_signal(n, seed, cpi=5):
+    """(n, cpi n) continuous float64 scores (no ties, almost surely) in which each caption's own
+    image scores higher on average, so that the recalls are neither 0 nor 100."""
+    gen = torch.Generator().manual_seed(seed)
+    sims = torch.rand(n, cpi * n, generator=gen, dtype=torch.float64)
+    cols = torch.arange(cpi * n)
+    sims[cols // cpi, cols] += 0.6 * torch.rand(cpi * n, generator=gen, dtype=torch.float64)
+    return sims
+
+
+@pytest.mark.parametrize("i2t_chunk,t2i_chunk", [(256, 1024), (7, 13), (1, 1), (299, 1499)])
+def test_metrics_past_one_chunk_match_the_release_loops(i2t_chunk, t2i_chunk):
+    # 300 images x 1500 captions: more than one default chunk in both directions (256 images,
+    # 1,024 captions), and odd chunk sizes whose last chunk is partial
+    n = 300
+    sims = scores_with_signal(n, seed=31)
+    s = sims.numpy()
+    want_i2t, want_t2i = release_i2t(n, s), release_t2i(n, s)
+    assert np.array_equal(RT.i2t_ranks(sims, chunk=i2t_chunk).numpy(), want_i2t)
+    assert np.array_equal(RT.t2i_ranks(sims, chunk=t2i_chunk).numpy(), want_t2i)
+    rec = RT.recall_metrics(sims)
+    assert_metrics(rec.i2t, release_metrics(want_i2t))
+    assert_metrics(rec.t2i, release_metrics(want_t2i))
+    assert 100.0 < rec.rsum < 500.0          # the signal makes every recall informative
+    with pytest.raises(ValueError, match="chunk"):
+        RT.i2t_ranks(sims, chunk=0)
 
 
 def test_fold5_uses_only_the_diagonal_blocks_and_averages():
@@ -271,22 +359,26 @@ def test_two_stage_with_every_candidate_is_exhaustive(small_set, attn_type):
     assert torch.equal(res.i2t_ranks, torch.from_numpy(release_i2t(5, sims.numpy())).long())
 
 
-def brute_two_stage(sims, pre, k):
+def brute_two_stage(sims, pre, k, cpi=5):
     """The two-stage ranking written out per query: the top-k by prefilter, re-ordered by RCAR,
-    then the rest in prefilter order; the position of the best match in that list."""
+    then the rest in prefilter order; the position of the best match in that list. Every sort
+    puts a non-match before a match of the same score (ties count against the match), and is
+    otherwise stable (lower index first)."""
     n_i, n_c = sims.shape
     i2t = []
     for i in range(n_i):
-        order = sorted(range(n_c), key=lambda c: -pre[i, c])
+        match = lambda c: c // cpi == i
+        order = sorted(range(n_c), key=lambda c: (-pre[i, c], match(c)))
         top, rest = order[:k], order[k:]
-        ranked = sorted(top, key=lambda c: -sims[i, c]) + rest
-        i2t.append(min(ranked.index(c) for c in range(5 * i, 5 * i + 5)))
+        ranked = sorted(top, key=lambda c: (-sims[i, c], match(c))) + rest
+        i2t.append(min(ranked.index(c) for c in range(cpi * i, cpi * i + cpi)))
     t2i = []
     for c in range(n_c):
-        order = sorted(range(n_i), key=lambda i: -pre[i, c])
+        match = lambda i: i == c // cpi
+        order = sorted(range(n_i), key=lambda i: (-pre[i, c], match(i)))
         top, rest = order[:k], order[k:]
-        ranked = sorted(top, key=lambda i: -sims[i, c]) + rest
-        t2i.append(ranked.index(c // 5))
+        ranked = sorted(top, key=lambda i: (-sims[i, c], match(i))) + rest
+        t2i.append(ranked.index(c // cpi))
     return i2t, t2i
 
 
@@ -305,6 +397,71 @@ def test_two_stage_ranks_match_the_written_out_procedure(k):
     assert res.t2i_ranks.tolist() == want_t2i
     assert res.k_images == min(k, n) and res.k_captions == k
     assert max(n * k, 5 * n * min(k, n)) <= res.pairs_scored <= n * k + 5 * n * min(k, n)
+
+
+class IntegerHead(torch.nn.Module):
+    """A stand-in head with exact ties: the sum of an image's regions dotted with the sum of a
+    caption's valid words. On small-integer features every score is an integer, exact in any
+    float type and in any batch, so equal scores are equal whichever call computes them."""
+
+    def forward(self, img, cap, cap_lens, backend="auto", memory_budget=None):
+        valid = torch.arange(cap.shape[1])[None, :] < cap_lens.cpu()[:, None]
+        words = torch.where(valid[..., None], cap, 0.0).sum(dim=1)
+        return img.sum(dim=1) @ words.t()
+
+
+def integer_set(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randint(-1, 2, (n, 2, 4), generator=gen).double()
+    cap = torch.randint(-1, 2, (5 * n, 3, 4), generator=gen).double()
+    lens = torch.randint(1, 4, (5 * n,), generator=gen)
+    cap[torch.arange(3)[None, :] >= lens[:, None]] = float("nan")
+    return img, cap, lens
+
+
+@pytest.mark.parametrize("prefilter", ["constant", "three_values", "duplicates"])
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+def test_two_stage_ties_count_against_the_match(prefilter, k):
+    n = 6
+    img, cap, lens = integer_set(n, seed=k)
+    head = IntegerHead()
+    with torch.no_grad():
+        sims = head(img, cap, lens).numpy()
+    assert len(np.unique(sims)) < sims.size // 4            # RCAR's stand-in ties a lot
+    gen = torch.Generator().manual_seed(10 + k)
+    if prefilter == "constant":
+        pre = torch.zeros(n, 5 * n)
+    elif prefilter == "three_values":
+        pre = torch.randint(0, 3, (n, 5 * n), generator=gen).float()
+    else:   # images 2m and 2m + 1 duplicated, and so are their captions: every match ties
+        base = torch.rand(n // 2, 5 * n // 2, generator=gen)
+        i, c = torch.arange(n)[:, None], torch.arange(5 * n)[None, :]
+        pre = base[i // 2, (c // 10) * 5 + c % 5]
+        assert torch.equal(pre[0], pre[1]) and torch.equal(pre[:, 0], pre[:, 5])
+    res = RT.two_stage(RT.Scorer(head, img, cap, lens), k=k, prefilter=pre)
+    want_i2t, want_t2i = brute_two_stage(sims, pre.numpy(), k)
+    assert res.i2t_ranks.tolist() == want_i2t
+    assert res.t2i_ranks.tolist() == want_t2i
+
+
+def test_two_stage_with_ties_and_every_candidate_is_exhaustive():
+    img, cap, lens = integer_set(5, seed=9)
+    head = IntegerHead()
+    with torch.no_grad():
+        sims = head(img, cap, lens)
+    res = RT.two_stage(RT.Scorer(head, img, cap, lens), k=25, prefilter=torch.zeros(5, 25))
+    assert torch.equal(res.i2t_ranks, RT.i2t_ranks(sims)) and torch.equal(res.t2i_ranks, RT.t2i_ranks(sims))
+    assert res.recall == RT.recall_metrics(sims)
+
+
+def test_top_candidates_break_ties_against_the_match_then_by_index():
+    P = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1],
+                      [0.3, 0.3, 0.3, 0.3, 0.3]])
+    own = torch.tensor([[2, 3], [0, 4]])
+    got = RT.top_candidates(P, 3, own)
+    # row 0: 0.9 (col 1), then of the tied 0.5s the non-match col 0, then own col 2 (before 3)
+    # row 1: all tie: the non-matches 1, 2, 3 take every place
+    assert [sorted(r) for r in got.tolist()] == [[0, 1, 2], [1, 2, 3]]
 
 
 def test_two_stage_averages_several_scorers(small_set):
