@@ -11,12 +11,23 @@ One row per kernel instance (template instantiation) and architecture:
       chip (the launchers pick the row-group size with the same code), the largest of them
   HMMA / HGMMA, LDL / STL                                      cuobjdump --dump-sass of the cubin
 
-Importing this module has no side effects (tests/test_compile.py imports find_nvcc).
+Compile cache (see bench/resources.py): one key per .cu file and architecture (unit_key): the
+SHA-256 of the .cu and of every header it includes from csrc/ (csrc_sources: #include "..." and
+<...> resolved as nvcc does, the including file's folder then -I csrc, transitively), the arch,
+the nvcc flags (paths written relative to the repository and torch), the nvcc, cuobjdump and torch
+versions, and the SHA-256 of the code that compiles and measures (_compile, _measure_unit,
+parse_ptxas, sass_counts, _nvcc_flags). A unit whose key matches reuses its cached per-kernel
+ptxas and SASS numbers; names (c++filt), the launch plan's dynamic shared memory, limits and
+occupancy are recomputed every run.
+
+Importing this module has no side effects (tests/test_compile.py imports it).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import inspect
 import os
 import re
 import shutil
@@ -87,6 +98,10 @@ def _nvcc_flags(cc):
     flags += list(cpp_extension.COMMON_NVCC_FLAGS)
     flags += [f"-gencode=arch=compute_{cc},code=sm_{cc}", "-cubin", "-Xptxas", "-v"]
     return flags
+
+
+#: what ptxas -v and the SASS give per kernel, the part of a row the cache keeps
+MEASURED = ("registers", "spill_stores", "spill_loads", "stack", "shared_static", "hmma", "hgmma", "ldl", "stl")
 
 
 def _compile(job):
@@ -179,8 +194,87 @@ def plan_shared(chips):
     return out
 
 
-def rows(archs, chips, regs_per_sm, max_warps_per_sm, jobs=2):
-    """One report row per CUDA kernel instance and architecture (see the module docstring)."""
+_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
+
+
+def csrc_sources(src, csrc=CSRC) -> dict:
+    """{path relative to csrc's parent: SHA-256} of a .cu file and of every file under csrc it
+    includes, transitively. Both #include "x" and <x> are followed the way nvcc searches
+    (-I csrc is among the flags): the including file's folder (quoted names), then csrc; a name
+    found in neither (CUDA, torch and standard headers) is left to the version keys. Every
+    #include line counts, even one inside #if: that can only make the key stricter."""
+    csrc = os.path.abspath(csrc)
+    seen, todo = {}, [os.path.abspath(src)]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        with open(path, "rb") as f:
+            text = f.read()
+        seen[path] = hashlib.sha256(text).hexdigest()
+        for m in _INCLUDE.finditer(text.decode("utf-8", "replace")):
+            quoted = m.group(0).rstrip().endswith('"')
+            for folder in ([os.path.dirname(path)] if quoted else []) + [csrc]:
+                cand = os.path.normpath(os.path.join(folder, m.group(1)))
+                if os.path.isfile(cand):
+                    if cand.startswith(csrc + os.sep):
+                        todo.append(cand)
+                    break
+    base = os.path.dirname(csrc)
+    return {os.path.relpath(p, base): h for p, h in sorted(seen.items())}
+
+
+def toolchain(nvcc, cuobjdump) -> dict:
+    """The versions a CUDA row depends on: nvcc, cuobjdump and torch (whose headers are included)."""
+    import torch
+
+    from bench.resources import tool_version
+    return {"nvcc": tool_version(nvcc), "cuobjdump": tool_version(cuobjdump), "torch": torch.__version__}
+
+
+def portable_flags(cc) -> list:
+    """_nvcc_flags(cc) with the repository's and torch's folders written as $ROOT and $TORCH (a
+    checkout elsewhere has the same key)."""
+    import torch
+    tdir = os.path.dirname(os.path.abspath(torch.__file__))
+    return [f.replace(tdir, "$TORCH").replace(ROOT, "$ROOT") for f in _nvcc_flags(cc)]
+
+
+def measure_hash() -> str:
+    h = hashlib.sha256()
+    for fn in (_compile, _measure_unit, parse_ptxas, sass_counts, _nvcc_flags):
+        h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()
+
+
+def unit_key(src, cc, tools, csrc=CSRC, measure_code=None) -> dict:
+    """The cache key of one .cu file compiled for one architecture, from the tree as it is now."""
+    return {"backend": "cuda", "source": os.path.relpath(os.path.abspath(src), os.path.dirname(os.path.abspath(csrc))),
+            "arch": f"sm_{cc}", "sources": csrc_sources(src, csrc), "flags": portable_flags(cc),
+            "compiler": tools, "measure": measure_code or measure_hash()}
+
+
+def unit_usable(rows) -> bool:
+    """Cached rows of one unit are reused only when all of its kernels are there, each measured."""
+    return (len(rows) == rows[0].get("unit_rows") and len({r.get("mangled") for r in rows}) == len(rows)
+            and all(isinstance(r.get("mangled"), str) and all(isinstance(r.get(f), int) for f in MEASURED)
+                    for r in rows))
+
+
+def _measure_unit(job):
+    """Compile one .cu for one arch: {src, cc, ok, log, seconds, kernels: {mangled: MEASURED}}."""
+    nvcc, cuobjdump, src, cc, tmp = job
+    res = _compile((nvcc, src, cc, tmp))
+    if res["ok"]:
+        sass = sass_counts(cuobjdump, res["cubin"])
+        res["kernels"] = {name: {**info, **sass.get(name, dict(hmma=0, hgmma=0, ldl=0, stl=0))}
+                          for name, info in parse_ptxas(res["log"]).items()}
+    return res
+
+
+def rows(archs, chips, regs_per_sm, max_warps_per_sm, jobs=2, cached=()):
+    """One report row per CUDA kernel instance and architecture (see the module docstring);
+    cached: rows of the compile cache, reused for a .cu x arch whose key matches the tree now."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
@@ -189,45 +283,57 @@ def rows(archs, chips, regs_per_sm, max_warps_per_sm, jobs=2):
         raise RuntimeError("cuobjdump not found (CUDA toolkit bin/ or the triton wheel)")
     sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     plan = plan_shared({cc: chips[cc] for cc in archs})
+    tools, measure_code = toolchain(nvcc, cuobjdump), measure_hash()
+    if not all(tools.values()):   # a version that could not be read matches nothing
+        cached = ()
+    from bench.resources import reuse_or_compile
+    units = [(src, cc) for src in sources for cc in archs]
     out = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(_compile, [(nvcc, src, cc, tmp) for src in sources for cc in archs]))
-        for res in results:
-            cc, chip = res["cc"], chips[res["cc"]]
-            if not res["ok"]:
-                errors = [ln for ln in res["log"].splitlines() if "error" in ln] or res["log"].splitlines()[-3:]
-                out.append(dict(backend="cuda", kernel=res["src"], instance=res["src"], dtype="-", arch=f"sm_{cc}",
-                                num_warps=THREADS // 32, config="", compiled=False,
-                                error=" | ".join(errors)[:300], source=res["src"]))
-                continue
-            ptxas = parse_ptxas(res["log"])
-            sass = sass_counts(cuobjdump, res["cubin"])
-            names = demangle(ptxas)
-            for mangled, info in ptxas.items():
-                inst = names[mangled]
-                base = inst.split("<", 1)[0]
-                targs = [a.strip() for a in inst[len(base) + 1:-1].split(",")] if "<" in inst else []
-                tname = targs[0] if targs else "float"
-                dtype = TYPES.get(tname, (tname, 0))[0]
-                served = plan.get((inst, cc), [])
-                dyn = max((b for _, b in served), default=0)
-                shared = info["shared_static"] + dyn
-                warps = THREADS // 32
-                regs = info["registers"]
-                blocks = min(regs_per_sm // max(1, regs * 32 * warps), chip["smem_sm"] // max(1, shared),
-                             max_warps_per_sm // warps)
-                gemm = dtype != "fp32" and (base in TENSOR_CORE_GEMM or
-                                            (base == "attention_fwd_kernel" and targs[-1:] == ["1"]))
-                sc = sass.get(mangled, dict(hmma=0, hgmma=0, ldl=0, stl=0))
-                shapes = ", ".join(sorted({s for s, _ in served})) if served else "none of the standard shapes"
-                out.append(dict(
-                    backend="cuda", kernel=base, instance=inst, dtype=dtype, arch=f"sm_{cc}", num_warps=warps,
-                    config=f"{inst}; launched for {shapes}", compiled=True, source=res["src"],
-                    registers=regs, spill_stores=info["spill_stores"], spill_loads=info["spill_loads"],
-                    stack=info["stack"], shared=shared, shared_static=info["shared_static"], shared_dynamic=dyn,
-                    shared_limit=chip["smem_block"], shared_ok=shared <= chip["smem_block"],
-                    launched=bool(served), tensor_core_gemm=gemm, has_dot=gemm, warps_per_sm=blocks * warps,
-                    compile_seconds=round(res["seconds"], 1), **sc))
+        def compile_many(missed):
+            return list(pool.map(_measure_unit, [(nvcc, cuobjdump, src, cc, tmp) for src, cc in missed]))
+
+        found = reuse_or_compile(units, lambda u: unit_key(u[0], u[1], tools, measure_code=measure_code),
+                                 cached, compile_many, unit_usable)
+    results = []
+    for (src, cc), (key, hit, res) in zip(units, found):
+        if hit:
+            res = dict(src=os.path.relpath(src, ROOT), cc=cc, ok=True, seconds=hit[0].get("compile_seconds", 0),
+                       kernels={r["mangled"]: {f: r[f] for f in MEASURED} for r in hit})
+        results.append((hit[0]["key"] if hit else key, "reused" if hit else "compiled", res))   # stored key
+    names = demangle([m for _, _, res in results if res["ok"] for m in res["kernels"]])
+    for key, how, res in results:
+        cc, chip = res["cc"], chips[res["cc"]]
+        if not res["ok"]:
+            errors = [ln for ln in res["log"].splitlines() if "error" in ln] or res["log"].splitlines()[-3:]
+            out.append(dict(backend="cuda", kernel=res["src"], instance=res["src"], dtype="-", arch=f"sm_{cc}",
+                            num_warps=THREADS // 32, config="", compiled=False,
+                            error=" | ".join(errors)[:300], source=res["src"], key=key, cache=how))
+            continue
+        for mangled, info in res["kernels"].items():
+            inst = names[mangled]
+            base = inst.split("<", 1)[0]
+            targs = [a.strip() for a in inst[len(base) + 1:-1].split(",")] if "<" in inst else []
+            tname = targs[0] if targs else "float"
+            dtype = TYPES.get(tname, (tname, 0))[0]
+            served = plan.get((inst, cc), [])
+            dyn = max((b for _, b in served), default=0)
+            shared = info["shared_static"] + dyn
+            warps = THREADS // 32
+            regs = info["registers"]
+            blocks = min(regs_per_sm // max(1, regs * 32 * warps), chip["smem_sm"] // max(1, shared),
+                         max_warps_per_sm // warps)
+            gemm = dtype != "fp32" and (base in TENSOR_CORE_GEMM or
+                                        (base == "attention_fwd_kernel" and targs[-1:] == ["1"]))
+            shapes = ", ".join(sorted({s for s, _ in served})) if served else "none of the standard shapes"
+            out.append(dict(
+                backend="cuda", kernel=base, instance=inst, dtype=dtype, arch=f"sm_{cc}", num_warps=warps,
+                config=f"{inst}; launched for {shapes}", compiled=True, source=res["src"],
+                **{f: info[f] for f in MEASURED}, shared=shared, shared_dynamic=dyn,
+                shared_limit=chip["smem_block"], shared_ok=shared <= chip["smem_block"],
+                launched=bool(served), tensor_core_gemm=gemm, has_dot=gemm, warps_per_sm=blocks * warps,
+                compile_seconds=round(res["seconds"], 1), mangled=mangled, unit_rows=len(res["kernels"]),
+                key=key, cache=how))
     # a launch the plan gives a standard shape must name a compiled kernel (catches drift between
     # plan.h's choices, the launchers' instantiations and the names here)
     have = {(r["instance"], r["arch"]) for r in out if r["compiled"]}
@@ -239,4 +345,6 @@ def rows(archs, chips, regs_per_sm, max_warps_per_sm, jobs=2):
                             source="csrc/cuda/plan.h",
                             error=f"the launch plan uses {inst} for {served[0][0]}, but no .cu compiles it"))
     out.sort(key=lambda r: (r["kernel"], r["dtype"], r["instance"], r["arch"]))
-    return out, dict(nvcc=nvcc, nvcc_version=nvcc_version(nvcc), cuobjdump=cuobjdump)
+    reused_units = sum(how == "reused" for _, how, _ in results)
+    return out, dict(nvcc=nvcc, nvcc_version=nvcc_version(nvcc), cuobjdump=cuobjdump, units=len(units),
+                     units_reused=reused_units, reused=sum(r.get("cache") == "reused" for r in out))

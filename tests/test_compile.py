@@ -15,12 +15,24 @@ every kernel compiles for both architectures, none spills or has a stack frame (
 static + dynamic shared memory of the launches the standard shapes get fits the chip, and the
 fp16/bf16 instances of the block GEMM (fused projection, RAR keys) contain HMMA/HGMMA. Skipped
 only without nvcc.
+
+Compile cache (bench/results/resources.json; bench/resources.py explains the keys): the report
+runs with --json, which reuses a committed row only when its key (the kernel's jit source hashes,
+configuration, compiler versions; for CUDA the .cu and its csrc headers, arch, flags, nvcc) equals
+the key computed from the tree now, and compiles every other row. Every assertion above still
+runs on every row, reused or compiled, and every row's key is checked against the current tree
+here (the configurations from the launchers, the jit sources re-read from disk), so a stale
+row cannot pass. The key and lookup tests at the end need no compiler and take seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -30,14 +42,57 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_report(backend):
+    """The --json rows of one backend: cached rows whose key matches the tree now, the rest compiled
+    (--json only reads the cache file)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "bench.resources", "--backend", backend, "--json"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1200)
-    lines = proc.stdout.strip().splitlines()
-    assert lines, proc.stderr[-3000:]
+    # its own session, so that a timeout ends the report's compile workers too (not only the report)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.resources", "--backend", backend, "--json"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    lines = stdout.strip().splitlines()
+    assert lines, stderr[-3000:]
     rows = json.loads(lines[-1])
-    assert rows, proc.stderr[-3000:]
+    assert rows, stderr[-3000:]
+    print("\n".join(ln for ln in stderr.splitlines() if ln.startswith("compile cache")))
     return rows
+
+
+def _jit_entry_from_disk(qualname):
+    """What a Triton key should hold for ``qualname`` (rcar_fast.kernels.<module>.<name>), read
+    from the file on disk: the SHA-256 of a function's text (decorators to its last line,
+    dedented), or the repr of a constant's value (tl.constexpr(v) or a literal)."""
+    import ast
+    import textwrap
+    parts = qualname.split(".")
+    assert parts[:2] == ["rcar_fast", "kernels"] and len(parts) == 4, qualname
+    path = os.path.join(ROOT, "kernels", parts[2] + ".py")
+    with open(path) as f:
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and node.name == parts[3]:
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            src = textwrap.dedent("".join(lines[start - 1:node.end_lineno]))
+            return hashlib.sha256(src.encode()).hexdigest()
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == parts[3] for t in node.targets):
+            v = node.value
+            if isinstance(v, ast.Call):       # tl.constexpr(value)
+                v = v.args[0]
+            return repr(ast.literal_eval(v))
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and any(a.name == parts[3] for a in node.names):
+            return _jit_entry_from_disk(f"rcar_fast.kernels.{node.module}.{parts[3]}")
+    raise AssertionError(f"{qualname}: not found in {path}")
+
+
+def _sha256(rel):
+    with open(os.path.join(ROOT, rel), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +142,37 @@ def test_half_precision_uses_tensor_cores(report):
     assert not bad, "\n".join(bad)
 
 
+def test_fp32_products_are_exact_and_atomics_relaxed(report):
+    """No tf32 matrix product anywhere (every product of fp32 operands is meant to be exact:
+    input_precision "ieee", e.g. the norm's P G in the bf16 kernels), and no atomic with an
+    ordering stronger than relaxed (the adds into shared gradients commute)."""
+    bad = [f"{_name(r)}: tf32 {r['tf32']}, ordered atomics {r['ordered_atomics']}" for r in report
+           if r["tf32"] or r["ordered_atomics"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_row_is_keyed_by_the_current_tree(report):
+    """One row per configuration the launchers pick now, each under the key computed now: a row
+    reused from the cache under an older kernel source, configuration, measuring code or compiler
+    version would carry another key. The jit sources and constants are read again from the
+    files on disk here (with ast, not through the imported functions)."""
+    from bench import resources
+    kernels = resources._kernels()
+    key_of = resources.triton_key_maker(kernels)
+    expected = sorted(resources.canonical(key_of(job)) for job in resources.jobs([80, 90], kernels))
+    assert sorted(resources.canonical(r["key"]) for r in report) == expected
+    for r in report:
+        k = r["key"]
+        assert r["cache"] in ("reused", "compiled"), _name(r)
+        assert (k["backend"], k["kernel"], k["dtype"], k["arch"]) == (r["backend"], r["kernel"], r["dtype"], r["arch"])
+        assert (k["launch"]["num_warps"], k["launch"]["num_stages"], k["launch"]["maxnreg"]) == \
+            (r["num_warps"], r["num_stages"], r["maxnreg"]), _name(r)
+        assert dict(kv.split("=") for kv in r["config"].split(",")) == \
+            {a: str(b) for a, b in k["constexprs"].items()}, _name(r)
+        for qualname, digest in k["sources"].items():
+            assert _jit_entry_from_disk(qualname) == digest, f"{_name(r)}: {qualname} changed"
+
+
 # ----------------------------------------------------------------------------- CUDA kernels
 
 CUDA_KERNELS = {"gram_kernel", "attention_fwd_kernel", "attention_bwd_kernel", "l2n_bwd_rows_kernel",
@@ -132,3 +218,192 @@ def test_cuda_half_precision_projection_uses_tensor_cores(cuda_report):
         for dt in ("fp16", "bf16") for a in ("sm_80", "sm_90")}
     bad = [_cuda_name(r) for r in gemm if r["hmma"] + r["hgmma"] == 0]
     assert not bad, "\n".join(bad)
+
+
+def test_cuda_every_row_is_keyed_by_the_current_tree(cuda_report):
+    """Every compiled row carries the key of its .cu x arch computed now (sources re-read from
+    disk), and every .cu x arch has rows."""
+    from bench import cuda_resources as cr
+    nvcc = cr.find_nvcc()
+    tools = cr.toolchain(nvcc, cr.find_cuobjdump(nvcc))
+    import glob
+    sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(cr.CSRC, "cuda", "*.cu")))
+    expected = {(src, f"sm_{cc}"): cr.unit_key(os.path.join(ROOT, src), cc, tools)
+                for src in sources for cc in (80, 90)}
+    compiled = [r for r in cuda_report if r["compiled"]]
+    assert {(r["source"], r["arch"]) for r in compiled} == set(expected)
+    for r in compiled:
+        assert r["cache"] in ("reused", "compiled"), _cuda_name(r)
+        assert r["key"] == expected[(r["source"], r["arch"])], _cuda_name(r)
+        for rel, digest in r["key"]["sources"].items():
+            assert _sha256(rel) == digest, f"{_cuda_name(r)}: {rel} changed"
+
+
+# ----------------------------------------------------------------------------- the cache's keys (fast)
+
+def _fake_compiler(calls):
+    def compile_many(items):
+        calls.extend(items)
+        return [f"compiled {it}" for it in items]
+    return compile_many
+
+
+def test_cache_lookup_reuses_only_matching_keys():
+    """A row whose stored key differs from the one computed now (stale), a row absent from the
+    cache and a failed row are compiled; only the exact key is reused."""
+    from bench.resources import reuse_or_compile
+    key_of = lambda it: {"item": it, "source": f"hash-{it}"}   # noqa: E731
+    cached = [dict(key=key_of("a"), compiled=True, registers=1),
+              dict(key={"item": "b", "source": "hash-of-an-older-b"}, compiled=True, registers=2),
+              dict(key=key_of("d"), compiled=False, error="failed")]
+    calls = []
+    out = reuse_or_compile(["a", "b", "c", "d"], key_of, cached, _fake_compiler(calls))
+    assert calls == ["b", "c", "d"]
+    assert [k for k, _, _ in out] == [key_of(it) for it in "abcd"]
+    assert out[0][1] == [cached[0]] and out[0][2] is None
+    assert [res for _, hit, res in out[1:]] == ["compiled b", "compiled c", "compiled d"]
+    assert all(hit is None for _, hit, _ in out[1:])
+    calls.clear()
+    reuse_or_compile(["a"], key_of, cached, _fake_compiler(calls), usable=lambda rows: False)
+    assert calls == ["a"]
+
+
+def test_kernel_keys_cover_their_jit_code():
+    """Each kernel's key holds its own @triton.jit function and every @triton.jit function of
+    kernels/ whose name is called in the source of a function in the key (read here with a
+    regex over the files, apart from the key's own walk of the names)."""
+    pytest.importorskip("triton")
+    from bench import resources
+    defs = {}
+    for fname in sorted(os.listdir(os.path.join(ROOT, "kernels"))):
+        if fname.endswith(".py"):
+            with open(os.path.join(ROOT, "kernels", fname)) as f:
+                text = f.read()
+            for m in re.finditer(r"@triton\.jit\s*\ndef (\w+)\((.*?)\n(?=\S)", text, re.S):
+                defs[m.group(1)] = m.group(0)
+    assert len(defs) >= 10, defs.keys()
+    for kname, srcs in resources.kernel_sources(resources._kernels()).items():
+        names = {n.rsplit(".", 1)[-1] for n in srcs}
+        assert any(n.endswith("_kernel") for n in names), kname
+        for n in names & set(defs):
+            for callee in re.findall(r"\b(_\w+)\(", defs[n]):
+                if callee in defs and callee != n:
+                    assert callee in names, (kname, n, callee)
+
+
+_SYNTHETIC = """
+import triton
+import triton.language as tl
+
+SCALE = tl.constexpr({scale})
+
+
+@triton.jit
+def _helper(x):
+    return x * {factor}
+
+
+@triton.jit
+def _unused(x):
+    return x + {unused}
+
+
+@triton.jit
+def _kernel(ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(ptr + offs, _helper(tl.load(ptr + offs)) * SCALE)
+
+
+def launcher(x):
+    return {launcher}
+{tail}"""
+
+
+def _synthetic_key(tmp_path, tag, **edit):
+    """jit_sources of a small kernel module written with ``edit`` and loaded fresh."""
+    import importlib.util
+    from bench import resources
+    fields = dict(scale=2.0, factor=3.0, unused=1.0, launcher="x", tail="")
+    fields.update(edit)
+    path = tmp_path / f"synth_{tag}.py"
+    path.write_text(_SYNTHETIC.format(**fields))
+    spec = importlib.util.spec_from_file_location(f"synth_{tag}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {k.split(".", 1)[1]: v for k, v in resources.jit_sources(mod._kernel).items()}
+
+
+def test_jit_key_changes_with_jit_code_only(tmp_path):
+    """The key follows what the compiler sees: a called jit helper's body and a constexpr
+    global change it; a launcher, an uncalled jit function and text outside the functions do
+    not (moving registrations or docstrings around recompiles nothing)."""
+    pytest.importorskip("triton")
+    base = _synthetic_key(tmp_path, "base")
+    assert set(base) == {"_kernel", "_helper", "SCALE"}
+    assert _synthetic_key(tmp_path, "launcher", launcher="x + 1") == base
+    assert _synthetic_key(tmp_path, "unused", unused=5.0) == base
+    assert _synthetic_key(tmp_path, "tail", tail="# a comment\nOTHER = 1\n") == base
+    assert _synthetic_key(tmp_path, "helper", factor=4.0) != base
+    assert _synthetic_key(tmp_path, "scale", scale=2.5) != base
+
+
+def test_triton_key_misses_on_a_changed_source_or_compiler():
+    """A real configuration from the launchers: the cached row is reused under its own key and
+    compiled instead under a key with another jit source, triton, ptxas or cuobjdump version,
+    configuration or measuring code."""
+    pytest.importorskip("triton")
+    from bench import resources
+    kernels = resources._kernels()
+    compiler = {"triton": "3.8.0", "ptxas": "release 12.9, V12.9.86", "cuobjdump": "release 13.1, V13.1.80"}
+    measure = resources.measure_hash()
+    job = next(j for j in resources.jobs([90], kernels) if j[0] == "attention_fwd")
+    tree = resources.kernel_sources(kernels)
+    key = resources.triton_key(job, tree, compiler, measure)
+    cached = [dict(key=key, compiled=True, **{f: 0 for f in resources.MEASURED})]
+
+    def lookup(key_now):
+        calls = []
+        resources.reuse_or_compile([job], lambda j: key_now, cached, _fake_compiler(calls))
+        return calls
+
+    assert lookup(resources.triton_key(job, resources.kernel_sources(kernels), compiler, measure)) == []
+    name = next(n for n in tree["attention_fwd"] if n.endswith("_dot_ieee"))
+    edited = {**tree, "attention_fwd": {**tree["attention_fwd"], name: "0" * 64}}
+    assert lookup(resources.triton_key(job, edited, compiler, measure)) == [job]
+    for tool, version in (("triton", "3.8.1"), ("ptxas", "release 12.9, V12.9.87"), ("cuobjdump", "release 13.2")):
+        assert lookup(resources.triton_key(job, tree, {**compiler, tool: version}, measure)) == [job], tool
+    other = (job[0], job[1], {**job[2], "BQ": job[2]["BQ"] * 2}, job[3], job[4])   # a new configuration
+    assert lookup(resources.triton_key(other, tree, compiler, measure)) == [job]
+    assert lookup(resources.triton_key(job, tree, compiler, "another measuring code")) == [job]
+
+
+def test_cuda_key_misses_on_a_changed_header_or_toolchain(tmp_path):
+    """A .cu's key covers the headers it includes from csrc/, transitively (plan.h is reached
+    only through common.cuh) and csrc/checks.h through -I csrc; a file it does not include, the
+    nvcc version and the arch change it or not as they should."""
+    from bench import cuda_resources as cr
+    tools = {"nvcc": "release 13.0, V13.0.88", "cuobjdump": "release 13.1", "torch": "2.14.1"}
+    csrc = tmp_path / "csrc"
+    shutil.copytree(cr.CSRC, csrc, ignore=shutil.ignore_patterns("__pycache__"))
+    src = csrc / "cuda" / "attention.cu"
+    tree_key = cr.unit_key(os.path.join(cr.CSRC, "cuda", "attention.cu"), 90, tools)
+    key = cr.unit_key(src, 90, tools, csrc=csrc, measure_code=tree_key["measure"])
+    assert key == tree_key
+    assert {"csrc/cuda/attention.cu", "csrc/cuda/common.cuh", "csrc/cuda/plan.h",
+            "csrc/checks.h"} <= set(key["sources"])
+    (csrc / "cuda" / "unrelated.cuh").write_text("// not included\n")
+    assert cr.unit_key(src, 90, tools, csrc=csrc, measure_code=key["measure"]) == key
+    for header in ("cuda/plan.h", "checks.h"):
+        p = csrc / header
+        text = p.read_text()
+        p.write_text(text + "\n// edited\n")
+        assert cr.unit_key(src, 90, tools, csrc=csrc, measure_code=key["measure"]) != key, header
+        p.write_text(text)
+    assert cr.unit_key(src, 90, tools, csrc=csrc, measure_code=key["measure"]) == key
+    assert cr.unit_key(src, 80, tools, csrc=csrc, measure_code=key["measure"]) != key
+    assert cr.unit_key(src, 90, {**tools, "nvcc": "release 13.1, V13.1.80"}, csrc=csrc,
+                       measure_code=key["measure"]) != key
+    # a unit's cached rows are reused only whole
+    rows = [dict(key=key, compiled=True, mangled=f"_Z{i}", unit_rows=2, **{f: 0 for f in cr.MEASURED})
+            for i in range(2)]
+    assert cr.unit_usable(rows) and not cr.unit_usable(rows[:1])
