@@ -1,7 +1,7 @@
 // Evaluates csrc/cuda/plan.h (the CUDA kernels' launch plan) for the compile report
 // (bench/cuda_resources.py): reads one query per line on stdin, answers one line each.
 //
-//   fwd ELEM LQ LC S MODE LIMIT  ->  MT BYTES   attention_fwd_kernel (mode 1: the launcher's MT)
+//   fwd ELEM LQ LC S MODE LIMIT  ->  MT BYTES   attention_fwd_kernel (kModeAlignment: the launcher's MT)
 //   bwd LQ LC                    ->  1 BYTES    attention_bwd_kernel
 //   gram LC                      ->  1 BYTES    gram_kernel
 //   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_fwd_kernel / rar_bwd_kernel
@@ -25,7 +25,7 @@ int main() {
     if (what == "fwd") {
       int64_t elem, lq, lc, s, mode, limit;
       in >> elem >> lq >> lc >> s >> mode >> limit;
-      const int mt = mode == 1 ? choose_attn_mt((int)elem, lq, lc, s, limit) : 1;
+      const int mt = mode == kModeAlignment ? choose_attn_mt((int)elem, lq, lc, s, limit) : 1;
       std::cout << mt << " " << attn_fwd_layout((int)elem, lq, lc, s, mt, (int)mode).total << "\n";
     } else if (what == "bwd") {
       int64_t lq, lc;

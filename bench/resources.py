@@ -57,7 +57,6 @@ import sys
 import tempfile
 import textwrap
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from types import SimpleNamespace
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)   # must happen before triton is imported (main() too)
@@ -74,27 +73,12 @@ MEASURED = ("registers", "spill_stores", "spill_loads", "stack", "shared", "hmma
 
 
 def _kernels():
-    """{report name: (launch_configs, signature, jit function, defining module)} of every Triton
-    kernel; the jit function's source and what it calls key the kernel's cache rows."""
+    """{report name: (launch_configs, signature, jit function)} of every Triton kernel
+    (bench/kernel_configs.py); the jit function's source and what it calls key its cache rows."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from rcar_fast.triton_backend import _kernels as load   # rcar_fast.kernels, never top-level
-    import importlib
-    pkg = load().__name__
-    attention, attention_bwd, rar = (importlib.import_module(f"{pkg}.{m}")
-                                     for m in ("attention", "attention_bwd", "rar"))
-    K = SimpleNamespace
-    return {"attention_fwd": K(launch_configs=attention.launch_configs, signature=attention.signature,
-                               fn=attention._attention_fwd_kernel, module=attention),
-            "attention_bwd": K(launch_configs=attention_bwd.launch_configs, signature=attention_bwd.signature,
-                               fn=attention_bwd._attention_bwd_kernel, module=attention_bwd),
-            "attention_bwd_scores": K(launch_configs=attention_bwd.scores_launch_configs,
-                                      signature=attention_bwd.scores_signature,
-                                      fn=attention_bwd._attention_bwd_scores_kernel, module=attention_bwd),
-            "rar_fwd": K(launch_configs=rar.launch_configs, signature=rar.signature, fn=rar._rar_fwd_kernel,
-                         module=rar),
-            "rar_bwd": K(launch_configs=rar.bwd_launch_configs, signature=rar.bwd_signature,
-                         fn=rar._rar_bwd_kernel, module=rar)}
+    from bench.kernel_configs import kernels
+    return kernels()
 
 
 def _tool(name: str) -> str:

@@ -445,7 +445,65 @@ def _quiet_compiler():
         yield
 
 
+def argument_error(argv) -> Optional[str]:
+    """None if the arguments are usable here, ``HELP_SHOWN`` once ``--help`` has been printed,
+    else one line saying which argument is wrong (argparse's error without the usage block, a
+    device that is not here, an unknown shard, regulator or step count, a count below 1)."""
+    import contextlib
+    import io
+
+    from rcar_fast.app.cli import parse_device
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            a = parse_args(argv)
+    except SystemExit as exc:
+        if exc.code in (0, None):        # --help
+            sys.stdout.write(out.getvalue())
+            return HELP_SHOWN
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        return lines[-1].split(": error: ", 1)[-1] if lines else f"bad arguments {argv}"
+    if a.summarize:
+        return None
+    try:
+        parse_device(a.device)
+    except argparse.ArgumentTypeError as exc:
+        return f"--device: {exc}"
+    unknown = [t for t in _csv_list(a.shards) or [] if t not in SHARDS]
+    if unknown:
+        return f"--shards: unknown {', '.join(unknown)} (known: {', '.join(SHARDS)})"
+    for item in _csv_list(a.configs) or []:
+        reg, _, steps = item.partition(":")
+        try:
+            rcar_fast.RCARSimilarity(16, 8, reg, int(steps) if steps else 2)
+        except (ValueError, TypeError) as exc:
+            return f"--configs {item!r}: expected regulator:steps ({str(exc).splitlines()[0]})"
+    if [d for d in _csv_list(a.directions) or [] if d not in ("t2i", "i2t")]:
+        return f"--directions: expected a comma list of t2i, i2t, got {a.directions!r}"
+    for name in ("images", "captions", "train_pairs", "repeats", "ref_captions"):
+        v = getattr(a, name, None)
+        if v is not None and v < 1:
+            return f"--{name.replace('_', '-')}: expected a positive integer, got {v}"
+    try:
+        settings_from_args(a)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        return f"bad arguments ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+HELP_SHOWN = "(help shown)"
+
+
 def main(argv=None) -> int:
+    """Every argument error prints one line on stderr and returns 2, before anything runs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    message = argument_error(argv)
+    if message == HELP_SHOWN:
+        return 0
+    if message is not None:
+        print(f"python -m bench: {message}", file=sys.stderr)
+        return 2
     a = parse_args(argv)
     if a.summarize:
         print(summarize(a.summarize, a.all_runs, a.compact))
@@ -457,6 +515,11 @@ def main(argv=None) -> int:
             return 2
         if a.tf32:
             harness.set_tf32(True)
+    return run_settings(a, settings, cases)
+
+
+def run_settings(a: argparse.Namespace, settings: Settings, cases: List[Case]) -> int:
+    """Run the cases, print the table, write what --out and --plot ask for."""
     with _quiet_compiler():
         suite = Suite(settings, a.csv)
         suite.peak.measure_all()

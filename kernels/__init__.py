@@ -1,16 +1,22 @@
 """Triton kernels of rcar_fast, installed as ``rcar_fast.kernels`` (never a top-level package).
+Per op, the kernels, the launcher, the torch.library custom op, its fake and its autograd:
 
-  attention.py  fused adaptive region-word attention, optionally fused with the alignment
-                projection (E = l2n(W (Q - A)^2 + b)); launcher ``attention_fwd``
-  rar.py        T steps of iterative aggregation reweighting per launch; launcher ``rar_fwd``
-  attention_bwd.py  the attention's backward, recomputing each pair on chip; ``attention_bwd``
-  rar.py        also the backward of one RAR step; launcher ``rar_bwd``
+  attention.py      fused adaptive region-word attention, optionally fused with the alignment
+                    projection (E = l2n(W (Q - A)^2 + b)); launcher ``attention_fwd``; custom op
+                    ``rcar_fast::triton_attention`` and its fake
+  attention_bwd.py  the attention's backward, recomputing each pair on chip; launcher
+                    ``attention_bwd``; ``rcar_fast::triton_attention_bwd``, and the attention's
+                    autograd (which calls it)
+  rar.py            T steps of RAR per launch and one step's backward; launchers ``rar_fwd``,
+                    ``rar_bwd``; ``rcar_fast::triton_rar`` / ``::triton_rar_bwd``, fakes, autograd
 
+The "triton" backend (rcar_fast.backends.triton_kernels) binds the custom ops into a kernel set.
 On CPU tensors they run under TRITON_INTERPRET=1 (tests).
 """
 
-from .attention import attention_fwd
-from .attention_bwd import attention_bwd
-from .rar import rar_bwd, rar_fwd
+from .attention import attention_fwd, triton_attention
+from .attention_bwd import attention_bwd, triton_attention_bwd
+from .rar import rar_bwd, rar_fwd, triton_rar, triton_rar_bwd
 
-__all__ = ["attention_fwd", "attention_bwd", "rar_fwd", "rar_bwd"]
+__all__ = ["attention_bwd", "attention_fwd", "rar_bwd", "rar_fwd", "triton_attention", "triton_attention_bwd",
+           "triton_rar", "triton_rar_bwd"]

@@ -1,7 +1,7 @@
 """Fused region-word attention with adaptive factors, optionally fused with the alignment
 projection: one Triton program per (context item b, query item p) pair.
 
-Layout (as rcar_fast.torch_backend): B indexes the context side, P the query side.
+Layout (block layout, ARCHITECTURE.md): B indexes the context side, P the query side.
   t2i: B = images (context = R regions), P = captions (query = words).
   i2t: B = captions (context = words), P = images (query = R regions).
 Per program, with Q (Lq x d) and C (Lc x d) read in place, never repeated:
@@ -11,8 +11,8 @@ Per program, with Q (Lq x d) and C (Lc x d) read in place, never repeated:
                   P = softmax over valid c of lam[q] Sn[q, c]
                   ||U[q]||^2 = P[q] G P[q]^T  (the norm of U = P C known before U exists)
   pass 2 over d:  A = (P C) / (||U|| + 1e-8), chunk by chunk;
-                  MODE 0 stores A (B, P, Lq, d);
-                  MODE 1 accumulates Y = (Q - A)^2 W^T + b and stores E = l2n(Y) (B, P, Lq, s),
+                  MODE_ATTENDED stores A (B, P, Lq, d);
+                  MODE_ALIGNMENT accumulates Y = (Q - A)^2 W^T + b and stores E = l2n(Y) (B, P, Lq, s),
                   so the d-wide attended context never reaches memory. bf16/fp16 hold Y s wide
                   (one pass over d); fp32 builds it BSB columns per pass over d, parks Y in the
                   output and scales it by 1 / (||Y|| + 1e-8) afterwards.
@@ -28,10 +28,23 @@ for up to MAX_ROWS = 64 query and context rows per pair and s <= MAX_WIDTH = 256
 launchers raise a ValueError.
 """
 
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-EPS = tl.constexpr(1e-8)   # a plain global is rejected by the GPU compiler
+from rcar_fast.backends import contract
+from rcar_fast.constants import EPS as _EPS
+
+Tensor = torch.Tensor
+
+#: rcar_fast.constants.EPS as a compile-time constant (a plain global is rejected by the compiler)
+EPS = tl.constexpr(_EPS)
+#: the kernel's MODE: store the attended context l2n(A) (B, P, Lq, d), or the alignment vectors
+#: E = l2n(W (Q - A)^2 + b) (B, P, Lq, s) with the projection fused
+MODE_ATTENDED = tl.constexpr(0)
+MODE_ALIGNMENT = tl.constexpr(1)
 
 
 @triton.jit
@@ -168,7 +181,7 @@ def _attention_fwd_kernel(
     # pass 2: the attended context, normalised chunk by chunk
     rows_out = rq < LQ_OUT
     out_base = out_ptr + b * so_b + p * so_p + rq[:, None] * so_l
-    if MODE == 0:
+    if MODE == MODE_ATTENDED:
         for d0 in range(0, D, BD):
             dm = (d0 + rd) < D
             Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
@@ -223,16 +236,13 @@ def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int
     software-pipelined (num_stages 1: the pipelined loads spilled); bf16/fp16 keep 3 stages.
     """
     BQ, BC = _pow2(Lq), _pow2(Lc)
-    bd = 32 if half and not (mode == 1 and BQ * BC >= 4096) else 16
-    BS = _pow2(width if mode == 1 else 16)
+    projection = mode == MODE_ALIGNMENT.value
+    bd = 32 if half and not (projection and BQ * BC >= 4096) else 16
+    BS = _pow2(width if projection else 16)
     return dict(BQ=BQ, BC=BC, BD=min(bd, _pow2(D)), BS=BS, BSB=BS if half else min(32, BS), num_warps=8,
                 num_stages=3 if half else 1, maxnreg=MAX_REGISTERS)
 
 
-#: (Lq, Lc) of the standard launches: t2i with captions of up to 16, 32 or 64 words against
-#: R = 36 regions, i2t with the regions as queries; d = 1024, s = 256 (SPEC.md's shapes). Every
-#: block size the launchers can pick (query and context rows up to MAX_ROWS) appears here.
-STANDARD_SHAPES = ((16, 36), (32, 36), (64, 36), (36, 16), (36, 32), (36, 64))
 #: the most query or context rows per pair the kernels take (captions of up to 64 words): the
 #: compile tier checks block sizes up to this; 128-row blocks spilled (bench/results)
 MAX_ROWS = 64
@@ -261,34 +271,6 @@ def launch_options(cfg: dict) -> dict:
     return {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
 
 
-def launch_configs(config=None):
-    """Every (dtype, constexprs, launch options) a launcher picks for the standard shapes, all
-    dtypes. config: the launcher's block-size chooser (default :func:`attention_config`)."""
-    config = config or attention_config
-    out = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for Lq, Lc in STANDARD_SHAPES:
-            for mode in (0, 1):
-                for has_state in (False, True):
-                    cfg = config(dtype != "fp32", Lq, Lc, 1024, 256 if mode else 1024, mode)
-                    launch = launch_options(cfg)
-                    cfg.update(HAS_F=has_state, HAS_LAM=has_state, MODE=mode, IEEE=dtype == "fp32")
-                    if (dtype, cfg, launch) not in out:
-                        out.append((dtype, cfg, launch))
-    return out
-
-
-def signature(dtype: str) -> dict:
-    """The kernel's argument types for triton.compile (pointers of ``dtype``)."""
-    sig = {n: f"*{dtype}" for n in ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "out_ptr")}
-    sig.update(qlen_ptr="*i32", clen_ptr="*i32", P="i32", LQ_OUT="i32", D="i32", S_DIM="i32",
-               lam_scalar="fp32")
-    for n in ("sq_p", "sq_l", "sq_d", "sc_b", "sc_l", "sc_d", "sf_b", "sf_p", "sf_l", "sf_d",
-              "sl_b", "sl_p", "sl_l", "sw_s", "sw_d", "so_b", "so_p", "so_l", "so_x"):
-        sig[n] = "i64"
-    return sig
-
-
 def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=None, bias=None,
                   block_d=None):
     """Launch the fused attention over every (b, p) pair.
@@ -299,16 +281,14 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     Rows at or past a pair's query length are zero. Accumulation is fp32; fp32 inputs use
     IEEE fp32 products (no tf32), bf16/fp16 inputs the tensor cores.
     """
-    import torch
-
     P, Lq, D = query.shape
     B, Lc, _ = context.shape
     lq_out = Lq
-    mode = 0 if weight is None else 1
-    width = D if mode == 0 else weight.shape[0]
+    mode = (MODE_ATTENDED if weight is None else MODE_ALIGNMENT).value
+    width = D if mode == MODE_ATTENDED.value else weight.shape[0]
     check_rows("query", Lq, "query rows")
     check_rows("context", Lc, "context rows")
-    if mode == 1:
+    if mode == MODE_ALIGNMENT.value:
         check_width("weight", width)
     out = query.new_empty(B, P, lq_out, width)
     if B * P == 0:
@@ -317,11 +297,11 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     has_lam = isinstance(lam, torch.Tensor)
     f = factors if has_f else query
     lt = lam if has_lam else query
-    w = weight if mode == 1 else query
-    bb = bias if mode == 1 else query
+    w = weight if mode == MODE_ALIGNMENT.value else query
+    bb = bias if mode == MODE_ALIGNMENT.value else query
     sf = factors.stride() if has_f else (0, 0, 0, 0)
     sl = lam.stride() if has_lam else (0, 0, 0)
-    sw = weight.stride() if mode == 1 else (0, 0)
+    sw = weight.stride() if mode == MODE_ALIGNMENT.value else (0, 0)
     cfg = attention_config(query.dtype != torch.float32, Lq, Lc, D, width, mode)
     if block_d is not None:
         cfg["BD"] = min(block_d, _pow2(D))
@@ -331,3 +311,20 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
         *query.stride(), *context.stride(), *sf, *sl, *sw, *out.stride(),
         HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=query.dtype == torch.float32, **cfg)
     return out
+
+
+# ----------------------------------------------------------------------------- the custom op
+
+@torch.library.custom_op("rcar_fast::triton_attention", mutates_args=())
+def triton_attention(query: Tensor, qlens: Tensor, context: Tensor, clens: Tensor,
+                     factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
+                     weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """The attention op of the backend contract (rcar_fast.backends.contract; csrc/README.md's
+    ``attention``): query (P, Lq, d), qlens (P,) int32, context (B, Lc, d), clens (B,) int32,
+    factors None or (B, P, Lq, d), lam None (lam_scalar everywhere) or (B, P, Lq); weight (s, d)
+    and bias (s,) given: E (B, P, Lq, s), else l2n(A) (B, P, Lq, d). Rows past a query length
+    are zero. Its fake is registered here, its autograd in attention_bwd.py (with the backward)."""
+    return attention_fwd(query, qlens, context, clens, factors, lam_scalar if lam is None else lam, weight, bias)
+
+
+triton_attention.register_fake(contract.attention_fake)

@@ -4,11 +4,11 @@ softmax, the norm of the attended context through G = C C^T) and streams d in ch
 
 _attention_bwd_kernel, passes A to D:
   pass A  S = (F Q) C^T, G = C C^T, P, |U|                  (as the forward)
-  pass B  MODE 1: Y = (Q - A)^2 W^T + b, BSB columns of s per pass over d (A rebuilt each time),
+  pass B  MODE_ALIGNMENT: Y = (Q - A)^2 W^T + b, BSB columns of s per pass over d (A rebuilt each time),
           parked in an fp32 scratch (B, P, Lq, s) with the row norms |Y| and Y . dE; then
           dY = d l2n(Y) overwrites Y there, BSC columns at a time; db += sum dY
-  pass C  dA (MODE 1: 2 (dY W) (A - Q), dY read back BSC columns at a time), accumulates U . dA
-          per row; MODE 1 also adds dW += dY^T (Q - A)^2 and dQ += -dA
+  pass C  dA (MODE_ALIGNMENT: 2 (dY W) (A - Q), dY read back BSC columns at a time), accumulates U . dA
+          per row; MODE_ALIGNMENT also adds dW += dY^T (Q - A)^2 and dQ += -dA
   pass D  dU = dA / (|U| + eps) - U (U . dA) / (|U| (|U| + eps)^2); dP = dU C^T; dC += P^T dU;
           dP (BQ x BC fp32) goes to a scratch (B, P, BQ, BC)
 _attention_bwd_scores_kernel, after it:
@@ -26,11 +26,18 @@ them; the default acq_rel adds fences). The atomics on dW (s x d per pair) are t
 GPU (not measured yet).
 """
 
+from typing import Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
-from .attention import (EPS, _attention_probs, _dot, _pair, _projection_chunk, _scores_and_gram, _temperatures,
-                        check_rows, check_width)
+from rcar_fast.backends import contract
+
+from .attention import (EPS, MODE_ALIGNMENT, MODE_ATTENDED, _attention_probs, _dot, _pair, _projection_chunk,
+                        _scores_and_gram, _temperatures, check_rows, check_width, triton_attention)
+
+Tensor = torch.Tensor
 
 
 @triton.jit
@@ -38,15 +45,15 @@ def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x,
                         S_DIM, dw_ptr, Pm, inv_un, qmask, rows, cmask,
                         MODE: tl.constexpr, IEEE: tl.constexpr, WITH_DW: tl.constexpr,
                         BQ: tl.constexpr, BD: tl.constexpr, BSC: tl.constexpr):
-    """One d-chunk of U = P C and of dA (MODE 1: 2 (dY W) (A - Q), dY streamed from the scratch
-    BSC columns at a time; MODE 0: the given gradient). WITH_DW (MODE 1) also accumulates
+    """One d-chunk of U = P C and of dA (MODE_ALIGNMENT: 2 (dY W) (A - Q), dY streamed from the
+    scratch BSC columns at a time; MODE_ATTENDED: the given gradient). WITH_DW (MODE_ALIGNMENT) also accumulates
     dW += dY^T (Q - A)^2 for this chunk. Rows past the query length: dA = 0."""
     rd = tl.arange(0, BD)
     dm = (d0 + rd) < D
     qd = qmask[:, None] & dm[None, :]
     Cc = tl.load(c_base + (d0 + rd)[None, :] * sc_d, mask=cmask[:, None] & dm[None, :], other=0.0)
     U = _dot(Pm.to(Cc.dtype), Cc, IEEE)
-    if MODE == 1:
+    if MODE == MODE_ALIGNMENT:
         Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qd, other=0.0).to(tl.float32)
         Dq = Qc - U * inv_un[:, None]
         Dq2 = tl.where(qd, Dq * Dq, 0.0).to(Cc.dtype)
@@ -92,7 +99,7 @@ def _attention_bwd_kernel(
     f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
     g_base = g_ptr + b * sg_b + p * sg_p + rq[:, None] * sg_l
     # fp32 accumulators, contiguous: dq (P, LQ, D), dc (B, Lc_max = BC rows used);
-    # MODE 1 scratch for dY: (B, P, LQ, S_DIM) fp32, this pair's rows only
+    # MODE_ALIGNMENT scratch for dY: (B, P, LQ, S_DIM) fp32, this pair's rows only
     dq_base = dq_ptr + p * LQ * D + rq[:, None] * D
     dc_base = dc_ptr + b * BC * D + rc[:, None] * D
     dy_row = dy_ptr + ((b * P + p) * LQ + rq) * S_DIM
@@ -107,7 +114,7 @@ def _attention_bwd_kernel(
     # is recomputed by _attention_bwd_scores_kernel; holding it through the passes spilled)
     Pm = Pm.to(c_ptr.dtype.element_ty)
 
-    if MODE == 1:
+    if MODE == MODE_ALIGNMENT:
         # pass B: Y = (Q - A)^2 W^T + b, BSB columns at a time (each chunk one pass over d with the
         # attended context recomputed: holding Y s wide spilled), parked in the scratch, with its
         # row norms r and Y . dE
@@ -142,13 +149,13 @@ def _attention_bwd_kernel(
             tl.atomic_add(db_ptr + rsc, tl.sum(dYc, axis=0), mask=rsc < S_DIM, sem="relaxed")
         tl.debug_barrier()
 
-    # pass C: U . dA per row; MODE 1 also dW, and dQ's direct term -dA
+    # pass C: U . dA per row; MODE_ALIGNMENT also dW, and dQ's direct term -dA
     udA = tl.zeros((BQ,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         Cc, U, dA, qd, dm = _grad_context_chunk(
             c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, S_DIM, dw_ptr,
             Pm, inv_un, qmask, rows, cmask, MODE, IEEE, True, BQ, BD, BSC)
-        if MODE == 1:
+        if MODE == MODE_ALIGNMENT:
             tl.atomic_add(dq_base + (d0 + rd)[None, :], -dA, mask=qd, sem="relaxed")
         udA += tl.sum(U * dA, axis=1)
 
@@ -242,7 +249,8 @@ def _attention_bwd_scores_kernel(
 def _four_warps(half: bool, mode: int, BQ: int, BC: int) -> bool:
     """Where the first backward kernel runs 4 warps, not 8: where 8 spilled and 4 did not
     (ptxas sweeps, python -m bench.resources)."""
-    return (mode == 0 and BQ * BC <= 2048) or (not half and mode == 1 and (BQ, BC) == (32, 64))
+    attended = mode == MODE_ATTENDED.value
+    return (attended and BQ * BC <= 2048) or (not half and not attended and (BQ, BC) == (32, 64))
 
 
 def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int) -> dict:
@@ -272,15 +280,14 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
     Two launches: passes A-D (_attention_bwd_kernel), then the scores' gradient and what
     follows from it (_attention_bwd_scores_kernel), through an fp32 scratch for dP
     (B, P, BQ, BC) and, with a weight, one for Y and dY (B, P, Lq, s)."""
-    import torch
-
     P, Lq, D = query.shape
     B, Lc, _ = context.shape
-    mode = 0 if weight is None else 1
-    width = D if mode == 0 else weight.shape[0]
+    projection = weight is not None
+    mode = (MODE_ALIGNMENT if projection else MODE_ATTENDED).value
+    width = weight.shape[0] if projection else D
     check_rows("query", Lq, "query rows")
     check_rows("context", Lc, "context rows")
-    if mode == 1:
+    if projection:
         check_width("weight", width)
     cfg = attention_bwd_config(query.dtype != torch.float32, Lq, Lc, D, width, mode)
     f32 = dict(dtype=torch.float32, device=query.device)
@@ -290,10 +297,10 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
     need_df = has_f and need_dfactors
     df = torch.zeros(B, P, Lq, D, **f32) if need_df else dq
     dlam = torch.zeros(B, P, Lq, **f32) if has_lam else dq
-    dw = torch.zeros(width, D, **f32) if mode == 1 else dq
-    db = torch.zeros(width, **f32) if mode == 1 else dq
+    dw = torch.zeros(width, D, **f32) if projection else dq
+    db = torch.zeros(width, **f32) if projection else dq
     if B * P:
-        dy = torch.empty(B, P, Lq, width, **f32) if mode == 1 else dq   # scratch: Y, then dY
+        dy = torch.empty(B, P, Lq, width, **f32) if projection else dq   # scratch: Y, then dY
         dp = torch.empty(B, P, cfg["BQ"], cfg["BC"], **f32)               # scratch: dP
         f = factors if has_f else query
         lt = lam if has_lam else query
@@ -303,62 +310,35 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
         ieee = query.dtype == torch.float32
         _attention_bwd_kernel[(B * P,)](
             query, qlens, context, clens, f, lt,
-            weight if mode == 1 else query, bias if mode == 1 else query, grad,
+            weight if projection else query, bias if projection else query, grad,
             dq, dc, dw, db, dy, dp,
             P, Lq, D, width, lam_scalar,
             *query.stride(), *context.stride(), *sf, *sl,
-            *(weight.stride() if mode == 1 else (0, 0)), *grad.stride(),
+            *(weight.stride() if projection else (0, 0)), *grad.stride(),
             HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=ieee, **cfg)
         _attention_bwd_scores_kernel[(B * P,)](
             query, qlens, context, clens, f, lt, dp, dq, dc, df, dlam,
             P, Lq, D, lam_scalar, *query.stride(), *context.stride(), *sf, *sl,
             HAS_F=has_f, HAS_LAM=has_lam, NEED_DF=need_df, IEEE=ieee, **scores_config(cfg))
     return (dq, dc[:, :Lc], df if need_df else None, dlam if has_lam else None,
-            dw if mode == 1 else None, db if mode == 1 else None)
+            dw if projection else None, db if projection else None)
 
 
-def launch_configs():
-    """Every (dtype, constexprs, launch options) _attention_bwd_kernel launches for the standard
-    shapes."""
-    from .attention import launch_configs as forward_configs
+# ----------------------------------------------------------------------------- the custom op
 
-    return forward_configs(attention_bwd_config)
-
-
-def scores_launch_configs():
-    """Every (dtype, constexprs, launch options) _attention_bwd_scores_kernel launches for the
-    standard shapes."""
-    from .attention import launch_options
-
-    out = []
-    for dtype, cfg, launch in launch_configs():
-        sc = scores_config(dict(cfg, **launch))
-        item = (dtype, dict(BQ=sc["BQ"], BC=sc["BC"], BD=sc["BD"], HAS_F=cfg["HAS_F"], HAS_LAM=cfg["HAS_LAM"],
-                            NEED_DF=cfg["HAS_F"], IEEE=cfg["IEEE"]), launch_options(sc))
-        if item not in out:
-            out.append(item)
-    return out
+@torch.library.custom_op("rcar_fast::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(grad: Tensor, query: Tensor, qlens: Tensor, context: Tensor, clens: Tensor,
+                         factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
+                         weight: Optional[Tensor], bias: Optional[Tensor],
+                         need_dfactors: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The attention's backward (csrc/README.md's ``attention_bwd`` contract): (dquery, dcontext,
+    dfactors, dlam, dweight, dbias), computed in fp32 and returned in fp32 (fp64 for fp64
+    inputs); an absent one is an empty tensor."""
+    outs = attention_bwd(grad, query, qlens, context, clens, factors, lam_scalar if lam is None else lam,
+                         weight, bias, need_dfactors)
+    acc = contract.accumulation_dtype(query)
+    return tuple(query.new_empty(0, dtype=acc) if o is None else o.to(acc).contiguous() for o in outs)
 
 
-def _int_args(sig: dict, names: str) -> dict:
-    sig.update({n: "i64" for n in names.split()})
-    return sig
-
-
-def signature(dtype: str) -> dict:
-    """_attention_bwd_kernel's argument types for triton.compile (pointers of ``dtype``, fp32
-    gradients and scratch)."""
-    sig = {n: f"*{dtype}" for n in ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "g_ptr")}
-    sig.update({n: "*fp32" for n in ("dq_ptr", "dc_ptr", "dw_ptr", "db_ptr", "dy_ptr", "dp_ptr")})
-    sig.update(qlen_ptr="*i32", clen_ptr="*i32", P="i32", LQ="i32", D="i32", S_DIM="i32",
-               lam_scalar="fp32")
-    return _int_args(sig, "sq_p sq_l sq_d sc_b sc_l sc_d sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
-                          "sg_b sg_p sg_l sg_x")
-
-
-def scores_signature(dtype: str) -> dict:
-    """_attention_bwd_scores_kernel's argument types for triton.compile."""
-    sig = {n: f"*{dtype}" for n in ("q_ptr", "c_ptr", "f_ptr", "lam_ptr")}
-    sig.update({n: "*fp32" for n in ("dp_ptr", "dq_ptr", "dc_ptr", "df_ptr", "dlam_ptr")})
-    sig.update(qlen_ptr="*i32", clen_ptr="*i32", P="i32", LQ="i32", D="i32", lam_scalar="fp32")
-    return _int_args(sig, "sq_p sq_l sq_d sc_b sc_l sc_d sf_b sf_p sf_l sf_d sl_b sl_p sl_l")
+triton_attention_bwd.register_fake(contract.attention_bwd_fake)
+contract.register_attention_autograd(triton_attention, triton_attention_bwd)

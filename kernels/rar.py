@@ -12,13 +12,17 @@ Dropout (training): optional keep-masks already scaled by 1/(1-p), mk (B, P, Lq,
 mg (B, P, s) on g, for a single step (T = 1); the caller draws them so backward can reuse them.
 """
 
+from typing import Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
 
-from .attention import MAX_REGISTERS, check_rows, check_width, launch_options
+from rcar_fast.backends import contract
 
-EPS = tl.constexpr(1e-8)   # a plain global is rejected by the GPU compiler
+from .attention import EPS, MAX_REGISTERS, check_rows, check_width
 
+Tensor = torch.Tensor
 
 @triton.jit
 def _tanh(x):
@@ -153,32 +157,11 @@ def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True) -> dict:
                 num_warps=8, num_stages=3 if half else 1, maxnreg=MAX_REGISTERS)
 
 
-def launch_configs():
-    """Every (dtype, constexprs, launch options) the launcher picks for Lq in {16, 32, 36, 64}, s = 256."""
-    out = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for Lq in (16, 32, 36, 64):
-            for has_h, has_drop in ((False, False), (True, False), (False, True), (True, True)):
-                cfg = rar_config(Lq, 256, half=dtype != "fp32")
-                launch = launch_options(cfg)
-                cfg.update(HAS_H=has_h, HAS_DROP=has_drop, IEEE=dtype == "fp32")
-                if (dtype, cfg, launch) not in out:
-                    out.append((dtype, cfg, launch))
-    return out
+#: the forward's column chunk of K (BN)
+FWD_BLOCK_N = 32
 
 
-def signature(dtype: str) -> dict:
-    """The kernel's argument types for triton.compile (pointers of ``dtype``)."""
-    sig = {n: f"*{dtype}" for n in ("e_ptr", "h_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr",
-                                    "wv_ptr", "bv_ptr", "mk_ptr", "mg_ptr", "out_ptr")}
-    sig.update(qlen_ptr="*i32", P="i32", S_DIM="i32", T="i32")
-    for n in ("se_b", "se_p", "se_l", "se_s", "sh_b", "sh_p", "sh_s", "smk_b", "smk_p", "smk_l",
-              "smk_s", "smg_b", "smg_p", "smg_s", "so_b", "so_p", "so_s"):
-        sig[n] = "i64"
-    return sig
-
-
-def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, block_n: int = 32):
+def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, block_n: int = FWD_BLOCK_N):
     """Run T RAR steps (T = wq.shape[0]) on every pair of E (B, P, Lq, s).
 
     qlens (P,) int32 valid query rows; h0 None (start from the mean) or (B, P, s);
@@ -186,7 +169,6 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     keep_k (B, P, Lq, s) and keep_g (B, P, s): dropout keep-masks scaled by 1/(1-p), T = 1 only.
     Returns h (B, P, s).
     """
-    import torch
 
     B, P, Lq, S = E.shape
     check_rows("E", Lq, "rows")
@@ -291,7 +273,6 @@ def rar_bwd(grad, E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None,
     grad (B, P, s) the gradient of the step's output, h (B, P, s) the step's input. Returns fp32
     (dE (B, P, Lq, s), dh (B, P, s), dKp (B, P, Lq, s), dgp (B, P, s), dwv (B, P, s)), see
     _rar_bwd_kernel; zero at rows past a pair's query length."""
-    import torch
 
     B, P, Lq, S = E.shape
     check_rows("E", Lq, "rows")
@@ -313,33 +294,34 @@ def rar_bwd(grad, E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None,
         P, Lq, S, *grad.stride(), *E.stride(), *h.stride(), *smk, *smg,
         HAS_DROP=has_drop, IEEE=E.dtype == torch.float32, **cfg)
     # the products with the shared weights, as fp32 GEMMs over all pairs (as the weight gradients
-    # in rcar_fast._fused: they follow torch's TF32 switch)
+    # in rcar_fast.backends.contract.rar_backward: they follow torch's TF32 switch)
     dE.view(-1, S).addmm_(dKp.view(-1, S), wk[0].float())
     torch.mm(dgp.view(-1, S), wq[0].float(), out=dh.view(-1, S))
     return dE, dh, dKp, dgp, dwv
 
 
-def bwd_launch_configs():
-    """Every (dtype, constexprs, launch options) rar_bwd launches for Lq in {16, 32, 36, 64}, s = 256."""
-    out = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for Lq in (16, 32, 36, 64):
-            for has_drop in (False, True):
-                cfg = rar_config(Lq, 256, BWD_BLOCK_N, dtype != "fp32")
-                launch = launch_options(cfg)
-                cfg.update(HAS_DROP=has_drop, IEEE=dtype == "fp32")
-                if (dtype, cfg, launch) not in out:
-                    out.append((dtype, cfg, launch))
-    return out
+# ----------------------------------------------------------------------------- the custom ops
+
+@torch.library.custom_op("rcar_fast::triton_rar", mutates_args=())
+def triton_rar(E: Tensor, qlens: Tensor, h0: Optional[Tensor], wq: Tensor, bq: Tensor, wk: Tensor,
+               bk: Tensor, wv: Tensor, bv: Tensor, keep_k: Optional[Tensor],
+               keep_g: Optional[Tensor]) -> Tensor:
+    """The rar op of the backend contract: T = wq.shape[0] RAR steps on every pair of E
+    (B, P, Lq, s); h0 None (the mean of E) or (B, P, s); keep_k (B, P, Lq, s), keep_g (B, P, s):
+    dropout keep-masks scaled by 1/(1-p), for T = 1. Returns h (B, P, s)."""
+    return rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g)
 
 
-def bwd_signature(dtype: str) -> dict:
-    """_rar_bwd_kernel's argument types for triton.compile (inputs of ``dtype``, fp32 outputs)."""
-    sig = {n: f"*{dtype}" for n in ("g_ptr", "e_ptr", "h_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr",
-                                    "wv_ptr", "bv_ptr", "mk_ptr", "mg_ptr")}
-    sig.update({n: "*fp32" for n in ("de_ptr", "dkp_ptr", "dgp_ptr", "dwv_ptr")})
-    sig.update(qlen_ptr="*i32", P="i32", LQ="i32", S_DIM="i32")
-    for n in ("sg_b", "sg_p", "sg_s", "se_b", "se_p", "se_l", "se_s", "sh_b", "sh_p", "sh_s",
-              "smk_b", "smk_p", "smk_l", "smk_s", "smg_b", "smg_p", "smg_s"):
-        sig[n] = "i64"
-    return sig
+@torch.library.custom_op("rcar_fast::triton_rar_bwd", mutates_args=())
+def triton_rar_bwd(grad: Tensor, E: Tensor, qlens: Tensor, h: Tensor, wq: Tensor, bq: Tensor,
+                   wk: Tensor, bk: Tensor, wv: Tensor, bv: Tensor, keep_k: Optional[Tensor],
+                   keep_g: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One RAR step's backward (csrc/README.md's ``rar_bwd``): (dE, dh, dKp, dgp, dwv), computed in
+    fp32, returned in fp32 (fp64 for fp64 inputs)."""
+    outs = rar_bwd(grad, E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g)
+    return tuple(o.to(contract.accumulation_dtype(E)) for o in outs)
+
+
+triton_rar.register_fake(contract.rar_fake)
+triton_rar_bwd.register_fake(contract.rar_bwd_fake)
+contract.register_rar_autograd(triton_rar, triton_rar_bwd)

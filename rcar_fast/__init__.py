@@ -1,28 +1,44 @@
-"""rcar_fast: fast RCAR image-text matching (SPEC.md), plug-and-play pieces and a full head.
+"""rcar_fast: fast RCAR image-text matching (SPEC.md): the kernel library.
 
     import rcar_fast
     sim = rcar_fast.RCARSimilarity(regulator="coop_rcar", steps=2, attn_type="t2i")
     scores = sim(img, cap, cap_lens)          # (N_i, N_c)
 
-Pieces over the pair grid: :mod:`rcar_fast.ops`. Backends: :func:`available_backends`,
-:func:`backend_status`. Ground truth: :mod:`rcar_fast.reference`.
-The release's full model and checkpoints: :mod:`rcar_fast.encoders`. Data (precomp layout,
-synthetic structured data): :mod:`rcar_fast.data`. All-pairs scoring, recall metrics and
-two-stage search: :mod:`rcar_fast.retrieval`.
+The regulators as plug-and-play modules: :class:`AdaptiveAttention`, :class:`AlignmentVector`,
+:class:`RCRModule`, :class:`RARModule`; the same pieces as functions over the pair grid:
+:mod:`rcar_fast.ops`. Backends: :func:`available_backends`, :func:`backend_status`,
+:func:`selftest`. Ground truth: :mod:`rcar_fast.reference`. ARCHITECTURE.md maps the code.
+
+The application (the release's full model and checkpoints, data, retrieval and evaluation, the
+command line) is the subpackage :mod:`rcar_fast.app`, imported on first use: ``rcar_fast.data``,
+``rcar_fast.encoders``, ``rcar_fast.retrieval`` and the names below from them load it then.
 """
 
-from . import ops
-from .backends import available_backends, backend_status
-from .modules import RCARSimilarity, sim_state_from_checkpoint
+import importlib
+
+from . import dropout, ops
 from ._selftest import selftest
-from . import data, encoders, retrieval
-from .data import load_precomp, structured_dataset
-from .encoders import MatchingModel, Vocabulary, load_checkpoint
-from .retrieval import Recall, recall_metrics, score_all, two_stage
+from .backends import available_backends, backend_status
+from .modules import (AdaptiveAttention, AlignmentVector, RARModule, RCARSimilarity, RCRModule,
+                      sim_state_from_checkpoint)
 
 __version__ = "0.1.0"
 
-__all__ = ["MatchingModel", "RCARSimilarity", "Recall", "Vocabulary", "available_backends",
-           "backend_status", "data", "encoders", "load_checkpoint", "load_precomp", "ops",
-           "recall_metrics", "retrieval", "score_all", "selftest", "sim_state_from_checkpoint",
-           "structured_dataset", "two_stage", "__version__"]
+#: application names, loaded from rcar_fast.app on first use (PEP 562)
+_APP = {"data": "data", "encoders": "encoders", "retrieval": "retrieval",
+        "load_precomp": "data", "structured_dataset": "data",
+        "MatchingModel": "encoders", "Vocabulary": "encoders", "load_checkpoint": "encoders",
+        "Recall": "retrieval", "recall_metrics": "retrieval", "score_all": "retrieval", "two_stage": "retrieval"}
+
+
+def __getattr__(name):
+    if name in _APP:
+        module = importlib.import_module(f"{__name__}.app.{_APP[name]}")
+        value = module if name == _APP[name] else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AdaptiveAttention", "AlignmentVector", "RARModule", "RCARSimilarity", "RCRModule", "available_backends",
+           "backend_status", "dropout", "ops", "selftest", "sim_state_from_checkpoint", "__version__", *_APP]

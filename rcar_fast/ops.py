@@ -6,41 +6,36 @@ to L, ``cap_lens`` (N_c,) integers in [1, L]. Per-pair, per-position tensors are
 are padding) and Lq = R in i2t (query = the image's regions). Padding may hold anything, NaN
 included; it never changes a result, and every output here is zero at padded query rows.
 
-Every function takes ``backend=``: "auto" (the fastest available for the inputs' device),
-"reference" (SPEC.md per caption), "torch" (the pair grid in blocks), "triton" (fused kernels;
-CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpp" and "cuda" (the compiled
-extension's C++ CPU and CUDA kernels, when built);
-see :func:`rcar_fast.available_backends` and :func:`rcar_fast.backend_status`.
-Every argument is checked before anything is computed; a bad one raises ValueError or
-TypeError naming it.
+Every function takes ``backend=``: "auto" (the fastest available for the inputs' device and
+dtype that passes its self-test), "reference" (SPEC.md per caption), "torch" (plain PyTorch),
+"triton" (fused kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "cpp" and
+"cuda" (the compiled extension's C++ CPU and CUDA kernels, when built); see
+:func:`rcar_fast.available_backends` and :func:`rcar_fast.backend_status`.
+
+This is the public boundary: every argument is checked here, once, before anything is computed
+(a bad one raises ValueError or TypeError naming it), the caption lengths go to the host once,
+and the backend is resolved; then the call runs the one pipeline (rcar_fast.pipeline) with the
+backend's kernel set, or the reference.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from . import _validate as V
-from .backends import resolve
+from . import pipeline
+from . import validate as V
+from .backends import kernel_set, resolve
+from .constants import DEFAULT_TEMPERATURE
 
 Tensor = torch.Tensor
 Temperatures = Union[float, Tensor, None]
 
-DEFAULT_SMOOTH = {"t2i": 10.0, "i2t": 3.0}
-
 
 def default_smooth(attn_type: str) -> float:
-    """The release's first-step temperature: 10.0 for t2i, 3.0 for i2t."""
-    return DEFAULT_SMOOTH[attn_type]
-
-
-def _impl(name: str):
-    module = {"reference": "rcar_fast.reference", "torch": "rcar_fast.torch_backend",
-              "triton": "rcar_fast.triton_backend", "cpp": "rcar_fast.ext_backend",
-              "cuda": "rcar_fast.ext_backend"}[name]
-    return importlib.import_module(module)
+    """The release's first-step temperature ("smooth"): 10.0 for t2i, 3.0 for i2t."""
+    return DEFAULT_TEMPERATURE[attn_type]
 
 
 def parameter_shapes(regulator: str = "coop_rcar", steps: int = 2, embed_dim: int = 1024,
@@ -87,11 +82,19 @@ def _check_shapes(what: str, params: Mapping[str, Tensor], shapes, ref: Tensor) 
                              f"got {tuple(params[name].shape)}")
 
 
-def _empty(shape, like: Tensor, *inputs) -> Tensor:
+def _width_rows(img: Tensor, cap: Tensor, width: int = 0, lens: Optional[V.Lengths] = None):
+    """What a backend's shape limits are asked about: the most rows per pair (regions, or words:
+    the padded L, or with ``lens`` the longest caption, as the blocks of rcar_scores are cut to
+    it) and the alignment vectors' ``width``."""
+    words = cap.shape[1] if lens is None else max(lens.host, default=0)
+    return dict(rows=max(img.shape[1], words), width=width)
+
+
+def _empty(shape, like: Tensor, *inputs, dtype=None) -> Tensor:
     """Zeros of ``shape`` for an empty pair grid, still connected to every input that requires a
     gradient (through an empty slice of it: exactly 0, no NaN from the padding), so that
     ``loss.backward()`` works and the inputs get zero gradients."""
-    out = like.new_zeros(shape)
+    out = like.new_zeros(shape, dtype=dtype)
     for x in inputs:
         if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():
             out = out + x.reshape(-1)[:0].sum().to(out.dtype)
@@ -125,13 +128,16 @@ def adaptive_attention(img: Tensor, cap: Tensor, cap_lens, factors: Optional[Ten
     Returns (N_i, N_c, Lq, d).
     """
     V.check_attn_type(attn_type)
-    cap_lens = V.check_features(img, cap, cap_lens)
+    lens = V.check_features(img, cap, cap_lens)
     temperatures = _check_state(img, cap, factors, temperatures, attn_type)
-    name = resolve(backend, img.device, img.dtype)
+    name = resolve(backend, img.device, img.dtype, **_width_rows(img, cap))
     shape = (img.shape[0], cap.shape[0], _query_len(img, cap, attn_type), img.shape[2])
     if img.shape[0] == 0 or cap.shape[0] == 0:
         return _empty(shape, img, img, cap, factors, temperatures)
-    return _impl(name).adaptive_attention(img, cap, cap_lens, factors, temperatures, attn_type)
+    if name == "reference":
+        from . import reference
+        return reference.adaptive_attention(img, cap, lens.tensor, factors, temperatures, attn_type)
+    return pipeline.adaptive_attention(kernel_set(name), img, cap, lens, factors, temperatures, attn_type)
 
 
 def alignment(img: Tensor, cap: Tensor, cap_lens, weight: Tensor, bias: Tensor,
@@ -144,16 +150,19 @@ def alignment(img: Tensor, cap: Tensor, cap_lens, weight: Tensor, bias: Tensor,
     Returns (N_i, N_c, Lq, s).
     """
     V.check_attn_type(attn_type)
-    cap_lens = V.check_features(img, cap, cap_lens)
+    lens = V.check_features(img, cap, cap_lens)
     d = img.shape[2]
     s = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() == 2 else -1
     _check_shapes("weights", {"weight": weight, "bias": bias}, {"weight": (s, d), "bias": (s,)}, img)
     temperatures = _check_state(img, cap, factors, temperatures, attn_type)
-    name = resolve(backend, img.device, img.dtype)
+    name = resolve(backend, img.device, img.dtype, **_width_rows(img, cap, s))
     shape = (img.shape[0], cap.shape[0], _query_len(img, cap, attn_type), s)
     if img.shape[0] == 0 or cap.shape[0] == 0:
         return _empty(shape, img, img, cap, weight, bias, factors, temperatures)
-    return _impl(name).alignment(img, cap, cap_lens, weight, bias, factors, temperatures, attn_type)
+    if name == "reference":
+        from . import reference
+        return reference.alignment(img, cap, lens.tensor, weight, bias, factors, temperatures, attn_type)
+    return pipeline.alignment(kernel_set(name), img, cap, lens, weight, bias, factors, temperatures, attn_type)
 
 
 def _check_E(E, cap_lens, attn_type):
@@ -185,11 +194,14 @@ def rcr_update(E: Tensor, factors: Optional[Tensor], temperatures: Temperatures,
     if temperatures is None:
         temperatures = default_smooth(attn_type)
     temperatures = V.check_temperatures("temperatures", temperatures, shape, E)
-    name = resolve(backend, E.device, E.dtype)
+    name = resolve(backend, E.device, E.dtype, rows=E.shape[2], width=E.shape[3])
     if E.numel() == 0:
         inputs = (E, factors, temperatures, *weights.values())
         return _empty(shape + (d,), E, *inputs), _empty(shape, E, *inputs)
-    return _impl(name).rcr_update(E, factors, temperatures, lens, weights, attn_type)
+    if name == "reference":
+        from . import reference
+        return reference.rcr_update(E, factors, temperatures, lens.tensor, weights, attn_type)
+    return pipeline.rcr_update(kernel_set(name), E, factors, temperatures, lens, weights, attn_type)
 
 
 def rar_update(E: Tensor, h: Optional[Tensor], cap_lens, weights: Mapping[str, Tensor],
@@ -210,28 +222,33 @@ def rar_update(E: Tensor, h: Optional[Tensor], cap_lens, weights: Mapping[str, T
         if tuple(h.shape) != (E.shape[0], E.shape[1], E.shape[3]):
             raise ValueError(f"h: expected shape {(E.shape[0], E.shape[1], E.shape[3])}, got {tuple(h.shape)}")
         V.check_pair_tensor("h", h, h.shape, E)
-    name = resolve(backend, E.device, E.dtype)
+    name = resolve(backend, E.device, E.dtype, rows=E.shape[2], width=E.shape[3])
     if E.numel() == 0:
         return _empty((E.shape[0], E.shape[1], E.shape[3]), E, E, h, *weights.values())
-    return _impl(name).rar_update(E, h, lens, weights, attn_type, bool(training))
+    if name == "reference":
+        from . import reference
+        return reference.rar_update(E, h, lens.tensor, weights, attn_type, bool(training))
+    return pipeline.rar_update(kernel_set(name), E, h, lens, weights, attn_type, bool(training))
 
 
 def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor],
                 regulator: str = "coop_rcar", steps: int = 2, attn_type: str = "t2i",
                 smooth: Optional[float] = None, training: bool = False, backend: str = "auto",
                 memory_budget: Optional[int] = None) -> Tensor:
-    """RCAR similarity of every image with every caption: (N_i, N_c).
+    """RCAR similarity of every image with every caption: (N_i, N_c), in the features' dtype,
+    except float32 for float16/bfloat16 features (the last Linear and the sigmoid run in float32:
+    bf16 scores would tie, see the README's evaluation section); the reference keeps the dtype.
 
     params: every parameter of the head by its checkpoint name (see :func:`parameter_shapes`;
     ``RCARSimilarity.state_dict()`` or a release checkpoint's ``sim_enc.`` entries).
     regulator/steps: only_rar (T >= 1), only_rcr (T >= 0), coop_rcar (T >= 1), as SPEC.md.
     smooth: the first-step temperature (None: 10.0 for t2i, 3.0 for i2t).
-    training: RAR dropout on. memory_budget: bytes one block of the pair grid may use on the
-    "torch", "triton", "cpp" and "cuda" backends (default 96 MiB on CPU, 2 GiB on GPU; triton
-    on CPU 24 MiB); the reference ignores it.
+    training: RAR dropout on. memory_budget: bytes one block of the pair grid may use (default:
+    the backend's, rcar_fast.backends.kernel_set(name).budgets: 96 MiB on CPU, 2 GiB on GPU,
+    triton on CPU 24 MiB); the reference ignores it.
     """
     V.check_config(regulator, steps, attn_type)
-    cap_lens = V.check_features(img, cap, cap_lens)
+    lens = V.check_features(img, cap, cap_lens)
     if not isinstance(params, Mapping) or "sim_eval_w.weight" not in params:
         raise ValueError("params: expected a mapping with every parameter of the head "
                          "(sim_eval_w.weight missing)")
@@ -244,11 +261,13 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
         raise ValueError(f"memory_budget: expected a positive int of bytes, got {memory_budget!r}")
-    name = resolve(backend, img.device, img.dtype)
+    name = resolve(backend, img.device, img.dtype, **_width_rows(img, cap, s, lens))
     if img.shape[0] == 0 or cap.shape[0] == 0:
-        return _empty((img.shape[0], cap.shape[0]), img, img, cap, *params.values())
-    if name != "reference":
-        return _impl(name).rcar_scores(img, cap, cap_lens, params, regulator, steps, attn_type,
-                                       smooth, bool(training), memory_budget)
-    return _impl(name).rcar_scores(img, cap, cap_lens, params, regulator, steps, attn_type,
-                                   smooth, bool(training))
+        return _empty((img.shape[0], cap.shape[0]), img, img, cap, *params.values(),
+                      dtype=pipeline.score_dtype(img.dtype))
+    if name == "reference":
+        from . import reference
+        return reference.rcar_scores(img, cap, lens.tensor, params, regulator, steps, attn_type, smooth,
+                                     bool(training))
+    return pipeline.rcar_scores(kernel_set(name), img, cap, lens, params, regulator, steps, attn_type,
+                                smooth, bool(training), memory_budget)

@@ -20,9 +20,8 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .constants import DEFAULT_TEMPERATURE, EPS
 from .dropout import rar_keep_masks
-
-EPS = 1e-8
 
 Tensor = torch.Tensor
 
@@ -137,7 +136,7 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
                 training: bool = False) -> Tensor:
     """scores (N_i, N_c): the similarity of every image with every caption (SPEC.md)."""
     if smooth is None:
-        smooth = 10.0 if attn_type == "t2i" else 3.0
+        smooth = DEFAULT_TEMPERATURE[attn_type]
     lens = [int(x) for x in torch.as_tensor(cap_lens).tolist()]
     cols = [scores_one_caption(img, cap[j, :lens[j]], params, regulator, steps, attn_type,
                                smooth, training, j) for j in range(cap.shape[0])]

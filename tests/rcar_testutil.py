@@ -141,3 +141,16 @@ def peak_bytes(fn, device="cpu") -> int:
         cur += e.nbytes()
         peak = max(peak, cur)
     return peak
+
+
+def cpu_backends(*names):
+    """pytest params of the backends ``names`` (default torch, cpp, triton) on CPU tensors, each
+    skipped with the reason where it cannot run here (cpp without the extension, triton without
+    its interpreter)."""
+    import pytest
+    st = rcar_fast.backend_status()
+    out = []
+    for name in names or ("torch", "cpp", "triton"):
+        here = name in rcar_fast.available_backends("cpu")
+        out.append(pytest.param(name, marks=pytest.mark.skipif(not here, reason=f"{name}: {st.get(name, '?')}")))
+    return out

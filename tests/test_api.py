@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import rcar_fast
-from rcar_fast import ops, reference, torch_backend
+from rcar_fast import ops, pipeline, reference, torch_math
 from rcar_fast.modules import RARModule, RCRModule
-from rcar_testutil import make_head, make_inputs, params_of
+from rcar_testutil import cpu_backends, make_head, make_inputs, params_of
 
 D, S = 40, 16
 N_I, N_C, R, L = 2, 3, 5, 6
@@ -27,7 +27,7 @@ def no_compute(monkeypatch):
     """Every backend entry point raises AssertionError: an argument error must come first."""
     def boom(*a, **k):
         raise AssertionError("computation started before the arguments were checked")
-    for mod in (torch_backend, reference):
+    for mod in (pipeline, reference):
         for name in ("rcar_scores", "adaptive_attention", "alignment", "rcr_update", "rar_update"):
             monkeypatch.setattr(mod, name, boom)
 
@@ -360,8 +360,8 @@ def test_backend_registry():
             assert len(why) > len("unavailable") and why != name
     ext_cpu = False
     try:
-        from rcar_fast import ext_backend
-        ext_cpu = ext_backend.has_kernels("CPU")
+        from rcar_fast.backends import extension_kernels
+        ext_cpu = extension_kernels.has_kernels("CPU")
     except ImportError:
         pass
     assert ("cpp" in names) == ext_cpu, st["cpp"]
@@ -414,11 +414,7 @@ def test_version_and_exports():
 # ----------------------------------------------------------------------------- empty grids and autograd
 
 def _cpu_backends():
-    st = rcar_fast.backend_status()
-    return ["reference", "torch",
-            pytest.param("cpp", marks=pytest.mark.skipif(st["cpp"] != "available", reason=st["cpp"])),
-            pytest.param("triton", marks=pytest.mark.skipif(
-                "triton" not in rcar_fast.available_backends("cpu"), reason=st["triton"]))]
+    return ["reference"] + cpu_backends()
 
 
 @pytest.mark.parametrize("empty", ["images", "captions"])
@@ -476,10 +472,95 @@ def test_tanh_is_one_op_off_the_cpu():
     for inplace in (False, True):
         meta, cpu = torch.empty(4, 8, device="meta"), torch.randn(4, 8)
         with Ops() as rec:
-            torch_backend._tanh(meta, inplace)
+            torch_math.tanh(meta, inplace)
         assert rec.seen == (["tanh_"] if inplace else ["tanh"]), rec.seen
         with Ops() as rec:
-            torch_backend._tanh(cpu, inplace)
+            torch_math.tanh(cpu, inplace)
         assert "sigmoid" in rec.seen or "sigmoid_" in rec.seen, rec.seen
     x = torch.randn(1000, dtype=torch.float64)
-    torch.testing.assert_close(torch_backend._tanh(x.clone(), True), torch.tanh(x), atol=1e-15, rtol=0)
+    torch.testing.assert_close(torch_math.tanh(x.clone(), True), torch.tanh(x), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends()[1:])
+def test_half_precision_scores_are_float32(backend):
+    """Half-precision features score in float32 (the last Linear and the sigmoid in float32):
+    scores rounded to bf16 would tie (README); the float32 scores are finer than bf16 can hold,
+    and close to the float32 head's."""
+    dtype = torch.float16 if backend == "triton" else torch.bfloat16
+    img, cap, lens = make_inputs(4, 12, 5, 6, 32, torch.float32, 7)
+    head = make_head("coop_rcar", 2, "t2i", 32, 16, torch.float32, 7)
+    with torch.no_grad():
+        want = head(img, cap, lens, backend="torch")
+        got = head.to(dtype)(img.to(dtype), cap.to(dtype), lens, backend=backend)
+    assert got.dtype == torch.float32
+    assert not torch.equal(got, got.to(dtype).float()), "the scores are only as fine as the half dtype"
+    assert (got - want).abs().max() < 3e-2
+    for regulator, steps in (("only_rcr", 1), ("only_rar", 1)):
+        h = make_head(regulator, steps, "t2i", 32, 16, dtype, 7)
+        with torch.no_grad():
+            assert h(img.to(dtype), cap.to(dtype), lens, backend=backend).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- plug-and-play
+
+def _readme_block(marker: str) -> str:
+    import os
+    import re
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"README.md: one python block with {marker!r}"
+    return found[0]
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_readme_plug_and_play_example(backend, attn_type):
+    """The README's SCAN-style scorer with RCR and RAR plugged in (run as written there) equals
+    the same computation through the reference's pieces; gradients reach every module."""
+    ns = {"torch": torch}
+    exec(_readme_block("class ScanWithRegulators"), ns)
+    d, s = 24, 8
+    torch.manual_seed(0)
+    model = ns["ScanWithRegulators"](d, s, attn_type).double().eval()    # eval: no RAR dropout
+    for m in (model.align1, model.rcr, model.align2, model.rar):
+        m.backend = backend
+    img, cap, lens = make_inputs(3, 4, 5, 6, d, torch.float64, 11)
+    if backend == "triton":
+        model, img, cap = model.float(), img.float(), cap.float()
+    got = model(img, cap, lens)
+    p = {k: v.detach().double() for k, v in model.named_parameters()}
+
+    def own(prefix):
+        return {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+    E = reference.alignment(img.double(), cap.double(), lens, p["align1.sim_transform_w.weight"],
+                            p["align1.sim_transform_w.bias"], None, 10.0 if attn_type == "t2i" else 3.0, attn_type)
+    F, lam = reference.rcr_update(E, None, 10.0 if attn_type == "t2i" else 3.0, lens, own("rcr."), attn_type)
+    E = reference.alignment(img.double(), cap.double(), lens, p["align2.sim_transform_w.weight"],
+                            p["align2.sim_transform_w.bias"], F, lam, attn_type)
+    h = reference.rar_update(E, None, lens, own("rar."), attn_type)
+    want = torch.sigmoid(torch.nn.functional.linear(h, p["head.weight"], p["head.bias"])).squeeze(-1)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-10 if img.dtype == torch.float64 else 2e-6)
+    got.sum().backward()
+    for name, param in model.named_parameters():
+        if not name.endswith("rar_v_w.0.bias"):          # a softmax ignores a shift: zero in exact arithmetic
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_regulator_modules_forward_match_the_ops():
+    """Each module's forward is its op with its own weights (and training mode for RAR)."""
+    img, cap, lens = make_inputs(2, 3, 4, 5, 16, torch.float64, 3)
+    head = make_head("coop_rcar", 2, "t2i", 16, 8, torch.float64, 3)
+    alv, rcr, rar = head.alv_modules[0], head.rcr_modules[0], head.rar_modules[0]
+    with torch.no_grad():
+        E = alv(img, cap, lens)
+        torch.testing.assert_close(E, ops.alignment(img, cap, lens, alv.sim_transform_w.weight,
+                                                     alv.sim_transform_w.bias), rtol=0, atol=0)
+        F, lam = rcr(E, None, None, lens)
+        want = ops.rcr_update(E, None, None, lens, dict(rcr.named_parameters()))
+        assert torch.equal(F, want[0]) and torch.equal(lam, want[1])
+        h = rar(E, None, lens)
+        assert torch.equal(h, ops.rar_update(E, None, lens, dict(rar.named_parameters())))
+        A = rcar_fast.AdaptiveAttention("t2i")(img, cap, lens, F, lam)
+        assert torch.equal(A, ops.adaptive_attention(img, cap, lens, F, lam))
+    assert head.state_dict().keys() == rcar_fast.RCARSimilarity(16, 8, "coop_rcar", 2).state_dict().keys()

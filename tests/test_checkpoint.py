@@ -256,7 +256,7 @@ def test_each_norm_option_alone_is_read_and_skips_only_its_l2n(tmp_path, flag):
     """The release's --no_imgnorm / --no_txtnorm: its encoders skip their final l2norm when the
     flag is set. Each flag alone, from a checkpoint's opt, changes only its own encoder."""
     from test_retrieval import IMG_DIM, VOCAB, make_model, release_opt
-    from rcar_fast import encoders as E
+    from rcar_fast.app import encoders as E
     m = make_model(6, attn_type="t2i")
     path = tmp_path / f"{flag}.pth"
     torch.save({"model": m.state_dict(), "opt": release_opt(attn_type="t2i", **{flag: True})}, path)

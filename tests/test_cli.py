@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import rcar_fast.__main__ as cli
+from rcar_fast.app import cli
 from test_retrieval import (IMG_DIM, VOCAB, make_model, release_i2t, release_metrics, release_opt,
                             release_t2i)
 
@@ -202,7 +202,7 @@ def test_eval_bf16_triton_under_the_interpreter_is_refused(tmp_path, capsys, mon
 
 def test_eval_ties_expected_reports_the_expected_recall(tmp_path, capsys, monkeypatch):
     data, ckpt, *_ = write_eval_files(tmp_path, n=6)
-    from rcar_fast import retrieval as RT
+    from rcar_fast.app import retrieval as RT
     # scores with ties (half precision makes them): rounded to quarters
     gen = torch.Generator().manual_seed(0)
     tied = torch.round(4 * torch.rand(6, 30, generator=gen)) / 4
@@ -271,35 +271,32 @@ def test_demo_argument_errors_are_one_line(capsys, monkeypatch):
     one_line_error(*run_main(["demo", "--tolerance", "small"], capsys), "--tolerance")
 
 
-def test_bench_passes_arguments_through(monkeypatch, capsys):
-    sys.path.insert(0, ROOT) if ROOT not in sys.path else None
-    import bench.suite
-    seen = []
-    monkeypatch.setattr(bench.suite, "main", lambda argv: seen.append(argv) or 7)
-    assert cli.main(["bench", "--quick", "--device", "cpu"]) == 7
-    assert seen == [["--quick", "--device", "cpu"]]
+def test_cli_has_no_bench_pass_through(capsys):
+    """The benchmarks are `python -m bench` (the package never imports bench/)."""
+    one_line_error(*run_main(["bench", "--quick"], capsys), "bench")
 
 
 def test_bench_argument_errors_are_one_line(monkeypatch, capsys):
+    """`python -m bench` checks its arguments before anything runs: one line, exit 2."""
     sys.path.insert(0, ROOT) if ROOT not in sys.path else None
-    import bench.suite
+    import bench.suite as suite
     ran = []
-    monkeypatch.setattr(bench.suite, "main", lambda argv: ran.append(argv) or 0)
+    monkeypatch.setattr(suite, "run_settings", lambda *a, **k: ran.append(a) or 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    one_line_error(*run_main(["bench", "--no-such-flag"], capsys), "unrecognized", "--no-such-flag")
-    one_line_error(*run_main(["bench", "--dtype", "fp8"], capsys), "--dtype", "fp8")
-    one_line_error(*run_main(["bench", "--device", "cuda"], capsys), "--device", "no CUDA device")
-    one_line_error(*run_main(["bench", "--device", "gpu"], capsys), "--device", "'gpu'")
-    one_line_error(*run_main(["bench", "--shards", "flickr30k,imagenet"], capsys), "--shards", "imagenet")
-    one_line_error(*run_main(["bench", "--configs", "coop_rcar:two"], capsys), "--configs", "coop_rcar:two")
-    one_line_error(*run_main(["bench", "--configs", "rcar:2"], capsys), "--configs", "rcar")
-    one_line_error(*run_main(["bench", "--directions", "t2i,up"], capsys), "--directions")
-    one_line_error(*run_main(["bench", "--images", "0"], capsys), "--images")
+
+    def bench_main(argv):
+        rc = suite.main(argv)
+        out, err = capsys.readouterr()
+        return rc, out, err
+    one_line_error(*bench_main(["--no-such-flag"]), "unrecognized", "--no-such-flag")
+    one_line_error(*bench_main(["--dtype", "fp8"]), "--dtype", "fp8")
+    one_line_error(*bench_main(["--device", "cuda"]), "--device", "no CUDA device")
+    one_line_error(*bench_main(["--device", "gpu"]), "--device", "'gpu'")
+    one_line_error(*bench_main(["--shards", "flickr30k,imagenet"]), "--shards", "imagenet")
+    one_line_error(*bench_main(["--configs", "coop_rcar:two"]), "--configs", "coop_rcar:two")
+    one_line_error(*bench_main(["--configs", "rcar:2"]), "--configs", "rcar")
+    one_line_error(*bench_main(["--directions", "t2i,up"]), "--directions")
+    one_line_error(*bench_main(["--images", "0"]), "--images")
     assert ran == []                   # nothing started
-    assert run_main(["bench", "--quick", "--shards", "mscoco", "--configs", "only_rar:2"], capsys)[0] == 0
-    assert ran == [["--quick", "--shards", "mscoco", "--configs", "only_rar:2"]]
-
-
-def test_bench_without_the_repository_fails_in_one_line(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "_repo_root", lambda: str(tmp_path))
-    one_line_error(*run_main(["bench", "--quick"], capsys), "bench/")
+    assert bench_main(["--quick", "--shards", "mscoco", "--configs", "only_rar:2"])[0] == 0
+    assert len(ran) == 1

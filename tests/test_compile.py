@@ -84,7 +84,12 @@ def _jit_entry_from_disk(qualname):
             v = node.value
             if isinstance(v, ast.Call):       # tl.constexpr(value)
                 v = v.args[0]
-            return repr(ast.literal_eval(v))
+            try:
+                return repr(ast.literal_eval(v))
+            except ValueError:                # a name imported from elsewhere: its value
+                import importlib
+                value = getattr(importlib.import_module(".".join(parts[:3])), parts[3])
+                return repr(getattr(value, "value", value))
         if isinstance(node, ast.ImportFrom) and node.level == 1 and any(a.name == parts[3] for a in node.names):
             return _jit_entry_from_disk(f"rcar_fast.kernels.{node.module}.{parts[3]}")
     raise AssertionError(f"{qualname}: not found in {path}")

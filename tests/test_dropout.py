@@ -11,17 +11,13 @@ import torch
 
 import rcar_fast
 from rcar_fast import dropout
-from rcar_testutil import index_keep_masks, make_head, make_inputs, params_of, seed_of
+from rcar_testutil import cpu_backends, index_keep_masks, make_head, make_inputs, params_of, seed_of
 
 P = dropout.RAR_DROPOUT
 
 
 def _backends():
-    st = rcar_fast.backend_status()
-    return ["torch",
-            pytest.param("cpp", marks=pytest.mark.skipif(st["cpp"] != "available", reason=st["cpp"])),
-            pytest.param("triton", marks=pytest.mark.skipif(
-                "triton" not in rcar_fast.available_backends("cpu"), reason=st["triton"]))]
+    return cpu_backends()
 
 
 def test_random_masks_rate_and_scale():

@@ -180,7 +180,8 @@ def test_training_mode_dropout(backend, regulator, steps, attn_type):
 
 
 def _op_samples(dtype=torch.float64):
-    from rcar_fast import triton_backend as tb
+    from rcar_fast.backends.triton_kernels import load_kernels
+    tb = load_kernels()
     g = torch.Generator().manual_seed(4)
     B, P, Lq, Lc, d, s = 2, 3, 5, 4, 12, 8
     q = torch.randn(P, Lq, d, generator=g, dtype=dtype)

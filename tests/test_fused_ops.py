@@ -31,9 +31,10 @@ BACKENDS = _fused_backends()
 def _ops(backend):
     """(attention, attention_bwd, rar, rar_bwd) of one backend."""
     if backend == "triton":
-        from rcar_fast import triton_backend as tb
+        from rcar_fast.backends.triton_kernels import load_kernels
+        tb = load_kernels()
         return tb.triton_attention, tb.triton_attention_bwd, tb.triton_rar, tb.triton_rar_bwd
-    from rcar_fast import ext_backend  # noqa: F401  (registers fake and autograd)
+    from rcar_fast.backends import extension_kernels  # noqa: F401  (registers fake and autograd)
     o = torch.ops.rcar_fast
     return o.attention.default, o.attention_bwd.default, o.rar.default, o.rar_bwd.default
 
@@ -312,9 +313,9 @@ def test_opcheck(backend):
 def test_cpp_rcr_matches_torch_rcr_step(with_state, dtype):
     """The C++ inference-only rcr op against the torch backend's RCR step on every valid row;
     padded rows of the inputs hold NaN and the outputs are zero there; opcheck."""
-    from rcar_fast import ext_backend  # noqa: F401
+    from rcar_fast.backends import extension_kernels  # noqa: F401
     from rcar_fast.modules import RCRModule
-    from rcar_fast.torch_backend import rcr_step
+    from rcar_fast.torch_math import rcr_step
     B, P, Lq, s, d = 2, 3, 5, 6, 11
     g = torch.Generator().manual_seed(21)
     ql = torch.tensor([5, 1, 3], dtype=torch.int32)

@@ -8,21 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rcar_fast
 import test_gpu
 from gpu_cases import (CONFIGS, Dims, flickr_shaped_block, fp32_matches_reference, gradients_match_reference,
                        half_error_within_twice_torch, selftest_passes, training_step_with_dropout)
-from rcar_testutil import seed_of
+from rcar_testutil import cpu_backends, seed_of
 
 
-def _cpu_backends():
-    st = rcar_fast.backend_status()
-    return [pytest.param("cpp", marks=pytest.mark.skipif(st["cpp"] != "available", reason=st["cpp"])),
-            pytest.param("triton", marks=pytest.mark.skipif(
-                "triton" not in rcar_fast.available_backends("cpu"), reason=st["triton"]))]
-
-
-BACKENDS = _cpu_backends()
+BACKENDS = cpu_backends("cpp", "triton")
 SMALL = Dims(2, 3, 5, 6, 24, 12)
 
 

@@ -10,15 +10,11 @@ import torch
 
 import rcar_fast
 from gpu_cases import Dims, memory_within_budget
-from rcar_testutil import peak_bytes
+from rcar_testutil import cpu_backends, peak_bytes
 
 
 def _backends():
-    st = rcar_fast.backend_status()
-    return ["torch",
-            pytest.param("cpp", marks=pytest.mark.skipif(st["cpp"] != "available", reason=st["cpp"])),
-            pytest.param("triton", marks=pytest.mark.skipif(
-                "triton" not in rcar_fast.available_backends("cpu"), reason=st["triton"]))]
+    return cpu_backends()
 
 
 def test_peak_meter_sees_temporaries_and_extension_allocations():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rcar_fast
-from rcar_fast import ops, reference, torch_backend
+from rcar_fast import block_plan, ops, pipeline, reference
 from rcar_fast.modules import RARModule, RCRModule
 from rcar_testutil import (ATTN_TYPES, CONFIGS, NAN, grads, make_head, make_inputs, params_of,
                            query_mask, randomize_, seed_of)
@@ -283,8 +283,13 @@ def test_small_memory_budget_same_scores_and_grads(regulator, steps, attn_type, 
     head = make_head(regulator, steps, attn_type, D, S, torch.float64, seed)
     img, cap, lens = make_inputs(4, 5, 6, 9, D, torch.float64, seed)
     calls = []
-    real = torch_backend.make_block
-    monkeypatch.setattr(torch_backend, "make_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = block_plan.iter_blocks
+
+    def counted(*a, **k):
+        for blk in real(*a, **k):
+            calls.append(1)
+            yield blk
+    monkeypatch.setattr(pipeline, "iter_blocks", counted)
     with torch.no_grad():
         full = head(img, cap, lens, backend="torch")
         n_default = len(calls)
@@ -662,7 +667,7 @@ def test_training_dropout_placement_matches_reference(regulator, steps, attn_typ
 def test_padded_blocks_match_reference(regulator, steps, attn_type, backend, monkeypatch):
     """The planner groups captions by exact length, so blocks normally carry no padding: force
     one group of mixed lengths (NaN padding inside every block) and compare with the reference."""
-    import rcar_fast._plan as plan
+    import rcar_fast.block_plan as plan
     if backend not in rcar_fast.available_backends("cpu"):
         pytest.skip(f"{backend} unavailable")
     monkeypatch.setattr(plan, "plan_caption_groups", lambda lens, max_waste=0.0: [list(range(len(lens)))])

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from rcar_fast import data as D
-from rcar_fast import encoders as E
-from rcar_fast import retrieval as RT
+from rcar_fast.app import data as D
+from rcar_fast.app import encoders as E
+from rcar_fast.app import retrieval as RT
 from rcar_testutil import make_head, make_inputs
 
 DIM, SIM = 24, 8

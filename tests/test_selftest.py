@@ -12,7 +12,7 @@ import torch
 
 import rcar_fast
 from rcar_fast import backends, ops
-from rcar_fast.__main__ import main as cli
+from rcar_fast.app.cli import main as cli
 from rcar_testutil import make_head, make_inputs
 
 HAS_CPP = rcar_fast.backend_status()["cpp"] == "available"
@@ -62,19 +62,21 @@ def test_selftest_runs_under_no_grad_and_inference_mode(fresh):
     assert rows and rows[0].ok, rows[0].failure
 
 
-def _broken(monkeypatch, module, delta):
-    """The backend's rcar_scores returns its scores + delta (a plausible silent bug)."""
-    real = module.rcar_scores
+def _broken(monkeypatch, delta):
+    """The cpp backend's rar op returns h + delta (a plausible silent bug in a kernel)."""
+    import dataclasses
+
+    from rcar_fast.backends import extension_kernels
+    real = extension_kernels.CPP.rar
 
     def wrong(*a, **k):
         return real(*a, **k) + delta
-    monkeypatch.setattr(module, "rcar_scores", wrong)
+    monkeypatch.setattr(extension_kernels, "CPP", dataclasses.replace(extension_kernels.CPP, rar=wrong))
 
 
 @needs_cpp
 def test_failing_backend_is_caught_and_auto_falls_back_with_one_warning(monkeypatch, fresh):
-    from rcar_fast import ext_backend
-    _broken(monkeypatch, ext_backend, 1e-2)
+    _broken(monkeypatch, 1e-2)
     rows = rcar_fast.selftest("cpu", backends=["cpp"], dtypes=[torch.float32], quiet=True)
     assert not rows[0].ok and "forward error" in rows[0].failure
     backends.backend_status(refresh=True)
@@ -108,8 +110,7 @@ def test_selftest_runs_once_per_backend_device_dtype(monkeypatch, fresh):
 
 @needs_cpp
 def test_selftest_can_be_turned_off(monkeypatch, fresh):
-    from rcar_fast import ext_backend
-    _broken(monkeypatch, ext_backend, 1e-2)
+    _broken(monkeypatch, 1e-2)
     monkeypatch.setenv("RCAR_FAST_SELFTEST", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -158,7 +159,26 @@ def test_cli_selftest(capsys, fresh):
 
 @needs_cpp
 def test_cli_selftest_exit_1_on_a_failure(monkeypatch, capsys, fresh):
-    from rcar_fast import ext_backend
-    _broken(monkeypatch, ext_backend, 1e-2)
+    _broken(monkeypatch, 1e-2)
     assert cli(["selftest", "--device", "cpu", "--backends", "cpp", "--dtypes", "fp32"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_shape_limits_refuse_at_the_boundary_and_steer_auto(monkeypatch, fresh):
+    """triton takes at most 64 rows per pair and s <= 256: asked explicitly for more, a
+    ValueError naming the backend before any work; auto passes over it."""
+    if "triton" not in rcar_fast.available_backends("cpu"):
+        pytest.skip("triton's interpreter not available")
+    img, cap, lens = make_inputs(1, 2, 4, 65, 16, torch.float32, 1, lens=[65, 3])
+    head = make_head("coop_rcar", 1, "t2i", 16, 8, torch.float32, 1)
+    with pytest.raises(ValueError, match=r"backend: 'triton' takes at most 64 .*got 65"):
+        head(img, cap, lens, backend="triton")
+    with torch.no_grad():                       # cut to 64 words it runs
+        head(img, cap[:, :64], torch.tensor([64, 3]), backend="triton")
+    status = dict(backends.backend_status(), cuda="unavailable: test", triton="available")
+    monkeypatch.setattr(backends, "backend_status", lambda refresh=False: dict(status))
+    monkeypatch.setattr(backends, "_passes_selftest", lambda *a: True)
+    cuda = torch.device("cuda")
+    assert backends.resolve("auto", cuda, torch.float32, rows=64, width=256) == "triton"
+    assert backends.resolve("auto", cuda, torch.float32, rows=65, width=256) == "torch"
+    assert backends.resolve("auto", cuda, torch.float32, rows=36, width=512) == "torch"

@@ -9,20 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rcar_fast
 from rcar_fast import ops
-from rcar_testutil import make_head, make_inputs, params_of, seed_of
+from rcar_testutil import cpu_backends, make_head, make_inputs, params_of, seed_of
 
 D, S = 40, 16
 N_I, N_C, R, L = 5, 7, 6, 9
 
 
 def _backends():
-    st = rcar_fast.backend_status()
-    return ["torch",
-            pytest.param("cpp", marks=pytest.mark.skipif(st["cpp"] != "available", reason=st["cpp"])),
-            pytest.param("triton", marks=pytest.mark.skipif(
-                "triton" not in rcar_fast.available_backends("cpu"), reason=st["triton"]))]
+    return cpu_backends()
 
 
 BACKENDS = _backends()

@@ -109,6 +109,8 @@ std::pair<const T*, int64_t> group_x(const AttnInputs<T>& a, int64_t n0, int64_t
 
 template <class T>
 struct FwdState {
+  // the scratch buffers, in the order of the sizes below: the tile's (F Q) rows, U = P C, S^T, lam per row, Y, softmax max and sum, C copied
+  enum Slot : size_t { kQueryRows, kAttended, kScoresT, kTemperatures, kProjection, kRowMax, kRowSum, kContextCopy };
   Scratch<T> buf;
   std::vector<int64_t> ro;
   explicit FwdState(const AttnInputs<T>& a)
@@ -120,14 +122,14 @@ struct FwdState {
 template <class T>
 void forward_tile(const AttnInputs<T>& a, int64_t n0, int64_t n1, FwdState<T>& st, T* out) {
   const int64_t D = a.D, Lq = a.Lq, Lc = a.Lc, P = a.P, S = a.S, RT = a.rows_max;
-  T* X = st.buf[0];
-  T* U = st.buf[1];
-  T* St = st.buf[2];
-  T* lamr = st.buf[3];
-  T* Yb = st.buf[4];
-  T* mrow = st.buf[5];
-  T* srow = st.buf[6];
-  T* Cp = st.buf[7];
+  T* X = st.buf[FwdState<T>::kQueryRows];
+  T* U = st.buf[FwdState<T>::kAttended];
+  T* St = st.buf[FwdState<T>::kScoresT];
+  T* lamr = st.buf[FwdState<T>::kTemperatures];
+  T* Yb = st.buf[FwdState<T>::kProjection];
+  T* mrow = st.buf[FwdState<T>::kRowMax];
+  T* srow = st.buf[FwdState<T>::kRowSum];
+  T* Cp = st.buf[FwdState<T>::kContextCopy];
   const int64_t DP = padded_ld<T>(D);  // U, X and the context copy Cp: rows off 4 KB multiples
   auto& ro = st.ro;
   const int64_t rows = compact_rows(a, n0, n1, ro);
@@ -200,6 +202,8 @@ void forward_tile(const AttnInputs<T>& a, int64_t n0, int64_t n1, FwdState<T>& s
 
 template <class T>
 struct BwdState {
+  // the scratch buffers, in the order of the sizes below: X U D2 G, S^T P dP, Y dY, |U| 1/|U|, N 1/N per pair
+  enum Slot : size_t { kQueryRows, kAttended, kSquaredDiff, kGrad, kScoresT, kProbs, kGradProbs, kProjection, kGradProjection, kNormU, kInvNormU, kNormS, kInvNormS };
   Scratch<T> buf;
   std::vector<int64_t> ro;
   explicit BwdState(const AttnInputs<T>& a)
@@ -225,19 +229,19 @@ void backward_tile(const AttnInputs<T>& a, const BwdOutputs<T>& o, int64_t n0, i
                    T* dw, T* db) {
   const int64_t D = a.D, Lq = a.Lq, Lc = a.Lc, P = a.P, S = a.S, RT = a.rows_max;
   const int64_t W = S ? S : D;
-  T* X = st.buf[0];
-  T* U = st.buf[1];
-  T* D2 = st.buf[2];
-  T* G = st.buf[3];
-  T* St = st.buf[4];
-  T* Pm = st.buf[5];
-  T* dP = st.buf[6];
-  T* Y = st.buf[7];
-  T* dY = st.buf[8];
-  T* un = st.buf[9];
-  T* inv = st.buf[10];
-  T* Nall = st.buf[11];     // per pair, Lc each
-  T* invNall = st.buf[12];  // per pair, Lc each
+  T* X = st.buf[BwdState<T>::kQueryRows];
+  T* U = st.buf[BwdState<T>::kAttended];
+  T* D2 = st.buf[BwdState<T>::kSquaredDiff];
+  T* G = st.buf[BwdState<T>::kGrad];
+  T* St = st.buf[BwdState<T>::kScoresT];
+  T* Pm = st.buf[BwdState<T>::kProbs];
+  T* dP = st.buf[BwdState<T>::kGradProbs];
+  T* Y = st.buf[BwdState<T>::kProjection];
+  T* dY = st.buf[BwdState<T>::kGradProjection];
+  T* un = st.buf[BwdState<T>::kNormU];
+  T* inv = st.buf[BwdState<T>::kInvNormU];
+  T* Nall = st.buf[BwdState<T>::kNormS];     // per pair, Lc each
+  T* invNall = st.buf[BwdState<T>::kInvNormS];  // per pair, Lc each
   auto& ro = st.ro;
   const int64_t rows = compact_rows(a, n0, n1, ro);
   const int64_t np = n1 - n0;

@@ -39,6 +39,8 @@ constexpr T eps() {
 
 template <class T>
 struct RarState {
+  // the scratch buffers, in the order of the sizes below: Ec K dK dE, h G dG, logit/a, da, u, vsum
+  enum Slot : size_t { kE, kKeys, kGradKeys, kGradE, kH, kQuery, kGradQuery, kLogits, kGradA, kU, kVSum };
   Scratch<T> buf;
   std::vector<int64_t> ro;
   explicit RarState(const RarInputs<T>& a)
@@ -96,11 +98,11 @@ template <class T>
 void rar_forward_tile(const RarInputs<T>& a, int64_t n0, int64_t n1, RarState<T>& st, const T* H0,
                       const T* GW0, T* out) {
   const int64_t S = a.S, Lq = a.Lq, np = n1 - n0;
-  T* Ec = st.buf[0];
-  T* K = st.buf[1];
-  T* h = st.buf[4];
-  T* G = st.buf[5];
-  T* logit = st.buf[7];
+  T* Ec = st.buf[RarState<T>::kE];
+  T* K = st.buf[RarState<T>::kKeys];
+  T* h = st.buf[RarState<T>::kH];
+  T* G = st.buf[RarState<T>::kQuery];
+  T* logit = st.buf[RarState<T>::kLogits];
   auto& ro = st.ro;
   const int64_t rows = compact_rows(a, n0, n1, ro);
   const T* Ep = rar_e(a, n0, n1, ro, Ec);
@@ -259,15 +261,15 @@ struct RarGrads {
 template <class T>
 void rar_backward_tile(const RarInputs<T>& a, const RarGrads<T>& o, int64_t n0, int64_t n1, RarState<T>& st) {
   const int64_t S = a.S, Lq = a.Lq, np = n1 - n0;
-  T* Ec = st.buf[0];
-  T* K = st.buf[1];   // tanh(E Wk^T + bk), then dKp
-  T* dEc = st.buf[3];
-  T* G = st.buf[5];   // tanh(Wq h + bq)
-  T* dG = st.buf[6];  // dgp
-  T* logit = st.buf[7];
-  T* da = st.buf[8];
-  T* u = st.buf[9];
-  T* vsum = st.buf[10];
+  T* Ec = st.buf[RarState<T>::kE];
+  T* K = st.buf[RarState<T>::kKeys];   // tanh(E Wk^T + bk), then dKp
+  T* dEc = st.buf[RarState<T>::kGradE];
+  T* G = st.buf[RarState<T>::kQuery];   // tanh(Wq h + bq)
+  T* dG = st.buf[RarState<T>::kGradQuery];  // dgp
+  T* logit = st.buf[RarState<T>::kLogits];
+  T* da = st.buf[RarState<T>::kGradA];
+  T* u = st.buf[RarState<T>::kU];
+  T* vsum = st.buf[RarState<T>::kVSum];
   auto& ro = st.ro;
   const int64_t rows = compact_rows(a, n0, n1, ro);
   const T* Ep = rar_e(a, n0, n1, ro, Ec);

@@ -34,6 +34,8 @@ struct RcrInputs {
 
 template <class T>
 struct RcrState {
+  // the scratch buffers, in the order of the sizes below: Ec, H (both hidden layers), M
+  enum Slot : size_t { kE, kHidden, kMlpOut };
   Scratch<T> buf;
   std::vector<int64_t> ro;
   explicit RcrState(const RcrInputs<T>& a)
@@ -43,9 +45,9 @@ struct RcrState {
 template <class T>
 void rcr_tile(const RcrInputs<T>& a, int64_t n0, int64_t n1, RcrState<T>& st, T* fout, T* lout) {
   const int64_t S = a.S, D = a.D, Lq = a.Lq, P = a.P, HH = a.H1 + a.H2, np = n1 - n0;
-  T* Ec = st.buf[0];
-  T* H = st.buf[1];
-  T* Mb = st.buf[2];
+  T* Ec = st.buf[RcrState<T>::kE];
+  T* H = st.buf[RcrState<T>::kHidden];
+  T* Mb = st.buf[RcrState<T>::kMlpOut];
   auto& ro = st.ro;
   ro.resize(np + 1);
   int64_t rows = 0;

@@ -5,11 +5,11 @@
 // (Q - A)^2 W^T runs on tensor cores (wmma, fp32 accumulators) for fp16/bf16, in exact fp32
 // for fp32, and the d-wide attended context never leaves the chip.
 //
-// Backward: without a weight, one per-pair kernel (attention_bwd_kernel, mode 0) recomputes the
+// Backward: without a weight, one per-pair kernel (attention_bwd_kernel, kModeAttended) recomputes the
 // pair and produces every gradient. With a weight, pairs are processed in chunks that bound the
-// scratch memory: the forward kernel in mode 2 writes D2 = (Q - A)^2 (fp32) for the chunk, the
+// scratch memory: the forward kernel in kModeSquaredDiff writes D2 = (Q - A)^2 (fp32) for the chunk, the
 // shared-weight products run in cuBLAS in fp32 (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W) with
-// dY from l2n_bwd_rows_kernel, and attention_bwd_kernel (mode 1) takes G2 = d(D2) from there.
+// dY from l2n_bwd_rows_kernel, and attention_bwd_kernel (kModeAlignment) takes G2 = d(D2) from there.
 // dquery and dcontext are accumulated with fp32 atomics (summed over pairs).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -151,13 +151,13 @@ Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& co
     const AttnArgs<T> a = make_args<T>(in, lam_scalar, gram);
     void* o = out.data_ptr();
     if (!in.has_w) {
-      launch_fwd<T, 1, 0>(a, 0, pairs, o, stream);
+      launch_fwd<T, 1, kModeAttended>(a, 0, pairs, o, stream);
       return;
     }
     switch (projection_mt((int)sizeof(T), in)) {
-      case 1: launch_fwd<T, 1, 1>(a, 0, pairs, o, stream); break;
-      case 2: launch_fwd<T, 2, 1>(a, 0, pairs, o, stream); break;
-      default: launch_fwd<T, 4, 1>(a, 0, pairs, o, stream); break;
+      case 1: launch_fwd<T, 1, kModeAlignment>(a, 0, pairs, o, stream); break;
+      case 2: launch_fwd<T, 2, kModeAlignment>(a, 0, pairs, o, stream); break;
+      default: launch_fwd<T, 4, kModeAlignment>(a, 0, pairs, o, stream); break;
     }
   });
   return out;
@@ -198,12 +198,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     Tensor gram = launch_gram<T>(in, stream);
     const AttnArgs<T> a = make_args<T>(in, lam_scalar, gram);
     if (!in.has_w) {
-      prepare_smem(attention_bwd_kernel<T, 0>, bwd_smem, "attention_bwd");
-      attention_bwd_kernel<T, 0><<<static_cast<unsigned>(pairs), kThreads, bwd_smem, stream>>>(a, 0, g.data_ptr(), o);
+      prepare_smem(attention_bwd_kernel<T, kModeAttended>, bwd_smem, "attention_bwd");
+      attention_bwd_kernel<T, kModeAttended><<<static_cast<unsigned>(pairs), kThreads, bwd_smem, stream>>>(a, 0, g.data_ptr(), o);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    prepare_smem(attention_bwd_kernel<T, 1>, bwd_smem, "attention_bwd");
+    prepare_smem(attention_bwd_kernel<T, kModeAlignment>, bwd_smem, "attention_bwd");
     // chunks of pairs: D2 and G2 (Lq x d) and Y, dY (Lq x s) per pair, fp32, about 256 MiB in all
     const int64_t per_pair = in.Lq * (2 * in.D + 2 * in.S) * 4;
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(pairs, (int64_t(256) << 20) / std::max<int64_t>(1, per_pair)));
@@ -218,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
       Tensor d2 = D2.narrow(0, 0, rows);
       Tensor g2 = G2.narrow(0, 0, rows);
       Tensor dy = dY.narrow(0, 0, rows);
-      launch_fwd<T, 1, 2>(a, pid0, n, d2.data_ptr(), stream);
+      launch_fwd<T, 1, kModeSquaredDiff>(a, pid0, n, d2.data_ptr(), stream);
       const Tensor Y = at::addmm(bf, d2, Wf.t());
       const int64_t blocks = (rows + kWarps - 1) / kWarps;
       l2n_bwd_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
@@ -228,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
       db.add_(dy.sum(0));
       dw.addmm_(dy.t(), d2);
       at::mm_out(g2, dy, Wf);
-      attention_bwd_kernel<T, 1><<<static_cast<unsigned>(n), kThreads, bwd_smem, stream>>>(a, pid0, g2.data_ptr(), o);
+      attention_bwd_kernel<T, kModeAlignment><<<static_cast<unsigned>(n), kThreads, bwd_smem, stream>>>(a, pid0, g2.data_ptr(), o);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

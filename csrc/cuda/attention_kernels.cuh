@@ -191,8 +191,8 @@ __device__ __forceinline__ void load_ctx_chunk(const T* __restrict__ cb, int64_t
 }
 
 // ---------------------------------------------------------------- forward
-// One block per pair pid = pid0 + blockIdx.x. out: mode 0 T (B, P, Lq, d); mode 1 T (B, P, Lq, s);
-// mode 2 float (gridDim.x, Lq, d) indexed by blockIdx.x. Rows at or past qlen are written as zeros.
+// One block per pair pid = pid0 + blockIdx.x. out: kModeAttended T (B, P, Lq, d); kModeAlignment T
+// (B, P, Lq, s); kModeSquaredDiff float (gridDim.x, Lq, d) indexed by blockIdx.x. Rows at or past qlen are written as zeros.
 template <typename T, int MT, int MODE>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnArgs<T> a, int64_t pid0, void* out) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -211,12 +211,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
   const int clen = clamp_len(a.clens[b], a.Lc);
   if (clen == 0) qlen = 0;   // nothing to attend to: every row is written as zeros
   const int64_t D = a.D, Lq = a.Lq;
-  const int64_t width = MODE == 1 ? a.S : D;
-  const int64_t orow0 = (MODE == 2 ? (int64_t)blockIdx.x : pid) * Lq;   // first output row of the pair
+  const int64_t width = MODE == kModeAlignment ? a.S : D;
+  const int64_t orow0 = (MODE == kModeSquaredDiff ? (int64_t)blockIdx.x : pid) * Lq;   // first output row of the pair
 
   // rows at or past the query length: zeros
   for (int64_t idx = (int64_t)qlen * width + tid; idx < Lq * width; idx += kThreads) {
-    if (MODE == 2)
+    if (MODE == kModeSquaredDiff)
       static_cast<float*>(out)[orow0 * width + idx] = 0.f;
     else
       static_cast<T*>(out)[orow0 * width + idx] = from_f<T>(0.f);
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
   attention_probs(S, S, ldS, qlen, clen, nrm, lam_s, a.gram + b * a.Lc * a.Lc, a.Lc, nullptr, inv);
   const float* P = S;
 
-  if (MODE != 1) {
+  if (MODE != kModeAlignment) {
     for (int64_t d0 = 0; d0 < D; d0 += kBD) {
       load_ctx_chunk(cb, a.sc_l, clen, d0, D, cs);
       __syncthreads();
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
           float u = 0.f;
           for (int c = 0; c < clen; ++c) u = fmaf(prow[c], cs[c * kLDF + k], u);
           const float A = u * inv[r];
-          if (MODE == 0) {
+          if (MODE == kModeAttended) {
             static_cast<T*>(out)[(orow0 + r) * D + d] = from_f<T>(A);
           } else {
             const float dq = to_f(qp[r * a.sq_l + d]) - A;
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
   }
 
   // mode 1: E = l2n((Q - A)^2 W^T + b), row group by row group, 256 output columns per pass
-  if constexpr (MODE == 1) {
+  if constexpr (MODE == kModeAlignment) {
     constexpr int RG = 16 * MT;
     const int ldo = ld_op((int)sizeof(T));
     T* as = reinterpret_cast<T*>(smem + L.as);
@@ -378,8 +378,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnAr
   const T* cb = a.c + b * a.sc_b;
   const T* fp = a.f != nullptr ? a.f + b * a.sf_b + p * a.sf_p : nullptr;
   const float* G = a.gram + b * Lc * Lc;
-  const T* grad = MODE == 0 ? static_cast<const T*>(gsrc) + pid * Lq * D : nullptr;
-  const float* g2 = MODE == 1 ? static_cast<const float*>(gsrc) + (int64_t)blockIdx.x * Lq * D : nullptr;
+  const T* grad = MODE == kModeAttended ? static_cast<const T*>(gsrc) + pid * Lq * D : nullptr;
+  const float* g2 = MODE == kModeAlignment ? static_cast<const float*>(gsrc) + (int64_t)blockIdx.x * Lq * D : nullptr;
 
   load_lam(a, b, p, qlen, lam_s);
   scores_pass(qp, a.sq_l, cb, a.sc_l, fp, a.sf_l, qlen, clen, D, S, ldS, qs, cs);
@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnAr
       if (d < D) {
         const float* prow = P + r * ldS;
         for (int c = 0; c < clen; ++c) u = fmaf(prow[c], cs[c * kLDF + k], u);
-        if (MODE == 1) {
+        if (MODE == kModeAlignment) {
           const float dq = to_f(qp[r * a.sq_l + d]) - u * inv[r];
           dA = -2.f * dq * g2[r * D + d];
         } else {
@@ -504,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnAr
         }
         const float qv = qs[r * kLDF + k], fv = fs[r * kLDF + k];
         float dDq = 0.f, dA;
-        if (MODE == 1) {
+        if (MODE == kModeAlignment) {
           dDq = 2.f * (qv - u * inv[r]) * g2[r * D + d];
           dA = -dDq;
         } else {

@@ -36,15 +36,19 @@ RCAR_HD int pick_mt(int64_t rows) { return rows <= 16 ? 1 : (rows <= 32 ? 2 : 4)
 RCAR_HD int smaller_mt(int mt) { return mt == 4 ? 2 : 1; }
 
 // ---------------------------------------------------------------- attention forward
-// mode 0: write A (d wide); 1: fused projection, write E (s wide); 2: write (Q - A)^2 in fp32
-// (the backward's scratch). Regions (bytes from the start of dynamic shared memory):
+// What the attention kernels write (their MODE template argument): kModeAttended A (d wide);
+// kModeAlignment the fused projection, E (s wide); kModeSquaredDiff (Q - A)^2 in fp32 (the
+// backward's scratch). The backward kernel takes kModeAttended (the gradient of A given) or
+// kModeAlignment (the gradient of (Q - A)^2 given, from the projection's backward).
+enum AttnMode : int { kModeAttended = 0, kModeAlignment = 1, kModeSquaredDiff = 2 };
+// The forward kernel's regions (bytes from the start of dynamic shared memory):
 //   S     Lq x Lc fp32 scores, then the probabilities in place
 //   nrm   Lc column norms; inv Lq 1 / (|U| + eps); lam Lq temperatures
 //   cs    Lc x kLDF fp32 context chunk                       (every pass)
 //   xs    Lq x kLDF fp32 (F * Q) chunk                       (pass 1, after cs)
-//   as    16 mt x ld_op (Q - A)^2 chunk, compute type         (mode 1 pass 2, after cs)
-//   ws    kNG x ld_op weight chunk, compute type              (mode 1 pass 2, after as)
-//   y     16 mt x ldy fp32 projection of one row group, ldy = round_up(s, kNG) + 4 (mode 1)
+//   as    16 mt x ld_op (Q - A)^2 chunk, compute type         (kModeAlignment pass 2, after cs)
+//   ws    kNG x ld_op weight chunk, compute type              (kModeAlignment pass 2, after as)
+//   y     16 mt x ldy fp32 projection of one row group, ldy = round_up(s, kNG) + 4 (kModeAlignment)
 struct AttnFwdLayout {
   int64_t S, nrm, inv, lam, cs, xs, as, ws, y, total;
   int ldy;
@@ -63,7 +67,7 @@ RCAR_HD AttnFwdLayout attn_fwd_layout(int elem, int64_t Lq, int64_t Lc, int64_t 
   L.ws = L.xs;
   L.y = end;
   L.ldy = 0;
-  if (mode == 1) {
+  if (mode == kModeAlignment) {
     const int rg = 16 * mt;
     L.as = L.xs;
     L.ws = a128(L.as + (int64_t)rg * ld_op(elem) * elem);

@@ -1,11 +1,13 @@
-"""Planted bugs in the backends, the block planner, RAR dropout, the self-test and "auto",
-empty grids and the CUDA tanh, each with the tests that must catch it. Format: tests/mutants/run.py."""
+"""Planted bugs in the pipeline, the kernel sets, the block planner, RAR dropout, the self-test
+and "auto", empty grids and the CUDA tanh, each with the tests that must catch it. Format:
+tests/mutants/run.py."""
 
-PLAN = "rcar_fast/_plan.py"
-FUSED = "rcar_fast/_fused.py"
-TB = "rcar_fast/torch_backend.py"
+PLAN = "rcar_fast/block_plan.py"
+PIPE = "rcar_fast/pipeline.py"
+TK = "rcar_fast/backends/torch_kernels.py"
+EXT = "rcar_fast/backends/extension_kernels.py"
 DROP = "rcar_fast/dropout.py"
-BK = "rcar_fast/backends.py"
+BK = "rcar_fast/backends/__init__.py"
 OPS = "rcar_fast/ops.py"
 ST = "rcar_fast/_selftest.py"
 
@@ -20,17 +22,23 @@ MUTANTS = [
     dict(name="plan: blocks 64x over the memory budget",
          file=PLAN, old="    return max(1, budget // per_pair)", new="    return max(1, 64 * budget // per_pair)",
          tests=MEM_TORCH),
-    dict(name="fused backends: the caller's memory budget ignored (always the default)",
-         file=FUSED, old="    if memory_budget is None:\n        memory_budget = ops.default_budget_gpu",
-         new="    if True:\n        memory_budget = ops.default_budget_gpu", tests=MEM_CPP),
-    dict(name="torch backend: training without block checkpointing (the whole grid's intermediates kept)",
-         file=TB, old="            s = torch.utils.checkpoint.checkpoint(_block_scores, *block_args, False, None,\n"
-                      "                                                  use_reentrant=False, preserve_rng_state=True)",
-         new="            s = _block_scores(*block_args, False, None)", tests=MEM_TORCH),
-    dict(name="torch backend: training blocks planned with the inference buffer count",
-         file=TB, old="LIVE_WIDE_BUFFERS_TRAIN = 17", new="LIVE_WIDE_BUFFERS_TRAIN = 4", tests=MEM_TORCH),
-    dict(name="fused backends: training blocks planned with the inference buffer count",
-         file=FUSED, old="LIVE_WIDE_BUFFERS_TRAIN = 6", new="LIVE_WIDE_BUFFERS_TRAIN = 2", tests=MEM_CPP),
+    dict(name="pipeline: the caller's memory budget ignored (always the backend's default)",
+         file=PIPE, old="    if memory_budget is None:\n        memory_budget = ks.budget(img.device)",
+         new="    if True:\n        memory_budget = ks.budget(img.device)", tests=MEM_CPP + MEM_TORCH),
+    dict(name="pipeline: training without block checkpointing (every block's intermediates kept)",
+         file=PIPE, old="                s = torch.utils.checkpoint.checkpoint(_cut_block_scores, *block_args, False,\n"
+                        "                                                      use_reentrant=False, preserve_rng_state=True)",
+         new="                s = _cut_block_scores(*block_args, False)", tests=MEM_TORCH + MEM_CPP),
+    dict(name="torch kernels: training blocks planned with the inference buffer count",
+         file=TK, old="live_buffers=4, live_buffers_train=17,", new="live_buffers=4, live_buffers_train=4,",
+         tests=MEM_TORCH),
+    dict(name="cpp kernels: training blocks planned with a third of their buffers",
+         file=EXT, old='budgets={"cpu": 96 * 2**20}, live_buffers=3, live_buffers_train=6,',
+         new='budgets={"cpu": 96 * 2**20}, live_buffers=3, live_buffers_train=2,', tests=MEM_CPP),
+    dict(name="pipeline: the fused RCR step used under autograd too (no gradient through RCR)",
+         file=PIPE, old="    if ks.rcr is None or not inplace or E.device.type not in ks.rcr_devices:",
+         new="    if ks.rcr is None or E.device.type not in ks.rcr_devices:",
+         tests=["tests/test_fused_backends.py::test_gradients_match_reference[cpp-coop_rcar-2-t2i]"]),
     # RAR dropout
     dict(name="dropout: keep-masks without the 1/(1-p) rescale",
          file=DROP, old="    scale = 1.0 / (1.0 - RAR_DROPOUT)\n    return", new="    scale = 1.0\n    return",
@@ -39,27 +47,26 @@ MUTANTS = [
          file=DROP, old="    keep_k = torch.rand(n_i, n_c, lq, width, device=device) >= RAR_DROPOUT",
          new="    keep_k = torch.rand(n_i, n_c, lq, width, device=device) < RAR_DROPOUT",
          tests=["tests/test_dropout.py::test_random_masks_rate_and_scale"]),
-    dict(name="fused backends: dropout applied without its rescale (masks cast to 0/1)",
-         file=FUSED, old="    return keep_k.contiguous(), keep_g.contiguous()",
-         new="    return (keep_k > 0).to(E.dtype).contiguous(), (keep_g > 0).to(E.dtype).contiguous()",
+    dict(name="pipeline: dropout applied without its rescale (masks cast to 0/1)",
+         file=PIPE, old="    return to_block_layout(keep_k, attn_type), to_block_layout(keep_g, attn_type)",
+         new="    return (to_block_layout((keep_k > 0).to(E.dtype), attn_type),\n"
+             "            to_block_layout((keep_g > 0).to(E.dtype), attn_type))",
          tests=[f"{FIXED}[cpp-coop_rcar-2-t2i-one block]"]),
-    dict(name="fused backends: every RAR step of coop_rcar draws step 0's masks",
-         file=FUSED, old="tuple(w[t:t + 1] for w in rar_w), training, t, pairs)",
+    dict(name="pipeline: every RAR step of coop_rcar draws step 0's masks",
+         file=PIPE, old="tuple(w[t:t + 1] for w in rar_w), training, t, pairs)",
          new="tuple(w[t:t + 1] for w in rar_w), training, 0, pairs)",
          tests=[f"{FIXED}[cpp-coop_rcar-2-t2i-one block]"]),
-    dict(name="torch backend: i2t masks not moved to block layout (images and captions swapped)",
-         file=TB, old="        if attn_type == \"i2t\":      # pair grid (images, captions) -> block (captions, images)\n"
-                      "            keep_k, keep_g = keep_k.transpose(0, 1), keep_g.transpose(0, 1)\n        return keep_k, keep_g",
-         new="        return keep_k.reshape(B, P, Lq, S), keep_g.reshape(B, P, S)",
+    dict(name="pipeline: i2t masks not moved to block layout (images and captions swapped)",
+         file=PIPE, old="    return to_block_layout(keep_k, attn_type), to_block_layout(keep_g, attn_type)",
+         new="    return keep_k.reshape(E.shape).contiguous(), keep_g.reshape(E.shape[:2] + E.shape[3:]).contiguous()",
          tests=[f"{FIXED}[torch-coop_rcar-2-i2t-one block]"]),
     dict(name="reference: dropout masks of caption 0 for every caption",
          file="rcar_fast/reference.py", old="torch.arange(n_i), torch.tensor([j]), lq, s, E.dtype, E.device)",
          new="torch.arange(n_i), torch.tensor([0]), lq, s, E.dtype, E.device)",
          tests=[f"{FIXED}[torch-coop_rcar-2-t2i-one block]"]),
-    # self-test and auto
+    # self-test, auto, limits
     dict(name="auto: the self-test result ignored",
-         file=BK, old="and _auto_takes(name, dtype) and _passes_selftest(name, device, dtype):",
-         new="and _auto_takes(name, dtype):",
+         file=BK, old="\n                    and _passes_selftest(name, device, dtype)):", new="):",
          tests=[f"{SELF}::test_failing_backend_is_caught_and_auto_falls_back_with_one_warning"]),
     dict(name="self-test: forward error compared against a 100x looser tolerance",
          file=ST, old="    if not fwd_err <= row.forward_tol:", new="    if not fwd_err <= 100 * row.forward_tol:",
@@ -76,11 +83,17 @@ MUTANTS = [
     dict(name="triton: bf16 accepted under the interpreter",
          file=BK, old='    if backend == "triton" and dtype == torch.bfloat16 and _interpreting():', new="    if False:",
          tests=[f"{SELF}::test_triton_refuses_bf16_under_the_interpreter"]),
-    # empty grids, tanh
+    dict(name="triton: pairs past its 64 rows accepted (the launcher's error only after work began)",
+         file="rcar_fast/backends/triton_kernels.py", old="    if rows > MAX_ROWS:", new="    if rows > 10 * MAX_ROWS:",
+         tests=[f"{SELF}::test_shape_limits_refuse_at_the_boundary_and_steer_auto"]),
+    # empty grids, tanh, half-precision scores
     dict(name="empty grid: zeros not connected to the inputs (backward raises)",
          file=OPS, old="        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled():",
          new="        if False:", tests=["tests/test_api.py::test_empty_grid_keeps_autograd"]),
     dict(name="tanh: the CPU's four-pass sigmoid trick on every device",
-         file=TB, old='    if x.device.type != "cpu":\n        return torch.tanh_(x)', new='    if False:\n        return torch.tanh_(x)',
-         tests=["tests/test_api.py::test_tanh_is_one_op_off_the_cpu"]),
+         file="rcar_fast/torch_math.py", old='    if x.device.type != "cpu":\n        return torch.tanh_(x)',
+         new='    if False:\n        return torch.tanh_(x)', tests=["tests/test_api.py::test_tanh_is_one_op_off_the_cpu"]),
+    dict(name="pipeline: half-precision scores rounded to their dtype (bf16 ties)",
+         file=PIPE, old='    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype',
+         new='    return dtype', tests=["tests/test_api.py::test_half_precision_scores_are_float32"]),
 ]

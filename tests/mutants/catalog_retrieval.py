@@ -2,9 +2,9 @@
 the command line and the hypothesis settings, each with the tests that must catch it.
 Format: tests/mutants/run.py."""
 
-RT = "rcar_fast/retrieval.py"
-ENC = "rcar_fast/encoders.py"
-CLI = "rcar_fast/__main__.py"
+RT = "rcar_fast/app/retrieval.py"
+ENC = "rcar_fast/app/encoders.py"
+CLI = "rcar_fast/app/cli.py"
 T_RET = "tests/test_retrieval.py"
 T_CK = "tests/test_checkpoint.py"
 T_CLI = "tests/test_cli.py"
@@ -94,8 +94,8 @@ MUTANTS = [
          file=CLI, old="    def error(self, message):\n        raise UsageError",
          new="    def _unused_error(self, message):\n        raise UsageError",
          tests=[f"{T_CLI}::test_eval_argument_errors_are_one_line"]),
-    dict(name="cli: bench arguments passed on unchecked",
-         file=CLI, old="    message = _bench_argument_error(suite, argv)\n", new="    message = None\n",
+    dict(name="bench: arguments passed on unchecked",
+         file="bench/suite.py", old="    message = argument_error(argv)\n", new="    message = None\n",
          tests=[f"{T_CLI}::test_bench_argument_errors_are_one_line"]),
     dict(name="cli: the backend's refusal of a dtype not caught",
          file=CLI, old="        except (ValueError, TypeError, OSError) as exc:   # files, shapes, splits: one line",

@@ -30,7 +30,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .modules import RCARSimilarity
+from ..modules import RCARSimilarity
 
 Tensor = torch.Tensor
 

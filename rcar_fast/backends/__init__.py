@@ -1,13 +1,15 @@
-"""Which backends exist, which work here, and why the others do not.
+"""The backend registry: which backends exist, which work here and why the others do not, which
+one runs a call, and each one's kernel set (:func:`kernel_set`; the contract is
+:class:`rcar_fast.backends.contract.KernelSet`). Everything reaches a backend through here.
 
-Known backends, fastest last within a device:
-  reference  SPEC.md per caption (rcar_fast.reference); ground truth, any device.
-  torch      the pair grid in blocks, plain PyTorch (rcar_fast.torch_backend); any device.
-  triton     fused Triton kernels (rcar_fast.kernels); CUDA tensors, or CPU tensors under
-             TRITON_INTERPRET=1 (Triton's interpreter, for tests). The attention's backward is
-             a kernel; RAR's backward recomputes in torch.
-  cpp        the compiled extension's C++ CPU kernels (csrc/cpu/), CPU tensors.
-  cuda       the compiled extension's CUDA kernels (csrc/cuda/), CUDA tensors.
+Known backends:
+  reference  SPEC.md per caption (rcar_fast.reference); ground truth, any device; no kernel set
+             (it keeps its own schedule).
+  torch      the contract in plain PyTorch (torch_kernels.py); any device.
+  triton     fused Triton kernels (rcar_fast.kernels, bound in triton_kernels.py); CUDA tensors,
+             or CPU tensors under TRITON_INTERPRET=1 (Triton's interpreter, for tests).
+  cpp        the compiled extension's C++ CPU kernels (csrc/cpu/, bound in extension_kernels.py).
+  cuda       the compiled extension's CUDA kernels (csrc/cuda/, bound in extension_kernels.py).
 The extension (rcar_fast._C) is optional: without it, or built without CUDA, backend_status()
 says why "cpp" / "cuda" is absent.
 """
@@ -52,7 +54,7 @@ def _triton_status() -> str:
 @functools.lru_cache(maxsize=None)
 def _extension_error() -> Optional[str]:
     try:
-        from . import ext_backend  # noqa: F401
+        from . import extension_kernels  # noqa: F401
     except ImportError as exc:
         return (f"unavailable: the compiled extension rcar_fast._C is not built ({exc}); "
                 "build it with `pip install --no-build-isolation -e .`")
@@ -63,8 +65,8 @@ def _extension_status(key: str) -> str:
     err = _extension_error()
     if err is not None:
         return err
-    from . import ext_backend
-    if not ext_backend.has_kernels(key):
+    from . import extension_kernels
+    if not extension_kernels.has_kernels(key):
         return (f"unavailable: rcar_fast._C was built without {key} kernels"
                 + (" (torch without CUDA, no CUDA toolkit, or RCAR_FAST_BUILD_EXT=cpu)" if key == "CUDA" else ""))
     if key == "CUDA" and not torch.cuda.is_available():
@@ -105,6 +107,30 @@ def available_backends(device: Optional[torch.device] = None) -> List[str]:
         names = [n for n in names if n in ("reference", "torch") or n in AUTO_ORDER.get(dev, ())
                  or (n == "triton" and _interpreting())]
     return names
+
+
+def kernel_set(name: str):
+    """The :class:`~rcar_fast.backends.contract.KernelSet` of backend ``name`` (not "reference"),
+    importing its module on first use."""
+    if name == "torch":
+        from .torch_kernels import KERNELS
+        return KERNELS
+    if name == "triton":
+        from .triton_kernels import KERNELS
+        return KERNELS
+    if name in ("cpp", "cuda"):
+        from . import extension_kernels
+        return extension_kernels.CPP if name == "cpp" else extension_kernels.CUDA
+    raise ValueError(f"backend: {name!r} has no kernel set")
+
+
+def shape_problem(backend: str, rows: int, width: int) -> Optional[str]:
+    """Why ``backend`` cannot take pairs of up to ``rows`` query/context rows (regions or
+    words) and alignment vectors ``width`` wide, or None."""
+    if backend == "triton":
+        from .triton_kernels import shape_problem as triton_shape_problem
+        return triton_shape_problem(rows, width)
+    return None
 
 
 def dtype_problem(backend: str, dtype: Optional[torch.dtype]) -> Optional[str]:
@@ -148,7 +174,7 @@ def _passes_selftest(backend: str, device: torch.device, dtype: Optional[torch.d
         return True
     key = (backend, str(device), dtype)
     if key not in _SELFTEST:
-        from ._selftest import check_backend
+        from .._selftest import check_backend
         _SELFTEST[key] = check_backend(backend, device, dtype)
     failure = _SELFTEST[key]
     if failure is not None and key not in _WARNED:
@@ -160,20 +186,23 @@ def _passes_selftest(backend: str, device: torch.device, dtype: Optional[torch.d
     return failure is None
 
 
-def resolve(backend, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """The backend to run for tensors of ``dtype`` on ``device``; raises ValueError naming the
+def resolve(backend, device: torch.device, dtype: Optional[torch.dtype] = None, rows: int = 0,
+            width: int = 0) -> str:
+    """The backend to run for tensors of ``dtype`` on ``device``, pairs of up to ``rows``
+    query/context rows and alignment vectors ``width`` wide; raises ValueError naming the
     problem.
 
-    "auto": the first of AUTO_ORDER[device] that is available, takes ``dtype`` exactly and
-    passes its self-test (run once per process per backend, device and dtype: a small problem
-    forward and backward against the reference, :mod:`rcar_fast.selftest`), else "torch"."""
+    "auto": the first of AUTO_ORDER[device] that is available, takes ``dtype`` exactly and the
+    shapes, and passes its self-test (run once per process per backend, device and dtype: a small
+    problem forward and backward against the reference, rcar_fast._selftest), else "torch"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
     device = torch.device(device)
     st = backend_status()
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ()):
-            if st[name] == "available" and _auto_takes(name, dtype) and _passes_selftest(name, device, dtype):
+            if (st[name] == "available" and _auto_takes(name, dtype) and shape_problem(name, rows, width) is None
+                    and _passes_selftest(name, device, dtype)):
                 return name
         return "torch"
     if backend not in st:
@@ -187,7 +216,7 @@ def resolve(backend, device: torch.device, dtype: Optional[torch.dtype] = None) 
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got tensors on {device}")
-    problem = dtype_problem(backend, dtype)
+    problem = dtype_problem(backend, dtype) or shape_problem(backend, rows, width)
     if problem is not None:
         raise ValueError(f"backend: {problem}")
     return backend

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _validate as V
+from .. import validate as V
 
 Tensor = torch.Tensor
 
@@ -146,7 +146,7 @@ def score_all(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, backend: str 
     tile: (images, captions) per tile instead of :func:`plan_tiles`'s choice.
     Captions are tiled in order of length, so a tile pads only to its own longest caption.
     """
-    cap_lens = V.check_features(img, cap, cap_lens)
+    cap_lens = V.check_features(img, cap, cap_lens).tensor
     dtype = resolve_dtype(dtype)
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
@@ -400,7 +400,7 @@ def fold5_metrics(sims, captions_per_image: int = 5, ties: str = "pessimistic") 
 def global_embeddings(img: Tensor, cap: Tensor, cap_lens, chunk: int = 4096) -> Tuple[Tensor, Tensor]:
     """l2-normalised means: of each image's regions (N_i, d) and each caption's valid words
     (N_c, d), in float32 on the features' device (padding is never read)."""
-    cap_lens = V.check_features(img, cap, cap_lens).to(cap.device)
+    cap_lens = V.check_features(img, cap, cap_lens).tensor.to(cap.device)
     gi = img.float().mean(dim=1)
     parts = []
     for c0 in range(0, cap.shape[0], chunk):
@@ -438,7 +438,7 @@ def score_pairs(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, pair_img: T
     its listed images (at most ``max_images`` per call). A call then holds one caption length,
     which the block-wise backends run as a single block. Same arguments as :func:`score_all`.
     """
-    cap_lens = V.check_features(img, cap, cap_lens)
+    cap_lens = V.check_features(img, cap, cap_lens).tensor
     dtype = resolve_dtype(dtype)
     device = _head_device(head)
     run_dtype = dtype or next((p.dtype for p in head.parameters()), img.dtype)

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from . import _validate as V
-from .modules import RCARSimilarity
+from .. import validate as V
+from ..modules import RCARSimilarity
 
 Tensor = torch.Tensor
 
@@ -128,7 +128,7 @@ class EncoderText(nn.Module):
     def forward(self, ids: Tensor, lengths) -> Tensor:
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise TypeError("ids: expected a (N, L) integer tensor of word ids")
-        lengths = V.check_lens(lengths, ids.shape[0], ids.shape[1], ids.device)
+        lengths = V.check_lens(lengths, ids.shape[0], ids.shape[1], ids.device).tensor
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"ids: word ids must be in [0, {self.vocab_size}), got values in "
                              f"[{int(ids.min())}, {int(ids.max())}]")

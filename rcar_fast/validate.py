@@ -1,14 +1,30 @@
-"""Argument checks shared by every entry point: each failure names the argument and the fault,
-and all of them run before any computation."""
+"""Argument checks at the public boundary (rcar_fast.ops, the modules): each failure names the
+argument and the fault, and all of them run before any computation. What lies behind the
+boundary (the pipeline, the kernel sets, the kernels) trusts its inputs and only asserts.
+
+The caption lengths go to the host once per call (:class:`Lengths`): one transfer, checked
+there, and handed on as a list for planning and a tensor for the kernels."""
 
 from __future__ import annotations
 
 import numbers
-from typing import Mapping, Optional
+from dataclasses import dataclass
+from typing import List, Mapping, Optional
 
 import torch
 
 Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Checked caption lengths: ``host`` a list of ints (planning), ``tensor`` int64 (N_c,) on
+    the CPU or on the features' device, as given."""
+    host: List[int]
+    tensor: Tensor
+
+    def __len__(self) -> int:
+        return len(self.host)
 
 REGULATORS = ("only_rar", "only_rcr", "coop_rcar")
 ATTN_TYPES = ("t2i", "i2t")
@@ -41,8 +57,8 @@ def check_float(name: str, x, ndim: Optional[int] = None) -> Tensor:
     return x
 
 
-def check_features(img, cap, cap_lens, embed_dim: Optional[int] = None) -> Tensor:
-    """Checks img (N_i, R, d), cap (N_c, L, d), cap_lens (N_c,); returns cap_lens as int64."""
+def check_features(img, cap, cap_lens, embed_dim: Optional[int] = None) -> Lengths:
+    """Checks img (N_i, R, d), cap (N_c, L, d), cap_lens (N_c,); returns the lengths."""
     check_float("img", img, 3)
     check_float("cap", cap, 3)
     if img.shape[2] != cap.shape[2]:
@@ -58,8 +74,11 @@ def check_features(img, cap, cap_lens, embed_dim: Optional[int] = None) -> Tenso
     return check_lens(cap_lens, cap.shape[0], cap.shape[1], cap.device)
 
 
-def check_lens(cap_lens, n_c: int, max_len: Optional[int], device) -> Tensor:
-    """cap_lens: (n_c,) integers in [1, max_len] (max_len None: no upper bound); as int64."""
+def check_lens(cap_lens, n_c: int, max_len: Optional[int], device) -> Lengths:
+    """cap_lens: (n_c,) integers in [1, max_len] (max_len None: no upper bound). A checked
+    :class:`Lengths` passes through unchanged; anything else is read to the host once."""
+    if isinstance(cap_lens, Lengths):
+        return cap_lens
     if isinstance(cap_lens, (list, tuple)):
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in cap_lens):
             raise TypeError("cap_lens: expected integers")
@@ -73,12 +92,13 @@ def check_lens(cap_lens, n_c: int, max_len: Optional[int], device) -> Tensor:
     if cap_lens.dim() != 1 or cap_lens.shape[0] != n_c:
         raise ValueError(f"cap_lens: expected shape ({n_c},) to match the captions' N_c, "
                          f"got {tuple(cap_lens.shape)}")
-    if cap_lens.numel():
-        lo, hi = int(cap_lens.min()), int(cap_lens.max())
+    host = [int(v) for v in cap_lens.tolist()]          # the one transfer to the host
+    if host:
+        lo, hi = min(host), max(host)
         if lo < 1 or (max_len is not None and hi > max_len):
             bound = f"[1, L={max_len}]" if max_len is not None else ">= 1"
             raise ValueError(f"cap_lens: every length must be in {bound}, got values in [{lo}, {hi}]")
-    return cap_lens.to(torch.int64)
+    return Lengths(host, cap_lens.to(torch.int64))
 
 
 def check_params(params: Mapping[str, Tensor], names, ref: Tensor, what: str = "params") -> None:

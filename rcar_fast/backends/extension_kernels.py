@@ -1,0 +1,50 @@
+"""The compiled backends "cpp" (CPU tensors) and "cuda" (CUDA tensors): the ops of the extension
+rcar_fast._C (csrc/: schemas in csrc/ops.cpp, the contract in csrc/README.md, kernels in
+csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu), made traceable (register_fake) and differentiable
+(register_autograd) here, as extension-cpp's ops.py does beside its csrc/. The dispatcher picks
+the CPU or CUDA kernel by the tensors' device. The CPU kernels add ``rcr``, a fused RCR step the
+"cpp" backend uses on its inference path (no autograd: with gradients RCR runs in torch)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import contract
+from .contract import KernelSet
+
+OP_NAMES = ("attention", "attention_bwd", "rar", "rar_bwd")
+
+
+def load():
+    """Import the extension (registers torch.ops.rcar_fast.*); raises ImportError if absent."""
+    from .. import _C  # noqa: F401
+    return torch.ops.rcar_fast
+
+
+def has_kernels(dispatch_key: str) -> bool:
+    """Whether every op of the extension has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"rcar_fast::{n}", dispatch_key)
+               for n in OP_NAMES)
+
+
+_ops = load()
+torch.library.register_fake("rcar_fast::attention")(contract.attention_fake)
+torch.library.register_fake("rcar_fast::attention_bwd")(contract.attention_bwd_fake)
+torch.library.register_fake("rcar_fast::rar")(contract.rar_fake)
+torch.library.register_fake("rcar_fast::rar_bwd")(contract.rar_bwd_fake)
+torch.library.register_fake("rcar_fast::rcr")(contract.rcr_fake)
+contract.register_attention_autograd(contract.RegisteredOp("rcar_fast::attention"), _ops.attention_bwd)
+contract.register_rar_autograd(contract.RegisteredOp("rcar_fast::rar"), _ops.rar_bwd.default, _ops.rar.default)
+
+_HAS_CPU_RCR = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", "CPU")
+
+#: "cpp": default block budget 96 MiB; d-wide buffers per block 3 (F and the new F being built),
+#: 6 under autograd (measured, tests/test_memory.py)
+CPP = KernelSet(name="cpp", devices=("cpu",), attention=_ops.attention.default, rar=_ops.rar.default,
+                attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
+                budgets={"cpu": 96 * 2**20}, live_buffers=3, live_buffers_train=6,
+                rcr=_ops.rcr.default if _HAS_CPU_RCR else None, rcr_devices=("cpu",) if _HAS_CPU_RCR else ())
+#: "cuda": default block budget 2 GiB; the same buffer counts
+CUDA = KernelSet(name="cuda", devices=("cuda",), attention=_ops.attention.default, rar=_ops.rar.default,
+                 attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
+                 budgets={"cpu": 96 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6)

@@ -1,0 +1,247 @@
+"""The one regulator schedule of RCAR (SPEC.md), run over blocks of the pair grid with any
+backend's kernel set (rcar_fast.backends.contract.KernelSet). Only rcar_fast.reference keeps a
+schedule of its own (it is the ground truth).
+
+Per block of the pair grid (rcar_fast.block_plan: captions of one length, as many pairs as the
+memory budget allows), in block layout (B = context side, P = query side):
+  coop_rcar  E_t = attention(.., F, lam, W_t, b_t); h = mean(E_0) at t = 0;
+             (F, lam) = RCR_t(E_t, F, lam) for t < T - 1; h = RAR_t(E_t, h)
+  only_rar   E = attention(.., W_0, b_0); h = RAR_0..T-1(E, mean(E)), one rar call
+  only_rcr   (F, lam) = RCR_t(attention(.., F, lam, W_t, b_t), F, lam) for t < T; then the mean
+             over valid q of cos(Q, l2n(A(Q, C, F, lam)))
+  score      sigmoid(sim_eval_w(h)), or the cosine mean; float32 for float16/bfloat16 inputs
+             (the last Linear and the sigmoid run in float32: bf16 scores tie, README)
+RCR is the kernel set's fused step where it has one and nothing needs a gradient, else the
+shared-weight MLP in plain torch (rcar_fast.torch_math.rcr_step). RAR's dropout masks come from
+rcar_fast.dropout, named by the block's global image and caption indices.
+
+Autograd: every block is recomputed in backward (torch.utils.checkpoint; the RNG state is
+replayed, so the dropout masks match), and planned with the kernel set's larger training
+working set, so a training step's peak memory is one block's, set by memory_budget, for every
+backend. Inside a block the ops' own autograd applies.
+
+The pieces (adaptive_attention, alignment, rcr_update, rar_update) run one op over the whole
+grid at once in pair-grid layout (N_i, N_c, Lq, width), rows past a caption's length zero.
+Inputs arrive checked (rcar_fast.validate); nothing here validates.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from . import torch_math as tm
+from .backends.contract import KernelSet, valid_rows
+from .block_plan import iter_blocks
+from .constants import EPS
+from .dropout import rar_keep_masks
+from .validate import Lengths
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def block_sources(img: Tensor, cap: Tensor, lens: Tensor, attn_type: str):
+    """(query, qlens, context, clens) of the block img x cap; lengths int32 on the features'
+    device. t2i: the captions are the queries; i2t: the regions are (all R valid)."""
+    regions = torch.full((img.shape[0],), img.shape[1], dtype=torch.int32, device=img.device)
+    lens = lens.to(device=img.device, dtype=torch.int32)
+    return (cap, lens, img, regions) if attn_type == "t2i" else (img, regions, cap, lens)
+
+
+def to_block_layout(x, attn_type: str):
+    """A pair-grid tensor (N_i, N_c, ...) in block layout (B, P, ...), contiguous; a float or
+    None passes through."""
+    if not isinstance(x, Tensor):
+        return x
+    return (x.transpose(0, 1) if attn_type == "i2t" else x).contiguous()
+
+
+def from_block_layout(x: Tensor, attn_type: str) -> Tensor:
+    return x.transpose(0, 1).contiguous() if attn_type == "i2t" else x
+
+
+def zero_padded_queries(x, lens: Tensor, attn_type: str):
+    """x (N_i, N_c, Lq, ...) with the rows past each caption's length (t2i) selected to zero."""
+    if not isinstance(x, Tensor) or attn_type != "t2i":
+        return x
+    mask = valid_rows(lens.to(x.device), x.shape[2])
+    return torch.where(mask.view((1,) + mask.shape + (1,) * (x.dim() - 3)), x, x.new_zeros(()))
+
+
+# ----------------------------------------------------------------------------- one block
+
+def _attention(ks: KernelSet, q, ql, c, cl, factors, lam, weight=None, bias=None):
+    lam_tensor = lam if isinstance(lam, Tensor) else None
+    lam_scalar = 0.0 if isinstance(lam, Tensor) else float(lam)
+    return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias)
+
+
+def _rcr(ks: KernelSet, E, ql, factors, lam, params, prefix: str, inplace: bool):
+    """(F, lam) after one RCR step: the kernel set's fused step where it applies, else plain torch."""
+    if ks.rcr is None or not inplace or E.device.type not in ks.rcr_devices:
+        return tm.rcr_step(E, factors, lam, params, prefix, inplace)
+    lam_tensor = lam if isinstance(lam, Tensor) else None
+    lam_scalar = 0.0 if isinstance(lam, Tensor) else float(lam)
+
+    def w(name):
+        return params[prefix + name].contiguous()
+    return ks.rcr(E, ql, factors, lam_tensor, lam_scalar, w("rcr_matrix_w.0.weight"), w("rcr_matrix_w.0.bias"),
+                  w("rcr_matrix_w.2.weight"), w("rcr_matrix_w.2.bias"), w("rcr_smooth_w.0.weight"),
+                  w("rcr_smooth_w.0.bias"), w("rcr_smooth_w.2.weight"), w("rcr_smooth_w.2.bias"))
+
+
+def rar_weights(params: Mapping[str, Tensor], prefixes):
+    """The RAR modules' weights stacked (T, ...) in the contract's order (wq, bq, wk, bk, wv, bv)."""
+    def stack(name):
+        return torch.stack([params[p + name] for p in prefixes]).contiguous()
+    return (stack("rar_q_w.0.weight"), stack("rar_q_w.0.bias"), stack("rar_k_w.0.weight"),
+            stack("rar_k_w.0.bias"), stack("rar_v_w.0.weight").flatten(1), stack("rar_v_w.0.bias").flatten())
+
+
+def _keep_masks(step: int, E: Tensor, pairs):
+    """RAR step ``step``'s dropout keep-masks (scaled by 1/(1-p), rcar_fast.dropout) for the
+    block's pairs = (global image indices, global caption indices, attn_type), block layout."""
+    images, captions, attn_type = pairs
+    keep_k, keep_g = rar_keep_masks(step, images, captions, E.shape[2], E.shape[3], E.dtype, E.device)
+    return to_block_layout(keep_k, attn_type), to_block_layout(keep_g, attn_type)
+
+
+def _rar_steps(ks: KernelSet, E, ql, h, stacked, training: bool, first_step: int, pairs):
+    """RAR over the modules of ``stacked`` (their step numbers start at ``first_step``): one
+    call for all of them in eval, one per step in training (each step its own dropout masks)."""
+    if not training:
+        return ks.rar(E, ql, h, *stacked, None, None)
+    for t in range(stacked[0].shape[0]):
+        h = ks.rar(E, ql, h, *(w[t:t + 1] for w in stacked), *_keep_masks(first_step + t, E, pairs))
+    return h
+
+
+def _score(h: Tensor, params) -> Tensor:
+    """sigmoid(sim_eval_w(h)), in float32 for half-precision h (finer than a bf16 sigmoid)."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    W, b = params["sim_eval_w.weight"], params["sim_eval_w.bias"]
+    return torch.sigmoid(F.linear(h.to(acc), W.to(acc), b.to(acc))).squeeze(-1)
+
+
+def block_scores(ks: KernelSet, q, ql, c, cl, params, rar_w, regulator: str, steps: int, smooth: float,
+                 training: bool, inplace: bool, pairs) -> Tensor:
+    """SPEC.md's scores of one block, (B, P); rar_w: every RAR module's weights, stacked once
+    (:func:`rar_weights`); pairs: the block's (global image indices, global caption indices,
+    attn_type), naming the dropout masks in training."""
+    factors, lam = None, smooth
+
+    def align(t):
+        return _attention(ks, q, ql, c, cl, factors, lam, params[f"alv_modules.{t}.sim_transform_w.weight"],
+                          params[f"alv_modules.{t}.sim_transform_w.bias"])
+
+    if regulator == "only_rcr":
+        for t in range(steps):
+            factors, lam = _rcr(ks, align(t), ql, factors, lam, params, f"rcr_modules.{t}.", inplace)
+        A = _attention(ks, q, ql, c, cl, factors, lam)                   # rows past qlen are 0
+        acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+        A = A.to(acc)
+        valid = valid_rows(ql, q.shape[1])                                # (P, Lq)
+        Qv = torch.where(valid[..., None], q, q.new_zeros(())).to(acc)
+        num = (A * Qv[None]).sum(-1)
+        den = torch.linalg.vector_norm(A, dim=-1) * torch.linalg.vector_norm(Qv, dim=-1)[None]
+        cos = torch.where(valid[None], num / torch.clamp(den, min=EPS), num.new_zeros(()))
+        return cos.sum(-1) / ql.to(acc)[None]
+    if regulator == "only_rar":
+        h = _rar_steps(ks, align(0), ql, None, rar_w, training, 0, pairs)
+    else:
+        h = None
+        for t in range(steps):
+            E = align(t)
+            if t < steps - 1:
+                factors, lam = _rcr(ks, E, ql, factors, lam, params, f"rcr_modules.{t}.", inplace)
+            h = _rar_steps(ks, E, ql, h, tuple(w[t:t + 1] for w in rar_w), training, t, pairs)
+    return _score(h, params)
+
+
+def _cut_block_scores(ks, img, cap, lens, i0, i1, cidx, Lg, attn_type, params, rar_w, regulator, steps, smooth,
+                      training, inplace):
+    """:func:`block_scores` of the block img[i0:i1] x cap[cidx, :Lg], cut here, inside the
+    checkpointed function, so that autograd saves the whole inputs once (by reference), not a
+    copy of every block's captions."""
+    q, ql, c, cl = block_sources(img[i0:i1].contiguous(), cap.index_select(0, cidx)[:, :Lg].contiguous(),
+                                 lens.index_select(0, cidx), attn_type)
+    return block_scores(ks, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace,
+                        (torch.arange(i0, i1), cidx, attn_type))
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The scores' dtype for features of ``dtype``: float32 for float16/bfloat16, else the same."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def rcar_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params: Mapping[str, Tensor],
+                regulator: str, steps: int, attn_type: str, smooth: float, training: bool,
+                memory_budget: Optional[int] = None) -> Tensor:
+    """scores (N_i, N_c) of every pair, block by block (module docstring)."""
+    n_i, R, d = img.shape
+    if memory_budget is None:
+        memory_budget = ks.budget(img.device)
+    inplace = not tm.needs_grad([img, cap, *params.values()])
+    lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
+    out = img.new_empty(n_i, cap.shape[0], dtype=score_dtype(img.dtype))
+    rar_w = None if regulator == "only_rcr" else rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
+    live = ks.live_buffers if inplace else ks.live_buffers_train
+    with ks.workspace():
+        for cols, Lg, i0, i1 in iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), memory_budget, live):
+            cidx = torch.tensor(cols, device=img.device)
+            block_args = (ks, img, cap, lens_dev, i0, i1, cidx, Lg, attn_type, params, rar_w, regulator, steps,
+                          smooth, training)
+            if inplace:
+                s = _cut_block_scores(*block_args, True)
+            else:
+                # autograd: the block is recomputed in backward, so no block keeps its intermediates
+                # (d-wide F, RCR's activations) alive until the backward pass; the peak is one
+                # block's, set by memory_budget, and the RNG state is replayed (same dropout masks)
+                s = torch.utils.checkpoint.checkpoint(_cut_block_scores, *block_args, False,
+                                                      use_reentrant=False, preserve_rng_state=True)
+            out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
+    return out
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+def adaptive_attention(ks: KernelSet, img, cap, lens: Lengths, factors, temperatures, attn_type):
+    q, ql, c, cl = block_sources(img, cap, lens.tensor, attn_type)
+    factors = to_block_layout(zero_padded_queries(factors, lens.tensor, attn_type), attn_type)
+    lam = to_block_layout(zero_padded_queries(temperatures, lens.tensor, attn_type), attn_type)
+    with ks.workspace():
+        A = _attention(ks, q, ql, c, cl, factors, lam)
+    return from_block_layout(A, attn_type)
+
+
+def alignment(ks: KernelSet, img, cap, lens: Lengths, weight, bias, factors, temperatures, attn_type):
+    q, ql, c, cl = block_sources(img, cap, lens.tensor, attn_type)
+    factors = to_block_layout(zero_padded_queries(factors, lens.tensor, attn_type), attn_type)
+    lam = to_block_layout(zero_padded_queries(temperatures, lens.tensor, attn_type), attn_type)
+    with ks.workspace():
+        E = _attention(ks, q, ql, c, cl, factors, lam, weight.contiguous(), bias.contiguous())
+    return from_block_layout(E, attn_type)
+
+
+def rcr_update(ks: KernelSet, E, factors, temperatures, lens: Lengths, weights, attn_type):
+    """One RCR step over the grid: the shared-weight MLP in plain torch for every backend."""
+    inplace = not tm.needs_grad([E, factors, temperatures, *weights.values()])
+    E, factors, lam = (zero_padded_queries(x, lens.tensor, attn_type) for x in (E, factors, temperatures))
+    Fn, lam = tm.rcr_step(E, factors, lam, weights, "", inplace)
+    return zero_padded_queries(Fn, lens.tensor, attn_type), zero_padded_queries(lam, lens.tensor, attn_type)
+
+
+def rar_update(ks: KernelSet, E, h, lens: Lengths, weights, attn_type, training):
+    Eb = to_block_layout(zero_padded_queries(E, lens.tensor, attn_type), attn_type)
+    B, P, Lq, _ = Eb.shape
+    ql = lens.tensor.to(device=E.device, dtype=torch.int32) if attn_type == "t2i" else \
+        torch.full((P,), Lq, dtype=torch.int32, device=E.device)
+    pairs = (torch.arange(E.shape[0]), torch.arange(E.shape[1]), attn_type)
+    with ks.workspace():
+        out = _rar_steps(ks, Eb, ql, to_block_layout(h, attn_type), rar_weights(weights, [""]), training, 0, pairs)
+    return from_block_layout(out, attn_type)
