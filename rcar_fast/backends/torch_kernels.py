@@ -139,7 +139,12 @@ def rar(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g):
     qmask = _mask(qlens, E.shape[2])
     if qmask is not None:       # padded rows may hold anything
         E = torch.where(qmask[None, :, :, None], E, E.new_zeros(()))
-    h = mean_start(E, qlens) if h0 is None else h0
+    if h0 is not None:
+        h = h0
+    elif qmask is None:         # every row valid: the plain mean, no selection pass over E
+        h = E.mean(dim=2)
+    else:
+        h = mean_start(E, qlens)
     for t in range(wq.shape[0]):
         K = tm.tanh(F.linear(E, wk[t], bk[t]), inplace)
         g = tm.tanh(F.linear(h, wq[t], bq[t]), inplace)
