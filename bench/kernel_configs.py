@@ -20,6 +20,15 @@ DTYPES = ("bf16", "fp16", "fp32")
 D, S = 1024, 256
 
 
+def _module(name: str):
+    """rcar_fast.kernels.<name> (loaded through the triton backend, which also finds kernels/ in
+    a source checkout run without an install)."""
+    import importlib
+
+    from rcar_fast.backends.triton_kernels import load_kernels
+    return importlib.import_module(f"{load_kernels().__name__}.{name}")
+
+
 def launch_options(cfg: dict) -> dict:
     """Pops the launch options (num_warps, num_stages, maxnreg) out of a launcher's config dict."""
     return {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
@@ -36,7 +45,8 @@ def _unique(items):
 def attention_configs(config):
     """(dtype, constexprs, launch options) of the attention launches for the standard shapes;
     ``config``: the launcher's block-size chooser (forward or first backward kernel)."""
-    from rcar_fast.kernels.attention import MODE_ALIGNMENT, MODE_ATTENDED
+    attention = _module("attention")
+    MODE_ATTENDED, MODE_ALIGNMENT = attention.MODE_ATTENDED, attention.MODE_ALIGNMENT
 
     def gen():
         for dtype in DTYPES:
@@ -52,7 +62,8 @@ def attention_configs(config):
 
 def attention_bwd_scores_configs():
     """The second backward kernel's launches: one per first-kernel launch."""
-    from rcar_fast.kernels.attention_bwd import attention_bwd_config, scores_config
+    bwd = _module("attention_bwd")
+    attention_bwd_config, scores_config = bwd.attention_bwd_config, bwd.scores_config
 
     def gen():
         for dtype, cfg, launch in attention_configs(attention_bwd_config):
@@ -64,7 +75,8 @@ def attention_bwd_scores_configs():
 
 def rar_configs(backward: bool):
     """RAR's launches (forward: with or without h0 and dropout; backward: with or without dropout)."""
-    from rcar_fast.kernels.rar import BWD_BLOCK_N, FWD_BLOCK_N, rar_config
+    rar = _module("rar")
+    BWD_BLOCK_N, FWD_BLOCK_N, rar_config = rar.BWD_BLOCK_N, rar.FWD_BLOCK_N, rar.rar_config
 
     def gen():
         for dtype in DTYPES:
@@ -130,9 +142,7 @@ def rar_bwd_signature(dtype):
 
 def kernels():
     """{report name: (launch_configs, signature, jit function)} of every Triton kernel."""
-    import importlib
-    attention, attention_bwd, rar = (importlib.import_module(f"rcar_fast.kernels.{m}")   # the modules, not
-                                     for m in ("attention", "attention_bwd", "rar"))     # the launchers
+    attention, attention_bwd, rar = (_module(m) for m in ("attention", "attention_bwd", "rar"))
     K = SimpleNamespace
     return {
         "attention_fwd": K(launch_configs=lambda: attention_configs(attention.attention_config),

@@ -20,7 +20,7 @@ standard shapes get, from csrc/cuda/plan.h); without nvcc the CUDA half is skipp
 Every row carries ``backend`` ("triton" or "cuda").
 
 Compile cache (bench/results/resources.json, committed): rows of earlier runs, each with the key
-it was measured under. The configurations always come from the launchers (launch_configs) and the
+it was measured under. The configurations always come from the launchers (bench/kernel_configs.py) and the
 .cu files on disk; for each one the key is computed now, from the current tree, and a cached row
 is reused only when its stored key equals it whole, else that configuration is compiled:
 
