@@ -227,6 +227,15 @@ with open(short_path, "w") as f:
         f.write("\nSpeed-up over the release loop:\n" + heads + "\n")
     if bad:
         f.write("\nRows that failed or were skipped:\n" + "\n".join(bad) + "\n")
+    try:    # measured vs the cost model's committed predictions (bench/roofline.py; no torch)
+        import json
+        from bench.roofline import RESULTS_JSON, compare
+        with open(RESULTS_JSON) as pf:
+            lines = compare(rows, json.load(pf)["totals"])
+    except Exception as exc:   # the table above matters more than this comparison
+        lines = [f"(no comparison: {type(exc).__name__}: {exc})"]
+    if lines:
+        f.write("\nMeasured vs predicted (bench/results/roofline.json):\n" + "\n".join(lines) + "\n")
 EOF
 }
 

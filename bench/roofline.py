@@ -1,0 +1,474 @@
+"""Cost model: every launch of a backend for a named shape, with the work it executes and the
+bytes it moves, and the time an H200 would take by its ceilings. A prediction, not a
+measurement: it says where the time should go before a GPU is lent, and the device suite's
+measured rows are judged against it.
+
+    python -m bench.roofline                         # every shape, every GPU backend, bf16
+    python -m bench.roofline --shape flickr30k --backends triton --launches
+    python -m bench.roofline --json
+    python -m bench.roofline --write            # bench/results/roofline.md and roofline.json
+    python -m bench.roofline --compare history.csv   # measured rows (bf16 on a GPU) vs predicted
+
+Shapes (lengths drawn as bench/shapes.py draws them, seeded):
+  flickr30k   the Flickr30K test matrix: 1,000 images x 5,000 captions, lengths 6..24,
+              coop_rcar T = 2, t2i (the goal: <= 0.35 s predicted, <= 0.5 s measured)
+  mscoco5k    MSCOCO 5K: 5,000 x 25,000, lengths 6..30, coop_rcar T = 2, t2i (goal <= 12 s)
+  headline    the 100 x 100 Flickr-shaped shard of `python -m bench`, coop_rcar T = 2, t2i
+  train       one training step, 128 x 128 pairs, lengths 6..24, coop_rcar T = 2, i2t: the
+              forward, its recompute under block checkpointing, and the backward
+
+Per launch: TC = tensor-core FLOPs executed (padding included: a Triton program's tile is
+the power of two above its rows, a CUDA block's row group 16 x MT), SIMT = other FLOPs (fp32
+FMAs, counted 2 per FMA; element-wise work at a few FLOPs per element), HBM = bytes from and to
+device memory, L2 = bytes through the L2 (every load and store of a program: a shared weight read
+by every pair counts once per pair here and once in HBM), SMEM = bytes of shared-memory traffic
+where a kernel's inner loop reads its operands from there (the CUDA kernels' SIMT products: two
+4-byte loads per FMA). The launch's time is the largest of its work over the matching ceiling,
+plus a fixed launch cost; a backend's time is the sum over its launches (no overlap assumed).
+
+Ceilings (H200, bf16): MEASURED here on an H200 (the device tool's KINDS.md, 2026-10-28/11-04):
+790 TFLOP/s for a dense bf16 matrix product, 4.3 TB/s device-to-device copy. LEADS (datasheet or
+estimates, not measured): 67 TFLOP/s fp32 SIMT, 10 TB/s L2, 33 TB/s shared memory (132 SMs x
+128 B/clock x 1.98 GHz), 5 us per launch. Each figure a run measures replaces its lead.
+
+What it models is the code as it is (kernels/, csrc/cuda/, the pipeline): block planning through
+rcar_fast.block_plan with each backend's GPU budget and buffer counts, one launch per op per
+block and step, the torch backend's element-wise passes, RCR's MLP in torch for triton and cuda.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+#: ceilings, per second; (value, "measured" or "lead")
+CEILINGS = {
+    "tc": (790e12, "measured: 8192^3 bf16 matmul, H200, KINDS.md"),
+    "simt": (67e12, "lead: fp32 non-tensor datasheet rate"),
+    "hbm": (4.3e12, "measured: device-to-device copy, H200, KINDS.md"),
+    "l2": (10e12, "lead: Hopper L2 bandwidth estimate"),
+    "smem": (33e12, "lead: 132 SMs x 128 B/clock x 1.98 GHz"),
+}
+LAUNCH_S = 5e-6      # lead: launch and tail cost per kernel launch
+L2_BYTES = 60e6      # the H200's L2 (PyTorch reported 60 MB, KINDS.md)
+
+D, S_DIM, R = 1024, 256, 36
+ELEM = 2             # bf16
+
+
+@dataclass
+class Shape:
+    name: str
+    n_images: int
+    n_captions: int
+    len_lo: int
+    len_hi: int
+    regulator: str = "coop_rcar"
+    steps: int = 2
+    attn_type: str = "t2i"
+    training: bool = False
+    seed: int = 0
+
+    def lengths(self) -> List[int]:
+        import torch
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randint(self.len_lo, self.len_hi + 1, (self.n_captions,), generator=g).tolist()
+
+
+SHAPES = {
+    "flickr30k": Shape("flickr30k", 1000, 5000, 6, 24),
+    "mscoco5k": Shape("mscoco5k", 5000, 25000, 6, 30),
+    "headline": Shape("headline", 100, 100, 6, 24),
+    "train": Shape("train", 128, 128, 6, 24, attn_type="i2t", training=True),
+}
+GOALS_S = {"flickr30k": 0.35, "mscoco5k": 12.0}
+
+
+@dataclass
+class Launch:
+    """One kind of launch and how often it runs; work summed over all its launches."""
+    backend: str
+    name: str
+    count: int = 0
+    tc: float = 0.0
+    simt: float = 0.0
+    hbm: float = 0.0
+    l2: float = 0.0
+    smem: float = 0.0
+    note: str = ""
+
+    def seconds(self) -> float:
+        return max(self.tc / CEILINGS["tc"][0], self.simt / CEILINGS["simt"][0], self.hbm / CEILINGS["hbm"][0],
+                   self.l2 / CEILINGS["l2"][0], self.smem / CEILINGS["smem"][0]) + self.count * LAUNCH_S
+
+    def bound(self) -> str:
+        terms = {k: getattr(self, k) / CEILINGS[k][0] for k in ("tc", "simt", "hbm", "l2", "smem")}
+        terms["launch"] = self.count * LAUNCH_S
+        return max(terms, key=terms.get)
+
+
+@dataclass
+class Book:
+    """The launches of one backend, by name (added to as the model walks the blocks)."""
+    backend: str
+    launches: Dict[str, Launch] = field(default_factory=dict)
+
+    def add(self, name: str, count: int = 1, note: str = "", **work) -> None:
+        ln = self.launches.setdefault(name, Launch(self.backend, name, note=note))
+        ln.count += count
+        for k, v in work.items():
+            setattr(ln, k, getattr(ln, k) + v)
+
+    def seconds(self) -> float:
+        return sum(ln.seconds() for ln in self.launches.values())
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def _blocks(shape: Shape, live_buffers: int, budget: int):
+    """(caption length, images in the block, captions in the block) of every block the pipeline
+    cuts (rcar_fast.block_plan with the backend's GPU budget and buffer count)."""
+    from rcar_fast.block_plan import iter_blocks
+    lens = shape.lengths()
+    for cols, Lg, i0, i1 in iter_blocks(lens, shape.n_images, R, D, shape.attn_type, ELEM, budget, live_buffers):
+        yield Lg, i1 - i0, len(cols)
+
+
+def _rows(shape: Shape, Lg: int):
+    """(Lq, Lc): query and context rows of a pair whose caption has Lg words."""
+    return (Lg, R) if shape.attn_type == "t2i" else (R, Lg)
+
+
+# ----------------------------------------------------------------------------- RCR in torch
+
+def rcr_torch(book: Book, B: int, P: int, Lq: int, prefix: str = "rcr (torch)") -> None:
+    """One RCR step over a block in plain torch (triton, cuda and torch all run it so): three
+    GEMMs on the tensor cores and the element-wise chain over the d-wide F (bf16: in place)."""
+    N = B * P * Lq
+    s, d, e = S_DIM, D, ELEM
+    book.add(f"{prefix}: E W1^T, W2 tanh(.), smooth MLP (cuBLAS)", count=4,
+             tc=2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2 + 2 * N * s // 2,
+             hbm=N * s * e * 2 + N * 2 * s * e * 2 + N * d * e + N * s // 2 * e * 2, l2=N * d * e * 2)
+    # tanh of the hidden layers, tanh_(m), add_(F), clamp_, relu: each a pass over memory
+    book.add(f"{prefix}: element-wise (tanh, + F, clamp, relu)", count=6, simt=N * (2 * s + s // 2) * 8 + N * d * 10,
+             hbm=N * 2 * s * e * 2 + N * d * e * (2 + 3 + 2) + N * 4 * 4)
+
+
+# ----------------------------------------------------------------------------- backends
+
+def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
+    """The Triton kernels (kernels/), one program per pair: per step the fused attention and
+    projection (attention_fwd, MODE_ALIGNMENT), RCR in torch, one RAR step (rar_fwd)."""
+    tag = " (recompute)" if recompute else ""
+    Lq, Lc = _rows(shape, Lg)
+    BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
+    pairs, d, s, e = B * P, D, S_DIM, ELEM
+    for t in range(shape.steps):
+        has_f = t > 0
+        book.add(f"attention_fwd{tag}", count=1, note=f"BQ {BQ} BC {BC}",
+                 tc=pairs * (2 * BQ * BC * d * 2 + 2 * BC * BC * d + 2 * BQ * d * BS),
+                 simt=pairs * (2 * BQ * BC * BC + 30 * BQ * BC + 6 * BQ * d),
+                 l2=pairs * ((Lq * d + 2 * Lc * d + s * d + Lq * s + (Lq * d if has_f else 0)) * e),
+                 hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)
+        if t < shape.steps - 1:
+            rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
+        book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ}",
+                 tc=pairs * 2 * BQ * BS * BS, simt=pairs * (2 * BS * BS + 12 * BQ * BS),
+                 l2=pairs * (Lq * s * e + 2 * s * s * e), hbm=pairs * (Lq * s * e + 2 * s * e))
+    book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
+
+
+def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
+    """The Triton backward per step (kernels/attention_bwd.py, kernels/rar.py): the attention's
+    two kernels recompute each pair on chip (bf16: A rebuilt once per 32-column chunk of Y, 8
+    passes over d at s = 256) and add the shared gradients with fp32 atomics (dW: s x d per
+    pair); RAR's backward per step; RCR's backward through torch autograd (its GEMMs x 2)."""
+    Lq, Lc = _rows(shape, Lg)
+    BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
+    pairs, d, s, e = B * P, D, S_DIM, ELEM
+    passes = BS // 32
+    for t in range(shape.steps):
+        book.add("attention_bwd (passes A-D)", count=1,
+                 tc=pairs * (2 * BQ * BC * d + passes * 2 * BQ * BC * d + 2 * BQ * d * BS * 3 + 2 * BQ * BC * d),
+                 simt=pairs * (4 * BQ * d * passes + 2 * BQ * BC * BC),
+                 l2=pairs * ((Lq * d + 3 * Lc * d + 2 * s * d) * e + (s * d + Lq * d + BC * d) * 4 * 2 + Lq * s * 4 * 4),
+                 hbm=pairs * (Lq * s * 4 * 3 + BQ * BC * 4) + (s * d + (P * Lq + B * BC) * d) * 4)
+        book.add("attention_bwd_scores", count=1,
+                 tc=pairs * (2 * BQ * BC * d * 3), simt=pairs * 40 * BQ * BC,
+                 l2=pairs * ((Lq * d * 2 + Lc * d) * e + (Lq * d + BC * d) * 4 * 2 + (Lq * d * 4 if t > 0 else 0)),
+                 hbm=pairs * (BQ * BC * 4 + (Lq * d * 4 if t > 0 else 0)))
+        book.add("rar_bwd + its GEMMs (dE, dh, dW)", count=4,
+                 tc=pairs * (2 * BQ * BS * BS * 3) + 4 * pairs * Lq * s * s,
+                 simt=pairs * (2 * BS * BS * 2 + 20 * BQ * BS),
+                 l2=pairs * (Lq * s * e + 2 * s * s * e + Lq * s * 4 * 2), hbm=pairs * (Lq * s * 4 * 3 + s * 4 * 3))
+        if t < shape.steps - 1:
+            N = pairs * Lq
+            book.add("rcr backward (torch autograd)", count=12,
+                     tc=2 * (2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2),
+                     hbm=N * d * e * 10 + N * 2 * s * e * 6)
+
+
+def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
+    """The CUDA kernels (csrc/cuda/), one thread block per pair: gram_kernel (C C^T per context
+    item, fp32 SIMT), attention_fwd_kernel (scores and P C in SIMT fp32 with both operands from
+    shared memory; the projection on the tensor cores by wmma, rows in groups of 16 x MT, the
+    512 KB weight streamed from L2 per pair), RCR in torch, rar_fwd_kernel (keys by wmma, the
+    gate as a per-pair GEMV)."""
+    tag = " (recompute)" if recompute else ""
+    Lq, Lc = _rows(shape, Lg)
+    pairs, d, s, e = B * P, D, S_DIM, ELEM
+    mt = 1 if Lq <= 16 else (2 if Lq <= 32 else 4)
+    rows = 16 * mt * ((Lq + 16 * mt - 1) // (16 * mt))
+    for t in range(shape.steps):
+        has_f = t > 0
+        book.add(f"gram_kernel{tag}", count=1, simt=B * 2 * Lc * Lc * d, smem=B * 2 * Lc * Lc * d * 4,
+                 l2=B * Lc * d * e, hbm=B * Lc * d * e)
+        simt = 2 * Lq * Lc * d * 2                         # scores and P C, fp32 FMAs
+        book.add(f"attention_fwd_kernel{tag}", count=1, note=f"MT {mt}",
+                 tc=pairs * 2 * rows * d * s, simt=pairs * (simt + 8 * Lq * d),
+                 smem=pairs * (simt * 4 + 2 * rows * d * e * 2),
+                 l2=pairs * ((Lq * d + 2 * Lc * d + s * d + Lq * s + (Lq * d if has_f else 0)) * e),
+                 hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)
+        if t < shape.steps - 1:
+            rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
+        rrows = 16 * ((Lq + 15) // 16)
+        book.add(f"rar_fwd_kernel{tag}", count=1, tc=pairs * 2 * rrows * s * s,
+                 simt=pairs * (2 * s * s + 12 * Lq * s), smem=pairs * (2 * s * s * 4),
+                 l2=pairs * (Lq * s * e + 2 * s * s * e), hbm=pairs * (Lq * s * e + 2 * s * e))
+    book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
+
+
+def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
+    """The CUDA backward per step: the forward kernel again in kModeSquaredDiff (D2 = (Q - A)^2
+    fp32 to memory), cuBLAS fp32 products with the shared weight (Y, dW, G2) on the SIMT units
+    (fp32, TF32 off), l2n_bwd_rows_kernel, attention_bwd_kernel (recompute, SIMT scores and P C,
+    atomics into dQ, dC), RAR's backward."""
+    Lq, Lc = _rows(shape, Lg)
+    pairs, d, s, e = B * P, D, S_DIM, ELEM
+    N = pairs * Lq
+    for t in range(shape.steps):
+        simt = 2 * Lq * Lc * d * 2
+        book.add("attention_fwd_kernel (kModeSquaredDiff)", count=1, simt=pairs * simt, smem=pairs * simt * 4,
+                 l2=pairs * (Lq * d + 2 * Lc * d) * e + N * d * 4, hbm=N * d * 4)
+        book.add("cuBLAS fp32: Y, dW, G2", count=3, simt=3 * 2 * N * d * s, hbm=N * d * 4 * 3 + s * d * 4)
+        book.add("attention_bwd_kernel", count=1, simt=pairs * simt * 2, smem=pairs * simt * 2 * 4,
+                 l2=pairs * ((Lq + Lc) * d * 4 * 2 + Lq * d * 4), hbm=N * d * 4)
+        book.add("rar_bwd_kernel + its GEMMs", count=3, tc=pairs * 2 * 16 * ((Lq + 15) // 16) * s * s * 3,
+                 simt=pairs * 2 * s * s * 2, l2=pairs * (2 * s * s * e), hbm=pairs * Lq * s * 4 * 3)
+        if t < shape.steps - 1:
+            book.add("rcr backward (torch autograd)", count=12,
+                     tc=2 * (2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2),
+                     hbm=N * d * e * 10 + N * 2 * s * e * 6)
+
+
+def torch_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
+    """The torch backend (rcar_fast/backends/torch_kernels.py): cuBLAS products over the whole
+    block and element-wise passes over its d-wide tensors (bf16, in place without autograd)."""
+    tag = " (recompute)" if recompute else ""
+    Lq, Lc = _rows(shape, Lg)
+    pairs, d, s, e = B * P, D, S_DIM, ELEM
+    N = pairs * Lq
+    for t in range(shape.steps):
+        has_f = t > 0
+        if has_f:
+            book.add(f"F * Q{tag}", count=1, simt=N * d, hbm=N * d * e * 2)
+        book.add(f"scores and P C (cuBLAS){tag}", count=2, tc=2 * N * Lc * d * 2,
+                 hbm=(N * d * e if has_f else (P * Lq * d * e)) + B * Lc * d * e * 2 + N * d * e + N * Lc * e * 2)
+        book.add(f"scores' element-wise (leaky, norm, softmax){tag}", count=8, simt=N * Lc * 20,
+                 hbm=N * Lc * e * 10)
+        book.add(f"|U|, (Q - A)^2 (element-wise){tag}", count=3, simt=N * d * 5, hbm=N * d * e * 5)
+        book.add(f"projection (cuBLAS) + l2n{tag}", count=3, tc=2 * N * d * s, hbm=N * d * e + N * s * e * 3)
+        if t < shape.steps - 1:
+            rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
+        book.add(f"rar (cuBLAS + element-wise){tag}", count=12, tc=2 * N * s * s + 2 * pairs * s * s, simt=N * s * 12,
+                 hbm=N * s * e * 8 + pairs * s * e * 4)
+    book.add(f"sim_eval + scores{tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
+
+
+def torch_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
+    """The torch backend's backward: autograd over the same ops (about twice the forward's
+    products, and the saved d-wide tensors read back)."""
+    Lq, Lc = _rows(shape, Lg)
+    pairs, d, s, e = B * P, D, S_DIM, ELEM
+    N = pairs * Lq
+    for t in range(shape.steps):
+        book.add("autograd: attention, projection", count=25, tc=2 * (2 * N * Lc * d * 2 + 2 * N * d * s),
+                 simt=N * d * 20, hbm=N * d * e * 14)
+        book.add("autograd: rar", count=15, tc=2 * 2 * N * s * s, hbm=N * s * e * 12)
+        if t < shape.steps - 1:
+            book.add("autograd: rcr", count=12, tc=2 * (2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2),
+                     hbm=N * d * e * 10 + N * 2 * s * e * 6)
+
+
+#: backend -> (forward model, backward model, buffers per block without / with autograd, GPU budget)
+MODELS = {
+    "torch": (torch_forward, torch_backward, 4, 17, 2 * 2**30),
+    "triton": (triton_forward, triton_backward, 3, 6, 2 * 2**30),
+    "cuda": (cuda_forward, cuda_backward, 3, 6, 2 * 2**30),
+}
+
+
+def model(backend: str, shape: Shape) -> Book:
+    forward, backward, live, live_train, budget = MODELS[backend]
+    book = Book(backend)
+    for Lg, B, P in _blocks(shape, live_train if shape.training else live, budget):
+        if shape.attn_type == "i2t":
+            B, P = P, B            # block layout: B the context side (captions), P the queries (images)
+        forward(book, shape, B, P, Lg)
+        if shape.training:
+            forward(book, shape, B, P, Lg, recompute=True)
+            backward(book, shape, B, P, Lg)
+    return book
+
+
+def useful_tflop(shape: Shape) -> float:
+    """SPEC.md's counted FLOPs of the shape's forward (bench/flops.py), in TFLOP."""
+    from .flops import shard_flops
+    return shard_flops(shape.n_images, shape.lengths(), R, D, S_DIM, shape.regulator, shape.steps,
+                       shape.attn_type) / 1e12
+
+
+# ----------------------------------------------------------------------------- report
+
+def rows(shapes, backends):
+    out = []
+    for sname in shapes:
+        shape = SHAPES[sname]
+        for b in backends:
+            book = model(b, shape)
+            for ln in sorted(book.launches.values(), key=lambda x: -x.seconds()):
+                out.append(dict(shape=sname, backend=b, launch=ln.name, count=ln.count, tc_tflop=ln.tc / 1e12,
+                                simt_tflop=ln.simt / 1e12, hbm_gb=ln.hbm / 1e9, l2_gb=ln.l2 / 1e9,
+                                smem_gb=ln.smem / 1e9, bound=ln.bound(), seconds=ln.seconds(), note=ln.note))
+    return out
+
+
+def totals(shapes, backends):
+    out = []
+    for sname in shapes:
+        shape = SHAPES[sname]
+        useful = useful_tflop(shape) * (3 if shape.training else 1)
+        for b in backends:
+            book = model(b, shape)
+            ls = book.launches.values()
+            out.append(dict(shape=sname, backend=b, n_images=shape.n_images, n_captions=shape.n_captions,
+                            len_lo=shape.len_lo, len_hi=shape.len_hi, regulator=shape.regulator,
+                            steps=shape.steps, attn_type=shape.attn_type, training=shape.training,
+                            launches=sum(ln.count for ln in ls),
+                            tc_tflop=sum(ln.tc for ln in ls) / 1e12, useful_tflop=useful,
+                            simt_tflop=sum(ln.simt for ln in ls) / 1e12, hbm_gb=sum(ln.hbm for ln in ls) / 1e9,
+                            l2_gb=sum(ln.l2 for ln in ls) / 1e9, smem_gb=sum(ln.smem for ln in ls) / 1e9,
+                            predicted_s=book.seconds(), goal_s=GOALS_S.get(sname)))
+    return out
+
+
+def markdown(shapes, backends, launches: bool) -> str:
+    lines = ["Predicted on one H200 (bench/roofline.py; ceilings: "
+             + "; ".join(f"{k} {v / 1e12:g} T/s ({why.split(':')[0]})" for k, (v, why) in CEILINGS.items())
+             + f"; {LAUNCH_S * 1e6:g} us per launch, lead). Not measured.", "",
+             "| shape | backend | launches | TC TFLOP executed (useful) | SIMT TFLOP | HBM GB | L2 GB | SMEM GB "
+             "| predicted s | goal s |", "|" + " --- |" * 10]
+    for t in totals(shapes, backends):
+        lines.append(f"| {t['shape']} | {t['backend']} | {t['launches']} | {t['tc_tflop']:.1f} ({t['useful_tflop']:.1f}) "
+                     f"| {t['simt_tflop']:.1f} | {t['hbm_gb']:.0f} | {t['l2_gb']:.0f} | {t['smem_gb']:.0f} "
+                     f"| {t['predicted_s']:.3g} | {t['goal_s'] if t['goal_s'] is not None else ''} |")
+    if launches:
+        lines += ["", "| shape | backend | launch | count | TC TFLOP | SIMT TFLOP | HBM GB | L2 GB | SMEM GB | bound "
+                  "| predicted s | note |", "|" + " --- |" * 12]
+        for r in rows(shapes, backends):
+            lines.append(f"| {r['shape']} | {r['backend']} | {r['launch']} | {r['count']} | {r['tc_tflop']:.2f} "
+                         f"| {r['simt_tflop']:.2f} | {r['hbm_gb']:.1f} | {r['l2_gb']:.1f} | {r['smem_gb']:.1f} "
+                         f"| {r['bound']} | {r['seconds']:.4f} | {r['note']} |")
+    return "\n".join(lines)
+
+
+RESULTS_MD = "bench/results/roofline.md"
+RESULTS_JSON = "bench/results/roofline.json"
+
+
+def _shape_of_row(row):
+    """(n_images, n_captions, len_lo, len_hi) of a history row's shape label, or None."""
+    import re
+    m = re.match(r"\S+ (\d+)x(\d+) .*len(\d+)-(\d+)", row.shape)
+    return tuple(int(g) for g in m.groups()) if m else None
+
+
+def compare(rows, predictions) -> List[str]:
+    """Lines "backend, shape: measured s vs predicted s" for the bf16 rows measured on a GPU whose
+    shape, set-up and direction the model has (``predictions``: the totals of roofline.json).
+    Needs no torch (the summary of the device suite runs it)."""
+    out = []
+    for r in rows:
+        if r.dtype != "bfloat16" or r.median_ms is None or "EPYC" in r.device or "cpu" in r.device.lower():
+            continue
+        key = _shape_of_row(r)
+        for p in predictions:
+            if (p["backend"] == r.backend and key == (p["n_images"], p["n_captions"], p["len_lo"], p["len_hi"])
+                    and p["regulator"] == r.regulator and p["steps"] == r.steps and p["attn_type"] == r.attn_type
+                    and p["training"] == (r.op == "train_step")):
+                meas = r.median_ms / 1e3
+                out.append(f"{r.backend:<7} {p['shape']:<10} {r.attn_type}: measured {meas:.3g} s, predicted "
+                           f"{p['predicted_s']:.3g} s (x{meas / p['predicted_s']:.2f})")
+    return out
+
+
+def write(shapes, backends) -> None:
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, RESULTS_MD), "w") as f:
+        f.write("# Cost model: predicted H200 times of today's kernels (python -m bench.roofline --write)\n\n"
+                + markdown(shapes, backends, True) + "\n")
+    with open(os.path.join(root, RESULTS_JSON), "w") as f:
+        json.dump({"totals": totals(shapes, backends),
+                   "ceilings": {k: {"per_s": v, "source": w} for k, (v, w) in CEILINGS.items()},
+                   "launch_s": LAUNCH_S}, f, indent=1)
+        f.write("\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.roofline", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", action="append", choices=sorted(SHAPES), help="default: every shape")
+    ap.add_argument("--backends", default="torch,triton,cuda")
+    ap.add_argument("--launches", action="store_true", help="also one row per launch kind")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--write", action="store_true", help=f"write {RESULTS_MD} and {RESULTS_JSON}")
+    ap.add_argument("--compare", metavar="CSV", help="measured bf16 GPU rows of CSV vs the committed predictions")
+    a = ap.parse_args(argv)
+    if a.compare:
+        import os
+        from .report import read_csv
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, RESULTS_JSON)) as f:
+            lines = compare(read_csv(a.compare), json.load(f)["totals"])
+        print("\n".join(lines) if lines else "(no bf16 GPU row of a modelled shape)")
+        return 0
+    shapes = a.shape or list(SHAPES)
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in MODELS]
+    if bad:
+        print(f"python -m bench.roofline: --backends: unknown {', '.join(bad)} (known: {', '.join(MODELS)})",
+              file=sys.stderr)
+        return 2
+    if a.write:
+        write(shapes, backends)
+        print(f"wrote {RESULTS_MD}, {RESULTS_JSON}")
+        return 0
+    if a.json:
+        print(json.dumps({"totals": totals(shapes, backends), "launches": rows(shapes, backends),
+                          "ceilings": {k: {"per_s": v, "source": w} for k, (v, w) in CEILINGS.items()},
+                          "launch_s": LAUNCH_S}))
+    else:
+        print(markdown(shapes, backends, a.launches))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

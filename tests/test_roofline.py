@@ -1,0 +1,99 @@
+"""The cost model (bench/roofline.py): its committed tables are what the model computes now, no
+backend's executed work falls short of SPEC.md's counted FLOPs, times add up, work scales with
+the pairs, the measured ceilings are the measured ones, and measured rows compare by shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import roofline as RL  # noqa: E402
+from bench.report import Row  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def totals():
+    return RL.totals(list(RL.SHAPES), list(RL.MODELS))
+
+
+def test_committed_predictions_are_the_models(totals, tmp_path):
+    """bench/results/roofline.json holds what the model gives now (regenerate with
+    `python -m bench.roofline --write` after changing the model or the kernels it describes)."""
+    with open(os.path.join(ROOT, RL.RESULTS_JSON)) as f:
+        committed = json.load(f)
+    assert len(committed["totals"]) == len(totals)
+    for c, t in zip(committed["totals"], totals):
+        assert {k: c[k] for k in ("shape", "backend", "launches")} == {k: t[k] for k in ("shape", "backend", "launches")}
+        assert c["predicted_s"] == pytest.approx(t["predicted_s"], rel=1e-9), (c["shape"], c["backend"])
+    with open(os.path.join(ROOT, RL.RESULTS_MD)) as f:
+        assert RL.markdown(list(RL.SHAPES), list(RL.MODELS), True) in f.read()
+
+
+def test_no_backend_executes_less_than_the_counted_work(totals):
+    for t in totals:
+        assert t["tc_tflop"] + t["simt_tflop"] >= 0.99 * t["useful_tflop"], t
+    flickr = {t["backend"]: t for t in totals if t["shape"] == "flickr30k"}
+    # the Triton tiles pad R = 36 to 64 context rows and captions to 16 or 32 rows
+    assert flickr["triton"]["tc_tflop"] > 1.5 * flickr["triton"]["useful_tflop"]
+    assert 220 < flickr["torch"]["useful_tflop"] < 235          # SPEC.md: about 225 TFLOP
+
+
+def test_time_is_the_sum_of_the_launches():
+    shape = RL.SHAPES["headline"]
+    for b in RL.MODELS:
+        book = RL.model(b, shape)
+        rows = [r for r in RL.rows(["headline"], [b])]
+        assert sum(r["seconds"] for r in rows) == pytest.approx(book.seconds(), rel=1e-12)
+        for ln in book.launches.values():
+            bounds = [ln.tc / RL.CEILINGS["tc"][0], ln.hbm / RL.CEILINGS["hbm"][0], ln.l2 / RL.CEILINGS["l2"][0],
+                      ln.simt / RL.CEILINGS["simt"][0], ln.smem / RL.CEILINGS["smem"][0]]
+            assert ln.seconds() == pytest.approx(max(bounds) + ln.count * RL.LAUNCH_S)
+
+
+def test_pair_work_scales_with_the_pairs():
+    import dataclasses
+    small = RL.SHAPES["headline"]
+    big = dataclasses.replace(small, n_images=2 * small.n_images)
+    for b in RL.MODELS:
+        a, c = RL.model(b, small), RL.model(b, big)
+        tc_a = sum(ln.tc for ln in a.launches.values())
+        tc_c = sum(ln.tc for ln in c.launches.values())
+        assert tc_c == pytest.approx(2 * tc_a, rel=0.02), b
+
+
+def test_measured_ceilings_are_the_devices():
+    assert RL.CEILINGS["tc"][0] == 790e12 and RL.CEILINGS["tc"][1].startswith("measured")
+    assert RL.CEILINGS["hbm"][0] == 4.3e12 and RL.CEILINGS["hbm"][1].startswith("measured")
+    for k in ("simt", "l2", "smem"):
+        assert RL.CEILINGS[k][1].startswith("lead")
+
+
+def _row(backend, shape, ms, device="NVIDIA H200", dtype="bfloat16", op="rcar_scores", attn_type="t2i"):
+    return Row(timestamp="t", git_commit="c", device=device, torch_version="2.11", triton_version="3.6",
+               backend=backend, op=op, regulator="coop_rcar", steps=2, attn_type=attn_type, shape=shape,
+               dtype=dtype, median_ms=ms)
+
+
+def test_compare_matches_rows_to_predictions(totals):
+    flickr = "flickr30k 1000x5000 R36 d1024 s256 len6-24"
+    pred = {t["backend"]: t["predicted_s"] for t in totals if t["shape"] == "flickr30k"}
+    rows = [_row("triton", flickr, pred["triton"] * 2e3), _row("cuda", flickr, 1000.0),
+            _row("triton", flickr, 5.0, dtype="float32"), _row("torch", flickr, 5.0, device="AMD EPYC (2 threads)"),
+            _row("torch", "flickr30k 100x100 R36 d1024 s256 len6-24", 10.0)]
+    lines = RL.compare(rows, totals)
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("triton") and "(x2.00)" in lines[0]
+    assert lines[2].startswith("torch") and "headline" in lines[2]
+
+
+def test_cli_bad_backend_is_one_line(capsys):
+    assert RL.main(["--backends", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
