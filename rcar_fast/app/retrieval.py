@@ -111,15 +111,25 @@ class _Progress:
             self.bar.close()
 
 
+#: a matrix of at least MIN_TILES x MIN_TILE_PAIRS pairs is cut into at least MIN_TILES tiles (of
+#: 2048 pairs or more: smaller tiles cost measurably on the CPU, 1000-pair tiles 13% for cpp),
+#: whatever the process count: enough to share among processes (rcar_fast.app.distributed), and
+#: the same tiles on one process, so that the scores are bit-identical (a pair's last bits
+#: depend on the block it is computed in)
+MIN_TILES, MIN_TILE_PAIRS = 16, 2048
+
+
 def plan_tiles(n_i: int, n_c: int, regions: int, max_len: int, dim: int, itemsize: int,
                device_type: str = "cpu", memory_budget: Optional[int] = None,
                tile_pairs: Optional[int] = None) -> Tuple[int, int]:
     """(images per tile, captions per tile): the input features of one tile fit in
     ``memory_budget`` bytes (default 256 MiB on CPU, 2 GiB on GPU; the backend's own working
     set is bounded by the same budget, block by block), and a tile has about ``tile_pairs``
-    pairs (default 32K on CPU, 4M on GPU) so that progress is reported every few seconds."""
+    pairs (default 32K on CPU, 4M on GPU, and at most 1/MIN_TILES of a large matrix) so that
+    progress is reported every few seconds and processes can share the tiles."""
     budget = memory_budget or TILE_INPUT_BYTES.get(device_type, TILE_INPUT_BYTES["cuda"])
-    pairs = tile_pairs or TILE_PAIRS.get(device_type, TILE_PAIRS["cuda"])
+    pairs = tile_pairs or min(TILE_PAIRS.get(device_type, TILE_PAIRS["cuda"]),
+                              max(MIN_TILE_PAIRS, n_i * n_c // MIN_TILES))
     per_img, per_cap = regions * dim * itemsize, max(1, max_len) * dim * itemsize
     tc = max(1, min(n_c, budget // 2 // per_cap))
     ti = max(1, min(n_i, budget // 2 // per_img, max(1, pairs // tc)))
@@ -128,9 +138,54 @@ def plan_tiles(n_i: int, n_c: int, regions: int, max_len: int, dim: int, itemsiz
     return ti, tc
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One tile of the score matrix: images i0..i1 x the captions ``cols`` (one length order)."""
+    i0: int
+    i1: int
+    cols: Tensor          # caption indices (int64, CPU), sorted by length
+    max_len: int          # the longest caption among them (the tile's padded length)
+
+    @property
+    def pairs(self) -> int:
+        return (self.i1 - self.i0) * len(self.cols)
+
+
+def score_tiles(n_i: int, cap_lens: Tensor, regions: int, max_len: int, dim: int, itemsize: int,
+                device_type: str = "cpu", memory_budget: Optional[int] = None,
+                tile: Optional[Tuple[int, int]] = None) -> List[Tile]:
+    """The tiles :func:`score_all` computes, in order: captions sorted by length (stable), cut
+    into runs of the tile's caption count, each against every run of images. A function of the
+    sizes and lengths only, so every process of a distributed run plans the same tiles."""
+    n_c = int(cap_lens.shape[0])
+    ti, tc = tile or plan_tiles(n_i, n_c, regions, max_len, dim, itemsize, device_type, memory_budget)
+    if ti < 1 or tc < 1:
+        raise ValueError(f"tile: expected two positive sizes, got {tile!r}")
+    lens_cpu = cap_lens.cpu()
+    order = torch.argsort(lens_cpu, stable=True)
+    out = []
+    for c0 in range(0, n_c, tc):
+        cidx = order[c0:c0 + tc]
+        Lt = int(lens_cpu[cidx].max())
+        for i0 in range(0, n_i, ti):
+            out.append(Tile(i0, min(n_i, i0 + ti), cidx, Lt))
+    return out
+
+
+def score_tile(head: nn.Module, img: Tensor, cap: Tensor, lens_cpu: Tensor, tile: Tile, device: torch.device,
+               dtype: torch.dtype, backend: str, memory_budget: Optional[int]) -> Tensor:
+    """The (i1 - i0, len(cols)) float32 CPU scores of one tile (features moved to the head's
+    device and cast there, one tile at a time)."""
+    cap_t = cap[tile.cols.to(cap.device), :tile.max_len].to(device=device, dtype=dtype)
+    img_t = img[tile.i0:tile.i1].to(device=device, dtype=dtype)
+    with torch.no_grad():
+        s = head(img_t, cap_t, lens_cpu[tile.cols].to(device), backend=backend, memory_budget=memory_budget)
+    return s.float().cpu()
+
+
 def score_all(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, backend: str = "auto",
               dtype=None, memory_budget: Optional[int] = None, progress: Optional[bool] = None,
-              tile: Optional[Tuple[int, int]] = None, desc: str = "scoring") -> Tensor:
+              tile: Optional[Tuple[int, int]] = None, desc: str = "scoring", group=None) -> Tensor:
     """Scores every image against every caption: (N_i, N_c) float32 on the CPU.
 
     head: an :class:`rcar_fast.RCARSimilarity` (or a module with its forward signature); it
@@ -138,13 +193,16 @@ def score_all(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, backend: str 
     img (N_i, R, d), cap (N_c, L, d), cap_lens (N_c,): features, on any device (moved to the
     head's device, and cast to its dtype, one tile at a time).
     backend: as :func:`rcar_fast.ops.rcar_scores`. dtype: None (the head's dtype), or
-    "fp16"/"bf16"/"fp32" (features and a copy of the head are cast; scores come back as
-    float32, but hold the head's output rounded to that dtype: bf16 scores have 8 significant
-    bits and tie often, and the default tie rule counts a tie against the match, see
-    :func:`recall_metrics`). memory_budget: bytes for one tile's features, also passed to the
-    backend as its per-block budget. progress: None = a bar for runs of 200K pairs or more, True/False.
+    "fp16"/"bf16"/"fp32" (features and a copy of the head are cast; the head's last Linear,
+    sigmoid and scores stay float32, see :func:`rcar_fast.ops.rcar_scores`). memory_budget:
+    bytes for one tile's features, also passed to the backend as its per-block budget.
+    progress: None = a bar for runs of 200K pairs or more, True/False.
     tile: (images, captions) per tile instead of :func:`plan_tiles`'s choice.
     Captions are tiled in order of length, so a tile pads only to its own longest caption.
+    group: a torch.distributed process group (or True for the default one): the tiles are shared
+    out among its processes, balanced by cost, and every process returns the whole matrix,
+    bit-identical to one process's (rcar_fast.app.distributed); a failure on any process raises
+    on every one.
     """
     cap_lens = V.check_features(img, cap, cap_lens).tensor
     dtype = resolve_dtype(dtype)
@@ -156,28 +214,24 @@ def score_all(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, backend: str 
     head = _head_in(head, dtype)
     n_i, R, d = img.shape
     n_c, L = cap.shape[0], cap.shape[1]
-    out = torch.empty(n_i, n_c, dtype=torch.float32)
     if n_i == 0 or n_c == 0:
-        return out
+        return torch.empty(n_i, n_c, dtype=torch.float32)
     itemsize = torch.empty((), dtype=run_dtype).element_size()
-    ti, tc = tile or plan_tiles(n_i, n_c, R, L, d, itemsize, device.type, memory_budget)
-    if ti < 1 or tc < 1:
-        raise ValueError(f"tile: expected two positive sizes, got {tile!r}")
-    order = torch.argsort(cap_lens.cpu(), stable=True)
+    tiles = score_tiles(n_i, cap_lens, R, L, d, itemsize, device.type, memory_budget, tile)
     lens_cpu = cap_lens.cpu()
+
+    def compute(t: Tile) -> Tensor:
+        return score_tile(head, img, cap, lens_cpu, t, device, run_dtype, backend, memory_budget)
+    if group is not None and group is not False:
+        from .distributed import score_tiles_distributed
+        return score_tiles_distributed(tiles, compute, n_i, n_c, lens_cpu, getattr(head, "attn_type", "t2i"),
+                                       None if group is True else group, progress, desc)
+    out = torch.empty(n_i, n_c, dtype=torch.float32)
     bar = _Progress(n_i * n_c, progress, desc)
     try:
-        with torch.no_grad():
-            for c0 in range(0, n_c, tc):
-                cidx = order[c0:c0 + tc]
-                lens_t = lens_cpu[cidx]
-                Lt = int(lens_t.max())
-                cap_t = cap[cidx.to(cap.device), :Lt].to(device=device, dtype=run_dtype)
-                for i0 in range(0, n_i, ti):
-                    img_t = img[i0:i0 + ti].to(device=device, dtype=run_dtype)
-                    s = head(img_t, cap_t, lens_t.to(device), backend=backend, memory_budget=memory_budget)
-                    out[i0:i0 + img_t.shape[0], cidx] = s.float().cpu()
-                    bar.update(img_t.shape[0] * len(cidx))
+        for t in tiles:
+            out[t.i0:t.i1, t.cols] = compute(t)
+            bar.update(t.pairs)
     finally:
         bar.close()
     return out
