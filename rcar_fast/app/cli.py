@@ -424,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
     t.add_argument("--dtypes", default=None, help="comma-separated of fp32, fp16, bf16, fp64 (default: all)")
 
+    from . import train as train_command
+    train_command.add_parser(sub)
     return p
 
 
@@ -471,6 +473,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _fail("demo", f"out of memory on {args.device} ({_exc_line(exc)}); try fewer --images")
     if args.command == "selftest":
         return selftest_command(args)
+    if args.command == "train":
+        from . import train as train_command
+        return train_command.run_command(args)
     if args.command == "eval":
         if args.rerank_only and not args.rerank_k:
             return _fail("eval", "--rerank-only needs --rerank-k K")
