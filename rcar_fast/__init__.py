@@ -25,7 +25,8 @@ from .modules import (AdaptiveAttention, AlignmentVector, RARModule, RCARSimilar
 __version__ = "0.1.0"
 
 #: application names, loaded from rcar_fast.app on first use (PEP 562)
-_APP = {"data": "data", "encoders": "encoders", "retrieval": "retrieval",
+_APP = {"data": "data", "encoders": "encoders", "retrieval": "retrieval", "distributed": "distributed",
+        "search": "search",
         "load_precomp": "data", "structured_dataset": "data",
         "MatchingModel": "encoders", "Vocabulary": "encoders", "load_checkpoint": "encoders",
         "Recall": "retrieval", "recall_metrics": "retrieval", "score_all": "retrieval", "two_stage": "retrieval"}

@@ -241,24 +241,101 @@ def _tied_share(sims, cpi: int) -> float:
 
 
 def evaluate(args) -> int:
-    from .data import load_precomp
-    from .encoders import (Vocabulary, check_vocab, checkpoint_options, encode_captions,
-                           model_from_checkpoint, read_checkpoint)
+    """rcar-fast eval. Under torchrun (the process group joined by main()) every process loads
+    and encodes the split, the score matrix's tiles are shared out among the processes
+    (score_all(group=...): bit-identical to one process's), and only rank 0 prints, writes and
+    shows the progress bar; an error on any process in loading or scoring raises
+    DistributedScoringError on every one."""
+    from . import distributed
     from .retrieval import (Scorer, average_recall, average_scores, compare_two_stage, fold_slices,
                             recall_metrics, resolve_dtype, score_all, two_stage)
 
+    group = True if distributed.in_group() else None
+    main_rank = distributed.is_main()
+    say = print if main_rank else _quiet
+    with distributed.together(group, "eval"):     # every process agrees it is ready, or all stop
+        try:    # unknown, unusable here, or unable to compute the dtype: before any work
+            resolve(args.backend, args.device, dtype=resolve_dtype(args.dtype) or torch.float32)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--backend {args.backend}: {_exc_line(exc).replace('backend: ', '', 1)}") from None
+        if args.save_scores and main_rank:     # (only rank 0 writes)
+            folder = os.path.dirname(os.path.abspath(args.save_scores))
+            if not os.path.isdir(folder):
+                raise ValueError(f"--save-scores {args.save_scores}: no such folder {folder}")
+        scorers, split = _load_and_encode(args, say)
+    budget = args.memory_budget * 2**20 if args.memory_budget else None
+    cpi = split.captions_per_image
+    folds = fold_slices(split.n_images, 5, cpi) if args.fold5 else [(slice(None), slice(None))]
+    exhaustive, staged, reports = [], [], []
+    for f, (si, sc) in enumerate(folds):
+        sub = [Scorer(s.head, s.img[si], s.cap[sc], s.lens[sc]) for s in scorers]
+        tag = f"fold {f + 1}/5: " if args.fold5 else ""
+        if not args.rerank_only:
+            t0 = time.perf_counter()
+            mats = [score_all(s.head, s.img, s.cap, s.lens, backend=args.backend, dtype=args.dtype,
+                              memory_budget=budget, progress=None if args.progress else False,
+                              desc=f"{tag}scoring", group=group) for s in sub]
+            sims = average_scores(mats)
+            t_ex = time.perf_counter() - t0
+            rec = recall_metrics(sims, cpi, ties=args.ties)
+            exhaustive.append(rec)
+            n_pairs = sims.numel() * len(mats)
+            say(f"{tag}exhaustive: {sims.shape[0]} x {sims.shape[1]} pairs x {len(mats)} model(s) in "
+                f"{t_ex:.1f} s ({n_pairs / t_ex:.0f} pairs/s)" + (
+                    f" on {distributed.world_size()} processes" if group else ""))
+            tied = _tied_share(sims, cpi)
+            if tied > 0 and args.ties == "pessimistic":     # say what the tie rule cost
+                alt = recall_metrics(sims, cpi, ties="expected")
+                say(f"{tag}ties: {100.0 * tied:.1f}% of queries have their match tied with a non-match, "
+                    f"counted against the match (rsum {rec.rsum:.1f}; --ties expected: {alt.rsum:.1f})")
+            if args.save_scores and main_rank:
+                import numpy as np
+                path = args.save_scores if not args.fold5 else f"{args.save_scores}.fold{f + 1}"
+                np.save(path if path.endswith(".npy") else path + ".npy", sims.numpy())
+            if args.fold5:
+                for line in rec.lines():
+                    say(f"  {line}")
+        if args.rerank_k:       # (under torchrun every process runs it whole: not shared out)
+            res = two_stage(sub, args.rerank_k, cpi, backend=args.backend, dtype=args.dtype,
+                            memory_budget=budget, progress=None if args.progress and main_rank else False)
+            staged.append(res.recall)
+            if not args.rerank_only:
+                reports.append(compare_two_stage(exhaustive[-1], t_ex, res))
+            say(f"{tag}two-stage (k={args.rerank_k}): {res.pairs_scored} of {res.pairs_total} pairs "
+                f"scored in {res.seconds:.1f} s (prefilter {res.prefilter_s:.1f} s)")
+    title = "mean of 5 folds" if args.fold5 else "result"
+    if exhaustive:
+        say(f"exhaustive ({title}):")
+        for line in average_recall(exhaustive).lines():
+            say(f"  {line}")
+    if staged:
+        say(f"two-stage k={args.rerank_k} ({title}):")
+        for line in average_recall(staged).lines():
+            say(f"  {line}")
+    if reports:
+        ex_s = sum(r.exhaustive_s for r in reports)
+        ts_s = sum(r.two_stage_s for r in reports)
+        lost = average_recall(exhaustive).rsum - average_recall(staged).rsum
+        say(f"two-stage vs exhaustive: recall lost {lost:.1f} rsum; {ts_s:.1f} s vs {ex_s:.1f} s "
+            f"({100.0 * (1.0 - ts_s / ex_s) if ex_s > 0 else float('nan'):.0f}% of the time saved)")
+    return 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print's stand-in on the processes other than rank 0."""
+
+
+def _load_and_encode(args, say):
+    """eval's split, checkpoints and vocabulary, read and checked, and the features encoded:
+    ([Scorer per checkpoint], split)."""
+    from .data import load_precomp
+    from .encoders import (Vocabulary, check_vocab, checkpoint_options, encode_captions,
+                           model_from_checkpoint, read_checkpoint)
+    from .retrieval import Scorer
     device = args.device
-    try:    # unknown, unusable here, or unable to compute the dtype: before any work
-        resolve(args.backend, device, dtype=resolve_dtype(args.dtype) or torch.float32)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"--backend {args.backend}: {_exc_line(exc).replace('backend: ', '', 1)}") from None
-    if args.save_scores:
-        folder = os.path.dirname(os.path.abspath(args.save_scores))
-        if not os.path.isdir(folder):
-            raise ValueError(f"--save-scores {args.save_scores}: no such folder {folder}")
     split = load_precomp(args.data, args.split)
-    print(f"rcar-fast eval: {split.folder} split {split.split!r}: {split.n_images} images, "
-          f"{len(split.captions)} captions")
+    say(f"rcar-fast eval: {split.folder} split {split.split!r}: {split.n_images} images, "
+        f"{len(split.captions)} captions")
     ims_file = os.path.join(split.folder, f"{split.split}_ims.npy")
     if args.fold5 and split.n_images % 5:
         raise ValueError(f"--fold5: {ims_file} holds {split.n_images} images, which do not split "
@@ -280,70 +357,16 @@ def evaluate(args) -> int:
         check_vocab(m, vocab, vocab_path)
         note = "" if "attn_type" in opt or args.attn_type else \
             " (attn_type not in the checkpoint: t2i assumed; --attn-type sets it)"
-        print(f"  model {p}: {m.config.describe()}{note}")
-    print(f"  vocabulary {vocab_path}: {len(vocab)} words")
+        say(f"  model {p}: {m.config.describe()}{note}")
+    say(f"  vocabulary {vocab_path}: {len(vocab)} words")
     ids, lens = encode_captions(split.captions, vocab)
     t0 = time.perf_counter()
     scorers = []
     for m in models:
         img, cap = _encode(m, split, ids, lens, device, args.batch_size)
         scorers.append(Scorer(m.sim_enc, img, cap, lens))
-    print(f"  encoded with {len(models)} model(s) in {time.perf_counter() - t0:.1f} s")
-    budget = args.memory_budget * 2**20 if args.memory_budget else None
-    cpi = split.captions_per_image
-    folds = fold_slices(split.n_images, 5, cpi) if args.fold5 else [(slice(None), slice(None))]
-    exhaustive, staged, reports = [], [], []
-    for f, (si, sc) in enumerate(folds):
-        sub = [Scorer(s.head, s.img[si], s.cap[sc], s.lens[sc]) for s in scorers]
-        tag = f"fold {f + 1}/5: " if args.fold5 else ""
-        if not args.rerank_only:
-            t0 = time.perf_counter()
-            mats = [score_all(s.head, s.img, s.cap, s.lens, backend=args.backend, dtype=args.dtype,
-                              memory_budget=budget, progress=None if args.progress else False,
-                              desc=f"{tag}scoring") for s in sub]
-            sims = average_scores(mats)
-            t_ex = time.perf_counter() - t0
-            rec = recall_metrics(sims, cpi, ties=args.ties)
-            exhaustive.append(rec)
-            n_pairs = sims.numel() * len(mats)
-            print(f"{tag}exhaustive: {sims.shape[0]} x {sims.shape[1]} pairs x {len(mats)} model(s) in "
-                  f"{t_ex:.1f} s ({n_pairs / t_ex:.0f} pairs/s)")
-            tied = _tied_share(sims, cpi)
-            if tied > 0 and args.ties == "pessimistic":     # say what the tie rule cost
-                alt = recall_metrics(sims, cpi, ties="expected")
-                print(f"{tag}ties: {100.0 * tied:.1f}% of queries have their match tied with a non-match, "
-                      f"counted against the match (rsum {rec.rsum:.1f}; --ties expected: {alt.rsum:.1f})")
-            if args.save_scores:
-                import numpy as np
-                path = args.save_scores if not args.fold5 else f"{args.save_scores}.fold{f + 1}"
-                np.save(path if path.endswith(".npy") else path + ".npy", sims.numpy())
-            if args.fold5:
-                for line in rec.lines():
-                    print(f"  {line}")
-        if args.rerank_k:
-            res = two_stage(sub, args.rerank_k, cpi, backend=args.backend, dtype=args.dtype,
-                            memory_budget=budget, progress=None if args.progress else False)
-            staged.append(res.recall)
-            if not args.rerank_only:
-                reports.append(compare_two_stage(exhaustive[-1], t_ex, res))
-            print(f"{tag}two-stage (k={args.rerank_k}): {res.pairs_scored} of {res.pairs_total} pairs "
-                  f"scored in {res.seconds:.1f} s (prefilter {res.prefilter_s:.1f} s)")
-    title = "mean of 5 folds" if args.fold5 else "result"
-    if exhaustive:
-        print(f"exhaustive ({title}):")
-        for line in average_recall(exhaustive).lines():
-            print(f"  {line}")
-    if staged:
-        print(f"two-stage k={args.rerank_k} ({title}):")
-        for line in average_recall(staged).lines():
-            print(f"  {line}")
-    if reports:
-        ex_s = sum(r.exhaustive_s for r in reports)
-        ts_s = sum(r.two_stage_s for r in reports)
-        lost = average_recall(exhaustive).rsum - average_recall(staged).rsum
-        print(f"two-stage vs exhaustive: recall lost {lost:.1f} rsum; {ts_s:.1f} s vs {ex_s:.1f} s "
-              f"({100.0 * (1.0 - ts_s / ex_s) if ex_s > 0 else float('nan'):.0f}% of the time saved)")
-    return 0
+    say(f"  encoded with {len(models)} model(s) in {time.perf_counter() - t0:.1f} s")
+    return scorers, split
 
 
 # ----------------------------------------------------------------------------- parser
@@ -363,6 +386,17 @@ def _int_at_least(low: int, what: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     e.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle any Python object the checkpoint holds (only for trusted files)")
+    e.add_argument("--timeout", type=_positive_float, default=1800.0,
+                   help="under torchrun: seconds any process may wait for the others (default 1800)")
+
+    from . import search as search_command
+    search_command.add_parser(sub)
 
     t = sub.add_parser("selftest", help="every available backend against the reference on a small "
                                         "problem, forward and backward, each dtype; a table")
@@ -460,7 +499,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
-        print(exc, file=sys.stderr)
+        if _launcher_rank() == 0:      # under torchrun every process parses the same line: one says it
+            print(exc, file=sys.stderr)
         return 2
     if args.command == "demo":
         try:
@@ -482,14 +522,61 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.ties != "pessimistic" and args.rerank_k:
             return _fail("eval", f"--ties {args.ties}: two-stage search (--rerank-k) ranks ties "
                                  "pessimistically only; drop one of them")
-        try:
-            return evaluate(args)
-        except torch.OutOfMemoryError as exc:
-            return _fail("eval", f"out of memory on {args.device} ({_exc_line(exc)}); lower "
-                                 "--memory-budget or --batch-size")
-        except (ValueError, TypeError, OSError) as exc:   # files, shapes, splits: one line
-            return _fail("eval", _exc_line(exc))
+        return _scoring_command("eval", evaluate, args)
+    if args.command == "search":
+        from . import search as search_command
+        return _scoring_command("search", search_command.command, args)
     return 2
+
+
+def _launcher_rank() -> int:
+    """RANK as torchrun set it (0 without a launcher): known before any process group."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _scoring_command(name: str, run, args) -> int:
+    """Run eval or search, on one process or, under torchrun, on each of them (joining the
+    process group first: gloo on CPU, NCCL on CUDA, every wait bounded by --timeout).
+
+    A user error is one line on stderr and exit 2. Under torchrun every exception is: an error
+    the processes agreed on (DistributedScoringError: raised on every process, naming the
+    ranks) is printed by rank 0 alone, after which the processes meet once more so that no
+    process exits (and torchrun stops the rest) before that line is out; any other error is
+    printed by the process that hit it, naming its rank, and the others stop on their next
+    collective (the peer is gone) or at the timeout."""
+    from . import distributed
+    torchrun = distributed.under_torchrun()
+    rank = _launcher_rank()
+    try:
+        if torchrun:
+            args.device = distributed.process_device(args.device)
+            distributed.launch(args.device, args.timeout)
+        return run(args)
+    except distributed.DistributedScoringError as exc:
+        if distributed.is_main():
+            _fail(name, _exc_line(exc))
+            sys.stderr.flush()
+        try:
+            distributed.barrier()
+        except Exception:        # a process gone already: nothing left to wait for
+            pass
+        return 2
+    except torch.OutOfMemoryError as exc:
+        where = f"rank {rank}: " if torchrun else ""
+        return _fail(name, f"{where}out of memory on {args.device} ({_exc_line(exc)}); lower "
+                           "--memory-budget or --batch-size")
+    except (ValueError, TypeError, OSError) as exc:   # files, shapes, splits: one line
+        return _fail(name, (f"rank {rank}: " if torchrun else "") + _exc_line(exc))
+    except Exception as exc:
+        if not torchrun:
+            raise             # one process: a bug, with its traceback
+        return _fail(name, f"rank {rank}: {type(exc).__name__}: {_exc_line(exc)}")
+    finally:
+        if torchrun:
+            distributed.finish()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ store where there is one (each process adds its pairs as it finishes a tile).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import heapq
 import os
@@ -60,6 +61,56 @@ def owners(costs: Sequence[float], world: int) -> List[int]:
         out[k] = r
         heapq.heappush(heap, (load + costs[k], r))
     return out
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message``: how a process's error is reported to the others."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _comm_device(group) -> torch.device:
+    """Where the group's collectives take their tensors: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_all(error: Optional[str], group=None, what: str = "scoring") -> None:
+    """Every process of the group calls this at the same point with its own error (None when it
+    is fine); if any process failed, every one raises :class:`DistributedScoringError` naming
+    the failed ranks and their errors, so no process goes on to wait on a collective the failed
+    ones will never join."""
+    failed = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=_comm_device(group))
+    dist.all_reduce(failed, group=group)
+    if int(failed.item()):
+        errors = [None] * dist.get_world_size(group)
+        dist.all_gather_object(errors, error, group=group)
+        ranks = {}                     # message -> the ranks that raised it, in rank order
+        for q, e in enumerate(errors):
+            if e is not None:
+                ranks.setdefault(e, []).append(q)
+        raise DistributedScoringError(f"{what} failed on " + "; ".join(
+            f"rank{'s' if len(qs) > 1 else ''} {', '.join(map(str, qs))}: {e}" for e, qs in ranks.items()))
+
+
+@contextlib.contextmanager
+def together(group=None, what: str = "preparing"):
+    """``with together(group, "loading"):`` a step every process runs; an exception in it on any
+    process raises :class:`DistributedScoringError` on every process at the block's end (the
+    processes agree there: every one must reach it). Without a group (None, False, or
+    torch.distributed not initialised) the block's exceptions pass through unchanged."""
+    if group is True:
+        group = dist.group.WORLD
+    if group is None or group is False or not in_group():
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as exc:
+        error = describe(exc)
+    check_all(error, group, what)
 
 
 def _store(group):
@@ -103,19 +154,12 @@ def score_tiles_distributed(tiles, compute: Callable, n_i: int, n_c: int, lens_c
             elif bar is not None:
                 bar.update(t.pairs)
     except Exception as exc:   # joined below, so that every process hears of it
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        error = describe(exc)
     finally:
         if bar is not None:
             bar.close()
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
-    failed = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm_device)
-    dist.all_reduce(failed, group=group)
-    if int(failed.item()):
-        errors = [None] * world
-        dist.all_gather_object(errors, error, group=group)
-        raise DistributedScoringError("scoring failed on " + "; ".join(
-            f"rank {q}: {e}" for q, e in enumerate(errors) if e is not None))
+    check_all(error, group, "scoring")
+    comm_device = _comm_device(group)
     gathered = torch.empty(world * local.numel(), dtype=torch.float32, device=comm_device)
     # all_gather_into_tensor (renamed all_gather_single in newer torch): equal-sized, padded shares
     gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -144,10 +188,51 @@ def launch(device: torch.device, timeout_s: float = 1800.0) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(process_device(device).index or 0)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher set it (RANK; 0 without one), before any group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_device(device: torch.device) -> torch.device:
+    """Under torchrun, ``cuda`` without an index means this process's GPU, cuda:LOCAL_RANK."""
+    if device.type == "cuda" and device.index is None and under_torchrun():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def total(n: int, group=None) -> int:
+    """The sum of ``n`` over the group's processes."""
+    t = torch.tensor([int(n)], dtype=torch.int64, device=_comm_device(group))
+    dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
+def barrier() -> None:
+    """Wait for every process of the default group (nothing without one)."""
+    if in_group():
+        dist.barrier()
+
+
+def finish() -> None:
+    """Leave the process group, if this process is in one."""
+    if in_group():
+        dist.destroy_process_group()
+
+
+def in_group() -> bool:
+    """Whether this process is in a process group (torchrun, after :func:`launch`)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Processes in the default group (1 without one)."""
+    return dist.get_world_size() if in_group() else 1
 
 
 def is_main() -> bool:
     """True on the process that prints and writes (rank 0, or a run without a group)."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not in_group() or dist.get_rank() == 0

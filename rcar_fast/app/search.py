@@ -21,6 +21,7 @@ those with RCAR.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -209,17 +210,19 @@ def search(head, queries: Tensor, gallery: Gallery, k: int, query_lens: Optional
     n_q = queries.shape[0]
     stats = stats if stats is not None else SearchStats()
     t0 = time.perf_counter()
+    from .distributed import together
     from .retrieval import _Progress
     candidates = None
     if rerank_k is not None:        # the prefilter's top rerank_k, over the whole gallery
         top = empty_topk(n_q, rerank_k)
-        for ids, x, lens in gallery.chunks(start, stop, chunk):
-            s = _prefilter(queries, query_lens, x, lens, direction).double()
-            top = merge_topk(torch.cat([top[0], s], 1), torch.cat([top[1], ids.expand(n_q, -1)], 1), rerank_k)
+        with together(group, "search (prefilter)"):     # a failure anywhere stops every process
+            for ids, x, lens in gallery.chunks(start, stop, chunk):
+                s = _prefilter(queries, query_lens, x, lens, direction).double()
+                top = merge_topk(torch.cat([top[0], s], 1), torch.cat([top[1], ids.expand(n_q, -1)], 1), rerank_k)
         candidates = _gather_topk(top, rerank_k, group)[1]            # (n_q, rerank_k) gallery ids
-    bar = _Progress(n_q * (stop - start), progress, "searching") if rank == 0 else None
+    bar = _Progress(n_q * (stop - start), progress if rank == 0 else False, "searching")   # rank 0's share
     top = empty_topk(n_q, k)
-    try:
+    with together(group, "search"), contextlib.closing(bar):
         for ids, x, lens in gallery.chunks(start, stop, chunk):
             if candidates is None:
                 s = _scores(head, queries, query_lens, x, lens, direction, backend, dtype, memory_budget).double()
@@ -236,11 +239,7 @@ def search(head, queries: Tensor, gallery: Gallery, k: int, query_lens: Optional
                     stats.pairs_scored += len(cols)
             top = merge_topk(torch.cat([top[0], s], 1), torch.cat([top[1], ids.expand(n_q, -1)], 1), k)
             stats.chunks += 1
-            if bar is not None:
-                bar.update(n_q * ids.shape[0])
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(n_q * ids.shape[0])
     result = _gather_topk(top, k, group)
     stats.seconds = time.perf_counter() - t0
     return TopK(*result)
@@ -304,7 +303,7 @@ class TextGallery:
 
 def add_parser(sub) -> None:
     """`rcar-fast search`: the command's arguments (rcar_fast.app.cli calls this)."""
-    from .cli import _positive_int, parse_device
+    from .cli import _positive_float, _positive_int, parse_device
     p = sub.add_parser("search", help="top-k search of a release model over a gallery streamed from disk "
                                       "(torchrun: one share of the gallery per process)")
     p.add_argument("--checkpoint", required=True, help="a release checkpoint (.pth)")
@@ -325,23 +324,52 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
     p.add_argument("--memory-budget", type=_positive_int, default=None, help="MiB per scoring tile")
     p.add_argument("--trust-checkpoint", action="store_true")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds any collective may wait (torchrun)")
+    p.add_argument("--timeout", type=_positive_float, default=1800.0,
+                   help="under torchrun: seconds any process may wait for the others (default 1800)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def command(args) -> int:
-    """`rcar-fast search` (add_parser); returns the exit status, raises ValueError for a user error."""
-    import glob
-    import os
-
+    """`rcar-fast search` (add_parser); returns the exit status, raises ValueError for a user error
+    (under torchrun: DistributedScoringError on every process when any failed)."""
     from . import distributed
-    from .encoders import Vocabulary, check_vocab, encode_captions, load_checkpoint
     if args.rerank_k is not None and args.rerank_k < args.top_k:
         raise ValueError(f"--rerank-k {args.rerank_k}: must be at least --top-k {args.top_k}")
     device = args.device
-    if distributed.under_torchrun():
+    if distributed.under_torchrun():      # (rcar_fast.app.cli has joined already; a direct call joins here)
         distributed.launch(device, args.timeout)
+    group = True if distributed.in_group() else None
     say = print if distributed.is_main() else (lambda *a, **k: None)
+    with distributed.together(group, "search"):   # loading: every process ready, or every one stops
+        model, queries, query_lens, gallery = _load(args, device)
+    say(f"rcar-fast search: {queries.shape[0]} queries, a gallery of {len(gallery)} {gallery.kind}"
+        + (f" in {len(args.gallery)} files" if len(args.gallery) > 1 else "") + f", top {args.top_k}"
+        + (f" of the prefilter's {args.rerank_k}" if args.rerank_k else "")
+        + (f", {distributed.world_size()} processes" if group else ""))
+    stats = SearchStats()
+    budget = args.memory_budget * 2**20 if args.memory_budget else None
+    top = search(model.sim_enc, queries, gallery, args.top_k, query_lens, args.direction, args.rerank_k, args.chunk,
+                 args.backend, args.dtype, budget, group, None if args.progress else False, stats)
+    pairs = distributed.total(stats.pairs_scored) if group else stats.pairs_scored
+    say(f"  {pairs} pairs scored in {stats.seconds:.1f} s ({pairs / max(stats.seconds, 1e-9):.0f} pairs/s)")
+    if distributed.is_main():
+        if args.out:
+            n = write_rows(top, args.out)
+            say(f"  wrote {n} rows to {args.out}")
+        else:
+            for qi, r, g, sc in top.rows():
+                print(f"{qi}\t{r}\t{g}\t{sc:.6g}")
+    return 0
+
+
+def _load(args, device):
+    """The search command's model, queries (encoded) and gallery (read as it is searched)."""
+    import glob
+    import os
+
+    from .encoders import Vocabulary, check_vocab, encode_captions, load_checkpoint
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ValueError(f"--out {args.out}: no such folder {os.path.dirname(os.path.abspath(args.out))}")
     model = load_checkpoint(args.checkpoint, args.trust_checkpoint).to(device).eval()
     vocab_path = args.vocab or next(iter(sorted(glob.glob(os.path.join(
         os.path.dirname(os.path.abspath(args.checkpoint)), "*vocab*.json")))), None)
@@ -359,35 +387,32 @@ def command(args) -> int:
         with torch.no_grad():
             return model.encode_captions(ids.to(device), lens).cpu(), lens
 
+    img_dim = model.config.img_dim
+
+    def images(files, what):
+        g = Gallery(files, "images", encode=encode_images)
+        for f, a in zip(files, g.arrays):
+            if a.shape[2] != img_dim:
+                raise ValueError(f"{what} {f}: region features of size {a.shape[2]}, but {args.checkpoint} "
+                                 f"expects img_dim {img_dim}")
+        return g
+
     if args.direction == "t2i":
-        with open(args.queries, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
+        try:
+            with open(args.queries, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--queries {args.queries}: cannot read it as UTF-8 text ({exc})") from None
         if not lines:
             raise ValueError(f"--queries {args.queries}: holds no captions")
         queries, query_lens = encode_texts(lines)
-        gallery = Gallery(args.gallery, "images", encode=encode_images)
+        gallery = images(args.gallery, "--gallery")
     else:
-        q = Gallery([args.queries], "images", encode=encode_images)
+        q = images([args.queries], "--queries")
         queries = torch.cat([x for _, x, _ in q.chunks(0, len(q), 256)])
         query_lens = None
         gallery = TextGallery(args.gallery, encode_texts)
-    say(f"rcar-fast search: {queries.shape[0]} queries, a gallery of {len(gallery)} {gallery.kind}, top {args.top_k}"
-        + (f" of the prefilter's {args.rerank_k}" if args.rerank_k else ""))
-    stats = SearchStats()
-    budget = args.memory_budget * 2**20 if args.memory_budget else None
-    top = search(model.sim_enc, queries, gallery, args.top_k, query_lens, args.direction, args.rerank_k, args.chunk,
-                 args.backend, args.dtype, budget, True if distributed.under_torchrun() else None,
-                 None if args.progress else False, stats)
-    say(f"  {stats.pairs_scored} pairs scored by this process in {stats.seconds:.1f} s "
-        f"({stats.pairs_scored / max(stats.seconds, 1e-9):.0f} pairs/s)")
-    if distributed.is_main():
-        if args.out:
-            n = write_rows(top, args.out)
-            say(f"  wrote {n} rows to {args.out}")
-        else:
-            for qi, r, g, sc in top.rows():
-                print(f"{qi}\t{r}\t{g}\t{sc:.6g}")
-    return 0
+    return model, queries, query_lens, gallery
 
 
 __all__ = ["Gallery", "SearchStats", "TextGallery", "TopK", "add_parser", "command", "empty_topk", "merge_topk",
