@@ -82,3 +82,41 @@ def search_worker(rank, world, port, out_dir, gallery_files, length_files, direc
         result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _cli_with_hook(hook: str, argv) -> int:
+    """``rcar-fast argv`` in this process (started by torchrun), with a planted behaviour on one
+    rank: ``fail-score:R`` (rank R's score tiles raise), ``fail-load:R`` (rank R cannot read the
+    split), ``fail-search:R`` (rank R's search scoring raises), ``die:R`` (rank R's process ends
+    outright in its first tile), ``count:DIR`` (every rank writes DIR/<rank>.txt: the tiles it
+    scored), ``none``."""
+    from rcar_fast.app import cli, data, retrieval, search
+    rank = int(os.environ.get("RANK", "0"))
+    mode, _, arg = hook.partition(":")
+    real_tile, counted = retrieval.score_tile, []
+
+    def planted(*a, **k):
+        raise RuntimeError(f"planted failure on rank {rank}")
+
+    def count_tile(*a, **k):
+        counted.append(1)
+        return real_tile(*a, **k)
+
+    def die(*a, **k):
+        os._exit(3)
+    if mode in ("fail-score", "fail-load", "fail-search", "die") and rank == int(arg):
+        target = {"fail-score": (retrieval, "score_tile"), "fail-load": (data, "load_precomp"),
+                  "fail-search": (search, "_scores"), "die": (retrieval, "score_tile")}[mode]
+        setattr(*target, die if mode == "die" else planted)
+    if mode == "count":
+        retrieval.score_tile = count_tile
+    rc = cli.main(argv)
+    if mode == "count":
+        with open(os.path.join(arg, f"{rank}.txt"), "w") as f:
+            f.write(str(len(counted)))
+    return rc
+
+
+if __name__ == "__main__":      # torchrun tests/dist_workers.py HOOK rcar-fast-arguments...
+    import sys
+    sys.exit(_cli_with_hook(sys.argv[1], sys.argv[2:]))
