@@ -12,8 +12,11 @@ cores used the same way, i.e. t1 / tN, so 1.0 means N processes were as fast as 
 with all the cores (a 2-core machine cannot give more than that).
 
 Search (op "search k=10"): a gallery of images in an .npy file, bigger than the memory the
-search may use, searched for the top 10 of every caption query; the row's peak memory is the
-call's (harness.measure_peak), the note the gallery's size on disk.
+search may use (one chunk of --chunk images at a time), searched for the top 10 of every caption
+query with rcar_fast.app.search.search (what `rcar-fast search` runs after encoding); one row
+per gallery size of --gallery (default two sizes, to show the peak does not grow with the
+gallery; a warm-up search of one chunk first, so that one-time allocations fall in no row);
+the row's peak memory is the call's (harness.measure_peak), the note the gallery's size on disk.
 """
 
 from __future__ import annotations
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--captions", type=int, default=100)
-    ap.add_argument("--gallery", type=int, default=4000, help="images in the search gallery (4000: 562 MB on disk)")
+    ap.add_argument("--gallery", default="1000,2000",
+                    help="images in the search gallery, comma-separated sizes (1000: 141 MB on disk)")
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "history.csv"))
@@ -129,9 +133,13 @@ def main(argv=None) -> int:
                         shape=shard.label, dtype="float32", median_ms=secs * 1e3, pairs_per_s=shard.pairs / secs,
                         note=f"one run; {world} gloo processes x {max(1, (os.cpu_count() or 1) // world)} threads{eff}"))
         print(f"ranks {world}: {secs:.2f} s, {shard.pairs / secs:.0f} pairs/s{eff}", flush=True)
-    rows.append(search_row(env, a.gallery, a.queries, 10, a.chunk))
-    print(f"search: {rows[-1].median_ms / 1e3:.1f} s, {rows[-1].pairs_per_s:.0f} pairs/s, peak "
-          f"{rows[-1].peak_mem_mb} MB; {rows[-1].note}", flush=True)
+    search_row(env, a.chunk, a.queries, 10, a.chunk)     # warm-up (one-time allocations), not a row
+    for n_gallery in [int(x) for x in a.gallery.split(",")]:
+        rows.append(search_row(env, n_gallery, a.queries, 10, a.chunk))
+        peak = rows[-1].peak_mem_mb
+        print(f"search {n_gallery} images x {a.queries} queries: {rows[-1].median_ms / 1e3:.1f} s, "
+              f"{rows[-1].pairs_per_s:.0f} pairs/s, peak {'-' if peak is None else f'{peak:.0f}'} MB; "
+              f"{rows[-1].note}", flush=True)
     append_csv(a.csv, rows)
     print("\n" + markdown_table(rows))
     return 0

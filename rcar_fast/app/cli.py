@@ -7,6 +7,7 @@ demo   scores synthetic structured data (captions made from their images' region
        exhaustive scoring. Exits 1 if a backend differs from the reference beyond --tolerance.
 eval   evaluates release checkpoints on a split in the SCAN precomp layout: recall, optionally
        MSCOCO's five folds, several checkpoints averaged (the "ALL" rows), two-stage search.
+search top-k search of a release model over a gallery streamed from disk (rcar_fast.app.search).
 selftest  runs every available backend (or --backends) against the reference on a small problem
        on --device, forward and backward, in each dtype (or --dtypes), and prints a table;
        exit 1 if one fails (rcar_fast.selftest).
@@ -16,6 +17,11 @@ and exits 2, with no traceback: a malformed argument (argparse's own errors too)
 that is not here (``--device cuda`` without a GPU), a backend that cannot run the inputs, a
 missing or malformed file, a checkpoint of another shape, a wrong split, running out of
 memory. (The benchmarks are ``python -m bench`` in a checkout of the repository.)
+
+Under torchrun (``torchrun --nproc_per_node N -m rcar_fast eval|search ...``) eval and search
+join the process group (gloo on CPU, NCCL on CUDA; --timeout bounds every wait), share the work
+and give one process's result exactly; rank 0 alone prints, writes and shows the progress bar,
+and an error on any process ends every process with exit 2 and one line (_scoring_command).
 """
 
 from __future__ import annotations
