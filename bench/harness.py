@@ -10,19 +10,15 @@ Timing. A warm-up call first (it also tells how long one call takes), then:
 Peak memory, over one call (``measure_peak``):
   - CUDA: ``torch.cuda.max_memory_allocated()`` during the call minus what was allocated
     before it: the tensors the call itself allocated at its peak (inputs and weights excluded).
-  - CPU: torch keeps no CPU allocator statistics (torch.accelerator's CPU numbers stay 0), so
-    this is the growth of the process's peak resident set over the call: free heap memory is
-    handed back first (glibc ``malloc_trim``), the kernel's high-water mark is reset
-    (``/proc/self/clear_refs``), and after the call ``VmHWM`` minus the resident set before it is
-    reported. It counts every page the call touched, torch's tensors and anything else (thread
-    pools, compiled code), at page granularity; None where /proc is not available.
+  - CPU: the same quantity from the c10 CPU allocator's memory events, which the profiler
+    records for every allocation and free (``cpu_allocator_peak``): the tensors the call
+    allocated at its peak. (The process's resident set can grow far more: glibc keeps freed
+    heap pages: bench/README.md, "Peak memory".)
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import functools
 import os
 import platform
@@ -194,45 +190,33 @@ def benchmark(fn: Callable[[], object], device: torch.device, estimate_ms: float
 
 # ----------------------------------------------------------------------------- memory
 
-@functools.lru_cache(maxsize=1)
-def _libc():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
-def _proc_status_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _reset_cpu_peak() -> Optional[int]:
-    """Hand free heap back, reset the resident-set high-water mark; the resident set in bytes."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    rss = _proc_status_kb("VmRSS")
-    return None if rss is None else rss * 1024
+def cpu_allocator_peak(fn: Callable[[], object]) -> Tuple[object, int, float]:
+    """One call of ``fn`` on CPU tensors: (its output, the peak of the bytes it had allocated
+    above what was allocated when it started, its ms). The c10 CPU allocator reports every
+    allocation and free to the profiler as a memory event (those inside the compiled
+    extension's kernels and in backward too); their running sum, in time order, peaks here."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        t0 = time.perf_counter()
+        out = fn()
+        ms = (time.perf_counter() - t0) * 1e3
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    if not events:
+        raise RuntimeError("the profiler reported no allocation: no CPU peak can be measured")
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return out, peak, ms
 
 
 def measure_peak(fn: Callable[[], object], device: torch.device) -> Tuple[object, Optional[int], float]:
     """One call of ``fn``: (its output, peak bytes the call added (None if unknown), its ms).
 
     See the module docstring for what "peak" means on each device. The bookkeeping runs
-    outside the timed span.
+    outside the timed span on CUDA; on CPU the profiler records the call (its overhead is
+    microseconds per op, small against the calls measured here).
     """
     if device.type == "cuda":
         synchronize(device)
@@ -241,13 +225,7 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> Tuple[object
         out = []
         ms = time_call(lambda: out.append(fn()), device)
         return out[0], torch.cuda.max_memory_allocated(device) - base, ms
-    base = _reset_cpu_peak()
-    t0 = time.perf_counter()
-    out = fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    hwm = _proc_status_kb("VmHWM")
-    peak = None if base is None or hwm is None else max(0, hwm * 1024 - base)
-    return out, peak, ms
+    return cpu_allocator_peak(fn)
 
 
 def free_memory_bytes(device: torch.device) -> Optional[int]:

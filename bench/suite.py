@@ -263,21 +263,28 @@ class Suite:
             model(img, cap, lens, backend=backend).sum().backward()
         return run
 
-    def _fit_train(self, case: Case, probe: int, probe_peak: Optional[int]):
-        """The training case that fits in memory, judged from a probe x probe step's peak:
-        (case to run or None, note)."""
+    def _fit_train(self, case: Case, probes: Sequence[Tuple[int, Optional[int]]]):
+        """The training case that fits in memory, judged from the peaks of small square steps
+        ``probes`` [(n, peak bytes of an n x n step)]: (case to run or None, note).
+
+        The peak is modelled as a + b * pairs, fitted through the two probes (one probe: a = 0).
+        The pipeline checkpoints blocks of the pair grid, so past a few blocks the peak grows far
+        slower than the pairs; the affine fit over-predicts then, never under-predicts while the
+        probes still fit in one block."""
         free = harness.free_memory_bytes(self.s.device)
-        if probe_peak is None or free is None:
+        if any(peak is None for _, peak in probes) or free is None:
             return case, ""
-        per_pair = probe_peak / probe ** 2
-        need, room = per_pair * case.shard.pairs, TRAIN_MEMORY_SHARE * free
+        (n0, p0), (n1, p1) = probes[0], probes[-1]
+        per_pair = max((p1 - p0) / (n1 ** 2 - n0 ** 2), 0.0) if n1 != n0 else p1 / n1 ** 2
+        base = max(p1 - per_pair * n1 ** 2, 0.0)
+        need, room = base + per_pair * case.shard.pairs, TRAIN_MEMORY_SHARE * free
         if need <= room:
             return case, ""
         sh = case.shard
         msg = (f"{sh.n_images}x{sh.n_captions} needs ~{need / 2**30:.1f} GiB, "
                f"{free / 2**30:.1f} GiB free")
-        n = int(math.sqrt(room / per_pair)) // TRAIN_PROBE * TRAIN_PROBE
-        if n < probe:
+        n = int(math.sqrt(max(room - base, 0.0) / per_pair)) // TRAIN_PROBE * TRAIN_PROBE
+        if n < n1:
             return None, f"skipped: {msg}"
         return dataclasses.replace(case, shard=sh.resized(n, n)), f"{msg}: ran {n}x{n}"
 
@@ -287,17 +294,19 @@ class Suite:
             return
         self.log(f"== {case.label}: {', '.join(names)}")
         model = self._model(case).train()
-        probe = min(TRAIN_PROBE, case.shard.n_images, case.shard.n_captions)
-        probe_case = dataclasses.replace(case, shard=case.shard.resized(probe, probe))
+        full = min(case.shard.n_images, case.shard.n_captions)
+        sizes = sorted({min(TRAIN_PROBE, full), min(2 * TRAIN_PROBE, full)})
+        probe_case = dataclasses.replace(case, shard=case.shard.resized(sizes[0], sizes[0]))
         for name in names:
             if self.out_of_time():
                 self.skipped += 1
                 continue
             try:
-                # a small step predicts the memory (the peak grows with the pairs) and warms up
-                _, probe_peak, _ = harness.measure_peak(self._train_step(model, probe_case, name),
-                                                        self.s.device)
-                run_case, fit_note = self._fit_train(case, probe, probe_peak)
+                # two small steps predict the memory (a + b * pairs) and warm up
+                probes = [(n, harness.measure_peak(self._train_step(
+                    model, dataclasses.replace(case, shard=case.shard.resized(n, n)), name), self.s.device)[1])
+                    for n in sizes]
+                run_case, fit_note = self._fit_train(case, probes)
                 if run_case is None:
                     row = self._row(case, name, note=fit_note)
                 else:

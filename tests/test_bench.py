@@ -119,10 +119,17 @@ def test_training_batch_shrinks_to_fit_memory(tmp_path, monkeypatch):
     case = suite.Case(Shard("train", 128, 128, 6, 24), "coop_rcar", 2, "t2i", op="train_step")
     s = suite.Suite(_settings(), str(tmp_path / "h.csv"), log=lambda s: None)
     monkeypatch.setattr(suite.harness, "free_memory_bytes", lambda device: 40 * 2**30)
-    assert s._fit_train(case, 16, 256 * 2**20) == (case, "")          # 16 GiB, half of 40 free: fits
-    small, note = s._fit_train(case, 16, 256 * 2 * 2**20)             # 32 GiB: the biggest square
+    assert s._fit_train(case, [(16, 256 * 2**20)]) == (case, "")       # 16 GiB, half of 40 free: fits
+    small, note = s._fit_train(case, [(16, 256 * 2 * 2**20)])          # 32 GiB: the biggest square
     assert small.shard.n_images == small.shard.n_captions == 96 and "ran 96x96" in note
-    assert s._fit_train(case, 16, 256 * 2**30)[0] is None             # not even the probe fits
+    assert s._fit_train(case, [(16, 256 * 2**30)])[0] is None          # not even the probe fits
+    # two probes: peak = a + b * pairs. A 4 GiB base that does not grow with the pairs (one
+    # block of the checkpointed pipeline) and 0.5 MiB per pair: 12 GiB needed, it fits
+    gib, mib = 2**30, 2**20
+    assert s._fit_train(case, [(16, 4 * gib + 256 * mib // 2), (32, 4 * gib + 1024 * mib // 2)]) == (case, "")
+    # a 10 GiB base and 1 MiB per pair: 26 GiB > 20; sqrt((20 - 10) GiB / 1 MiB) = 101 -> 96
+    small, note = s._fit_train(case, [(16, 10 * gib + 256 * mib), (32, 10 * gib + 1024 * mib)])
+    assert small.shard.n_images == 96 and "needs ~26.0 GiB" in note
 
 
 def test_cli_quick_shape_options(tmp_path, capsys):
