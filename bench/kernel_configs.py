@@ -106,23 +106,23 @@ def _typed(dtype, pointers=(), fp32_pointers=(), ints=(), strides=(), **extra):
 
 def attention_fwd_signature(dtype):
     return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "out_ptr"),
-                  ints=("P", "LQ_OUT", "D", "S_DIM"), qlen_ptr="*i32", clen_ptr="*i32", lam_scalar="fp32",
-                  strides="sq_p sq_l sq_d sc_b sc_l sc_d sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
+                  ints=("P", "LQ_OUT", "D", "S_DIM"), qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32",
+                  lam_scalar="fp32", strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
                           "so_b so_p so_l so_x".split())
 
 
 def attention_bwd_signature(dtype):
     return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "g_ptr"),
                   ("dq_ptr", "dc_ptr", "dw_ptr", "db_ptr", "dy_ptr", "dp_ptr"), ("P", "LQ", "D", "S_DIM"),
-                  qlen_ptr="*i32", clen_ptr="*i32", lam_scalar="fp32",
-                  strides="sq_p sq_l sq_d sc_b sc_l sc_d sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
+                  qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32", lam_scalar="fp32",
+                  strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
                           "sg_b sg_p sg_l sg_x".split())
 
 
 def attention_bwd_scores_signature(dtype):
     return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr"), ("dp_ptr", "dq_ptr", "dc_ptr", "df_ptr", "dlam_ptr"),
-                  ("P", "LQ", "D"), qlen_ptr="*i32", clen_ptr="*i32", lam_scalar="fp32",
-                  strides="sq_p sq_l sq_d sc_b sc_l sc_d sf_b sf_p sf_l sf_d sl_b sl_p sl_l".split())
+                  ("P", "LQ", "D"), qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32", lam_scalar="fp32",
+                  strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l".split())
 
 
 def rar_fwd_signature(dtype):

@@ -106,6 +106,13 @@ def search_row(env, n_gallery: int, n_queries: int, k: int, chunk: int) -> Row:
                     f"peak = the call's resident-set growth")
 
 
+def cpu_env(detail: str = "") -> dict:
+    """The rows' common columns on this CPU: time, commit, device (cores, and ``detail``), versions."""
+    return dict(timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                commit=harness.git_commit(), device=f"{harness.device_name(torch.device('cpu'))} "
+                f"({os.cpu_count()} cores{detail})", torch=torch.__version__, triton=harness.triton_version())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ranks", default="1,2")
@@ -118,9 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "history.csv"))
     a = ap.parse_args(argv)
-    env = dict(timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-               commit=harness.git_commit(), device=f"{harness.device_name(torch.device('cpu'))} "
-               f"({os.cpu_count()} cores)", torch=torch.__version__, triton=harness.triton_version())
+    env = cpu_env()
     rows, base = [], None
     shard = SHARDS["flickr30k"].resized(a.images, a.captions)
     for world in [int(x) for x in a.ranks.split(",")]:

@@ -30,7 +30,8 @@ inline void check_lens(const at::Tensor& lens, const char* name, int64_t n, cons
 inline void check_attention(const at::Tensor& query, const at::Tensor& qlens, const at::Tensor& context,
                             const at::Tensor& clens, const c10::optional<at::Tensor>& factors,
                             const c10::optional<at::Tensor>& lam, const c10::optional<at::Tensor>& weight,
-                            const c10::optional<at::Tensor>& bias) {
+                            const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& context_index = c10::nullopt) {
   TORCH_CHECK(query.is_floating_point(), "query: expected a floating tensor, got ", query.scalar_type());
   TORCH_CHECK(query.dim() == 3, "query: expected (P, Lq, d), got shape ", query.sizes());
   TORCH_CHECK(context.dim() == 3, "context: expected (B, Lc, d), got shape ", context.sizes());
@@ -41,13 +42,24 @@ inline void check_attention(const at::Tensor& query, const at::Tensor& qlens, co
               " differs from query's ", D);
   check_lens(qlens, "qlens", P, query);
   check_lens(clens, "clens", B, query);
+  // paired (context_index given): pair p is query p against context item context_index[p]; the
+  // per-pair tensors then have one item on the context side
+  const int64_t Bo = context_index ? 1 : B;
+  if (context_index) {
+    TORCH_CHECK(context_index->scalar_type() == at::kInt, "context_index: expected int32, got ",
+                context_index->scalar_type());
+    TORCH_CHECK(context_index->dim() == 1 && context_index->size(0) == P, "context_index: expected shape (", P,
+                ",) (one context item per query item), got ", context_index->sizes());
+    TORCH_CHECK(context_index->device() == query.device(), "context_index: on ", context_index->device(),
+                " but query is on ", query.device());
+  }
   if (factors) {
     check_float(*factors, "factors", query);
-    check_shape(*factors, "factors", {B, P, Lq, D});
+    check_shape(*factors, "factors", {Bo, P, Lq, D});
   }
   if (lam) {
     check_float(*lam, "lam", query);
-    check_shape(*lam, "lam", {B, P, Lq});
+    check_shape(*lam, "lam", {Bo, P, Lq});
   }
   TORCH_CHECK(weight.has_value() == bias.has_value(), "weight, bias: give both or neither");
   if (weight) {

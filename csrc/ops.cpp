@@ -5,10 +5,10 @@
 
 TORCH_LIBRARY(rcar_fast, m) {
   m.def("attention(Tensor query, Tensor qlens, Tensor context, Tensor clens, Tensor? factors, "
-        "Tensor? lam, float lam_scalar, Tensor? weight, Tensor? bias) -> Tensor");
+        "Tensor? lam, float lam_scalar, Tensor? weight, Tensor? bias, Tensor? context_index=None) -> Tensor");
   m.def("attention_bwd(Tensor grad, Tensor query, Tensor qlens, Tensor context, Tensor clens, "
         "Tensor? factors, Tensor? lam, float lam_scalar, Tensor? weight, Tensor? bias, "
-        "bool need_dfactors) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool need_dfactors, Tensor? context_index=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("rar(Tensor E, Tensor qlens, Tensor? h0, Tensor wq, Tensor bq, Tensor wk, Tensor bk, "
         "Tensor wv, Tensor bv, Tensor? keep_k, Tensor? keep_g) -> Tensor");
   m.def("rar_bwd(Tensor grad, Tensor E, Tensor qlens, Tensor h, Tensor wq, Tensor bq, Tensor wk, "

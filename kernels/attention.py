@@ -68,14 +68,18 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _pair(qlen_ptr, clen_ptr, P, BQ: tl.constexpr, BC: tl.constexpr):
-    """This program's pair (b, p) (int64), its query and context row ranges and their masks."""
+def _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ: tl.constexpr, BC: tl.constexpr):
+    """This program's pair: b, p (int64) its place in the output (B, P, ...), bc its context
+    item, read through the index (cidx_ptr + b * sx_b + p * sx_p: the launcher's arange(B) with
+    strides (1, 0) on the grid, the pair list's context_index with (0, 1) in the paired form);
+    its query and context row ranges and their masks."""
     pid = tl.program_id(0)
     b = (pid // P).to(tl.int64)
     p = (pid % P).to(tl.int64)
+    bc = tl.load(cidx_ptr + b * sx_b + p * sx_p).to(tl.int64)
     rq = tl.arange(0, BQ)
     rc = tl.arange(0, BC)
-    return b, p, rq, rc, rq < tl.load(qlen_ptr + p), rc < tl.load(clen_ptr + b)
+    return b, bc, p, rq, rc, rq < tl.load(qlen_ptr + p), rc < tl.load(clen_ptr + bc)
 
 
 @triton.jit
@@ -154,10 +158,11 @@ def _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D
 
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr, qlen_ptr, c_ptr, clen_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, out_ptr,
+    q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, out_ptr,
     P, LQ_OUT, D, S_DIM, lam_scalar,
     sq_p, sq_l, sq_d,
     sc_b, sc_l, sc_d,
+    sx_b, sx_p,
     sf_b, sf_p, sf_l, sf_d,
     sl_b, sl_p, sl_l,
     sw_s, sw_d,
@@ -165,10 +170,10 @@ def _attention_fwd_kernel(
     HAS_F: tl.constexpr, HAS_LAM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
     BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BSB: tl.constexpr,
 ):
-    b, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, P, BQ, BC)
+    b, bc, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ, BC)
     rd = tl.arange(0, BD)
     q_base = q_ptr + p * sq_p + rq[:, None] * sq_l
-    c_base = c_ptr + b * sc_b + rc[:, None] * sc_l
+    c_base = c_ptr + bc * sc_b + rc[:, None] * sc_l
     f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
 
     # pass 1 and on chip: scores, Gram matrix, softmax, the norm of U = P C
@@ -271,18 +276,30 @@ def launch_options(cfg: dict) -> dict:
     return {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
 
 
+def context_rows(context: Tensor, context_index: Optional[Tensor]):
+    """(B, index, its strides (b, p)) of a launch: on the grid B = the context items and the
+    index arange(B) read along b; paired, B = 1 and the pair list's context_index read along p."""
+    if context_index is None:
+        B = context.shape[0]
+        return B, torch.arange(max(B, 1), dtype=torch.int32, device=context.device), (1, 0)
+    return 1, context_index, (0, 1)
+
+
 def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=None, bias=None,
-                  block_d=None):
+                  block_d=None, context_index=None):
     """Launch the fused attention over every (b, p) pair.
 
     query (P, Lq, d), qlens (P,) int32 valid query rows; context (B, Lc, d), clens (B,) int32;
     factors None or (B, P, Lq, d) (any strides); lam a float or (B, P, Lq);
     weight (s, d) and bias (s,) given: returns E (B, P, Lq, s), else A (B, P, Lq, d).
+    context_index (P,) int32: paired, pair p is query p with context item context_index[p] and
+    the output (factors, lam) have B = 1; one program per pair reads its context through it.
     Rows at or past a pair's query length are zero. Accumulation is fp32; fp32 inputs use
     IEEE fp32 products (no tf32), bf16/fp16 inputs the tensor cores.
     """
     P, Lq, D = query.shape
-    B, Lc, _ = context.shape
+    Lc = context.shape[1]
+    B, cidx, sx = context_rows(context, context_index)
     lq_out = Lq
     mode = (MODE_ATTENDED if weight is None else MODE_ALIGNMENT).value
     width = D if mode == MODE_ATTENDED.value else weight.shape[0]
@@ -306,9 +323,9 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     if block_d is not None:
         cfg["BD"] = min(block_d, _pow2(D))
     _attention_fwd_kernel[(B * P,)](
-        query, qlens, context, clens, f, lt, w, bb, out,
+        query, qlens, context, clens, cidx, f, lt, w, bb, out,
         P, lq_out, D, width, float(lam) if not has_lam else 0.0,
-        *query.stride(), *context.stride(), *sf, *sl, *sw, *out.stride(),
+        *query.stride(), *context.stride(), *sx, *sf, *sl, *sw, *out.stride(),
         HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=query.dtype == torch.float32, **cfg)
     return out
 
@@ -318,13 +335,17 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
 @torch.library.custom_op("rcar_fast::triton_attention", mutates_args=())
 def triton_attention(query: Tensor, qlens: Tensor, context: Tensor, clens: Tensor,
                      factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
-                     weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+                     weight: Optional[Tensor], bias: Optional[Tensor],
+                     context_index: Optional[Tensor] = None) -> Tensor:
     """The attention op of the backend contract (rcar_fast.backends.contract; csrc/README.md's
     ``attention``): query (P, Lq, d), qlens (P,) int32, context (B, Lc, d), clens (B,) int32,
     factors None or (B, P, Lq, d), lam None (lam_scalar everywhere) or (B, P, Lq); weight (s, d)
-    and bias (s,) given: E (B, P, Lq, s), else l2n(A) (B, P, Lq, d). Rows past a query length
-    are zero. Its fake is registered here, its autograd in attention_bwd.py (with the backward)."""
-    return attention_fwd(query, qlens, context, clens, factors, lam_scalar if lam is None else lam, weight, bias)
+    and bias (s,) given: E (B, P, Lq, s), else l2n(A) (B, P, Lq, d); context_index (P,) int32:
+    the paired form (B = 1, pair p against context item context_index[p]). Rows past a query
+    length are zero. Its fake is registered here, its autograd in attention_bwd.py (with the
+    backward)."""
+    return attention_fwd(query, qlens, context, clens, factors, lam_scalar if lam is None else lam, weight, bias,
+                         context_index=context_index)
 
 
 triton_attention.register_fake(contract.attention_fake)

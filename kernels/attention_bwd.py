@@ -35,7 +35,7 @@ import triton.language as tl
 from rcar_fast.backends import contract
 
 from .attention import (EPS, MODE_ALIGNMENT, MODE_ATTENDED, _attention_probs, _dot, _pair, _projection_chunk,
-                        _scores_and_gram, _temperatures, check_rows, check_width, triton_attention)
+                        _scores_and_gram, _temperatures, check_rows, check_width, context_rows, triton_attention)
 
 Tensor = torch.Tensor
 
@@ -77,11 +77,12 @@ def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x,
 
 @triton.jit
 def _attention_bwd_kernel(
-    q_ptr, qlen_ptr, c_ptr, clen_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, g_ptr,
+    q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, g_ptr,
     dq_ptr, dc_ptr, dw_ptr, db_ptr, dy_ptr, dp_ptr,
     P, LQ, D, S_DIM, lam_scalar,
     sq_p, sq_l, sq_d,
     sc_b, sc_l, sc_d,
+    sx_b, sx_p,
     sf_b, sf_p, sf_l, sf_d,
     sl_b, sl_p, sl_l,
     sw_s, sw_d,
@@ -90,18 +91,19 @@ def _attention_bwd_kernel(
     IEEE: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     BSB: tl.constexpr, BSC: tl.constexpr,
 ):
-    """Passes A to D for one pair; dP (BQ x BC, fp32) goes to dp_ptr for the second kernel."""
-    b, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, P, BQ, BC)
+    """Passes A to D for one pair; dP (BQ x BC, fp32) goes to dp_ptr for the second kernel.
+    The context (and dC's atomics) at the pair's context item bc, the rest at its place b, p."""
+    b, bc, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ, BC)
     rd = tl.arange(0, BD)
     rows = rq < LQ
     q_base = q_ptr + p * sq_p + rq[:, None] * sq_l
-    c_base = c_ptr + b * sc_b + rc[:, None] * sc_l
+    c_base = c_ptr + bc * sc_b + rc[:, None] * sc_l
     f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
     g_base = g_ptr + b * sg_b + p * sg_p + rq[:, None] * sg_l
     # fp32 accumulators, contiguous: dq (P, LQ, D), dc (B, Lc_max = BC rows used);
     # MODE_ALIGNMENT scratch for dY: (B, P, LQ, S_DIM) fp32, this pair's rows only
     dq_base = dq_ptr + p * LQ * D + rq[:, None] * D
-    dc_base = dc_ptr + b * BC * D + rc[:, None] * D
+    dc_base = dc_ptr + bc * BC * D + rc[:, None] * D
     dy_row = dy_ptr + ((b * P + p) * LQ + rq) * S_DIM
 
     # pass A: as the forward
@@ -176,11 +178,12 @@ def _attention_bwd_kernel(
 
 @triton.jit
 def _attention_bwd_scores_kernel(
-    q_ptr, qlen_ptr, c_ptr, clen_ptr, f_ptr, lam_ptr, dp_ptr,
+    q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, f_ptr, lam_ptr, dp_ptr,
     dq_ptr, dc_ptr, df_ptr, dlam_ptr,
     P, LQ, D, lam_scalar,
     sq_p, sq_l, sq_d,
     sc_b, sc_l, sc_d,
+    sx_b, sx_p,
     sf_b, sf_p, sf_l, sf_d,
     sl_b, sl_p, sl_l,
     HAS_F: tl.constexpr, HAS_LAM: tl.constexpr, NEED_DF: tl.constexpr, IEEE: tl.constexpr,
@@ -189,13 +192,13 @@ def _attention_bwd_scores_kernel(
     """From dP (the first kernel's) to the scores' gradient dS0, then dQ, dC, dF and dlam, for
     one pair. A kernel of its own: in the first kernel this part spilled (dP held through the
     recompute of S0, fp32)."""
-    b, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, P, BQ, BC)
+    b, bc, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ, BC)
     rd = tl.arange(0, BD)
     q_base = q_ptr + p * sq_p + rq[:, None] * sq_l
-    c_base = c_ptr + b * sc_b + rc[:, None] * sc_l
+    c_base = c_ptr + bc * sc_b + rc[:, None] * sc_l
     f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
     dq_base = dq_ptr + p * LQ * D + rq[:, None] * D
-    dc_base = dc_ptr + b * BC * D + rc[:, None] * D
+    dc_base = dc_ptr + bc * BC * D + rc[:, None] * D
     df_base = df_ptr + (b * P + p) * LQ * D + rq[:, None] * D
     lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
 
@@ -274,14 +277,17 @@ def scores_config(cfg: dict) -> dict:
 
 
 def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, weight=None,
-                  bias=None, need_dfactors=True):
+                  bias=None, need_dfactors=True, context_index=None):
     """Gradients of attention_fwd's output (grad: (B, P, Lq, s or d)) with respect to
     (query, context, factors, lam, weight, bias); None where an input is absent. fp32.
+    Paired (context_index (P,) int32, B = 1): dcontext (context items, Lc, d) gets each pair's
+    part added atomically at row context_index[p] (a repeated index adds up).
     Two launches: passes A-D (_attention_bwd_kernel), then the scores' gradient and what
     follows from it (_attention_bwd_scores_kernel), through an fp32 scratch for dP
     (B, P, BQ, BC) and, with a weight, one for Y and dY (B, P, Lq, s)."""
     P, Lq, D = query.shape
-    B, Lc, _ = context.shape
+    Lc = context.shape[1]
+    B, cidx, sx = context_rows(context, context_index)
     projection = weight is not None
     mode = (MODE_ALIGNMENT if projection else MODE_ATTENDED).value
     width = weight.shape[0] if projection else D
@@ -292,7 +298,7 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
     cfg = attention_bwd_config(query.dtype != torch.float32, Lq, Lc, D, width, mode)
     f32 = dict(dtype=torch.float32, device=query.device)
     dq = torch.zeros(P, Lq, D, **f32)
-    dc = torch.zeros(B, cfg["BC"], D, **f32)
+    dc = torch.zeros(context.shape[0], cfg["BC"], D, **f32)
     has_f, has_lam = factors is not None, isinstance(lam, torch.Tensor)
     need_df = has_f and need_dfactors
     df = torch.zeros(B, P, Lq, D, **f32) if need_df else dq
@@ -309,16 +315,16 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
         lam_scalar = 0.0 if has_lam else float(lam)
         ieee = query.dtype == torch.float32
         _attention_bwd_kernel[(B * P,)](
-            query, qlens, context, clens, f, lt,
+            query, qlens, context, clens, cidx, f, lt,
             weight if projection else query, bias if projection else query, grad,
             dq, dc, dw, db, dy, dp,
             P, Lq, D, width, lam_scalar,
-            *query.stride(), *context.stride(), *sf, *sl,
+            *query.stride(), *context.stride(), *sx, *sf, *sl,
             *(weight.stride() if projection else (0, 0)), *grad.stride(),
             HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=ieee, **cfg)
         _attention_bwd_scores_kernel[(B * P,)](
-            query, qlens, context, clens, f, lt, dp, dq, dc, df, dlam,
-            P, Lq, D, lam_scalar, *query.stride(), *context.stride(), *sf, *sl,
+            query, qlens, context, clens, cidx, f, lt, dp, dq, dc, df, dlam,
+            P, Lq, D, lam_scalar, *query.stride(), *context.stride(), *sx, *sf, *sl,
             HAS_F=has_f, HAS_LAM=has_lam, NEED_DF=need_df, IEEE=ieee, **scores_config(cfg))
     return (dq, dc[:, :Lc], df if need_df else None, dlam if has_lam else None,
             dw if projection else None, db if projection else None)
@@ -329,13 +335,14 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
 @torch.library.custom_op("rcar_fast::triton_attention_bwd", mutates_args=())
 def triton_attention_bwd(grad: Tensor, query: Tensor, qlens: Tensor, context: Tensor, clens: Tensor,
                          factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
-                         weight: Optional[Tensor], bias: Optional[Tensor],
-                         need_dfactors: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         weight: Optional[Tensor], bias: Optional[Tensor], need_dfactors: bool,
+                         context_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The attention's backward (csrc/README.md's ``attention_bwd`` contract): (dquery, dcontext,
     dfactors, dlam, dweight, dbias), computed in fp32 and returned in fp32 (fp64 for fp64
-    inputs); an absent one is an empty tensor."""
+    inputs); an absent one is an empty tensor. context_index: the paired form (dcontext
+    accumulated into the indexed rows)."""
     outs = attention_bwd(grad, query, qlens, context, clens, factors, lam_scalar if lam is None else lam,
-                         weight, bias, need_dfactors)
+                         weight, bias, need_dfactors, context_index)
     acc = contract.accumulation_dtype(query)
     return tuple(query.new_empty(0, dtype=acc) if o is None else o.to(acc).contiguous() for o in outs)
 

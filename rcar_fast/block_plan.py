@@ -51,3 +51,28 @@ def iter_blocks(lens: Sequence[int], n_images: int, regions: int, dim: int, attn
         for c0 in range(0, len(group), nc_blk):
             for i0 in range(0, n_images, ni_blk):
                 yield group[c0:c0 + nc_blk], Lg, i0, min(n_images, i0 + ni_blk)
+
+
+def iter_pair_blocks(lens: Sequence[int], cap_index: Sequence[int], img_index: Sequence[int], regions: int,
+                     dim: int, attn_type: str, itemsize: int, budget: int,
+                     live_buffers: int) -> Iterator[Tuple[List[int], int]]:
+    """Blocks of a pair list (pair m = image img_index[m], caption cap_index[m]): (positions in
+    the list, the block's caption length).
+
+    As for the grid, one group per caption length (no padding); inside a group the pairs are
+    sorted by their context item (t2i: the image, i2t: the caption), so pairs that share one
+    are neighbours (the kernels attend to a context item once for a run of them), then cut into
+    blocks of at most :func:`block_pairs` pairs. A pair also holds its gathered query rows and
+    (the torch backend) its context rows: ``live_buffers`` + 1 query-sized buffers and one
+    context-sized one per pair.
+    """
+    groups: dict = {}
+    for m, j in enumerate(cap_index):
+        groups.setdefault(lens[j], []).append(m)
+    ctx = img_index if attn_type == "t2i" else cap_index
+    for Lg in sorted(groups):
+        pos = sorted(groups[Lg], key=lambda m: (ctx[m], m))
+        lq, lc = (Lg, regions) if attn_type == "t2i" else (regions, Lg)
+        max_pairs = block_pairs(budget, 1, dim, itemsize, (live_buffers + 1) * lq + lc)
+        for m0 in range(0, len(pos), max_pairs):
+            yield pos[m0:m0 + max_pairs], Lg

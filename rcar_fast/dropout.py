@@ -51,6 +51,31 @@ def rar_keep_masks(step: int, images: Tensor, captions: Tensor, lq: int, width: 
     return keep_k.to(dtype) * scale, keep_g.to(dtype) * scale
 
 
+def pair_keep_masks(step: int, images: Tensor, captions: Tensor, lq: int, width: int,
+                    dtype: torch.dtype, device) -> Tuple[Tensor, Tensor]:
+    """Scaled keep-masks of RAR step ``step`` for a pair LIST: pair m is (images[m], captions[m])
+    (global indices, (M,) each); keys (M, lq, width), query (M, width). A fixed source gives each
+    pair the very masks it gives that pair in the grid (:func:`rar_keep_masks`): it is asked once
+    per distinct image, for that image's captions, never for the M x M grid of the list. The
+    random default draws per pair."""
+    device = torch.device(device)
+    images = images.to(device=device, dtype=torch.int64)
+    captions = captions.to(device=device, dtype=torch.int64)
+    M = images.shape[0]
+    if _SOURCE is None:
+        keep_k = torch.rand(M, lq, width, device=device) >= RAR_DROPOUT
+        keep_g = torch.rand(M, width, device=device) >= RAR_DROPOUT
+    else:
+        keep_k = torch.empty(M, lq, width, dtype=torch.bool, device=device)
+        keep_g = torch.empty(M, width, dtype=torch.bool, device=device)
+        for i in torch.unique(images).tolist():
+            sel = (images == i).nonzero().flatten()
+            k, g = _SOURCE(step, images[sel[:1]], captions[sel], lq, width, device)
+            keep_k[sel], keep_g[sel] = k[0], g[0]
+    scale = 1.0 / (1.0 - RAR_DROPOUT)
+    return keep_k.to(dtype) * scale, keep_g.to(dtype) * scale
+
+
 @contextlib.contextmanager
 def fixed_keep_masks(source: MaskSource) -> Iterator[None]:
     """Within the block, every backend and the reference draw RAR's keep-masks from ``source``

@@ -176,6 +176,16 @@ class RCARSimilarity(nn.Module):
         return ops.rcar_scores(img, cap, cap_lens, params, self.regulator, self.steps,
                                self.attn_type, self.smooth, self.training, backend, memory_budget)
 
+    def pair_scores(self, img: torch.Tensor, cap: torch.Tensor, cap_lens, img_index, cap_index,
+                    backend: str = "auto", memory_budget: Optional[int] = None) -> torch.Tensor:
+        """Scores (M,) of the listed pairs (img[img_index[m]], cap[cap_index[m]]), equal to
+        ``self(img, cap, cap_lens)[img_index, cap_index]`` (:func:`rcar_fast.ops.pair_scores`)."""
+        if isinstance(img, torch.Tensor) and img.dim() == 3 and img.shape[2] != self.embed_dim:
+            raise ValueError(f"img: feature size d={img.shape[2]} does not match embed_dim={self.embed_dim}")
+        params = dict(self.named_parameters())
+        return ops.pair_scores(img, cap, cap_lens, img_index, cap_index, params, self.regulator, self.steps,
+                               self.attn_type, self.smooth, self.training, backend, memory_budget)
+
 
 def sim_state_from_checkpoint(checkpoint: Mapping) -> dict:
     """The similarity head's state dict out of a full release checkpoint (its ``model`` entry,

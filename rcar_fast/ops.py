@@ -231,6 +231,25 @@ def rar_update(E: Tensor, h: Optional[Tensor], cap_lens, weights: Mapping[str, T
     return pipeline.rar_update(kernel_set(name), E, h, lens, weights, attn_type, bool(training))
 
 
+def _check_head(img, cap, cap_lens, params, regulator, steps, attn_type, smooth, memory_budget):
+    """rcar_scores' and pair_scores' common checks; returns (lengths, s, smooth)."""
+    V.check_config(regulator, steps, attn_type)
+    lens = V.check_features(img, cap, cap_lens)
+    if not isinstance(params, Mapping) or "sim_eval_w.weight" not in params:
+        raise ValueError("params: expected a mapping with every parameter of the head "
+                         "(sim_eval_w.weight missing)")
+    V.check_params(params, ["sim_eval_w.weight"], img, "params")
+    s = params["sim_eval_w.weight"].shape[-1]
+    _check_shapes("params", params, parameter_shapes(regulator, steps, img.shape[2], s), img)
+    if smooth is None:
+        smooth = default_smooth(attn_type)
+    smooth = V.check_temperatures("smooth", smooth, (), img)
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget <= 0):
+        raise ValueError(f"memory_budget: expected a positive int of bytes, got {memory_budget!r}")
+    return lens, s, smooth
+
+
 def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor],
                 regulator: str = "coop_rcar", steps: int = 2, attn_type: str = "t2i",
                 smooth: Optional[float] = None, training: bool = False, backend: str = "auto",
@@ -247,20 +266,7 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     the backend's, rcar_fast.backends.kernel_set(name).budgets: 96 MiB on CPU, 2 GiB on GPU,
     triton on CPU 24 MiB); the reference ignores it.
     """
-    V.check_config(regulator, steps, attn_type)
-    lens = V.check_features(img, cap, cap_lens)
-    if not isinstance(params, Mapping) or "sim_eval_w.weight" not in params:
-        raise ValueError("params: expected a mapping with every parameter of the head "
-                         "(sim_eval_w.weight missing)")
-    V.check_params(params, ["sim_eval_w.weight"], img, "params")
-    s = params["sim_eval_w.weight"].shape[-1]
-    _check_shapes("params", params, parameter_shapes(regulator, steps, img.shape[2], s), img)
-    if smooth is None:
-        smooth = default_smooth(attn_type)
-    smooth = V.check_temperatures("smooth", smooth, (), img)
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                      or memory_budget <= 0):
-        raise ValueError(f"memory_budget: expected a positive int of bytes, got {memory_budget!r}")
+    lens, s, smooth = _check_head(img, cap, cap_lens, params, regulator, steps, attn_type, smooth, memory_budget)
     name = resolve(backend, img.device, img.dtype, **_width_rows(img, cap, s, lens))
     if img.shape[0] == 0 or cap.shape[0] == 0:
         return _empty((img.shape[0], cap.shape[0]), img, img, cap, *params.values(),
@@ -271,3 +277,36 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
                                      bool(training))
     return pipeline.rcar_scores(kernel_set(name), img, cap, lens, params, regulator, steps, attn_type,
                                 smooth, bool(training), memory_budget)
+
+
+def pair_scores(img: Tensor, cap: Tensor, cap_lens, img_index, cap_index, params: Mapping[str, Tensor],
+                regulator: str = "coop_rcar", steps: int = 2, attn_type: str = "t2i",
+                smooth: Optional[float] = None, training: bool = False, backend: str = "auto",
+                memory_budget: Optional[int] = None) -> Tensor:
+    """RCAR similarity of exactly the listed pairs: (M,), entry m the score of image
+    img[img_index[m]] with caption cap[cap_index[m]], equal to
+    ``rcar_scores(img, cap, ...)[img_index[m], cap_index[m]]`` (same dtype rules), without
+    scoring any other pair: the fused kernels take the list (the attention's paired form).
+
+    img_index, cap_index: (M,) integer tensors (on the CPU or the features' device) or lists, of
+    one length, in [0, N_i) and [0, N_c); pairs may repeat and come in any order. The rest as
+    :func:`rcar_scores`; in training mode a pair's dropout masks are the ones it gets in the grid
+    (rcar_fast.dropout), and gradients flow to img, cap and params (hard-negative training).
+    """
+    lens, s, smooth = _check_head(img, cap, cap_lens, params, regulator, steps, attn_type, smooth, memory_budget)
+    img_index = V.check_index("img_index", img_index, img.shape[0], img.device)
+    cap_index = V.check_index("cap_index", cap_index, cap.shape[0], img.device)
+    if img_index.shape != cap_index.shape:
+        raise ValueError(f"cap_index: expected the shape of img_index {tuple(img_index.shape)} (one entry "
+                         f"per pair), got {tuple(cap_index.shape)}")
+    listed = lens if img_index.numel() == 0 else \
+        V.Lengths([lens.host[j] for j in set(cap_index.tolist())], lens.tensor)
+    name = resolve(backend, img.device, img.dtype, **_width_rows(img, cap, s, listed))
+    if img_index.numel() == 0:
+        return _empty((0,), img, img, cap, *params.values(), dtype=pipeline.score_dtype(img.dtype))
+    if name == "reference":
+        from . import reference
+        return reference.pair_scores(img, cap, lens.tensor, img_index, cap_index, params, regulator, steps,
+                                     attn_type, smooth, bool(training))
+    return pipeline.pair_scores(kernel_set(name), img, cap, lens, img_index, cap_index, params, regulator, steps,
+                                attn_type, smooth, bool(training), memory_budget)

@@ -20,6 +20,13 @@ replayed, so the dropout masks match), and planned with the kernel set's larger 
 working set, so a training step's peak memory is one block's, set by memory_budget, for every
 backend. Inside a block the ops' own autograd applies.
 
+Pair lists (:func:`pair_scores`): the same schedule over blocks of a list of (image, caption)
+pairs, in the attention's PAIRED form (contract.py): the block is (1, M, Lq, width), pair m's
+query gathered, its context item read through ``context_index`` inside the kernels. Blocks hold
+pairs of one caption length (rcar_fast.block_plan.iter_pair_blocks); checkpointing and dropout
+masks as for the grid (the masks named by each pair's global image and caption indices, so a
+pair's train-mode score equals its score in the grid under the same masks).
+
 The pieces (adaptive_attention, alignment, rcr_update, rar_update) run one op over the whole
 grid at once in pair-grid layout (N_i, N_c, Lq, width), rows past a caption's length zero.
 Inputs arrive checked (rcar_fast.validate); nothing here validates.
@@ -35,9 +42,9 @@ import torch.utils.checkpoint
 
 from . import torch_math as tm
 from .backends.contract import KernelSet, valid_rows
-from .block_plan import iter_blocks
+from .block_plan import iter_blocks, iter_pair_blocks
 from .constants import EPS
-from .dropout import rar_keep_masks
+from .dropout import pair_keep_masks, rar_keep_masks
 from .validate import Lengths
 
 Tensor = torch.Tensor
@@ -51,6 +58,24 @@ def block_sources(img: Tensor, cap: Tensor, lens: Tensor, attn_type: str):
     regions = torch.full((img.shape[0],), img.shape[1], dtype=torch.int32, device=img.device)
     lens = lens.to(device=img.device, dtype=torch.int32)
     return (cap, lens, img, regions) if attn_type == "t2i" else (img, regions, cap, lens)
+
+
+def pair_block_sources(img: Tensor, cap: Tensor, lens: Tensor, images: Tensor, captions: Tensor, Lg: int,
+                       attn_type: str):
+    """(query, qlens, context, clens, context_index) of the pair block (images[m], captions[m])
+    in the paired layout: the query side gathered per pair (every per-pair tensor, F and lam,
+    is per query item anyway), the context side indexed by the kernels, so a context item that
+    many pairs name is read in place, never copied per pair. t2i: the pairs' captions cut to
+    ``Lg``, against every image; i2t: the pairs' images, against the block's distinct captions
+    cut to ``Lg`` (a context item's rows are a prefix of Lg)."""
+    if attn_type == "t2i":
+        q, ql, c, cl = block_sources(img.contiguous(), cap.index_select(0, captions)[:, :Lg].contiguous(),
+                                     lens.index_select(0, captions), attn_type)
+        return q, ql, c, cl, images.to(torch.int32)
+    uniq, inv = torch.unique(captions, return_inverse=True)
+    q, ql, c, cl = block_sources(img.index_select(0, images), cap.index_select(0, uniq)[:, :Lg].contiguous(),
+                                 lens.index_select(0, uniq), attn_type)
+    return q, ql, c, cl, inv.to(torch.int32)
 
 
 def to_block_layout(x, attn_type: str):
@@ -75,10 +100,12 @@ def zero_padded_queries(x, lens: Tensor, attn_type: str):
 
 # ----------------------------------------------------------------------------- one block
 
-def _attention(ks: KernelSet, q, ql, c, cl, factors, lam, weight=None, bias=None):
+def _attention(ks: KernelSet, q, ql, c, cl, factors, lam, weight=None, bias=None, context_index=None):
     lam_tensor = lam if isinstance(lam, Tensor) else None
     lam_scalar = 0.0 if isinstance(lam, Tensor) else float(lam)
-    return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias)
+    if context_index is None:
+        return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias)
+    return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias, context_index)
 
 
 def _rcr(ks: KernelSet, E, ql, factors, lam, params, prefix: str, inplace: bool):
@@ -105,8 +132,12 @@ def rar_weights(params: Mapping[str, Tensor], prefixes):
 
 def _keep_masks(step: int, E: Tensor, pairs):
     """RAR step ``step``'s dropout keep-masks (scaled by 1/(1-p), rcar_fast.dropout) for the
-    block's pairs = (global image indices, global caption indices, attn_type), block layout."""
-    images, captions, attn_type = pairs
+    block's pairs = (global image indices, global caption indices, attn_type, paired), block
+    layout; paired: pair m is (images[m], captions[m]) (a pair-list block, B = 1)."""
+    images, captions, attn_type, paired = pairs
+    if paired:
+        keep_k, keep_g = pair_keep_masks(step, images, captions, E.shape[2], E.shape[3], E.dtype, E.device)
+        return keep_k[None], keep_g[None]
     keep_k, keep_g = rar_keep_masks(step, images, captions, E.shape[2], E.shape[3], E.dtype, E.device)
     return to_block_layout(keep_k, attn_type), to_block_layout(keep_g, attn_type)
 
@@ -129,20 +160,21 @@ def _score(h: Tensor, params) -> Tensor:
 
 
 def block_scores(ks: KernelSet, q, ql, c, cl, params, rar_w, regulator: str, steps: int, smooth: float,
-                 training: bool, inplace: bool, pairs) -> Tensor:
+                 training: bool, inplace: bool, pairs, context_index=None) -> Tensor:
     """SPEC.md's scores of one block, (B, P); rar_w: every RAR module's weights, stacked once
     (:func:`rar_weights`); pairs: the block's (global image indices, global caption indices,
-    attn_type), naming the dropout masks in training."""
+    attn_type, paired), naming the dropout masks in training; context_index: the paired form
+    (B = 1, :func:`pair_block_sources`)."""
     factors, lam = None, smooth
 
     def align(t):
         return _attention(ks, q, ql, c, cl, factors, lam, params[f"alv_modules.{t}.sim_transform_w.weight"],
-                          params[f"alv_modules.{t}.sim_transform_w.bias"])
+                          params[f"alv_modules.{t}.sim_transform_w.bias"], context_index)
 
     if regulator == "only_rcr":
         for t in range(steps):
             factors, lam = _rcr(ks, align(t), ql, factors, lam, params, f"rcr_modules.{t}.", inplace)
-        A = _attention(ks, q, ql, c, cl, factors, lam)                   # rows past qlen are 0
+        A = _attention(ks, q, ql, c, cl, factors, lam, context_index=context_index)   # rows past qlen are 0
         acc = torch.float64 if A.dtype == torch.float64 else torch.float32
         A = A.to(acc)
         valid = valid_rows(ql, q.shape[1])                                # (P, Lq)
@@ -171,7 +203,7 @@ def _cut_block_scores(ks, img, cap, lens, i0, i1, cidx, Lg, attn_type, params, r
     q, ql, c, cl = block_sources(img[i0:i1].contiguous(), cap.index_select(0, cidx)[:, :Lg].contiguous(),
                                  lens.index_select(0, cidx), attn_type)
     return block_scores(ks, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace,
-                        (torch.arange(i0, i1), cidx, attn_type))
+                        (torch.arange(i0, i1), cidx, attn_type, False))
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -208,6 +240,45 @@ def rcar_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params: 
     return out
 
 
+def _cut_pair_block_scores(ks, img, cap, lens, images, captions, Lg, attn_type, params, rar_w, regulator, steps,
+                           smooth, training, inplace):
+    """:func:`block_scores` of the pair block (images[m], captions[m]), (M,); cut inside the
+    checkpointed function as :func:`_cut_block_scores` is."""
+    q, ql, c, cl, cidx = pair_block_sources(img, cap, lens, images, captions, Lg, attn_type)
+    return block_scores(ks, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace,
+                        (images, captions, attn_type, True), cidx)[0]
+
+
+def pair_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, img_index: Tensor, cap_index: Tensor,
+                params: Mapping[str, Tensor], regulator: str, steps: int, attn_type: str, smooth: float,
+                training: bool, memory_budget: Optional[int] = None) -> Tensor:
+    """scores (M,) of the pairs (img[img_index[m]], cap[cap_index[m]]), block by block (the module
+    docstring); img_index, cap_index: checked (M,) int64 tensors on the CPU (the host's copy plans
+    the blocks)."""
+    R, d = img.shape[1], img.shape[2]
+    if memory_budget is None:
+        memory_budget = ks.budget(img.device)
+    inplace = not tm.needs_grad([img, cap, *params.values()])
+    lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
+    out = img.new_empty(img_index.shape[0], dtype=score_dtype(img.dtype))
+    rar_w = None if regulator == "only_rcr" else rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
+    live = ks.live_buffers if inplace else ks.live_buffers_train
+    with ks.workspace():
+        for pos, Lg in iter_pair_blocks(lens.host, cap_index.tolist(), img_index.tolist(), R, d, attn_type,
+                                        img.element_size(), memory_budget, live):
+            pos = torch.tensor(pos)
+            images, captions = img_index[pos].to(img.device), cap_index[pos].to(img.device)
+            block_args = (ks, img, cap, lens_dev, images, captions, Lg, attn_type, params, rar_w, regulator,
+                          steps, smooth, training)
+            if inplace:
+                s = _cut_pair_block_scores(*block_args, True)
+            else:       # as rcar_scores: recomputed in backward, the RNG state replayed
+                s = torch.utils.checkpoint.checkpoint(_cut_pair_block_scores, *block_args, False,
+                                                      use_reentrant=False, preserve_rng_state=True)
+            out[pos.to(img.device)] = s
+    return out
+
+
 # ----------------------------------------------------------------------------- the pieces
 
 def adaptive_attention(ks: KernelSet, img, cap, lens: Lengths, factors, temperatures, attn_type):
@@ -241,7 +312,7 @@ def rar_update(ks: KernelSet, E, h, lens: Lengths, weights, attn_type, training)
     B, P, Lq, _ = Eb.shape
     ql = lens.tensor.to(device=E.device, dtype=torch.int32) if attn_type == "t2i" else \
         torch.full((P,), Lq, dtype=torch.int32, device=E.device)
-    pairs = (torch.arange(E.shape[0]), torch.arange(E.shape[1]), attn_type)
+    pairs = (torch.arange(E.shape[0]), torch.arange(E.shape[1]), attn_type, False)
     with ks.workspace():
         out = _rar_steps(ks, Eb, ql, to_block_layout(h, attn_type), rar_weights(weights, [""]), training, 0, pairs)
     return from_block_layout(out, attn_type)

@@ -145,6 +145,24 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     return torch.stack(cols, dim=1)
 
 
+def pair_scores(img: Tensor, cap: Tensor, cap_lens, img_index: Tensor, cap_index: Tensor,
+                params: Mapping[str, Tensor], regulator: str, steps: int, attn_type: str = "t2i",
+                smooth: Optional[float] = None, training: bool = False) -> Tensor:
+    """scores (M,) of the pairs (img_index[m], cap_index[m]): by definition the grid's entries,
+    each listed caption scored against every image (its column of :func:`rcar_scores`, dropout
+    masks included), then the listed images picked."""
+    if smooth is None:
+        smooth = DEFAULT_TEMPERATURE[attn_type]
+    lens = [int(x) for x in torch.as_tensor(cap_lens).tolist()]
+    img_index, cap_index = torch.as_tensor(img_index).long().cpu(), torch.as_tensor(cap_index).long().cpu()
+    out = img.new_zeros(img_index.shape[0])
+    for j in torch.unique(cap_index).tolist():
+        sel = (cap_index == j).nonzero().flatten()
+        col = scores_one_caption(img, cap[j, :lens[j]], params, regulator, steps, attn_type, smooth, training, j)
+        out = out.index_put((sel.to(img.device),), col[img_index[sel].to(img.device)])
+    return out
+
+
 # ----------------------------------------------------------------------------- the pieces
 
 def _query_len(attn_type: str, R: int, len_j: int) -> int:

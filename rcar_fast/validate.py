@@ -74,21 +74,27 @@ def check_features(img, cap, cap_lens, embed_dim: Optional[int] = None) -> Lengt
     return check_lens(cap_lens, cap.shape[0], cap.shape[1], cap.device)
 
 
+def integer_tensor(name: str, x, device) -> Tensor:
+    """x as an integer tensor: a list of ints, or an integer tensor on the CPU or ``device``."""
+    if isinstance(x, (list, tuple)):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in x):
+            raise TypeError(f"{name}: expected integers")
+        x = torch.tensor(list(x), dtype=torch.int64)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected an integer tensor or list, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype, got {x.dtype}")
+    if x.device.type != "cpu" and x.device != device:
+        raise ValueError(f"{name}: on {x.device} but the features are on {device}")
+    return x
+
+
 def check_lens(cap_lens, n_c: int, max_len: Optional[int], device) -> Lengths:
     """cap_lens: (n_c,) integers in [1, max_len] (max_len None: no upper bound). A checked
     :class:`Lengths` passes through unchanged; anything else is read to the host once."""
     if isinstance(cap_lens, Lengths):
         return cap_lens
-    if isinstance(cap_lens, (list, tuple)):
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in cap_lens):
-            raise TypeError("cap_lens: expected integers")
-        cap_lens = torch.tensor(list(cap_lens), dtype=torch.int64)
-    if not isinstance(cap_lens, Tensor):
-        raise TypeError(f"cap_lens: expected an integer tensor or list, got {type(cap_lens).__name__}")
-    if cap_lens.is_floating_point() or cap_lens.is_complex() or cap_lens.dtype == torch.bool:
-        raise TypeError(f"cap_lens: expected an integer dtype, got {cap_lens.dtype}")
-    if cap_lens.device.type != "cpu" and cap_lens.device != device:
-        raise ValueError(f"cap_lens: on {cap_lens.device} but the features are on {device}")
+    cap_lens = integer_tensor("cap_lens", cap_lens, device)
     if cap_lens.dim() != 1 or cap_lens.shape[0] != n_c:
         raise ValueError(f"cap_lens: expected shape ({n_c},) to match the captions' N_c, "
                          f"got {tuple(cap_lens.shape)}")
@@ -99,6 +105,20 @@ def check_lens(cap_lens, n_c: int, max_len: Optional[int], device) -> Lengths:
             bound = f"[1, L={max_len}]" if max_len is not None else ">= 1"
             raise ValueError(f"cap_lens: every length must be in {bound}, got values in [{lo}, {hi}]")
     return Lengths(host, cap_lens.to(torch.int64))
+
+
+def check_index(name: str, index, n: int, device) -> Tensor:
+    """A pair list's index: (M,) integers in [0, n) (a tensor on the CPU or on ``device``, or a
+    list); returns it as int64 on the CPU (the one transfer to the host: the pipeline plans the
+    list's blocks there)."""
+    index = integer_tensor(name, index, device)
+    if index.dim() != 1:
+        raise ValueError(f"{name}: expected one dimension (M,), got shape {tuple(index.shape)}")
+    index = index.to(device="cpu", dtype=torch.int64)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+        raise ValueError(f"{name}: every index must be in [0, {n}), got values in "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    return index
 
 
 def check_params(params: Mapping[str, Tensor], names, ref: Tensor, what: str = "params") -> None:

@@ -153,6 +153,47 @@ def training_step_with_dropout(backend, device, dims: Dims, seed: int = 9):
     assert all(g.any() for g in ga[2:] if g is not None and g.numel() > 1)
 
 
+def pair_scores_match_the_grid(backend, device, regulator, steps, attn_type, dims: Dims, seed: int, m: int = 64):
+    """The pair list (the attention's paired form, rcar_fast.ops.pair_scores): an unsorted list of
+    ``m`` pairs with repeats, float32 on ``device``: every entry within 1e-5 of the float64
+    reference and within 1e-6 of the same backend's grid at that pair; gradients of img, cap and
+    every parameter (dcontext accumulated through the index) within the gradient tier's tolerance
+    of the float64 reference's; NaN padding gets exactly zero gradient."""
+    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, torch.float32, seed)
+    head = make_head(regulator, steps, attn_type, dims.d, dims.s, torch.float32, seed)
+    g = torch.Generator().manual_seed(seed)
+    ii, cc = torch.randint(0, dims.n_i, (m,), generator=g), torch.randint(0, dims.n_c, (m,), generator=g)
+    ii[1::7], cc[1::7] = int(ii[0]), int(cc[0])
+    h = copy.deepcopy(head).to(device)
+    with torch.no_grad():
+        got = h.pair_scores(img.to(device), cap.to(device), lens, ii.to(device), cc, backend=backend)
+        grid = h(img.to(device), cap.to(device), lens, backend=backend)
+    want = _ref_scores(head, img, cap, lens, regulator, steps, attn_type)[ii, cc]
+    out = torch.full((m,), float("nan"), dtype=torch.float64)
+    out.copy_(got.cpu())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, grid[ii.to(device), cc.to(device)], rtol=0, atol=1e-6)
+
+    def pair_grads(name, dtype, dev):
+        hh = copy.deepcopy(head).to(device=dev, dtype=dtype)
+        x = img.to(dev, dtype).requires_grad_()
+        y = cap.to(dev, dtype).requires_grad_()
+        out = hh.pair_scores(x, y, lens, ii, cc, backend=name)
+        w = torch.linspace(0.5, 1.5, m, dtype=out.dtype, device=out.device)
+        gs = torch.autograd.grad((out * w).sum(), [x, y] + list(hh.parameters()), allow_unused=True)
+        return [None if t is None else t.double().cpu() for t in gs]
+    want_g = pair_grads("reference", torch.float64, "cpu")
+    got_g = pair_grads(backend, torch.float32, device)
+    for a, r in zip(got_g, want_g):
+        if r is None:
+            assert a is None or not a.any()
+            continue
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    for j, lj in enumerate(lens.tolist()):
+        assert not got_g[1][j, lj:].any()
+
+
 def selftest_passes(backend, device, dtypes=None):
     """rcar_fast.selftest on ``device``: every dtype ``backend`` takes (or ``dtypes``) passes."""
     rows = rcar_fast.selftest(device, backends=[backend], dtypes=dtypes, quiet=True)

@@ -28,7 +28,7 @@ def no_compute(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("computation started before the arguments were checked")
     for mod in (pipeline, reference):
-        for name in ("rcar_scores", "adaptive_attention", "alignment", "rcr_update", "rar_update"):
+        for name in ("rcar_scores", "pair_scores", "adaptive_attention", "alignment", "rcr_update", "rar_update"):
             monkeypatch.setattr(mod, name, boom)
 
 

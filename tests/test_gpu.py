@@ -16,7 +16,7 @@ import torch
 import rcar_fast
 from gpu_cases import (CONFIGS, GPU_BACKENDS, Dims, flickr_shaped_block, fp32_matches_reference,
                        gradients_match_reference, half_error_within_twice_torch, memory_within_budget,
-                       selftest_passes, training_step_with_dropout)
+                       pair_scores_match_the_grid, selftest_passes, training_step_with_dropout)
 from rcar_testutil import seed_of
 
 pytestmark = [pytest.mark.gpu,
@@ -70,6 +70,15 @@ def test_flickr_shaped_block(backend):
 def test_gradients_match_reference(backend, regulator, steps, attn_type):
     gradients_match_reference(backend, "cuda", regulator, steps, attn_type, GRAD_DIMS,
                               seed_of("gpu grad", regulator, steps, attn_type))
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", CONFIGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pair_scores_match_the_grid(backend, regulator, steps, attn_type):
+    """The paired kernels (pair lists): scores against the reference and the grid, gradients."""
+    pair_scores_match_the_grid(backend, "cuda", regulator, steps, attn_type, GRAD_DIMS,
+                               seed_of("gpu pairs", regulator, steps, attn_type), m=96)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,8 @@ import torch
 
 import test_gpu
 from gpu_cases import (CONFIGS, Dims, flickr_shaped_block, fp32_matches_reference, gradients_match_reference,
-                       half_error_within_twice_torch, selftest_passes, training_step_with_dropout)
+                       half_error_within_twice_torch, pair_scores_match_the_grid, selftest_passes,
+                       training_step_with_dropout)
 from rcar_testutil import cpu_backends, seed_of
 
 
@@ -25,7 +26,8 @@ def test_gpu_tier_parametrization_is_complete():
     assert ids == ["triton", "cuda"]
     assert {r for r, _ in CONFIGS} == {"only_rar", "only_rcr", "coop_rcar"}
     for name in ("test_fp32_matches_reference", "test_half_error_within_twice_torch", "test_flickr_shaped_block",
-                 "test_gradients_match_reference", "test_training_step_with_dropout", "test_selftest_passes"):
+                 "test_gradients_match_reference", "test_training_step_with_dropout", "test_selftest_passes",
+                 "test_pair_scores_match_the_grid"):
         assert callable(getattr(test_gpu, name))
 
 
@@ -52,6 +54,13 @@ def test_flickr_shaped_case(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_case(backend, regulator, steps, attn_type):
     gradients_match_reference(backend, "cpu", regulator, steps, attn_type, SMALL, seed_of("cpu grad", regulator, attn_type))
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("backend", cpu_backends("cpp"))
+def test_pair_scores_case(backend, attn_type):
+    """cpp only: triton's paired kernels run in tests/test_pair_scores.py (the interpreter is slow)."""
+    pair_scores_match_the_grid(backend, "cpu", "coop_rcar", 2, attn_type, SMALL, seed_of("cpu pairs", attn_type), m=7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -19,6 +19,12 @@
 // b and p are cut into L chunks each and the pairs are processed in L waves; in wave k task i
 // takes (b chunk i, p chunk (i + k) mod L), so the tasks of a wave write disjoint rows of
 // dquery and dcontext; dweight and dbias are summed per task index and reduced at the end.
+//
+// Paired (context_index given, the pair lists of rcar_fast.ops.pair_scores): pair n = p is query
+// item p with context item ci[p], the output has B = 1. The forward groups consecutive pairs
+// with the same context item (the pipeline sorts a block's pairs by it); the backward gives all
+// the runs of one context item to one task, so tasks write disjoint rows of dcontext (each
+// query item belongs to one pair: dquery rows never collide).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -41,10 +47,18 @@ struct AttnInputs {
   const T* bias; // (S) or null
   const int32_t* ql;
   const int32_t* cl;
+  const int32_t* ci;           // (P) context item of each pair (paired), or null (the grid)
   T lam_s;
-  int64_t B, P, Lq, Lc, D, S;  // S = 0 without weight
+  int64_t B, P, Lq, Lc, D, S;  // S = 0 without weight; B: context items
+  int64_t Bo;                  // items on the output's context side: B, or 1 paired
   int64_t rows_max;            // rows a tile may hold: max(kTileRows, Lq)
 };
+
+// The context item of pair n = b * P + p: b on the grid, ci[p] paired.
+template <class T>
+RCAR_INLINE int64_t context_of(const AttnInputs<T>& a, int64_t n) {
+  return a.ci ? a.ci[n % a.P] : n / a.P;
+}
 
 template <class T>
 constexpr T eps() {
@@ -137,9 +151,9 @@ void forward_tile(const AttnInputs<T>& a, int64_t n0, int64_t n1, FwdState<T>& s
   RCAR_PROF_START
   // attention, one group of pairs per context item
   for (int64_t k0 = 0; k0 < np;) {
-    const int64_t b = (n0 + k0) / P;
+    const int64_t b = context_of(a, n0 + k0);
     int64_t k1 = k0 + 1;
-    while (k1 < np && (n0 + k1) / P == b) ++k1;
+    while (k1 < np && context_of(a, n0 + k1) == b) ++k1;
     const int64_t clen = a.cl[b];
     const T* Cb = a.c + b * Lc * D;
     const int64_t r0 = ro[k0], rg = ro[k1] - ro[k0];
@@ -245,7 +259,7 @@ void backward_tile(const AttnInputs<T>& a, const BwdOutputs<T>& o, int64_t n0, i
   auto& ro = st.ro;
   const int64_t rows = compact_rows(a, n0, n1, ro);
   const int64_t np = n1 - n0;
-  const int64_t b = n0 / P;
+  const int64_t b = context_of(a, n0);
   const int64_t clen = a.cl[b];
   const T* Cb = a.c + b * Lc * D;
   T* dCb = o.dc + b * Lc * D;
@@ -386,7 +400,7 @@ void backward_tile(const AttnInputs<T>& a, const BwdOutputs<T>& o, int64_t n0, i
 struct Prepared {
   at::ScalarType compute;  // kFloat or kDouble
   at::Tensor q, c, f, lam, w, wt, wp, bias;
-  std::vector<int32_t> ql, cl;
+  std::vector<int32_t> ql, cl, ci;
 };
 
 at::Tensor as_compute(const at::Tensor& t, at::ScalarType st) { return t.to(st).contiguous(); }
@@ -394,8 +408,8 @@ at::Tensor as_compute(const at::Tensor& t, at::ScalarType st) { return t.to(st).
 Prepared prepare(const at::Tensor& query, const at::Tensor& qlens, const at::Tensor& context,
                  const at::Tensor& clens, const c10::optional<at::Tensor>& factors,
                  const c10::optional<at::Tensor>& lam, const c10::optional<at::Tensor>& weight,
-                 const c10::optional<at::Tensor>& bias) {
-  check_attention(query, qlens, context, clens, factors, lam, weight, bias);
+                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& context_index) {
+  check_attention(query, qlens, context, clens, factors, lam, weight, bias, context_index);
   TORCH_CHECK(query.device().is_cpu(), "query: the CPU kernels take CPU tensors, got ", query.device());
   Prepared pr;
   pr.compute = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -410,6 +424,14 @@ Prepared prepare(const at::Tensor& query, const at::Tensor& qlens, const at::Ten
   }
   pr.ql = read_lengths(qlens, "qlens", query.size(1), "1 <= qlens[p] <= Lq");
   pr.cl = read_lengths(clens, "clens", context.size(1), "1 <= clens[b] <= Lc");
+  if (context_index) {
+    auto ci = context_index->contiguous();
+    const int32_t* v = ci.data_ptr<int32_t>();
+    pr.ci.assign(v, v + ci.numel());
+    for (size_t i = 0; i < pr.ci.size(); ++i)
+      TORCH_CHECK(pr.ci[i] >= 0 && pr.ci[i] < context.size(0), "context_index: expected indices in [0, ",
+                  context.size(0), ") (the context items), got ", pr.ci[i], " at index ", i);
+  }
   return pr;
 }
 
@@ -426,12 +448,14 @@ AttnInputs<T> inputs_of(const Prepared& pr, double lam_scalar) {
   a.bias = pr.bias.defined() ? pr.bias.data_ptr<T>() : nullptr;
   a.ql = pr.ql.data();
   a.cl = pr.cl.data();
+  a.ci = pr.ci.empty() ? nullptr : pr.ci.data();
   a.lam_s = static_cast<T>(lam_scalar);
   a.P = pr.q.size(0);
   a.Lq = pr.q.size(1);
   a.D = pr.q.size(2);
   a.B = pr.c.size(0);
   a.Lc = pr.c.size(1);
+  a.Bo = a.ci ? 1 : a.B;
   a.S = pr.w.defined() ? pr.w.size(0) : 0;
   a.rows_max = std::max<int64_t>(kTileRows, a.Lq);
   return a;
@@ -439,8 +463,8 @@ AttnInputs<T> inputs_of(const Prepared& pr, double lam_scalar) {
 
 template <class T>
 void attention_forward(const AttnInputs<T>& a, T* out) {
-  if (a.B * a.P == 0) return;
-  const auto tiles = pair_tiles(a.B, a.P, a.ql, a.rows_max, false);
+  if (a.Bo * a.P == 0) return;
+  const auto tiles = pair_tiles(a.Bo, a.P, a.ql, a.rows_max, false);
   run_tiles(
       static_cast<int64_t>(tiles.size()) - 1, [&] { return FwdState<T>(a); },
       [&](int64_t t, FwdState<T>& st) { forward_tile(a, tiles[t], tiles[t + 1], st, out); });
@@ -449,9 +473,10 @@ void attention_forward(const AttnInputs<T>& a, T* out) {
 at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& qlens, const at::Tensor& context,
                          const at::Tensor& clens, const c10::optional<at::Tensor>& factors,
                          const c10::optional<at::Tensor>& lam, double lam_scalar,
-                         const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
-  Prepared pr = prepare(query, qlens, context, clens, factors, lam, weight, bias);
-  const int64_t B = context.size(0), P = query.size(0), Lq = query.size(1);
+                         const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& context_index) {
+  Prepared pr = prepare(query, qlens, context, clens, factors, lam, weight, bias, context_index);
+  const int64_t B = context_index ? 1 : context.size(0), P = query.size(0), Lq = query.size(1);
   const int64_t W = weight ? weight->size(0) : query.size(2);
   at::Tensor out = at::empty({B, P, Lq, W}, pr.q.options());
   if (pr.compute == at::kDouble) attention_forward<double>(inputs_of<double>(pr, lam_scalar), out.data_ptr<double>());
@@ -459,10 +484,61 @@ at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& qlens, const
   return out.scalar_type() == query.scalar_type() ? out : out.to(query.scalar_type());
 }
 
+// dweight and dbias per lane (task index), summed at the end: no atomics.
+template <class T>
+struct Lanes {
+  int64_t L, S, D;
+  std::vector<T> dw, db;
+  Lanes(int64_t L_, int64_t S_, int64_t D_) : L(L_), S(S_), D(D_) {
+    if (S) {
+      dw.assign(static_cast<size_t>(L) * S * D, T(0));
+      db.assign(static_cast<size_t>(L) * S, T(0));
+    }
+  }
+  T* dw_of(int64_t i) { return S ? dw.data() + i * S * D : nullptr; }
+  T* db_of(int64_t i) { return S ? db.data() + i * S : nullptr; }
+  void reduce(T* dw_out, T* db_out) const {
+    for (int64_t i = 0; S && i < L; ++i) {
+      axpy(dw_out, T(1), dw.data() + i * S * D, S * D);
+      axpy(db_out, T(1), db.data() + i * S, S);
+    }
+  }
+};
+
+// Paired backward: runs of consecutive pairs with one context item (at most rows_max rows), all
+// the runs of a context item in one task, tasks spread over L lanes (lane i takes the context
+// items k = i mod L among those named); dweight and dbias summed per lane.
+template <class T>
+void attention_backward_paired(const AttnInputs<T>& a, const BwdOutputs<T>& o, T* dw, T* db) {
+  const int64_t P = a.P, S = a.S, D = a.D;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> runs(a.B);
+  for (int64_t p0 = 0; p0 < P;) {
+    int64_t p1 = p0 + 1, rows = a.ql[p0];
+    while (p1 < P && a.ci[p1] == a.ci[p0] && rows + a.ql[p1] <= a.rows_max) rows += a.ql[p1++];
+    runs[a.ci[p0]].emplace_back(p0, p1);
+    p0 = p1;
+  }
+  std::vector<int64_t> named;
+  for (int64_t b = 0; b < a.B; ++b)
+    if (!runs[b].empty()) named.push_back(b);
+  const int64_t L = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(named.size()),
+                                                           2 * at::get_num_threads()));
+  Lanes<T> lanes(L, S, D);
+  run_tiles(
+      L, [&] { return BwdState<T>(a); },
+      [&](int64_t i, BwdState<T>& st) {
+        for (size_t k = i; k < named.size(); k += L)
+          for (const auto& [p0, p1] : runs[named[k]])
+            backward_tile(a, o, p0, p1, st, lanes.dw_of(i), lanes.db_of(i));
+      });
+  lanes.reduce(dw, db);
+}
+
 template <class T>
 void attention_backward(const AttnInputs<T>& a, const BwdOutputs<T>& o, T* dw, T* db) {
   const int64_t B = a.B, P = a.P, S = a.S, D = a.D;
-  if (B * P == 0) return;
+  if (a.Bo * P == 0) return;
+  if (a.ci) return attention_backward_paired(a, o, dw, db);
   // L lanes: b and p in L chunks each; wave k runs the L tasks (i, (i + k) mod L)
   const int64_t L = std::max<int64_t>(1, std::min<int64_t>({B, P, 2 * at::get_num_threads()}));
   std::vector<int64_t> bcut(L + 1), pcut(L + 1);
@@ -470,18 +546,14 @@ void attention_backward(const AttnInputs<T>& a, const BwdOutputs<T>& o, T* dw, T
     bcut[i] = B * i / L;
     pcut[i] = P * i / L;
   }
-  std::vector<T> dw_lanes, db_lanes;
-  if (S) {
-    dw_lanes.assign(static_cast<size_t>(L) * S * D, T(0));
-    db_lanes.assign(static_cast<size_t>(L) * S, T(0));
-  }
+  Lanes<T> lanes(L, S, D);
   for (int64_t wave = 0; wave < L; ++wave) {
     run_tiles(
         L, [&] { return BwdState<T>(a); },
         [&](int64_t i, BwdState<T>& st) {
           const int64_t j = (i + wave) % L;
-          T* dwi = S ? dw_lanes.data() + i * S * D : nullptr;
-          T* dbi = S ? db_lanes.data() + i * S : nullptr;
+          T* dwi = lanes.dw_of(i);
+          T* dbi = lanes.db_of(i);
           for (int64_t b = bcut[i]; b < bcut[i + 1]; ++b) {
             int64_t rows = 0, start = pcut[j];
             for (int64_t p = pcut[j]; p < pcut[j + 1]; ++p) {
@@ -496,21 +568,16 @@ void attention_backward(const AttnInputs<T>& a, const BwdOutputs<T>& o, T* dw, T
           }
         });
   }
-  if (S) {
-    for (int64_t i = 0; i < L; ++i) {
-      axpy(dw, T(1), dw_lanes.data() + i * S * D, S * D);
-      axpy(db, T(1), db_lanes.data() + i * S, S);
-    }
-  }
+  lanes.reduce(dw, db);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& query, const at::Tensor& qlens, const at::Tensor& context,
     const at::Tensor& clens, const c10::optional<at::Tensor>& factors, const c10::optional<at::Tensor>& lam,
     double lam_scalar, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    bool need_dfactors) {
-  Prepared pr = prepare(query, qlens, context, clens, factors, lam, weight, bias);
-  const int64_t B = context.size(0), P = query.size(0), Lq = query.size(1), D = query.size(2);
+    bool need_dfactors, const c10::optional<at::Tensor>& context_index) {
+  Prepared pr = prepare(query, qlens, context, clens, factors, lam, weight, bias, context_index);
+  const int64_t B = context_index ? 1 : context.size(0), P = query.size(0), Lq = query.size(1), D = query.size(2);
   const int64_t Lc = context.size(1);
   const int64_t W = weight ? weight->size(0) : D;
   check_float(grad, "grad", query);
@@ -519,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (weight) pr.wp = cached_pack("attention W", {pr.w}, [&] { return pack_kn(pr.w); });
   const auto opts = pr.q.options();
   at::Tensor dq = at::zeros({P, Lq, D}, opts);
-  at::Tensor dc = at::zeros({B, Lc, D}, opts);
+  at::Tensor dc = at::zeros({context.size(0), Lc, D}, opts);
   const bool want_df = factors.has_value() && need_dfactors;
   at::Tensor df = want_df ? at::zeros({B, P, Lq, D}, opts) : at::empty({0}, opts);
   at::Tensor dlam = lam ? at::zeros({B, P, Lq}, opts) : at::empty({0}, opts);

@@ -11,6 +11,8 @@
 // shared-weight products run in cuBLAS in fp32 (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W) with
 // dY from l2n_bwd_rows_kernel, and attention_bwd_kernel (kModeAlignment) takes G2 = d(D2) from there.
 // dquery and dcontext are accumulated with fp32 atomics (summed over pairs).
+// Paired (context_index given): block pid = p is pair p, which reads context item
+// context_index[p] (its clens, its Gram matrix, its rows of dcontext); the output's B is 1.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -36,14 +38,17 @@ using OptTensor = std::optional<Tensor>;
 
 // Inputs as the kernels read them: last dimension contiguous, lengths contiguous.
 struct AttnInputs {
-  Tensor q, qlens, c, clens, f, lam, w, bias;
+  Tensor q, qlens, c, clens, cidx, f, lam, w, bias;
   bool has_f = false, has_lam = false, has_w = false;
   int64_t P = 0, Lq = 0, D = 0, B = 0, Lc = 0, S = 0;
+  int64_t Bo = 0;   // the output's context side: B, or 1 paired (context_index given)
 };
 
 AttnInputs prepare(const Tensor& query, const Tensor& qlens, const Tensor& context, const Tensor& clens,
-                   const OptTensor& factors, const OptTensor& lam, const OptTensor& weight, const OptTensor& bias) {
+                   const OptTensor& factors, const OptTensor& lam, const OptTensor& weight, const OptTensor& bias,
+                   const OptTensor& context_index) {
   AttnInputs in;
+  if (context_index) in.cidx = context_index->contiguous();
   in.q = last_dim_contiguous(query);
   in.c = last_dim_contiguous(context);
   in.qlens = qlens.contiguous();
@@ -61,6 +66,7 @@ AttnInputs prepare(const Tensor& query, const Tensor& qlens, const Tensor& conte
   in.Lq = query.size(1);
   in.D = query.size(2);
   in.B = context.size(0);
+  in.Bo = context_index ? 1 : in.B;
   in.Lc = context.size(1);
   in.S = in.has_w ? weight->size(0) : 0;
   return in;
@@ -73,6 +79,7 @@ AttnArgs<T> make_args(const AttnInputs& in, double lam_scalar, const Tensor& gra
   a.qlens = in.qlens.data_ptr<int>();
   a.c = ptr<T>(in.c);
   a.clens = in.clens.data_ptr<int>();
+  a.cidx = in.cidx.defined() ? in.cidx.data_ptr<int>() : nullptr;
   a.f = in.has_f ? ptr<T>(in.f) : nullptr;
   a.lam = in.has_lam ? ptr<T>(in.lam) : nullptr;
   a.w = in.has_w ? ptr<T>(in.w) : nullptr;
@@ -134,14 +141,14 @@ void check_grid(int64_t pairs) {
 
 Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& context, const Tensor& clens,
                       const OptTensor& factors, const OptTensor& lam, double lam_scalar, const OptTensor& weight,
-                      const OptTensor& bias) {
-  rcar_fast::check_attention(query, qlens, context, clens, factors, lam, weight, bias);
+                      const OptTensor& bias, const OptTensor& context_index) {
+  rcar_fast::check_attention(query, qlens, context, clens, factors, lam, weight, bias, context_index);
   check_cuda_dtype(query, "query");
   c10::cuda::CUDAGuard guard(query.device());
-  const AttnInputs in = prepare(query, qlens, context, clens, factors, lam, weight, bias);
+  const AttnInputs in = prepare(query, qlens, context, clens, factors, lam, weight, bias, context_index);
   const int64_t width = in.has_w ? in.S : in.D;
-  Tensor out = at::empty({in.B, in.P, in.Lq, width}, query.options());
-  const int64_t pairs = in.B * in.P;
+  Tensor out = at::empty({in.Bo, in.P, in.Lq, width}, query.options());
+  const int64_t pairs = in.Bo * in.P;
   if (pairs == 0 || out.numel() == 0) return out;
   check_grid(pairs);
   cudaStream_t stream = current_stream();
@@ -166,24 +173,24 @@ Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& co
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     const Tensor& grad, const Tensor& query, const Tensor& qlens, const Tensor& context, const Tensor& clens,
     const OptTensor& factors, const OptTensor& lam, double lam_scalar, const OptTensor& weight,
-    const OptTensor& bias, bool need_dfactors) {
-  rcar_fast::check_attention(query, qlens, context, clens, factors, lam, weight, bias);
+    const OptTensor& bias, bool need_dfactors, const OptTensor& context_index) {
+  rcar_fast::check_attention(query, qlens, context, clens, factors, lam, weight, bias, context_index);
   check_cuda_dtype(query, "query");
   c10::cuda::CUDAGuard guard(query.device());
-  const AttnInputs in = prepare(query, qlens, context, clens, factors, lam, weight, bias);
+  const AttnInputs in = prepare(query, qlens, context, clens, factors, lam, weight, bias, context_index);
   const int64_t width = in.has_w ? in.S : in.D;
   rcar_fast::check_float(grad, "grad", query);
-  rcar_fast::check_shape(grad, "grad", {in.B, in.P, in.Lq, width});
+  rcar_fast::check_shape(grad, "grad", {in.Bo, in.P, in.Lq, width});
 
   const auto f32 = query.options().dtype(at::kFloat);
   const bool want_df = in.has_f && need_dfactors;
   Tensor dq = at::zeros({in.P, in.Lq, in.D}, f32);
   Tensor dc = at::zeros({in.B, in.Lc, in.D}, f32);
-  Tensor df = want_df ? at::empty({in.B, in.P, in.Lq, in.D}, f32) : at::empty({0}, f32);
-  Tensor dlam = in.has_lam ? at::empty({in.B, in.P, in.Lq}, f32) : at::empty({0}, f32);
+  Tensor df = want_df ? at::empty({in.Bo, in.P, in.Lq, in.D}, f32) : at::empty({0}, f32);
+  Tensor dlam = in.has_lam ? at::empty({in.Bo, in.P, in.Lq}, f32) : at::empty({0}, f32);
   Tensor dw = in.has_w ? at::zeros({in.S, in.D}, f32) : at::empty({0}, f32);
   Tensor db = in.has_w ? at::zeros({in.S}, f32) : at::empty({0}, f32);
-  const int64_t pairs = in.B * in.P;
+  const int64_t pairs = in.Bo * in.P;
   if (pairs == 0 || in.Lq == 0) return std::make_tuple(dq, dc, df, dlam, dw, db);
   check_grid(pairs);
 

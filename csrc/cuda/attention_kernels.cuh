@@ -23,6 +23,7 @@ struct AttnArgs {
   const int* qlens;    // (P,)
   const T* c;          // (B, Lc, d), last dim contiguous
   const int* clens;    // (B,)
+  const int* cidx;     // (P,) the context item of each pair (paired; the output's B is 1), or nullptr
   const T* f;          // (B, P, Lq, d) last dim contiguous, or nullptr (all ones)
   const T* lam;        // (B, P, Lq) any strides, or nullptr (lam_scalar)
   const T* w;          // (s, d) contiguous (mode 1)
@@ -207,8 +208,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t pid = pid0 + blockIdx.x;
   const int64_t b = pid / a.P, p = pid - b * a.P;
+  const int64_t bc = a.cidx != nullptr ? (int64_t)a.cidx[p] : b;   // the pair's context item
   int qlen = clamp_len(a.qlens[p], a.Lq);
-  const int clen = clamp_len(a.clens[b], a.Lc);
+  const int clen = clamp_len(a.clens[bc], a.Lc);
   if (clen == 0) qlen = 0;   // nothing to attend to: every row is written as zeros
   const int64_t D = a.D, Lq = a.Lq;
   const int64_t width = MODE == kModeAlignment ? a.S : D;
@@ -224,12 +226,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
   if (qlen == 0) return;
 
   const T* qp = a.q + p * a.sq_p;
-  const T* cb = a.c + b * a.sc_b;
+  const T* cb = a.c + bc * a.sc_b;
   const T* fp = a.f != nullptr ? a.f + b * a.sf_b + p * a.sf_p : nullptr;
   const int ldS = (int)a.Lc;
   load_lam(a, b, p, qlen, lam_s);
   scores_pass(qp, a.sq_l, cb, a.sc_l, fp, a.sf_l, qlen, clen, D, S, ldS, xs, cs);
-  attention_probs(S, S, ldS, qlen, clen, nrm, lam_s, a.gram + b * a.Lc * a.Lc, a.Lc, nullptr, inv);
+  attention_probs(S, S, ldS, qlen, clen, nrm, lam_s, a.gram + bc * a.Lc * a.Lc, a.Lc, nullptr, inv);
   const float* P = S;
 
   if (MODE != kModeAlignment) {
@@ -361,8 +363,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnAr
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t pid = pid0 + blockIdx.x;
   const int64_t b = pid / a.P, p = pid - b * a.P;
+  const int64_t bc = a.cidx != nullptr ? (int64_t)a.cidx[p] : b;   // the pair's context item
   int qlen = clamp_len(a.qlens[p], a.Lq);
-  const int clen = clamp_len(a.clens[b], a.Lc);
+  const int clen = clamp_len(a.clens[bc], a.Lc);
   if (clen == 0) qlen = 0;
   const int64_t D = a.D, Lq = a.Lq, Lc = a.Lc;
   const int ldS = (int)Lc;
@@ -375,9 +378,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnAr
   if (qlen == 0) return;
 
   const T* qp = a.q + p * a.sq_p;
-  const T* cb = a.c + b * a.sc_b;
+  const T* cb = a.c + bc * a.sc_b;
   const T* fp = a.f != nullptr ? a.f + b * a.sf_b + p * a.sf_p : nullptr;
-  const float* G = a.gram + b * Lc * Lc;
+  const float* G = a.gram + bc * Lc * Lc;
   const T* grad = MODE == kModeAttended ? static_cast<const T*>(gsrc) + pid * Lq * D : nullptr;
   const float* g2 = MODE == kModeAlignment ? static_cast<const float*>(gsrc) + (int64_t)blockIdx.x * Lq * D : nullptr;
 
@@ -526,7 +529,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnAr
           acc += P[q * ldS + c] * das[q * kLDF + k] + dS0[q * ldS + c] * (qs[q * kLDF + k] * fs[q * kLDF + k]);
         const float* mrow = M + c * ldS;
         for (int c2 = 0; c2 < clen; ++c2) acc = fmaf(-mrow[c2], cs[c2 * kLDF + k], acc);
-        atomicAdd(o.dc + (b * Lc + c) * D + d, acc);
+        atomicAdd(o.dc + (bc * Lc + c) * D + d, acc);
       }
     }
     __syncthreads();

@@ -485,12 +485,16 @@ class Scorer:
 def score_pairs(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, pair_img: Tensor,
                 pair_cap: Tensor, backend: str = "auto", dtype=None,
                 memory_budget: Optional[int] = None, max_images: int = 4096,
-                progress: Optional[bool] = None, desc: str = "re-ranking") -> Tensor:
+                progress: Optional[bool] = None, desc: str = "re-ranking",
+                tile_pairs: Optional[int] = None) -> Tensor:
     """Scores of the listed (image, caption) pairs, (P,) float32 on the CPU.
 
-    The heads score whole grids, so pairs are grouped by caption: one call per caption scores
-    its listed images (at most ``max_images`` per call). A call then holds one caption length,
-    which the block-wise backends run as a single block. Same arguments as :func:`score_all`.
+    A head with ``pair_scores`` (RCARSimilarity) scores the list in tiles of at most
+    ``tile_pairs`` pairs (default TILE_PAIRS for the head's device, and as many as keep the
+    tile's distinct images and captions within TILE_INPUT_BYTES), ONE pair-list call per tile
+    (rcar_fast.ops.pair_scores: the kernels take the list). Any other head scores grids, so its
+    pairs are grouped by caption: one call per caption scores its listed images (at most
+    ``max_images`` per call). Same arguments as :func:`score_all`.
     """
     cap_lens = V.check_features(img, cap, cap_lens).tensor
     dtype = resolve_dtype(dtype)
@@ -508,28 +512,57 @@ def score_pairs(head: nn.Module, img: Tensor, cap: Tensor, cap_lens, pair_img: T
         if int(idx.min()) < 0 or int(idx.max()) >= n:
             raise ValueError(f"{name}: indices must be in [0, {n})")
     order = torch.argsort(pair_cap * img.shape[0] + pair_img)
-    uniq, counts = torch.unique_consecutive(pair_cap[order], return_counts=True)
     lens_cpu = cap_lens.cpu()
     bar = _Progress(int(pair_img.numel()), progress, desc)
     try:
         with torch.no_grad():
-            start = 0
-            for j, n in zip(uniq.tolist(), counts.tolist()):
-                sel = order[start:start + n]
-                start += n
-                ln = int(lens_cpu[j])
-                cap_j = cap[j:j + 1, :ln].to(device=device, dtype=run_dtype)
-                lens_j = lens_cpu[j:j + 1].to(device)
-                for s0 in range(0, n, max_images):
-                    part = sel[s0:s0 + max_images]
-                    iidx = pair_img[part]
-                    img_t = img[iidx.to(img.device)].to(device=device, dtype=run_dtype)
-                    s = head(img_t, cap_j, lens_j, backend=backend, memory_budget=memory_budget)
-                    out[part] = s[:, 0].float().cpu()
-                bar.update(n)
+            if callable(getattr(head, "pair_scores", None)):
+                per_pair = (img.shape[1] + cap.shape[1]) * img.shape[2] * torch.finfo(run_dtype).bits // 8
+                n_tile = tile_pairs or min(TILE_PAIRS.get(device.type, TILE_PAIRS["cuda"]),
+                                           max(1, TILE_INPUT_BYTES.get(device.type, TILE_INPUT_BYTES["cuda"]) // per_pair))
+                for s0 in range(0, order.numel(), n_tile):
+                    part = order[s0:s0 + n_tile]
+                    out[part] = _score_pair_tile(head, img, cap, lens_cpu, pair_img[part], pair_cap[part], device,
+                                                 run_dtype, backend, memory_budget)
+                    bar.update(int(part.numel()))
+            else:
+                _score_pairs_by_caption(head, img, cap, lens_cpu, pair_img, pair_cap, order, device, run_dtype,
+                                        backend, memory_budget, max_images, out, bar)
     finally:
         bar.close()
     return out
+
+
+def _score_pair_tile(head, img, cap, lens_cpu, pi, pc, device, run_dtype, backend, memory_budget) -> Tensor:
+    """One pair_scores call for the pairs (pi[m], pc[m]): only the tile's distinct images and
+    captions go to the device (captions cut to the tile's longest)."""
+    ui, li = torch.unique(pi, return_inverse=True)
+    uc, lc = torch.unique(pc, return_inverse=True)
+    lens_t = lens_cpu[uc]
+    img_t = img[ui.to(img.device)].to(device=device, dtype=run_dtype)
+    cap_t = cap[uc.to(cap.device), :int(lens_t.max())].to(device=device, dtype=run_dtype)
+    s = head.pair_scores(img_t, cap_t, lens_t, li, lc, backend=backend, memory_budget=memory_budget)
+    return s.float().cpu()
+
+
+def _score_pairs_by_caption(head, img, cap, lens_cpu, pair_img, pair_cap, order, device, run_dtype, backend,
+                            memory_budget, max_images, out, bar) -> None:
+    """score_pairs for a head that scores grids only: one call per caption and its images."""
+    uniq, counts = torch.unique_consecutive(pair_cap[order], return_counts=True)
+    start = 0
+    for j, n in zip(uniq.tolist(), counts.tolist()):
+        sel = order[start:start + n]
+        start += n
+        ln = int(lens_cpu[j])
+        cap_j = cap[j:j + 1, :ln].to(device=device, dtype=run_dtype)
+        lens_j = lens_cpu[j:j + 1].to(device)
+        for s0 in range(0, n, max_images):
+            part = sel[s0:s0 + max_images]
+            iidx = pair_img[part]
+            img_t = img[iidx.to(img.device)].to(device=device, dtype=run_dtype)
+            s = head(img_t, cap_j, lens_j, backend=backend, memory_budget=memory_budget)
+            out[part] = s[:, 0].float().cpu()
+        bar.update(n)
 
 
 @dataclass

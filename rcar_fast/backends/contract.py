@@ -10,6 +10,13 @@ context side, P the query side; t2i: B = images, P = captions, i2t the other way
       weight None: l2n(A(Q, C, F, lam)) (B, P, Lq, d); else the alignment vectors
       E = l2n(W (Q - A)^2 + b) (B, P, Lq, s). factors None is F = 1; lam None is lam_scalar at
       every position. Rows at or past a pair's query length are zero.
+      context_index (optional, the last argument, default None) None | (P,) int32: the PAIRED
+      form for pair lists. Query item p is then one pair of its own and attends to context item
+      context_index[p] only: the output (and factors, lam) are (1, P, Lq, width), and the
+      backward accumulates each pair's dcontext into row context_index[p] (an index may repeat).
+      The caller gathers the query side per pair and indexes the context side: in the paired
+      form the query is per pair anyway (its factors and lam are), while a context item serves
+      every pair that names it (pipeline.pair_scores).
   rar(E (B, P, Lq, s), qlens, h0 None | (B, P, s), wq (T, s, s), bq (T, s), wk (T, s, s),
       bk (T, s), wv (T, s), bv (T,), keep_k None | (B, P, Lq, s), keep_g None | (B, P, s))
       T RAR steps from h0 (None: the mean of E over the valid rows); keep_k/keep_g are dropout
@@ -76,20 +83,26 @@ def valid_rows(lens: Tensor, n: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- fakes
 
-def attention_fake(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias):
+def out_items(context: Tensor, context_index: Optional[Tensor]) -> int:
+    """B of the attention's output: the context items, or 1 in the paired form."""
+    return context.shape[0] if context_index is None else 1
+
+
+def attention_fake(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias, context_index=None):
     width = query.shape[2] if weight is None else weight.shape[0]
-    return query.new_empty(context.shape[0], query.shape[0], query.shape[1], width)
+    return query.new_empty(out_items(context, context_index), query.shape[0], query.shape[1], width)
 
 
 def attention_bwd_fake(grad, query, qlens, context, clens, factors, lam, lam_scalar, weight, bias,
-                       need_dfactors):
+                       need_dfactors, context_index=None):
     P, Lq, D = query.shape
-    B, Lc = context.shape[0], context.shape[1]
+    Lc = context.shape[1]
+    B = out_items(context, context_index)
     acc = accumulation_dtype(query)
 
     def new(*shape):
         return query.new_empty(shape, dtype=acc)
-    return (new(P, Lq, D), new(B, Lc, D), new(B, P, Lq, D) if factors is not None and need_dfactors else new(0),
+    return (new(P, Lq, D), new(context.shape[0], Lc, D), new(B, P, Lq, D) if factors is not None and need_dfactors else new(0),
             new(B, P, Lq) if lam is not None else new(0),
             new(weight.shape[0], D) if weight is not None else new(0),
             new(weight.shape[0]) if weight is not None else new(0))
@@ -118,21 +131,23 @@ def rcr_fake(E, qlens, factors, lam, lam_scalar, w1, b1, w2, b2, ws1, bs1, ws2, 
 def register_attention_autograd(op, bwd_op) -> None:
     """Autograd for an ``attention`` op: save its inputs, call ``bwd_op`` in backward."""
     def setup_context(ctx, inputs, output):
-        query, qlens, context, clens, factors, lam, lam_scalar, weight, bias = inputs
+        query, qlens, context, clens, factors, lam, lam_scalar, weight, bias = inputs[:9]
+        context_index = inputs[9] if len(inputs) > 9 else None
         ctx.lam_scalar = lam_scalar
-        ctx.save_for_backward(query, qlens, context, clens, factors, lam, weight, bias)
+        ctx.save_for_backward(query, qlens, context, clens, factors, lam, weight, bias, context_index)
 
     def backward(ctx, grad):
-        query, qlens, context, clens, factors, lam, weight, bias = ctx.saved_tensors
+        query, qlens, context, clens, factors, lam, weight, bias, context_index = ctx.saved_tensors
         need = ctx.needs_input_grad
         dq, dc, df, dlam, dw, db = bwd_op(grad.contiguous(), query, qlens, context, clens, factors, lam,
-                                          ctx.lam_scalar, weight, bias, bool(need[4]))
+                                          ctx.lam_scalar, weight, bias, bool(need[4]), context_index)
 
         def cast(g, like, i):
             return g.to(like.dtype) if like is not None and need[i] else None
-        # one entry per input: query, qlens, context, clens, factors, lam, lam_scalar, weight, bias
+        # one entry per input: query, qlens, context, clens, factors, lam, lam_scalar, weight, bias,
+        # context_index
         return (cast(dq, query, 0), None, cast(dc, context, 2), None, cast(df, factors, 4),
-                cast(dlam, lam, 5), None, cast(dw, weight, 7), cast(db, bias, 8))
+                cast(dlam, lam, 5), None, cast(dw, weight, 7), cast(db, bias, 8), None)
 
     op.register_autograd(backward, setup_context=setup_context)
 

@@ -69,9 +69,16 @@ def _mask(lens: Tensor, n: int) -> Optional[Tensor]:
 
 
 class _Block:
-    """One call's block: query (P, Lq, d) and context (B, Lc, d) with their masks."""
+    """One call's block: query (P, Lq, d) and context (B, Lc, d) with their masks. Paired
+    (``context_index`` (P,) given): pair p is query p with context item context_index[p], B = 1;
+    the context rows are gathered per pair ((P, Lc, d): plain torch has no indexed products,
+    and autograd scatters their gradient back into the indexed rows)."""
 
-    def __init__(self, query, qlens, context, clens, inplace: bool):
+    def __init__(self, query, qlens, context, clens, inplace: bool, context_index=None):
+        self.paired = context_index is not None
+        if self.paired:
+            idx = context_index.long()
+            context, clens = context.index_select(0, idx), clens.index_select(0, idx)
         self.qmask, self.cmask = _mask(qlens, query.shape[1]), _mask(clens, context.shape[1])
         self.query = query if self.qmask is None else torch.where(self.qmask[..., None], query, query.new_zeros(()))
         self.context = context if self.cmask is None else torch.where(self.cmask[..., None], context,
@@ -85,15 +92,20 @@ class _Block:
     def attend(self, factors: Optional[Tensor], lam) -> Tuple[Tensor, Tensor]:
         """(U, ||U|| + 1e-8) of A(Q, C, F, lam): the attended context before normalisation."""
         Q, C = self.query, self.context
-        B, P, Lq = C.shape[0], Q.shape[0], Q.shape[1]
+        B, P, Lq = (1 if self.paired else C.shape[0]), Q.shape[0], Q.shape[1]
         Lc, d = C.shape[1], C.shape[2]
-        if factors is None:   # F = 1: one product of all query words against all context positions
+        if factors is None and not self.paired:   # F = 1: all query words against all context positions
             S = torch.matmul(C.reshape(B * Lc, d), Q.reshape(P * Lq, d).t())
             S = S.view(B, Lc, P, Lq).permute(0, 2, 3, 1)                  # (B, P, Lq, Lc)
+        elif factors is None:                      # paired: query p against its own context item
+            S = torch.bmm(Q, C.transpose(1, 2)).view(B, P, Lq, Lc)
         else:
             # the factors are needed again by the next RCR step: F * Q goes to its own buffer
             FQ = torch.mul(factors, Q, out=self._buf("fq", (B, P, Lq, d))) if self.ws else factors * Q
-            S = torch.matmul(FQ.reshape(B, P * Lq, d), C.transpose(1, 2)).view(B, P, Lq, Lc)
+            if self.paired:
+                S = torch.bmm(FQ.view(P, Lq, d), C.transpose(1, 2)).view(B, P, Lq, Lc)
+            else:
+                S = torch.matmul(FQ.reshape(B, P * Lq, d), C.transpose(1, 2)).view(B, P, Lq, Lc)
             del FQ
         S = F.leaky_relu(S, 0.1)
         if self.qmask is not None:
@@ -101,12 +113,15 @@ class _Block:
         Sn = S / (torch.linalg.vector_norm(S, dim=2, keepdim=True) + EPS)    # across queries
         logits = Sn * (lam.unsqueeze(-1) if isinstance(lam, Tensor) else lam)
         if self.cmask is not None:
-            logits = torch.where(self.cmask[:, None, None, :], logits, logits.new_full((), -math.inf))
+            cm = self.cmask[None, :, None, :] if self.paired else self.cmask[:, None, None, :]
+            logits = torch.where(cm, logits, logits.new_full((), -math.inf))
         Pm = torch.softmax(logits, dim=-1)                               # over context positions
+        # paired: one context item per pair, (P, Lq, Lc) x (P, Lc, d); else B x (P Lq, Lc) x (Lc, d)
+        Pb, Ub = (Pm.view(P, Lq, Lc), (P, Lq, d)) if self.paired else (Pm.reshape(B, P * Lq, Lc), (B, P * Lq, d))
         if self.ws:
-            U = torch.bmm(Pm.reshape(B, P * Lq, Lc), C, out=self._buf("u", (B, P * Lq, d)))
+            U = torch.bmm(Pb, C, out=self._buf("u", Ub))
         else:
-            U = torch.matmul(Pm.reshape(B, P * Lq, Lc), C)
+            U = torch.matmul(Pb, C)
         U = U.view(B, P, Lq, d)
         n = torch.linalg.vector_norm(U, dim=-1, keepdim=True)
         return U, (n.add_(EPS) if self.inplace else n + EPS)
@@ -117,10 +132,11 @@ class _Block:
         return torch.where(self.qmask[None, :, :, None], x, x.new_zeros(()))
 
 
-def attention(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias):
-    """The contract's attention (l2n(A), or E when given the projection), in plain torch."""
+def attention(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias, context_index=None):
+    """The contract's attention (l2n(A), or E when given the projection), in plain torch; paired
+    with ``context_index`` (the contract's docstring)."""
     inplace = not tm.needs_grad([query, context, factors, lam, weight, bias])
-    blk = _Block(query, qlens, context, clens, inplace)
+    blk = _Block(query, qlens, context, clens, inplace, context_index)
     U, n = blk.attend(factors, lam_scalar if lam is None else lam)
     if weight is None:
         return blk.zero_padded_rows(U.div_(n) if inplace else U / n)
