@@ -23,8 +23,8 @@ MUTANTS = [
          file=PLAN, old="    return max(1, budget // per_pair)", new="    return max(1, 64 * budget // per_pair)",
          tests=MEM_TORCH),
     dict(name="pipeline: the caller's memory budget ignored (always the backend's default)",
-         file=PIPE, old="    if memory_budget is None:\n        memory_budget = ks.budget(img.device)",
-         new="    if True:\n        memory_budget = ks.budget(img.device)", tests=MEM_CPP + MEM_TORCH),
+         file=PIPE, old="    n_i, R, d = img.shape\n    if memory_budget is None:\n        memory_budget = ks.budget(img.device)",
+         new="    n_i, R, d = img.shape\n    if True:\n        memory_budget = ks.budget(img.device)", tests=MEM_CPP + MEM_TORCH),
     dict(name="pipeline: training without block checkpointing (every block's intermediates kept)",
          file=PIPE, old="                s = torch.utils.checkpoint.checkpoint(_cut_block_scores, *block_args, False,\n"
                         "                                                      use_reentrant=False, preserve_rng_state=True)",
@@ -41,7 +41,7 @@ MUTANTS = [
          tests=["tests/test_fused_backends.py::test_gradients_match_reference[cpp-coop_rcar-2-t2i]"]),
     # RAR dropout
     dict(name="dropout: keep-masks without the 1/(1-p) rescale",
-         file=DROP, old="    scale = 1.0 / (1.0 - RAR_DROPOUT)\n    return", new="    scale = 1.0\n    return",
+         file=DROP, old="width, device)\n    scale = 1.0 / (1.0 - RAR_DROPOUT)\n", new="width, device)\n    scale = 1.0\n",
          tests=["tests/test_dropout.py::test_random_masks_rate_and_scale"]),
     dict(name="dropout: rate p kept instead of 1-p",
          file=DROP, old="    keep_k = torch.rand(n_i, n_c, lq, width, device=device) >= RAR_DROPOUT",

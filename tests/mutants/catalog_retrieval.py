@@ -98,8 +98,8 @@ MUTANTS = [
          file="bench/suite.py", old="    message = argument_error(argv)\n", new="    message = None\n",
          tests=[f"{T_CLI}::test_bench_argument_errors_are_one_line"]),
     dict(name="cli: the backend's refusal of a dtype not caught",
-         file=CLI, old="        except (ValueError, TypeError, OSError) as exc:   # files, shapes, splits: one line",
-         new="        except (TypeError, OSError) as exc:   # files, shapes, splits: one line",
+         file=CLI, old="    except (ValueError, TypeError, OSError) as exc:   # files, shapes, splits: one line",
+         new="    except (TypeError, OSError) as exc:   # files, shapes, splits: one line",
          tests=[f"{T_CLI}::test_eval_bf16_triton_under_the_interpreter_is_refused"]),
 
     dict(name="cli: the cost of the tie rule not reported",
