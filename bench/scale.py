@@ -103,7 +103,7 @@ def search_row(env, n_gallery: int, n_queries: int, k: int, chunk: int) -> Row:
                median_ms=secs * 1e3, pairs_per_s=pairs / secs,
                peak_mem_mb=None if peak_b is None else peak_b / 2**20,
                note=f"one run; gallery {size_mb:.0f} MB on disk, chunk {chunk} images; "
-                    f"peak = the call's resident-set growth")
+                    f"peak = the call's allocator peak")
 
 
 def cpu_env(detail: str = "") -> dict:
