@@ -9,9 +9,11 @@ The regulators as plug-and-play modules: :class:`AdaptiveAttention`, :class:`Ali
 :mod:`rcar_fast.ops`. Backends: :func:`available_backends`, :func:`backend_status`,
 :func:`selftest`. Ground truth: :mod:`rcar_fast.reference`. ARCHITECTURE.md maps the code.
 
-The application (the release's full model and checkpoints, data, retrieval and evaluation, the
-command line) is the subpackage :mod:`rcar_fast.app`, imported on first use: ``rcar_fast.data``,
-``rcar_fast.encoders``, ``rcar_fast.retrieval`` and the names below from them load it then.
+The application (the release's full model and checkpoints, data, retrieval and evaluation,
+search, training, the command line) is the subpackage :mod:`rcar_fast.app`, imported on first
+use: ``rcar_fast.data``, ``rcar_fast.encoders``, ``rcar_fast.retrieval``,
+``rcar_fast.distributed``, ``rcar_fast.search``, ``rcar_fast.train`` and the names below from
+them load it then.
 """
 
 import importlib
@@ -26,7 +28,7 @@ __version__ = "0.1.0"
 
 #: application names, loaded from rcar_fast.app on first use (PEP 562)
 _APP = {"data": "data", "encoders": "encoders", "retrieval": "retrieval", "distributed": "distributed",
-        "search": "search",
+        "search": "search", "train": "train",
         "load_precomp": "data", "structured_dataset": "data",
         "MatchingModel": "encoders", "Vocabulary": "encoders", "load_checkpoint": "encoders",
         "Recall": "retrieval", "recall_metrics": "retrieval", "score_all": "retrieval", "two_stage": "retrieval"}

@@ -97,6 +97,10 @@ def test_loss_gradient_is_the_formula_s(max_violation):
     assert torch.equal(S.grad, want)
 
 
+def test_the_api_is_rcar_fast_train():
+    assert rcar_fast.train.contrastive_loss is T.contrastive_loss and rcar_fast.train.train is T.train
+
+
 def test_loss_rejects_what_is_not_a_square_matrix():
     with pytest.raises(ValueError, match="square"):
         T.contrastive_loss(torch.rand(3, 4))
