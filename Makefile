@@ -1,6 +1,6 @@
 # The two commands of the README, on a fresh machine or not:
 #   make demo    install what is missing, then the main job on its embedded default
-#   make test    install what is missing, then the whole test suite (what .ci/run runs)
+#   make test    install what is missing, then the whole test suite (.ci/run runs the same two steps)
 # `make install` alone does the set-up: requirements.txt, then the package with its compiled
 # extension (setup.py finds the CUDA toolkit through nvcc itself; see its header for the flags).
 # It is redone when setup.py, requirements.txt or csrc/ change, or when an import fails.
