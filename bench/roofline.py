@@ -73,9 +73,10 @@ class Shape:
     seed: int = 0
 
     def lengths(self) -> List[int]:
-        import torch
-        g = torch.Generator().manual_seed(self.seed)
-        return torch.randint(self.len_lo, self.len_hi + 1, (self.n_captions,), generator=g).tolist()
+        """The caption lengths ``python -m bench`` draws for a shard of this size and seed."""
+        from .shapes import Shard
+        return Shard(self.name, self.n_images, self.n_captions, self.len_lo, self.len_hi, R, D, S_DIM,
+                     self.seed).cap_lens().tolist()
 
 
 SHAPES = {
