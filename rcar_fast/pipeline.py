@@ -211,31 +211,40 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _schedule(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params, regulator: str, steps: int,
+              memory_budget: Optional[int]):
+    """What every block of one call shares: (budget, inplace (nothing needs a gradient), the
+    lengths on the device, the stacked RAR weights, the live buffers the planner counts)."""
+    if memory_budget is None:
+        memory_budget = ks.budget(img.device)
+    inplace = not tm.needs_grad([img, cap, *params.values()])
+    lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
+    rar_w = None if regulator == "only_rcr" else rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
+    return memory_budget, inplace, lens_dev, rar_w, ks.live_buffers if inplace else ks.live_buffers_train
+
+
+def _run_block(cut, block_args, inplace: bool) -> Tensor:
+    """``cut(*block_args, inplace)``; under autograd checkpointed: the block is recomputed in
+    backward, so no block keeps its intermediates (d-wide F, RCR's activations) alive until the
+    backward pass; the peak is one block's, set by memory_budget, and the RNG state is replayed
+    (same dropout masks)."""
+    if inplace:
+        return cut(*block_args, True)
+    return torch.utils.checkpoint.checkpoint(cut, *block_args, False, use_reentrant=False, preserve_rng_state=True)
+
+
 def rcar_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params: Mapping[str, Tensor],
                 regulator: str, steps: int, attn_type: str, smooth: float, training: bool,
                 memory_budget: Optional[int] = None) -> Tensor:
     """scores (N_i, N_c) of every pair, block by block (module docstring)."""
     n_i, R, d = img.shape
-    if memory_budget is None:
-        memory_budget = ks.budget(img.device)
-    inplace = not tm.needs_grad([img, cap, *params.values()])
-    lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
+    budget, inplace, lens_dev, rar_w, live = _schedule(ks, img, cap, lens, params, regulator, steps, memory_budget)
     out = img.new_empty(n_i, cap.shape[0], dtype=score_dtype(img.dtype))
-    rar_w = None if regulator == "only_rcr" else rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
-    live = ks.live_buffers if inplace else ks.live_buffers_train
     with ks.workspace():
-        for cols, Lg, i0, i1 in iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), memory_budget, live):
+        for cols, Lg, i0, i1 in iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), budget, live):
             cidx = torch.tensor(cols, device=img.device)
-            block_args = (ks, img, cap, lens_dev, i0, i1, cidx, Lg, attn_type, params, rar_w, regulator, steps,
-                          smooth, training)
-            if inplace:
-                s = _cut_block_scores(*block_args, True)
-            else:
-                # autograd: the block is recomputed in backward, so no block keeps its intermediates
-                # (d-wide F, RCR's activations) alive until the backward pass; the peak is one
-                # block's, set by memory_budget, and the RNG state is replayed (same dropout masks)
-                s = torch.utils.checkpoint.checkpoint(_cut_block_scores, *block_args, False,
-                                                      use_reentrant=False, preserve_rng_state=True)
+            s = _run_block(_cut_block_scores, (ks, img, cap, lens_dev, i0, i1, cidx, Lg, attn_type, params, rar_w,
+                                               regulator, steps, smooth, training), inplace)
             out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out
 
@@ -256,26 +265,16 @@ def pair_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, img_inde
     docstring); img_index, cap_index: checked (M,) int64 tensors on the CPU (the host's copy plans
     the blocks)."""
     R, d = img.shape[1], img.shape[2]
-    if memory_budget is None:
-        memory_budget = ks.budget(img.device)
-    inplace = not tm.needs_grad([img, cap, *params.values()])
-    lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
+    budget, inplace, lens_dev, rar_w, live = _schedule(ks, img, cap, lens, params, regulator, steps, memory_budget)
     out = img.new_empty(img_index.shape[0], dtype=score_dtype(img.dtype))
-    rar_w = None if regulator == "only_rcr" else rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
-    live = ks.live_buffers if inplace else ks.live_buffers_train
     with ks.workspace():
         for pos, Lg in iter_pair_blocks(lens.host, cap_index.tolist(), img_index.tolist(), R, d, attn_type,
-                                        img.element_size(), memory_budget, live):
+                                        img.element_size(), budget, live):
             pos = torch.tensor(pos)
             images, captions = img_index[pos].to(img.device), cap_index[pos].to(img.device)
-            block_args = (ks, img, cap, lens_dev, images, captions, Lg, attn_type, params, rar_w, regulator,
-                          steps, smooth, training)
-            if inplace:
-                s = _cut_pair_block_scores(*block_args, True)
-            else:       # as rcar_scores: recomputed in backward, the RNG state replayed
-                s = torch.utils.checkpoint.checkpoint(_cut_pair_block_scores, *block_args, False,
-                                                      use_reentrant=False, preserve_rng_state=True)
-            out[pos.to(img.device)] = s
+            out[pos.to(img.device)] = _run_block(_cut_pair_block_scores, (
+                ks, img, cap, lens_dev, images, captions, Lg, attn_type, params, rar_w, regulator, steps, smooth,
+                training), inplace)
     return out
 
 
