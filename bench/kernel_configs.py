@@ -42,9 +42,10 @@ def _unique(items):
     return out
 
 
-def attention_configs(config):
+def attention_configs(config, forms=({},)):
     """(dtype, constexprs, launch options) of the attention launches for the standard shapes;
-    ``config``: the launcher's block-size chooser (forward or first backward kernel)."""
+    ``config``: the launcher's block-size chooser (forward or first backward kernel), called
+    with each of ``forms``' extra arguments (the forward: grouped on the grid, one pair paired)."""
     attention = _module("attention")
     MODE_ATTENDED, MODE_ALIGNMENT = attention.MODE_ATTENDED, attention.MODE_ALIGNMENT
 
@@ -53,10 +54,27 @@ def attention_configs(config):
             for Lq, Lc in STANDARD_SHAPES:
                 for mode in (MODE_ATTENDED.value, MODE_ALIGNMENT.value):
                     for has_state in (False, True):
-                        cfg = config(dtype != "fp32", Lq, Lc, D, S if mode == MODE_ALIGNMENT.value else D, mode)
-                        launch = launch_options(cfg)
-                        cfg.update(HAS_F=has_state, HAS_LAM=has_state, MODE=mode, IEEE=dtype == "fp32")
-                        yield dtype, cfg, launch
+                        for form in forms:
+                            cfg = config(dtype != "fp32", Lq, Lc, D, S if mode == MODE_ALIGNMENT.value else D, mode,
+                                         **form)
+                            launch = launch_options(cfg)
+                            cfg.update(HAS_F=has_state, HAS_LAM=has_state, MODE=mode, IEEE=dtype == "fp32")
+                            yield dtype, cfg, launch
+    return _unique(gen())
+
+
+def gram_configs():
+    """The Gram matrix kernel's launches: one per context block size of the standard shapes."""
+    attention = _module("attention")
+    bcs = sorted({attention.attention_config(True, Lq, Lc, D, S, 1)["BC"] for Lq, Lc in STANDARD_SHAPES})
+
+    def gen():
+        for dtype in DTYPES:
+            for BC in bcs:
+                cfg = attention.gram_config(dtype != "fp32", BC, D)
+                launch = launch_options(cfg)
+                cfg.update(IEEE=dtype == "fp32")
+                yield dtype, cfg, launch
     return _unique(gen())
 
 
@@ -104,16 +122,20 @@ def _typed(dtype, pointers=(), fp32_pointers=(), ints=(), strides=(), **extra):
     return sig
 
 
+def gram_signature(dtype):
+    return _typed(dtype, ("c_ptr",), ("gram_ptr",), ("D",), clen_ptr="*i32", strides="sc_b sc_l sc_d".split())
+
+
 def attention_fwd_signature(dtype):
-    return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "out_ptr"),
-                  ints=("P", "LQ_OUT", "D", "S_DIM"), qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32",
+    return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "out_ptr"), ("gram_ptr",),
+                  ints=("P", "NG", "LQ_OUT", "D", "S_DIM"), qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32",
                   lam_scalar="fp32", strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
                           "so_b so_p so_l so_x".split())
 
 
 def attention_bwd_signature(dtype):
     return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "g_ptr"),
-                  ("dq_ptr", "dc_ptr", "dw_ptr", "db_ptr", "dy_ptr", "dp_ptr"), ("P", "LQ", "D", "S_DIM"),
+                  ("gram_ptr", "dq_ptr", "dc_ptr", "dw_ptr", "db_ptr", "dy_ptr", "dp_ptr"), ("P", "LQ", "D", "S_DIM"),
                   qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32", lam_scalar="fp32",
                   strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
                           "sg_b sg_p sg_l sg_x".split())
@@ -145,7 +167,9 @@ def kernels():
     attention, attention_bwd, rar = (_module(m) for m in ("attention", "attention_bwd", "rar"))
     K = SimpleNamespace
     return {
-        "attention_fwd": K(launch_configs=lambda: attention_configs(attention.attention_config),
+        "gram": K(launch_configs=gram_configs, signature=gram_signature, fn=attention._gram_kernel),
+        "attention_fwd": K(launch_configs=lambda: attention_configs(attention.attention_config,
+                                                                    ({"grouped": True}, {"grouped": False})),
                            signature=attention_fwd_signature, fn=attention._attention_fwd_kernel),
         "attention_bwd": K(launch_configs=lambda: attention_configs(attention_bwd.attention_bwd_config),
                            signature=attention_bwd_signature, fn=attention_bwd._attention_bwd_kernel),

@@ -165,20 +165,35 @@ def rcr_torch(book: Book, B: int, P: int, Lq: int, prefix: str = "rcr (torch)") 
 
 # ----------------------------------------------------------------------------- backends
 
+#: query rows one Triton forward program holds (kernels/attention.py: attention_config's GP pairs
+#: of BQ rows each on the grid): the s-wide Y of that many rows is what compiles without spills
+TRITON_ROWS = 64
+
+
 def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
-    """The Triton kernels (kernels/), one program per pair: per step the fused attention and
-    projection (attention_fwd, MODE_ALIGNMENT), RCR in torch, one RAR step (rar_fwd)."""
+    """The Triton kernels (kernels/): per step the context items' Gram matrices C C^T (fp32,
+    _gram_kernel, once per item and block), the fused attention and projection (attention_fwd, MODE_ALIGNMENT)
+    with GP = TRITON_ROWS / BQ pairs of one context item per program (the context, its Gram
+    matrix and the weight read once per program, every product GP * BQ rows tall), RCR in torch,
+    one RAR step (rar_fwd, one program per pair)."""
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
+    GP = max(1, TRITON_ROWS // BQ)
+    programs = B * -(-P // GP)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     for t in range(shape.steps):
         has_f = t > 0
-        book.add(f"attention_fwd{tag}", count=1, note=f"BQ {BQ} BC {BC}",
-                 tc=pairs * (2 * BQ * BC * d * 2 + 2 * BC * BC * d + 2 * BQ * d * BS),
-                 simt=pairs * (2 * BQ * BC * BC + 30 * BQ * BC + 6 * BQ * d),
-                 l2=pairs * ((Lq * d + 2 * Lc * d + s * d + Lq * s + (Lq * d if has_f else 0)) * e),
-                 hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)
+        book.add(f"gram (C C^T per context item){tag}", count=1, note=f"BC {BC}", tc=B * 2 * BC * BC * d,
+                 l2=B * (Lc * d * e + BC * BC * 4), hbm=B * (Lc * d * e + BC * BC * 4))
+        # executed rows: GP pairs per program, the last program of a row of P partly empty
+        book.add(f"attention_fwd{tag}", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
+                 tc=programs * GP * (2 * BQ * BC * d * 2 + 2 * BQ * d * BS),
+                 simt=programs * GP * (2 * BQ * BC * BC + 30 * BQ * BC + 6 * BQ * d),
+                 l2=pairs * ((2 * Lq * d + Lq * s + (Lq * d if has_f else 0)) * e)
+                 + programs * (2 * Lc * d * e + s * d * e + BC * BC * 4),
+                 hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e
+                 + B * Lc * Lc * 4)
         if t < shape.steps - 1:
             rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
         book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ}",
@@ -188,8 +203,8 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
 
 
 def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
-    """The Triton backward per step (kernels/attention_bwd.py, kernels/rar.py): the attention's
-    two kernels recompute each pair on chip (bf16: A rebuilt once per 32-column chunk of Y, 8
+    """The Triton backward per step (kernels/attention_bwd.py, kernels/rar.py): the context
+    items' Gram matrices once per item, then the attention's two kernels recompute each pair on chip (bf16: A rebuilt once per 32-column chunk of Y, 8
     passes over d at s = 256) and add the shared gradients with fp32 atomics (dW: s x d per
     pair); RAR's backward per step; RCR's backward through torch autograd (its GEMMs x 2)."""
     Lq, Lc = _rows(shape, Lg)
@@ -197,6 +212,8 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     passes = BS // 32
     for t in range(shape.steps):
+        book.add("gram (backward)", count=1, note=f"BC {BC}", tc=B * 2 * BC * BC * d,
+                 l2=B * (Lc * d * e + BC * BC * 4), hbm=B * (Lc * d * e + BC * BC * 4))
         book.add("attention_bwd (passes A-D)", count=1,
                  tc=pairs * (2 * BQ * BC * d + passes * 2 * BQ * BC * d + 2 * BQ * d * BS * 3 + 2 * BQ * BC * d),
                  simt=pairs * (4 * BQ * d * passes + 2 * BQ * BC * BC),

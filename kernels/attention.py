@@ -1,13 +1,18 @@
 """Fused region-word attention with adaptive factors, optionally fused with the alignment
-projection: one Triton program per (context item b, query item p) pair.
+projection. On the pair grid one Triton program takes GP pairs of one context item (GP = ROWS //
+BQ: t2i, 4 captions of up to 16 words or 2 of up to 32 against one image), so the context, its
+Gram matrix and the projection weight are read once per GP pairs and every product is GP * BQ
+rows tall; in the paired form (a pair list) one program takes one pair.
 
 Layout (block layout, ARCHITECTURE.md): B indexes the context side, P the query side.
   t2i: B = images (context = R regions), P = captions (query = words).
   i2t: B = captions (context = words), P = images (query = R regions).
-Per program, with Q (Lq x d) and C (Lc x d) read in place, never repeated:
+First, once per context item (_gram_kernel): G = C C^T (BC x BC, fp32).
+Per program, with Q (GP * BQ rows x d: GP pairs' queries, BQ rows each) and C (Lc x d) read in
+place, never repeated:
 
-  pass 1 over d:  S = (F * Q) C^T        (BQ x BC)    G = C C^T   (BC x BC)
-  on chip:        S = LeakyReLU_0.1(S); Sn = S / (||S[:, c]||_valid q + 1e-8)
+  pass 1 over d:  S = (F * Q) C^T        (GP * BQ x BC)
+  on chip:        S = LeakyReLU_0.1(S); Sn = S / (||S[:, c]||_valid q of its pair + 1e-8)
                   P = softmax over valid c of lam[q] Sn[q, c]
                   ||U[q]||^2 = P[q] G P[q]^T  (the norm of U = P C known before U exists)
   pass 2 over d:  A = (P C) / (||U|| + 1e-8), chunk by chunk;
@@ -83,6 +88,44 @@ def _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ: tl.constexpr, BC: tl.
 
 
 @triton.jit
+def _group(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, GP: tl.constexpr, BQ: tl.constexpr,
+           BC: tl.constexpr):
+    """This program's GP pairs (b, p0 .. p0 + GP - 1) of one context item bc (NG programs per b):
+    per row r of the GP * BQ query rows, its pair pr = p0 + r // BQ and position qr = r % BQ
+    (int64), and the row mask (qr < the pair's query length; pairs past P have none); the
+    context's row range and mask. GP = 1 is one pair (either form); GP > 1 only on the grid,
+    where every pair of b has the same context item."""
+    pid = tl.program_id(0)
+    b = (pid // NG).to(tl.int64)
+    p0 = (pid % NG).to(tl.int64) * GP
+    bc = tl.load(cidx_ptr + b * sx_b + p0 * sx_p).to(tl.int64)
+    r = tl.arange(0, GP * BQ)
+    pr = p0 + r // BQ
+    qr = r % BQ
+    qlen = tl.load(qlen_ptr + pr, mask=pr < P, other=0)
+    rc = tl.arange(0, BC)
+    return b, bc, pr, qr, rc, qr < qlen, rc < tl.load(clen_ptr + bc)
+
+
+@triton.jit
+def _gram_kernel(c_ptr, clen_ptr, gram_ptr, D, sc_b, sc_l, sc_d,
+                 IEEE: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+    """G = C C^T (BC x BC, fp32) of one context item, rows and columns past its length zero:
+    the norm of the attended context |P C|^2 = P G P^T needs it, once per item, not per pair."""
+    b = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, BD)
+    cmask = rc < tl.load(clen_ptr + b)
+    G = tl.zeros((BC, BC), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dm = (d0 + rd) < D
+        Cc = tl.load(c_ptr + b * sc_b + rc[:, None] * sc_l + (d0 + rd)[None, :] * sc_d,
+                     mask=cmask[:, None] & dm[None, :], other=0.0)
+        G += _dot(Cc, tl.trans(Cc), IEEE)
+    tl.store(gram_ptr + b * BC * BC + rc[:, None] * BC + rc[None, :], G)
+
+
+@triton.jit
 def _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM: tl.constexpr):
     """lam per query row (fp32): the pair's (B, P, Lq) tensor, or the scalar broadcast."""
     if HAS_LAM:
@@ -115,20 +158,30 @@ def _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
 
 
 @triton.jit
-def _attention_probs(S0, G, lam, qmask, cmask, IEEE: tl.constexpr, WITH_UN: tl.constexpr = True):
+def _attention_probs(S0, G, lam, qmask, cmask, IEEE: tl.constexpr, WITH_UN: tl.constexpr = True,
+                     GP: tl.constexpr = 1):
     """On chip: S = LeakyReLU(S0) on valid queries, its column norms N, Sn = S / (N + eps),
     P = softmax over valid context of lam[q] Sn, and |U| = sqrt(P G P^T) per query (WITH_UN
-    False: not computed, G unused, |U| comes back as zeros)."""
+    False: not computed, G unused, |U| comes back as zeros). GP > 1: the rows are GP pairs of
+    S0.shape[0] // GP rows each (one context item), and N is each pair's own, broadcast to its
+    rows (M x BC); GP = 1: N is (BC,)."""
     S = tl.where(S0 > 0, S0, 0.1 * S0)
     S = tl.where(qmask[:, None], S, 0.0)
-    N = tl.sqrt(tl.sum(S * S, axis=0))
-    Sn = S / (N + EPS)[None, :]
+    if GP == 1:
+        N = tl.sqrt(tl.sum(S * S, axis=0))
+        Sn = S / (N + EPS)[None, :]
+    else:   # the norm across each pair's query rows: (GP, BQ, BC) summed over BQ, broadcast back
+        BQ: tl.constexpr = S.shape[0] // GP
+        BC: tl.constexpr = S.shape[1]
+        n = tl.sqrt(tl.sum(tl.reshape(S * S, (GP, BQ, BC)), axis=1))
+        N = tl.reshape(tl.broadcast_to(n[:, None, :], (GP, BQ, BC)), (GP * BQ, BC))
+        Sn = S / (N + EPS)
     logits = tl.where(cmask[None, :], Sn * lam[:, None], float("-inf"))
     e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
     Pm = e / tl.sum(e, axis=1)[:, None]
     if WITH_UN:
-        # P and G are fp32 in every dtype: exact products (tl.dot's fp32 default is tf32)
-        un = tl.sqrt(tl.maximum(tl.sum(_dot_ieee(Pm, G) * Pm, axis=1), 0.0))
+        # P and G are fp32 (G always; P for every dtype but fp64): exact products (tl.dot's fp32 default is tf32)
+        un = tl.sqrt(tl.maximum(tl.sum(_dot_ieee(Pm, G.to(Pm.dtype)) * Pm, axis=1), 0.0))
     else:
         un = tl.zeros_like(lam)
     return S, N, Sn, Pm, un
@@ -158,8 +211,8 @@ def _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D
 
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, out_ptr,
-    P, LQ_OUT, D, S_DIM, lam_scalar,
+    q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, gram_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, out_ptr,
+    P, NG, LQ_OUT, D, S_DIM, lam_scalar,
     sq_p, sq_l, sq_d,
     sc_b, sc_l, sc_d,
     sx_b, sx_p,
@@ -168,24 +221,28 @@ def _attention_fwd_kernel(
     sw_s, sw_d,
     so_b, so_p, so_l, so_x,
     HAS_F: tl.constexpr, HAS_LAM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
-    BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, BSB: tl.constexpr,
+    GP: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    BSB: tl.constexpr,
 ):
-    b, bc, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ, BC)
+    """GP pairs (one context item) per program, their GP * BQ query rows in every product;
+    gram_ptr: the context items' Gram matrices (items, BC, BC) fp32 (_gram_kernel)."""
+    b, bc, p, rq, rc, qmask, cmask = _group(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, GP, BQ, BC)
     rd = tl.arange(0, BD)
-    q_base = q_ptr + p * sq_p + rq[:, None] * sq_l
+    q_base = q_ptr + p[:, None] * sq_p + rq[:, None] * sq_l
     c_base = c_ptr + bc * sc_b + rc[:, None] * sc_l
-    f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
+    f_base = f_ptr + b * sf_b + p[:, None] * sf_p + rq[:, None] * sf_l
 
-    # pass 1 and on chip: scores, Gram matrix, softmax, the norm of U = P C
+    # pass 1 and on chip: scores, softmax, the norm of U = P C through the item's Gram matrix
     S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
-                             HAS_F, IEEE, BQ, BC, BD)
+                             HAS_F, IEEE, GP * BQ, BC, BD, False)
+    G = tl.load(gram_ptr + bc * BC * BC + rc[:, None] * BC + rc[None, :])
     lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
-    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE)
+    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, GP)
     inv_un = 1.0 / (un + EPS)
 
     # pass 2: the attended context, normalised chunk by chunk
-    rows_out = rq < LQ_OUT
-    out_base = out_ptr + b * so_b + p * so_p + rq[:, None] * so_l
+    rows_out = (rq < LQ_OUT) & (p < P)
+    out_base = out_ptr + b * so_b + p[:, None] * so_p + rq[:, None] * so_l
     if MODE == MODE_ATTENDED:
         for d0 in range(0, D, BD):
             dm = (d0 + rd) < D
@@ -196,18 +253,18 @@ def _attention_fwd_kernel(
     elif BSB == BS:   # the projection in one pass over d, Y held s wide
         rs = tl.arange(0, BS)
         Y = _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D, S_DIM, 0,
-                              Pm, inv_un, qmask, cmask, IEEE, BQ, BD, BS)
+                              Pm, inv_un, qmask, cmask, IEEE, GP * BQ, BD, BS)
         E = tl.where(qmask[:, None], Y / (tl.sqrt(tl.sum(Y * Y, axis=1)) + EPS)[:, None], 0.0)
         tl.store(out_base + rs[None, :] * so_x, E.to(out_ptr.dtype.element_ty),
                  mask=rows_out[:, None] & (rs < S_DIM)[None, :])
     else:   # BSB columns per pass over d; unnormalised Y parked in the (fp32) output, then scaled
         tl.static_assert(out_ptr.dtype.element_ty.primitive_bitwidth >= 32,
                          "the chunked projection parks unnormalised Y in the output: fp32/fp64 only")
-        r2 = tl.zeros((BQ,), dtype=tl.float32)
+        r2 = tl.zeros((GP * BQ,), dtype=tl.float32)
         for s0 in range(0, S_DIM, BSB):
             rsc = s0 + tl.arange(0, BSB)
             Yc = _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D, S_DIM, s0,
-                                   Pm, inv_un, qmask, cmask, IEEE, BQ, BD, BSB)
+                                   Pm, inv_un, qmask, cmask, IEEE, GP * BQ, BD, BSB)
             r2 += tl.sum(Yc * Yc, axis=1)
             tl.store(out_base + rsc[None, :] * so_x, Yc, mask=rows_out[:, None] & (rsc < S_DIM)[None, :])
         tl.debug_barrier()   # the stores' layout is not the loads': other threads read them
@@ -230,21 +287,33 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(n))))
 
 
-def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int) -> dict:
+#: query rows one forward program holds on the grid: GP = ROWS // BQ pairs of one context item
+#: (t2i: 4 captions of up to 16 words, 2 of up to 32); 64 rows of s-wide Y is what the compile tier
+#: has seen fit without spills (BQ = BC = 64 before grouping)
+ROWS = 64
+
+
+def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int, grouped: bool = False) -> dict:
     """The block sizes and launch options the launcher picks (the compile report checks these);
-    half: any dtype but fp32 (fp32 takes the exact-product path).
+    half: any dtype but fp32 (fp32 takes the exact-product path); grouped: the forward on the
+    grid, GP = ROWS // BQ pairs per program (else GP = 1: the paired form, and the backward,
+    whose chooser starts from this one).
 
     Chosen from ptxas -v reports (python -m bench.resources; no GPU run yet): with 8 warps,
     block_d 32 compiles without spills for bf16/fp16 on sm_80 and sm_90 except the fused
-    projection at BQ = BC = 64, which spilled 40 B on sm_80 and gets 16; fp32 gets 16. fp32's
-    projection goes BSB = 32 columns per pass over d (s wide it spilled 152-656 B) and is not
-    software-pipelined (num_stages 1: the pipelined loads spilled); bf16/fp16 keep 3 stages.
+    projection at 64 x 64 rows (GP * BQ x BC), which spilled 40 B on sm_80 and gets 16; fp32
+    gets 16. fp32's projection goes BSB = 32 columns per pass over d (s wide it spilled 152-656 B;
+    16 at 64 x 64 rows, where 32 spilled 4 B once G came from the Gram kernel) and is not
+    software-pipelined (num_stages 1: the pipelined loads spilled); bf16/fp16 keep 3
+    stages.
     """
     BQ, BC = _pow2(Lq), _pow2(Lc)
+    GP = max(1, ROWS // BQ) if grouped else 1
     projection = mode == MODE_ALIGNMENT.value
-    bd = 32 if half and not (projection and BQ * BC >= 4096) else 16
+    bd = 32 if half and not (projection and GP * BQ * BC >= 4096) else 16
     BS = _pow2(width if projection else 16)
-    return dict(BQ=BQ, BC=BC, BD=min(bd, _pow2(D)), BS=BS, BSB=BS if half else min(32, BS), num_warps=8,
+    bsb = BS if half else min(16 if GP * BQ * BC >= 4096 else 32, BS)
+    return dict(GP=GP, BQ=BQ, BC=BC, BD=min(bd, _pow2(D)), BS=BS, BSB=bsb, num_warps=8,
                 num_stages=3 if half else 1, maxnreg=MAX_REGISTERS)
 
 
@@ -285,6 +354,23 @@ def context_rows(context: Tensor, context_index: Optional[Tensor]):
     return 1, context_index, (0, 1)
 
 
+def gram(context: Tensor, clens: Tensor, BC: int) -> Tensor:
+    """G = C C^T of every context item, (items, BC, BC) fp32, rows and columns at or past its
+    length zero (one _gram_kernel program per item)."""
+    items, _, D = context.shape
+    g = torch.empty(items, BC, BC, dtype=torch.float32, device=context.device)
+    if items:
+        half = context.dtype != torch.float32
+        _gram_kernel[(items,)](context, clens, g, D, *context.stride(), IEEE=not half, **gram_config(half, BC, D))
+    return g
+
+
+def gram_config(half: bool, BC: int, D: int) -> dict:
+    """_gram_kernel's block sizes and launch options (the compile report checks these)."""
+    return dict(BC=BC, BD=min(32 if half else 16, _pow2(D)), num_warps=4, num_stages=3 if half else 1,
+                maxnreg=MAX_REGISTERS)
+
+
 def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=None, bias=None,
                   block_d=None, context_index=None):
     """Launch the fused attention over every (b, p) pair.
@@ -294,6 +380,8 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     weight (s, d) and bias (s,) given: returns E (B, P, Lq, s), else A (B, P, Lq, d).
     context_index (P,) int32: paired, pair p is query p with context item context_index[p] and
     the output (factors, lam) have B = 1; one program per pair reads its context through it.
+    On the grid one program takes GP pairs of one context item (attention_config). The context
+    items' Gram matrices are computed first, once per item (gram).
     Rows at or past a pair's query length are zero. Accumulation is fp32; fp32 inputs use
     IEEE fp32 products (no tf32), bf16/fp16 inputs the tensor cores.
     """
@@ -319,14 +407,17 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     sf = factors.stride() if has_f else (0, 0, 0, 0)
     sl = lam.stride() if has_lam else (0, 0, 0)
     sw = weight.stride() if mode == MODE_ALIGNMENT.value else (0, 0)
-    cfg = attention_config(query.dtype != torch.float32, Lq, Lc, D, width, mode)
+    half = query.dtype != torch.float32
+    cfg = attention_config(half, Lq, Lc, D, width, mode, grouped=context_index is None)
     if block_d is not None:
         cfg["BD"] = min(block_d, _pow2(D))
-    _attention_fwd_kernel[(B * P,)](
-        query, qlens, context, clens, cidx, f, lt, w, bb, out,
-        P, lq_out, D, width, float(lam) if not has_lam else 0.0,
+    g = gram(context, clens, cfg["BC"])
+    NG = triton.cdiv(P, cfg["GP"])
+    _attention_fwd_kernel[(B * NG,)](
+        query, qlens, context, clens, cidx, g, f, lt, w, bb, out,
+        P, NG, lq_out, D, width, float(lam) if not has_lam else 0.0,
         *query.stride(), *context.stride(), *sx, *sf, *sl, *sw, *out.stride(),
-        HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=query.dtype == torch.float32, **cfg)
+        HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=not half, **cfg)
     return out
 
 

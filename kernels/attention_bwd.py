@@ -3,7 +3,8 @@ pair each. Nothing of the forward is stored: each program recomputes its pair on
 softmax, the norm of the attended context through G = C C^T) and streams d in chunks.
 
 _attention_bwd_kernel, passes A to D:
-  pass A  S = (F Q) C^T, G = C C^T, P, |U|                  (as the forward)
+  pass A  S = (F Q) C^T, P, |U| through G = C C^T read from the forward's attention.gram (once
+          per context item, not per pair)
   pass B  MODE_ALIGNMENT: Y = (Q - A)^2 W^T + b, BSB columns of s per pass over d (A rebuilt each time),
           parked in an fp32 scratch (B, P, Lq, s) with the row norms |Y| and Y . dE; then
           dY = d l2n(Y) overwrites Y there, BSC columns at a time; db += sum dY
@@ -35,7 +36,8 @@ import triton.language as tl
 from rcar_fast.backends import contract
 
 from .attention import (EPS, MODE_ALIGNMENT, MODE_ATTENDED, _attention_probs, _dot, _pair, _projection_chunk,
-                        _scores_and_gram, _temperatures, check_rows, check_width, context_rows, triton_attention)
+                        _scores_and_gram, _temperatures, check_rows, check_width, context_rows, gram,
+                        triton_attention)
 
 Tensor = torch.Tensor
 
@@ -77,7 +79,7 @@ def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x,
 
 @triton.jit
 def _attention_bwd_kernel(
-    q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, g_ptr,
+    q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, gram_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, g_ptr,
     dq_ptr, dc_ptr, dw_ptr, db_ptr, dy_ptr, dp_ptr,
     P, LQ, D, S_DIM, lam_scalar,
     sq_p, sq_l, sq_d,
@@ -91,7 +93,8 @@ def _attention_bwd_kernel(
     IEEE: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     BSB: tl.constexpr, BSC: tl.constexpr,
 ):
-    """Passes A to D for one pair; dP (BQ x BC, fp32) goes to dp_ptr for the second kernel.
+    """Passes A to D for one pair; dP (BQ x BC, fp32) goes to dp_ptr for the second kernel;
+    gram_ptr: the context items' Gram matrices (attention.gram).
     The context (and dC's atomics) at the pair's context item bc, the rest at its place b, p."""
     b, bc, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ, BC)
     rd = tl.arange(0, BD)
@@ -108,7 +111,8 @@ def _attention_bwd_kernel(
 
     # pass A: as the forward
     S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
-                             HAS_F, IEEE, BQ, BC, BD)
+                             HAS_F, IEEE, BQ, BC, BD, False)
+    G = tl.load(gram_ptr + bc * BC * BC + rc[:, None] * BC + rc[None, :])
     lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
     S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE)
     inv_un = 1.0 / (un + EPS)
@@ -251,9 +255,10 @@ def _attention_bwd_scores_kernel(
 
 def _four_warps(half: bool, mode: int, BQ: int, BC: int) -> bool:
     """Where the first backward kernel runs 4 warps, not 8: where 8 spilled and 4 did not
-    (ptxas sweeps, python -m bench.resources)."""
+    (ptxas sweeps, python -m bench.resources). fp32 at BQ 32 x BC 64 went back to 8 once G came
+    from the Gram kernel: there 4 spilled 4 B on sm_90 and 8 did not."""
     attended = mode == MODE_ATTENDED.value
-    return (attended and BQ * BC <= 2048) or (not half and not attended and (BQ, BC) == (32, 64))
+    return (attended and BQ * BC <= 2048)
 
 
 def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int) -> dict:
@@ -265,6 +270,7 @@ def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode:
     from .attention import attention_config
 
     cfg = attention_config(half, Lq, Lc, D, width, mode)
+    del cfg["GP"]   # one pair per program
     cfg.update(BD=min(16, cfg["BD"]), BSB=min(32, cfg["BS"]), BSC=min(16, cfg["BS"]),
                num_warps=4 if _four_warps(half, mode, cfg["BQ"], cfg["BC"]) else 8)
     return cfg
@@ -315,7 +321,7 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
         lam_scalar = 0.0 if has_lam else float(lam)
         ieee = query.dtype == torch.float32
         _attention_bwd_kernel[(B * P,)](
-            query, qlens, context, clens, cidx, f, lt,
+            query, qlens, context, clens, cidx, gram(context, clens, cfg["BC"]), f, lt,
             weight if projection else query, bias if projection else query, grad,
             dq, dc, dw, db, dy, dp,
             P, Lq, D, width, lam_scalar,

@@ -124,7 +124,7 @@ def test_every_configuration_compiles(report):
     failed = [f"{_name(r)}: {r.get('error')}" for r in report if not r["compiled"]]
     assert not failed, "\n".join(failed)
     assert {r["arch"] for r in report} == {"sm_80", "sm_90"}
-    assert {r["kernel"] for r in report} == {"attention_fwd", "attention_bwd", "attention_bwd_scores",
+    assert {r["kernel"] for r in report} == {"gram", "attention_fwd", "attention_bwd", "attention_bwd_scores",
                                              "rar_fwd", "rar_bwd"}
 
 

@@ -88,11 +88,11 @@ def ref_rar(E, ql, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g):
 
 # ----------------------------------------------------------------------------- samples
 
-def _sample(dtype, seed, with_state, with_weight, B=2, P=3, Lq=5, Lc=4, d=13, s=6):
+def _sample(dtype, seed, with_state, with_weight, B=2, P=3, Lq=5, Lc=4, d=13, s=6, qlens=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(P, Lq, d, generator=g, dtype=torch.float64)
     c = torch.randn(B, Lc, d, generator=g, dtype=torch.float64)
-    ql = torch.tensor([Lq, 1, 3][:P], dtype=torch.int32)
+    ql = torch.tensor(qlens or [Lq, 1, 3][:P], dtype=torch.int32)
     cl = torch.tensor([Lc, 1][:B], dtype=torch.int32)
     for p in range(P):
         q[p, int(ql[p]):] = float("nan")
@@ -166,6 +166,36 @@ def test_attention_several_chunks(backend, with_state, dtype):
     args = _sample(dtype, seed=7 + with_state, with_state=with_state, with_weight=True, Lq=40, Lc=36,
                    d=37, s=45)
     _check_attention(backend, args, dtype, grads=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("Lq,groups", [(5, 4), (20, 2)], ids=["BQ16", "BQ32"])
+@pytest.mark.parametrize("with_state,with_weight", ATTENTION_CASES, ids=ATT_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_many_query_items_per_context_item(backend, with_state, with_weight, Lq, groups, dtype):
+    """P = 11 query items against each of B = 2 context items, mixed query lengths (1 and Lq
+    among them), NaN in every padding: the Triton forward takes `groups` pairs of one context
+    item per program (attention_config's GP: two full programs and a partial last one per item;
+    the norm across query rows is each pair's own), fp32 through the chunked projection, fp16
+    through the s-wide one. Every pair against the reference."""
+    if backend == "triton":
+        from rcar_fast.backends.triton_kernels import load_kernels
+        kernels = load_kernels()
+        for mode in (kernels.attention.MODE_ATTENDED.value, kernels.attention.MODE_ALIGNMENT.value):
+            assert kernels.attention.attention_config(dtype != torch.float32, Lq, 9, 13, 6, mode,
+                                                      grouped=True)["GP"] == groups
+    if dtype == torch.float16 and backend == "cpp":
+        pytest.skip("the C++ CPU kernels take float32 and float64")
+    lens = torch.randint(1, Lq + 1, (11,), generator=torch.Generator().manual_seed(Lq)).tolist()
+    lens[0], lens[5] = Lq, 1
+    args = _sample(dtype, seed=11 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=11, Lq=Lq,
+                   Lc=9, qlens=lens)
+    att = _ops(backend)[0]
+    out = att(*args)
+    up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+    want = ref_attention(*up)
+    tol = _tol(dtype, backend) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-3)
+    torch.testing.assert_close(out.double(), want, **tol)
 
 
 def _check_attention(backend, args, dtype, grads=False):

@@ -40,8 +40,9 @@ def test_no_backend_executes_less_than_the_counted_work(totals):
     for t in totals:
         assert t["tc_tflop"] + t["simt_tflop"] >= 0.99 * t["useful_tflop"], t
     flickr = {t["backend"]: t for t in totals if t["shape"] == "flickr30k"}
-    # the Triton tiles pad R = 36 to 64 context rows and captions to 16 or 32 rows
-    assert flickr["triton"]["tc_tflop"] > 1.5 * flickr["triton"]["useful_tflop"]
+    # the Triton tiles pad R = 36 to 64 context rows and captions to 16 or 32 rows; the Gram
+    # matrix (64 x 64 x d per pair before) is computed once per image, so padding is the excess
+    assert 1.2 * flickr["triton"]["useful_tflop"] < flickr["triton"]["tc_tflop"] < 1.5 * flickr["triton"]["useful_tflop"]
     assert 220 < flickr["torch"]["useful_tflop"] < 235          # SPEC.md: about 225 TFLOP
 
 
