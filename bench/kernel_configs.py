@@ -92,22 +92,38 @@ def attention_bwd_scores_configs():
 
 
 def rar_configs(backward: bool):
-    """RAR's launches (forward: with or without h0 and dropout; backward: with or without dropout)."""
+    """RAR's launches (forward: the mean, or a step with or without dropout; backward: with or
+    without dropout)."""
     rar = _module("rar")
     BWD_BLOCK_N, FWD_BLOCK_N, rar_config = rar.BWD_BLOCK_N, rar.FWD_BLOCK_N, rar.rar_config
 
     def gen():
         for dtype in DTYPES:
             for Lq in RAR_ROWS:
-                for has_h, has_drop in ((False, False), (True, False), (False, True), (True, True)):
-                    if backward and has_h:
+                for mean, has_drop in ((True, False), (False, False), (False, True)):
+                    if backward and mean:
                         continue
-                    cfg = rar_config(Lq, S, BWD_BLOCK_N if backward else FWD_BLOCK_N, dtype != "fp32")
+                    cfg = rar_config(Lq, S, BWD_BLOCK_N if backward else FWD_BLOCK_N, dtype != "fp32",
+                                     grouped=not backward)
                     launch = launch_options(cfg)
                     if not backward:
-                        cfg.update(HAS_H=has_h)
+                        cfg.update(MEAN=mean)
                     cfg.update(HAS_DROP=has_drop, IEEE=dtype == "fp32")
                     yield dtype, cfg, launch
+    return _unique(gen())
+
+
+def rcr_factors_configs():
+    """The fused RCR step's element-wise kernel: with and without the previous factors."""
+    rcr = _module("rcr")
+
+    def gen():
+        for dtype in DTYPES:
+            for has_f in (False, True):
+                cfg = rcr.rcr_factors_config(dtype != "fp32")
+                launch = launch_options(cfg)
+                cfg.update(HAS_F=has_f)
+                yield dtype, cfg, launch
     return _unique(gen())
 
 
@@ -148,10 +164,13 @@ def attention_bwd_scores_signature(dtype):
 
 
 def rar_fwd_signature(dtype):
-    return _typed(dtype, ("e_ptr", "h_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "mk_ptr",
-                          "mg_ptr", "out_ptr"), ints=("P", "S_DIM", "T"), qlen_ptr="*i32",
-                  strides="se_b se_p se_l se_s sh_b sh_p sh_s smk_b smk_p smk_l smk_s smg_b smg_p smg_s "
-                          "so_b so_p so_s".split())
+    return _typed(dtype, ("e_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "mk_ptr", "mg_ptr"),
+                  ("gate_ptr", "out_ptr"), ints=("P", "NG", "S_DIM", "t"), qlen_ptr="*i32",
+                  strides="se_b se_p se_l se_s smk_b smk_p smk_l smk_s smg_b smg_p smg_s so_b so_p so_s".split())
+
+
+def rcr_factors_signature(dtype):
+    return _typed(dtype, ("m_ptr", "f_ptr"), ints=("N_ROWS", "P", "LQ", "D"), qlen_ptr="*i32")
 
 
 def rar_bwd_signature(dtype):
@@ -164,7 +183,7 @@ def rar_bwd_signature(dtype):
 
 def kernels():
     """{report name: (launch_configs, signature, jit function)} of every Triton kernel."""
-    attention, attention_bwd, rar = (_module(m) for m in ("attention", "attention_bwd", "rar"))
+    attention, attention_bwd, rar, rcr = (_module(m) for m in ("attention", "attention_bwd", "rar", "rcr"))
     K = SimpleNamespace
     return {
         "gram": K(launch_configs=gram_configs, signature=gram_signature, fn=attention._gram_kernel),
@@ -178,4 +197,6 @@ def kernels():
                                   fn=attention_bwd._attention_bwd_scores_kernel),
         "rar_fwd": K(launch_configs=lambda: rar_configs(False), signature=rar_fwd_signature, fn=rar._rar_fwd_kernel),
         "rar_bwd": K(launch_configs=lambda: rar_configs(True), signature=rar_bwd_signature, fn=rar._rar_bwd_kernel),
+        "rcr_factors": K(launch_configs=rcr_factors_configs, signature=rcr_factors_signature,
+                         fn=rcr._rcr_factors_kernel),
     }

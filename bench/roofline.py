@@ -163,6 +163,22 @@ def rcr_torch(book: Book, B: int, P: int, Lq: int, prefix: str = "rcr (torch)") 
              hbm=N * 2 * s * e * 2 + N * d * e * (2 + 3 + 2) + N * 4 * 4)
 
 
+def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
+    """The triton backend's fused RCR step for inference (kernels/rcr.py): the same cuBLAS GEMMs,
+    tanh of the hidden layers and the temperatures in torch, and one kernel for the d-wide
+    chain clamp(tanh(M) + F, -1, 1) over the GEMM's output (one read of M, of F_old where there
+    is one, one write)."""
+    N = B * P * Lq
+    s, d, e = S_DIM, D, ELEM
+    book.add("rcr (triton): E W1^T, W2 tanh(.), smooth MLP (cuBLAS)", count=4,
+             tc=2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2 + 2 * N * s // 2,
+             hbm=N * s * e * 2 + N * 2 * s * e * 2 + N * d * e + N * s // 2 * e * 2, l2=N * d * e * 2)
+    book.add("rcr (triton): tanh of the hidden layers, temperatures (torch)", count=4,
+             simt=N * (2 * s + s // 2) * 8, hbm=N * 2 * s * e * 2 + N * s // 2 * e * 2 + N * 4 * 4 * 2)
+    book.add("rcr_factors (clamp(tanh(M) + F))", count=1, simt=N * d * 10,
+             hbm=N * d * e * (3 if has_f else 2) + P * 4)
+
+
 # ----------------------------------------------------------------------------- backends
 
 #: query rows one Triton forward program holds (kernels/attention.py: attention_config's GP pairs
@@ -174,12 +190,14 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     """The Triton kernels (kernels/): per step the context items' Gram matrices C C^T (fp32,
     _gram_kernel, once per item and block), the fused attention and projection (attention_fwd, MODE_ALIGNMENT)
     with GP = TRITON_ROWS / BQ pairs of one context item per program (the context, its Gram
-    matrix and the weight read once per program, every product GP * BQ rows tall), RCR in torch,
-    one RAR step (rar_fwd, one program per pair)."""
+    matrix and the weight read once per program, every product GP * BQ rows tall), RCR (its
+    GEMMs in torch, its d-wide element-wise chain one kernel; torch's step under autograd),
+    one RAR step: the gates of every pair as one fp32 GEMM in torch, then rar_fwd with GP pairs
+    per program (Wk read once per program; the first step after a launch for the mean of E)."""
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
-    GP = max(1, TRITON_ROWS // BQ)
+    GP = RGP = max(1, TRITON_ROWS // BQ)
     programs = B * -(-P // GP)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     for t in range(shape.steps):
@@ -195,10 +213,19 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                  hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e
                  + B * Lc * Lc * 4)
         if t < shape.steps - 1:
-            rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
-        book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ}",
-                 tc=pairs * 2 * BQ * BS * BS, simt=pairs * (2 * BS * BS + 12 * BQ * BS),
-                 l2=pairs * (Lq * s * e + 2 * s * s * e), hbm=pairs * (Lq * s * e + 2 * s * e))
+            if shape.training:     # under autograd the pipeline runs torch's RCR step
+                rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
+            else:
+                rcr_triton(book, B, P, Lq, has_f)
+        rprog = B * -(-P // RGP)
+        if t == 0:
+            book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {RGP}", simt=pairs * 2 * BQ * BS,
+                     l2=pairs * (Lq * s * e + s * 4), hbm=pairs * (Lq * s * e + s * 4))
+        book.add(f"rar gate tanh(h Wq^T + bq) (torch, fp32){tag}", count=2, simt=pairs * (2 * s * s + 8 * s),
+                 hbm=pairs * s * 4 * 3 + s * s * 4)
+        book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ} GP {RGP}",
+                 tc=rprog * RGP * 2 * BQ * BS * BS, simt=rprog * RGP * 16 * BQ * BS,
+                 l2=pairs * (Lq * s * e + s * 4 * 2) + rprog * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 
 

@@ -7,8 +7,11 @@ Per op, the kernels, the launcher, the torch.library custom op, its fake and its
   attention_bwd.py  the attention's backward, recomputing each pair on chip; launcher
                     ``attention_bwd``; ``rcar_fast::triton_attention_bwd``, and the attention's
                     autograd (which calls it)
-  rar.py            T steps of RAR per launch and one step's backward; launchers ``rar_fwd``,
+  rar.py            T steps of RAR (one launch per step, several pairs per program, the gates
+                    of every pair one GEMM) and one step's backward; launchers ``rar_fwd``,
                     ``rar_bwd``; ``rcar_fast::triton_rar`` / ``::triton_rar_bwd``, fakes, autograd
+  rcr.py            one RCR step for inference, its d-wide element-wise chain in one kernel;
+                    ``rcr_step``; ``rcar_fast::triton_rcr`` and its fake
 
 The "triton" backend (rcar_fast.backends.triton_kernels) binds the custom ops into a kernel set.
 On CPU tensors they run under TRITON_INTERPRET=1 (tests).
@@ -17,6 +20,7 @@ On CPU tensors they run under TRITON_INTERPRET=1 (tests).
 from .attention import attention_fwd, triton_attention
 from .attention_bwd import attention_bwd, triton_attention_bwd
 from .rar import rar_bwd, rar_fwd, triton_rar, triton_rar_bwd
+from .rcr import rcr_step, triton_rcr
 
-__all__ = ["attention_bwd", "attention_fwd", "rar_bwd", "rar_fwd", "triton_attention", "triton_attention_bwd",
-           "triton_rar", "triton_rar_bwd"]
+__all__ = ["attention_bwd", "attention_fwd", "rar_bwd", "rar_fwd", "rcr_step", "triton_attention",
+           "triton_attention_bwd", "triton_rar", "triton_rar_bwd", "triton_rcr"]

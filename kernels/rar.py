@@ -1,15 +1,19 @@
-"""Iterative aggregation reweighting (RAR), fused: one Triton program per pair runs T steps
-with the pair's alignment vectors E (Lq x s) held on chip the whole time (bf16/fp16; fp32, the
-exact-product path, reads E from memory where it is used instead: see _key_chunk).
+"""Iterative aggregation reweighting (RAR), fused. One launch per step; on it, one Triton program
+takes GP pairs (GP = ROWS // BQ: t2i, 4 captions of up to 16 words or 2 of up to 32) with their
+alignment vectors E (GP * BQ rows x s) held on chip (bf16/fp16; fp32, the exact-product path,
+reads E from memory where it is used instead: see _keys), so the key weight Wk is read once per
+GP pairs and the key product is GP * BQ rows tall.
 
 Per step t (weights of module t, stacked on a leading axis):
-  K = tanh(E Wk^T + bk)        (Lq x s, computed BN columns at a time, never stored)
-  g = tanh(Wq h + bq)          (s)
-  logit[q] = sum_n K[q, n] g[n] wv[n] + bv;   a = softmax over valid q
+  g = tanh(Wq h + bq)          (s per pair: ONE GEMM over every pair, outside the kernel, fp32)
+  K = tanh(E Wk^T + bk)        (Lq x s per pair, computed BN columns at a time, never stored)
+  logit[q] = sum_n K[q, n] g[n] wv[n] + bv;   a = softmax over the pair's valid q
   h = l2n(sum_q a[q] E[q])
-h starts from the given h0 or from the plain mean of E over the valid positions.
+h starts from the given h0 or from the plain mean of E over the valid positions (a launch of
+the same kernel, MEAN). Between steps h is kept in fp32.
 Dropout (training): optional keep-masks already scaled by 1/(1-p), mk (B, P, Lq, s) on K and
 mg (B, P, s) on g, for a single step (T = 1); the caller draws them so backward can reuse them.
+The backward (_rar_bwd_kernel, one program per pair, one step) recomputes g itself.
 """
 
 from typing import Optional, Tuple
@@ -37,11 +41,11 @@ def _e_tile(e_base, se_s, rs, qmask, smask):
 
 
 @triton.jit
-def _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, w0, n0, rs, smask, S_DIM,
-               IEEE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Columns n0 .. n0 + BN of one step's K = tanh(E Wk^T + bk) (BQ x BN) and g = tanh(Wq h + bq)
-    (BN), before dropout; w0 is the step's offset into the stacked weights (t s^2, biases t s).
-    bf16/fp16: E is the pair's tile held in registers, one tensor-core product over all of s.
+def _keys(E, e_base, se_s, qmask, wk_ptr, bk_ptr, w0, n0, rs, smask, S_DIM,
+          IEEE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Columns n0 .. n0 + BN of one step's K = tanh(E Wk^T + bk) (rows x BN), before dropout;
+    w0 is the step's offset into the stacked weights (t s^2, biases t s). Rows: e_base's.
+    bf16/fp16: E is the tile held in registers, one tensor-core product over all of s.
     fp32 (IEEE, exact FMA products): E is streamed from memory BK columns at a time (E unused):
     an FMA product holds a thread's rows of E for its whole K, which spilled at K = s."""
     rn = n0 + tl.arange(0, BN)
@@ -59,6 +63,15 @@ def _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, w0, n0
         Wk = tl.load(wrow + rs[None, :], mask=nm[:, None] & smask[None, :], other=0.0)
         acc = tl.dot(E.to(Wk.dtype), tl.trans(Wk))
     K = _tanh(acc + tl.load(bk_ptr + w0 + rn, mask=nm, other=0.0).to(tl.float32)[None, :])
+    return K, rn, nm
+
+
+@triton.jit
+def _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, w0, n0, rs, smask, S_DIM,
+               IEEE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Columns n0 .. n0 + BN of one pair's K (_keys) and of its gate g = tanh(Wq h + bq) (BN),
+    the gate in fp32 SIMT (the backward, one pair per program)."""
+    K, rn, nm = _keys(E, e_base, se_s, qmask, wk_ptr, bk_ptr, w0, n0, rs, smask, S_DIM, IEEE, BN, BK)
     Wq = tl.load(wq_ptr + w0 * S_DIM + rn[:, None] * S_DIM + rs[None, :], mask=nm[:, None] & smask[None, :],
                  other=0.0).to(tl.float32)
     g = _tanh(tl.sum(Wq * h[None, :], axis=1) + tl.load(bq_ptr + w0 + rn, mask=nm, other=0.0).to(tl.float32))
@@ -121,44 +134,89 @@ def _step_weights(E, e_base, se_s, qmask, h, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_
 
 @triton.jit
 def _rar_fwd_kernel(
-    e_ptr, qlen_ptr, h_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, mk_ptr, mg_ptr, out_ptr,
-    P, S_DIM, T,
+    e_ptr, qlen_ptr, gate_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, mk_ptr, mg_ptr, out_ptr,
+    P, NG, S_DIM, t,
     se_b, se_p, se_l, se_s,
-    sh_b, sh_p, sh_s,
     smk_b, smk_p, smk_l, smk_s,
     smg_b, smg_p, smg_s,
     so_b, so_p, so_s,
-    HAS_H: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
-    BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    MEAN: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
+    GP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    b, p, qlen, rq, rs, qmask, smask, e_base, E = _rar_pair(e_ptr, qlen_ptr, P, S_DIM, se_b, se_p, se_l, se_s,
-                                                            IEEE, BQ, BS)
-    mk_base = mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l
-    mg_base = mg_ptr + b * smg_b + p * smg_p
-    if HAS_H:
-        h = tl.load(h_ptr + b * sh_b + p * sh_p + rs * sh_s, mask=smask, other=0.0).to(tl.float32)
+    """GP pairs (b, p0 .. p0 + GP - 1) per program, their GP * BQ rows of E in every product.
+    MEAN: store h = the mean of E over each pair's valid rows. Else one step t: the gate
+    g = tanh(Wq h + bq) read per pair from gate_ptr ((B, P, s) fp32, contiguous), K by _keys,
+    a = softmax over each pair's valid rows, store h = l2n(sum_q a[q] E[q]). h is stored fp32."""
+    pid = tl.program_id(0)
+    b = (pid // NG).to(tl.int64)
+    p0 = (pid % NG).to(tl.int64) * GP
+    r = tl.arange(0, GP * BQ)
+    p = p0 + r // BQ
+    rq = r % BQ
+    rs = tl.arange(0, BS)
+    smask = rs < S_DIM
+    qlen = tl.load(qlen_ptr + p, mask=p < P, other=0)
+    qmask = rq < qlen
+    e_base = e_ptr + b * se_b + p[:, None] * se_p + rq[:, None] * se_l
+    if IEEE:
+        E = qmask
     else:
-        h = tl.sum(_e_f32(E, e_base, se_s, rs, qmask, smask, IEEE), axis=0) / qlen.to(tl.float32)
-    for t in range(T):
-        a = _step_weights(E, e_base, se_s, qmask, h, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, t,
-                          mk_base, smk_s, mg_base, smg_s, rs, smask, S_DIM, HAS_DROP, IEEE, BN, BK)
-        h = tl.sum(a[:, None] * _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE), axis=0)
-        h = h / (tl.sqrt(tl.sum(h * h, axis=0)) + EPS)
-    tl.store(out_ptr + b * so_b + p * so_p + rs * so_s, h.to(out_ptr.dtype.element_ty), mask=smask)
+        E = _e_tile(e_base, se_s, rs, qmask, smask)
+    pp = p0 + tl.arange(0, GP)
+    if MEAN:
+        n = tl.maximum(tl.sum(tl.reshape(qmask.to(tl.float32), (GP, BQ)), axis=1), 1.0)
+        Ef = _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE)
+        h = tl.sum(tl.reshape(Ef, (GP, BQ, BS)), axis=1) / n[:, None]
+    else:
+        mk_base = mk_ptr + b * smk_b + p[:, None] * smk_p + rq[:, None] * smk_l
+        g_base = gate_ptr + (b * P + p)[:, None] * S_DIM
+        logit = tl.zeros((GP * BQ,), dtype=tl.float32)
+        for n0 in range(0, S_DIM, BN):
+            K, rn, nm = _keys(E, e_base, se_s, qmask, wk_ptr, bk_ptr, t * S_DIM, n0, rs, smask, S_DIM, IEEE, BN, BK)
+            m2 = qmask[:, None] & nm[None, :]
+            g = tl.load(g_base + rn[None, :], mask=m2, other=0.0)
+            if HAS_DROP:
+                K = K * tl.load(mk_base + rn[None, :] * smk_s, mask=m2, other=0.0).to(tl.float32)
+                g = g * tl.load(mg_ptr + b * smg_b + p[:, None] * smg_p + rn[None, :] * smg_s, mask=m2,
+                                other=0.0).to(tl.float32)
+            wv = tl.load(wv_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)
+            logit += tl.sum(K * g * wv[None, :], axis=1)
+        logit += tl.load(bv_ptr + t).to(tl.float32)
+        # softmax over each pair's valid rows (a pair past P has none, and its h is not stored)
+        L = tl.reshape(tl.where(qmask, logit, float("-inf")), (GP, BQ))
+        m = tl.max(L, axis=1)
+        a = tl.exp(L - tl.where(m > float("-inf"), m, 0.0)[:, None])
+        # a valid pair's sum is >= 1 (its largest term is exp(0)); a pair past P gets a = 0, not NaN
+        a = tl.reshape(a / tl.maximum(tl.sum(a, axis=1), 1.0)[:, None], (GP * BQ,))
+        Ef = _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE)
+        h = tl.sum(tl.reshape(a[:, None] * Ef, (GP, BQ, BS)), axis=1)
+        h = h / (tl.sqrt(tl.sum(h * h, axis=1)) + EPS)[:, None]
+    tl.store(out_ptr + b * so_b + pp[:, None] * so_p + rs[None, :] * so_s, h,
+             mask=(pp < P)[:, None] & smask[None, :])
 
 
-def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True) -> dict:
-    """The block sizes and launch options the launcher picks (the compile report checks these).
-    8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python -m bench.resources).
-    fp32 (half False: exact products, no tensor cores) is not software-pipelined (num_stages 1):
-    the pipelined loads spilled there."""
+#: rows of E one forward program holds: GP = ROWS // BQ pairs (as kernels/attention.py's ROWS)
+ROWS = 64
+
+
+def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True, grouped: bool = False) -> dict:
+    """The block sizes and launch options the launcher picks (the compile report checks these);
+    grouped: the forward, GP = ROWS // BQ pairs per program (else GP = 1, the backward, whose
+    kernel has no GP). 8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python
+    -m bench.resources). fp32 (half False: exact products, no tensor cores) is not
+    software-pipelined (num_stages 1): the pipelined loads spilled there."""
     BS = max(16, triton.next_power_of_2(S))
-    return dict(BQ=max(16, triton.next_power_of_2(Lq)), BS=BS, BN=max(16, min(block_n, BS)), BK=16,
-                num_warps=8, num_stages=3 if half else 1, maxnreg=MAX_REGISTERS)
+    BQ = max(16, triton.next_power_of_2(Lq))
+    cfg = dict(BQ=BQ, BS=BS, BN=max(16, min(block_n, BS)), BK=16, num_warps=8, num_stages=3 if half else 1,
+               maxnreg=MAX_REGISTERS)
+    if grouped:
+        cfg["GP"] = max(1, ROWS // BQ)
+    return cfg
 
 
-#: the forward's column chunk of K (BN)
-FWD_BLOCK_N = 32
+#: the forward's column chunk of K (BN): with 32, the dropout forward (keep-masks loaded per row
+#: of the GP pairs) spilled 24-40 B on sm_80 in bf16/fp16; 16 compiles without spills everywhere
+FWD_BLOCK_N = 16
 
 
 def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, block_n: int = FWD_BLOCK_N):
@@ -167,31 +225,39 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     qlens (P,) int32 valid query rows; h0 None (start from the mean) or (B, P, s);
     wq, wk (T, s, s), bq, bk (T, s), wv (T, s), bv (T,), all contiguous;
     keep_k (B, P, Lq, s) and keep_g (B, P, s): dropout keep-masks scaled by 1/(1-p), T = 1 only.
-    Returns h (B, P, s).
+    Returns h (B, P, s). One launch per step (and one for the mean when h0 is None); before each
+    step the gates of every pair, tanh(h Wq^T + bq), as one fp32 GEMM (it follows torch's TF32
+    switch, as the backward's products with the shared weights do).
     """
 
     B, P, Lq, S = E.shape
     check_rows("E", Lq, "rows")
     check_width("E", S)
     T = wq.shape[0]
-    out = E.new_empty(B, P, S)
     if B * P == 0:
-        return out
-    has_h = h0 is not None
-    h = h0 if has_h else E
-    sh = h0.stride() if has_h else (0, 0, 0)
+        return E.new_empty(B, P, S)
     has_drop = keep_k is not None
     if has_drop and T != 1:
         raise ValueError("keep_k: dropout masks are per step; launch one step at a time")
     mk, mg = (keep_k, keep_g) if has_drop else (E, E)
     smk = keep_k.stride() if has_drop else (0, 0, 0, 0)
     smg = keep_g.stride() if has_drop else (0, 0, 0)
-    cfg = rar_config(Lq, S, block_n, E.dtype != torch.float32)
-    _rar_fwd_kernel[(B * P,)](
-        E, qlens, h, wq, bq, wk, bk, wv, bv, mk, mg, out, P, S, T,
-        *E.stride(), *sh, *smk, *smg, *out.stride(),
-        HAS_H=has_h, HAS_DROP=has_drop, IEEE=E.dtype == torch.float32, **cfg)
-    return out
+    cfg = rar_config(Lq, S, block_n, E.dtype != torch.float32, grouped=True)
+    NG = triton.cdiv(P, cfg["GP"])
+
+    def launch(t, gate=None):
+        """One launch: the mean of E (gate None) or step t; h (B, P, s) fp32, contiguous."""
+        h_out = torch.empty(B, P, S, dtype=torch.float32, device=E.device)
+        _rar_fwd_kernel[(B * NG,)](
+            E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, mk, mg, h_out, P, NG, S, t,
+            *E.stride(), *smk, *smg, *h_out.stride(),
+            MEAN=gate is None, HAS_DROP=has_drop and gate is not None, IEEE=E.dtype == torch.float32, **cfg)
+        return h_out
+
+    h = launch(0) if h0 is None else h0.float()
+    for t in range(T):
+        h = launch(t, torch.addmm(bq[t].float(), h.reshape(B * P, S), wq[t].float().t()).tanh_())
+    return h.to(E.dtype)
 
 
 @triton.jit

@@ -267,3 +267,24 @@ def test_torch_compile_traces_the_custom_ops():
     want.sum().backward()
     for a, b in zip(args, eager_args):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_rcr_step_runs_at_inference_only(backend, monkeypatch):
+    """Both fused backends offer an inference RCR step (KernelSet.rcr): without autograd the
+    pipeline calls it and never torch's step; under autograd it calls torch's step (the fused
+    one has no backward). The scores agree either way."""
+    import rcar_fast.torch_math as tm
+    calls = []
+    torch_step = tm.rcr_step
+    monkeypatch.setattr(tm, "rcr_step", lambda *a, **k: calls.append(1) or torch_step(*a, **k))
+    n_i, n_c, R, L, d, s = SHAPES[0]
+    img, cap, lens = make_inputs(n_i, n_c, R, L, d, torch.float32, 5, lens=_lens(n_c, L, 5))
+    head = make_head("only_rcr", 2, "t2i", d, s, torch.float32, 5).eval()
+    with torch.no_grad():
+        fused = head(img, cap, lens, backend=backend)
+    assert calls == [], "the pipeline ran torch's RCR step where the backend has a fused one"
+    img.requires_grad_()
+    graded = head(img, cap, lens, backend=backend)
+    assert calls, "under autograd the pipeline must run torch's RCR step"
+    torch.testing.assert_close(fused, graded.detach(), rtol=0, atol=2e-6)

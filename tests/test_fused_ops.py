@@ -113,10 +113,10 @@ def _sample(dtype, seed, with_state, with_weight, B=2, P=3, Lq=5, Lc=4, d=13, s=
     return [q, ql, c, cl, factors, lam, 4.0, weight, bias]
 
 
-def _rar_sample(dtype, seed, T, dropout, h_given, B=2, P=3, Lq=5, s=7):
+def _rar_sample(dtype, seed, T, dropout, h_given, B=2, P=3, Lq=5, s=7, qlens=None):
     g = torch.Generator().manual_seed(seed)
     E = torch.randn(B, P, Lq, s, generator=g, dtype=torch.float64)
-    ql = torch.tensor([Lq, 1, 3][:P], dtype=torch.int32)
+    ql = torch.tensor(qlens or [Lq, 1, 3][:P], dtype=torch.int32)
     for p in range(P):
         E[:, p, int(ql[p]):] = float("nan")
     wq, wk = (torch.randn(T, s, s, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
@@ -261,6 +261,30 @@ def test_rar_forward_and_gradients(backend, T, dropout, h_given, dtype):
         torch.testing.assert_close(g, e, **_tol(torch.float32, backend), msg=f"input {i}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("Lq,groups", [(5, 4), (20, 2)], ids=["BQ16", "BQ32"])
+@pytest.mark.parametrize("T,dropout,h_given", RAR_CASES, ids=RAR_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rar_many_pairs(backend, T, dropout, h_given, Lq, groups, dtype):
+    """P = 11 pairs per context item, mixed lengths (1 and Lq among them), NaN in every padding:
+    the Triton forward takes `groups` pairs per program (rar_config's GP: two full programs and
+    a partial last one per item; softmax, mean and sums are each pair's own), its gates one GEMM
+    per step. Against the reference."""
+    if backend == "triton":
+        from rcar_fast.backends.triton_kernels import load_kernels
+        assert load_kernels().rar.rar_config(Lq, 7, half=dtype != torch.float32, grouped=True)["GP"] == groups
+    if dtype == torch.float16 and backend == "cpp":
+        pytest.skip("the C++ CPU kernels take float32 and float64")
+    lens = torch.randint(1, Lq + 1, (11,), generator=torch.Generator().manual_seed(Lq)).tolist()
+    lens[0], lens[5] = Lq, 1
+    args = _rar_sample(dtype, seed=3 * T + dropout + 5 * h_given + Lq, T=T, dropout=dropout, h_given=h_given, P=11,
+                       Lq=Lq, qlens=lens)
+    out = _ops(backend)[2](*args)
+    want = ref_rar(*[a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args])
+    tol = _tol(dtype, backend) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+    torch.testing.assert_close(out.double(), want, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rar_several_chunks(backend, dtype):
@@ -337,18 +361,27 @@ def test_opcheck(backend):
                                         wv[:1], bv[:1], kk, kg))
 
 
-@pytest.mark.skipif(rcar_fast.backend_status()["cpp"] != "available", reason=rcar_fast.backend_status()["cpp"])
+def _rcr_op(backend):
+    if backend == "triton":
+        from rcar_fast.backends.triton_kernels import load_kernels
+        return load_kernels().triton_rcr
+    from rcar_fast.backends import extension_kernels  # noqa: F401
+    return torch.ops.rcar_fast.rcr.default
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["F=1,lam=float", "F,lam"])
-def test_cpp_rcr_matches_torch_rcr_step(with_state, dtype):
-    """The C++ inference-only rcr op against the torch backend's RCR step on every valid row;
-    padded rows of the inputs hold NaN and the outputs are zero there; opcheck."""
-    from rcar_fast.backends import extension_kernels  # noqa: F401
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
+    """The inference-only rcr op (C++; Triton: GEMMs in torch, the d-wide element-wise chain in
+    one kernel, here d = 140 over two column blocks and 21 rows over two row blocks) against the
+    torch backend's RCR step on every valid row; padded rows of the inputs hold NaN and the
+    outputs are zero there; opcheck."""
     from rcar_fast.modules import RCRModule
     from rcar_fast.torch_math import rcr_step
-    B, P, Lq, s, d = 2, 3, 5, 6, 11
+    B, P, Lq, s, d = 3, 7, 5, 6, 140
     g = torch.Generator().manual_seed(21)
-    ql = torch.tensor([5, 1, 3], dtype=torch.int32)
+    ql = torch.tensor([5, 1, 3, 4, 5, 2, 1], dtype=torch.int32)
     E = torch.randn(B, P, Lq, s, generator=g, dtype=torch.float64)
     F0 = torch.rand(B, P, Lq, d, generator=g, dtype=torch.float64) * 2 - 1 if with_state else None
     lam0 = torch.rand(B, P, Lq, generator=g, dtype=torch.float64) * 5 if with_state else 4.0
@@ -372,16 +405,17 @@ def test_cpp_rcr_matches_torch_rcr_step(with_state, dtype):
             *[c(w[k]) for k in ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight",
                                 "rcr_matrix_w.2.bias", "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias",
                                 "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")])
-    got_F, got_lam = torch.ops.rcar_fast.rcr(*args)
+    op = _rcr_op(backend)
+    got_F, got_lam = op(*args)
     assert got_F.dtype == dtype and got_F.shape == (B, P, Lq, d) and got_lam.shape == (B, P, Lq)
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)
+    exact64 = dtype == torch.float64 and backend != "triton"      # Triton's element-wise chain is fp32
+    tol = dict(rtol=1e-10, atol=1e-12) if exact64 else dict(rtol=1e-5, atol=2e-6)
     valid = ~pad
     torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], **tol)
     torch.testing.assert_close(got_lam[:, valid].double(), want_lam[:, valid], **tol)
     assert not got_F[:, pad].any() and not got_lam[:, pad].any()
     if dtype == torch.float64:
-        torch.library.opcheck(torch.ops.rcar_fast.rcr.default,
-                              [torch.nan_to_num(a) if isinstance(a, Tensor) else a for a in args])
+        torch.library.opcheck(op, [torch.nan_to_num(a) if isinstance(a, Tensor) else a for a in args])
 
 
 def test_triton_rejects_shapes_past_the_compiled_range():

@@ -156,7 +156,12 @@ def test_pair_scores_equal_the_grid(backend, regulator, steps, attn_type):
             assert torch.isfinite(out).all()
             torch.testing.assert_close(out, grid[ii, cc], rtol=0, atol=1e-6)
             torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6)
-            assert out[3] == out[0] and out[-1] == out[0]                     # a repeated pair: one score
+            # a repeated pair: one score, up to the last bits where the two copies sit at different
+            # rows of one program's products (triton's grouped RAR; the interpreter's numpy GEMM
+            # rounds identical rows differently by position)
+            tie = dict(rtol=0, atol=0) if backend != "triton" else dict(rtol=0, atol=2e-7)
+            torch.testing.assert_close(out[3], out[0], **tie)
+            torch.testing.assert_close(out[-1], out[0], **tie)
 
 
 @pytest.mark.parametrize("backend", cpu_backends("torch", "cpp"))

@@ -1,8 +1,10 @@
 """The "triton" backend's kernel set: the custom ops of rcar_fast.kernels (kernels/: each op's
 Triton kernels, launcher, registration, fake and autograd together). The attention fuses the
-alignment projection (the d-wide attended context never reaches memory), RAR runs all T steps in
-one launch; RCR's MLP runs in plain torch in the pipeline (F is materialised per pair). On CPU
-tensors the kernels run only under TRITON_INTERPRET=1 (the test tier)."""
+alignment projection (the d-wide attended context never reaches memory), RAR runs one launch per
+step with the gates of every pair as one GEMM; RCR's MLP runs as cuBLAS GEMMs with its d-wide
+element-wise chain fused into one kernel (``rcr``, inference; under autograd the pipeline's
+torch step), and F is materialised per pair. On CPU tensors the kernels run only under
+TRITON_INTERPRET=1 (the test tier)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ MAX_WIDTH = _k.attention.MAX_WIDTH
 #: torch backend's, tests/test_memory.py)
 KERNELS = KernelSet(name="triton", devices=("cuda", "cpu"), attention=_k.triton_attention, rar=_k.triton_rar,
                     attention_bwd=_k.triton_attention_bwd, rar_bwd=_k.triton_rar_bwd,
+                    rcr=_k.triton_rcr, rcr_devices=("cuda", "cpu"),
                     budgets={"cpu": 24 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6)
 
 
