@@ -44,10 +44,12 @@ def _ref_scores(head, img, cap, lens, regulator, steps, attn_type):
                                      regulator, steps, attn_type, h.smooth)
 
 
-def fp32_matches_reference(backend, device, regulator, steps, attn_type, dims: Dims, seed: int, atol=1e-5):
+def fp32_matches_reference(backend, device, regulator, steps, attn_type, dims: Dims, seed: int, atol=1e-5,
+                           lens=None):
     """float32 scores of ``backend`` on ``device`` within ``atol`` of the float64 reference;
-    every element written (the output is copied into a NaN-filled buffer) and finite."""
-    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, torch.float32, seed)
+    every element written (the output is copied into a NaN-filled buffer) and finite. ``lens``:
+    the caption lengths (default random 1..L)."""
+    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, torch.float32, seed, lens=lens)
     head = make_head(regulator, steps, attn_type, dims.d, dims.s, torch.float32, seed)
     want = _ref_scores(head, img, cap, lens, regulator, steps, attn_type)
     h = copy.deepcopy(head).to(device)
@@ -237,3 +239,11 @@ def memory_within_budget(backend, device, attn_type, dims: Dims, budgets, dtype=
         limit = budget + slack + 2 * inputs
         assert train - grads <= limit, (f"training: peak {train} B - gradients {grads} B > budget {budget} "
                                         f"+ {slack} + 2 x inputs {inputs}")
+
+
+def repeated_lengths(n_c: int, lengths=(5, 12, 20)):
+    """Caption lengths cycling through ``lengths``: each length group holds n_c / len(lengths)
+    captions, so the Triton forward's programs fill (GP = 4 at lengths up to 16, 2 up to 32)
+    and each group ends in a partial program."""
+    return [lengths[j % len(lengths)] for j in range(n_c)]
+

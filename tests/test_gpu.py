@@ -16,7 +16,8 @@ import torch
 import rcar_fast
 from gpu_cases import (CONFIGS, GPU_BACKENDS, Dims, flickr_shaped_block, fp32_matches_reference,
                        gradients_match_reference, half_error_within_twice_torch, memory_within_budget,
-                       pair_scores_match_the_grid, selftest_passes, training_step_with_dropout)
+                       pair_scores_match_the_grid, repeated_lengths, selftest_passes,
+                       training_step_with_dropout)
 from rcar_testutil import seed_of
 
 pytestmark = [pytest.mark.gpu,
@@ -47,6 +48,16 @@ GRAD_DIMS = Dims(3, 5, 7, 9, 40, 24)          # fp32 gradients against the fp64 
 def test_fp32_matches_reference(backend, regulator, steps, attn_type):
     fp32_matches_reference(backend, "cuda", regulator, steps, attn_type, DIMS,
                            seed_of("gpu fp32", regulator, steps, attn_type))
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", [("only_rar", 2), ("coop_rcar", 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_full_groups_match_reference(backend, regulator, steps, attn_type):
+    """33 captions of 3 lengths (11 each): the Triton forward's programs of several pairs fill,
+    with a partial last one per group; fp32 against the reference."""
+    fp32_matches_reference(backend, "cuda", regulator, steps, attn_type, Dims(6, 33, 36, 24, 1024, 256),
+                           seed_of("gpu groups", regulator, steps, attn_type), lens=repeated_lengths(33))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

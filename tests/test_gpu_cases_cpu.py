@@ -10,8 +10,8 @@ import torch
 
 import test_gpu
 from gpu_cases import (CONFIGS, Dims, flickr_shaped_block, fp32_matches_reference, gradients_match_reference,
-                       half_error_within_twice_torch, pair_scores_match_the_grid, selftest_passes,
-                       training_step_with_dropout)
+                       half_error_within_twice_torch, pair_scores_match_the_grid, repeated_lengths,
+                       selftest_passes, training_step_with_dropout)
 from rcar_testutil import cpu_backends, seed_of
 
 
@@ -25,7 +25,8 @@ def test_gpu_tier_parametrization_is_complete():
     ids = [p.values[0] if hasattr(p, "values") else p for p in test_gpu.BACKENDS]
     assert ids == ["triton", "cuda"]
     assert {r for r, _ in CONFIGS} == {"only_rar", "only_rcr", "coop_rcar"}
-    for name in ("test_fp32_matches_reference", "test_half_error_within_twice_torch", "test_flickr_shaped_block",
+    for name in ("test_fp32_matches_reference", "test_fp32_full_groups_match_reference",
+                 "test_half_error_within_twice_torch", "test_flickr_shaped_block",
                  "test_gradients_match_reference", "test_training_step_with_dropout", "test_selftest_passes",
                  "test_pair_scores_match_the_grid"):
         assert callable(getattr(test_gpu, name))
@@ -36,6 +37,14 @@ def test_gpu_tier_parametrization_is_complete():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_case(backend, regulator, steps, attn_type):
     fp32_matches_reference(backend, "cpu", regulator, steps, attn_type, SMALL, seed_of("cpu fp32", regulator, attn_type))
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_full_groups_case(backend, attn_type):
+    """The GPU tier's full-groups case at small sizes: 11 captions of 3 lengths (up to 6 words)."""
+    fp32_matches_reference(backend, "cpu", "coop_rcar", 2, attn_type, SMALL._replace(n_c=11),
+                           seed_of("cpu groups", attn_type), lens=repeated_lengths(11, (2, 5, 6)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
