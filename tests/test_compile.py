@@ -133,6 +133,15 @@ def test_shared_memory_fits_the_chip(report):
     assert not over, "\n".join(over)
 
 
+def test_every_block_fits_an_sm(report):
+    """At least one block of every configuration fits one SM: its registers times its threads
+    within the 64K registers, its shared memory within the SM's (a kernel that compiles without
+    spills can still be unlaunchable: 16 warps at 255 registers a thread need 130K registers)."""
+    bad = [f"{_name(r)}: {r['registers']} registers x {32 * r['num_warps']} threads, {r['shared']} B shared"
+           for r in report if r["warps_per_sm"] < r["num_warps"]]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_spills_or_stack(report):
     """Every kernel, every dtype (fp32 included), both architectures: no spill stores or loads,
     no stack frame, no local-memory instructions in the SASS."""
