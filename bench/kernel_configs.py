@@ -151,7 +151,7 @@ def attention_fwd_signature(dtype):
 
 def attention_bwd_signature(dtype):
     return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "g_ptr"),
-                  ("gram_ptr", "dq_ptr", "dc_ptr", "dw_ptr", "db_ptr", "dy_ptr", "dp_ptr"), ("P", "LQ", "D", "S_DIM"),
+                  ("gram_ptr", "dq_ptr", "dc_ptr", "dw_ptr", "db_ptr", "dy_ptr", "dp_ptr"), ("P", "NG", "LQ", "D", "S_DIM"),
                   qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32", lam_scalar="fp32",
                   strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
                           "sg_b sg_p sg_l sg_x".split())
@@ -190,7 +190,8 @@ def kernels():
         "attention_fwd": K(launch_configs=lambda: attention_configs(attention.attention_config,
                                                                     ({"grouped": True}, {"grouped": False})),
                            signature=attention_fwd_signature, fn=attention._attention_fwd_kernel),
-        "attention_bwd": K(launch_configs=lambda: attention_configs(attention_bwd.attention_bwd_config),
+        "attention_bwd": K(launch_configs=lambda: attention_configs(attention_bwd.attention_bwd_config,
+                                                                    ({"grouped": True}, {"grouped": False})),
                            signature=attention_bwd_signature, fn=attention_bwd._attention_bwd_kernel),
         "attention_bwd_scores": K(launch_configs=attention_bwd_scores_configs,
                                   signature=attention_bwd_scores_signature,

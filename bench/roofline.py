@@ -16,6 +16,7 @@ Shapes (lengths drawn as bench/shapes.py draws them, seeded):
   headline    the 100 x 100 Flickr-shaped shard of `python -m bench`, coop_rcar T = 2, t2i
   train       one training step, 128 x 128 pairs, lengths 6..24, coop_rcar T = 2, i2t: the
               forward, its recompute under block checkpointing, and the backward
+  train_t2i   the same step for the t2i model
 
 Per launch: TC = tensor-core FLOPs executed (padding included: a Triton program's tile is
 the power of two above its rows, a CUDA block's row group 16 x MT), SIMT = other FLOPs (fp32
@@ -84,6 +85,7 @@ SHAPES = {
     "mscoco5k": Shape("mscoco5k", 5000, 25000, 6, 30),
     "headline": Shape("headline", 100, 100, 6, 24),
     "train": Shape("train", 128, 128, 6, 24, attn_type="i2t", training=True),
+    "train_t2i": Shape("train_t2i", 128, 128, 6, 24, attn_type="t2i", training=True),
 }
 GOALS_S = {"flickr30k": 0.35, "mscoco5k": 12.0}
 
@@ -231,20 +233,27 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
 
 def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     """The Triton backward per step (kernels/attention_bwd.py, kernels/rar.py): the context
-    items' Gram matrices once per item, then the attention's two kernels recompute each pair on chip (bf16: A rebuilt once per 32-column chunk of Y, 8
+    items' Gram matrices once per item, then the attention's two kernels recompute each pair on
+    chip (the first with GP pairs of one context item per program, as the forward) (bf16: A rebuilt once per 32-column chunk of Y, 8
     passes over d at s = 256) and add the shared gradients with fp32 atomics (dW: s x d per
     pair); RAR's backward per step; RCR's backward through torch autograd (its GEMMs x 2)."""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
+    GP = max(1, TRITON_ROWS // BQ)
+    programs = B * -(-P // GP)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     passes = BS // 32
     for t in range(shape.steps):
         book.add("gram (backward)", count=1, note=f"BC {BC}", tc=B * 2 * BC * BC * d,
                  l2=B * (Lc * d * e + BC * BC * 4), hbm=B * (Lc * d * e + BC * BC * 4))
-        book.add("attention_bwd (passes A-D)", count=1,
-                 tc=pairs * (2 * BQ * BC * d + passes * 2 * BQ * BC * d + 2 * BQ * d * BS * 3 + 2 * BQ * BC * d),
-                 simt=pairs * (4 * BQ * d * passes + 2 * BQ * BC * BC),
-                 l2=pairs * ((Lq * d + 3 * Lc * d + 2 * s * d) * e + (s * d + Lq * d + BC * d) * 4 * 2 + Lq * s * 4 * 4),
+        # GP pairs of one context item per program: the context, W and the atomics into dW, db
+        # and dC once per program; Q, dQ's atomics and the dY scratch per pair
+        book.add("attention_bwd (passes A-D)", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
+                 tc=programs * GP * (2 * BQ * BC * d + passes * 2 * BQ * BC * d + 2 * BQ * d * BS * 3
+                                     + 2 * BQ * BC * d),
+                 simt=programs * GP * (4 * BQ * d * passes + 2 * BQ * BC * BC),
+                 l2=pairs * (Lq * d * e + Lq * d * 4 * 2 + Lq * s * 4 * 4)
+                 + programs * ((3 * Lc * d + 2 * s * d) * e + (s * d + BC * d) * 4 * 2),
                  hbm=pairs * (Lq * s * 4 * 3 + BQ * BC * 4) + (s * d + (P * Lq + B * BC) * d) * 4)
         book.add("attention_bwd_scores", count=1,
                  tc=pairs * (2 * BQ * BC * d * 3), simt=pairs * 40 * BQ * BC,

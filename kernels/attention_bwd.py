@@ -1,6 +1,9 @@
-"""Backward of the fused adaptive attention (kernels/attention.py): two kernels, one program per
-pair each. Nothing of the forward is stored: each program recomputes its pair on chip (scores,
-softmax, the norm of the attended context through G = C C^T) and streams d in chunks.
+"""Backward of the fused adaptive attention (kernels/attention.py): two kernels. The first takes,
+as the forward does, GP pairs of one context item per program on the pair grid (one pair in the
+paired form), so W is read and the shared gradients dW, db and dC are accumulated once per
+program; the second takes one pair per program. Nothing of the forward is stored: each program
+recomputes its pairs on chip (scores, softmax, the norm of the attended context through
+G = C C^T) and streams d in chunks.
 
 _attention_bwd_kernel, passes A to D:
   pass A  S = (F Q) C^T, P, |U| through G = C C^T read from the forward's attention.gram (once
@@ -23,8 +26,8 @@ register spills on sm_80 and sm_90 (python -m bench.resources; tests/test_compil
 or dY s wide, or dP through the recompute of S0, spilled. dF (B, P, Lq, d) and dlam (B, P, Lq)
 belong to one pair and are stored; dQ, dC, dW and db are shared across pairs and accumulated
 with fp32 atomics, relaxed (sem="relaxed": the adds commute, and no other memory is ordered by
-them; the default acq_rel adds fences). The atomics on dW (s x d per pair) are the part to restructure for speed on a
-GPU (not measured yet).
+them; the default acq_rel adds fences). dW's atomics (s x d) come once per program, GP pairs on
+the grid; the rest of the backward's restructuring (no s x d atomics at all) is not done.
 """
 
 from typing import Optional, Tuple
@@ -35,7 +38,7 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
-from .attention import (EPS, MODE_ALIGNMENT, MODE_ATTENDED, _attention_probs, _dot, _pair, _projection_chunk,
+from .attention import (EPS, MODE_ALIGNMENT, MODE_ATTENDED, _attention_probs, _dot, _group, _pair, _projection_chunk,
                         _scores_and_gram, _temperatures, check_rows, check_width, context_rows, gram,
                         triton_attention)
 
@@ -81,7 +84,7 @@ def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x,
 def _attention_bwd_kernel(
     q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, gram_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, g_ptr,
     dq_ptr, dc_ptr, dw_ptr, db_ptr, dy_ptr, dp_ptr,
-    P, LQ, D, S_DIM, lam_scalar,
+    P, NG, LQ, D, S_DIM, lam_scalar,
     sq_p, sq_l, sq_d,
     sc_b, sc_l, sc_d,
     sx_b, sx_p,
@@ -90,31 +93,33 @@ def _attention_bwd_kernel(
     sw_s, sw_d,
     sg_b, sg_p, sg_l, sg_x,
     HAS_F: tl.constexpr, HAS_LAM: tl.constexpr, MODE: tl.constexpr,
-    IEEE: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    BSB: tl.constexpr, BSC: tl.constexpr,
+    IEEE: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+    BS: tl.constexpr, BSB: tl.constexpr, BSC: tl.constexpr,
 ):
-    """Passes A to D for one pair; dP (BQ x BC, fp32) goes to dp_ptr for the second kernel;
-    gram_ptr: the context items' Gram matrices (attention.gram).
-    The context (and dC's atomics) at the pair's context item bc, the rest at its place b, p."""
-    b, bc, p, rq, rc, qmask, cmask = _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ, BC)
+    """Passes A to D for GP pairs of one context item (as the forward's programs: their GP * BQ
+    rows in every product, so W is read and dW, db and dC are accumulated once per program); dP
+    (BQ x BC per pair, fp32) goes to dp_ptr for the second kernel; gram_ptr: the context items'
+    Gram matrices (attention.gram). The context (and dC's atomics) at the pairs' context item
+    bc, the rest at each pair's place b, p."""
+    b, bc, p, rq, rc, qmask, cmask = _group(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, GP, BQ, BC)
     rd = tl.arange(0, BD)
-    rows = rq < LQ
-    q_base = q_ptr + p * sq_p + rq[:, None] * sq_l
+    rows = (rq < LQ) & (p < P)
+    q_base = q_ptr + p[:, None] * sq_p + rq[:, None] * sq_l
     c_base = c_ptr + bc * sc_b + rc[:, None] * sc_l
-    f_base = f_ptr + b * sf_b + p * sf_p + rq[:, None] * sf_l
-    g_base = g_ptr + b * sg_b + p * sg_p + rq[:, None] * sg_l
+    f_base = f_ptr + b * sf_b + p[:, None] * sf_p + rq[:, None] * sf_l
+    g_base = g_ptr + b * sg_b + p[:, None] * sg_p + rq[:, None] * sg_l
     # fp32 accumulators, contiguous: dq (P, LQ, D), dc (B, Lc_max = BC rows used);
-    # MODE_ALIGNMENT scratch for dY: (B, P, LQ, S_DIM) fp32, this pair's rows only
-    dq_base = dq_ptr + p * LQ * D + rq[:, None] * D
+    # MODE_ALIGNMENT scratch for dY: (B, P, LQ, S_DIM) fp32, these pairs' rows only
+    dq_base = dq_ptr + p[:, None] * LQ * D + rq[:, None] * D
     dc_base = dc_ptr + bc * BC * D + rc[:, None] * D
     dy_row = dy_ptr + ((b * P + p) * LQ + rq) * S_DIM
 
     # pass A: as the forward
     S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
-                             HAS_F, IEEE, BQ, BC, BD, False)
+                             HAS_F, IEEE, GP * BQ, BC, BD, False)
     G = tl.load(gram_ptr + bc * BC * BC + rc[:, None] * BC + rc[None, :])
     lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
-    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE)
+    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, GP)
     inv_un = 1.0 / (un + EPS)
     # passes B-D need P only as a product operand: keep it in the inputs' dtype (the fp32 copy
     # is recomputed by _attention_bwd_scores_kernel; holding it through the passes spilled)
@@ -124,13 +129,13 @@ def _attention_bwd_kernel(
         # pass B: Y = (Q - A)^2 W^T + b, BSB columns at a time (each chunk one pass over d with the
         # attended context recomputed: holding Y s wide spilled), parked in the scratch, with its
         # row norms r and Y . dE
-        r2 = tl.zeros((BQ,), dtype=tl.float32)
-        ydE = tl.zeros((BQ,), dtype=tl.float32)
+        r2 = tl.zeros((GP * BQ,), dtype=tl.float32)
+        ydE = tl.zeros((GP * BQ,), dtype=tl.float32)
         for s0 in range(0, S_DIM, BSB):
             rsc = s0 + tl.arange(0, BSB)
             scm = rsc < S_DIM
             Yc = _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D, S_DIM, s0,
-                                   Pm, inv_un, qmask, cmask, IEEE, BQ, BD, BSB)
+                                   Pm, inv_un, qmask, cmask, IEEE, GP * BQ, BD, BSB)
             r2 += tl.sum(Yc * Yc, axis=1)
             m = qmask[:, None] & scm[None, :]
             dEc = tl.load(g_base + rsc[None, :] * sg_x, mask=m, other=0.0).to(tl.float32)
@@ -156,28 +161,28 @@ def _attention_bwd_kernel(
         tl.debug_barrier()
 
     # pass C: U . dA per row; MODE_ALIGNMENT also dW, and dQ's direct term -dA
-    udA = tl.zeros((BQ,), dtype=tl.float32)
+    udA = tl.zeros((GP * BQ,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         Cc, U, dA, qd, dm = _grad_context_chunk(
             c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, S_DIM, dw_ptr,
-            Pm, inv_un, qmask, rows, cmask, MODE, IEEE, True, BQ, BD, BSC)
+            Pm, inv_un, qmask, rows, cmask, MODE, IEEE, True, GP * BQ, BD, BSC)
         if MODE == MODE_ALIGNMENT:
             tl.atomic_add(dq_base + (d0 + rd)[None, :], -dA, mask=qd, sem="relaxed")
         udA += tl.sum(U * dA, axis=1)
 
     # pass D: dU, dP = dU C^T, dC += P^T dU
     coefU = tl.where(un > 0, udA * inv_un * inv_un / tl.where(un > 0, un, 1.0), 0.0)
-    dP = tl.zeros((BQ, BC), dtype=tl.float32)
+    dP = tl.zeros((GP * BQ, BC), dtype=tl.float32)
     for d0 in range(0, D, BD):
         Cc, U, dA, qd, dm = _grad_context_chunk(
             c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, S_DIM, dw_ptr,
-            Pm, inv_un, qmask, rows, cmask, MODE, IEEE, False, BQ, BD, BSC)
+            Pm, inv_un, qmask, rows, cmask, MODE, IEEE, False, GP * BQ, BD, BSC)
         dU = tl.where(qd, dA * inv_un[:, None] - U * coefU[:, None], 0.0)
         dP += _dot(dU.to(Cc.dtype), tl.trans(Cc), IEEE)
         tl.atomic_add(dc_base + (d0 + rd)[None, :], _dot(tl.trans(Pm).to(Cc.dtype), dU.to(Cc.dtype), IEEE),
                       mask=cmask[:, None] & dm[None, :], sem="relaxed")
 
-    tl.store(dp_ptr + (b * P + p) * BQ * BC + rq[:, None] * BC + rc[None, :], dP)
+    tl.store(dp_ptr + ((b * P + p[:, None]) * BQ + rq[:, None]) * BC + rc[None, :], dP, mask=(p < P)[:, None])
 
 
 @triton.jit
@@ -261,7 +266,8 @@ def _four_warps(half: bool, mode: int, BQ: int, BC: int) -> bool:
     return (attended and BQ * BC <= 2048)
 
 
-def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int) -> dict:
+def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int,
+                         grouped: bool = False) -> dict:
     """Block sizes and launch options of the first backward kernel (half: any dtype but fp32,
     which takes the exact-product path). From ptxas sweeps (no GPU run yet): block_d 16; Y in
     chunks of BSB = 32 columns and dY read back 16 at a time (s-wide tiles of either spilled, up to
@@ -269,10 +275,9 @@ def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode:
     fp32 without software pipelining (num_stages 1, from attention_config)."""
     from .attention import attention_config
 
-    cfg = attention_config(half, Lq, Lc, D, width, mode)
-    del cfg["GP"]   # one pair per program
+    cfg = attention_config(half, Lq, Lc, D, width, mode, grouped)
     cfg.update(BD=min(16, cfg["BD"]), BSB=min(32, cfg["BS"]), BSC=min(16, cfg["BS"]),
-               num_warps=4 if _four_warps(half, mode, cfg["BQ"], cfg["BC"]) else 8)
+               num_warps=4 if _four_warps(half, mode, cfg["GP"] * cfg["BQ"], cfg["BC"]) else 8)
     return cfg
 
 
@@ -301,7 +306,7 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
     check_rows("context", Lc, "context rows")
     if projection:
         check_width("weight", width)
-    cfg = attention_bwd_config(query.dtype != torch.float32, Lq, Lc, D, width, mode)
+    cfg = attention_bwd_config(query.dtype != torch.float32, Lq, Lc, D, width, mode, grouped=context_index is None)
     f32 = dict(dtype=torch.float32, device=query.device)
     dq = torch.zeros(P, Lq, D, **f32)
     dc = torch.zeros(context.shape[0], cfg["BC"], D, **f32)
@@ -320,11 +325,12 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
         sl = lam.stride() if has_lam else (0, 0, 0)
         lam_scalar = 0.0 if has_lam else float(lam)
         ieee = query.dtype == torch.float32
-        _attention_bwd_kernel[(B * P,)](
+        NG = triton.cdiv(P, cfg["GP"])
+        _attention_bwd_kernel[(B * NG,)](
             query, qlens, context, clens, cidx, gram(context, clens, cfg["BC"]), f, lt,
             weight if projection else query, bias if projection else query, grad,
             dq, dc, dw, db, dy, dp,
-            P, Lq, D, width, lam_scalar,
+            P, NG, Lq, D, width, lam_scalar,
             *query.stride(), *context.stride(), *sx, *sf, *sl,
             *(weight.stride() if projection else (0, 0)), *grad.stride(),
             HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=ieee, **cfg)

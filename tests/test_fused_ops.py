@@ -198,6 +198,20 @@ def test_attention_many_query_items_per_context_item(backend, with_state, with_w
     torch.testing.assert_close(out.double(), want, **tol)
 
 
+@pytest.mark.parametrize("Lq", [5, 20], ids=["BQ16", "BQ32"])
+@pytest.mark.parametrize("with_state,with_weight", ATTENTION_CASES, ids=ATT_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_gradients_many_query_items_per_context_item(backend, with_state, with_weight, Lq):
+    """Gradients where the Triton backward's first kernel takes several pairs of one context item
+    per program (GP 4 at BQ 16, 2 at BQ 32; P = 7: a partial last program): every input's
+    gradient, fp32, against the reference in fp64 on the same inputs; none at padded rows."""
+    lens = torch.randint(1, Lq + 1, (7,), generator=torch.Generator().manual_seed(Lq + 1)).tolist()
+    lens[0], lens[4] = Lq, 1
+    args = _sample(torch.float32, seed=31 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=7,
+                   Lq=Lq, Lc=9, d=21, s=10, qlens=lens)
+    _check_attention(backend, args, torch.float32, grads=True)
+
+
 def _check_attention(backend, args, dtype, grads=False):
     """Forward against the per-pair reference; for fp64 (or with grads) also every gradient,
     the reference in fp64 on the same inputs."""

@@ -6,6 +6,8 @@ ATT = "kernels/attention.py"
 RAR = "kernels/rar.py"
 RCR = "kernels/rcr.py"
 RCR_OP = "tests/test_fused_ops.py::test_fused_rcr_matches_torch_rcr_step"
+BWD = "kernels/attention_bwd.py"
+GRADS = "tests/test_fused_ops.py::test_attention_gradients_many_query_items_per_context_item"
 MANY = "tests/test_fused_ops.py::test_attention_many_query_items_per_context_item"
 RAR_MANY = "tests/test_fused_ops.py::test_rar_many_pairs"
 
@@ -63,4 +65,15 @@ MUTANTS = [
          file="rcar_fast/backends/triton_kernels.py", old='rcr=_k.triton_rcr, rcr_devices=("cuda", "cpu"),',
          new='rcr=None, rcr_devices=(),',
          tests=["tests/test_fused_backends.py::test_fused_rcr_step_runs_at_inference_only[triton]"]),
+    dict(name="triton backward: the query-norm of the scores across the program, not each pair's",
+         file=BWD, old="    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, GP)",
+         new="    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, 1)",
+         tests=[f"{GRADS}[triton-E,F,lam-BQ16]"]),
+    dict(name="triton backward: every pair's dP stored at the first pair of its context item",
+         file=BWD, old="    tl.store(dp_ptr + ((b * P + p[:, None]) * BQ + rq[:, None]) * BC + rc[None, :], dP, mask=(p < P)[:, None])",
+         new="    tl.store(dp_ptr + (b * P * BQ + rq[:, None]) * BC + rc[None, :], dP, mask=(p < P)[:, None])",
+         tests=[f"{GRADS}[triton-A,F=1-BQ32]"]),
+    dict(name="triton backward: the first kernel's programs cover P / GP rounded down",
+         file=BWD, old='        NG = triton.cdiv(P, cfg["GP"])', new='        NG = P // cfg["GP"]',
+         tests=[f"{GRADS}[triton-E,F=1-BQ16]"]),
 ]
