@@ -8,6 +8,7 @@ planted failures come from tests/dist_workers.py's command-line wrapper."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -37,7 +38,11 @@ def torchrun(args, nproc=2, hook=None, timeout=150, start="fork"):
            "127.0.0.1", "--master_port", str(free_port()), "--tee", "3", "--start-method", start, *target, *args]
     t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    return p.returncode, (p.stdout + p.stderr).splitlines(), time.monotonic() - t0
+    # torchrun's tee reads each rank's log as it grows and prefixes what it read; a line read
+    # before its newline was written gets the next read's prefix glued to its end (seen once:
+    # "...planted failure on rank 1[default0]:"): that stray prefix is the launcher's, not ours
+    lines = [re.sub(r"(\[default\d+\]:)+$", "", ln) for ln in (p.stdout + p.stderr).splitlines()]
+    return p.returncode, lines, time.monotonic() - t0
 
 
 def by_rank(lines, rank):
