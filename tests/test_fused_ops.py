@@ -133,6 +133,13 @@ def _rar_sample(dtype, seed, T, dropout, h_given, B=2, P=3, Lq=5, s=7, qlens=Non
             for x in (E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)]
 
 
+def _mixed_lengths(n, Lq, seed):
+    """n query lengths in 1..Lq, seeded, with a full one first and a one-row one in the middle."""
+    lens = torch.randint(1, Lq + 1, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    lens[0], lens[n // 2] = Lq, 1
+    return lens
+
+
 ATTENTION_CASES = [(False, False), (True, False), (False, True), (True, True)]
 ATT_IDS = ["A,F=1", "A,F,lam", "E,F=1", "E,F,lam"]
 
@@ -186,8 +193,7 @@ def test_attention_many_query_items_per_context_item(backend, with_state, with_w
                                                       grouped=True)["GP"] == groups
     if dtype == torch.float16 and backend == "cpp":
         pytest.skip("the C++ CPU kernels take float32 and float64")
-    lens = torch.randint(1, Lq + 1, (11,), generator=torch.Generator().manual_seed(Lq)).tolist()
-    lens[0], lens[5] = Lq, 1
+    lens = _mixed_lengths(11, Lq, Lq)
     args = _sample(dtype, seed=11 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=11, Lq=Lq,
                    Lc=9, qlens=lens)
     att = _ops(backend)[0]
@@ -205,8 +211,7 @@ def test_attention_gradients_many_query_items_per_context_item(backend, with_sta
     """Gradients where the Triton backward's first kernel takes several pairs of one context item
     per program (GP 4 at BQ 16, 2 at BQ 32; P = 7: a partial last program): every input's
     gradient, fp32, against the reference in fp64 on the same inputs; none at padded rows."""
-    lens = torch.randint(1, Lq + 1, (7,), generator=torch.Generator().manual_seed(Lq + 1)).tolist()
-    lens[0], lens[4] = Lq, 1
+    lens = _mixed_lengths(7, Lq, Lq + 1)
     args = _sample(torch.float32, seed=31 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=7,
                    Lq=Lq, Lc=9, d=21, s=10, qlens=lens)
     _check_attention(backend, args, torch.float32, grads=True)
@@ -289,8 +294,7 @@ def test_rar_many_pairs(backend, T, dropout, h_given, Lq, groups, dtype):
         assert load_kernels().rar.rar_config(Lq, 7, half=dtype != torch.float32, grouped=True)["GP"] == groups
     if dtype == torch.float16 and backend == "cpp":
         pytest.skip("the C++ CPU kernels take float32 and float64")
-    lens = torch.randint(1, Lq + 1, (11,), generator=torch.Generator().manual_seed(Lq)).tolist()
-    lens[0], lens[5] = Lq, 1
+    lens = _mixed_lengths(11, Lq, Lq)
     args = _rar_sample(dtype, seed=3 * T + dropout + 5 * h_given + Lq, T=T, dropout=dropout, h_given=h_given, P=11,
                        Lq=Lq, qlens=lens)
     out = _ops(backend)[2](*args)
