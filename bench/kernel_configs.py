@@ -120,7 +120,7 @@ def rcr_factors_configs():
     def gen():
         for dtype in DTYPES:
             for has_f in (False, True):
-                cfg = rcr.rcr_factors_config(dtype != "fp32")
+                cfg = rcr.rcr_factors_config()
                 launch = launch_options(cfg)
                 cfg.update(HAS_F=has_f)
                 yield dtype, cfg, launch

@@ -199,7 +199,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
-    GP = RGP = max(1, TRITON_ROWS // BQ)
+    GP = max(1, TRITON_ROWS // BQ)
     programs = B * -(-P // GP)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     for t in range(shape.steps):
@@ -219,15 +219,14 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
                 rcr_triton(book, B, P, Lq, has_f)
-        rprog = B * -(-P // RGP)
         if t == 0:
-            book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {RGP}", simt=pairs * 2 * BQ * BS,
+            book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {GP}", simt=pairs * 2 * BQ * BS,
                      l2=pairs * (Lq * s * e + s * 4), hbm=pairs * (Lq * s * e + s * 4))
         book.add(f"rar gate tanh(h Wq^T + bq) (torch, fp32){tag}", count=2, simt=pairs * (2 * s * s + 8 * s),
                  hbm=pairs * s * 4 * 3 + s * s * 4)
-        book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ} GP {RGP}",
-                 tc=rprog * RGP * 2 * BQ * BS * BS, simt=rprog * RGP * 16 * BQ * BS,
-                 l2=pairs * (Lq * s * e + s * 4 * 2) + rprog * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
+        book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ} GP {GP}",
+                 tc=programs * GP * 2 * BQ * BS * BS, simt=programs * GP * 16 * BQ * BS,
+                 l2=pairs * (Lq * s * e + s * 4 * 2) + programs * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 
 

@@ -136,14 +136,11 @@ def _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LA
 
 
 @triton.jit
-def _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
-                     HAS_F: tl.constexpr, IEEE: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr,
-                     BD: tl.constexpr, WITH_G: tl.constexpr = True):
-    """Pass over d: S0 = (F * Q) C^T (BQ x BC) and G = C C^T (BC x BC), fp32 (WITH_G False:
-    G is not computed and comes back as zeros)."""
+def _scores(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
+            HAS_F: tl.constexpr, IEEE: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr):
+    """Pass over d: S0 = (F * Q) C^T (BQ x BC), fp32."""
     rd = tl.arange(0, BD)
     S0 = tl.zeros((BQ, BC), dtype=tl.float32)
-    G = tl.zeros((BC, BC), dtype=tl.float32)
     for d0 in range(0, D, BD):
         dm = (d0 + rd) < D
         Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qmask[:, None] & dm[None, :], other=0.0)
@@ -152,9 +149,13 @@ def _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
             Fc = tl.load(f_base + (d0 + rd)[None, :] * sf_d, mask=qmask[:, None] & dm[None, :], other=0.0)
             Qc = (Qc * Fc).to(Cc.dtype)
         S0 += _dot(Qc, tl.trans(Cc), IEEE)
-        if WITH_G:
-            G += _dot(Cc, tl.trans(Cc), IEEE)
-    return S0, G
+    return S0
+
+
+@triton.jit
+def _gram_tile(gram_ptr, bc, rc, BC: tl.constexpr):
+    """Context item bc's Gram matrix (BC x BC, fp32) as _gram_kernel stored it."""
+    return tl.load(gram_ptr + bc * BC * BC + rc[:, None] * BC + rc[None, :])
 
 
 @triton.jit
@@ -233,9 +234,8 @@ def _attention_fwd_kernel(
     f_base = f_ptr + b * sf_b + p[:, None] * sf_p + rq[:, None] * sf_l
 
     # pass 1 and on chip: scores, softmax, the norm of U = P C through the item's Gram matrix
-    S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
-                             HAS_F, IEEE, GP * BQ, BC, BD, False)
-    G = tl.load(gram_ptr + bc * BC * BC + rc[:, None] * BC + rc[None, :])
+    S0 = _scores(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D, HAS_F, IEEE, GP * BQ, BC, BD)
+    G = _gram_tile(gram_ptr, bc, rc, BC)
     lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
     S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, GP)
     inv_un = 1.0 / (un + EPS)

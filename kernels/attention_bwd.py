@@ -38,8 +38,8 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
-from .attention import (EPS, MODE_ALIGNMENT, MODE_ATTENDED, _attention_probs, _dot, _group, _pair, _projection_chunk,
-                        _scores_and_gram, _temperatures, check_rows, check_width, context_rows, gram,
+from .attention import (EPS, MODE_ALIGNMENT, MODE_ATTENDED, _attention_probs, _dot, _gram_tile, _group, _pair,
+                        _projection_chunk, _scores, _temperatures, check_rows, check_width, context_rows, gram,
                         triton_attention)
 
 Tensor = torch.Tensor
@@ -115,9 +115,8 @@ def _attention_bwd_kernel(
     dy_row = dy_ptr + ((b * P + p) * LQ + rq) * S_DIM
 
     # pass A: as the forward
-    S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
-                             HAS_F, IEEE, GP * BQ, BC, BD, False)
-    G = tl.load(gram_ptr + bc * BC * BC + rc[:, None] * BC + rc[None, :])
+    S0 = _scores(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D, HAS_F, IEEE, GP * BQ, BC, BD)
+    G = _gram_tile(gram_ptr, bc, rc, BC)
     lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
     S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, GP)
     inv_un = 1.0 / (un + EPS)
@@ -214,9 +213,8 @@ def _attention_bwd_scores_kernel(
     # on chip: softmax, temperatures, normalisation across queries, LeakyReLU, with S0, S, N and
     # P recomputed; |U| is not needed here, so neither is G. S > 0 exactly where S0 > 0 on
     # valid rows, so only S is held, and Sn = S / (N + eps) is not held as a tile either
-    S0, G = _scores_and_gram(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D,
-                             HAS_F, IEEE, BQ, BC, BD, False)
-    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, False)
+    S0 = _scores(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D, HAS_F, IEEE, BQ, BC, BD)
+    S, N, Sn, Pm, un = _attention_probs(S0, S0, lam, qmask, cmask, IEEE, False)   # no |U|: G unused
     valid = qmask[:, None] & cmask[None, :]
     dP = tl.load(dp_ptr + (b * P + p) * BQ * BC + rq[:, None] * BC + rc[None, :])
     dZ = tl.where(valid, Pm * (dP - tl.sum(Pm * dP, axis=1)[:, None]), 0.0)

@@ -51,7 +51,7 @@ def _rcr_factors_kernel(m_ptr, f_ptr, qlen_ptr, N_ROWS, P, LQ, D,
     tl.store(m_ptr + offs, out.to(m_ptr.dtype.element_ty), mask=m2)
 
 
-def rcr_factors_config(half: bool) -> dict:
+def rcr_factors_config() -> dict:
     """Block sizes and launch options of _rcr_factors_kernel (the compile report checks these):
     16 rows x 128 columns, 4 warps (16 elements a thread; bf16: two 16-byte loads)."""
     return dict(BR=16, BD=128, num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
@@ -69,7 +69,7 @@ def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[
     F = torch.addmm(b2, torch.addmm(b1, rows, w1.t()).tanh_(), w2.t())
     if F.numel():
         f_old = F if factors is None else factors.contiguous()
-        cfg = rcr_factors_config(E.dtype != torch.float32)
+        cfg = rcr_factors_config()
         grid = (triton.cdiv(B * P * Lq, cfg["BR"]), triton.cdiv(D, cfg["BD"]))
         _rcr_factors_kernel[grid](F, f_old, qlens, B * P * Lq, P, Lq, D, HAS_F=factors is not None, **cfg)
     smooth = torch.addmm(bs2, torch.addmm(bs1, rows, ws1.t()).tanh_(), ws2.t()).view(B, P, Lq)
