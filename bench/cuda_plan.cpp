@@ -2,9 +2,12 @@
 // (bench/cuda_resources.py): reads one query per line on stdin, answers one line each.
 //
 //   fwd ELEM LQ LC S MODE LIMIT  ->  MT BYTES   attention_fwd_kernel (kModeAlignment: the launcher's MT)
+//   tc ELEM LQ LC S MODE P PAIRED LIMIT -> MT BYTES  attention_fwd_tc_kernel (choose_tc_plan; 0 0: not
+//                                             applicable, the launcher runs attention_fwd_kernel)
 //   bwd LQ LC                    ->  1 BYTES    attention_bwd_kernel
 //   gram LC                      ->  1 BYTES    gram_kernel
-//   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_fwd_kernel / rar_bwd_kernel
+//   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_bwd_kernel
+//   rarfwd ELEM LQ S P LIMIT     ->  MT BYTES   rar_fwd_kernel (choose_rar_plan; 0 0: does not fit)
 //
 // ELEM: bytes of the element type; LIMIT: the chip's shared memory per block; BYTES: dynamic
 // shared memory of the launch. Not part of the extension (setup.py builds csrc/ only).
@@ -27,6 +30,12 @@ int main() {
       in >> elem >> lq >> lc >> s >> mode >> limit;
       const int mt = mode == kModeAlignment ? choose_attn_mt((int)elem, lq, lc, s, limit) : 1;
       std::cout << mt << " " << attn_fwd_layout((int)elem, lq, lc, s, mt, (int)mode).total << "\n";
+    } else if (what == "tc") {
+      int64_t elem, lq, lc, s, mode, p, paired, limit;
+      in >> elem >> lq >> lc >> s >> mode >> p >> paired >> limit;
+      const TcPlan t = choose_tc_plan((int)elem, lq, lc, s, p, paired != 0, (int)mode, limit);
+      const int64_t bytes = t.gp ? attn_tc_layout((int)elem, 16 * t.mt, t.bc, t.gp, s, (int)mode).total : 0;
+      std::cout << t.mt << " " << bytes << "\n";
     } else if (what == "bwd") {
       int64_t lq, lc;
       in >> lq >> lc;
@@ -40,6 +49,12 @@ int main() {
       in >> elem >> lq >> s >> limit;
       const int mt = choose_rar_mt((int)elem, lq, s, limit);
       std::cout << mt << " " << rar_layout((int)elem, lq, s, mt).total << "\n";
+    } else if (what == "rarfwd") {
+      int64_t elem, lq, s, p, limit;
+      in >> elem >> lq >> s >> p >> limit;
+      const RarPlan pl = choose_rar_plan((int)elem, lq, s, p, limit);
+      const int64_t bytes = pl.gp ? rar_step_layout((int)elem, pl.gp * pl.bq, s, pl.mt, pl.gp).total : 0;
+      std::cout << pl.mt << " " << bytes << "\n";
     } else {
       std::cout << "error unknown query " << what << "\n";
     }

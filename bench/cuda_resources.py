@@ -41,12 +41,16 @@ CSRC = os.path.join(ROOT, "csrc")
 THREADS = 256   # every kernel (csrc/cuda/plan.h kThreads)
 TYPES = {"float": ("fp32", 4), "__half": ("fp16", 2), "__nv_bfloat16": ("bf16", 2)}
 #: (Lq, Lc) of the standard launches: t2i with captions of up to 16, 32 or 64 words against
-#: R = 36 regions, i2t with the regions as queries; d = 1024, s = 256 (SPEC.md's shapes)
-ATTN_SHAPES = ((16, 36), (32, 36), (64, 36), (36, 32), (36, 64))
-RAR_LQ = (16, 32, 36, 64)
+#: R = 36 regions, i2t with the regions as queries; d = 1024, s = 256 (SPEC.md's shapes); and
+#: captions of 80 words (past the tensor-core forward's 64 rows: the per-pair kernel in fp16/bf16)
+ATTN_SHAPES = ((16, 36), (32, 36), (64, 36), (36, 32), (36, 64), (80, 36))
+RAR_LQ = (16, 32, 36, 64, 80)
+#: query items of the block the grouped forwards' plans (attention, RAR) are evaluated for (more than
+#: GP: full groups)
+TC_PAIRS = 1000
 S_DIM = 256
 #: kernels whose fp16/bf16 instances run the block GEMM on tensor cores
-TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_bwd_kernel")
+TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_bwd_kernel", "attention_fwd_tc_kernel")
 
 
 def find_nvcc():
@@ -168,16 +172,25 @@ def plan_shared(chips):
                 queries.append(f"gram {Lc}")
                 keys.append((cc, "gram_kernel<{T}>", tname, shape, None))
                 for mode in (0, 1, 2):
-                    queries.append(f"fwd {elem} {Lq} {Lc} {S_DIM if mode else 0} {mode} {limit}")
-                    keys.append((cc, "attention_fwd_kernel<{T}, {MT}, %d>" % mode, tname, shape, None))
+                    width = S_DIM if mode else 0
+                    if elem == 2 and mode != 2:   # the launcher tries the tensor-core kernel first
+                        for paired in (0, 1):
+                            queries.append(f"tc {elem} {Lq} {Lc} {width} {mode} {TC_PAIRS} {paired} {limit}")
+                            keys.append((cc, "attention_fwd_tc_kernel<{T}, {MT}, %d>" % mode, tname,
+                                         shape + (",paired" if paired else f",P={TC_PAIRS}"), "tc"))
+                    queries.append(f"fwd {elem} {Lq} {Lc} {width} {mode} {limit}")
+                    keys.append((cc, "attention_fwd_kernel<{T}, {MT}, %d>" % mode, tname, shape,
+                                 "fallback" if elem == 2 and mode != 2 else None))
                 for mode in (0, 1):
                     queries.append(f"bwd {Lq} {Lc}")
                     keys.append((cc, "attention_bwd_kernel<{T}, %d>" % mode, tname, shape, None))
                 keys.append((cc, "l2n_bwd_rows_kernel<{T}>", tname, shape, 0))
+            keys.append((cc, "rcr_factors_kernel<{T}>", tname, f"rows x d={1024}", 0))
             for Lq in RAR_LQ:
-                for kern in ("rar_fwd_kernel", "rar_bwd_kernel"):
-                    queries.append(f"rar {elem} {Lq} {S_DIM} {limit}")
-                    keys.append((cc, kern + "<{T}, {MT}>", tname, f"Lq={Lq},s={S_DIM}", None))
+                queries.append(f"rarfwd {elem} {Lq} {S_DIM} {TC_PAIRS} {limit}")
+                keys.append((cc, "rar_fwd_kernel<{T}, {MT}>", tname, f"Lq={Lq},s={S_DIM}", None))
+                queries.append(f"rar {elem} {Lq} {S_DIM} {limit}")
+                keys.append((cc, "rar_bwd_kernel<{T}, {MT}>", tname, f"Lq={Lq},s={S_DIM}", None))
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "cuda_plan")
         subprocess.run([cxx, "-std=c++17", "-O1", f"-I{CSRC}", os.path.join(ROOT, "bench", "cuda_plan.cpp"),
@@ -185,11 +198,20 @@ def plan_shared(chips):
         answers = subprocess.run([exe], input="\n".join(queries) + "\n", capture_output=True, text=True,
                                  check=True).stdout.split("\n")
     out, it = {}, iter(answers)
+    tc_served = set()   # (cc, dtype, shape, mode) the tensor-core kernel takes (grouped form)
     for cc, pattern, tname, shape, fixed in keys:
-        if fixed is not None:
+        if isinstance(fixed, int):
             mt, nbytes = 1, fixed
         else:
             mt, nbytes = (int(x) for x in next(it).split())
+        mode = pattern.rsplit(", ", 1)[-1].rstrip(">")
+        if fixed == "tc":
+            if mt == 0:        # not applicable: attention_fwd_kernel runs
+                continue
+            if shape.endswith(f",P={TC_PAIRS}"):
+                tc_served.add((cc, tname, shape.split(",P=")[0], mode))
+        elif fixed == "fallback" and (cc, tname, shape, mode) in tc_served:
+            continue           # the tensor-core kernel takes this launch
         out.setdefault((pattern.format(T=tname, MT=mt), cc), []).append((shape, nbytes))
     return out
 

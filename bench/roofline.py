@@ -34,7 +34,8 @@ estimates, not measured): 67 TFLOP/s fp32 SIMT, 10 TB/s L2, 33 TB/s shared memor
 
 What it models is the code as it is (kernels/, csrc/cuda/, the pipeline): block planning through
 rcar_fast.block_plan with each backend's GPU budget and buffer counts, one launch per op per
-block and step, the torch backend's element-wise passes, RCR's MLP in torch for triton and cuda.
+block and step, the torch backend's element-wise passes, RCR's MLP as cuBLAS GEMMs plus one
+fused kernel for triton and cuda at inference (torch's step under autograd).
 """
 
 from __future__ import annotations
@@ -165,20 +166,20 @@ def rcr_torch(book: Book, B: int, P: int, Lq: int, prefix: str = "rcr (torch)") 
              hbm=N * 2 * s * e * 2 + N * d * e * (2 + 3 + 2) + N * 4 * 4)
 
 
-def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
-    """The triton backend's fused RCR step for inference (kernels/rcr.py): the same cuBLAS GEMMs,
-    tanh of the hidden layers and the temperatures in torch, and one kernel for the d-wide
-    chain clamp(tanh(M) + F, -1, 1) over the GEMM's output (one read of M, of F_old where there
-    is one, one write)."""
+def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "triton") -> None:
+    """The fused RCR step for inference of the triton backend (kernels/rcr.py) and the cuda
+    backend (csrc/cuda/rcr.cu): the same cuBLAS GEMMs, tanh of the hidden layers and the
+    temperatures in torch/ATen, and one kernel for the d-wide chain clamp(tanh(M) + F, -1, 1)
+    over the GEMM's output (one read of M, of F_old where there is one, one write)."""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
-    book.add("rcr (triton): E W1^T, W2 tanh(.), smooth MLP (cuBLAS)", count=4,
+    book.add(f"rcr ({backend}): E W1^T, W2 tanh(.), smooth MLP (cuBLAS)", count=4,
              tc=2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2 + 2 * N * s // 2,
              hbm=N * s * e * 2 + N * 2 * s * e * 2 + N * d * e + N * s // 2 * e * 2, l2=N * d * e * 2)
-    book.add("rcr (triton): tanh of the hidden layers, temperatures (torch)", count=4,
+    book.add(f"rcr ({backend}): tanh of the hidden layers, temperatures (torch)", count=4,
              simt=N * (2 * s + s // 2) * 8, hbm=N * 2 * s * e * 2 + N * s // 2 * e * 2 + N * 4 * 4 * 2)
-    book.add("rcr_factors (clamp(tanh(M) + F))", count=1, simt=N * d * 10,
-             hbm=N * d * e * (3 if has_f else 2) + P * 4)
+    book.add("rcr_factors (clamp(tanh(M) + F))" if backend == "triton" else "rcr_factors_kernel", count=1,
+             simt=N * d * 10, hbm=N * d * e * (3 if has_f else 2) + P * 4)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -218,7 +219,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
             if shape.training:     # under autograd the pipeline runs torch's RCR step
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
-                rcr_triton(book, B, P, Lq, has_f)
+                rcr_fused(book, B, P, Lq, has_f)
         if t == 0:
             book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {GP}", simt=pairs * 2 * BQ * BS,
                      l2=pairs * (Lq * s * e + s * 4), hbm=pairs * (Lq * s * e + s * 4))
@@ -269,33 +270,90 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
                      hbm=N * d * e * 10 + N * 2 * s * e * 6)
 
 
+#: query rows one CUDA tensor-core forward block holds (csrc/cuda/plan.h kTcRows)
+CUDA_TC_ROWS = 64
+
+
+def cuda_tc_plan(Lq: int, Lc: int):
+    """(BQ, BC, GP, rows) of attention_fwd_tc_kernel for fp16/bf16 (csrc/cuda/plan.h tc_plan):
+    BQ = Lq and BC = Lc rounded up to 16, GP = 64 // BQ pairs of one context item per block,
+    rows = GP * BQ rounded up to 16; None where the kernel does not apply (Lq or Lc > 64: the
+    per-pair kernel runs)."""
+    if Lq > CUDA_TC_ROWS or Lc > CUDA_TC_ROWS:
+        return None
+    BQ, BC = -(-Lq // 16) * 16, -(-Lc // 16) * 16
+    GP = max(1, CUDA_TC_ROWS // BQ)
+    return BQ, BC, GP, -(-GP * BQ // 16) * 16
+
+
+def cuda_rar_plan(Lq: int):
+    """(BQ, GP, rows) of rar_fwd_kernel (csrc/cuda/plan.h choose_rar_plan, no shared-memory limit
+    reached at s = 256): BQ = Lq rounded up to 16, GP = 64 // BQ pairs per block (1 past 64),
+    rows = GP * BQ rounded up to 16 MT."""
+    BQ = -(-Lq // 16) * 16
+    GP = CUDA_TC_ROWS // BQ if BQ <= CUDA_TC_ROWS else 1
+    rows = GP * BQ
+    mt = 1 if rows <= 16 else (2 if rows <= 32 else (3 if rows <= 48 else 4))
+    return BQ, GP, -(-rows // (16 * mt)) * 16 * mt
+
+
 def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
-    """The CUDA kernels (csrc/cuda/), one thread block per pair: gram_kernel (C C^T per context
-    item, fp32 SIMT), attention_fwd_kernel (scores and P C in SIMT fp32 with both operands from
-    shared memory; the projection on the tensor cores by wmma, rows in groups of 16 x MT, the
-    512 KB weight streamed from L2 per pair), RCR in torch, rar_fwd_kernel (keys by wmma, the
-    gate as a per-pair GEMV)."""
+    """The CUDA kernels (csrc/cuda/): gram_kernel (C C^T per context item, fp32 SIMT), then for
+    fp16/bf16 attention_fwd_tc_kernel: GP = 64 // BQ pairs of one context item per block (the
+    context, its Gram matrix and the 512 KB weight read once per block), the scores (F * Q) C^T,
+    U = P C and the projection by wmma (HMMA, fp32 accumulators) from shared memory, every
+    product 64 rows tall; RCR (csrc/cuda/rcr.cu for inference: cuBLAS GEMMs and one kernel for the
+    d-wide chain; torch's step under autograd); RAR per step: the mean of E at the first (ATen),
+    the gate of every pair as one fp32 GEMM (ATen), rar_fwd_kernel with GP pairs per block (Wk
+    read once per block, the keys by wmma over the block's rows). Shared-memory traffic counts the wmma fragment loads (scores and P C: one A and one B
+    fragment per 16 x 16 x 16 product; the projection: 8 warps x rows x d of A, s x d of B), the
+    chunk stores (F * Q, the context twice, W, (Q - A)^2) and the fp32 P C chunk (stored, read).
+    fp32 and rows past 64 run the per-pair attention_fwd_kernel (modelled for Lq or Lc > 64 only:
+    the model's shapes are bf16)."""
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
-    mt = 1 if Lq <= 16 else (2 if Lq <= 32 else 4)
-    rows = 16 * mt * ((Lq + 16 * mt - 1) // (16 * mt))
+    plan = cuda_tc_plan(Lq, Lc)
     for t in range(shape.steps):
         has_f = t > 0
         book.add(f"gram_kernel{tag}", count=1, simt=B * 2 * Lc * Lc * d, smem=B * 2 * Lc * Lc * d * 4,
                  l2=B * Lc * d * e, hbm=B * Lc * d * e)
-        simt = 2 * Lq * Lc * d * 2                         # scores and P C, fp32 FMAs
-        book.add(f"attention_fwd_kernel{tag}", count=1, note=f"MT {mt}",
-                 tc=pairs * 2 * rows * d * s, simt=pairs * (simt + 8 * Lq * d),
-                 smem=pairs * (simt * 4 + 2 * rows * d * e * 2),
-                 l2=pairs * ((Lq * d + 2 * Lc * d + s * d + Lq * s + (Lq * d if has_f else 0)) * e),
-                 hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)
+        if plan is not None:
+            BQ, BC, GP, rows = plan
+            blocks = B * -(-P // GP)
+            tc_sp = 2 * rows * BC * d * 2                  # scores and P C, one block
+            book.add(f"attention_fwd_tc_kernel{tag}", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
+                     tc=blocks * (tc_sp + 2 * rows * d * s),
+                     simt=blocks * GP * (8 * BQ * d + 2 * BQ * BC * BC + 30 * BQ * BC),
+                     smem=blocks * (tc_sp // 8 + d * e * (8 * rows + s) + (2 * rows + 2 * BC + s) * d * e
+                                    + rows * d * 4 * 2),
+                     l2=pairs * ((2 * Lq * d + Lq * s + (Lq * d if has_f else 0)) * e)
+                     + blocks * ((2 * Lc * d + s * d) * e + Lc * Lc * 4),
+                     hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)
+        else:
+            mt = 1 if Lq <= 16 else (2 if Lq <= 32 else 4)
+            rows = 16 * mt * ((Lq + 16 * mt - 1) // (16 * mt))
+            simt = 2 * Lq * Lc * d * 2                         # scores and P C, fp32 FMAs
+            book.add(f"attention_fwd_kernel{tag}", count=1, note=f"MT {mt}",
+                     tc=pairs * 2 * rows * d * s, simt=pairs * (simt + 8 * Lq * d),
+                     smem=pairs * (simt * 4 + 2 * rows * d * e * 2),
+                     l2=pairs * ((Lq * d + 2 * Lc * d + s * d + Lq * s + (Lq * d if has_f else 0)) * e),
+                     hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)
         if t < shape.steps - 1:
-            rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
-        rrows = 16 * ((Lq + 15) // 16)
-        book.add(f"rar_fwd_kernel{tag}", count=1, tc=pairs * 2 * rrows * s * s,
-                 simt=pairs * (2 * s * s + 12 * Lq * s), smem=pairs * (2 * s * s * 4),
-                 l2=pairs * (Lq * s * e + 2 * s * s * e), hbm=pairs * (Lq * s * e + 2 * s * e))
+            if shape.training:     # under autograd the pipeline runs torch's RCR step
+                rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
+            else:
+                rcr_fused(book, B, P, Lq, has_f, "cuda")
+        RBQ, RGP, rrows = cuda_rar_plan(Lq)
+        rblocks = B * -(-P // RGP)
+        if t == 0:
+            book.add(f"rar mean of E (ATen){tag}", count=3, simt=pairs * 2 * Lq * s,
+                     hbm=pairs * (Lq * s * e * 3 + s * 4 * 2))
+        book.add(f"rar gate tanh(h Wq^T + bq) wv (ATen, fp32){tag}", count=3, simt=pairs * (2 * s * s + 8 * s),
+                 hbm=pairs * s * 4 * 5 + s * s * 4)
+        book.add(f"rar_fwd_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}", tc=rblocks * 2 * rrows * s * s,
+                 simt=pairs * 16 * Lq * s, smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
+                 l2=pairs * (Lq * s * e + s * 4 * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 
 

@@ -196,6 +196,30 @@ def pair_scores_match_the_grid(backend, device, regulator, steps, attn_type, dim
         assert not got_g[1][j, lj:].any()
 
 
+def half_pair_scores_within_twice_torch(backend, device, dtype, regulator, steps, attn_type, dims: Dims, seed: int,
+                                       m: int = 64):
+    """The pair list in half precision (the CUDA forward's paired form runs one pair per block,
+    the grid GP pairs per block): an unsorted list of ``m`` pairs with repeats; the error of its
+    scores against the float64 reference at most twice the torch backend's pair list in the same
+    dtype, + 1e-4; finite, float32."""
+    img, cap, lens = make_inputs(dims.n_i, dims.n_c, dims.R, dims.L, dims.d, torch.float32, seed)
+    head = make_head(regulator, steps, attn_type, dims.d, dims.s, torch.float32, seed)
+    g = torch.Generator().manual_seed(seed)
+    ii, cc = torch.randint(0, dims.n_i, (m,), generator=g), torch.randint(0, dims.n_c, (m,), generator=g)
+    ii[1::7], cc[1::7] = int(ii[0]), int(cc[0])
+    want = _ref_scores(head, img, cap, lens, regulator, steps, attn_type)[ii, cc]
+    h = copy.deepcopy(head).to(device=device, dtype=dtype)
+    x, y = img.to(device, dtype), cap.to(device, dtype)
+    with torch.no_grad():
+        got = h.pair_scores(x, y, lens, ii.to(device), cc, backend=backend)
+        base = h.pair_scores(x, y, lens, ii.to(device), cc, backend="torch")
+    assert got.dtype == torch.float32 and got.shape == (m,)
+    got, base = got.double().cpu(), base.double().cpu()
+    assert torch.isfinite(got).all()
+    err, err_torch = (got - want).abs().max().item(), (base - want).abs().max().item()
+    assert err <= 2 * err_torch + 1e-4, (err, err_torch)
+
+
 def selftest_passes(backend, device, dtypes=None):
     """rcar_fast.selftest on ``device``: every dtype ``backend`` takes (or ``dtypes``) passes."""
     rows = rcar_fast.selftest(device, backends=[backend], dtypes=dtypes, quiet=True)

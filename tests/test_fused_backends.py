@@ -288,3 +288,15 @@ def test_fused_rcr_step_runs_at_inference_only(backend, monkeypatch):
     graded = head(img, cap, lens, backend=backend)
     assert calls, "under autograd the pipeline must run torch's RCR step"
     torch.testing.assert_close(fused, graded.detach(), rtol=0, atol=2e-6)
+
+
+def test_cuda_backend_offers_the_fused_rcr_step():
+    """The extension's CUDA half registers the rcr op (csrc/cuda/rcr.cu) and the "cuda" backend's
+    kernel set offers it on CUDA tensors only (its kernels run on a GPU: the GPU tier's inference
+    cases go through it)."""
+    from rcar_fast.backends import extension_kernels as ek
+    if not ek.has_kernels("CUDA"):
+        pytest.skip("the extension was built without its CUDA kernels (no nvcc)")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", "CUDA")
+    assert ek.CUDA.rcr is ek.CPP.rcr is torch.ops.rcar_fast.rcr.default
+    assert ek.CUDA.rcr_devices == ("cuda",) and ek.CPP.rcr_devices == ("cpu",)

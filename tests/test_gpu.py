@@ -15,9 +15,9 @@ import torch
 
 import rcar_fast
 from gpu_cases import (CONFIGS, GPU_BACKENDS, Dims, flickr_shaped_block, fp32_matches_reference,
-                       gradients_match_reference, half_error_within_twice_torch, memory_within_budget,
-                       pair_scores_match_the_grid, repeated_lengths, selftest_passes,
-                       training_step_with_dropout)
+                       gradients_match_reference, half_error_within_twice_torch,
+                       half_pair_scores_within_twice_torch, memory_within_budget, pair_scores_match_the_grid,
+                       repeated_lengths, selftest_passes, training_step_with_dropout)
 from rcar_testutil import seed_of
 
 pytestmark = [pytest.mark.gpu,
@@ -67,6 +67,37 @@ def test_fp32_full_groups_match_reference(backend, regulator, steps, attn_type):
 def test_half_error_within_twice_torch(backend, regulator, steps, attn_type, dtype):
     half_error_within_twice_torch(backend, "cuda", dtype, regulator, steps, attn_type,
                                   Dims(16, 40, 36, 24, 1024, 256), seed_of("gpu half", regulator, steps, attn_type))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", [("only_rcr", 2), ("coop_rcar", 2)])
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
+def test_half_long_captions(backend, regulator, steps, attn_type, dtype):
+    """Captions of 1..80 words: blocks of up to 64 words run CUDA's tensor-core forward (GP pairs
+    per block), longer ones its per-pair kernel (rows past 64), in one run. (The triton backend
+    refuses rows past 64 with a ValueError.)"""
+    half_error_within_twice_torch(backend, "cuda", dtype, regulator, steps, attn_type,
+                                  Dims(8, 24, 36, 80, 256, 64), seed_of("gpu long", regulator, steps, attn_type))
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_wide_projection(backend, attn_type):
+    """s = 384: the projection's 256-column passes run twice (partly empty the second time)."""
+    half_error_within_twice_torch(backend, "cuda", torch.bfloat16, "coop_rcar", 2, attn_type,
+                                  Dims(6, 20, 36, 24, 512, 384), seed_of("gpu wide", attn_type))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("regulator,steps", [("only_rcr", 2), ("coop_rcar", 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_pair_scores(backend, regulator, steps, attn_type, dtype):
+    """The paired form in half precision (one pair per block) against the reference."""
+    half_pair_scores_within_twice_torch(backend, "cuda", dtype, regulator, steps, attn_type,
+                                        Dims(6, 9, 36, 24, 1024, 256), seed_of("gpu half pairs", regulator, attn_type),
+                                        m=96)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

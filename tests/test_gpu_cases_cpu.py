@@ -10,7 +10,8 @@ import torch
 
 import test_gpu
 from gpu_cases import (CONFIGS, Dims, flickr_shaped_block, fp32_matches_reference, gradients_match_reference,
-                       half_error_within_twice_torch, pair_scores_match_the_grid, repeated_lengths,
+                       half_error_within_twice_torch, half_pair_scores_within_twice_torch,
+                       pair_scores_match_the_grid, repeated_lengths,
                        selftest_passes, training_step_with_dropout)
 from rcar_testutil import cpu_backends, seed_of
 
@@ -28,7 +29,8 @@ def test_gpu_tier_parametrization_is_complete():
     for name in ("test_fp32_matches_reference", "test_fp32_full_groups_match_reference",
                  "test_half_error_within_twice_torch", "test_flickr_shaped_block",
                  "test_gradients_match_reference", "test_training_step_with_dropout", "test_selftest_passes",
-                 "test_pair_scores_match_the_grid"):
+                 "test_pair_scores_match_the_grid", "test_half_long_captions", "test_half_wide_projection",
+                 "test_half_pair_scores"):
         assert callable(getattr(test_gpu, name))
 
 
@@ -70,6 +72,21 @@ def test_gradient_case(backend, regulator, steps, attn_type):
 def test_pair_scores_case(backend, attn_type):
     """cpp only: triton's paired kernels run in tests/test_pair_scores.py (the interpreter is slow)."""
     pair_scores_match_the_grid(backend, "cpu", "coop_rcar", 2, attn_type, SMALL, seed_of("cpu pairs", attn_type), m=7)
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_pair_scores_case(backend, attn_type):
+    """The GPU tier's half-precision pair list at small sizes (fp16: see test_half_case)."""
+    half_pair_scores_within_twice_torch(backend, "cpu", torch.float16, "coop_rcar", 2, attn_type, SMALL,
+                                        seed_of("cpu half pairs", attn_type), m=7)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("cpp"))
+def test_half_long_captions_case(backend):
+    """The GPU tier's long-caption case at small sizes: rows past 64 words (d 24, s 12); cpp only
+    (triton refuses rows past 64)."""
+    half_error_within_twice_torch(backend, "cpu", torch.float16, "coop_rcar", 2, "t2i", Dims(2, 4, 5, 80, 24, 12), 5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

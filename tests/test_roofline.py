@@ -98,3 +98,54 @@ def test_cli_bad_backend_is_one_line(capsys):
     assert RL.main(["--backends", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+@pytest.fixture(scope="module")
+def cuda_plan_exe(tmp_path_factory):
+    """bench/cuda_plan.cpp (csrc/cuda/plan.h's launch plan) built for the host."""
+    import shutil
+    import subprocess
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        pytest.skip("no host C++ compiler")
+    exe = str(tmp_path_factory.mktemp("plan") / "cuda_plan")
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{os.path.join(ROOT, 'csrc')}",
+                    os.path.join(ROOT, "bench", "cuda_plan.cpp"), "-o", exe], check=True)
+    return exe
+
+
+def _ask(exe, queries):
+    import subprocess
+    out = subprocess.run([exe], input="\n".join(queries) + "\n", capture_output=True, text=True, check=True)
+    return [tuple(int(x) for x in line.split()) for line in out.stdout.splitlines()]
+
+
+H200_SMEM = 232448   # opt-in shared memory per block of an H100/H200
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+def test_cuda_plans_are_the_kernels(cuda_plan_exe, attn_type):
+    """The model's CUDA plans (which kernel, how many row tiles) are what csrc/cuda/plan.h
+    chooses for the launchers: the tensor-core attention forward up to 64 rows (else the per-pair
+    kernel), and the RAR forward's pairs per block."""
+    lengths = [1, 6, 15, 16, 17, 24, 31, 32, 33, 48, 49, 63, 64, 65, 80]
+    queries = []
+    for L in lengths:
+        Lq, Lc = (L, RL.R) if attn_type == "t2i" else (RL.R, L)
+        queries.append(f"tc 2 {Lq} {Lc} {RL.S_DIM} 1 1000 0 {H200_SMEM}")
+        queries.append(f"rarfwd 2 {Lq} {RL.S_DIM} 1000 {H200_SMEM}")
+    answers = _ask(cuda_plan_exe, queries)
+    for i, L in enumerate(lengths):
+        Lq, Lc = (L, RL.R) if attn_type == "t2i" else (RL.R, L)
+        (tc_mt, tc_bytes), (rar_mt, rar_bytes) = answers[2 * i], answers[2 * i + 1]
+        plan = RL.cuda_tc_plan(Lq, Lc)
+        if plan is None:
+            assert (tc_mt, tc_bytes) == (0, 0), L
+        else:
+            BQ, BC, GP, rows = plan
+            assert tc_mt * 16 == rows and 0 < tc_bytes <= H200_SMEM, (L, plan, tc_mt)
+        BQ, GP, rows = RL.cuda_rar_plan(Lq)
+        assert rar_bytes > 0 and rows % (16 * rar_mt) == 0 and rows - GP * BQ < 16 * rar_mt, (L, rows, rar_mt)
+    # the fp32 attention and the backward's kModeSquaredDiff never take the tensor-core kernel
+    assert _ask(cuda_plan_exe, [f"tc 4 16 36 256 1 1000 0 {H200_SMEM}", f"tc 2 16 36 256 2 1000 0 {H200_SMEM}"]) \
+        == [(0, 0), (0, 0)]

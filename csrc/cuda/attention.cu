@@ -1,9 +1,11 @@
 // CUDA implementation of rcar_fast::attention and rcar_fast::attention_bwd (csrc/README.md).
 //
-// Forward: gram_kernel (G = C C^T per context item, fp32) then attention_fwd_kernel, one block
-// per (b, p) pair (attention_kernels.cuh). With a weight the alignment projection is fused:
-// (Q - A)^2 W^T runs on tensor cores (wmma, fp32 accumulators) for fp16/bf16, in exact fp32
-// for fp32, and the d-wide attended context never leaves the chip.
+// Forward: gram_kernel (G = C C^T per context item, fp32), then for fp16/bf16 with Lq and Lc up
+// to 64 attention_fwd_tc_kernel: GP pairs of one context item per block (GP = 64 / BQ, BQ = Lq
+// rounded up to 16; paired: one pair), the scores, P C and the projection on tensor cores (wmma,
+// fp32 accumulators). Otherwise (fp32, longer rows) attention_fwd_kernel, one block per (b, p)
+// pair, scores and P C in fp32 SIMT, the projection by the block GEMM (wmma for fp16/bf16, exact
+// fp32 FMAs for fp32). With a weight the d-wide attended context never leaves the chip.
 //
 // Backward: without a weight, one per-pair kernel (attention_bwd_kernel, kModeAttended) recomputes the
 // pair and produces every gradient. With a weight, pairs are processed in chunks that bound the
@@ -129,15 +131,47 @@ void launch_fwd(const AttnArgs<T>& a, int64_t pid0, int64_t n, void* out, cudaSt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void check_grid(int64_t pairs) {
+  TORCH_CHECK(pairs <= 0x7fffffffLL, "attention: ", pairs, " (context, query) pairs exceed one launch; "
+              "split the pair grid");
+}
+
+template <typename T, int MT, int MODE>
+void launch_fwd_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out, cudaStream_t stream) {
+  auto* kernel = attention_fwd_tc_kernel<T, MT, MODE>;
+  const int64_t smem = attn_tc_layout((int)sizeof(T), 16 * MT, t.bc, t.gp, a.S, MODE).total;
+  prepare_smem(kernel, smem, "attention");
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a, t.bq, t.bc, t.gp, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// fp16/bf16 with Lq, Lc <= kTcMaxLen: the tensor-core kernel, GP pairs of one context item per
+// block (plan.h choose_tc_plan). Returns false where it does not apply (the caller runs
+// attention_fwd_kernel).
+template <typename T, int MODE>
+bool try_fwd_tc(const AttnInputs& in, const AttnArgs<T>& a, void* out, cudaStream_t stream) {
+  if constexpr (std::is_same<T, float>::value) {
+    return false;
+  } else {
+    const TcPlan t = choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx.defined(), MODE, smem_limit());
+    if (t.gp == 0) return false;
+    const int64_t blocks = in.Bo * ((in.P + t.gp - 1) / t.gp);
+    check_grid(blocks);
+    switch (t.mt) {
+      case 1: launch_fwd_tc<T, 1, MODE>(a, t, blocks, out, stream); break;
+      case 2: launch_fwd_tc<T, 2, MODE>(a, t, blocks, out, stream); break;
+      case 3: launch_fwd_tc<T, 3, MODE>(a, t, blocks, out, stream); break;
+      default: launch_fwd_tc<T, 4, MODE>(a, t, blocks, out, stream); break;
+    }
+    return true;
+  }
+}
+
 // The row-group size of the fused projection (plan.h: smallest covering Lq that fits the device).
 int projection_mt(int elem, const AttnInputs& in) {
   return choose_attn_mt(elem, in.Lq, in.Lc, in.S, smem_limit());
 }
 
-void check_grid(int64_t pairs) {
-  TORCH_CHECK(pairs <= 0x7fffffffLL, "attention: ", pairs, " (context, query) pairs exceed one launch; "
-              "split the pair grid");
-}
 
 Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& context, const Tensor& clens,
                       const OptTensor& factors, const OptTensor& lam, double lam_scalar, const OptTensor& weight,
@@ -158,9 +192,10 @@ Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& co
     const AttnArgs<T> a = make_args<T>(in, lam_scalar, gram);
     void* o = out.data_ptr();
     if (!in.has_w) {
-      launch_fwd<T, 1, kModeAttended>(a, 0, pairs, o, stream);
+      if (!try_fwd_tc<T, kModeAttended>(in, a, o, stream)) launch_fwd<T, 1, kModeAttended>(a, 0, pairs, o, stream);
       return;
     }
+    if (try_fwd_tc<T, kModeAlignment>(in, a, o, stream)) return;
     switch (projection_mt((int)sizeof(T), in)) {
       case 1: launch_fwd<T, 1, kModeAlignment>(a, 0, pairs, o, stream); break;
       case 2: launch_fwd<T, 2, kModeAlignment>(a, 0, pairs, o, stream); break;

@@ -320,6 +320,288 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
   }
 }
 
+// ---------------------------------------------------------------- forward on tensor cores (fp16/bf16)
+// Block x: pairs p0 .. p0 + gp - 1 of context item b (x = b * groups + p0 / gp, groups = ceil(P / gp));
+// paired (cidx): gp = 1, block x is pair x with context item cidx[x]. Pair g owns rows
+// g * bq .. g * bq + qlen_g - 1 of the block's 16 MT rows; the other rows are zeros in every
+// operand, so every product is one 16 MT-row GEMM of the tensor-core shape:
+//   pass 1:  S0 (rows x bc) = X C^T, X = F * Q rounded to T        (wmma, fp32 accumulators)
+//   on chip: per pair, the column norms over its own rows, the softmax, |U| = sqrt(P G P^T) (fp32)
+//   pass 2:  U = P C chunk by chunk (P rounded to T; wmma), A = U / (|U| + eps), then
+//            kModeAttended: store A;  kModeAlignment: Y += (Q - A)^2 W^T (GemmTC), E = l2n(Y + b).
+// Rows at or past a pair's query length are written as zeros. (The backward recomputes each pair
+// with attention_fwd_kernel in fp32 products: its gradients are those of that, very slightly
+// different, forward.)
+
+// U chunk (16 MT rows x kBD) = Pb (16 MT x bc) cs (bc x kBD) into us; warp w takes row tile w / 2,
+// column tile w % 2. No barrier.
+template <typename T, int MT>
+__device__ __forceinline__ void tc_pc_chunk(const T* Pb, int ldP, const T* cs, int ldo, int bc, float* us) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x >> 5, ti = warp >> 1, tj = warp & 1;
+  if (ti >= MT) return;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+  for (int kc = 0; kc < bc; kc += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+    wmma::load_matrix_sync(af, Pb + ti * 16 * ldP + kc, ldP);
+    wmma::load_matrix_sync(bf, cs + kc * ldo + tj * 16, ldo);
+    wmma::mma_sync(acc, af, bf, acc);
+  }
+  wmma::store_matrix_sync(us + ti * 16 * kLDU + tj * 16, acc, kLDU, wmma::mem_row_major);
+}
+
+// Context chunk of the valid rows into cs (compute type, bc rows, zero past clen and past d; no barrier).
+template <typename T>
+__device__ __forceinline__ void tc_ctx_chunk(const T* __restrict__ cb, int64_t sc_l, int clen, int bc, int64_t d0,
+                                             int64_t D, T* cs, int ldo) {
+  for (int idx = threadIdx.x; idx < bc * kBD; idx += kThreads) {
+    const int r = idx >> 5, k = idx & 31;
+    const int64_t d = d0 + k;
+    cs[r * ldo + k] = (r < clen && d < D) ? cb[r * sc_l + d] : from_f<T>(0.f);
+  }
+}
+
+template <typename T, int MT, int MODE>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const AttnArgs<T> a, int bq, int bc, int gp,
+                                                                       void* out) {
+  static_assert(!std::is_same<T, float>::value, "fp32 runs attention_fwd_kernel (exact SIMT products)");
+  static_assert(MODE == kModeAttended || MODE == kModeAlignment, "kModeSquaredDiff runs attention_fwd_kernel");
+  static_assert(MT >= 1 && MT <= kTcMaxGP, "16 MT rows, at most kTcRows");
+  using namespace nvcuda;
+  constexpr int ROWS = 16 * MT;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const AttnTcLayout L = attn_tc_layout((int)sizeof(T), ROWS, bc, gp, a.S, MODE);
+  int* qls = reinterpret_cast<int*>(smem + L.qls);
+  float* S = reinterpret_cast<float*>(smem + L.S);
+  T* Pb = reinterpret_cast<T*>(smem + L.Pb);
+  float* nrm = reinterpret_cast<float*>(smem + L.nrm);
+  float* inv = reinterpret_cast<float*>(smem + L.inv);
+  float* lam_s = reinterpret_cast<float*>(smem + L.lam);
+  T* xs = reinterpret_cast<T*>(smem + L.xs);
+  T* cs = reinterpret_cast<T*>(smem + L.cs);
+  float* us = reinterpret_cast<float*>(smem + L.us);
+  const int ldS = L.ldS, ldP = L.ldP, ldo = ld_op((int)sizeof(T));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t P = a.P, Lq = a.Lq, D = a.D;
+  const int64_t groups = (P + gp - 1) / gp;
+  const int64_t b = (int64_t)blockIdx.x / groups;                 // 0 when paired (the output's B is 1)
+  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
+  const int64_t bcx = a.cidx != nullptr ? (int64_t)a.cidx[p0] : b;   // the block's context item
+  const int clen = clamp_len(a.clens[bcx], a.Lc);
+  const int64_t width = MODE == kModeAlignment ? a.S : D;
+  if (tid < kTcMaxGP) {
+    const int64_t p = p0 + tid;
+    qls[tid] = (tid < gp && p < P && clen > 0) ? clamp_len(a.qlens[p], Lq) : 0;
+  }
+  __syncthreads();
+
+  // rows at or past each pair's query length: zeros
+  for (int g = 0; g < gp && p0 + g < P; ++g) {
+    T* o = static_cast<T*>(out) + (b * P + p0 + g) * Lq * width;
+    for (int64_t idx = (int64_t)qls[g] * width + tid; idx < Lq * width; idx += kThreads) o[idx] = from_f<T>(0.f);
+  }
+  if (clen == 0) return;   // nothing to attend to: every row was written as zeros
+
+  // row r: pair g = r / bq, query position r - g bq; valid while below that pair's length
+  auto row_pair = [&](int r) { return r / bq; };
+  auto row_valid = [&](int r) {
+    const int g = r / bq;
+    return g < gp && r - g * bq < qls[g];
+  };
+  const T* cb = a.c + bcx * a.sc_b;
+  for (int r = tid; r < ROWS; r += kThreads) {
+    float lv = 0.f;
+    if (row_valid(r)) {
+      const int g = row_pair(r);
+      lv = a.lam != nullptr ? to_f(a.lam[b * a.sl_b + (p0 + g) * a.sl_p + (r - g * bq) * a.sl_l]) : a.lam_scalar;
+    }
+    lam_s[r] = lv;
+  }
+
+  // pass 1: S0 = X C^T; warp w holds the 16 x 16 tiles w and w + 8 of the MT x bc/16 grid
+  const int nct = bc / 16, ntiles = MT * nct;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[2];
+  wmma::fill_fragment(sacc[0], 0.f);
+  wmma::fill_fragment(sacc[1], 0.f);
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      float v = 0.f;
+      if (d < D && row_valid(r)) {
+        const int g = row_pair(r), q = r - g * bq;
+        v = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]);
+        if (a.f != nullptr) v *= to_f(a.f[b * a.sf_b + (p0 + g) * a.sf_p + q * a.sf_l + d]);
+      }
+      xs[r * ldo + k] = from_f<T>(v);
+    }
+    tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int t = warp + kWarps * i;
+      if (t < ntiles) {
+        const int ti = t / nct, tj = t - ti * nct;
+#pragma unroll
+        for (int kk = 0; kk < kBD; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
+          wmma::load_matrix_sync(af, xs + ti * 16 * ldo + kk, ldo);
+          wmma::load_matrix_sync(bf, cs + tj * 16 * ldo + kk, ldo);
+          wmma::mma_sync(sacc[i], af, bf, sacc[i]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int t = warp + kWarps * i;
+    if (t < ntiles) {
+      const int ti = t / nct, tj = t - ti * nct;
+      wmma::store_matrix_sync(S + ti * 16 * ldS + tj * 16, sacc[i], ldS, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+
+  // on chip: LeakyReLU (zero rows and columns stay zero), column norms per pair over its rows
+  for (int idx = tid; idx < ROWS * bc; idx += kThreads) {
+    const int r = idx / bc, c = idx - r * bc;
+    const float s = S[r * ldS + c];
+    S[r * ldS + c] = s > 0.f ? s : 0.1f * s;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < gp * bc; idx += kThreads) {
+    const int g = idx / bc, c = idx - g * bc;
+    float acc = 0.f;
+    for (int q = 0; q < qls[g]; ++q) {
+      const float s = S[(g * bq + q) * ldS + c];
+      acc = fmaf(s, s, acc);
+    }
+    nrm[idx] = sqrtf(acc);
+  }
+  __syncthreads();
+  // softmax over the valid columns, fp32 in S and rounded to T in Pb (zeros past clen and in
+  // rows that are not a pair's)
+  for (int r = warp; r < ROWS; r += kWarps) {
+    T* pb = Pb + r * ldP;
+    if (!row_valid(r)) {
+      for (int c = lane; c < bc; c += 32) pb[c] = from_f<T>(0.f);
+      continue;
+    }
+    const float lq = lam_s[r];
+    const float* nr = nrm + row_pair(r) * bc;
+    float* srow = S + r * ldS;
+    float m = -INFINITY;
+    for (int c = lane; c < clen; c += 32) m = fmaxf(m, lq * (srow[c] / (nr[c] + kEps)));
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int c = lane; c < clen; c += 32) sum += expf(lq * (srow[c] / (nr[c] + kEps)) - m);
+    sum = warp_sum(sum);
+    const float rs = 1.f / sum;
+    for (int c = lane; c < bc; c += 32) {
+      float pv = 0.f;
+      if (c < clen) pv = expf(lq * (srow[c] / (nr[c] + kEps)) - m) * rs;
+      srow[c] = pv;
+      pb[c] = from_f<T>(pv);
+    }
+  }
+  __syncthreads();
+  // |U[r]| = sqrt(P[r] G P[r]^T) from the fp32 probabilities and the item's Gram matrix
+  const float* G = a.gram + bcx * a.Lc * a.Lc;
+  for (int r = warp; r < ROWS; r += kWarps) {
+    if (!row_valid(r)) {
+      if (lane == 0) inv[r] = 0.f;
+      continue;
+    }
+    const float* prow = S + r * ldS;
+    float acc = 0.f;
+    for (int c2 = lane; c2 < clen; c2 += 32) {
+      float t = 0.f;
+      for (int c = 0; c < clen; ++c) t = fmaf(prow[c], G[c * a.Lc + c2], t);
+      acc = fmaf(t, prow[c2], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) inv[r] = 1.f / (sqrtf(fmaxf(acc, 0.f)) + kEps);
+  }
+  __syncthreads();
+
+  if constexpr (MODE == kModeAttended) {
+    T* o = static_cast<T*>(out);
+    for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+      tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
+      __syncthreads();
+      tc_pc_chunk<T, MT>(Pb, ldP, cs, ldo, bc, us);
+      __syncthreads();
+      for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
+        const int r = idx >> 5, k = idx & 31;
+        const int64_t d = d0 + k;
+        if (d < D && row_valid(r)) {
+          const int g = row_pair(r), q = r - g * bq;
+          o[((b * P + p0 + g) * Lq + q) * D + d] = from_f<T>(us[r * kLDU + k] * inv[r]);
+        }
+      }
+      // the next chunk's cs is written before a barrier that every thread reaches after this loop,
+      // and us only after the one that follows it
+    }
+  } else {
+    // E = l2n((Q - A)^2 W^T + b), 256 output columns per pass over d
+    T* as = xs;
+    T* ws = reinterpret_cast<T*>(smem + L.ws);
+    float* y = reinterpret_cast<float*>(smem + L.y);
+    const int64_t Sw = a.S;
+    for (int64_t n0 = 0; n0 < Sw; n0 += kNG) {
+      GemmTC<T, MT> gemm;
+      gemm.zero();
+      for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+        tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
+        for (int idx = tid; idx < kNG * kBD; idx += kThreads) {
+          const int n = idx >> 5, k = idx & 31;
+          const int64_t gn = n0 + n, d = d0 + k;
+          ws[n * ldo + k] = (gn < Sw && d < D) ? a.w[gn * D + d] : from_f<T>(0.f);
+        }
+        __syncthreads();
+        tc_pc_chunk<T, MT>(Pb, ldP, cs, ldo, bc, us);
+        __syncthreads();
+        for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
+          const int r = idx >> 5, k = idx & 31;
+          const int64_t d = d0 + k;
+          float v = 0.f;
+          if (d < D && row_valid(r)) {
+            const int g = row_pair(r), q = r - g * bq;
+            const float dq = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]) - us[r * kLDU + k] * inv[r];
+            v = dq * dq;
+          }
+          as[r * ldo + k] = from_f<T>(v);
+        }
+        __syncthreads();
+        gemm.chunk(as, ldo, ws, ldo);
+        __syncthreads();
+      }
+      gemm.store(y + n0, L.ldy);
+    }
+    __syncthreads();
+    T* o = static_cast<T*>(out);
+    for (int r = warp; r < ROWS; r += kWarps) {
+      if (!row_valid(r)) continue;
+      const int g = row_pair(r), q = r - g * bq;
+      const float* yr = y + r * L.ldy;
+      float ss = 0.f;
+      for (int64_t n = lane; n < Sw; n += 32) {
+        const float v = yr[n] + to_f(a.bias[n]);
+        ss = fmaf(v, v, ss);
+      }
+      ss = warp_sum(ss);
+      const float rn = 1.f / (sqrtf(ss) + kEps);
+      T* orow = o + ((b * P + p0 + g) * Lq + q) * Sw;
+      for (int64_t n = lane; n < Sw; n += 32) orow[n] = from_f<T>((yr[n] + to_f(a.bias[n])) * rn);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- backward (per pair)
 // Gradients of sum(grad * out) for the pair pid = pid0 + blockIdx.x, recomputing the forward:
 //   mode 0: gsrc = grad, T (B, P, Lq, d): dA = grad

@@ -80,6 +80,80 @@ RCAR_HD AttnFwdLayout attn_fwd_layout(int elem, int64_t Lq, int64_t Lc, int64_t 
   return L;
 }
 
+// ---------------------------------------------------------------- attention forward on tensor cores (fp16/bf16)
+// attention_fwd_tc_kernel: one block holds GP pairs of one context item (paired: one pair), pair g
+// in rows g * BQ .. g * BQ + qlen - 1 of 16 MT rows (BQ = Lq rounded up to 16); the scores, P C
+// and the projection run on wmma. Lq and Lc up to kTcMaxLen (longer: attention_fwd_kernel).
+constexpr int kTcRows = 64;                 // query rows a block aims for (GP = kTcRows / BQ)
+constexpr int kTcMaxLen = 64;               // longest Lq and Lc the kernel takes
+constexpr int kTcMaxGP = kTcRows / 16;      // most pairs per block
+constexpr int kLDU = kBD + 4;               // row stride of the fp32 P C chunk
+// Regions (bytes from the start of dynamic shared memory):
+//   S     rows x ldS fp32 scores, then the probabilities in place (ldS = BC + 4)
+//   Pb    rows x ldP probabilities in the compute type, the A operand of P C (ldP = BC + 8)
+//   nrm   GP x BC column norms (per pair); inv, lam  rows fp32 each
+//   xs    rows x ld_op (F * Q) chunk, compute type (pass 1); as: (Q - A)^2 chunk (pass 2, same place)
+//   cs    BC x ld_op context chunk, compute type (every pass)
+//   us    rows x kLDU fp32 P C chunk (pass 2)
+//   ws    kNG x ld_op weight chunk, compute type; y  rows x ldy fp32 projection (kModeAlignment)
+//   qls   kTcMaxGP int32, the query length of each pair of the block
+struct AttnTcLayout {
+  int64_t S, Pb, nrm, inv, lam, xs, cs, us, ws, y, qls, total;
+  int ldS, ldP, ldy;
+};
+
+RCAR_HD AttnTcLayout attn_tc_layout(int elem, int rows, int bc, int gp, int64_t s, int mode) {
+  AttnTcLayout L{};
+  L.ldS = bc + 4;
+  L.ldP = bc + 8;
+  L.S = 0;
+  L.Pb = a128(L.S + (int64_t)rows * L.ldS * 4);
+  L.nrm = a128(L.Pb + (int64_t)rows * L.ldP * elem);
+  L.inv = a128(L.nrm + (int64_t)gp * bc * 4);
+  L.lam = a128(L.inv + (int64_t)rows * 4);
+  L.xs = a128(L.lam + (int64_t)rows * 4);
+  L.cs = a128(L.xs + (int64_t)rows * ld_op(elem) * elem);
+  L.us = a128(L.cs + (int64_t)bc * ld_op(elem) * elem);
+  int64_t end = a128(L.us + (int64_t)rows * kLDU * 4);
+  L.ws = end;
+  L.y = end;
+  L.ldy = 0;
+  if (mode == kModeAlignment) {
+    L.ws = end;
+    L.y = a128(L.ws + (int64_t)kNG * ld_op(elem) * elem);
+    L.ldy = (int)round_up(s, kNG) + 4;
+    end = a128(L.y + (int64_t)rows * L.ldy * 4);
+  }
+  L.qls = end;
+  L.total = a128(L.qls + kTcMaxGP * 4);
+  return L;
+}
+
+// The tensor-core kernel's launch for these shapes, or gp = 0 where it does not apply (fp32,
+// Lq or Lc above kTcMaxLen, kModeSquaredDiff, or not even one pair's block fits `limit` bytes).
+// gp: pairs per block (1 paired, never more than P; lowered one at a time until the block fits);
+// mt: row tiles, 16 mt >= gp * bq.
+struct TcPlan {
+  int bq, bc, gp, mt;
+};
+
+RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64_t P, bool paired, int mode,
+                              int64_t limit) {
+  TcPlan t{0, 0, 0, 0};
+  if (elem != 2 || mode == kModeSquaredDiff || Lq < 1 || Lc < 1 || P < 1 || Lq > kTcMaxLen || Lc > kTcMaxLen)
+    return t;
+  const int bq = (int)round_up(Lq, 16), bc = (int)round_up(Lc, 16);
+  int gp = paired ? 1 : kTcRows / bq;
+  if (gp < 1) gp = 1;
+  if (gp > P) gp = (int)P;
+  for (;;) {
+    const int mt = (gp * bq + 15) / 16;
+    if (attn_tc_layout(elem, 16 * mt, bc, gp, s, mode).total <= limit) return TcPlan{bq, bc, gp, mt};
+    if (gp == 1) return t;
+    --gp;
+  }
+}
+
 // ---------------------------------------------------------------- attention backward (per pair)
 //   S, P, dP   Lq x Lc fp32 (leaky scores, probabilities, then dP -> dZ -> dSn -> dS0 in place)
 //   M          Lc x Lc fp32, P^T diag(coefU) P
@@ -152,6 +226,56 @@ RCAR_HD RarLayout rar_layout(int elem, int64_t Lq, int64_t s, int mt) {
   L.red = a128(L.a + (int64_t)L.rows * 4);
   L.total = a128(L.red + 64 * 4);
   return L;
+}
+
+// ---------------------------------------------------------------- RAR forward: one step, GP pairs per block
+// rar_fwd_kernel: GP pairs of one block of the grid (consecutive query items of one context item),
+// pair g in rows g * BQ .. g * BQ + qlen - 1 of GP * BQ rows (BQ = Lq rounded up to 16; GP = 64 /
+// BQ, 1 past 64 rows), the keys K = tanh(E Wk^T + bk) by the block GEMM over 16 MT rows at a time.
+//   es     rows x lde, E in the compute type (lde = round_up(s, kBD) + 8)
+//   ws     kNG x ld_op Wk chunk, compute type;  y  16 mt x kLDY fp32, one group of E Wk^T
+//   gw     GP x sk fp32 (each pair's g keep_g wv, from the host);  u  sk fp32
+//   logit, a   rows fp32 each; red 64 fp32; qls kTcMaxGP int32
+struct RarStepLayout {
+  int64_t es, ws, y, gw, u, logit, a, red, qls, total;
+  int lde, rows, sk;
+};
+
+RCAR_HD RarStepLayout rar_step_layout(int elem, int rows, int64_t s, int mt, int gp) {
+  RarStepLayout L{};
+  L.rows = (int)round_up(rows, 16 * mt);
+  L.sk = (int)round_up(s, kBD);
+  L.lde = L.sk + 8;
+  L.es = 0;
+  L.ws = a128(L.es + (int64_t)L.rows * L.lde * elem);
+  L.y = a128(L.ws + (int64_t)kNG * ld_op(elem) * elem);
+  L.gw = a128(L.y + (int64_t)16 * mt * kLDY * 4);
+  L.u = a128(L.gw + (int64_t)gp * L.sk * 4);
+  L.logit = a128(L.u + (int64_t)L.sk * 4);
+  L.a = a128(L.logit + (int64_t)L.rows * 4);
+  L.red = a128(L.a + (int64_t)L.rows * 4);
+  L.qls = a128(L.red + 64 * 4);
+  L.total = a128(L.qls + kTcMaxGP * 4);
+  return L;
+}
+
+// bq: Lq rounded up to 16; gp pairs per block (<= P; 1 past kTcRows rows); mt row tiles per GEMM
+// group (16 mt covers gp * bq up to 64). gp, then mt, lowered until the block fits `limit`;
+// gp = 0: not even one pair with mt = 1 fits (the launcher refuses).
+struct RarPlan {
+  int bq, gp, mt;
+};
+
+RCAR_HD RarPlan choose_rar_plan(int elem, int64_t Lq, int64_t s, int64_t P, int64_t limit) {
+  const int bq = (int)round_up(Lq < 1 ? 1 : Lq, 16);
+  int gp = bq <= kTcRows ? kTcRows / bq : 1;
+  if (gp > P) gp = P < 1 ? 1 : (int)P;
+  for (; gp >= 1; --gp) {
+    const int rows = gp * bq;
+    for (int mt = rows <= 16 ? 1 : (rows <= 32 ? 2 : (rows <= 48 ? 3 : 4)); mt >= 1; --mt)
+      if (rar_step_layout(elem, rows, s, mt, gp).total <= limit) return RarPlan{bq, gp, mt};
+  }
+  return RarPlan{bq, 0, 0};
 }
 
 // ---------------------------------------------------------------- the launchers' choice of MT

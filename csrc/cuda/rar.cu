@@ -1,11 +1,16 @@
 // CUDA implementation of rcar_fast::rar and rcar_fast::rar_bwd (csrc/README.md).
 //
-// rar: rar_fwd_kernel, one block per pair, all T steps with E in shared memory (input dtype);
-// K = tanh(E Wk^T + bk) by the block GEMM (tensor cores for fp16/bf16, fp32 FMAs for fp32).
+// rar: per step, the gate tanh(h Wq^T + bq) of every pair as one fp32 GEMM (cuBLAS; h starts as the
+// mean of E over the valid rows, ATen), then rar_fwd_kernel with GP pairs of one context item per
+// block (plan.h choose_rar_plan), E in shared memory (input dtype), K = tanh(E Wk^T + bk) by the
+// block GEMM (tensor cores for fp16/bf16, fp32 FMAs for fp32) over all the block's rows; h in fp32
+// between steps.
 // rar_bwd (one step): rar_bwd_kernel recomputes the step per pair and writes dKp, dgp, dwv and
 // dE's direct part a[q] du; the shared-weight products run in cuBLAS in fp32 on the host side:
 // dE += dKp Wk, dh = dgp Wq.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -89,11 +94,13 @@ void check_pairs(int64_t pairs) {
 }
 
 template <typename T, int MT>
-void launch_rar_fwd(const RarArgs<T>& r, int64_t pairs, Tensor& out, cudaStream_t stream) {
+void launch_rar_fwd(const RarArgs<T>& r, const RarPlan& pl, int64_t blocks, int64_t t, const Tensor& gw, Tensor& h_out,
+                    cudaStream_t stream) {
   auto* kernel = rar_fwd_kernel<T, MT>;
-  const int64_t smem = rar_layout((int)sizeof(T), r.Lq, r.S, MT).total;
+  const int64_t smem = rar_step_layout((int)sizeof(T), pl.gp * pl.bq, r.S, MT, pl.gp).total;
   prepare_smem(kernel, smem, "rar");
-  kernel<<<static_cast<unsigned>(pairs), kThreads, smem, stream>>>(r, mut_ptr<T>(out));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(r, pl.bq, pl.gp, t, gw.data_ptr<float>(),
+                                                                   h_out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -119,16 +126,45 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
   const int64_t pairs = in.B * in.P;
   if (out.numel() == 0) return out;
   check_pairs(pairs);
+  const auto f32 = E.options().dtype(at::kFloat);
+  // h: fp32 (pairs, s); the start is the mean of E over each pair's valid rows (selection: the
+  // padded rows may hold anything)
+  Tensor h;
+  if (in.has_h) {
+    h = in.h.reshape({pairs, in.S}).to(at::kFloat);
+  } else {
+    const Tensor ql = in.qlens.to(at::kLong);
+    const Tensor past = at::arange(in.Lq, ql.options()).unsqueeze(0).ge(ql.unsqueeze(1));   // (P, Lq)
+    h = in.E.masked_fill(past.view({1, in.P, in.Lq, 1}), 0).sum({2}, false, at::kFloat)
+            .div_(ql.clamp_min(1).to(at::kFloat).view({1, in.P, 1})).reshape({pairs, in.S});
+  }
+  const Tensor kg = in.has_drop ? in.keep_g.reshape({pairs, in.S}).to(at::kFloat) : Tensor();
   cudaStream_t stream = current_stream();
   dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const RarArgs<T> r = make_args<T>(in);
-    switch (rar_mt((int)sizeof(T), in)) {
-      case 1: launch_rar_fwd<T, 1>(r, pairs, out, stream); break;
-      case 2: launch_rar_fwd<T, 2>(r, pairs, out, stream); break;
-      default: launch_rar_fwd<T, 4>(r, pairs, out, stream); break;
+    const RarPlan pl = choose_rar_plan((int)sizeof(T), in.Lq, in.S, in.P, smem_limit());
+    TORCH_CHECK(pl.gp > 0, "rar: these shapes need ", rar_step_layout((int)sizeof(T), pl.bq, in.S, 1, 1).total,
+                " bytes of shared memory per block, the device allows ", smem_limit(),
+                " (E of a pair stays on chip: it grows with the query length and s)");
+    const int64_t blocks = in.B * ((in.P + pl.gp - 1) / pl.gp);
+    check_pairs(blocks);
+    for (int64_t t = 0; t < in.steps; ++t) {
+      // the gate of every pair, one fp32 GEMM: gw = tanh(h Wq_t^T + bq_t) keep_g wv_t
+      Tensor gw = at::addmm(in.bq.select(0, t).to(at::kFloat), h, in.wq.select(0, t).to(at::kFloat).t()).tanh_();
+      if (kg.defined()) gw.mul_(kg);
+      gw.mul_(in.wv.select(0, t).to(at::kFloat));
+      Tensor h_next = at::empty({pairs, in.S}, f32);
+      switch (pl.mt) {
+        case 1: launch_rar_fwd<T, 1>(r, pl, blocks, t, gw, h_next, stream); break;
+        case 2: launch_rar_fwd<T, 2>(r, pl, blocks, t, gw, h_next, stream); break;
+        case 3: launch_rar_fwd<T, 3>(r, pl, blocks, t, gw, h_next, stream); break;
+        default: launch_rar_fwd<T, 4>(r, pl, blocks, t, gw, h_next, stream); break;
+      }
+      h = h_next;
     }
   });
+  out.copy_(h.view({in.B, in.P, in.S}));
   return out;
 }
 

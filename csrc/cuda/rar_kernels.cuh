@@ -1,11 +1,12 @@
-// Kernels of the recurrent aggregation regulator (RAR), one thread block per pair with the
-// pair's alignment vectors E (Lq x s) held in shared memory (in the input dtype) the whole time;
-// see csrc/README.md for the op contract and kernels/rar.py for the Triton forward.
+// Kernels of the recurrent aggregation regulator (RAR), E held in shared memory (in the input
+// dtype); see csrc/README.md for the op contract and kernels/rar.py for the Triton forward.
 //
 // Per step t:  g = tanh(Wq h + bq) (* keep_g);  K = tanh(E Wk^T + bk) (* keep_k), computed
 // 16 MT rows x 256 columns at a time by the block GEMM (tensor cores for fp16/bf16) and never
 // stored whole;  logit[q] = sum_n K[q, n] g[n] wv[n] + bv;  a = softmax over valid q;
 // h = l2n(sum_q a[q] E[q]).
+// Forward: one launch per step, GP pairs of one context item per block (the gate of every pair
+// one GEMM on the host before it). Backward: one step, one block per pair.
 #pragma once
 
 #include "common.cuh"
@@ -164,45 +165,122 @@ __device__ __forceinline__ float attend(const RarSmem<T>& sm, int64_t S, int qle
   return block_sum(ss, sm.red);
 }
 
-// ---------------------------------------------------------------- forward: T steps
+// ---------------------------------------------------------------- forward: one step, GP pairs per block
+// Step t for the pairs p0 .. p0 + gp - 1 of context item b (block x = b * groups + p0 / gp,
+// groups = ceil(P / gp)); pair g's rows g * bq .. g * bq + qlen - 1 of es. gw (B, P, s) fp32:
+// each pair's g keep_g wv (the gate tanh(Wq h + bq) of every pair is one GEMM on the host).
+// Writes h_out (B, P, s) fp32: h = l2n(sum_q a[q] E[q]) (zeros for a pair without valid rows).
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r, int bq, int gp, int64_t t,
+                                                           const float* __restrict__ gw,
+                                                           float* __restrict__ h_out) {
+  constexpr int RG = 16 * MT;
   extern __shared__ __align__(128) unsigned char smem[];
-  const RarSmem<T> sm(smem, r.Lq, r.S, MT);
-  const int64_t pid = blockIdx.x, S = r.S;
-  const int64_t p = pid % r.P;
-  const int qlen = clamp_len(r.qlens[p], r.Lq);
-  T* o = out + pid * S;
-  if (qlen == 0) {   // no valid row: nothing to aggregate
-    for (int64_t m = threadIdx.x; m < S; m += kThreads) o[m] = from_f<T>(0.f);
-    return;
-  }
-  load_e(r, sm, pid, qlen);
+  const int64_t S = r.S, P = r.P, Lq = r.Lq;
+  const RarStepLayout L = rar_step_layout((int)sizeof(T), gp * bq, S, MT, gp);
+  T* es = reinterpret_cast<T*>(smem + L.es);
+  T* ws = reinterpret_cast<T*>(smem + L.ws);
+  float* y = reinterpret_cast<float*>(smem + L.y);
+  float* gws = reinterpret_cast<float*>(smem + L.gw);
+  float* u = reinterpret_cast<float*>(smem + L.u);
+  float* logit = reinterpret_cast<float*>(smem + L.logit);
+  float* a = reinterpret_cast<float*>(smem + L.a);
+  float* red = reinterpret_cast<float*>(smem + L.red);
+  int* qls = reinterpret_cast<int*>(smem + L.qls);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sk = L.sk, lde = L.lde, ldo = ld_op((int)sizeof(T));
+  const int64_t groups = (P + gp - 1) / gp;
+  const int64_t b = (int64_t)blockIdx.x / groups;
+  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
+  const int np = (int)(P - p0 < gp ? P - p0 : gp);   // pairs in this block
+  const int64_t pid0 = b * P + p0;                      // pair id of g = 0
+  if (tid < kTcMaxGP) qls[tid] = tid < np ? clamp_len(r.qlens[p0 + tid], Lq) : 0;
   __syncthreads();
-  for (int m = threadIdx.x; m < sm.L.sk; m += kThreads) {
-    float v = 0.f;
-    if (m < S) {
-      if (r.h != nullptr) {
-        v = to_f(r.h[pid * S + m]);
-      } else {
-        for (int q = 0; q < qlen; ++q) v += to_f(sm.es[q * sm.L.lde + m]);
-        v /= (float)qlen;
+
+  // E of every pair (valid rows; zeros elsewhere, padding columns included), the gates, zero logits
+  const int rows = L.rows;
+  for (int64_t idx = tid; idx < (int64_t)rows * sk; idx += kThreads) {
+    const int rr = (int)(idx / sk), m = (int)(idx - (int64_t)rr * sk);
+    const int g = rr / bq, q = rr - g * bq;
+    T v = from_f<T>(0.f);
+    if (g < gp && q < qls[g] && m < S) v = r.E[((pid0 + g) * Lq + q) * S + m];
+    es[rr * lde + m] = v;
+  }
+  for (int idx = tid; idx < gp * sk; idx += kThreads) {
+    const int g = idx / sk, m = idx - g * sk;
+    gws[idx] = (g < np && m < S) ? gw[(pid0 + g) * S + m] : 0.f;
+  }
+  for (int rr = tid; rr < rows; rr += kThreads) logit[rr] = 0.f;
+  __syncthreads();
+
+  // logit[row] = sum_n tanh(E Wk_t^T + bk_t)[row, n] keep_k[row, n] gw[n], 16 MT rows x 256 columns at a time
+  const T* wk = r.wk + t * S * S;
+  for (int r0 = 0; r0 < rows; r0 += RG) {
+    for (int64_t n0 = 0; n0 < S; n0 += kNG) {
+      BlockGemm<T, MT> gemm;
+      gemm.zero();
+      for (int m0 = 0; m0 < sk; m0 += kBD) {
+        for (int idx = tid; idx < kNG * kBD; idx += kThreads) {
+          const int n = idx >> 5, k = idx & 31;
+          const int64_t gn = n0 + n, m = m0 + k;
+          ws[n * ldo + k] = (gn < S && m < S) ? wk[gn * S + m] : from_f<T>(0.f);
+        }
+        __syncthreads();
+        gemm.chunk(es + r0 * lde + m0, lde, ws, ldo);
+        __syncthreads();
       }
+      gemm.store(y, kLDY);
+      __syncthreads();
+      for (int rl = warp; rl < RG; rl += kWarps) {
+        const int rr = r0 + rl, g = rr / bq, q = rr - g * bq;
+        if (g >= gp || q >= qls[g]) continue;
+        const T* kk = r.keep_k != nullptr ? r.keep_k + ((pid0 + g) * Lq + q) * S : nullptr;
+        float part = 0.f;
+        for (int nl = lane; nl < kNG && n0 + nl < S; nl += 32) {
+          const int64_t n = n0 + nl;
+          const float K = tanhf(y[rl * kLDY + nl] + to_f(r.bk[t * S + n]));
+          const float kv = kk != nullptr ? K * to_f(kk[n]) : K;
+          part = fmaf(kv, gws[g * sk + n], part);
+        }
+        part = warp_sum(part);
+        if (lane == 0) logit[rr] += part;   // row rr belongs to this warp here
+      }
+      __syncthreads();
     }
-    sm.h[m] = v;
+  }
+
+  // a = softmax over each pair's valid rows of logit + bv_t (warp g for pair g)
+  const float bv = to_f(r.bv[t]);
+  if (warp < np) {
+    const int g = warp, n = qls[g];
+    const float* lg = logit + g * bq;
+    float m = -INFINITY;
+    for (int q = lane; q < n; q += 32) m = fmaxf(m, lg[q] + bv);
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int q = lane; q < n; q += 32) sum += expf(lg[q] + bv - m);
+    sum = warp_sum(sum);
+    const float rs = 1.f / sum;
+    for (int q = lane; q < n; q += 32) a[g * bq + q] = expf(lg[q] + bv - m) * rs;
   }
   __syncthreads();
-  for (int64_t t = 0; t < r.steps; ++t) {
-    query_gate(r, sm, pid, t);
-    __syncthreads();
-    key_logits<T, MT>(r, sm, pid, t, qlen, nullptr);
-    softmax_rows(r, sm, t, qlen);
-    const float nu = sqrtf(attend(sm, S, qlen, sm.h));   // ends with a barrier
-    const float rn = 1.f / (nu + kEps);
-    for (int m = threadIdx.x; m < sm.L.sk; m += kThreads) sm.h[m] *= rn;
-    __syncthreads();
+
+  // h = l2n(sum_q a[q] E[q]) per pair
+  for (int g = 0; g < np; ++g) {
+    const int n = qls[g];
+    float ss = 0.f;
+    for (int m = tid; m < sk; m += kThreads) {
+      float v = 0.f;
+      if (m < S)
+        for (int q = 0; q < n; ++q) v = fmaf(a[g * bq + q], to_f(es[(g * bq + q) * lde + m]), v);
+      u[m] = v;
+      ss = fmaf(v, v, ss);
+    }
+    ss = block_sum(ss, red);   // barriers before and after
+    const float rn = 1.f / (sqrtf(ss) + kEps);
+    for (int64_t m = tid; m < S; m += kThreads) h_out[(pid0 + g) * S + m] = n > 0 ? u[m] * rn : 0.f;
+    __syncthreads();           // u is rewritten by the next pair
   }
-  for (int64_t m = threadIdx.x; m < S; m += kThreads) o[m] = from_f<T>(sm.h[m]);
 }
 
 // ---------------------------------------------------------------- backward: one step (t = 0)

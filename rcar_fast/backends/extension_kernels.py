@@ -2,8 +2,8 @@
 rcar_fast._C (csrc/: schemas in csrc/ops.cpp, the contract in csrc/README.md, kernels in
 csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu), made traceable (register_fake) and differentiable
 (register_autograd) here, as extension-cpp's ops.py does beside its csrc/. The dispatcher picks
-the CPU or CUDA kernel by the tensors' device. The CPU kernels add ``rcr``, a fused RCR step the
-"cpp" backend uses on its inference path (no autograd: with gradients RCR runs in torch)."""
+the CPU or CUDA kernel by the tensors' device. Both add ``rcr``, a fused RCR step the "cpp" and
+"cuda" backends use on their inference path (no autograd: with gradients RCR runs in torch)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ contract.register_attention_autograd(contract.RegisteredOp("rcar_fast::attention
 contract.register_rar_autograd(contract.RegisteredOp("rcar_fast::rar"), _ops.rar_bwd.default, _ops.rar.default)
 
 _HAS_CPU_RCR = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", "CPU")
+_HAS_CUDA_RCR = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", "CUDA")
 
 #: "cpp": default block budget 96 MiB; d-wide buffers per block 3 (F and the new F being built),
 #: 6 under autograd (measured, tests/test_memory.py)
@@ -47,4 +48,5 @@ CPP = KernelSet(name="cpp", devices=("cpu",), attention=_ops.attention.default, 
 #: "cuda": default block budget 2 GiB; the same buffer counts
 CUDA = KernelSet(name="cuda", devices=("cuda",), attention=_ops.attention.default, rar=_ops.rar.default,
                  attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
-                 budgets={"cpu": 96 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6)
+                 budgets={"cpu": 96 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6,
+                 rcr=_ops.rcr.default if _HAS_CUDA_RCR else None, rcr_devices=("cuda",) if _HAS_CUDA_RCR else ())

@@ -1,0 +1,92 @@
+// CUDA implementation of rcar_fast::rcr (csrc/README.md): one RCR step for inference.
+//
+//   hidden = tanh(E W1^T + b1)               cuBLAS (at::addmm), tanh in place
+//   M      = hidden W2^T + b2                cuBLAS, into the new F's buffer
+//   F      = clamp(tanh(M) + F_old, -1, 1)   rcr_factors_kernel, in place over M: one read of M and
+//                                            of F_old, one write (torch's tanh_, add_, clamp_: three
+//                                            passes over the d-wide rows)
+//   lam    = relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam_old)   ATen, one column
+//
+// F_old is all ones where factors is None. Rows at or past a pair's query length are zero in F
+// and lam whatever E, factors and lam hold there (selection: the kernel never reads F_old there).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "common.cuh"
+#include "launch.h"
+
+namespace rcar_fast {
+namespace cuda {
+
+// F = clamp(tanh(M) + F_old, -1, 1) over M (rows x D, contiguous) in place; f_old likewise or
+// nullptr (all ones). Row r is position r % Lq of query item (r / Lq) % P: zero at or past its length.
+// Block per row (grid-stride over rows), threads over the columns.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m, const T* __restrict__ f_old,
+                                                               const int* __restrict__ qlens, int64_t rows,
+                                                               int64_t P, int64_t Lq, int64_t D) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t q = r % Lq, p = (r / Lq) % P;
+    const bool valid = q < (int64_t)qlens[p];
+    T* mr = m + r * D;
+    const T* fr = f_old != nullptr ? f_old + r * D : nullptr;
+    for (int64_t c = threadIdx.x; c < D; c += kThreads) {
+      float v = 0.f;
+      if (valid) v = fminf(fmaxf(tanhf(to_f(mr[c])) + (fr != nullptr ? to_f(fr[c]) : 1.f), -1.f), 1.f);
+      mr[c] = from_f<T>(v);
+    }
+  }
+}
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& factors,
+                                    const OptTensor& lam, double lam_scalar, const Tensor& w1, const Tensor& b1,
+                                    const Tensor& w2, const Tensor& b2, const Tensor& ws1, const Tensor& bs1,
+                                    const Tensor& ws2, const Tensor& bs2) {
+  rcar_fast::check_rcr(E, qlens, factors, lam, w1, b1, w2, b2, ws1, bs1, ws2, bs2);
+  check_cuda_dtype(E, "E");
+  c10::cuda::CUDAGuard guard(E.device());
+  const int64_t B = E.size(0), P = E.size(1), Lq = E.size(2), S = E.size(3), D = w2.size(0);
+  const int64_t rows = B * P * Lq;
+  const Tensor x = E.reshape({rows, S});
+  Tensor F = at::addmm(b2, at::addmm(b1, x, w1.t()).tanh_(), w2.t());   // (rows, D), contiguous
+  if (F.numel() > 0) {
+    const Tensor ql = qlens.contiguous();
+    const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, int64_t(1) << 20));
+    cudaStream_t stream = current_stream();
+    dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      rcr_factors_kernel<T><<<grid, kThreads, 0, stream>>>(mut_ptr<T>(F), f_old.defined() ? ptr<T>(f_old) : nullptr,
+                                                           ql.data_ptr<int>(), rows, P, Lq, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  Tensor smooth = at::addmm(bs2, at::addmm(bs1, x, ws1.t()).tanh_(), ws2.t()).view({B, P, Lq});
+  smooth = lam ? smooth.add(*lam) : smooth.add(lam_scalar);
+  const Tensor pos = at::arange(Lq, qlens.options().dtype(at::kLong));
+  const Tensor past = pos.unsqueeze(0).ge(qlens.to(at::kLong).unsqueeze(1));   // (P, Lq): at or past the length
+  Tensor lam_new = smooth.relu_().masked_fill_(past, 0);
+  return std::make_tuple(F.view({B, P, Lq, D}), lam_new);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace rcar_fast
+
+TORCH_LIBRARY_IMPL(rcar_fast, CUDA, m) {
+  m.impl("rcr", &rcar_fast::cuda::rcr_cuda);
+}
