@@ -303,7 +303,7 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
     context, its Gram matrix and the 512 KB weight read once per block), the scores (F * Q) C^T,
     U = P C and the projection by wmma (HMMA, fp32 accumulators) from shared memory, every
     product 64 rows tall; RCR (csrc/cuda/rcr.cu for inference: cuBLAS GEMMs and one kernel for the
-    d-wide chain; torch's step under autograd); RAR per step: the mean of E at the first (ATen),
+    d-wide chain; torch's step under autograd); RAR per step: the mean of E at the first (a kernel),
     the gate of every pair as one fp32 GEMM (ATen), rar_fwd_kernel with GP pairs per block (Wk
     read once per block, the keys by wmma over the block's rows). Shared-memory traffic counts the wmma fragment loads (scores and P C: one A and one B
     fragment per 16 x 16 x 16 product; the projection: 8 warps x rows x d of A, s x d of B), the
@@ -347,8 +347,7 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
         RBQ, RGP, rrows = cuda_rar_plan(Lq)
         rblocks = B * -(-P // RGP)
         if t == 0:
-            book.add(f"rar mean of E (ATen){tag}", count=3, simt=pairs * 2 * Lq * s,
-                     hbm=pairs * (Lq * s * e * 3 + s * 4 * 2))
+            book.add(f"rar_mean_kernel{tag}", count=1, simt=pairs * Lq * s, hbm=pairs * (Lq * s * e + s * 4))
         book.add(f"rar gate tanh(h Wq^T + bq) wv (ATen, fp32){tag}", count=3, simt=pairs * (2 * s * s + 8 * s),
                  hbm=pairs * s * 4 * 5 + s * s * 4)
         book.add(f"rar_fwd_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}", tc=rblocks * 2 * rrows * s * s,

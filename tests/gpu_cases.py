@@ -220,6 +220,50 @@ def half_pair_scores_within_twice_torch(backend, device, dtype, regulator, steps
     assert err <= 2 * err_torch + 1e-4, (err, err_torch)
 
 
+def rcr_op_matches_torch_step(device, dtype, with_state: bool, atol: float):
+    """The extension's inference rcr op on ``device`` (the CPU kernel on CPU tensors, the CUDA one
+    on CUDA tensors) against torch's RCR step on the same device in float64: F and lam within
+    ``atol`` on every valid row, exactly zero on padded rows (which hold NaN in E, F and lam);
+    d = 300 (two column passes of the element-wise kernel), 35 rows."""
+    from rcar_fast.backends import extension_kernels  # noqa: F401  (loads the op)
+    from rcar_fast.modules import RCRModule
+    from rcar_fast.torch_math import rcr_step
+    B, P, Lq, s, d = 1, 7, 5, 16, 300
+    g = torch.Generator().manual_seed(21)
+    ql = torch.tensor([5, 1, 3, 4, 5, 2, 1], dtype=torch.int32)
+    E = torch.randn(B, P, Lq, s, generator=g, dtype=torch.float64)
+    F0 = torch.rand(B, P, Lq, d, generator=g, dtype=torch.float64) * 2 - 1 if with_state else None
+    lam0 = torch.rand(B, P, Lq, generator=g, dtype=torch.float64) * 5 if with_state else 4.0
+    torch.manual_seed(21)
+    w = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)
+         for k, v in RCRModule(d, s).state_dict().items()}
+    cast = (lambda x: x.to(device, dtype) if isinstance(x, torch.Tensor) else x)
+    # the reference from the inputs as the op sees them (rounded to dtype)
+    E, F0 = cast(E).double(), None if F0 is None else cast(F0).double()
+    lam0 = cast(lam0).double() if isinstance(lam0, torch.Tensor) else lam0
+    w = {k: cast(v).double() for k, v in w.items()}
+    want_F, want_lam = rcr_step(E.clone(), None if F0 is None else F0.clone(),
+                                lam0.clone() if isinstance(lam0, torch.Tensor) else lam0, w, "", False)
+    pad = (torch.arange(Lq)[None, :] >= ql[:, None]).to(E.device)
+    En, Fn, lamn = E.clone(), None if F0 is None else F0.clone(), lam0
+    En[:, pad] = float("nan")
+    if Fn is not None:
+        Fn[:, pad] = float("nan")
+    if isinstance(lam0, torch.Tensor):
+        lamn = lam0.clone()
+        lamn[:, pad] = float("nan")
+    keys = ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight", "rcr_matrix_w.2.bias",
+            "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias", "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")
+    got_F, got_lam = torch.ops.rcar_fast.rcr(
+        cast(En), ql.to(E.device), cast(Fn), cast(lamn) if isinstance(lamn, torch.Tensor) else None,
+        0.0 if isinstance(lamn, torch.Tensor) else float(lamn), *[cast(w[k]) for k in keys])
+    assert got_F.dtype == dtype and got_F.device.type == torch.device(device).type
+    valid = ~pad
+    torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], rtol=0, atol=atol)
+    torch.testing.assert_close(got_lam[:, valid].double(), want_lam[:, valid], rtol=0, atol=atol * 10)
+    assert not got_F[:, pad].any() and not got_lam[:, pad].any()
+
+
 def selftest_passes(backend, device, dtypes=None):
     """rcar_fast.selftest on ``device``: every dtype ``backend`` takes (or ``dtypes``) passes."""
     rows = rcar_fast.selftest(device, backends=[backend], dtypes=dtypes, quiet=True)

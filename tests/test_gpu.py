@@ -17,7 +17,8 @@ import rcar_fast
 from gpu_cases import (CONFIGS, GPU_BACKENDS, Dims, flickr_shaped_block, fp32_matches_reference,
                        gradients_match_reference, half_error_within_twice_torch,
                        half_pair_scores_within_twice_torch, memory_within_budget, pair_scores_match_the_grid,
-                       repeated_lengths, selftest_passes, training_step_with_dropout)
+                       rcr_op_matches_torch_step, repeated_lengths, selftest_passes,
+                       training_step_with_dropout)
 from rcar_testutil import seed_of
 
 pytestmark = [pytest.mark.gpu,
@@ -121,6 +122,15 @@ def test_pair_scores_match_the_grid(backend, regulator, steps, attn_type):
     """The paired kernels (pair lists): scores against the reference and the grid, gradients."""
     pair_scores_match_the_grid(backend, "cuda", regulator, steps, attn_type, GRAD_DIMS,
                                seed_of("gpu pairs", regulator, steps, attn_type), m=96)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
+def test_cuda_rcr_op(with_state, dtype, atol):
+    """The CUDA kernel of the rcr op (csrc/cuda/rcr.cu) against torch's step in float64 on the GPU."""
+    if _backend_param("cuda") != "cuda":
+        pytest.skip("the cuda backend is not available here")
+    rcr_op_matches_torch_step("cuda", dtype, with_state, atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

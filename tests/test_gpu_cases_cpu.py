@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rcar_fast
+
 import test_gpu
 from gpu_cases import (CONFIGS, Dims, flickr_shaped_block, fp32_matches_reference, gradients_match_reference,
                        half_error_within_twice_torch, half_pair_scores_within_twice_torch,
-                       pair_scores_match_the_grid, repeated_lengths,
+                       pair_scores_match_the_grid, rcr_op_matches_torch_step, repeated_lengths,
                        selftest_passes, training_step_with_dropout)
 from rcar_testutil import cpu_backends, seed_of
 
@@ -30,7 +32,7 @@ def test_gpu_tier_parametrization_is_complete():
                  "test_half_error_within_twice_torch", "test_flickr_shaped_block",
                  "test_gradients_match_reference", "test_training_step_with_dropout", "test_selftest_passes",
                  "test_pair_scores_match_the_grid", "test_half_long_captions", "test_half_wide_projection",
-                 "test_half_pair_scores"):
+                 "test_half_pair_scores", "test_cuda_rcr_op"):
         assert callable(getattr(test_gpu, name))
 
 
@@ -87,6 +89,14 @@ def test_half_long_captions_case(backend):
     """The GPU tier's long-caption case at small sizes: rows past 64 words (d 24, s 12); cpp only
     (triton refuses rows past 64)."""
     half_error_within_twice_torch(backend, "cpu", torch.float16, "coop_rcar", 2, "t2i", Dims(2, 4, 5, 80, 24, 12), 5)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
+def test_rcr_op_case(with_state):
+    """The GPU tier's rcr-op check on CPU tensors (the C++ CPU kernel), fp32."""
+    if "cpp" not in rcar_fast.available_backends("cpu"):
+        pytest.skip("the extension is not built here")
+    rcr_op_matches_torch_step("cpu", torch.float32, with_state, 2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

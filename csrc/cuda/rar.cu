@@ -1,7 +1,7 @@
 // CUDA implementation of rcar_fast::rar and rcar_fast::rar_bwd (csrc/README.md).
 //
 // rar: per step, the gate tanh(h Wq^T + bq) of every pair as one fp32 GEMM (cuBLAS; h starts as the
-// mean of E over the valid rows, ATen), then rar_fwd_kernel with GP pairs of one context item per
+// mean of E over the valid rows, rar_mean_kernel), then rar_fwd_kernel with GP pairs of one context item per
 // block (plan.h choose_rar_plan), E in shared memory (input dtype), K = tanh(E Wk^T + bk) by the
 // block GEMM (tensor cores for fp16/bf16, fp32 FMAs for fp32) over all the block's rows; h in fp32
 // between steps.
@@ -10,7 +10,6 @@
 // dE += dKp Wk, dh = dgp Wq.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -93,12 +92,23 @@ void check_pairs(int64_t pairs) {
   TORCH_CHECK(pairs <= 0x7fffffffLL, "rar: ", pairs, " pairs exceed one launch; split the pair grid");
 }
 
+// Shared-memory check and opt-in of the forward kernel the plan takes (once per call).
+template <typename T>
+void prepare_rar_fwd(int elem, const RarArgs<T>& r, const RarPlan& pl) {
+  const int64_t smem = rar_step_layout(elem, pl.gp * pl.bq, r.S, pl.mt, pl.gp).total;
+  switch (pl.mt) {
+    case 1: prepare_smem(rar_fwd_kernel<T, 1>, smem, "rar"); break;
+    case 2: prepare_smem(rar_fwd_kernel<T, 2>, smem, "rar"); break;
+    case 3: prepare_smem(rar_fwd_kernel<T, 3>, smem, "rar"); break;
+    default: prepare_smem(rar_fwd_kernel<T, 4>, smem, "rar"); break;
+  }
+}
+
 template <typename T, int MT>
 void launch_rar_fwd(const RarArgs<T>& r, const RarPlan& pl, int64_t blocks, int64_t t, const Tensor& gw, Tensor& h_out,
                     cudaStream_t stream) {
   auto* kernel = rar_fwd_kernel<T, MT>;
   const int64_t smem = rar_step_layout((int)sizeof(T), pl.gp * pl.bq, r.S, MT, pl.gp).total;
-  prepare_smem(kernel, smem, "rar");
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(r, pl.bq, pl.gp, t, gw.data_ptr<float>(),
                                                                    h_out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -127,17 +137,9 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
   if (out.numel() == 0) return out;
   check_pairs(pairs);
   const auto f32 = E.options().dtype(at::kFloat);
-  // h: fp32 (pairs, s); the start is the mean of E over each pair's valid rows (selection: the
-  // padded rows may hold anything)
+  // h: fp32 (pairs, s); the start is the mean of E over each pair's valid rows (rar_mean_kernel)
   Tensor h;
-  if (in.has_h) {
-    h = in.h.reshape({pairs, in.S}).to(at::kFloat);
-  } else {
-    const Tensor ql = in.qlens.to(at::kLong);
-    const Tensor past = at::arange(in.Lq, ql.options()).unsqueeze(0).ge(ql.unsqueeze(1));   // (P, Lq)
-    h = in.E.masked_fill(past.view({1, in.P, in.Lq, 1}), 0).sum({2}, false, at::kFloat)
-            .div_(ql.clamp_min(1).to(at::kFloat).view({1, in.P, 1})).reshape({pairs, in.S});
-  }
+  if (in.has_h) h = in.h.reshape({pairs, in.S}).to(at::kFloat);
   const Tensor kg = in.has_drop ? in.keep_g.reshape({pairs, in.S}).to(at::kFloat) : Tensor();
   cudaStream_t stream = current_stream();
   dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
@@ -148,7 +150,13 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
                 " bytes of shared memory per block, the device allows ", smem_limit(),
                 " (E of a pair stays on chip: it grows with the query length and s)");
     const int64_t blocks = in.B * ((in.P + pl.gp - 1) / pl.gp);
-    check_pairs(blocks);
+    if (!in.has_h) {
+      h = at::empty({pairs, in.S}, f32);
+      rar_mean_kernel<T><<<static_cast<unsigned>(pairs), kThreads, 0, stream>>>(r.E, r.qlens, in.P, in.Lq, in.S,
+                                                                              h.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    prepare_rar_fwd((int)sizeof(T), r, pl);
     for (int64_t t = 0; t < in.steps; ++t) {
       // the gate of every pair, one fp32 GEMM: gw = tanh(h Wq_t^T + bq_t) keep_g wv_t
       Tensor gw = at::addmm(in.bq.select(0, t).to(at::kFloat), h, in.wq.select(0, t).to(at::kFloat).t()).tanh_();

@@ -165,6 +165,21 @@ __device__ __forceinline__ float attend(const RarSmem<T>& sm, int64_t S, int qle
   return block_sum(ss, sm.red);
 }
 
+// ---------------------------------------------------------------- forward: the first h
+// h[pid, m] = mean over q < qlen of E[pid, q, m] in fp32 (zeros when qlen is 0), one block per pair.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rar_mean_kernel(const T* __restrict__ E, const int* __restrict__ qlens,
+                                                            int64_t P, int64_t Lq, int64_t S, float* __restrict__ h) {
+  const int64_t pid = blockIdx.x;
+  const int n = clamp_len(qlens[pid % P], Lq);
+  const T* e = E + pid * Lq * S;
+  for (int64_t m = threadIdx.x; m < S; m += kThreads) {
+    float v = 0.f;
+    for (int q = 0; q < n; ++q) v += to_f(e[q * S + m]);
+    h[pid * S + m] = n > 0 ? v / (float)n : 0.f;
+  }
+}
+
 // ---------------------------------------------------------------- forward: one step, GP pairs per block
 // Step t for the pairs p0 .. p0 + gp - 1 of context item b (block x = b * groups + p0 / gp,
 // groups = ceil(P / gp)); pair g's rows g * bq .. g * bq + qlen - 1 of es. gw (B, P, s) fp32:

@@ -10,8 +10,9 @@ Each catalogue file beside this one (``catalog_*.py``) holds ``MUTANTS``: a list
 
 For every mutant the runner copies the repository (tracked files and the built extension) to a
 temporary folder, plants the bug there, runs its tests in that copy and reports KILLED (the
-tests failed) or SURVIVED. It first runs every named test on the unmutated copy: a test that
-fails without the bug proves nothing, and the run stops.
+tests failed, or their process died of a signal the bug caused) or SURVIVED. It first runs every
+named test on the unmutated copy: a test that fails without the bug proves nothing, and the run
+stops.
 
     python tests/mutants/run.py            # every mutant
     python tests/mutants/run.py -k prefilter   # those whose name contains the word
@@ -112,8 +113,12 @@ def main(argv=None) -> int:
             shutil.copytree(base, copy, symlinks=True)
             plant(copy, m)
             r = _pytest(copy, m["tests"], args.timeout)
-            verdict = "KILLED" if r.returncode == 1 else ("SURVIVED" if r.returncode == 0 else f"ERROR rc={r.returncode}")
-            if r.returncode != 1:
+            # rc < 0: the test process died of a signal the bug caused (an out-of-bounds access in
+            # compiled code, e.g. a CUDA kernel under tests/cuda_emu): the tests noticed it too
+            verdict = ("KILLED" if r.returncode == 1 else "SURVIVED" if r.returncode == 0
+                       else f"KILLED (crashed, signal {-r.returncode})" if r.returncode < 0
+                       else f"ERROR rc={r.returncode}")
+            if r.returncode != 1 and r.returncode >= 0:
                 survived.append(m["name"])
                 if r.returncode != 0:
                     print(r.stdout[-1500:], r.stderr[-1500:])

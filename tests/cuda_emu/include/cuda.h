@@ -1,0 +1,3 @@
+// stand-in for the CUDA header under the host emulation (cuda_emu.h)
+#pragma once
+#include "cuda_emu.h"

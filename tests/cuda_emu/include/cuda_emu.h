@@ -1,0 +1,284 @@
+// A host emulation of the small part of CUDA the kernels of csrc/cuda/*.cuh use, so that the
+// kernels' own code (index math, barriers, masking, the order of the passes) runs on the CPU in
+// CI: one thread block at a time, its 256 threads as std::threads; __syncthreads a barrier of the
+// block, warp shuffles an exchange behind a barrier of the warp; nvcuda::wmma fragments hold the
+// whole 16 x 16 tile in every lane (loads read it all, mma_sync computes it in fp32 in every lane,
+// stores write a lane's share); atomicAdd through std::atomic_ref; __half / __nv_bfloat16 are
+// c10::Half / c10::BFloat16 (round to nearest even, as the device conversions).
+//
+// What it cannot show: anything about the hardware (timing, occupancy, register spills, the
+// fragment layouts of real tensor cores), nor a race between barriers: a thread runs from one
+// barrier to the next without interruption, in thread order. The compile
+// tier (tests/test_compile.py) covers the code generation; only a GPU covers the rest.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__
+#define __restrict__ __restrict
+
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+inline float __half2float(__half x) { return static_cast<float>(x); }
+inline __half __float2half_rn(float x) { return __half(x); }
+inline float __bfloat162float(__nv_bfloat16 x) { return static_cast<float>(x); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+// the running thread's indices (the scheduler sets threadIdx before it switches to a thread)
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+// The block's dynamic shared memory (one block runs at a time). A kernel's block-scope
+// `extern __shared__ unsigned char smem[];` declares a member of its namespace: this one.
+namespace rcar_fast {
+namespace cuda {
+inline unsigned char smem[256 * 1024] __attribute__((aligned(128)));
+}  // namespace cuda
+}  // namespace rcar_fast
+
+// A block's threads are fibers on one OS thread, switched only at barriers: each runs until it
+// waits at __syncthreads (released when every thread of the block waits there) or at a warp
+// barrier (released when its 32 lanes wait there), or returns. A barrier that can never be
+// released (a thread returned or waits elsewhere: a divergent barrier, undefined on a GPU) throws.
+// The switch saves the callee-saved registers and the stack pointer (x86-64 System V; elsewhere
+// ucontext, correct but much slower: it saves the signal mask with a system call per switch).
+namespace cuda_emu {
+constexpr int kMaxThreads = 256;
+constexpr size_t kStack = 64 * 1024;
+enum State { kReady, kAtBlock, kAtWarp, kDone };
+
+#if defined(__x86_64__)
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+__asm__(R"(
+.text
+.globl cuda_emu_switch
+.type cuda_emu_switch,@function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size cuda_emu_switch, .-cuda_emu_switch
+.section .note.GNU-stack,"",@progbits
+.text
+)");
+struct Context {
+  void* sp = nullptr;
+};
+#else
+struct Context {
+  ucontext_t uc;
+};
+#endif
+
+struct Block {
+  Context sched;
+  Context ctx[kMaxThreads];
+  State state[kMaxThreads];
+  std::unique_ptr<char[]> stacks;   // not zeroed: the fibers write before they read
+  const std::function<void()>* body = nullptr;
+  int n = 0, current = 0;
+  float shfl[kMaxThreads / 32][32];
+};
+inline Block* block = nullptr;
+
+inline void switch_to(Context& save, Context& load) {
+#if defined(__x86_64__)
+  cuda_emu_switch(&save.sp, load.sp);
+#else
+  swapcontext(&save.uc, &load.uc);
+#endif
+}
+
+inline void yield(State s) {
+  Block& b = *block;
+  b.state[b.current] = s;
+  switch_to(b.ctx[b.current], b.sched);
+}
+
+inline void fiber_main() {
+  (*block->body)();
+  Block& b = *block;
+  b.state[b.current] = kDone;
+  switch_to(b.ctx[b.current], b.sched);   // never resumed
+  __builtin_trap();
+}
+
+inline void start_fiber(Block& b, int t) {
+  char* lo = b.stacks.get() + kStack * t;
+#if defined(__x86_64__)
+  // [top - 8] a fake return address (the fiber entered as if called), [top - 16] fiber_main for
+  // the switch's ret, below it the six registers the switch pops
+  auto top = reinterpret_cast<uintptr_t>(lo + kStack) & ~uintptr_t(15);
+  auto* slot = reinterpret_cast<void**>(top);
+  slot[-1] = nullptr;
+  slot[-2] = reinterpret_cast<void*>(&fiber_main);
+  for (int i = 3; i <= 8; ++i) slot[-i] = nullptr;
+  b.ctx[t].sp = &slot[-8];
+#else
+  getcontext(&b.ctx[t].uc);
+  b.ctx[t].uc.uc_stack.ss_sp = lo;
+  b.ctx[t].uc.uc_stack.ss_size = kStack;
+  b.ctx[t].uc.uc_link = nullptr;
+  makecontext(&b.ctx[t].uc, &fiber_main, 0);
+#endif
+}
+
+// Runs body() for every block of a 1-D grid, one block after another.
+inline void launch(unsigned grid, unsigned threads, const std::function<void()>& body) {
+  Block b;
+  b.n = (int)threads;
+  b.body = &body;
+  b.stacks.reset(new char[kStack * threads]);
+  block = &b;
+  blockDim.x = threads;
+  gridDim.x = grid;
+  for (unsigned bi = 0; bi < grid; ++bi) {
+    blockIdx.x = bi;
+    std::memset(rcar_fast::cuda::smem, 0xff, sizeof(rcar_fast::cuda::smem));   // garbage: NaN as floats
+    for (int t = 0; t < b.n; ++t) {
+      start_fiber(b, t);
+      b.state[t] = kReady;
+    }
+    for (;;) {
+      bool ran = false;
+      for (int t = 0; t < b.n; ++t) {
+        if (b.state[t] != kReady) continue;
+        ran = true;
+        b.current = t;
+        threadIdx.x = (unsigned)t;
+        switch_to(b.sched, b.ctx[t]);
+      }
+      int done = 0, at_block = 0;
+      for (int t = 0; t < b.n; ++t) {
+        done += b.state[t] == kDone;
+        at_block += b.state[t] == kAtBlock;
+      }
+      if (done == b.n) break;
+      bool released = false;
+      for (int w = 0; w < b.n / 32; ++w) {
+        bool all = true;
+        for (int l = 0; l < 32; ++l) all = all && b.state[32 * w + l] == kAtWarp;
+        if (all) {
+          for (int l = 0; l < 32; ++l) b.state[32 * w + l] = kReady;
+          released = true;
+        }
+      }
+      if (at_block == b.n) {
+        for (int t = 0; t < b.n; ++t) b.state[t] = kReady;
+        released = true;
+      }
+      if (!released && !ran) {
+        block = nullptr;
+        throw std::runtime_error("cuda_emu: a barrier no thread can pass (divergent __syncthreads or shuffle)");
+      }
+    }
+  }
+  block = nullptr;
+}
+}  // namespace cuda_emu
+
+inline void __syncthreads() { cuda_emu::yield(cuda_emu::kAtBlock); }
+
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  auto& b = *cuda_emu::block;
+  const unsigned w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  b.shfl[w][l] = v;
+  cuda_emu::yield(cuda_emu::kAtWarp);
+  const float r = b.shfl[w][l ^ lane_mask];
+  cuda_emu::yield(cuda_emu::kAtWarp);
+  return r;
+}
+
+inline float atomicAdd(float* p, float v) {
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the kernels use 16 x 16 x 16 tiles");
+  T x[256];   // (row, col) of the tile at x[row * 16 + col]
+};
+
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j)
+      f.x[i * 16 + j] = std::is_same<Layout, row_major>::value ? p[i * ldm + j] : p[j * ldm + i];
+}
+
+template <typename T>
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
+  for (auto& e : f.x) e = v;
+}
+
+template <typename TA, typename LA, typename TB, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, TB, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float fa[256], fb[256], out[256];
+  for (int e = 0; e < 256; ++e) {
+    fa[e] = static_cast<float>(a.x[e]);
+    fb[e] = static_cast<float>(b.x[e]);
+    out[e] = c.x[e];
+  }
+  for (int i = 0; i < 16; ++i)     // fp32 products of the inputs, fp32 sums (fused multiply-adds)
+    for (int k = 0; k < 16; ++k)
+      for (int j = 0; j < 16; ++j) out[i * 16 + j] = std::fma(fa[i * 16 + k], fb[k * 16 + j], out[i * 16 + j]);
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+// Each lane writes its share (elements e with e % 32 == lane): no two lanes write one address.
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  for (int e = (int)(threadIdx.x & 31); e < 256; e += 32) {
+    const int i = e / 16, j = e % 16;
+    if (layout == mem_row_major)
+      p[i * ldm + j] = f.x[e];
+    else
+      p[j * ldm + i] = f.x[e];
+  }
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,305 @@
+// Entry points (extern "C", for ctypes) that run the CUDA kernels of csrc/cuda/*.cuh under the
+// host emulation of include/cuda_emu.h, launched the way the launchers in csrc/cuda/*.cu launch
+// them (the same plan.h choices, grids and template arguments). tests/test_cuda_emu.py builds
+// this file into a shared library and checks the kernels against the op contract's reference.
+// Tensors are contiguous; dtype: 0 float32, 1 float16, 2 bfloat16.
+#include "cuda_emu.h"
+
+#include <string>
+
+#include "cuda/attention_kernels.cuh"
+#include "cuda/rar_kernels.cuh"
+#include "cuda/rcr_kernels.cuh"
+
+using namespace rcar_fast::cuda;
+
+namespace {
+
+std::string last_error;   // what the last entry point threw (emu_last_error), "" when it returned
+
+// Runs body with T the element type of `dtype`; an exception (a barrier no thread can pass) is
+// kept for emu_last_error instead of crossing the C boundary.
+template <typename Body>
+void by_dtype(int dtype, Body&& body) {
+  last_error.clear();
+  try {
+    switch (dtype) {
+      case 0: body(static_cast<float*>(nullptr)); break;
+      case 1: body(static_cast<__half*>(nullptr)); break;
+      default: body(static_cast<__nv_bfloat16*>(nullptr)); break;
+    }
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  }
+}
+
+struct AttnIn {
+  const void *q, *c, *f, *lam, *w, *bias;
+  const int *qlens, *clens, *cidx;
+  const float* gram;
+  float lam_scalar;
+  int64_t B, P, Lq, Lc, D, S;
+};
+
+template <typename T>
+AttnArgs<T> attn_args(const AttnIn& in) {
+  AttnArgs<T> a{};
+  a.q = static_cast<const T*>(in.q);
+  a.qlens = in.qlens;
+  a.c = static_cast<const T*>(in.c);
+  a.clens = in.clens;
+  a.cidx = in.cidx;
+  a.f = static_cast<const T*>(in.f);
+  a.lam = static_cast<const T*>(in.lam);
+  a.w = static_cast<const T*>(in.w);
+  a.bias = static_cast<const T*>(in.bias);
+  a.gram = in.gram;
+  a.P = in.P;
+  a.Lq = in.Lq;
+  a.Lc = in.Lc;
+  a.D = in.D;
+  a.S = in.S;
+  a.sq_p = in.Lq * in.D;
+  a.sq_l = in.D;
+  a.sc_b = in.Lc * in.D;
+  a.sc_l = in.D;
+  a.sf_b = in.P * in.Lq * in.D;
+  a.sf_p = in.Lq * in.D;
+  a.sf_l = in.D;
+  a.sl_b = in.P * in.Lq;
+  a.sl_p = in.Lq;
+  a.sl_l = 1;
+  a.lam_scalar = in.lam_scalar;
+  return a;
+}
+
+template <typename T, int MT, int MODE>
+void run_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out) {
+  cuda_emu::launch((unsigned)blocks, kThreads, [&] { attention_fwd_tc_kernel<T, MT, MODE>(a, t.bq, t.bc, t.gp, out); });
+}
+
+template <typename T, int MODE>
+int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
+  const AttnArgs<T> a = attn_args<T>(in);
+  const int64_t Bo = in.cidx != nullptr ? 1 : in.B;
+  if constexpr (!std::is_same<T, float>::value) {   // attention_cuda: try_fwd_tc
+    const TcPlan t = choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx != nullptr, MODE, limit);
+    if (t.gp > 0) {
+      const int64_t blocks = Bo * ((in.P + t.gp - 1) / t.gp);
+      switch (t.mt) {
+        case 1: run_tc<T, 1, MODE>(a, t, blocks, out); break;
+        case 2: run_tc<T, 2, MODE>(a, t, blocks, out); break;
+        case 3: run_tc<T, 3, MODE>(a, t, blocks, out); break;
+        default: run_tc<T, 4, MODE>(a, t, blocks, out); break;
+      }
+      return 1000 * t.gp + t.mt;
+    }
+  }
+  const int mt = MODE == kModeAlignment ? choose_attn_mt((int)sizeof(T), in.Lq, in.Lc, in.S, limit) : 1;
+  const int64_t pairs = Bo * in.P;
+  auto go = [&](auto mt_tag) {
+    constexpr int M = decltype(mt_tag)::value;
+    cuda_emu::launch((unsigned)pairs, kThreads, [&] { attention_fwd_kernel<T, M, MODE>(a, 0, out); });
+  };
+  if (MODE != kModeAlignment || mt == 1) go(std::integral_constant<int, 1>());
+  else if (mt == 2) go(std::integral_constant<int, 2>());
+  else go(std::integral_constant<int, 4>());
+  return mt;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* emu_last_error() { return last_error.c_str(); }
+
+// The emulation's own checks: which 0: out[b * 256 + t] = block_sum(t + b) (a block reduction
+// through warp shuffles and __syncthreads) on 3 blocks, and out[768 + t] = the value thread
+// t ^ 5 of its warp held (one shuffle); which 1: a divergent barrier (thread 0 returns, the
+// others wait at __syncthreads), which must be reported, not hang.
+void emu_selftest(int which, float* out) {
+  by_dtype(0, [&](auto*) {
+    if (which == 0) {
+      cuda_emu::launch(3, kThreads, [&] {
+        static float red[kWarps];   // the block's (the emulation has no static __shared__)
+        const float v = block_sum((float)(threadIdx.x + blockIdx.x), red);
+        out[blockIdx.x * kThreads + threadIdx.x] = v;
+        if (blockIdx.x == 0) out[3 * kThreads + threadIdx.x] = __shfl_xor_sync(0xffffffffu, (float)threadIdx.x, 5);
+      });
+    } else {
+      cuda_emu::launch(1, kThreads, [&] {
+        if (threadIdx.x == 0) return;
+        __syncthreads();
+      });
+    }
+  });
+}
+
+// G = C C^T per context item (gram_kernel), (B, Lc, Lc) fp32.
+void emu_gram(int dtype, const void* c, const int* clens, int64_t B, int64_t Lc, int64_t D, float* gram) {
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cuda_emu::launch((unsigned)B, kThreads, [&] {
+      gram_kernel<T>(static_cast<const T*>(c), clens, Lc, D, Lc * D, D, gram);
+    });
+  });
+}
+
+// The attention forward as attention_cuda launches it (mode 0: A, mode 1: E with the weight).
+// Returns 1000 GP + MT for the tensor-core kernel, MT for the per-pair one.
+int64_t emu_attention_fwd(int dtype, int mode, const void* q, const int* qlens, const void* c, const int* clens,
+                          const int* cidx, const void* f, const void* lam, float lam_scalar, const void* w,
+                          const void* bias, const float* gram, int64_t B, int64_t P, int64_t Lq, int64_t Lc,
+                          int64_t D, int64_t S, int64_t limit, void* out) {
+  const AttnIn in{q, c, f, lam, w, bias, qlens, clens, cidx, gram, lam_scalar, B, P, Lq, Lc, D, S};
+  int64_t used = -1;
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    used = mode == kModeAlignment ? attention_fwd<T, kModeAlignment>(in, limit, out)
+                                  : attention_fwd<T, kModeAttended>(in, limit, out);
+  });
+  return used;
+}
+
+// One RAR forward step (rar_fwd_kernel as rar_cuda launches it) given gw = g keep_g wv (B, P, s)
+// fp32; h_out (B, P, s) fp32. Returns 1000 GP + MT, or 0 when the plan does not fit `limit`.
+int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk, const void* bk, const void* bv,
+                     const void* keep_k, int64_t B, int64_t P, int64_t Lq, int64_t S, int64_t t, const float* gw,
+                     int64_t limit, float* h_out) {
+  int64_t used = 0;
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    RarArgs<T> r{};
+    r.E = static_cast<const T*>(E);
+    r.qlens = qlens;
+    r.wk = static_cast<const T*>(wk);
+    r.bk = static_cast<const T*>(bk);
+    r.bv = static_cast<const T*>(bv);
+    r.keep_k = static_cast<const T*>(keep_k);
+    r.P = P;
+    r.Lq = Lq;
+    r.S = S;
+    r.steps = t + 1;
+    const RarPlan pl = choose_rar_plan((int)sizeof(T), Lq, S, P, limit);
+    if (pl.gp == 0) return;
+    const unsigned blocks = (unsigned)(B * ((P + pl.gp - 1) / pl.gp));
+    auto go = [&](auto mt_tag) {
+      constexpr int M = decltype(mt_tag)::value;
+      cuda_emu::launch(blocks, kThreads, [&] { rar_fwd_kernel<T, M>(r, pl.bq, pl.gp, t, gw, h_out); });
+    };
+    switch (pl.mt) {
+      case 1: go(std::integral_constant<int, 1>()); break;
+      case 2: go(std::integral_constant<int, 2>()); break;
+      case 3: go(std::integral_constant<int, 3>()); break;
+      default: go(std::integral_constant<int, 4>()); break;
+    }
+    used = 1000 * pl.gp + pl.mt;
+  });
+  return used;
+}
+
+// attention_fwd_kernel in kModeSquaredDiff for pairs pid0 .. pid0 + n - 1: (Q - A)^2 in fp32,
+// (n, Lq, D) indexed by the block (the backward's scratch, as attention_bwd_cuda launches it).
+void emu_attention_sqdiff(int dtype, const void* q, const int* qlens, const void* c, const int* clens,
+                          const int* cidx, const void* f, const void* lam, float lam_scalar, const float* gram,
+                          int64_t B, int64_t P, int64_t Lq, int64_t Lc, int64_t D, int64_t pid0, int64_t n,
+                          float* out) {
+  const AttnIn in{q, c, f, lam, nullptr, nullptr, qlens, clens, cidx, gram, lam_scalar, B, P, Lq, Lc, D, 0};
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const AttnArgs<T> a = attn_args<T>(in);
+    cuda_emu::launch((unsigned)n, kThreads, [&] { attention_fwd_kernel<T, 1, kModeSquaredDiff>(a, pid0, out); });
+  });
+}
+
+// dY of E = l2n(Y) for rows pid0 * Lq .. (l2n_bwd_rows_kernel, kWarps rows per block).
+void emu_l2n_bwd_rows(int dtype, const float* Y, const void* grad, const int* qlens, int64_t pid0, int64_t rows,
+                      int64_t P, int64_t Lq, int64_t S, float* dY) {
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const unsigned blocks = (unsigned)((rows + kWarps - 1) / kWarps);
+    cuda_emu::launch(blocks, kThreads, [&] {
+      l2n_bwd_rows_kernel<T>(Y, static_cast<const T*>(grad), qlens, pid0, rows, P, Lq, S, dY);
+    });
+  });
+}
+
+// attention_bwd_kernel for pairs pid0 .. pid0 + n - 1; mode 0: gsrc = grad (the input type,
+// (Bo, P, Lq, D)); mode 1: gsrc = G2 = dY W, fp32 (n, Lq, D). dq, dc accumulate (fp32, zeroed by
+// the caller); df, dlam may be null.
+void emu_attention_bwd(int dtype, int mode, const void* q, const int* qlens, const void* c, const int* clens,
+                       const int* cidx, const void* f, const void* lam, float lam_scalar, const void* w,
+                       const float* gram, int64_t B, int64_t P, int64_t Lq, int64_t Lc, int64_t D, int64_t S,
+                       int64_t pid0, int64_t n, const void* gsrc, float* dq, float* dc, float* df, float* dlam) {
+  const AttnIn in{q, c, f, lam, w, nullptr, qlens, clens, cidx, gram, lam_scalar, B, P, Lq, Lc, D, S};
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const AttnArgs<T> a = attn_args<T>(in);
+    const BwdOut o{dq, dc, df, dlam};
+    if (mode == kModeAlignment)
+      cuda_emu::launch((unsigned)n, kThreads, [&] { attention_bwd_kernel<T, kModeAlignment>(a, pid0, gsrc, o); });
+    else
+      cuda_emu::launch((unsigned)n, kThreads, [&] { attention_bwd_kernel<T, kModeAttended>(a, pid0, gsrc, o); });
+  });
+}
+
+// rar_bwd_kernel (one step, one block per pair, MT as rar_bwd_cuda picks it): dE's direct part,
+// dKp, dgp, dwv (fp32); h (B, P, s) the step's input, in the input type; grad (B, P, s).
+int64_t emu_rar_bwd(int dtype, const void* grad, const void* E, const int* qlens, const void* h, const void* wq,
+                    const void* bq, const void* wk, const void* bk, const void* wv, const void* bv,
+                    const void* keep_k, const void* keep_g, int64_t B, int64_t P, int64_t Lq, int64_t S,
+                    int64_t limit, float* dE, float* dKp, float* dgp, float* dwv) {
+  int64_t used = 0;
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    RarArgs<T> r{};
+    r.E = static_cast<const T*>(E);
+    r.qlens = qlens;
+    r.h = static_cast<const T*>(h);
+    r.wq = static_cast<const T*>(wq);
+    r.bq = static_cast<const T*>(bq);
+    r.wk = static_cast<const T*>(wk);
+    r.bk = static_cast<const T*>(bk);
+    r.wv = static_cast<const T*>(wv);
+    r.bv = static_cast<const T*>(bv);
+    r.keep_k = static_cast<const T*>(keep_k);
+    r.keep_g = static_cast<const T*>(keep_g);
+    r.P = P;
+    r.Lq = Lq;
+    r.S = S;
+    r.steps = 1;
+    const int mt = choose_rar_mt((int)sizeof(T), Lq, S, limit);
+    auto go = [&](auto mt_tag) {
+      constexpr int M = decltype(mt_tag)::value;
+      cuda_emu::launch((unsigned)(B * P), kThreads, [&] {
+        rar_bwd_kernel<T, M>(r, static_cast<const T*>(grad), dE, dKp, dgp, dwv);
+      });
+    };
+    if (mt == 1) go(std::integral_constant<int, 1>());
+    else if (mt == 2) go(std::integral_constant<int, 2>());
+    else go(std::integral_constant<int, 4>());
+    used = mt;
+  });
+  return used;
+}
+
+// The first h of the RAR forward: the mean of E over each pair's valid rows (rar_mean_kernel), fp32.
+void emu_rar_mean(int dtype, const void* E, const int* qlens, int64_t B, int64_t P, int64_t Lq, int64_t S, float* h) {
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cuda_emu::launch((unsigned)(B * P), kThreads, [&] { rar_mean_kernel<T>(static_cast<const T*>(E), qlens, P, Lq, S, h); });
+  });
+}
+
+// F = clamp(tanh(M) + F_old, -1, 1) over m in place (rcr_factors_kernel), on a grid of `grid` blocks.
+void emu_rcr_factors(int dtype, void* m, const void* f_old, const int* qlens, int64_t rows, int64_t P, int64_t Lq,
+                     int64_t D, unsigned grid) {
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cuda_emu::launch(grid, kThreads, [&] {
+      rcr_factors_kernel<T>(static_cast<T*>(m), static_cast<const T*>(f_old), qlens, rows, P, Lq, D);
+    });
+  });
+}
+
+}  // extern "C"

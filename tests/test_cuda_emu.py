@@ -1,0 +1,405 @@
+"""The CUDA kernels of csrc/cuda/*.cuh run on the CPU: tests/cuda_emu/ compiles them for the
+host against a small emulation of CUDA (include/cuda_emu.h: a block's 256 threads as
+std::threads, __syncthreads and warp shuffles as barriers, wmma tiles computed in fp32, shared
+memory filled with NaN bytes before each launch) and launches them the way the launchers in
+csrc/cuda/*.cu do (the same plan.h choices, grids and template arguments). Every kernel's own
+code (index math, the pairs of a block, masking, barriers, the order of the passes) is checked
+here against the op contract's per-pair reference (tests/test_fused_ops.py), with NaN in every
+padded row. No GPU runs here: code generation is the compile tier's (tests/test_compile.py),
+timing and the hardware's tensor-core layouts a GPU's (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from test_fused_ops import _mixed_lengths, _rar_sample, _sample, ref_attention, ref_rar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+H200_SMEM = 232448   # opt-in shared memory per block, H100/H200
+A100_SMEM = 166912
+#: the kernels round F * Q, P and E to the input type: tolerances against the fp64 reference
+TOL = {torch.float32: dict(rtol=0, atol=2e-5), torch.float16: dict(rtol=0, atol=4e-3),
+       torch.bfloat16: dict(rtol=0, atol=3e-2)}
+MODE_ATTENDED, MODE_ALIGNMENT = 0, 1
+
+_VP, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+def build_emu(folder: str):
+    """tests/cuda_emu/kernels.cpp built into ``folder`` as a shared library (g++, C++20, torch's
+    c10 headers for the half types), loaded with its entry points typed; None without a compiler."""
+    from torch.utils.cpp_extension import include_paths
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None
+    lib = os.path.join(folder, "libcudaemu.so")
+    fma = ["-mfma"] if platform.machine() in ("x86_64", "AMD64") else []   # std::fma inline, not a libm call
+    subprocess.run([cxx, "-std=c++20", "-O2", *fma, "-shared", "-fPIC", f"-I{os.path.join(EMU, 'include')}",
+                    f"-I{os.path.join(ROOT, 'csrc')}", *[f"-I{p}" for p in include_paths()],
+                    os.path.join(EMU, "kernels.cpp"), "-o", lib], check=True)
+    so = ctypes.CDLL(lib)
+    so.emu_gram.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _VP]
+    so.emu_attention_fwd.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _VP,
+                                     _VP, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP]
+    so.emu_attention_fwd.restype = _I64
+    so.emu_rar_step.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64, _VP, _I64,
+                                _VP]
+    so.emu_rar_step.restype = _I64
+    so.emu_attention_sqdiff.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64,
+                                        _I64, _I64, _I64, _I64, _VP]
+    so.emu_l2n_bwd_rows.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64, _VP]
+    so.emu_attention_bwd.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _VP,
+                                     _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _VP, _VP]
+    so.emu_rar_bwd.argtypes = [ctypes.c_int, *[_VP] * 12, _I64, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _VP]
+    so.emu_rar_bwd.restype = _I64
+    so.emu_rar_mean.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _I64, _VP]
+    so.emu_rcr_factors.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint]
+    so.emu_last_error.restype = ctypes.c_char_p
+    so.emu_selftest.argtypes = [ctypes.c_int, _VP]
+    return _Checked(so)
+
+
+class _Checked:
+    """The library's entry points, each followed by a check of emu_last_error: a kernel that
+    deadlocks the emulation (a barrier not every thread reaches) raises here."""
+
+    def __init__(self, so):
+        self._so = so
+
+    def __getattr__(self, name):
+        fn = getattr(self._so, name)
+
+        def call(*args):
+            out = fn(*args)
+            err = self._so.emu_last_error()
+            if err:
+                raise RuntimeError(f"{name}: {err.decode()}")
+            return out
+        return call
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    so = build_emu(str(tmp_path_factory.mktemp("cuda_emu")))
+    if so is None:
+        pytest.skip("no host C++ compiler")
+    return so
+
+
+def test_the_emulation_itself(emu):
+    """Barriers and shuffles behave as on a GPU: a block reduction over 256 threads on three
+    blocks, one XOR shuffle; a barrier that thread 0 never reaches is reported, not a hang."""
+    out = torch.full((4 * 256,), float("nan"))
+    emu.emu_selftest(0, _ptr(out))
+    t = torch.arange(256, dtype=torch.float32)
+    for b in range(3):
+        assert torch.equal(out[b * 256:(b + 1) * 256], torch.full((256,), float((t + b).sum())))
+    assert torch.equal(out[768:], (torch.arange(256) ^ 5).float())
+    with pytest.raises(RuntimeError, match="barrier no thread can pass"):
+        emu.emu_selftest(1, _ptr(out))
+
+
+def test_kernels_use_dynamic_shared_memory_only():
+    """The emulation gives a block one dynamic shared-memory array (extern __shared__); a static
+    __shared__ variable would become each thread's own there, silently. So the kernels have none."""
+    import glob
+    import re
+    for path in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                code = line.split("//")[0]
+                if re.search(r"\b__shared__\b", code):
+                    assert "extern" in code, f"{os.path.relpath(path, ROOT)}:{n}: static __shared__ ({line.strip()})"
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def emu_attention(emu, args, context_index=None, limit=H200_SMEM):
+    """(output, plan) of the CUDA attention forward on ``args`` (the attention op's arguments):
+    plan = 1000 GP + MT when the tensor-core kernel ran, MT when the per-pair kernel did."""
+    q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    P, Lq, D = q.shape
+    B, Lc = c.shape[:2]
+    Bo = 1 if context_index is not None else B
+    width = D if w is None else w.shape[0]
+    dt = DTYPES[q.dtype]
+    gram = torch.full((B, Lc, Lc), float("nan"))
+    emu.emu_gram(dt, _ptr(c), _ptr(cl), B, Lc, D, _ptr(gram))
+    out = torch.full((Bo, P, Lq, width), float("nan"), dtype=q.dtype)
+    cidx = None if context_index is None else context_index.to(torch.int32).contiguous()
+    used = emu.emu_attention_fwd(dt, MODE_ATTENDED if w is None else MODE_ALIGNMENT, _ptr(q), _ptr(ql), _ptr(c),
+                                 _ptr(cl), _ptr(cidx), _ptr(f), _ptr(lam), lam_scalar, _ptr(w), _ptr(b), _ptr(gram),
+                                 B, P, Lq, Lc, D, 0 if w is None else w.shape[0], limit, _ptr(out))
+    return out, used
+
+
+def _ref(args, context_index=None):
+    """The reference in fp64 on the same (rounded) inputs; paired: per pair p with its item."""
+    q, ql, c, cl, f, lam, lam_scalar, w, b = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                              else a for a in args]
+    if context_index is None:
+        return ref_attention(q, ql, c, cl, f, lam, lam_scalar, w, b)
+    rows = []
+    for p, bi in enumerate(context_index.tolist()):
+        one = ref_attention(q[p:p + 1], ql[p:p + 1], c[bi:bi + 1], cl[bi:bi + 1],
+                            None if f is None else f[:, p:p + 1], None if lam is None else lam[:, p:p + 1],
+                            lam_scalar, w, b)
+        rows.append(one[0, 0])
+    return torch.stack(rows)[None]
+
+
+def _check(out, want, dtype):
+    assert not torch.isnan(out).any(), "an element of the output was never written (or NaN leaked)"
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+
+
+ATT_CASES = [(False, False), (True, False), (False, True), (True, True)]
+ATT_IDS = ["A,F=1", "A,F,lam", "E,F=1", "E,F,lam"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("Lq,Lc,gp", [(5, 9, 4), (20, 9, 2), (36, 20, 1), (64, 36, 1)],
+                         ids=["BQ16", "BQ32", "BQ48", "BQ64"])
+@pytest.mark.parametrize("with_state,with_weight", ATT_CASES, ids=ATT_IDS)
+def test_tensor_core_forward_groups(emu, with_state, with_weight, Lq, Lc, gp, dtype):
+    """attention_fwd_tc_kernel on the grid: P = 11 query items (mixed lengths, 1 and Lq among
+    them) against B = 2 context items (one of length 1), GP pairs per block with a partial last
+    block per item, d = 40 (two chunks of 32, the second partial), s = 24."""
+    lens = _mixed_lengths(11, Lq, Lq)
+    args = _sample(dtype, seed=3 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=11, Lq=Lq,
+                   Lc=Lc, d=40, s=24, qlens=lens)
+    out, used = emu_attention(emu, args)
+    assert used // 1000 == gp, used
+    _check(out, _ref(args), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
+def test_tensor_core_forward_paired(emu, with_state, dtype):
+    """The paired form: pair p takes context item context_index[p] (unsorted, repeated), one pair
+    per block; the output has one item on the context side."""
+    args = _sample(dtype, seed=21 + with_state, with_state=False, with_weight=True, P=7, Lq=12, Lc=9, d=40, s=24,
+                   qlens=_mixed_lengths(7, 12, 4))
+    if with_state:   # per pair: factors (1, P, Lq, d) and lam (1, P, Lq), NaN in padded rows
+        g = torch.Generator().manual_seed(5)
+        f = torch.rand(1, 7, 12, 40, generator=g) * 2 - 1
+        lam = torch.rand(1, 7, 12, generator=g) * 8 + 1
+        for p, n in enumerate(args[1].tolist()):
+            f[:, p, n:] = float("nan")
+            lam[:, p, n:] = float("nan")
+        args[4], args[5] = f.to(dtype), lam.to(dtype)
+    cidx = torch.tensor([1, 0, 1, 1, 0, 1, 0])
+    out, used = emu_attention(emu, args, context_index=cidx)
+    assert used // 1000 == 1, used
+    _check(out, _ref(args, cidx), dtype)
+
+
+def test_tensor_core_forward_wide_projection(emu):
+    """s = 300: the projection's 256-column passes run twice, the second partly empty."""
+    args = _sample(torch.float16, seed=8, with_state=True, with_weight=True, P=5, Lq=10, Lc=9, d=40, s=300,
+                   qlens=_mixed_lengths(5, 10, 2))
+    out, used = emu_attention(emu, args)
+    assert used // 1000 == 4, used
+    _check(out, _ref(args), torch.float16)
+
+
+def test_tensor_core_forward_fewer_pairs_when_memory_is_short(emu):
+    """With a smaller shared-memory limit the plan lowers GP (4 pairs' block does not fit, 3 do)."""
+    args = _sample(torch.float16, seed=9, with_state=False, with_weight=True, P=6, Lq=10, Lc=9, d=40, s=300,
+                   qlens=_mixed_lengths(6, 10, 3))
+    full, used_full = emu_attention(emu, args, limit=H200_SMEM)
+    small, used_small = emu_attention(emu, args, limit=140_000)
+    assert used_full // 1000 == 4 and used_small // 1000 == 3, (used_full, used_small)
+    _check(small, _ref(args), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_state,with_weight", ATT_CASES, ids=ATT_IDS)
+def test_per_pair_forward(emu, with_state, with_weight, dtype):
+    """attention_fwd_kernel: fp32 (always; exact products) and fp16 past 64 rows (Lq = 70)."""
+    Lq = 70 if dtype == torch.float16 else 12
+    args = _sample(dtype, seed=31 + with_state, with_state=with_state, with_weight=with_weight, P=3, Lq=Lq, Lc=9,
+                   d=40, s=24, qlens=_mixed_lengths(3, Lq, 6))
+    out, used = emu_attention(emu, args)
+    assert 1 <= used < 1000, used
+    _check(out, _ref(args), dtype)
+
+
+def emu_attention_grads(emu, args, grad):
+    """attention_bwd as attention_bwd_cuda computes it (one chunk of pairs): without a weight
+    attention_bwd_kernel on the output's gradient; with one the forward kernel's (Q - A)^2
+    (kModeSquaredDiff), Y = D2 W^T + b, l2n_bwd_rows_kernel's dY, dW = dY^T D2, db = sum dY and
+    G2 = dY W (fp32 GEMMs: torch here, cuBLAS there), then attention_bwd_kernel on G2.
+    Returns (dquery, dcontext, dfactors, dlam, dweight, dbias), None where absent."""
+    q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    P, Lq, D = q.shape
+    B, Lc = c.shape[:2]
+    pairs, dt = B * P, DTYPES[q.dtype]
+    gram = torch.full((B, Lc, Lc), float("nan"))
+    emu.emu_gram(dt, _ptr(c), _ptr(cl), B, Lc, D, _ptr(gram))
+    dq, dc = torch.zeros(P, Lq, D), torch.zeros(B, Lc, D)
+    df = None if f is None else torch.full((B, P, Lq, D), float("nan"))
+    dlam = None if lam is None else torch.full((B, P, Lq), float("nan"))
+    common = [_ptr(q), _ptr(ql), _ptr(c), _ptr(cl), None, _ptr(f), _ptr(lam), lam_scalar]
+    dw = db = None
+    if w is None:
+        emu.emu_attention_bwd(dt, MODE_ATTENDED, *common, None, _ptr(gram), B, P, Lq, Lc, D, 0, 0, pairs,
+                              _ptr(grad.contiguous()), _ptr(dq), _ptr(dc), _ptr(df), _ptr(dlam))
+    else:
+        S = w.shape[0]
+        d2 = torch.full((pairs * Lq, D), float("nan"))
+        emu.emu_attention_sqdiff(dt, *common, _ptr(gram), B, P, Lq, Lc, D, 0, pairs, _ptr(d2))
+        Wf = w.float()
+        Y = torch.addmm(b.float(), d2, Wf.t()).contiguous()
+        dy = torch.full((pairs * Lq, S), float("nan"))
+        emu.emu_l2n_bwd_rows(dt, _ptr(Y), _ptr(grad.contiguous()), _ptr(ql), 0, pairs * Lq, P, Lq, S, _ptr(dy))
+        db, dw, g2 = dy.sum(0), dy.t() @ d2, (dy @ Wf).contiguous()
+        emu.emu_attention_bwd(dt, MODE_ALIGNMENT, *common, _ptr(w), _ptr(gram), B, P, Lq, Lc, D, S, 0, pairs,
+                              _ptr(g2), _ptr(dq), _ptr(dc), _ptr(df), _ptr(dlam))
+    return dq, dc, df, dlam, dw, db
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_state,with_weight", ATT_CASES, ids=ATT_IDS)
+def test_attention_backward(emu, with_state, with_weight, dtype):
+    """attention_bwd_kernel (and, with a weight, the kModeSquaredDiff forward and
+    l2n_bwd_rows_kernel): every gradient of sum(grad * out) against the fp64 reference's autograd
+    on the same (rounded) inputs; padded rows of dquery, dfactors and dlam exactly zero."""
+    args = _sample(dtype, seed=41 + with_state + 2 * with_weight, with_state=with_state, with_weight=with_weight,
+                   P=4, Lq=7, Lc=9, d=40, s=24, qlens=_mixed_lengths(4, 7, 8))
+    q, ql, c, cl, f, lam = args[:6]
+    B, P, Lq = c.shape[0], q.shape[0], q.shape[1]
+    width = q.shape[2] if args[7] is None else args[7].shape[0]
+    grad = torch.randn(B, P, Lq, width, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = emu_attention_grads(emu, args, grad)
+    leaves = [a.double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+              for a in args]
+    out = ref_attention(*leaves)
+    floats = [i for i in (0, 2, 4, 5, 7, 8) if leaves[i] is not None]
+    want = dict(zip(floats, torch.autograd.grad((out * grad.double()).sum(), [leaves[i] for i in floats])))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for i, g in zip((0, 2, 4, 5, 7, 8), got):
+        if i not in want:
+            assert g is None
+            continue
+        assert not torch.isnan(g).any(), i
+        torch.testing.assert_close(g.double(), torch.nan_to_num(want[i]), **tol)
+    pad = torch.arange(Lq)[None, :] >= ql[:, None].long()
+    assert not got[0][pad].any()
+    if f is not None:
+        assert not got[2][:, pad].any() and not got[3][:, pad].any()
+
+
+# ----------------------------------------------------------------------------- RAR
+
+def emu_rar(emu, args, limit=H200_SMEM):
+    """The rar op as rar_cuda computes it: h (fp32; rar_mean_kernel's mean of E over the valid
+    rows at the start), each step's gate gw = tanh(h Wq^T + bq) keep_g wv on the host (torch
+    here, ATen and cuBLAS there), rar_fwd_kernel per step. Returns (h in E's dtype, the plans used)."""
+    E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    B, P, Lq, S = E.shape
+    if h0 is None:
+        h = torch.full((B, P, S), float("nan"))
+        emu.emu_rar_mean(DTYPES[E.dtype], _ptr(E), _ptr(ql), B, P, Lq, S, _ptr(h))
+    else:
+        h = h0.float()
+    used = []
+    for t in range(wq.shape[0]):
+        gw = torch.tanh(h.reshape(-1, S) @ wq[t].float().T + bq[t].float())
+        if kg is not None:
+            gw = gw * kg.reshape(-1, S).float()
+        gw = (gw * wv[t].float()).contiguous()
+        h_next = torch.full((B, P, S), float("nan"))
+        used.append(emu.emu_rar_step(DTYPES[E.dtype], _ptr(E), _ptr(ql), _ptr(wk), _ptr(bk), _ptr(bv), _ptr(kk),
+                                     B, P, Lq, S, t, _ptr(gw), limit, _ptr(h_next)))
+        h = h_next
+    return h.to(E.dtype), used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("T,dropout,h_given", [(1, False, False), (2, False, True), (3, False, False),
+                                               (1, True, False), (1, True, True)],
+                         ids=["T1", "T2,h0", "T3", "T1,drop", "T1,drop,h0"])
+@pytest.mark.parametrize("Lq,gp", [(5, 4), (20, 2), (70, 1)], ids=["BQ16", "BQ32", "rows70"])
+def test_rar_forward(emu, Lq, gp, T, dropout, h_given, dtype):
+    """rar_fwd_kernel: P = 11 query items of mixed lengths against B = 2, GP pairs per block
+    (a partial last one), s = 40 (two chunks of 32); 70 rows: one pair, two GEMM row groups."""
+    args = _rar_sample(dtype, seed=Lq + T + 2 * dropout, T=T, dropout=dropout, h_given=h_given, P=11, Lq=Lq, s=40,
+                       qlens=_mixed_lengths(11, Lq, 9))
+    out, used = emu_rar(emu, args)
+    assert all(u // 1000 == gp for u in used), used
+    want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+@pytest.mark.parametrize("Lq", [5, 20], ids=["MT1", "MT2"])
+def test_rar_backward(emu, Lq, dropout, dtype):
+    """rar_bwd_kernel, one step as rar_bwd_cuda runs it (the shared-weight products on the host:
+    dE += dKp Wk, dh = dgp Wq, dWk = sum dKp^T E, dbk = sum dKp, dWq = sum dgp^T h, dbq = sum dgp,
+    dwv = sum dwv): every gradient against the fp64 reference's autograd on the same inputs."""
+    args = _rar_sample(dtype, seed=50 + Lq + dropout, T=1, dropout=dropout, h_given=True, P=5, Lq=Lq, s=40,
+                       qlens=_mixed_lengths(5, Lq, 2))
+    E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    B, P, _, S = E.shape
+    grad = torch.randn(B, P, S, generator=torch.Generator().manual_seed(6)).to(dtype)
+    dE, dKp = torch.full(E.shape, float("nan")), torch.full(E.shape, float("nan"))
+    dgp, dwv = torch.full((B, P, S), float("nan")), torch.full((B, P, S), float("nan"))
+    used = emu.emu_rar_bwd(DTYPES[dtype], _ptr(grad), _ptr(E), _ptr(ql), _ptr(h0), _ptr(wq), _ptr(bq), _ptr(wk),
+                           _ptr(bk), _ptr(wv), _ptr(bv), _ptr(kk), _ptr(kg), B, P, Lq, S, H200_SMEM, _ptr(dE),
+                           _ptr(dKp), _ptr(dgp), _ptr(dwv))
+    assert used == (1 if Lq <= 16 else 2)
+    Ef, hf = torch.nan_to_num(E.float()), h0.float()
+    dE = dE + (dKp.reshape(-1, S) @ wk[0].float()).view(E.shape)
+    got = {"E": dE, "h0": (dgp.reshape(-1, S) @ wq[0].float()).view(B, P, S),
+           "wk": (dKp.reshape(-1, S).t() @ Ef.reshape(-1, S))[None], "bk": dKp.sum((0, 1, 2))[None],
+           "wq": (dgp.reshape(-1, S).t() @ hf.reshape(-1, S))[None], "bq": dgp.sum((0, 1))[None],
+           "wv": dwv.sum((0, 1))[None]}
+    names = ("E", None, "h0", "wq", "bq", "wk", "bk", "wv", "bv", None, None)
+    leaves = [a.double().requires_grad_() if n is not None else (a.double() if isinstance(a, torch.Tensor)
+              and a.is_floating_point() else a) for a, n in zip(args, names)]
+    out = ref_rar(*leaves)
+    keys = [n for n in names if n is not None]
+    want = dict(zip(keys, torch.autograd.grad((out * grad.double()).sum(), [leaves[names.index(k)] for k in keys],
+                                              allow_unused=True)))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for k, g in got.items():
+        assert not torch.isnan(g).any(), k
+        torch.testing.assert_close(g.double(), torch.nan_to_num(want[k]), **tol, msg=k)
+    assert want["bv"] is None or not want["bv"].abs().max() > 1e-9   # softmax gradients sum to zero
+
+
+# ----------------------------------------------------------------------------- RCR
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("has_f", [False, True], ids=["F=1", "F"])
+def test_rcr_factors(emu, has_f, dtype):
+    """rcr_factors_kernel over (B = 2, P = 3, Lq = 5) rows x d = 300 on a grid of 4 blocks
+    (grid-stride over rows, two column passes): clamp(tanh(M) + F, -1, 1), zero at padded rows
+    whatever M and F hold there (NaN)."""
+    B, P, Lq, D = 2, 3, 5, 300
+    g = torch.Generator().manual_seed(4)
+    ql = torch.tensor([5, 1, 3], dtype=torch.int32)
+    m = (torch.randn(B, P, Lq, D, generator=g) * 2).to(dtype)
+    f = (torch.rand(B, P, Lq, D, generator=g) * 2 - 1).to(dtype) if has_f else None
+    valid = (torch.arange(Lq)[None, :] < ql[:, None].long())[None, :, :, None]
+    m[~valid.expand_as(m)] = float("nan")
+    if f is not None:
+        f[~valid.expand_as(f)] = float("nan")
+    want = torch.where(valid, torch.clamp(torch.tanh(m.double()) + (1.0 if f is None else f.double()), -1, 1), 0.0)
+    out = m.clone()
+    emu.emu_rcr_factors(DTYPES[dtype], _ptr(out), _ptr(f), _ptr(ql), B * P * Lq, P, Lq, D, 4)
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
