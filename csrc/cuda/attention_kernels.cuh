@@ -274,11 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
         gemm.zero();
         for (int64_t d0 = 0; d0 < D; d0 += kBD) {
           load_ctx_chunk(cb, a.sc_l, clen, d0, D, cs);
-          for (int idx = tid; idx < kNG * kBD; idx += kThreads) {
-            const int n = idx >> 5, k = idx & 31;
-            const int64_t gn = n0 + n, d = d0 + k;
-            ws[n * ldo + k] = (gn < Sw && d < D) ? a.w[gn * D + d] : from_f<T>(0.f);
-          }
+          load_weight_chunk(a.w, Sw, D, n0, d0, ws, ldo);
           __syncthreads();
           for (int idx = tid; idx < RG * kBD; idx += kThreads) {
             const int r = idx >> 5, k = idx & 31;
@@ -304,16 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
       for (int r = warp; r < RG; r += kWarps) {
         const int q = r0 + r;
         if (q >= qlen) break;
-        const float* yr = y + r * L.ldy;
-        float ss = 0.f;
-        for (int64_t n = lane; n < Sw; n += 32) {
-          const float v = yr[n] + to_f(a.bias[n]);
-          ss = fmaf(v, v, ss);
-        }
-        ss = warp_sum(ss);
-        const float rn = 1.f / (sqrtf(ss) + kEps);
-        for (int64_t n = lane; n < Sw; n += 32)
-          o[(orow0 + q) * Sw + n] = from_f<T>((yr[n] + to_f(a.bias[n])) * rn);
+        store_l2n_bias_row(y + r * L.ldy, a.bias, Sw, o + (orow0 + q) * Sw);
       }
       __syncthreads();
     }
@@ -558,11 +545,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
       gemm.zero();
       for (int64_t d0 = 0; d0 < D; d0 += kBD) {
         tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
-        for (int idx = tid; idx < kNG * kBD; idx += kThreads) {
-          const int n = idx >> 5, k = idx & 31;
-          const int64_t gn = n0 + n, d = d0 + k;
-          ws[n * ldo + k] = (gn < Sw && d < D) ? a.w[gn * D + d] : from_f<T>(0.f);
-        }
+        load_weight_chunk(a.w, Sw, D, n0, d0, ws, ldo);
         __syncthreads();
         tc_pc_chunk<T, MT>(Pb, ldP, cs, ldo, bc, us);
         __syncthreads();
@@ -588,16 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
     for (int r = warp; r < ROWS; r += kWarps) {
       if (!row_valid(r)) continue;
       const int g = row_pair(r), q = r - g * bq;
-      const float* yr = y + r * L.ldy;
-      float ss = 0.f;
-      for (int64_t n = lane; n < Sw; n += 32) {
-        const float v = yr[n] + to_f(a.bias[n]);
-        ss = fmaf(v, v, ss);
-      }
-      ss = warp_sum(ss);
-      const float rn = 1.f / (sqrtf(ss) + kEps);
-      T* orow = o + ((b * P + p0 + g) * Lq + q) * Sw;
-      for (int64_t n = lane; n < Sw; n += 32) orow[n] = from_f<T>((yr[n] + to_f(a.bias[n])) * rn);
+      store_l2n_bias_row(y + r * L.ldy, a.bias, Sw, o + ((b * P + p0 + g) * Lq + q) * Sw);
     }
   }
 }

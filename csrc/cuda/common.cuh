@@ -68,6 +68,34 @@ __device__ __forceinline__ int clamp_len(int n, int64_t hi) {
   return n < 0 ? 0 : (n > hi ? (int)hi : n);
 }
 
+// ---------------------------------------------------------------- shared-weight chunks and rows
+// ws[n][k] = W[n0 + n][k0 + k] for n < kNG, k < kBD (row stride ldo), zero past N rows or K
+// columns: the B operand chunk of the block GEMM from a row-major N x K weight. No barrier.
+template <typename T>
+__device__ __forceinline__ void load_weight_chunk(const T* __restrict__ w, int64_t N, int64_t K, int64_t n0,
+                                                  int64_t k0, T* ws, int ldo) {
+  for (int idx = threadIdx.x; idx < kNG * kBD; idx += kThreads) {
+    const int n = idx >> 5, k = idx & 31;
+    const int64_t gn = n0 + n, gk = k0 + k;
+    ws[n * ldo + k] = (gn < N && gk < K) ? w[gn * K + gk] : from_f<T>(0.f);
+  }
+}
+
+// One warp: orow[n] = l2n(yr + bias)[n] for n < S (eps added to the norm), the alignment vector
+// of one row from its fp32 projection yr.
+template <typename T>
+__device__ __forceinline__ void store_l2n_bias_row(const float* yr, const T* __restrict__ bias, int64_t S, T* orow) {
+  const int lane = threadIdx.x & 31;
+  float ss = 0.f;
+  for (int64_t n = lane; n < S; n += 32) {
+    const float v = yr[n] + to_f(bias[n]);
+    ss = fmaf(v, v, ss);
+  }
+  ss = warp_sum(ss);
+  const float rn = 1.f / (sqrtf(ss) + kEps);
+  for (int64_t n = lane; n < S; n += 32) orow[n] = from_f<T>((yr[n] + to_f(bias[n])) * rn);
+}
+
 // ---------------------------------------------------------------- block GEMM
 // Y[r, n] (+)= sum_k A[r, k] B[n, k] for r < 16 MT rows and n < kNG = 256 columns, fed one
 // kBD = 32 wide k-chunk at a time from shared memory: A row-major (A + r * lda + k),

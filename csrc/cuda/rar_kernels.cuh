@@ -103,11 +103,7 @@ __device__ __forceinline__ void key_logits(const RarArgs<T>& r, const RarSmem<T>
       BlockGemm<T, MT> gemm;
       gemm.zero();
       for (int m0 = 0; m0 < sm.L.sk; m0 += kBD) {
-        for (int idx = tid; idx < kNG * kBD; idx += kThreads) {
-          const int n = idx >> 5, k = idx & 31;
-          const int64_t gn = n0 + n, m = m0 + k;
-          sm.ws[n * ldo + k] = (gn < S && m < S) ? wk[gn * S + m] : from_f<T>(0.f);
-        }
+        load_weight_chunk(wk, S, S, n0, m0, sm.ws, ldo);
         __syncthreads();
         gemm.chunk(sm.es + r0 * sm.L.lde + m0, sm.L.lde, sm.ws, ldo);
         __syncthreads();
@@ -235,11 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
       BlockGemm<T, MT> gemm;
       gemm.zero();
       for (int m0 = 0; m0 < sk; m0 += kBD) {
-        for (int idx = tid; idx < kNG * kBD; idx += kThreads) {
-          const int n = idx >> 5, k = idx & 31;
-          const int64_t gn = n0 + n, m = m0 + k;
-          ws[n * ldo + k] = (gn < S && m < S) ? wk[gn * S + m] : from_f<T>(0.f);
-        }
+        load_weight_chunk(wk, S, S, n0, m0, ws, ldo);
         __syncthreads();
         gemm.chunk(es + r0 * lde + m0, lde, ws, ldo);
         __syncthreads();

@@ -73,6 +73,30 @@ AttnArgs<T> attn_args(const AttnIn& in) {
   return a;
 }
 
+// RarArgs over contiguous tensors (null: absent or unused by the kernel)
+template <typename T>
+RarArgs<T> rar_args(const void* E, const int* qlens, const void* h, const void* wq, const void* bq, const void* wk,
+                    const void* bk, const void* wv, const void* bv, const void* keep_k, const void* keep_g, int64_t P,
+                    int64_t Lq, int64_t S, int64_t steps) {
+  RarArgs<T> r{};
+  r.E = static_cast<const T*>(E);
+  r.qlens = qlens;
+  r.h = static_cast<const T*>(h);
+  r.wq = static_cast<const T*>(wq);
+  r.bq = static_cast<const T*>(bq);
+  r.wk = static_cast<const T*>(wk);
+  r.bk = static_cast<const T*>(bk);
+  r.wv = static_cast<const T*>(wv);
+  r.bv = static_cast<const T*>(bv);
+  r.keep_k = static_cast<const T*>(keep_k);
+  r.keep_g = static_cast<const T*>(keep_g);
+  r.P = P;
+  r.Lq = Lq;
+  r.S = S;
+  r.steps = steps;
+  return r;
+}
+
 template <typename T, int MT, int MODE>
 void run_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out) {
   cuda_emu::launch((unsigned)blocks, kThreads, [&] { attention_fwd_tc_kernel<T, MT, MODE>(a, t.bq, t.bc, t.gp, out); });
@@ -169,17 +193,8 @@ int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk,
   int64_t used = 0;
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    RarArgs<T> r{};
-    r.E = static_cast<const T*>(E);
-    r.qlens = qlens;
-    r.wk = static_cast<const T*>(wk);
-    r.bk = static_cast<const T*>(bk);
-    r.bv = static_cast<const T*>(bv);
-    r.keep_k = static_cast<const T*>(keep_k);
-    r.P = P;
-    r.Lq = Lq;
-    r.S = S;
-    r.steps = t + 1;
+    const RarArgs<T> r = rar_args<T>(E, qlens, nullptr, nullptr, nullptr, wk, bk, nullptr, bv, keep_k, nullptr, P, Lq,
+                                     S, t + 1);
     const RarPlan pl = choose_rar_plan((int)sizeof(T), Lq, S, P, limit);
     if (pl.gp == 0) return;
     const unsigned blocks = (unsigned)(B * ((P + pl.gp - 1) / pl.gp));
@@ -252,22 +267,7 @@ int64_t emu_rar_bwd(int dtype, const void* grad, const void* E, const int* qlens
   int64_t used = 0;
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    RarArgs<T> r{};
-    r.E = static_cast<const T*>(E);
-    r.qlens = qlens;
-    r.h = static_cast<const T*>(h);
-    r.wq = static_cast<const T*>(wq);
-    r.bq = static_cast<const T*>(bq);
-    r.wk = static_cast<const T*>(wk);
-    r.bk = static_cast<const T*>(bk);
-    r.wv = static_cast<const T*>(wv);
-    r.bv = static_cast<const T*>(bv);
-    r.keep_k = static_cast<const T*>(keep_k);
-    r.keep_g = static_cast<const T*>(keep_g);
-    r.P = P;
-    r.Lq = Lq;
-    r.S = S;
-    r.steps = 1;
+    const RarArgs<T> r = rar_args<T>(E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g, P, Lq, S, 1);
     const int mt = choose_rar_mt((int)sizeof(T), Lq, S, limit);
     auto go = [&](auto mt_tag) {
       constexpr int M = decltype(mt_tag)::value;
