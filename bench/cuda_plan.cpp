@@ -2,12 +2,12 @@
 // (bench/cuda_resources.py): reads one query per line on stdin, answers one line each.
 //
 //   fwd ELEM LQ LC S MODE LIMIT  ->  MT BYTES   attention_fwd_kernel (kModeAlignment: the launcher's MT)
-//   tc ELEM LQ LC S MODE P PAIRED LIMIT -> MT BYTES  attention_fwd_tc_kernel (choose_tc_plan; 0 0: not
-//                                             applicable, the launcher runs attention_fwd_kernel)
+//   tc ELEM LQ LC S MODE P PAIRED LIMIT -> MT BYTES GP  attention_fwd_tc_kernel (choose_tc_plan; 0 0 0:
+//                                             not applicable, the launcher runs attention_fwd_kernel)
 //   bwd LQ LC                    ->  1 BYTES    attention_bwd_kernel
 //   gram LC                      ->  1 BYTES    gram_kernel
 //   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_bwd_kernel
-//   rarfwd ELEM LQ S P LIMIT     ->  MT BYTES   rar_fwd_kernel (choose_rar_plan; 0 0: does not fit)
+//   rarfwd ELEM LQ S P LIMIT     ->  MT BYTES GP  rar_fwd_kernel (choose_rar_plan; 0 0 0: does not fit)
 //
 // ELEM: bytes of the element type; LIMIT: the chip's shared memory per block; BYTES: dynamic
 // shared memory of the launch. Not part of the extension (setup.py builds csrc/ only).
@@ -35,7 +35,7 @@ int main() {
       in >> elem >> lq >> lc >> s >> mode >> p >> paired >> limit;
       const TcPlan t = choose_tc_plan((int)elem, lq, lc, s, p, paired != 0, (int)mode, limit);
       const int64_t bytes = t.gp ? attn_tc_layout((int)elem, 16 * t.mt, t.bc, t.gp, s, (int)mode).total : 0;
-      std::cout << t.mt << " " << bytes << "\n";
+      std::cout << t.mt << " " << bytes << " " << t.gp << "\n";
     } else if (what == "bwd") {
       int64_t lq, lc;
       in >> lq >> lc;
@@ -54,7 +54,7 @@ int main() {
       in >> elem >> lq >> s >> p >> limit;
       const RarPlan pl = choose_rar_plan((int)elem, lq, s, p, limit);
       const int64_t bytes = pl.gp ? rar_step_layout((int)elem, pl.gp * pl.bq, s, pl.mt, pl.gp).total : 0;
-      std::cout << pl.mt << " " << bytes << "\n";
+      std::cout << pl.mt << " " << bytes << " " << pl.gp << "\n";
     } else {
       std::cout << "error unknown query " << what << "\n";
     }

@@ -204,7 +204,7 @@ def plan_shared(chips):
         if isinstance(fixed, int):
             mt, nbytes = 1, fixed
         else:
-            mt, nbytes = (int(x) for x in next(it).split())
+            mt, nbytes = (int(x) for x in next(it).split()[:2])   # tc and rarfwd add GP
         mode = pattern.rsplit(", ", 1)[-1].rstrip(">")
         if fixed == "tc":
             if mt == 0:        # not applicable: attention_fwd_kernel runs

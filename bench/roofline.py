@@ -154,8 +154,9 @@ def _rows(shape: Shape, Lg: int):
 # ----------------------------------------------------------------------------- RCR in torch
 
 def rcr_torch(book: Book, B: int, P: int, Lq: int, prefix: str = "rcr (torch)") -> None:
-    """One RCR step over a block in plain torch (triton, cuda and torch all run it so): three
-    GEMMs on the tensor cores and the element-wise chain over the d-wide F (bf16: in place)."""
+    """One RCR step over a block in plain torch (the torch backend always; triton and cuda under
+    autograd): three GEMMs on the tensor cores and the element-wise chain over the d-wide F (bf16:
+    in place)."""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
     book.add(f"{prefix}: E W1^T, W2 tanh(.), smooth MLP (cuBLAS)", count=4,
@@ -176,7 +177,9 @@ def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "
     book.add(f"rcr ({backend}): E W1^T, W2 tanh(.), smooth MLP (cuBLAS)", count=4,
              tc=2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2 + 2 * N * s // 2,
              hbm=N * s * e * 2 + N * 2 * s * e * 2 + N * d * e + N * s // 2 * e * 2, l2=N * d * e * 2)
-    book.add(f"rcr ({backend}): tanh of the hidden layers, temperatures (torch)", count=4,
+    # two tanh_; the temperatures' add, relu and the mask of valid rows (arange, compare, fill or
+    # where, casts): 9 launches in kernels/rcr.py, 8 in rcr.cu
+    book.add(f"rcr ({backend}): tanh of the hidden layers, temperatures (torch)", count=9 if backend == "triton" else 8,
              simt=N * (2 * s + s // 2) * 8, hbm=N * 2 * s * e * 2 + N * s // 2 * e * 2 + N * 4 * 4 * 2)
     book.add("rcr_factors (clamp(tanh(M) + F))" if backend == "triton" else "rcr_factors_kernel", count=1,
              simt=N * d * 10, hbm=N * d * e * (3 if has_f else 2) + P * 4)
@@ -274,24 +277,24 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
 CUDA_TC_ROWS = 64
 
 
-def cuda_tc_plan(Lq: int, Lc: int):
-    """(BQ, BC, GP, rows) of attention_fwd_tc_kernel for fp16/bf16 (csrc/cuda/plan.h tc_plan):
-    BQ = Lq and BC = Lc rounded up to 16, GP = 64 // BQ pairs of one context item per block,
-    rows = GP * BQ rounded up to 16; None where the kernel does not apply (Lq or Lc > 64: the
-    per-pair kernel runs)."""
+def cuda_tc_plan(Lq: int, Lc: int, P: int):
+    """(BQ, BC, GP, rows) of attention_fwd_tc_kernel for fp16/bf16 (csrc/cuda/plan.h choose_tc_plan,
+    where no shared-memory limit is reached at s = 256): BQ = Lq and BC = Lc rounded up to 16,
+    GP = 64 // BQ pairs of one context item per block (at most P), rows = GP * BQ rounded up to
+    16; None where the kernel does not apply (Lq or Lc > 64: the per-pair kernel runs)."""
     if Lq > CUDA_TC_ROWS or Lc > CUDA_TC_ROWS:
         return None
     BQ, BC = -(-Lq // 16) * 16, -(-Lc // 16) * 16
-    GP = max(1, CUDA_TC_ROWS // BQ)
+    GP = min(max(1, CUDA_TC_ROWS // BQ), P)
     return BQ, BC, GP, -(-GP * BQ // 16) * 16
 
 
-def cuda_rar_plan(Lq: int):
+def cuda_rar_plan(Lq: int, P: int):
     """(BQ, GP, rows) of rar_fwd_kernel (csrc/cuda/plan.h choose_rar_plan, no shared-memory limit
-    reached at s = 256): BQ = Lq rounded up to 16, GP = 64 // BQ pairs per block (1 past 64),
-    rows = GP * BQ rounded up to 16 MT."""
+    reached at s = 256): BQ = Lq rounded up to 16, GP = 64 // BQ pairs per block (1 past 64; at
+    most P), rows = GP * BQ rounded up to 16 MT."""
     BQ = -(-Lq // 16) * 16
-    GP = CUDA_TC_ROWS // BQ if BQ <= CUDA_TC_ROWS else 1
+    GP = min(CUDA_TC_ROWS // BQ if BQ <= CUDA_TC_ROWS else 1, P)
     rows = GP * BQ
     mt = 1 if rows <= 16 else (2 if rows <= 32 else (3 if rows <= 48 else 4))
     return BQ, GP, -(-rows // (16 * mt)) * 16 * mt
@@ -313,7 +316,7 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
-    plan = cuda_tc_plan(Lq, Lc)
+    plan = cuda_tc_plan(Lq, Lc, P)
     for t in range(shape.steps):
         has_f = t > 0
         book.add(f"gram_kernel{tag}", count=1, simt=B * 2 * Lc * Lc * d, smem=B * 2 * Lc * Lc * d * 4,
@@ -344,15 +347,17 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
                 rcr_fused(book, B, P, Lq, has_f, "cuda")
-        RBQ, RGP, rrows = cuda_rar_plan(Lq)
+        RBQ, RGP, rrows = cuda_rar_plan(Lq, P)
         rblocks = B * -(-P // RGP)
         if t == 0:
             book.add(f"rar_mean_kernel{tag}", count=1, simt=pairs * Lq * s, hbm=pairs * (Lq * s * e + s * 4))
-        book.add(f"rar gate tanh(h Wq^T + bq) wv (ATen, fp32){tag}", count=3, simt=pairs * (2 * s * s + 8 * s),
+        # bq, Wq and wv to fp32, addmm, tanh_, mul_ (and mul_ by keep_g in training)
+        book.add(f"rar gate tanh(h Wq^T + bq) wv (ATen, fp32){tag}", count=6, simt=pairs * (2 * s * s + 8 * s),
                  hbm=pairs * s * 4 * 5 + s * s * 4)
         book.add(f"rar_fwd_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}", tc=rblocks * 2 * rrows * s * s,
                  simt=pairs * 16 * Lq * s, smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
                  l2=pairs * (Lq * s * e + s * 4 * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
+    book.add(f"rar h to the input type (ATen){tag}", count=1, hbm=pairs * s * (4 + e))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 
 

@@ -83,9 +83,10 @@ def test_half_long_captions(backend, regulator, steps, attn_type, dtype):
 
 
 @pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
 def test_half_wide_projection(backend, attn_type):
-    """s = 384: the projection's 256-column passes run twice (partly empty the second time)."""
+    """s = 384: CUDA's projection's 256-column passes run twice (partly empty the second time).
+    (The triton backend refuses s past 256 with a ValueError.)"""
     half_error_within_twice_torch(backend, "cuda", torch.bfloat16, "coop_rcar", 2, attn_type,
                                   Dims(6, 20, 36, 24, 512, 384), seed_of("gpu wide", attn_type))
 

@@ -134,18 +134,20 @@ def test_cuda_plans_are_the_kernels(cuda_plan_exe, attn_type):
         Lq, Lc = (L, RL.R) if attn_type == "t2i" else (RL.R, L)
         queries.append(f"tc 2 {Lq} {Lc} {RL.S_DIM} 1 1000 0 {H200_SMEM}")
         queries.append(f"rarfwd 2 {Lq} {RL.S_DIM} 1000 {H200_SMEM}")
-    answers = _ask(cuda_plan_exe, queries)
-    for i, L in enumerate(lengths):
-        Lq, Lc = (L, RL.R) if attn_type == "t2i" else (RL.R, L)
-        (tc_mt, tc_bytes), (rar_mt, rar_bytes) = answers[2 * i], answers[2 * i + 1]
-        plan = RL.cuda_tc_plan(Lq, Lc)
-        if plan is None:
-            assert (tc_mt, tc_bytes) == (0, 0), L
-        else:
-            BQ, BC, GP, rows = plan
-            assert tc_mt * 16 == rows and 0 < tc_bytes <= H200_SMEM, (L, plan, tc_mt)
-        BQ, GP, rows = RL.cuda_rar_plan(Lq)
-        assert rar_bytes > 0 and rows % (16 * rar_mt) == 0 and rows - GP * BQ < 16 * rar_mt, (L, rows, rar_mt)
+    for P in (1000, 3, 1):   # full groups, fewer query items than a group holds
+        answers = _ask(cuda_plan_exe, [q.replace(" 1000 ", f" {P} ") for q in queries])
+        for i, L in enumerate(lengths):
+            Lq, Lc = (L, RL.R) if attn_type == "t2i" else (RL.R, L)
+            (tc_mt, tc_bytes, tc_gp), (rar_mt, rar_bytes, rar_gp) = answers[2 * i], answers[2 * i + 1]
+            plan = RL.cuda_tc_plan(Lq, Lc, P)
+            if plan is None:
+                assert (tc_mt, tc_bytes, tc_gp) == (0, 0, 0), L
+            else:
+                BQ, BC, GP, rows = plan
+                assert (tc_mt * 16, tc_gp) == (rows, GP) and 0 < tc_bytes <= H200_SMEM, (L, P, plan, tc_mt, tc_gp)
+            BQ, GP, rows = RL.cuda_rar_plan(Lq, P)
+            assert rar_bytes > 0 and rar_gp == GP, (L, P, GP, rar_gp)
+            assert rows % (16 * rar_mt) == 0 and rows - GP * BQ < 16 * rar_mt, (L, P, rows, rar_mt)
     # the fp32 attention and the backward's kModeSquaredDiff never take the tensor-core kernel
     assert _ask(cuda_plan_exe, [f"tc 4 16 36 256 1 1000 0 {H200_SMEM}", f"tc 2 16 36 256 2 1000 0 {H200_SMEM}"]) \
-        == [(0, 0), (0, 0)]
+        == [(0, 0, 0), (0, 0, 0)]

@@ -18,7 +18,7 @@ template <typename T>
 struct RarArgs {
   const T* E;        // (B, P, Lq, s) contiguous
   const int* qlens;  // (P,)
-  const T* h;        // (B, P, s) contiguous, or nullptr (forward: start from the mean of E)
+  const T* h;        // (B, P, s) contiguous: the step's input (backward; the forward's h is the host's)
   const T* wq;       // (T, s, s)
   const T* bq;       // (T, s)
   const T* wk;       // (T, s, s)

@@ -99,7 +99,9 @@ RarArgs<T> rar_args(const void* E, const int* qlens, const void* h, const void* 
 
 template <typename T, int MT, int MODE>
 void run_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out) {
-  cuda_emu::launch((unsigned)blocks, kThreads, [&] { attention_fwd_tc_kernel<T, MT, MODE>(a, t.bq, t.bc, t.gp, out); });
+  const size_t smem = (size_t)attn_tc_layout((int)sizeof(T), 16 * MT, t.bc, t.gp, a.S, MODE).total;
+  cuda_emu::launch((unsigned)blocks, kThreads, [&] { attention_fwd_tc_kernel<T, MT, MODE>(a, t.bq, t.bc, t.gp, out); },
+                   smem);
 }
 
 template <typename T, int MODE>
@@ -123,7 +125,8 @@ int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
   const int64_t pairs = Bo * in.P;
   auto go = [&](auto mt_tag) {
     constexpr int M = decltype(mt_tag)::value;
-    cuda_emu::launch((unsigned)pairs, kThreads, [&] { attention_fwd_kernel<T, M, MODE>(a, 0, out); });
+    const size_t smem = (size_t)attn_fwd_layout((int)sizeof(T), in.Lq, in.Lc, in.S, M, MODE).total;
+    cuda_emu::launch((unsigned)pairs, kThreads, [&] { attention_fwd_kernel<T, M, MODE>(a, 0, out); }, smem);
   };
   if (MODE != kModeAlignment || mt == 1) go(std::integral_constant<int, 1>());
   else if (mt == 2) go(std::integral_constant<int, 2>());
@@ -136,6 +139,12 @@ int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
 extern "C" {
 
 const char* emu_last_error() { return last_error.c_str(); }
+
+// Threads between barriers from the first up (0) or from the last down (1).
+void emu_set_reverse(int reverse) {
+  last_error.clear();
+  cuda_emu::reverse = reverse != 0;
+}
 
 // The emulation's own checks: which 0: out[b * 256 + t] = block_sum(t + b) (a block reduction
 // through warp shuffles and __syncthreads) on 3 blocks, and out[768 + t] = the value thread
@@ -165,7 +174,7 @@ void emu_gram(int dtype, const void* c, const int* clens, int64_t B, int64_t Lc,
     using T = std::remove_pointer_t<decltype(tag)>;
     cuda_emu::launch((unsigned)B, kThreads, [&] {
       gram_kernel<T>(static_cast<const T*>(c), clens, Lc, D, Lc * D, D, gram);
-    });
+    }, (size_t)gram_layout(Lc).total);
   });
 }
 
@@ -200,7 +209,8 @@ int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk,
     const unsigned blocks = (unsigned)(B * ((P + pl.gp - 1) / pl.gp));
     auto go = [&](auto mt_tag) {
       constexpr int M = decltype(mt_tag)::value;
-      cuda_emu::launch(blocks, kThreads, [&] { rar_fwd_kernel<T, M>(r, pl.bq, pl.gp, t, gw, h_out); });
+      cuda_emu::launch(blocks, kThreads, [&] { rar_fwd_kernel<T, M>(r, pl.bq, pl.gp, t, gw, h_out); },
+                       (size_t)rar_step_layout((int)sizeof(T), pl.gp * pl.bq, S, M, pl.gp).total);
     };
     switch (pl.mt) {
       case 1: go(std::integral_constant<int, 1>()); break;
@@ -223,7 +233,8 @@ void emu_attention_sqdiff(int dtype, const void* q, const int* qlens, const void
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const AttnArgs<T> a = attn_args<T>(in);
-    cuda_emu::launch((unsigned)n, kThreads, [&] { attention_fwd_kernel<T, 1, kModeSquaredDiff>(a, pid0, out); });
+    cuda_emu::launch((unsigned)n, kThreads, [&] { attention_fwd_kernel<T, 1, kModeSquaredDiff>(a, pid0, out); },
+                     (size_t)attn_fwd_layout((int)sizeof(T), Lq, Lc, 0, 1, kModeSquaredDiff).total);
   });
 }
 
@@ -251,10 +262,11 @@ void emu_attention_bwd(int dtype, int mode, const void* q, const int* qlens, con
     using T = std::remove_pointer_t<decltype(tag)>;
     const AttnArgs<T> a = attn_args<T>(in);
     const BwdOut o{dq, dc, df, dlam};
+    const size_t smem = (size_t)attn_bwd_layout(Lq, Lc).total;
     if (mode == kModeAlignment)
-      cuda_emu::launch((unsigned)n, kThreads, [&] { attention_bwd_kernel<T, kModeAlignment>(a, pid0, gsrc, o); });
+      cuda_emu::launch((unsigned)n, kThreads, [&] { attention_bwd_kernel<T, kModeAlignment>(a, pid0, gsrc, o); }, smem);
     else
-      cuda_emu::launch((unsigned)n, kThreads, [&] { attention_bwd_kernel<T, kModeAttended>(a, pid0, gsrc, o); });
+      cuda_emu::launch((unsigned)n, kThreads, [&] { attention_bwd_kernel<T, kModeAttended>(a, pid0, gsrc, o); }, smem);
   });
 }
 
@@ -273,7 +285,7 @@ int64_t emu_rar_bwd(int dtype, const void* grad, const void* E, const int* qlens
       constexpr int M = decltype(mt_tag)::value;
       cuda_emu::launch((unsigned)(B * P), kThreads, [&] {
         rar_bwd_kernel<T, M>(r, static_cast<const T*>(grad), dE, dKp, dgp, dwv);
-      });
+      }, (size_t)rar_layout((int)sizeof(T), Lq, S, M).total);
     };
     if (mt == 1) go(std::integral_constant<int, 1>());
     else if (mt == 2) go(std::integral_constant<int, 2>());

@@ -1,15 +1,20 @@
 // A host emulation of the small part of CUDA the kernels of csrc/cuda/*.cuh use, so that the
 // kernels' own code (index math, barriers, masking, the order of the passes) runs on the CPU in
-// CI: one thread block at a time, its 256 threads as std::threads; __syncthreads a barrier of the
-// block, warp shuffles an exchange behind a barrier of the warp; nvcuda::wmma fragments hold the
-// whole 16 x 16 tile in every lane (loads read it all, mma_sync computes it in fp32 in every lane,
-// stores write a lane's share); atomicAdd through std::atomic_ref; __half / __nv_bfloat16 are
-// c10::Half / c10::BFloat16 (round to nearest even, as the device conversions).
+// CI. One thread block at a time; its threads are fibers on one OS thread, switched only at
+// barriers (below): __syncthreads waits for the whole block, a warp shuffle exchanges values
+// behind a barrier of the warp. Between two barriers the threads run one after another, in thread
+// order or (cuda_emu::reverse) the other way round, so a missing barrier between a write and a
+// read by another thread shows in one of the two orders. nvcuda::wmma fragments hold the whole
+// 16 x 16 tile in every lane (loads read it all and check the pointer's 32-byte alignment and the
+// stride, mma_sync computes it in fp32 in every lane, stores write a lane's share). Shared memory
+// is filled with 0xff bytes (NaN as floats) before every block, and the bytes past the launch's
+// dynamic size must still hold them after it (a write past the layout throws). atomicAdd is a
+// plain add (one OS thread). __half / __nv_bfloat16 are c10::Half / c10::BFloat16 (round to
+// nearest even, as the device conversions).
 //
 // What it cannot show: anything about the hardware (timing, occupancy, register spills, the
-// fragment layouts of real tensor cores), nor a race between barriers: a thread runs from one
-// barrier to the next without interruption, in thread order. The compile
-// tier (tests/test_compile.py) covers the code generation; only a GPU covers the rest.
+// fragment layouts of real tensor cores), nor a race that neither thread order exposes. The
+// compile tier (tests/test_compile.py) covers the code generation; only a GPU covers the rest.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -23,6 +28,7 @@
 #include <functional>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #define __global__
@@ -109,6 +115,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
   int n = 0, current = 0;
   float shfl[kMaxThreads / 32][32];
+  std::string error;   // what a thread threw (the launch rethrows it)
 };
 inline Block* block = nullptr;
 
@@ -127,7 +134,11 @@ inline void yield(State s) {
 }
 
 inline void fiber_main() {
-  (*block->body)();
+  try {
+    (*block->body)();
+  } catch (const std::exception& e) {   // a check above failed inside a kernel: report it after the round
+    if (block->error.empty()) block->error = e.what();
+  }
   Block& b = *block;
   b.state[b.current] = kDone;
   switch_to(b.ctx[b.current], b.sched);   // never resumed
@@ -154,8 +165,13 @@ inline void start_fiber(Block& b, int t) {
 #endif
 }
 
-// Runs body() for every block of a 1-D grid, one block after another.
-inline void launch(unsigned grid, unsigned threads, const std::function<void()>& body) {
+inline bool reverse = false;   // run the threads between barriers from the last one down
+
+// Runs body() for every block of a 1-D grid, one block after another; smem_bytes: the launch's
+// dynamic shared memory (the bytes past it must stay untouched).
+inline void launch(unsigned grid, unsigned threads, const std::function<void()>& body, size_t smem_bytes = 0) {
+  constexpr size_t kSmem = sizeof(rcar_fast::cuda::smem);
+  if (smem_bytes > kSmem) throw std::runtime_error("cuda_emu: the launch asks for more shared memory than 256 KB");
   Block b;
   b.n = (int)threads;
   b.body = &body;
@@ -165,19 +181,24 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
   gridDim.x = grid;
   for (unsigned bi = 0; bi < grid; ++bi) {
     blockIdx.x = bi;
-    std::memset(rcar_fast::cuda::smem, 0xff, sizeof(rcar_fast::cuda::smem));   // garbage: NaN as floats
+    std::memset(rcar_fast::cuda::smem, 0xff, kSmem);   // garbage: NaN as floats
     for (int t = 0; t < b.n; ++t) {
       start_fiber(b, t);
       b.state[t] = kReady;
     }
     for (;;) {
       bool ran = false;
-      for (int t = 0; t < b.n; ++t) {
+      for (int i = 0; i < b.n; ++i) {
+        const int t = reverse ? b.n - 1 - i : i;
         if (b.state[t] != kReady) continue;
         ran = true;
         b.current = t;
         threadIdx.x = (unsigned)t;
         switch_to(b.sched, b.ctx[t]);
+      }
+      if (!b.error.empty()) {
+        block = nullptr;
+        throw std::runtime_error(b.error);
       }
       int done = 0, at_block = 0;
       for (int t = 0; t < b.n; ++t) {
@@ -203,6 +224,12 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
         throw std::runtime_error("cuda_emu: a barrier no thread can pass (divergent __syncthreads or shuffle)");
       }
     }
+    for (size_t i = smem_bytes; i < kSmem; ++i)
+      if (rcar_fast::cuda::smem[i] != 0xff) {
+        block = nullptr;
+        throw std::runtime_error("cuda_emu: a block wrote shared memory past its dynamic size (byte " +
+                                 std::to_string(i) + " of " + std::to_string(smem_bytes) + ")");
+      }
   }
   block = nullptr;
 }
@@ -241,8 +268,16 @@ struct fragment {
   T x[256];   // (row, col) of the tile at x[row * 16 + col]
 };
 
+// The operand rules of wmma: a 256-bit aligned pointer, ldm a multiple of 16 bytes.
+template <typename T>
+inline void check_operand(const T* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) throw std::runtime_error("cuda_emu: wmma pointer not 32-byte aligned");
+  if ((ldm * sizeof(T)) % 16 != 0) throw std::runtime_error("cuda_emu: wmma ldm not a multiple of 16 bytes");
+}
+
 template <typename Use, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  check_operand(p, ldm);
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j)
       f.x[i * 16 + j] = std::is_same<Layout, row_major>::value ? p[i * ldm + j] : p[j * ldm + i];
@@ -272,6 +307,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 // Each lane writes its share (elements e with e % 32 == lane): no two lanes write one address.
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
+  check_operand(p, ldm);
   for (int e = (int)(threadIdx.x & 31); e < 256; e += 32) {
     const int i = e / 16, j = e % 16;
     if (layout == mem_row_major)
