@@ -50,9 +50,9 @@ def build_emu(folder: str):
                     f"-I{os.path.join(ROOT, 'csrc')}", *[f"-I{p}" for p in include_paths()],
                     os.path.join(EMU, "kernels.cpp"), "-o", lib], check=True)
     so = ctypes.CDLL(lib)
-    so.emu_gram.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _VP]
+    so.emu_gram.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _I64, _I64, _VP]
     so.emu_attention_fwd.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _VP,
-                                     _VP, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP]
+                                     _VP, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP, _VP]
     so.emu_attention_fwd.restype = _I64
     so.emu_rar_step.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64, _VP, _I64,
                                 _VP]
@@ -137,22 +137,32 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def emu_attention(emu, args, context_index=None, limit=H200_SMEM):
+def emu_attention(emu, args, context_index=None, limit=H200_SMEM, strided=False):
     """(output, plan) of the CUDA attention forward on ``args`` (the attention op's arguments):
-    plan = 1000 GP + MT when the tensor-core kernel ran, MT when the per-pair kernel did."""
-    q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    plan = 1000 GP + MT when the tensor-core kernel ran, MT when the per-pair kernel did.
+    strided: query, context and factors passed as they are (last dimension contiguous, as
+    attention_cuda requires) and lam with any strides; else everything made contiguous."""
+    keep = (0, 2, 4, 5) if strided else ()
+    q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) and i not in keep else a
+                                              for i, a in enumerate(args)]
+    assert all(t is None or t.stride(-1) == 1 for t in (q, c, f))
     P, Lq, D = q.shape
     B, Lc = c.shape[:2]
     Bo = 1 if context_index is not None else B
     width = D if w is None else w.shape[0]
     dt = DTYPES[q.dtype]
     gram = torch.full((B, Lc, Lc), float("nan"))
-    emu.emu_gram(dt, _ptr(c), _ptr(cl), B, Lc, D, _ptr(gram))
+    emu.emu_gram(dt, _ptr(c), _ptr(cl), B, Lc, D, c.stride(0), c.stride(1), _ptr(gram))
     out = torch.full((Bo, P, Lq, width), float("nan"), dtype=q.dtype)
     cidx = None if context_index is None else context_index.to(torch.int32).contiguous()
+    strides = None
+    if strided:
+        fs = f.stride()[:3] if f is not None else (0, 0, 0)
+        ls = lam.stride() if lam is not None else (0, 0, 0)
+        strides = torch.tensor([*q.stride()[:2], *c.stride()[:2], *fs, *ls], dtype=torch.int64)
     used = emu.emu_attention_fwd(dt, MODE_ATTENDED if w is None else MODE_ALIGNMENT, _ptr(q), _ptr(ql), _ptr(c),
                                  _ptr(cl), _ptr(cidx), _ptr(f), _ptr(lam), lam_scalar, _ptr(w), _ptr(b), _ptr(gram),
-                                 B, P, Lq, Lc, D, 0 if w is None else w.shape[0], limit, _ptr(out))
+                                 B, P, Lq, Lc, D, 0 if w is None else w.shape[0], limit, _ptr(strides), _ptr(out))
     return out, used
 
 
@@ -217,6 +227,24 @@ def test_tensor_core_forward_paired(emu, with_state, dtype):
     _check(out, _ref(args, cidx), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16 (tensor cores)", "fp32 (per pair)"])
+def test_forward_with_strided_inputs(emu, dtype):
+    """The launchers pass the tensors' own strides: query and context as slices of wider rows,
+    factors a slice of a larger tensor, lam a transposed view. The forward reads through them."""
+    args = _sample(dtype, seed=12, with_state=True, with_weight=True, P=6, Lq=10, Lc=9, d=40, s=24,
+                   qlens=_mixed_lengths(6, 10, 7))
+    q, ql, c, cl, f, lam = args[:6]
+    g = torch.Generator().manual_seed(1)
+    wide = lambda t: torch.cat([t, torch.randn(*t.shape[:-1], 8, generator=g).to(t.dtype)], -1)[..., :t.shape[-1]]
+    sargs = list(args)
+    sargs[0], sargs[2], sargs[4] = wide(q), wide(c), wide(f)
+    sargs[5] = lam.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not sargs[0].is_contiguous() and not sargs[5].is_contiguous()
+    out, used = emu_attention(emu, sargs, strided=True)
+    assert (used >= 1000) == (dtype == torch.float16), used
+    _check(out, _ref(args), dtype)
+
+
 def test_tensor_core_forward_wide_projection(emu):
     """s = 300: the projection's 256-column passes run twice, the second partly empty."""
     args = _sample(torch.float16, seed=8, with_state=True, with_weight=True, P=5, Lq=10, Lc=9, d=40, s=300,
@@ -259,7 +287,7 @@ def emu_attention_grads(emu, args, grad):
     B, Lc = c.shape[:2]
     pairs, dt = B * P, DTYPES[q.dtype]
     gram = torch.full((B, Lc, Lc), float("nan"))
-    emu.emu_gram(dt, _ptr(c), _ptr(cl), B, Lc, D, _ptr(gram))
+    emu.emu_gram(dt, _ptr(c), _ptr(cl), B, Lc, D, c.stride(0), c.stride(1), _ptr(gram))
     dq, dc = torch.zeros(P, Lq, D), torch.zeros(B, Lc, D)
     df = None if f is None else torch.full((B, P, Lq, D), float("nan"))
     dlam = None if lam is None else torch.full((B, P, Lq), float("nan"))

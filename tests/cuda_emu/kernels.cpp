@@ -39,6 +39,7 @@ struct AttnIn {
   const float* gram;
   float lam_scalar;
   int64_t B, P, Lq, Lc, D, S;
+  const int64_t* strides = nullptr;   // sq_p sq_l sc_b sc_l sf_b sf_p sf_l sl_b sl_p sl_l, or contiguous
 };
 
 template <typename T>
@@ -69,6 +70,11 @@ AttnArgs<T> attn_args(const AttnIn& in) {
   a.sl_b = in.P * in.Lq;
   a.sl_p = in.Lq;
   a.sl_l = 1;
+  if (in.strides != nullptr) {   // as make_args takes them from the tensors (last dimension contiguous)
+    const int64_t* st = in.strides;
+    a.sq_p = st[0], a.sq_l = st[1], a.sc_b = st[2], a.sc_l = st[3];
+    a.sf_b = st[4], a.sf_p = st[5], a.sf_l = st[6], a.sl_b = st[7], a.sl_p = st[8], a.sl_l = st[9];
+  }
   a.lam_scalar = in.lam_scalar;
   return a;
 }
@@ -168,23 +174,25 @@ void emu_selftest(int which, float* out) {
   });
 }
 
-// G = C C^T per context item (gram_kernel), (B, Lc, Lc) fp32.
-void emu_gram(int dtype, const void* c, const int* clens, int64_t B, int64_t Lc, int64_t D, float* gram) {
+// G = C C^T per context item (gram_kernel), (B, Lc, Lc) fp32; sc_b, sc_l: the context's strides.
+void emu_gram(int dtype, const void* c, const int* clens, int64_t B, int64_t Lc, int64_t D, int64_t sc_b, int64_t sc_l,
+              float* gram) {
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cuda_emu::launch((unsigned)B, kThreads, [&] {
-      gram_kernel<T>(static_cast<const T*>(c), clens, Lc, D, Lc * D, D, gram);
+      gram_kernel<T>(static_cast<const T*>(c), clens, Lc, D, sc_b, sc_l, gram);
     }, (size_t)gram_layout(Lc).total);
   });
 }
 
-// The attention forward as attention_cuda launches it (mode 0: A, mode 1: E with the weight).
+// The attention forward as attention_cuda launches it (mode 0: A, mode 1: E with the weight);
+// strides: the inputs' (see AttnIn), or null for contiguous ones.
 // Returns 1000 GP + MT for the tensor-core kernel, MT for the per-pair one.
 int64_t emu_attention_fwd(int dtype, int mode, const void* q, const int* qlens, const void* c, const int* clens,
                           const int* cidx, const void* f, const void* lam, float lam_scalar, const void* w,
                           const void* bias, const float* gram, int64_t B, int64_t P, int64_t Lq, int64_t Lc,
-                          int64_t D, int64_t S, int64_t limit, void* out) {
-  const AttnIn in{q, c, f, lam, w, bias, qlens, clens, cidx, gram, lam_scalar, B, P, Lq, Lc, D, S};
+                          int64_t D, int64_t S, int64_t limit, const int64_t* strides, void* out) {
+  const AttnIn in{q, c, f, lam, w, bias, qlens, clens, cidx, gram, lam_scalar, B, P, Lq, Lc, D, S, strides};
   int64_t used = -1;
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -61,4 +61,8 @@ MUTANTS = [
     dict(name="cuda plan: the probabilities' row stride BC + 4 (not a multiple of 16 bytes for wmma)",
          file="csrc/cuda/plan.h", old="  L.ldP = bc + 8;", new="  L.ldP = bc + 4;",
          tests=[f"{EMU}::test_tensor_core_forward_groups"]),
+    dict(name="cuda tc forward: the query's rows read with stride d, not the tensor's row stride",
+         file=ATT, old="        v = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]);",
+         new="        v = to_f(a.q[(p0 + g) * a.sq_p + q * D + d]);",
+         tests=[f"{EMU}::test_forward_with_strided_inputs"]),
 ]
