@@ -37,18 +37,37 @@ MODE_ATTENDED, MODE_ALIGNMENT = 0, 1
 _VP, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
+def _emu_sources():
+    """Every file the library is built from: the driver, the emulation and csrc/cuda's headers."""
+    import glob
+    return sorted(glob.glob(os.path.join(EMU, "**", "*.[ch]*"), recursive=True)
+                  + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")) + [os.path.join(ROOT, "csrc", "cuda", "plan.h")])
+
+
 def build_emu(folder: str):
-    """tests/cuda_emu/kernels.cpp built into ``folder`` as a shared library (g++, C++20, torch's
-    c10 headers for the half types), loaded with its entry points typed; None without a compiler."""
+    """tests/cuda_emu/kernels.cpp built as a shared library (g++, C++20, torch's c10 headers for
+    the half types), loaded with its entry points typed; None without a compiler. The library is
+    kept in ``folder`` under the hash of its sources, flags and compiler, so that the test
+    processes of one run (pytest -n) build it once (a lock file orders them)."""
+    import fcntl
+    import hashlib
     from torch.utils.cpp_extension import include_paths
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None
-    lib = os.path.join(folder, "libcudaemu.so")
     fma = ["-mfma"] if platform.machine() in ("x86_64", "AMD64") else []   # std::fma inline, not a libm call
-    subprocess.run([cxx, "-std=c++20", "-O2", *fma, "-shared", "-fPIC", f"-I{os.path.join(EMU, 'include')}",
-                    f"-I{os.path.join(ROOT, 'csrc')}", *[f"-I{p}" for p in include_paths()],
-                    os.path.join(EMU, "kernels.cpp"), "-o", lib], check=True)
+    flags = ["-std=c++20", "-O2", *fma, "-shared", "-fPIC", f"-I{os.path.join(EMU, 'include')}",
+             f"-I{os.path.join(ROOT, 'csrc')}", *[f"-I{p}" for p in include_paths()]]
+    h = hashlib.sha256(" ".join([cxx, torch.__version__, *flags]).encode())
+    for path in _emu_sources():
+        with open(path, "rb") as f:
+            h.update(path.encode() + f.read())
+    lib = os.path.join(folder, f"libcudaemu-{h.hexdigest()[:16]}.so")
+    with open(os.path.join(folder, "libcudaemu.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(lib):
+            subprocess.run([cxx, *flags, os.path.join(EMU, "kernels.cpp"), "-o", lib + ".tmp"], check=True)
+            os.replace(lib + ".tmp", lib)
     so = ctypes.CDLL(lib)
     so.emu_gram.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _I64, _I64, _VP]
     so.emu_attention_fwd.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _VP,
@@ -93,7 +112,10 @@ class _Checked:
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    so = build_emu(str(tmp_path_factory.mktemp("cuda_emu")))
+    # the base temporary folder is the run's, shared by its xdist workers (getbasetemp's parent)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    so = build_emu(str(shared))
     if so is None:
         pytest.skip("no host C++ compiler")
     return so
