@@ -2,7 +2,7 @@
 // host emulation of include/cuda_emu.h, launched the way the launchers in csrc/cuda/*.cu launch
 // them (the same plan.h choices, grids and template arguments). tests/test_cuda_emu.py builds
 // this file into a shared library and checks the kernels against the op contract's reference.
-// Tensors are contiguous; dtype: 0 float32, 1 float16, 2 bfloat16.
+// Tensors are contiguous unless an entry takes their strides; dtype: 0 float32, 1 float16, 2 bfloat16.
 #include "cuda_emu.h"
 
 #include <string>
