@@ -19,7 +19,7 @@ import torch
 
 import rcar_fast
 from rcar_fast import dropout, reference
-from rcar_testutil import index_keep_masks, make_head, make_inputs, params_of
+from rcar_testutil import index_keep_masks, make_head, make_inputs, params_of, rcr_op_case
 
 #: every (regulator, steps) set-up of the GPU tier
 CONFIGS = [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 1), ("coop_rcar", 2), ("coop_rcar", 3)]
@@ -226,37 +226,8 @@ def rcr_op_matches_torch_step(device, dtype, with_state: bool, atol: float):
     ``atol`` on every valid row, exactly zero on padded rows (which hold NaN in E, F and lam);
     d = 300 (two column passes of the element-wise kernel), 35 rows."""
     from rcar_fast.backends import extension_kernels  # noqa: F401  (loads the op)
-    from rcar_fast.modules import RCRModule
-    from rcar_fast.torch_math import rcr_step
-    B, P, Lq, s, d = 1, 7, 5, 16, 300
-    g = torch.Generator().manual_seed(21)
-    ql = torch.tensor([5, 1, 3, 4, 5, 2, 1], dtype=torch.int32)
-    E = torch.randn(B, P, Lq, s, generator=g, dtype=torch.float64)
-    F0 = torch.rand(B, P, Lq, d, generator=g, dtype=torch.float64) * 2 - 1 if with_state else None
-    lam0 = torch.rand(B, P, Lq, generator=g, dtype=torch.float64) * 5 if with_state else 4.0
-    torch.manual_seed(21)
-    w = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)
-         for k, v in RCRModule(d, s).state_dict().items()}
-    cast = (lambda x: x.to(device, dtype) if isinstance(x, torch.Tensor) else x)
-    # the reference from the inputs as the op sees them (rounded to dtype)
-    E, F0 = cast(E).double(), None if F0 is None else cast(F0).double()
-    lam0 = cast(lam0).double() if isinstance(lam0, torch.Tensor) else lam0
-    w = {k: cast(v).double() for k, v in w.items()}
-    want_F, want_lam = rcr_step(E.clone(), None if F0 is None else F0.clone(),
-                                lam0.clone() if isinstance(lam0, torch.Tensor) else lam0, w, "", False)
-    pad = (torch.arange(Lq)[None, :] >= ql[:, None]).to(E.device)
-    En, Fn, lamn = E.clone(), None if F0 is None else F0.clone(), lam0
-    En[:, pad] = float("nan")
-    if Fn is not None:
-        Fn[:, pad] = float("nan")
-    if isinstance(lam0, torch.Tensor):
-        lamn = lam0.clone()
-        lamn[:, pad] = float("nan")
-    keys = ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight", "rcr_matrix_w.2.bias",
-            "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias", "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")
-    got_F, got_lam = torch.ops.rcar_fast.rcr(
-        cast(En), ql.to(E.device), cast(Fn), cast(lamn) if isinstance(lamn, torch.Tensor) else None,
-        0.0 if isinstance(lamn, torch.Tensor) else float(lamn), *[cast(w[k]) for k in keys])
+    args, want_F, want_lam, pad = rcr_op_case(1, 300, 16, with_state, lambda x: x.to(device, dtype))
+    got_F, got_lam = torch.ops.rcar_fast.rcr(*args)
     assert got_F.dtype == dtype and got_F.device.type == torch.device(device).type
     valid = ~pad
     torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], rtol=0, atol=atol)

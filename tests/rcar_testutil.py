@@ -139,3 +139,45 @@ def cpu_backends(*names):
         here = name in rcar_fast.available_backends("cpu")
         out.append(pytest.param(name, marks=pytest.mark.skipif(not here, reason=f"{name}: {st.get(name, '?')}")))
     return out
+
+
+RCR_KEYS = ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight", "rcr_matrix_w.2.bias",
+            "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias", "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")
+
+
+def rcr_op_case(B: int, d: int, s: int, with_state: bool, cast, seed: int = 21):
+    """Inputs of the rcr op (csrc/README.md) and torch's RCR step on them: P = 7 query items of
+    lengths 5, 1, 3, 4, 5, 2, 1 (Lq = 5), E, factors and lam NaN at padded rows (factors and lam
+    absent without ``with_state``), RCRModule(d, s) weights with nonzero biases. ``cast`` puts a
+    tensor in the op's dtype and device; the reference (rcr_step, float64) runs on the cast values.
+    Returns (the op's arguments, want_F, want_lam, pad (P, Lq) on the inputs' device)."""
+    from rcar_fast.modules import RCRModule
+    from rcar_fast.torch_math import rcr_step
+    P, Lq = 7, 5
+    g = torch.Generator().manual_seed(seed)
+    ql = torch.tensor([5, 1, 3, 4, 5, 2, 1], dtype=torch.int32)
+    E = torch.randn(B, P, Lq, s, generator=g, dtype=torch.float64)
+    F0 = torch.rand(B, P, Lq, d, generator=g, dtype=torch.float64) * 2 - 1 if with_state else None
+    lam0 = torch.rand(B, P, Lq, generator=g, dtype=torch.float64) * 5 if with_state else 4.0
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        init = RCRModule(d, s).state_dict()
+    w = {k: v.double() + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64)   # nonzero biases
+         for k, v in init.items()}
+    rounded = (lambda x: cast(x).double() if isinstance(x, torch.Tensor) else x)
+    E, F0, lam0 = rounded(E), rounded(F0), rounded(lam0)
+    w = {k: rounded(v) for k, v in w.items()}
+    want_F, want_lam = rcr_step(E.clone(), None if F0 is None else F0.clone(),
+                                lam0.clone() if isinstance(lam0, torch.Tensor) else lam0, w, "", False)
+    pad = (torch.arange(Lq)[None, :] >= ql[:, None]).to(E.device)
+    En, Fn, lamn = E.clone(), None if F0 is None else F0.clone(), lam0
+    En[:, pad] = float("nan")
+    if Fn is not None:
+        Fn[:, pad] = float("nan")
+    if isinstance(lam0, torch.Tensor):
+        lamn = lam0.clone()
+        lamn[:, pad] = float("nan")
+    c = (lambda x: cast(x) if isinstance(x, torch.Tensor) else x)
+    args = (c(En), ql.to(E.device), c(Fn), c(lamn) if isinstance(lamn, torch.Tensor) else None,
+            0.0 if isinstance(lamn, torch.Tensor) else float(lamn), *[c(w[k]) for k in RCR_KEYS])
+    return args, want_F, want_lam, pad

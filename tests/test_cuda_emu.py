@@ -40,8 +40,9 @@ _VP, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 def _emu_sources():
     """Every file the library is built from: the driver, the emulation and csrc/cuda's headers."""
     import glob
+    cuda = os.path.join(ROOT, "csrc", "cuda")
     return sorted(glob.glob(os.path.join(EMU, "**", "*.[ch]*"), recursive=True)
-                  + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")) + [os.path.join(ROOT, "csrc", "cuda", "plan.h")])
+                  + glob.glob(os.path.join(cuda, "*.cuh")) + [os.path.join(cuda, "plan.h")])
 
 
 def build_emu(folder: str):
@@ -147,7 +148,8 @@ def test_kernels_use_dynamic_shared_memory_only():
     __shared__ variable would become each thread's own there, silently. So the kernels have none."""
     import glob
     import re
-    for path in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+    cuda = os.path.join(ROOT, "csrc", "cuda")
+    for path in glob.glob(os.path.join(cuda, "*.cuh")) + glob.glob(os.path.join(cuda, "*.cu")):
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 code = line.split("//")[0]

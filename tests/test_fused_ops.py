@@ -395,34 +395,9 @@ def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
     one kernel, here d = 140 over two column blocks and 21 rows over two row blocks) against the
     torch backend's RCR step on every valid row; padded rows of the inputs hold NaN and the
     outputs are zero there; opcheck."""
-    from rcar_fast.modules import RCRModule
-    from rcar_fast.torch_math import rcr_step
-    B, P, Lq, s, d = 3, 7, 5, 6, 140
-    g = torch.Generator().manual_seed(21)
-    ql = torch.tensor([5, 1, 3, 4, 5, 2, 1], dtype=torch.int32)
-    E = torch.randn(B, P, Lq, s, generator=g, dtype=torch.float64)
-    F0 = torch.rand(B, P, Lq, d, generator=g, dtype=torch.float64) * 2 - 1 if with_state else None
-    lam0 = torch.rand(B, P, Lq, generator=g, dtype=torch.float64) * 5 if with_state else 4.0
-    w = {k: v.double() for k, v in RCRModule(d, s).state_dict().items()}
-    for k in w:
-        w[k] = w[k] + 0.1 * torch.randn(w[k].shape, generator=g, dtype=torch.float64)   # nonzero biases
-    want_F, want_lam = rcr_step(E.clone(), None if F0 is None else F0.clone(),
-                                lam0.clone() if isinstance(lam0, Tensor) else lam0, w, "", False)
-    pad = torch.arange(Lq)[None, :] >= ql[:, None]                      # (P, Lq)
-    En, Fn = E.clone(), None if F0 is None else F0.clone()
-    En[:, pad] = float("nan")
-    if Fn is not None:
-        Fn[:, pad] = float("nan")
-    lamn = lam0
-    if isinstance(lam0, Tensor):
-        lamn = lam0.clone()
-        lamn[:, pad] = float("nan")
-    c = (lambda x: x.to(dtype) if isinstance(x, Tensor) else x)
-    args = (c(En), ql, c(Fn), c(lamn) if isinstance(lamn, Tensor) else None,
-            0.0 if isinstance(lamn, Tensor) else float(lamn),
-            *[c(w[k]) for k in ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight",
-                                "rcr_matrix_w.2.bias", "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias",
-                                "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")])
+    from rcar_testutil import rcr_op_case
+    B, P, Lq, d = 3, 7, 5, 140
+    args, want_F, want_lam, pad = rcr_op_case(B, d, 6, with_state, lambda x: x.to(dtype))
     op = _rcr_op(backend)
     got_F, got_lam = op(*args)
     assert got_F.dtype == dtype and got_F.shape == (B, P, Lq, d) and got_lam.shape == (B, P, Lq)

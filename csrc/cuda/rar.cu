@@ -81,7 +81,6 @@ RarArgs<T> make_args(const RarInputs& in) {
   r.P = in.P;
   r.Lq = in.Lq;
   r.S = in.S;
-  r.steps = in.steps;
   return r;
 }
 

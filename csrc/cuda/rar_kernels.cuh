@@ -27,7 +27,7 @@ struct RarArgs {
   const T* bv;       // (T,)
   const T* keep_k;   // (B, P, Lq, s) or nullptr
   const T* keep_g;   // (B, P, s) or nullptr
-  int64_t P, Lq, S, steps;
+  int64_t P, Lq, S;
 };
 
 // Shared memory of one RAR block, carved from the layout.

@@ -83,7 +83,7 @@ AttnArgs<T> attn_args(const AttnIn& in) {
 template <typename T>
 RarArgs<T> rar_args(const void* E, const int* qlens, const void* h, const void* wq, const void* bq, const void* wk,
                     const void* bk, const void* wv, const void* bv, const void* keep_k, const void* keep_g, int64_t P,
-                    int64_t Lq, int64_t S, int64_t steps) {
+                    int64_t Lq, int64_t S) {
   RarArgs<T> r{};
   r.E = static_cast<const T*>(E);
   r.qlens = qlens;
@@ -99,7 +99,6 @@ RarArgs<T> rar_args(const void* E, const int* qlens, const void* h, const void* 
   r.P = P;
   r.Lq = Lq;
   r.S = S;
-  r.steps = steps;
   return r;
 }
 
@@ -210,8 +209,8 @@ int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk,
   int64_t used = 0;
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const RarArgs<T> r = rar_args<T>(E, qlens, nullptr, nullptr, nullptr, wk, bk, nullptr, bv, keep_k, nullptr, P, Lq,
-                                     S, t + 1);
+    const RarArgs<T> r =
+        rar_args<T>(E, qlens, nullptr, nullptr, nullptr, wk, bk, nullptr, bv, keep_k, nullptr, P, Lq, S);
     const RarPlan pl = choose_rar_plan((int)sizeof(T), Lq, S, P, limit);
     if (pl.gp == 0) return;
     const unsigned blocks = (unsigned)(B * ((P + pl.gp - 1) / pl.gp));
@@ -287,7 +286,7 @@ int64_t emu_rar_bwd(int dtype, const void* grad, const void* E, const int* qlens
   int64_t used = 0;
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const RarArgs<T> r = rar_args<T>(E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g, P, Lq, S, 1);
+    const RarArgs<T> r = rar_args<T>(E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g, P, Lq, S);
     const int mt = choose_rar_mt((int)sizeof(T), Lq, S, limit);
     auto go = [&](auto mt_tag) {
       constexpr int M = decltype(mt_tag)::value;
@@ -307,7 +306,8 @@ int64_t emu_rar_bwd(int dtype, const void* grad, const void* E, const int* qlens
 void emu_rar_mean(int dtype, const void* E, const int* qlens, int64_t B, int64_t P, int64_t Lq, int64_t S, float* h) {
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    cuda_emu::launch((unsigned)(B * P), kThreads, [&] { rar_mean_kernel<T>(static_cast<const T*>(E), qlens, P, Lq, S, h); });
+    cuda_emu::launch((unsigned)(B * P), kThreads,
+                     [&] { rar_mean_kernel<T>(static_cast<const T*>(E), qlens, P, Lq, S, h); });
   });
 }
 
