@@ -113,16 +113,19 @@ def rar_configs(backward: bool):
     return _unique(gen())
 
 
-def rcr_factors_configs():
-    """The fused RCR step's element-wise kernel: with and without the previous factors."""
+def rcr_configs(which: str):
+    """The RCR step's two GEMM kernels (which "hidden": with and without the previous
+    temperatures; "factors": with and without the previous factors) at s = 256, d = 1024 (their
+    widths are compile-time constants)."""
     rcr = _module("rcr")
 
     def gen():
         for dtype in DTYPES:
-            for has_f in (False, True):
-                cfg = rcr.rcr_factors_config()
+            for has_state in (False, True):
+                cfg = rcr.rcr_gemm_config(dtype != "fp32", S, which)
                 launch = launch_options(cfg)
-                cfg.update(HAS_F=has_f)
+                dims = dict(S_DIM=S, H_DIM=2 * S, HS_DIM=S // 2) if which == "hidden" else dict(D=D, H_DIM=2 * S)
+                cfg.update(dims, **{"HAS_LAM" if which == "hidden" else "HAS_F": has_state, "IEEE": dtype == "fp32"})
                 yield dtype, cfg, launch
     return _unique(gen())
 
@@ -169,8 +172,14 @@ def rar_fwd_signature(dtype):
                   strides="se_b se_p se_l se_s smk_b smk_p smk_l smk_s smg_b smg_p smg_s so_b so_p so_s".split())
 
 
-def rcr_factors_signature(dtype):
-    return _typed(dtype, ("m_ptr", "f_ptr"), ints=("N_ROWS", "P", "LQ", "D"), qlen_ptr="*i32")
+def rcr_hidden_signature(dtype):
+    return _typed(dtype, ("e_ptr", "w1_ptr", "b1_ptr", "ws1_ptr", "bs1_ptr", "ws2_ptr", "bs2_ptr", "lam_ptr", "h_ptr",
+                          "lam_out_ptr"), ints=("N_ROWS", "P", "LQ"), qlen_ptr="*i32", lam_scalar="fp32")
+
+
+def rcr_factors_gemm_signature(dtype):
+    return _typed(dtype, ("h_ptr", "w2_ptr", "b2_ptr", "f_ptr", "out_ptr"), ints=("N_ROWS", "P", "LQ"),
+                  qlen_ptr="*i32")
 
 
 def rar_bwd_signature(dtype):
@@ -198,6 +207,8 @@ def kernels():
                                   fn=attention_bwd._attention_bwd_scores_kernel),
         "rar_fwd": K(launch_configs=lambda: rar_configs(False), signature=rar_fwd_signature, fn=rar._rar_fwd_kernel),
         "rar_bwd": K(launch_configs=lambda: rar_configs(True), signature=rar_bwd_signature, fn=rar._rar_bwd_kernel),
-        "rcr_factors": K(launch_configs=rcr_factors_configs, signature=rcr_factors_signature,
-                         fn=rcr._rcr_factors_kernel),
+        "rcr_hidden": K(launch_configs=lambda: rcr_configs("hidden"), signature=rcr_hidden_signature,
+                        fn=rcr._rcr_hidden_kernel),
+        "rcr_factors_gemm": K(launch_configs=lambda: rcr_configs("factors"), signature=rcr_factors_gemm_signature,
+                              fn=rcr._rcr_factors_gemm_kernel),
     }

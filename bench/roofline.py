@@ -34,8 +34,9 @@ estimates, not measured): 67 TFLOP/s fp32 SIMT, 10 TB/s L2, 33 TB/s shared memor
 
 What it models is the code as it is (kernels/, csrc/cuda/, the pipeline): block planning through
 rcar_fast.block_plan with each backend's GPU budget and buffer counts, one launch per op per
-block and step, the torch backend's element-wise passes, RCR's MLP as cuBLAS GEMMs plus one
-fused kernel for triton and cuda at inference (torch's step under autograd).
+block and step, the torch backend's element-wise passes, RCR at inference as two GEMM kernels
+with fused epilogues for triton and as cuBLAS GEMMs plus one element-wise kernel for cuda
+(torch's step under autograd).
 """
 
 from __future__ import annotations
@@ -167,22 +168,52 @@ def rcr_torch(book: Book, B: int, P: int, Lq: int, prefix: str = "rcr (torch)") 
              hbm=N * 2 * s * e * 2 + N * d * e * (2 + 3 + 2) + N * 4 * 4)
 
 
-def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "triton") -> None:
-    """The fused RCR step for inference of the triton backend (kernels/rcr.py) and the cuda
-    backend (csrc/cuda/rcr.cu): the same cuBLAS GEMMs, tanh of the hidden layers and the
-    temperatures in torch/ATen, and one kernel for the d-wide chain clamp(tanh(M) + F, -1, 1)
-    over the GEMM's output (one read of M, of F_old where there is one, one write)."""
+def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "cuda") -> None:
+    """The fused RCR step for inference of the cuda backend (csrc/cuda/rcr.cu): cuBLAS GEMMs,
+    tanh of the hidden layers and the temperatures in ATen, and one kernel for the d-wide chain
+    clamp(tanh(M) + F, -1, 1) over the GEMM's output (one read of M, of F_old where there is one,
+    one write)."""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
     book.add(f"rcr ({backend}): E W1^T, W2 tanh(.), smooth MLP (cuBLAS)", count=4,
              tc=2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2 + 2 * N * s // 2,
              hbm=N * s * e * 2 + N * 2 * s * e * 2 + N * d * e + N * s // 2 * e * 2, l2=N * d * e * 2)
     # two tanh_; the temperatures' add, relu and the mask of valid rows (arange, compare, fill or
-    # where, casts): 9 launches in kernels/rcr.py, 8 in rcr.cu
-    book.add(f"rcr ({backend}): tanh of the hidden layers, temperatures (torch)", count=9 if backend == "triton" else 8,
+    # where, casts): 8 launches in rcr.cu
+    book.add(f"rcr ({backend}): tanh of the hidden layers, temperatures (torch)", count=8,
              simt=N * (2 * s + s // 2) * 8, hbm=N * 2 * s * e * 2 + N * s // 2 * e * 2 + N * 4 * 4 * 2)
-    book.add("rcr_factors (clamp(tanh(M) + F))" if backend == "triton" else "rcr_factors_kernel", count=1,
+    book.add("rcr_factors_kernel", count=1,
              simt=N * d * 10, hbm=N * d * e * (3 if has_f else 2) + P * 4)
+
+
+#: the Triton RCR GEMMs' tiles for bf16/fp16 (kernels/rcr.py: rcr_gemm_config; tests/test_roofline.py
+#: checks they agree): BM rows x BN columns per program
+TRITON_RCR_BM, TRITON_RCR_BN = 128, 128
+
+
+def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
+    """The Triton RCR step for inference (kernels/rcr.py): two GEMM kernels of BM x BN tiles with
+    their element-wise work in the epilogue. rcr_hidden: H = tanh(E W1^T + b1) (N x 2s, stored) and,
+    in one more program per row block, the temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam)
+    (the s/2-wide hidden layer never stored). rcr_factors_gemm: F = clamp(tanh(H W2^T + b2) + F_old,
+    -1, 1), zero at padded rows (M never stored). L2 counts every tile a program reads (E once per
+    column block, W1 and ws1 once per row block; H once per column block of F, W2 once per row
+    block)."""
+    N = B * P * Lq
+    s, d, e = S_DIM, D, ELEM
+    BM, BN = TRITON_RCR_BM, TRITON_RCR_BN
+    rb = -(-N // BM)
+    hs = pow2(s // 2)
+    nh = -(-2 * s // BN)
+    book.add("rcr_hidden (tanh(E W1^T + b1), temperatures)", count=1, note=f"BM {BM} BN {BN}",
+             tc=rb * BM * (2 * s * nh * BN + 2 * s * hs), simt=N * (2 * s + s // 2) * 8,
+             hbm=N * s * e + N * 2 * s * e + N * 4 * 2 + (2 * s + s // 2) * s * e,
+             l2=rb * (nh + 1) * BM * s * e + rb * (2 * s + hs) * s * e + N * 2 * s * e + N * 4 * 2)
+    nf = -(-d // BN)
+    book.add("rcr_factors_gemm (clamp(tanh(H W2^T + b2) + F))", count=1, note=f"BM {BM} BN {BN}",
+             tc=rb * BM * nf * BN * 2 * 2 * s, simt=N * d * 10,
+             hbm=N * 2 * s * e + N * d * e * (2 if has_f else 1) + 2 * s * d * e + P * 4,
+             l2=rb * nf * (BM + BN) * 2 * s * e + N * d * e * (2 if has_f else 1))
 
 
 # ----------------------------------------------------------------------------- backends
@@ -197,7 +228,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     _gram_kernel, once per item and block), the fused attention and projection (attention_fwd, MODE_ALIGNMENT)
     with GP = TRITON_ROWS / BQ pairs of one context item per program (the context, its Gram
     matrix and the weight read once per program, every product GP * BQ rows tall), RCR (its
-    GEMMs in torch, its d-wide element-wise chain one kernel; torch's step under autograd),
+    two GEMM kernels with fused epilogues, rcr_triton; torch's step under autograd),
     one RAR step: the gates of every pair as one fp32 GEMM in torch, then rar_fwd with GP pairs
     per program (Wk read once per program; the first step after a launch for the mean of E)."""
     tag = " (recompute)" if recompute else ""
@@ -222,7 +253,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
             if shape.training:     # under autograd the pipeline runs torch's RCR step
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
-                rcr_fused(book, B, P, Lq, has_f)
+                rcr_triton(book, B, P, Lq, has_f)
         if t == 0:
             book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {GP}", simt=pairs * 2 * BQ * BS,
                      l2=pairs * (Lq * s * e + s * 4), hbm=pairs * (Lq * s * e + s * 4))

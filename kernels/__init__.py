@@ -10,8 +10,9 @@ Per op, the kernels, the launcher, the torch.library custom op, its fake and its
   rar.py            T steps of RAR (one launch per step, several pairs per program, the gates
                     of every pair one GEMM) and one step's backward; launchers ``rar_fwd``,
                     ``rar_bwd``; ``rcar_fast::triton_rar`` / ``::triton_rar_bwd``, fakes, autograd
-  rcr.py            one RCR step for inference, its d-wide element-wise chain in one kernel;
-                    ``rcr_step``; ``rcar_fast::triton_rcr`` and its fake
+  rcr.py            one RCR step for inference as two GEMM kernels (tensor cores) with the
+                    tanh, clamp and temperatures in their epilogues; ``rcr_step``;
+                    ``rcar_fast::triton_rcr`` and its fake
 
 The "triton" backend (rcar_fast.backends.triton_kernels) binds the custom ops into a kernel set.
 On CPU tensors they run under TRITON_INTERPRET=1 (tests).

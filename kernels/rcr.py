@@ -1,17 +1,21 @@
-"""RCR's step for inference (the backend contract's optional ``rcr``), its d-wide element-wise
-work fused into one Triton kernel:
+"""RCR's step for inference (the backend contract's optional ``rcr``) as two Triton GEMM kernels
+with their element-wise work in the epilogue, on the tensor cores for bf16/fp16:
 
-  hidden = tanh(E W1^T + b1)                  (N x 2s, torch: cuBLAS GEMM, tanh in place)
-  M      = hidden W2^T + b2                   (N x d, torch: cuBLAS GEMM into the new F's buffer)
-  F      = clamp(tanh(M) + F_old, -1, 1)      (_rcr_factors_kernel, in place over M: one read of M
-                                               and of F_old, one write, where torch's in-place
-                                               chain tanh_, add_, clamp_ makes three passes)
-  lam    = relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam_old)   (torch, one column)
+  _rcr_hidden_kernel         H   = tanh(E W1^T + b1)                         (N x 2s, stored)
+                             lam = relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam_old)   (N; the last
+                                   column block of programs: the s/2-wide hidden layer of the
+                                   temperatures' MLP never leaves the chip)
+  _rcr_factors_gemm_kernel   F   = clamp(tanh(H W2^T + b2) + F_old, -1, 1)   (N x d; M = H W2^T + b2
+                                   never reaches memory)
 
-N = B * P * Lq rows; F_old all ones at the first step (None). Rows at or past a pair's query
-length are zero in F and lam (the contract of csrc/README.md's ``rcr``), whatever the inputs
-hold there (NaN included: the kernel never reads F_old there, and E's rows stay in their own
-rows of the GEMMs). Inference only: under autograd the pipeline runs torch's RCR step.
+N = B * P * Lq rows (row r is position r % Lq of query item (r // Lq) % P); F_old all ones at
+the first step (None), lam_old the scalar or (B, P, Lq). Rows at or past a pair's query length
+are zero in F and lam (the contract of csrc/README.md's ``rcr``), whatever the inputs hold there
+(NaN included: E, H and F_old are read there by masked loads, never used). Each program takes a
+BM x BN tile, accumulates in fp32 over K in BK chunks; fp32 inputs take exact products
+(input_precision "ieee", split along K as kernels/attention.py's _dot_ieee), half inputs the
+tensor cores. H is stored in E's dtype (as torch's step rounds it); M stays fp32 on chip.
+Inference only: under autograd the pipeline runs torch's RCR step.
 """
 
 from typing import Optional, Tuple
@@ -22,39 +26,139 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
-from .attention import MAX_REGISTERS
+from .attention import MAX_REGISTERS, _dot, _pow2
 from .rar import _tanh
 
 Tensor = torch.Tensor
 
 
 @triton.jit
-def _rcr_factors_kernel(m_ptr, f_ptr, qlen_ptr, N_ROWS, P, LQ, D,
-                        HAS_F: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
-    """BR rows x BD columns of F = clamp(tanh(M) + F_old, -1, 1), written over M ((N_ROWS, D),
-    contiguous; F_old likewise, or all ones without HAS_F); row r is position r % LQ of query
-    item (r // LQ) % P, and is zero at or past that item's length."""
-    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BD + tl.arange(0, BD)
-    rin = r < N_ROWS
-    qlen = tl.load(qlen_ptr + (r // LQ) % P, mask=rin, other=0)
-    valid = (r % LQ) < qlen
-    m2 = rin[:, None] & (c < D)[None, :]
-    v2 = valid[:, None] & (c < D)[None, :]
-    offs = r[:, None] * D + c[None, :]
-    m = tl.load(m_ptr + offs, mask=v2, other=0.0).to(tl.float32)
+def _valid_rows(qlen_ptr, r, N_ROWS, P, LQ):
+    """Row r (int32: the launcher keeps N_ROWS below 2^31) is valid when it is one of the N_ROWS
+    rows and its position r % LQ is below its query item's length (item (r // LQ) % P). int32:
+    an int64 division is a called subroutine, and the call spilled the GEMM's live registers."""
+    qlen = tl.load(qlen_ptr + (r // LQ) % P, mask=r < N_ROWS, other=0)
+    return (r % LQ) < qlen
+
+
+@triton.jit
+def _mm_tile(a_base, rl, rmask, b_base, c, cmask, K: tl.constexpr,
+             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """A[rl, :K] B[c, :K]^T (BM x BN, fp32): A from a_base (this program's first row; rows rl
+    where rmask), B from b_base (rows c where cmask), both row-major with rows K long; masked rows
+    read as zero. K is a compile-time constant and the callers promise both bases 16-byte aligned
+    (tl.multiple_of at the call: a hint set here, on the argument, did not reach the loads): the
+    loads are then 16-byte vectors and pipelined (without, every element was a load with its own
+    address, and the tile took 255 registers unpipelined; bench/results/gpu_notes.md). Offsets
+    within the tile are int32 (one int64 row base per program)."""
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if K % BK == 0:     # no mask along K (a mask there kept the loads from being pipelined)
+            km = rk < BK
+        else:
+            km = (k0 + rk) < K
+        a = tl.load(a_base + rl[:, None] * K + (k0 + rk)[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        b = tl.load(b_base + c[:, None] * K + (k0 + rk)[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
+        if IEEE:
+            acc += _dot(a, tl.trans(b), IEEE).to(tl.float32)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
+def _rcr_hidden_kernel(e_ptr, qlen_ptr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, lam_ptr, h_ptr,
+                       lam_out_ptr, lam_scalar, N_ROWS, P, LQ,
+                       S_DIM: tl.constexpr, H_DIM: tl.constexpr, HS_DIM: tl.constexpr,
+                       HAS_LAM: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BH: tl.constexpr, BK: tl.constexpr):
+    """Program (m, n): rows m * BM .. of E (N_ROWS x S_DIM). n below the last column block:
+    columns n * BN .. of H = tanh(E W1^T + b1) (N_ROWS x H_DIM); the last: the new temperatures
+    of those rows from the BH >= HS_DIM columns of tanh(E ws1^T + bs1). Every matrix contiguous."""
+    row0 = tl.program_id(0).to(tl.int64) * BM
+    rl = tl.arange(0, BM)
+    r = tl.program_id(0) * BM + rl
+    valid = _valid_rows(qlen_ptr, r, N_ROWS, P, LQ)
+    e_base = tl.multiple_of(e_ptr + row0 * S_DIM, 16)     # the launcher checks the alignment
+    n = tl.program_id(1)
+    if n < tl.num_programs(1) - 1:
+        c = n * BN + tl.arange(0, BN)
+        cm = c < H_DIM
+        acc = _mm_tile(e_base, rl, valid, tl.multiple_of(w1_ptr, 16), c, cm, S_DIM, IEEE, BM, BN, BK)
+        h = _tanh(acc + tl.load(b1_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :])
+        tl.store(h_ptr + row0 * H_DIM + rl[:, None] * H_DIM + c[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=(r < N_ROWS)[:, None] & cm[None, :])
+    else:   # names of their own: a name set in both branches must keep one shape
+        cs = tl.arange(0, BH)
+        csm = cs < HS_DIM
+        acc_s = _mm_tile(e_base, rl, valid, tl.multiple_of(ws1_ptr, 16), cs, csm, S_DIM, IEEE, BM, BH, BK)
+        hs = _tanh(acc_s + tl.load(bs1_ptr + cs, mask=csm, other=0.0).to(tl.float32)[None, :])
+        ws2 = tl.load(ws2_ptr + cs, mask=csm, other=0.0).to(tl.float32)
+        smooth = tl.sum(tl.where(csm[None, :], hs * ws2[None, :], 0.0), axis=1) + tl.load(bs2_ptr).to(tl.float32)
+        if HAS_LAM:
+            lam_old = tl.load(lam_ptr + r, mask=valid, other=0.0).to(tl.float32)
+        else:
+            lam_old = lam_scalar
+        lam = tl.where(valid, tl.maximum(smooth + lam_old, 0.0), 0.0)
+        tl.store(lam_out_ptr + r, lam.to(lam_out_ptr.dtype.element_ty), mask=r < N_ROWS)
+
+
+@triton.jit
+def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_ROWS, P, LQ,
+                             D: tl.constexpr, H_DIM: tl.constexpr,
+                             HAS_F: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr):
+    """Program (m, n): the BM x BN tile of F = clamp(tanh(H W2^T + b2) + F_old, -1, 1) (N_ROWS x D;
+    F_old likewise, or all ones without HAS_F), zero at invalid rows. Every matrix contiguous."""
+    row0 = tl.program_id(0).to(tl.int64) * BM
+    rl = tl.arange(0, BM)
+    r = tl.program_id(0) * BM + rl
+    valid = _valid_rows(qlen_ptr, r, N_ROWS, P, LQ)
+    c = tl.program_id(1) * BN + tl.arange(0, BN)
+    cm = c < D
+    acc = _mm_tile(tl.multiple_of(h_ptr + row0 * H_DIM, 16), rl, valid, tl.multiple_of(w2_ptr, 16), c, cm, H_DIM,
+                   IEEE, BM, BN, BK)
+    m = acc + tl.load(b2_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    v2 = valid[:, None] & cm[None, :]
+    offs = rl[:, None] * D + c[None, :]
     if HAS_F:
-        f = tl.load(f_ptr + offs, mask=v2, other=0.0).to(tl.float32)
+        f = tl.load(tl.multiple_of(f_ptr + row0 * D, 16) + offs, mask=v2, other=0.0).to(tl.float32)
     else:
         f = 1.0
     out = tl.where(v2, tl.minimum(tl.maximum(_tanh(m) + f, -1.0), 1.0), 0.0)
-    tl.store(m_ptr + offs, out.to(m_ptr.dtype.element_ty), mask=m2)
+    tl.store(tl.multiple_of(out_ptr + row0 * D, 16) + offs, out.to(out_ptr.dtype.element_ty),
+             mask=(r < N_ROWS)[:, None] & cm[None, :])
 
 
-def rcr_factors_config() -> dict:
-    """Block sizes and launch options of _rcr_factors_kernel (the compile report checks these):
-    16 rows x 128 columns, 4 warps (16 elements a thread; bf16: two 16-byte loads)."""
-    return dict(BR=16, BD=128, num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
+def rcr_gemm_config(half: bool, s: int, which: str) -> dict:
+    """Block sizes and launch options of the two kernels (the compile report checks these):
+    which "hidden" (_rcr_hidden_kernel, BH = the temperatures' hidden width s / 2 rounded up to a
+    power of two) or "factors" (_rcr_factors_gemm_kernel). half: 128 x 128 tiles, BK 64, 8 warps
+    (bench/roofline.py's TRITON_RCR_BM/BN), 3 stages, 2 for hidden (3 spilled 16 B on sm_80,
+    python -m bench.resources); fp32 (exact FMA products): 64 x 64, BK 16, one stage."""
+    if half:
+        cfg = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=2 if which == "hidden" else 3)
+    else:
+        cfg = dict(BM=64, BN=64, BK=16, num_warps=8, num_stages=1)
+    if which == "hidden":
+        cfg["BH"] = _pow2(s // 2 if s > 1 else 1)
+    return dict(cfg, maxnreg=MAX_REGISTERS)
+
+
+def _launch_options(cfg: dict) -> dict:
+    return {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
+
+
+#: the most rows (B * P * Lq) one step takes: the kernels index rows in int32
+MAX_N_ROWS = 2 ** 31 - 1
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """t contiguous at a 16-byte aligned address (the kernels promise the compiler both; a fresh
+    allocation is aligned, a view at an odd offset is copied)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
@@ -62,20 +166,36 @@ def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[
              bs2: Tensor) -> Tuple[Tensor, Tensor]:
     """One RCR step on E (B, P, Lq, s), qlens (P,) int32: returns (F (B, P, Lq, d), lam
     (B, P, Lq)) in E's dtype; factors None (all ones) or (B, P, Lq, d); lam None (lam_scalar
-    everywhere) or (B, P, Lq). Zero at rows past a query length."""
+    everywhere) or (B, P, Lq); w1 (2s, s), b1 (2s,), w2 (d, 2s), b2 (d,), ws1 (s/2, s),
+    bs1 (s/2,), ws2 (1, s/2), bs2 (1,). Zero at rows past a query length. s, 2s, s/2 and d are
+    compile-time constants of the kernels (one compilation per model width)."""
     B, P, Lq, S = E.shape
-    D = w2.shape[0]
-    rows = E.reshape(B * P * Lq, S)
-    F = torch.addmm(b2, torch.addmm(b1, rows, w1.t()).tanh_(), w2.t())
-    if F.numel():
-        f_old = F if factors is None else factors.contiguous()
-        cfg = rcr_factors_config()
-        grid = (triton.cdiv(B * P * Lq, cfg["BR"]), triton.cdiv(D, cfg["BD"]))
-        _rcr_factors_kernel[grid](F, f_old, qlens, B * P * Lq, P, Lq, D, HAS_F=factors is not None, **cfg)
-    smooth = torch.addmm(bs2, torch.addmm(bs1, rows, ws1.t()).tanh_(), ws2.t()).view(B, P, Lq)
-    valid = torch.arange(Lq, device=E.device)[None, :] < qlens[:, None].to(torch.int64)       # (P, Lq)
-    lam_new = torch.where(valid, torch.relu(smooth + (lam_scalar if lam is None else lam)), 0.0)
-    return F.view(B, P, Lq, D), lam_new.to(E.dtype)
+    D, H = w2.shape
+    N = B * P * Lq
+    if N > MAX_N_ROWS:
+        raise ValueError(f"E: the Triton RCR step takes at most {MAX_N_ROWS} rows (B * P * Lq), got {N}; "
+                         "score in smaller blocks")
+    F = E.new_empty(N, D)
+    lam_new = E.new_empty(N)
+    if N == 0:
+        return F.view(B, P, Lq, D), lam_new.view(B, P, Lq)
+    rows = _aligned(E.reshape(N, S))
+    half = E.dtype in (torch.float16, torch.bfloat16)
+    hidden = E.new_empty(N, H)
+    cfg = rcr_gemm_config(half, S, "hidden")
+    opts = _launch_options(cfg)
+    lam_old = rows if lam is None else lam.reshape(N).contiguous()
+    grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(H, cfg["BN"]) + 1)
+    _rcr_hidden_kernel[grid](rows, qlens, _aligned(w1), b1, _aligned(ws1), bs1, ws2.reshape(-1), bs2, lam_old, hidden,
+                             lam_new, float(lam_scalar), N, P, Lq, S_DIM=S, H_DIM=H, HS_DIM=ws1.shape[0],
+                             HAS_LAM=lam is not None, IEEE=not half, **cfg, **opts)
+    cfg = rcr_gemm_config(half, S, "factors")
+    opts = _launch_options(cfg)
+    f_old = F if factors is None else _aligned(factors.reshape(N, D))
+    grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(D, cfg["BN"]))
+    _rcr_factors_gemm_kernel[grid](hidden, qlens, _aligned(w2), b2, f_old, F, N, P, Lq, D=D, H_DIM=H,
+                                   HAS_F=factors is not None, IEEE=not half, **cfg, **opts)
+    return F.view(B, P, Lq, D), lam_new.view(B, P, Lq)
 
 
 @torch.library.custom_op("rcar_fast::triton_rcr", mutates_args=())

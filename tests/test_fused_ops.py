@@ -6,6 +6,8 @@ in every padded row, lengths 1 and full, d and s not powers of two."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -391,8 +393,8 @@ def _rcr_op(backend):
 @pytest.mark.parametrize("with_state", [False, True], ids=["F=1,lam=float", "F,lam"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
-    """The inference-only rcr op (C++; Triton: GEMMs in torch, the d-wide element-wise chain in
-    one kernel, here d = 140 over two column blocks and 21 rows over two row blocks) against the
+    """The inference-only rcr op (C++; Triton: two GEMM kernels with the element-wise work in
+    their epilogues, test_triton_rcr_gemm_tiles covers their tiling) against the
     torch backend's RCR step on every valid row; padded rows of the inputs hold NaN and the
     outputs are zero there; opcheck."""
     from rcar_testutil import rcr_op_case
@@ -401,7 +403,7 @@ def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
     op = _rcr_op(backend)
     got_F, got_lam = op(*args)
     assert got_F.dtype == dtype and got_F.shape == (B, P, Lq, d) and got_lam.shape == (B, P, Lq)
-    exact64 = dtype == torch.float64 and backend != "triton"      # Triton's element-wise chain is fp32
+    exact64 = dtype == torch.float64 and backend != "triton"      # Triton accumulates in fp32
     tol = dict(rtol=1e-10, atol=1e-12) if exact64 else dict(rtol=1e-5, atol=2e-6)
     valid = ~pad
     torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], **tol)
@@ -409,6 +411,48 @@ def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
     assert not got_F[:, pad].any() and not got_lam[:, pad].any()
     if dtype == torch.float64:
         torch.library.opcheck(op, [torch.nan_to_num(a) if isinstance(a, Tensor) else a for a in args])
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.float16, 4e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["F=1,lam=float", "F,lam"])
+def test_triton_rcr_gemm_tiles(with_state, dtype, atol):
+    """The Triton rcr op's two GEMM kernels over several tiles in every direction (asserted from
+    the launcher's config): 245 rows (B = 7; 4 row blocks of 64 for fp32, 2 of 128 for fp16),
+    d = 140 (3 and 2 column blocks), s = 72 (H 144 wide: 3 and 2 hidden column blocks; the
+    hidden K = 72 over 5 and 2 chunks, the factors' K = 144 over 9 and 3), the temperatures'
+    hidden layer 36 of a 64-wide tile; padded rows NaN in, zero out."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not available here")
+    from rcar_testutil import rcr_op_case
+    from rcar_fast.backends.triton_kernels import load_kernels
+    rcr = importlib.import_module(load_kernels().__name__ + ".rcr")
+    B, d, s = 7, 140, 72
+    for which in ("hidden", "factors"):     # the case spans several blocks of each kernel's tiles
+        cfg = rcr.rcr_gemm_config(dtype != torch.float32, s, which)
+        assert B * 7 * 5 > cfg["BM"] and (2 * s if which == "hidden" else d) > cfg["BN"]
+        assert (s if which == "hidden" else 2 * s) > cfg["BK"]
+    args, want_F, want_lam, pad = rcr_op_case(B, d, s, with_state, lambda x: x.to(dtype))
+    got_F, got_lam = _rcr_op("triton")(*args)
+    assert got_F.dtype == dtype and got_F.shape == (B, 7, 5, d) and got_lam.shape == (B, 7, 5)
+    valid = ~pad
+    torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], rtol=1e-5, atol=atol)
+    torch.testing.assert_close(got_lam[:, valid].double(), want_lam[:, valid], rtol=1e-5, atol=atol * 10)
+    assert not got_F[:, pad].any() and not got_lam[:, pad].any()
+
+
+def test_triton_rcr_inputs_made_aligned():
+    """The Triton RCR kernels promise the compiler 16-byte aligned matrices: the launcher copies a
+    view at an unaligned address (and leaves an aligned one in place)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not available here")
+    from rcar_fast.backends.triton_kernels import load_kernels
+    rcr = importlib.import_module(load_kernels().__name__ + ".rcr")
+    base = torch.arange(40, dtype=torch.float16)
+    view = base[1:33].view(4, 8)
+    assert view.data_ptr() % 16 != 0
+    got = rcr._aligned(view)
+    assert got.data_ptr() % 16 == 0 and torch.equal(got, view)
+    assert rcr._aligned(base).data_ptr() == base.data_ptr()
 
 
 def test_triton_rejects_shapes_past_the_compiled_range():

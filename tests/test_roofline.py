@@ -151,3 +151,14 @@ def test_cuda_plans_are_the_kernels(cuda_plan_exe, attn_type):
     # the fp32 attention and the backward's kModeSquaredDiff never take the tensor-core kernel
     assert _ask(cuda_plan_exe, [f"tc 4 16 36 256 1 1000 0 {H200_SMEM}", f"tc 2 16 36 256 2 1000 0 {H200_SMEM}"]) \
         == [(0, 0, 0), (0, 0, 0)]
+
+
+def test_triton_rcr_tiles_are_the_kernels():
+    """The model's Triton RCR tiles (TRITON_RCR_BM, TRITON_RCR_BN) are the ones kernels/rcr.py
+    launches in bf16 for both of its kernels."""
+    pytest.importorskip("triton")
+    from bench.kernel_configs import _module
+    rcr = _module("rcr")
+    for which in ("hidden", "factors"):
+        cfg = rcr.rcr_gemm_config(True, RL.S_DIM, which)
+        assert (cfg["BM"], cfg["BN"]) == (RL.TRITON_RCR_BM, RL.TRITON_RCR_BN), which

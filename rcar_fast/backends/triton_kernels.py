@@ -1,8 +1,8 @@
 """The "triton" backend's kernel set: the custom ops of rcar_fast.kernels (kernels/: each op's
 Triton kernels, launcher, registration, fake and autograd together). The attention fuses the
 alignment projection (the d-wide attended context never reaches memory), RAR runs one launch per
-step with the gates of every pair as one GEMM; RCR's MLP runs as cuBLAS GEMMs with its d-wide
-element-wise chain fused into one kernel (``rcr``, inference; under autograd the pipeline's
+step with the gates of every pair as one GEMM; RCR's step runs as two Triton GEMM kernels with
+its element-wise work in their epilogues (``rcr``, inference; under autograd the pipeline's
 torch step), and F is materialised per pair. On CPU tensors the kernels run only under
 TRITON_INTERPRET=1 (the test tier)."""
 
