@@ -1,15 +1,29 @@
-"""Every Triton kernel configuration the launchers pick for the standard shapes, and each
-kernel's argument types: what the compile report (bench/resources.py) compiles. The block sizes
-come from the launchers' own choosers (kernels/*: attention_config, attention_bwd_config,
-scores_config, rar_config), never from here, so a changed chooser changes what is compiled.
+"""Every Triton kernel launch the launchers make at the standard shapes, as the JIT would compile
+it: what the compile report (bench/resources.py) compiles. The launchers themselves are called
+(kernels/*: attention_fwd, attention_bwd, rar_fwd, rar_bwd, rcr_step) on CPU tensors of the
+standard shapes with every kernel's launch replaced by a recorder (nothing runs), so the block
+sizes come from their own choosers and the arguments are the ones they pass.
+
+Each recorded launch is then specialised as triton's JIT specialises a launch at run time
+(triton._C.libtriton.native_specialize_impl with the CUDA backend): an integer equal to 1 becomes
+a compile-time constant, integers that are multiples of 16 and 16-byte aligned tensors are marked
+divisible by 16, integers get i32 or i64 by their value. Without this the report compiled a
+variant the GPU never runs: unit strides unknown, every load scalar and unpipelined (the bf16
+attention forward took 241 registers where its run-time variant takes 168;
+bench/results/gpu_notes.md). Real launches with other sizes (a caption length or a pair count
+that is not a multiple of 16) get variants of their own at run time; these rows sample both
+kinds (Lq 16, 32, 64 and 36).
 
 Standard shapes (SPEC.md): d = 1024, s = 256; t2i captions of up to 16, 32 or 64 words against
-R = 36 regions, i2t the regions as queries against captions of up to 16, 32 or 64 words. Every
-block size the launchers can pick (query and context rows up to MAX_ROWS = 64) appears here.
+R = 36 regions, i2t the regions as queries against captions of up to 16, 32 or 64 words; P = 8
+query items, B = 2 context items (grid) or a pair list (paired); every dtype. Every block size the
+launchers can pick (query and context rows up to MAX_ROWS = 64) appears here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from types import SimpleNamespace
 
 #: (Lq, Lc) of the standard attention launches
@@ -18,6 +32,10 @@ STANDARD_SHAPES = ((16, 36), (32, 36), (64, 36), (36, 16), (36, 32), (36, 64))
 RAR_ROWS = (16, 32, 36, 64)
 DTYPES = ("bf16", "fp16", "fp32")
 D, S = 1024, 256
+#: query and context items of the standard launches
+P_ITEMS, B_ITEMS = 8, 2
+#: the options a launch passes besides its arguments
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 def _module(name: str):
@@ -29,9 +47,108 @@ def _module(name: str):
     return importlib.import_module(f"{load_kernels().__name__}.{name}")
 
 
-def launch_options(cfg: dict) -> dict:
-    """Pops the launch options (num_warps, num_stages, maxnreg) out of a launcher's config dict."""
-    return {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
+def _dtype(name: str):
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+@contextlib.contextmanager
+def _recording(into: list):
+    """Every Triton kernel launch inside appends (jit function, its arguments by name, its launch
+    options) to ``into`` instead of running (compiled or interpreted kernels alike)."""
+    from triton.runtime.jit import JITFunction
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover - every triton here has the interpreter
+        pass
+
+    def record(self, *args, grid, warmup, **kwargs):
+        opts = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        params = inspect.signature(self.fn).parameters
+        values = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+        values.update(zip(params, args))
+        values.update(kwargs)
+        into.append((self, values, opts))
+
+    saved = [(c, c.run) for c in classes]
+    try:
+        for c in classes:
+            c.run = record
+        yield into
+    finally:
+        for c, run in saved:
+            c.run = run
+
+
+def _launch_standard_shapes(dtype: str) -> None:
+    """Calls every launcher at the standard shapes in ``dtype`` (under _recording: nothing runs)."""
+    import torch
+    attention, attention_bwd, rar, rcr = (_module(m) for m in ("attention", "attention_bwd", "rar", "rcr"))
+    dt, P, B = _dtype(dtype), P_ITEMS, B_ITEMS
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dt)
+
+    def full(n, v):
+        return torch.full((n,), v, dtype=torch.int32)
+
+    w, b = randn(S, D), randn(S)
+    for Lq, Lc in STANDARD_SHAPES:
+        q, c = randn(P, Lq, D), randn(B, Lc, D)
+        for paired in (False, True):
+            cidx = torch.zeros(P, dtype=torch.int32) if paired else None
+            Bo = 1 if paired else B
+            for state in (False, True):
+                f = randn(Bo, P, Lq, D) if state else None
+                lam = randn(Bo, P, Lq).abs() if state else 10.0
+                for proj in (False, True):
+                    wb = (w, b) if proj else (None, None)
+                    attention.attention_fwd(q, full(P, Lq), c, full(B, Lc), f, lam, *wb, context_index=cidx)
+                    attention_bwd.attention_bwd(randn(Bo, P, Lq, S if proj else D), q, full(P, Lq), c, full(B, Lc), f,
+                                                lam, *wb, need_dfactors=state, context_index=cidx)
+    rw = [randn(1, S, S), randn(1, S), randn(1, S, S), randn(1, S), randn(1, S), randn(1)]
+    for Lq in RAR_ROWS:
+        E = randn(B, P, Lq, S)
+        for h0 in (None, randn(B, P, S)):
+            for drop in (False, True):
+                keep = (randn(B, P, Lq, S), randn(B, P, S)) if drop else (None, None)
+                rar.rar_fwd(E, full(P, Lq), h0, *rw, *keep)
+                if h0 is not None:
+                    rar.rar_bwd(randn(B, P, S), E, full(P, Lq), h0, *rw, *keep)
+    E = randn(B, P, 16, S)
+    mlp = [randn(2 * S, S), randn(2 * S), randn(D, 2 * S), randn(D), randn(S // 2, S), randn(S // 2), randn(1, S // 2),
+           randn(1)]
+    for state in (False, True):
+        rcr.rcr_step(E, full(P, 16), randn(B, P, 16, D) if state else None, randn(B, P, 16).abs() if state else None,
+                     10.0, *mlp)
+
+
+def _is_constexpr(param: inspect.Parameter) -> bool:
+    ann = param.annotation
+    return ann is not inspect.Parameter.empty and (getattr(ann, "__name__", None) == "constexpr"
+                                                    or str(ann).endswith("constexpr"))
+
+
+def specialization(fn, values: dict) -> tuple:
+    """(constexprs, {argument: its JIT specialisation}) of one recorded launch: the declared
+    constexprs' values, and per other argument "<type>" or "<type>:16" (divisible by 16) or
+    "=1" (a constant 1), as triton's JIT specialises it (native_specialize_impl, CUDA backend)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    cfg, spec = {}, {}
+    for name, p in inspect.signature(fn.fn).parameters.items():
+        v = values[name]
+        if _is_constexpr(p):
+            cfg[name] = v
+        elif isinstance(v, float):
+            spec[name] = "fp32"         # floats are not specialised
+        else:
+            ty, attr = native_specialize_impl(CUDABackend, v, False, True, True)
+            spec[name] = "=1" if ty == "constexpr" else (f"{ty}:16" if attr == "D" else ty)
+    return cfg, spec
 
 
 def _unique(items):
@@ -42,173 +159,32 @@ def _unique(items):
     return out
 
 
-def attention_configs(config, forms=({},)):
-    """(dtype, constexprs, launch options) of the attention launches for the standard shapes;
-    ``config``: the launcher's block-size chooser (forward or first backward kernel), called
-    with each of ``forms``' extra arguments (the forward: grouped on the grid, one pair paired)."""
-    attention = _module("attention")
-    MODE_ATTENDED, MODE_ALIGNMENT = attention.MODE_ATTENDED, attention.MODE_ALIGNMENT
-
-    def gen():
-        for dtype in DTYPES:
-            for Lq, Lc in STANDARD_SHAPES:
-                for mode in (MODE_ATTENDED.value, MODE_ALIGNMENT.value):
-                    for has_state in (False, True):
-                        for form in forms:
-                            cfg = config(dtype != "fp32", Lq, Lc, D, S if mode == MODE_ALIGNMENT.value else D, mode,
-                                         **form)
-                            launch = launch_options(cfg)
-                            cfg.update(HAS_F=has_state, HAS_LAM=has_state, MODE=mode, IEEE=dtype == "fp32")
-                            yield dtype, cfg, launch
-    return _unique(gen())
-
-
-def gram_configs():
-    """The Gram matrix kernel's launches: one per context block size of the standard shapes."""
-    attention = _module("attention")
-    bcs = sorted({attention.attention_config(True, Lq, Lc, D, S, 1)["BC"] for Lq, Lc in STANDARD_SHAPES})
-
-    def gen():
-        for dtype in DTYPES:
-            for BC in bcs:
-                cfg = attention.gram_config(dtype != "fp32", BC, D)
-                launch = launch_options(cfg)
-                cfg.update(IEEE=dtype == "fp32")
-                yield dtype, cfg, launch
-    return _unique(gen())
-
-
-def attention_bwd_scores_configs():
-    """The second backward kernel's launches: one per first-kernel launch."""
-    bwd = _module("attention_bwd")
-    attention_bwd_config, scores_config = bwd.attention_bwd_config, bwd.scores_config
-
-    def gen():
-        for dtype, cfg, launch in attention_configs(attention_bwd_config):
-            sc = scores_config(dict(cfg, **launch))
-            yield (dtype, dict(BQ=sc["BQ"], BC=sc["BC"], BD=sc["BD"], HAS_F=cfg["HAS_F"], HAS_LAM=cfg["HAS_LAM"],
-                               NEED_DF=cfg["HAS_F"], IEEE=cfg["IEEE"]), launch_options(sc))
-    return _unique(gen())
-
-
-def rar_configs(backward: bool):
-    """RAR's launches (forward: the mean, or a step with or without dropout; backward: with or
-    without dropout)."""
-    rar = _module("rar")
-    BWD_BLOCK_N, FWD_BLOCK_N, rar_config = rar.BWD_BLOCK_N, rar.FWD_BLOCK_N, rar.rar_config
-
-    def gen():
-        for dtype in DTYPES:
-            for Lq in RAR_ROWS:
-                for mean, has_drop in ((True, False), (False, False), (False, True)):
-                    if backward and mean:
-                        continue
-                    cfg = rar_config(Lq, S, BWD_BLOCK_N if backward else FWD_BLOCK_N, dtype != "fp32",
-                                     grouped=not backward)
-                    launch = launch_options(cfg)
-                    if not backward:
-                        cfg.update(MEAN=mean)
-                    cfg.update(HAS_DROP=has_drop, IEEE=dtype == "fp32")
-                    yield dtype, cfg, launch
-    return _unique(gen())
-
-
-def rcr_configs(which: str):
-    """The RCR step's two GEMM kernels (which "hidden": with and without the previous
-    temperatures; "factors": with and without the previous factors) at s = 256, d = 1024 (their
-    widths are compile-time constants)."""
-    rcr = _module("rcr")
-
-    def gen():
-        for dtype in DTYPES:
-            for has_state in (False, True):
-                cfg = rcr.rcr_gemm_config(dtype != "fp32", S, which)
-                launch = launch_options(cfg)
-                dims = dict(S_DIM=S, H_DIM=2 * S, HS_DIM=S // 2) if which == "hidden" else dict(D=D, H_DIM=2 * S)
-                cfg.update(dims, **{"HAS_LAM" if which == "hidden" else "HAS_F": has_state, "IEEE": dtype == "fp32"})
-                yield dtype, cfg, launch
-    return _unique(gen())
-
-
-# ----------------------------------------------------------------------------- argument types
-
-def _typed(dtype, pointers=(), fp32_pointers=(), ints=(), strides=(), **extra):
-    sig = {n: f"*{dtype}" for n in pointers}
-    sig.update({n: "*fp32" for n in fp32_pointers})
-    sig.update({n: "i32" for n in ints})
-    sig.update(extra)
-    sig.update({n: "i64" for n in strides})
-    return sig
-
-
-def gram_signature(dtype):
-    return _typed(dtype, ("c_ptr",), ("gram_ptr",), ("D",), clen_ptr="*i32", strides="sc_b sc_l sc_d".split())
-
-
-def attention_fwd_signature(dtype):
-    return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "out_ptr"), ("gram_ptr",),
-                  ints=("P", "NG", "LQ_OUT", "D", "S_DIM"), qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32",
-                  lam_scalar="fp32", strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
-                          "so_b so_p so_l so_x".split())
-
-
-def attention_bwd_signature(dtype):
-    return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr", "w_ptr", "bias_ptr", "g_ptr"),
-                  ("gram_ptr", "dq_ptr", "dc_ptr", "dw_ptr", "db_ptr", "dy_ptr", "dp_ptr"), ("P", "NG", "LQ", "D", "S_DIM"),
-                  qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32", lam_scalar="fp32",
-                  strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l sw_s sw_d "
-                          "sg_b sg_p sg_l sg_x".split())
-
-
-def attention_bwd_scores_signature(dtype):
-    return _typed(dtype, ("q_ptr", "c_ptr", "f_ptr", "lam_ptr"), ("dp_ptr", "dq_ptr", "dc_ptr", "df_ptr", "dlam_ptr"),
-                  ("P", "LQ", "D"), qlen_ptr="*i32", clen_ptr="*i32", cidx_ptr="*i32", lam_scalar="fp32",
-                  strides="sq_p sq_l sq_d sc_b sc_l sc_d sx_b sx_p sf_b sf_p sf_l sf_d sl_b sl_p sl_l".split())
-
-
-def rar_fwd_signature(dtype):
-    return _typed(dtype, ("e_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "mk_ptr", "mg_ptr"),
-                  ("gate_ptr", "out_ptr"), ints=("P", "NG", "S_DIM", "t"), qlen_ptr="*i32",
-                  strides="se_b se_p se_l se_s smk_b smk_p smk_l smk_s smg_b smg_p smg_s so_b so_p so_s".split())
-
-
-def rcr_hidden_signature(dtype):
-    return _typed(dtype, ("e_ptr", "w1_ptr", "b1_ptr", "ws1_ptr", "bs1_ptr", "ws2_ptr", "bs2_ptr", "lam_ptr", "h_ptr",
-                          "lam_out_ptr"), ints=("N_ROWS", "P", "LQ"), qlen_ptr="*i32", lam_scalar="fp32")
-
-
-def rcr_factors_gemm_signature(dtype):
-    return _typed(dtype, ("h_ptr", "w2_ptr", "b2_ptr", "f_ptr", "out_ptr"), ints=("N_ROWS", "P", "LQ"),
-                  qlen_ptr="*i32")
-
-
-def rar_bwd_signature(dtype):
-    return _typed(dtype, ("g_ptr", "e_ptr", "h_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr",
-                          "mk_ptr", "mg_ptr"), ("de_ptr", "dkp_ptr", "dgp_ptr", "dwv_ptr"), ("P", "LQ", "S_DIM"),
-                  qlen_ptr="*i32",
-                  strides="sg_b sg_p sg_s se_b se_p se_l se_s sh_b sh_p sh_s smk_b smk_p smk_l smk_s "
-                          "smg_b smg_p smg_s".split())
+def recorded_launches() -> dict:
+    """{report name: [(dtype, constexprs, launch options + "specialization")]} of every launch the
+    launchers make at the standard shapes, each once."""
+    names = {k.fn: name for name, k in kernels().items()}
+    out = {name: [] for name in names.values()}
+    for dtype in DTYPES:
+        rec = []
+        with _recording(rec):
+            _launch_standard_shapes(dtype)
+        for fn, values, opts in rec:
+            cfg, spec = specialization(fn, values)
+            out[names[fn]].append((dtype, cfg, dict(opts, specialization=spec)))
+    return {name: _unique(v) for name, v in out.items()}
 
 
 def kernels():
-    """{report name: (launch_configs, signature, jit function)} of every Triton kernel."""
+    """{report name: jit function} of every Triton kernel, as SimpleNamespace(fn=...)."""
     attention, attention_bwd, rar, rcr = (_module(m) for m in ("attention", "attention_bwd", "rar", "rcr"))
     K = SimpleNamespace
     return {
-        "gram": K(launch_configs=gram_configs, signature=gram_signature, fn=attention._gram_kernel),
-        "attention_fwd": K(launch_configs=lambda: attention_configs(attention.attention_config,
-                                                                    ({"grouped": True}, {"grouped": False})),
-                           signature=attention_fwd_signature, fn=attention._attention_fwd_kernel),
-        "attention_bwd": K(launch_configs=lambda: attention_configs(attention_bwd.attention_bwd_config,
-                                                                    ({"grouped": True}, {"grouped": False})),
-                           signature=attention_bwd_signature, fn=attention_bwd._attention_bwd_kernel),
-        "attention_bwd_scores": K(launch_configs=attention_bwd_scores_configs,
-                                  signature=attention_bwd_scores_signature,
-                                  fn=attention_bwd._attention_bwd_scores_kernel),
-        "rar_fwd": K(launch_configs=lambda: rar_configs(False), signature=rar_fwd_signature, fn=rar._rar_fwd_kernel),
-        "rar_bwd": K(launch_configs=lambda: rar_configs(True), signature=rar_bwd_signature, fn=rar._rar_bwd_kernel),
-        "rcr_hidden": K(launch_configs=lambda: rcr_configs("hidden"), signature=rcr_hidden_signature,
-                        fn=rcr._rcr_hidden_kernel),
-        "rcr_factors_gemm": K(launch_configs=lambda: rcr_configs("factors"), signature=rcr_factors_gemm_signature,
-                              fn=rcr._rcr_factors_gemm_kernel),
+        "gram": K(fn=attention._gram_kernel),
+        "attention_fwd": K(fn=attention._attention_fwd_kernel),
+        "attention_bwd": K(fn=attention_bwd._attention_bwd_kernel),
+        "attention_bwd_scores": K(fn=attention_bwd._attention_bwd_scores_kernel),
+        "rar_fwd": K(fn=rar._rar_fwd_kernel),
+        "rar_bwd": K(fn=rar._rar_bwd_kernel),
+        "rcr_hidden": K(fn=rcr._rcr_hidden_kernel),
+        "rcr_factors_gemm": K(fn=rcr._rcr_factors_gemm_kernel),
     }

@@ -19,13 +19,17 @@ architecture (shared memory: static from ptxas plus the dynamic bytes of the lau
 standard shapes get, from csrc/cuda/plan.h); without nvcc the CUDA half is skipped with a note.
 Every row carries ``backend`` ("triton" or "cuda").
 
+Triton rows are the launches the launchers make at the standard shapes, recorded, each compiled
+as triton's JIT would compile it at run time (argument types, unit strides as constants,
+divisibility by 16; bench/kernel_configs.py).
+
 Compile cache (bench/results/resources.json, committed): rows of earlier runs, each with the key
 it was measured under. The configurations always come from the launchers (bench/kernel_configs.py) and the
 .cu files on disk; for each one the key is computed now, from the current tree, and a cached row
 is reused only when its stored key equals it whole, else that configuration is compiled:
 
   Triton   backend, kernel, dtype, arch (and ptxas's -arch), constexprs, launch options
-           (num_warps, num_stages, maxnreg), what the compiler sees of the kernel (jit_sources:
+           (num_warps, num_stages, maxnreg, and the arguments' JIT specialisation), what the compiler sees of the kernel (jit_sources:
            the SHA-256 of its @triton.jit source and of every @triton.jit function it calls,
            transitively, and the values of the constants they name; launchers, custom-op
            registrations and comments outside jit functions do not count), the SHA-256 of the
@@ -73,7 +77,7 @@ MEASURED = ("registers", "spill_stores", "spill_loads", "stack", "shared", "hmma
 
 
 def _kernels():
-    """{report name: (launch_configs, signature, jit function)} of every Triton kernel
+    """{report name: SimpleNamespace(fn=jit function)} of every Triton kernel
     (bench/kernel_configs.py); the jit function's source and what it calls key its cache rows."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
@@ -89,18 +93,29 @@ def _tool(name: str) -> str:
 
 def measure(job):
     """Compile one configuration for one architecture: {"compiled": True, MEASURED...} or
-    {"compiled": False, "error": ...}."""
+    {"compiled": False, "error": ...}. The launch's arguments are typed and specialised as the
+    JIT specialises them at run time (launch["specialization"], bench/kernel_configs.py)."""
     kname, dtype, cfg, launch, cc = job
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kern = _kernels()[kname]
-    sig = kern.signature(dtype)
-    sig.update({k: "constexpr" for k in cfg})
+    fn = _kernels()[kname].fn
+    names = list(inspect.signature(fn.fn).parameters)
+    sig, consts, attrs = {}, dict(cfg), {}
+    for name, spec in launch["specialization"].items():
+        if spec == "=1":
+            consts[name] = 1
+            continue
+        ty, _, div = spec.partition(":")
+        sig[name] = ty
+        if div:
+            attrs[(names.index(name),)] = [["tt.divisibility", int(div)]]
+    sig.update({k: "constexpr" for k in consts})
+    options = {k: launch[k] for k in ("num_warps", "num_stages", "maxnreg")}
     try:
-        k = triton.compile(ASTSource(fn=kern.fn, signature=sig, constexprs=dict(cfg)),
-                           target=GPUTarget("cuda", cc, 32), options=dict(launch))
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", cc, 32), options=options)
     except Exception as exc:  # a compile failure is a finding, not a crash of the report
         return dict(compiled=False, error=f"{type(exc).__name__}: {str(exc)[-600:]}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,10 +172,13 @@ def compile_one(job):
 
 
 def jobs(archs, kernels=None):
-    """(kernel, dtype, constexprs, launch options, cc) of every configuration the launchers pick."""
+    """(kernel, dtype, constexprs, launch options with the JIT's specialisation, cc) of every launch
+    the launchers make at the standard shapes (bench/kernel_configs.py: recorded_launches)."""
+    from bench.kernel_configs import recorded_launches
+    launches = recorded_launches()
     out = []
-    for kname, kern in (kernels or _kernels()).items():
-        for dtype, cfg, launch in kern.launch_configs():
+    for kname in (kernels or _kernels()):
+        for dtype, cfg, launch in launches[kname]:
             for cc in archs:
                 out.append((kname, dtype, cfg, launch, cc))
     return out

@@ -258,10 +258,11 @@ def _attention_bwd_scores_kernel(
 
 def _four_warps(half: bool, mode: int, BQ: int, BC: int) -> bool:
     """Where the first backward kernel runs 4 warps, not 8: where 8 spilled and 4 did not
-    (ptxas sweeps, python -m bench.resources). fp32 at BQ 32 x BC 64 went back to 8 once G came
-    from the Gram kernel: there 4 spilled 4 B on sm_90 and 8 did not."""
+    (ptxas sweeps, python -m bench.resources). fp32 with the projection at 2048 rows x context
+    rows (BQ 32 x BC 64): 8 warps spilled 4 B (sm_80 and sm_90) in the variant the JIT compiles
+    at run time (unit strides constant), 4 did not."""
     attended = mode == MODE_ATTENDED.value
-    return (attended and BQ * BC <= 2048)
+    return (attended and BQ * BC <= 2048) or (not half and BQ * BC == 2048)
 
 
 def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int,

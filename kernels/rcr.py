@@ -26,7 +26,7 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
-from .attention import MAX_REGISTERS, _dot, _pow2
+from .attention import MAX_REGISTERS, _dot, _pow2, launch_options
 from .rar import _tanh
 
 Tensor = torch.Tensor
@@ -146,10 +146,6 @@ def rcr_gemm_config(half: bool, s: int, which: str) -> dict:
     return dict(cfg, maxnreg=MAX_REGISTERS)
 
 
-def _launch_options(cfg: dict) -> dict:
-    return {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
-
-
 #: the most rows (B * P * Lq) one step takes: the kernels index rows in int32
 MAX_N_ROWS = 2 ** 31 - 1
 
@@ -183,14 +179,14 @@ def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[
     half = E.dtype in (torch.float16, torch.bfloat16)
     hidden = E.new_empty(N, H)
     cfg = rcr_gemm_config(half, S, "hidden")
-    opts = _launch_options(cfg)
+    opts = launch_options(cfg)
     lam_old = rows if lam is None else lam.reshape(N).contiguous()
     grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(H, cfg["BN"]) + 1)
     _rcr_hidden_kernel[grid](rows, qlens, _aligned(w1), b1, _aligned(ws1), bs1, ws2.reshape(-1), bs2, lam_old, hidden,
                              lam_new, float(lam_scalar), N, P, Lq, S_DIM=S, H_DIM=H, HS_DIM=ws1.shape[0],
                              HAS_LAM=lam is not None, IEEE=not half, **cfg, **opts)
     cfg = rcr_gemm_config(half, S, "factors")
-    opts = _launch_options(cfg)
+    opts = launch_options(cfg)
     f_old = F if factors is None else _aligned(factors.reshape(N, D))
     grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(D, cfg["BN"]))
     _rcr_factors_gemm_kernel[grid](hidden, qlens, _aligned(w2), b2, f_old, F, N, P, Lq, D=D, H_DIM=H,

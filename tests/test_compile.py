@@ -172,6 +172,24 @@ def test_fp32_products_are_exact_and_atomics_relaxed(report):
     assert not bad, "\n".join(bad)
 
 
+def test_launches_recorded_with_the_jits_specialisation():
+    """The report's Triton jobs are the launches the launchers make (recorded, not run), each
+    specialised as triton's JIT does at run time: every kernel is launched; unit strides are
+    constants, d and the tensors' addresses divisible by 16, a pair count of 8 is not, a float
+    stays fp32; the grouped forward's GP is the chooser's."""
+    pytest.importorskip("triton")
+    from bench.kernel_configs import P_ITEMS, recorded_launches
+    launches = recorded_launches()
+    assert all(launches.values()), [k for k, v in launches.items() if not v]
+    assert P_ITEMS % 16
+    grouped = [(c, ln["specialization"]) for d, c, ln in launches["attention_fwd"]
+               if d == "bf16" and c["BQ"] == 16 and c["GP"] > 1]
+    assert grouped and {c["GP"] for c, _ in grouped} == {4}
+    spec = grouped[0][1]
+    assert (spec["sq_d"], spec["sc_d"], spec["so_x"]) == ("=1", "=1", "=1")
+    assert (spec["D"], spec["q_ptr"], spec["P"], spec["lam_scalar"]) == ("i32:16", "*bf16:16", "i32", "fp32")
+
+
 def test_every_row_is_keyed_by_the_current_tree(report):
     """One row per configuration the launchers pick now, each under the key computed now: a row
     reused from the cache under an older kernel source, configuration, measuring code or compiler

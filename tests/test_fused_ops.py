@@ -455,6 +455,20 @@ def test_triton_rcr_inputs_made_aligned():
     assert rcr._aligned(base).data_ptr() == base.data_ptr()
 
 
+def test_triton_rcr_rejects_more_rows_than_int32_indexes():
+    """The Triton RCR kernels index rows in int32: more than 2^31 - 1 rows (B * P * Lq) is a
+    ValueError naming E, before anything is allocated or launched (E here an expanded view)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not available here")
+    from rcar_testutil import rcr_op_case
+    from rcar_fast.backends.triton_kernels import load_kernels
+    rcr = importlib.import_module(load_kernels().__name__ + ".rcr")
+    args, *_ = rcr_op_case(1, 20, 6, False, lambda x: x.float())
+    E = args[0][:1, :1, :1].expand(2 ** 16, 2 ** 12, 2 ** 3, 6)
+    with pytest.raises(ValueError, match=r"E: the Triton RCR step takes at most 2147483647 rows .* got 2147483648"):
+        rcr.rcr_step(E, torch.ones(2 ** 12, dtype=torch.int32), None, None, 4.0, *args[5:])
+
+
 def test_triton_rejects_shapes_past_the_compiled_range():
     """The Triton kernels take at most 64 query/context rows and s <= 256 per pair (the range the
     compile tier checks): past it, a ValueError naming the argument, before any launch."""
