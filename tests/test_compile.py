@@ -178,7 +178,7 @@ def test_launches_recorded_with_the_jits_specialisation():
     constants, d and the tensors' addresses divisible by 16, a pair count of 8 is not, a float
     stays fp32; the grouped forward's GP is the chooser's."""
     pytest.importorskip("triton")
-    from bench.kernel_configs import P_ITEMS, recorded_launches
+    from bench.kernel_configs import DTYPES, P_ITEMS, recorded_launches
     launches = recorded_launches()
     assert all(launches.values()), [k for k, v in launches.items() if not v]
     assert P_ITEMS % 16
@@ -188,6 +188,9 @@ def test_launches_recorded_with_the_jits_specialisation():
     spec = grouped[0][1]
     assert (spec["sq_d"], spec["sc_d"], spec["so_x"]) == ("=1", "=1", "=1")
     assert (spec["D"], spec["q_ptr"], spec["P"], spec["lam_scalar"]) == ("i32:16", "*bf16:16", "i32", "fp32")
+    for dtype in DTYPES:        # each dtype's launches take tensors of that dtype; fp32 the exact products
+        rows = [(c, ln["specialization"]) for d, c, ln in launches["attention_fwd"] if d == dtype]
+        assert rows and all(sp["q_ptr"] == f"*{dtype}:16" and c["IEEE"] == (dtype == "fp32") for c, sp in rows)
 
 
 def test_every_row_is_keyed_by_the_current_tree(report):
