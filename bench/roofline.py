@@ -218,15 +218,17 @@ def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
 
 # ----------------------------------------------------------------------------- backends
 
-#: query rows one Triton forward program holds (kernels/attention.py: attention_config's GP pairs
-#: of BQ rows each on the grid): the s-wide Y of that many rows is what compiles without spills
+#: query rows one Triton attention program holds on the grid (kernels/attention.py: GP = rows // BQ
+#: pairs of BQ rows each): the forward in bf16/fp16 128 (FWD_ROWS_HALF; the s-wide Y of 128 rows
+#: compiles without spills in the variant the JIT compiles at run time), the backward 64 (ROWS)
 TRITON_ROWS = 64
+TRITON_FWD_ROWS = 128
 
 
 def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
     """The Triton kernels (kernels/): per step the context items' Gram matrices C C^T (fp32,
     _gram_kernel, once per item and block), the fused attention and projection (attention_fwd, MODE_ALIGNMENT)
-    with GP = TRITON_ROWS / BQ pairs of one context item per program (the context, its Gram
+    with GP = TRITON_FWD_ROWS / BQ pairs of one context item per program (the context, its Gram
     matrix and the weight read once per program, every product GP * BQ rows tall), RCR (its
     two GEMM kernels with fused epilogues, rcr_triton; torch's step under autograd),
     one RAR step: the gates of every pair as one fp32 GEMM in torch, then rar_fwd with GP pairs
@@ -234,8 +236,10 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
-    GP = max(1, TRITON_ROWS // BQ)
+    GP = max(1, TRITON_FWD_ROWS // BQ)
     programs = B * -(-P // GP)
+    RGP = max(1, TRITON_ROWS // BQ)       # RAR's forward: 64 rows (kernels/rar.py ROWS)
+    rprograms = B * -(-P // RGP)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     for t in range(shape.steps):
         has_f = t > 0
@@ -255,13 +259,13 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
             else:
                 rcr_triton(book, B, P, Lq, has_f)
         if t == 0:
-            book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {GP}", simt=pairs * 2 * BQ * BS,
+            book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {RGP}", simt=pairs * 2 * BQ * BS,
                      l2=pairs * (Lq * s * e + s * 4), hbm=pairs * (Lq * s * e + s * 4))
         book.add(f"rar gate tanh(h Wq^T + bq) (torch, fp32){tag}", count=2, simt=pairs * (2 * s * s + 8 * s),
                  hbm=pairs * s * 4 * 3 + s * s * 4)
-        book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ} GP {GP}",
-                 tc=programs * GP * 2 * BQ * BS * BS, simt=programs * GP * 16 * BQ * BS,
-                 l2=pairs * (Lq * s * e + s * 4 * 2) + programs * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
+        book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ} GP {RGP}",
+                 tc=rprograms * RGP * 2 * BQ * BS * BS, simt=rprograms * RGP * 16 * BQ * BS,
+                 l2=pairs * (Lq * s * e + s * 4 * 2) + rprograms * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 
 

@@ -1,6 +1,7 @@
 """Fused region-word attention with adaptive factors, optionally fused with the alignment
-projection. On the pair grid one Triton program takes GP pairs of one context item (GP = ROWS //
-BQ: t2i, 4 captions of up to 16 words or 2 of up to 32 against one image), so the context, its
+projection. On the pair grid one Triton program takes GP pairs of one context item (GP = 128 //
+BQ in bf16/fp16: t2i, 8 captions of up to 16 words or 4 of up to 32 against one image; 64 // BQ
+in fp32), so the context, its
 Gram matrix and the projection weight are read once per GP pairs and every product is GP * BQ
 rows tall; in the paired form (a pair list) one program takes one pair.
 
@@ -287,17 +288,20 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(n))))
 
 
-#: query rows one forward program holds on the grid: GP = ROWS // BQ pairs of one context item
-#: (t2i: 4 captions of up to 16 words, 2 of up to 32); 64 rows of s-wide Y is what the compile tier
-#: has seen fit without spills (BQ = BC = 64 before grouping)
+#: query rows one program holds on the grid: GP = rows // BQ pairs of one context item. The
+#: forward in bf16/fp16: FWD_ROWS_HALF = 128 (t2i: 8 captions of up to 16 words, 4 of up to 32;
+#: i2t: 2 images), which compiles without spills in the variant the JIT compiles at run time; fp32
+#: and the backward (attention_bwd_config): ROWS = 64 (t2i: 4 captions of up to 16 words)
 ROWS = 64
+FWD_ROWS_HALF = 128
 
 
-def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int, grouped: bool = False) -> dict:
+def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int, grouped: bool = False,
+                     rows: Optional[int] = None) -> dict:
     """The block sizes and launch options the launcher picks (the compile report checks these);
-    half: any dtype but fp32 (fp32 takes the exact-product path); grouped: the forward on the
-    grid, GP = ROWS // BQ pairs per program (else GP = 1: the paired form, and the backward,
-    whose chooser starts from this one).
+    half: any dtype but fp32 (fp32 takes the exact-product path); grouped: on the grid,
+    GP = rows // BQ pairs per program, rows FWD_ROWS_HALF for half and ROWS for fp32 unless given
+    (else GP = 1: the paired form; the backward's chooser starts from this one with rows=ROWS).
 
     Chosen from ptxas -v reports (python -m bench.resources; no GPU run yet): with 8 warps,
     block_d 32 compiles without spills for bf16/fp16 on sm_80 and sm_90 except the fused
@@ -308,7 +312,9 @@ def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int
     stages.
     """
     BQ, BC = _pow2(Lq), _pow2(Lc)
-    GP = max(1, ROWS // BQ) if grouped else 1
+    if rows is None:
+        rows = FWD_ROWS_HALF if half else ROWS
+    GP = max(1, rows // BQ) if grouped else 1
     projection = mode == MODE_ALIGNMENT.value
     bd = 32 if half and not (projection and GP * BQ * BC >= 4096) else 16
     BS = _pow2(width if projection else 16)

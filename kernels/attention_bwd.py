@@ -272,9 +272,9 @@ def attention_bwd_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode:
     chunks of BSB = 32 columns and dY read back 16 at a time (s-wide tiles of either spilled, up to
     914/1008 B of spill stores/loads); 8 warps (16 spilled more: 128 registers a thread), 4 where 8 spilled (_four_warps);
     fp32 without software pipelining (num_stages 1, from attention_config)."""
-    from .attention import attention_config
+    from .attention import ROWS, attention_config
 
-    cfg = attention_config(half, Lq, Lc, D, width, mode, grouped)
+    cfg = attention_config(half, Lq, Lc, D, width, mode, grouped, rows=ROWS)
     cfg.update(BD=min(16, cfg["BD"]), BSB=min(32, cfg["BS"]), BSC=min(16, cfg["BS"]),
                num_warps=4 if _four_warps(half, mode, cfg["GP"] * cfg["BQ"], cfg["BC"]) else 8)
     return cfg

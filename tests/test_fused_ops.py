@@ -178,21 +178,23 @@ def test_attention_several_chunks(backend, with_state, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("Lq,groups", [(5, 4), (20, 2)], ids=["BQ16", "BQ32"])
+@pytest.mark.parametrize("Lq,groups", [(5, (4, 8)), (20, (2, 4))], ids=["BQ16", "BQ32"])
 @pytest.mark.parametrize("with_state,with_weight", ATTENTION_CASES, ids=ATT_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_many_query_items_per_context_item(backend, with_state, with_weight, Lq, groups, dtype):
     """P = 11 query items against each of B = 2 context items, mixed query lengths (1 and Lq
-    among them), NaN in every padding: the Triton forward takes `groups` pairs of one context
-    item per program (attention_config's GP: two full programs and a partial last one per item;
-    the norm across query rows is each pair's own), fp32 through the chunked projection, fp16
-    through the s-wide one. Every pair against the reference."""
+    among them), NaN in every padding: the Triton forward takes GP pairs of one context item per
+    program (attention_config's GP, groups = (fp32's, fp16's): 64 and 128 query rows; full
+    programs and a partial last one per item; the norm across query rows is each pair's own),
+    fp32 through the chunked projection, fp16 through the s-wide one. Every pair against the
+    reference."""
     if backend == "triton":
         from rcar_fast.backends.triton_kernels import load_kernels
         kernels = load_kernels()
+        half = dtype != torch.float32
         for mode in (kernels.attention.MODE_ATTENDED.value, kernels.attention.MODE_ALIGNMENT.value):
-            assert kernels.attention.attention_config(dtype != torch.float32, Lq, 9, 13, 6, mode,
-                                                      grouped=True)["GP"] == groups
+            assert kernels.attention.attention_config(half, Lq, 9, 13, 6, mode, grouped=True)["GP"] == groups[half]
+            assert 11 % groups[half]       # a partial last program
     if dtype == torch.float16 and backend == "cpp":
         pytest.skip("the C++ CPU kernels take float32 and float64")
     lens = _mixed_lengths(11, Lq, Lq)
@@ -212,7 +214,15 @@ def test_attention_many_query_items_per_context_item(backend, with_state, with_w
 def test_attention_gradients_many_query_items_per_context_item(backend, with_state, with_weight, Lq):
     """Gradients where the Triton backward's first kernel takes several pairs of one context item
     per program (GP 4 at BQ 16, 2 at BQ 32; P = 7: a partial last program): every input's
-    gradient, fp32, against the reference in fp64 on the same inputs; none at padded rows."""
+    gradient, fp32, against the reference in fp64 on the same inputs; none at padded rows. The
+    backward's chooser keeps 64 query rows in every dtype (the forward's 128 for bf16/fp16
+    spill there)."""
+    if backend == "triton":
+        from rcar_fast.backends.triton_kernels import load_kernels
+        bwd = importlib.import_module(load_kernels().__name__ + ".attention_bwd")
+        for half in (False, True):
+            for mode in (0, 1):
+                assert bwd.attention_bwd_config(half, Lq, 9, 21, 10, mode, grouped=True)["GP"] == 64 // (16 if Lq <= 16 else 32)
     lens = _mixed_lengths(7, Lq, Lq + 1)
     args = _sample(torch.float32, seed=31 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=7,
                    Lq=Lq, Lc=9, d=21, s=10, qlens=lens)
