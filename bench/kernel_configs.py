@@ -15,7 +15,7 @@ that is not a multiple of 16) get variants of their own at run time; these rows 
 kinds (Lq 16, 32, 64 and 36).
 
 Standard shapes (SPEC.md): d = 1024, s = 256; t2i captions of up to 16, 32 or 64 words against
-R = 36 regions, i2t the regions as queries against captions of up to 16, 32 or 64 words; P = 8
+R = 36 regions, i2t the regions as queries against captions of up to 16, 32 or 64 words; P = 11
 query items, B = 2 context items (grid) or a pair list (paired); every dtype. Every block size the
 launchers can pick (query and context rows up to MAX_ROWS = 64) appears here.
 """
@@ -32,8 +32,10 @@ STANDARD_SHAPES = ((16, 36), (32, 36), (64, 36), (36, 16), (36, 32), (36, 64))
 RAR_ROWS = (16, 32, 36, 64)
 DTYPES = ("bf16", "fp16", "fp32")
 D, S = 1024, 256
-#: query and context items of the standard launches
-P_ITEMS, B_ITEMS = 8, 2
+#: query and context items of the standard launches: 11 query items, so that a grouped program
+#: count per context item is never 1 (the JIT would make it a constant) and the last program of
+#: a context item is partial, as at real sizes
+P_ITEMS, B_ITEMS = 11, 2
 #: the options a launch passes besides its arguments
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 

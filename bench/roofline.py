@@ -187,8 +187,8 @@ def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "
 
 
 #: the Triton RCR GEMMs' tiles for bf16/fp16 (kernels/rcr.py: rcr_gemm_config; tests/test_roofline.py
-#: checks they agree): BM rows x BN columns per program
-TRITON_RCR_BM, TRITON_RCR_BN = 128, 128
+#: checks they agree): BM rows x BN columns per program (the factors' kernel BN 256)
+TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN = 128, 128, 256
 
 
 def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
@@ -209,6 +209,7 @@ def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
              tc=rb * BM * (2 * s * nh * BN + 2 * s * hs), simt=N * (2 * s + s // 2) * 8,
              hbm=N * s * e + N * 2 * s * e + N * 4 * 2 + (2 * s + s // 2) * s * e,
              l2=rb * (nh + 1) * BM * s * e + rb * (2 * s + hs) * s * e + N * 2 * s * e + N * 4 * 2)
+    BN = TRITON_RCR_FACTORS_BN
     nf = -(-d // BN)
     book.add("rcr_factors_gemm (clamp(tanh(H W2^T + b2) + F))", count=1, note=f"BM {BM} BN {BN}",
              tc=rb * BM * nf * BN * 2 * 2 * s, simt=N * d * 10,
@@ -238,7 +239,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
     GP = max(1, TRITON_FWD_ROWS // BQ)
     programs = B * -(-P // GP)
-    RGP = max(1, TRITON_ROWS // BQ)       # RAR's forward: 64 rows (kernels/rar.py ROWS)
+    RGP = max(1, TRITON_FWD_ROWS // BQ)   # RAR's forward: 128 rows too (kernels/rar.py FWD_ROWS_HALF)
     rprograms = B * -(-P // RGP)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     for t in range(shape.steps):

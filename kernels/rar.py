@@ -1,5 +1,6 @@
 """Iterative aggregation reweighting (RAR), fused. One launch per step; on it, one Triton program
-takes GP pairs (GP = ROWS // BQ: t2i, 4 captions of up to 16 words or 2 of up to 32) with their
+takes GP pairs (GP = 128 // BQ in bf16/fp16: t2i, 8 captions of up to 16 words or 4 of up to 32;
+64 // BQ in fp32) with their
 alignment vectors E (GP * BQ rows x s) held on chip (bf16/fp16; fp32, the exact-product path,
 reads E from memory where it is used instead: see _keys), so the key weight Wk is read once per
 GP pairs and the key product is GP * BQ rows tall.
@@ -195,14 +196,17 @@ def _rar_fwd_kernel(
              mask=(pp < P)[:, None] & smask[None, :])
 
 
-#: rows of E one forward program holds: GP = ROWS // BQ pairs (as kernels/attention.py's ROWS)
+#: rows of E one forward program holds: GP = rows // BQ pairs, rows FWD_ROWS_HALF = 128 for
+#: bf16/fp16 (as kernels/attention.py's forward; no spills in the variant the JIT compiles at run
+#: time), ROWS = 64 for fp32
 ROWS = 64
+FWD_ROWS_HALF = 128
 
 
 def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True, grouped: bool = False) -> dict:
     """The block sizes and launch options the launcher picks (the compile report checks these);
-    grouped: the forward, GP = ROWS // BQ pairs per program (else GP = 1, the backward, whose
-    kernel has no GP). 8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python
+    grouped: the forward, GP = rows // BQ pairs per program (rows 128 for half, 64 for fp32; else
+    GP = 1, the backward, whose kernel has no GP). 8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python
     -m bench.resources). fp32 (half False: exact products, no tensor cores) is not
     software-pipelined (num_stages 1): the pipelined loads spilled there."""
     BS = max(16, triton.next_power_of_2(S))
@@ -210,7 +214,7 @@ def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True, grouped: b
     cfg = dict(BQ=BQ, BS=BS, BN=max(16, min(block_n, BS)), BK=16, num_warps=8, num_stages=3 if half else 1,
                maxnreg=MAX_REGISTERS)
     if grouped:
-        cfg["GP"] = max(1, ROWS // BQ)
+        cfg["GP"] = max(1, (FWD_ROWS_HALF if half else ROWS) // BQ)
     return cfg
 
 

@@ -175,16 +175,20 @@ def test_fp32_products_are_exact_and_atomics_relaxed(report):
 def test_launches_recorded_with_the_jits_specialisation():
     """The report's Triton jobs are the launches the launchers make (recorded, not run), each
     specialised as triton's JIT does at run time: every kernel is launched; unit strides are
-    constants, d and the tensors' addresses divisible by 16, a pair count of 8 is not, a float
-    stays fp32; the grouped forward's GP is the chooser's."""
+    constants, d and the tensors' addresses divisible by 16, a pair count of 11 is not, a float
+    stays fp32; the grouped forward's GP is the chooser's, with several programs per context
+    item (their count not a constant)."""
     pytest.importorskip("triton")
-    from bench.kernel_configs import DTYPES, P_ITEMS, recorded_launches
+    from bench.kernel_configs import D, DTYPES, P_ITEMS, S, _module, recorded_launches
     launches = recorded_launches()
     assert all(launches.values()), [k for k, v in launches.items() if not v]
     assert P_ITEMS % 16
+    att = _module("attention")
     grouped = [(c, ln["specialization"]) for d, c, ln in launches["attention_fwd"]
                if d == "bf16" and c["BQ"] == 16 and c["GP"] > 1]
-    assert grouped and {c["GP"] for c, _ in grouped} == {4}
+    assert grouped and {c["GP"] for c, _ in grouped} == \
+        {att.attention_config(True, 16, 36, D, S, att.MODE_ALIGNMENT.value, grouped=True)["GP"]}
+    assert all(sp["NG"] == "i32" for _, sp in grouped)
     spec = grouped[0][1]
     assert (spec["sq_d"], spec["sc_d"], spec["so_x"]) == ("=1", "=1", "=1")
     assert (spec["D"], spec["q_ptr"], spec["P"], spec["lam_scalar"]) == ("i32:16", "*bf16:16", "i32", "fp32")

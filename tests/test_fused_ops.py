@@ -293,17 +293,19 @@ def test_rar_forward_and_gradients(backend, T, dropout, h_given, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("Lq,groups", [(5, 4), (20, 2)], ids=["BQ16", "BQ32"])
+@pytest.mark.parametrize("Lq,groups", [(5, (4, 8)), (20, (2, 4))], ids=["BQ16", "BQ32"])
 @pytest.mark.parametrize("T,dropout,h_given", RAR_CASES, ids=RAR_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rar_many_pairs(backend, T, dropout, h_given, Lq, groups, dtype):
     """P = 11 pairs per context item, mixed lengths (1 and Lq among them), NaN in every padding:
-    the Triton forward takes `groups` pairs per program (rar_config's GP: two full programs and
-    a partial last one per item; softmax, mean and sums are each pair's own), its gates one GEMM
-    per step. Against the reference."""
+    the Triton forward takes GP pairs per program (rar_config's GP, groups = (fp32's, fp16's):
+    64 and 128 rows; full programs and a partial last one per item; softmax, mean and sums are
+    each pair's own), its gates one GEMM per step. Against the reference."""
     if backend == "triton":
         from rcar_fast.backends.triton_kernels import load_kernels
-        assert load_kernels().rar.rar_config(Lq, 7, half=dtype != torch.float32, grouped=True)["GP"] == groups
+        half = dtype != torch.float32
+        assert load_kernels().rar.rar_config(Lq, 7, half=half, grouped=True)["GP"] == groups[half]
+        assert 11 % groups[half]       # a partial last program
     if dtype == torch.float16 and backend == "cpp":
         pytest.skip("the C++ CPU kernels take float32 and float64")
     lens = _mixed_lengths(11, Lq, Lq)
@@ -428,15 +430,15 @@ def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
 def test_triton_rcr_gemm_tiles(with_state, dtype, atol):
     """The Triton rcr op's two GEMM kernels over several tiles in every direction (asserted from
     the launcher's config): 245 rows (B = 7; 4 row blocks of 64 for fp32, 2 of 128 for fp16),
-    d = 140 (3 and 2 column blocks), s = 72 (H 144 wide: 3 and 2 hidden column blocks; the
-    hidden K = 72 over 5 and 2 chunks, the factors' K = 144 over 9 and 3), the temperatures'
+    d = 300 (5 column blocks of 64, 2 of 256), s = 72 (H 144 wide: 3 and 2 hidden column blocks;
+    the hidden K = 72 over 5 and 2 chunks, the factors' K = 144 over 9 and 5), the temperatures'
     hidden layer 36 of a 64-wide tile; padded rows NaN in, zero out."""
     if "triton" not in BACKENDS:
         pytest.skip("triton not available here")
     from rcar_testutil import rcr_op_case
     from rcar_fast.backends.triton_kernels import load_kernels
     rcr = importlib.import_module(load_kernels().__name__ + ".rcr")
-    B, d, s = 7, 140, 72
+    B, d, s = 7, 300, 72
     for which in ("hidden", "factors"):     # the case spans several blocks of each kernel's tiles
         cfg = rcr.rcr_gemm_config(dtype != torch.float32, s, which)
         assert B * 7 * 5 > cfg["BM"] and (2 * s if which == "hidden" else d) > cfg["BN"]

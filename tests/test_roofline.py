@@ -159,18 +159,21 @@ def test_triton_rcr_tiles_are_the_kernels():
     pytest.importorskip("triton")
     from bench.kernel_configs import _module
     rcr = _module("rcr")
-    for which in ("hidden", "factors"):
+    for which, bn in (("hidden", RL.TRITON_RCR_BN), ("factors", RL.TRITON_RCR_FACTORS_BN)):
         cfg = rcr.rcr_gemm_config(True, RL.S_DIM, which)
-        assert (cfg["BM"], cfg["BN"]) == (RL.TRITON_RCR_BM, RL.TRITON_RCR_BN), which
+        assert (cfg["BM"], cfg["BN"]) == (RL.TRITON_RCR_BM, bn), which
 
 
 def test_triton_forward_rows_are_the_kernels():
-    """The model's Triton query rows per program (TRITON_FWD_ROWS for the bf16 forward on the
-    grid, TRITON_ROWS for the backward) are the launchers' (kernels/attention.py)."""
+    """The model's Triton query rows per program (TRITON_FWD_ROWS for the bf16 attention and RAR
+    forwards on the grid, TRITON_ROWS for the attention backward) are the launchers'
+    (kernels/attention.py, kernels/rar.py)."""
     pytest.importorskip("triton")
     from bench.kernel_configs import _module
-    att, bwd = _module("attention"), _module("attention_bwd")
+    att, bwd, rar = _module("attention"), _module("attention_bwd"), _module("rar")
     for Lq in (16, 32, 64):
+        r = rar.rar_config(Lq, RL.S_DIM, half=True, grouped=True)
+        assert r["GP"] * r["BQ"] == RL.TRITON_FWD_ROWS
         fwd = att.attention_config(True, Lq, 36, RL.D, RL.S_DIM, att.MODE_ALIGNMENT.value, grouped=True)
         back = bwd.attention_bwd_config(True, Lq, 36, RL.D, RL.S_DIM, att.MODE_ALIGNMENT.value, grouped=True)
         assert fwd["GP"] * fwd["BQ"] == RL.TRITON_FWD_ROWS and back["GP"] * back["BQ"] == RL.TRITON_ROWS
