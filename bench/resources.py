@@ -29,9 +29,10 @@ it was measured under. The configurations always come from the launchers (bench/
 is reused only when its stored key equals it whole, else that configuration is compiled:
 
   Triton   backend, kernel, dtype, arch (and ptxas's -arch), constexprs, launch options
-           (num_warps, num_stages, maxnreg, and the arguments' JIT specialisation), what the compiler sees of the kernel (jit_sources:
-           the SHA-256 of its @triton.jit source and of every @triton.jit function it calls,
-           transitively, and the values of the constants they name; launchers, custom-op
+           (num_warps, num_stages, maxnreg, and the arguments' JIT specialisation), what the
+           compiler sees of the kernel (jit_sources: the SHA-256 of its @triton.jit source and
+           of every @triton.jit function it calls, transitively, and the values of the
+           constants they name; launchers, custom-op
            registrations and comments outside jit functions do not count), the SHA-256 of the
            code here that compiles a configuration and measures it (_kernels, _tool, measure),
            and the compiler: triton.__version__, ptxas --version, cuobjdump --version
