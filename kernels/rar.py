@@ -25,7 +25,7 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
-from .attention import EPS, MAX_REGISTERS, check_rows, check_width
+from .attention import EPS, FWD_ROWS_HALF, MAX_REGISTERS, ROWS, check_rows, check_width
 
 Tensor = torch.Tensor
 
@@ -196,11 +196,9 @@ def _rar_fwd_kernel(
              mask=(pp < P)[:, None] & smask[None, :])
 
 
-#: rows of E one forward program holds: GP = rows // BQ pairs, rows FWD_ROWS_HALF = 128 for
-#: bf16/fp16 (as kernels/attention.py's forward; no spills in the variant the JIT compiles at run
-#: time), ROWS = 64 for fp32
-ROWS = 64
-FWD_ROWS_HALF = 128
+#: rows of E one forward program holds: GP = rows // BQ pairs, with kernels/attention.py's rows
+#: (FWD_ROWS_HALF = 128 for bf16/fp16: no spills in the variant the JIT compiles at run time;
+#: ROWS = 64 for fp32)
 
 
 def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True, grouped: bool = False) -> dict:
