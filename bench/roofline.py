@@ -19,7 +19,8 @@ Shapes (lengths drawn as bench/shapes.py draws them, seeded):
   train_t2i   the same step for the t2i model
 
 Per launch: TC = tensor-core FLOPs executed (padding included: a Triton program's tile is
-the power of two above its rows, a CUDA block's row group 16 x MT), SIMT = other FLOPs (fp32
+the power of two above its rows, the attention forward's above its packed pairs' rows; a CUDA
+block's row group 16 x MT), SIMT = other FLOPs (fp32
 FMAs, counted 2 per FMA; element-wise work at a few FLOPs per element), HBM = bytes from and to
 device memory, L2 = bytes through the L2 (every load and store of a program: a shared weight read
 by every pair counts once per pair here and once in HBM), SMEM = bytes of shared-memory traffic
@@ -219,26 +220,38 @@ def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
 
 # ----------------------------------------------------------------------------- backends
 
-#: query rows one Triton attention program holds on the grid (kernels/attention.py: GP = rows // BQ
-#: pairs of BQ rows each): the forward in bf16/fp16 128 (FWD_ROWS_HALF; the s-wide Y of 128 rows
-#: compiles without spills in the variant the JIT compiles at run time), the backward 64 (ROWS)
+#: query rows one Triton attention program holds on the grid (kernels/attention.py): the forward in
+#: bf16/fp16 packs GP = 128 // Lq pairs of Lq rows each into M = the power of two at or above
+#: GP * Lq rows (FWD_ROWS_HALF: forward_config; the s-wide Y of 128 rows compiles
+#: without spills in the variant the JIT compiles at run time); the backward takes GP = 64 // BQ
+#: pairs of BQ rows each (ROWS, attention_config); the RAR forward GP = 128 // BQ (kernels/rar.py)
 TRITON_ROWS = 64
 TRITON_FWD_ROWS = 128
+
+
+def triton_forward_tile(Lq: int):
+    """(GP, M) of the bf16/fp16 Triton attention forward on the grid: pairs per program and rows."""
+    GP = max(1, TRITON_FWD_ROWS // Lq)
+    return GP, pow2(GP * Lq)
 
 
 def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
     """The Triton kernels (kernels/): per step the context items' Gram matrices C C^T (fp32,
     _gram_kernel, once per item and block), the fused attention and projection (attention_fwd, MODE_ALIGNMENT)
-    with GP = TRITON_FWD_ROWS / BQ pairs of one context item per program (the context, its Gram
-    matrix and the weight read once per program, every product GP * BQ rows tall), RCR (its
+    with GP pairs of one context item per program, their rows packed into M (triton_forward_tile:
+    the context, its Gram matrix and the weight read once per program, every product M rows tall,
+    each pair's column norms by segmented scans down the rows), RCR (its
     two GEMM kernels with fused epilogues, rcr_triton; torch's step under autograd),
     one RAR step: the gates of every pair as one fp32 GEMM in torch, then rar_fwd with GP pairs
     per program (Wk read once per program; the first step after a launch for the mean of E)."""
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
-    GP = max(1, TRITON_FWD_ROWS // BQ)
+    GP, M = triton_forward_tile(Lq)
     programs = B * -(-P // GP)
+    # the pairs' column norms: two segmented scans down the M rows (log2 M combines of a few
+    # FLOPs per element each)
+    seg_simt = 2 * 4 * M * BC * (M.bit_length() - 1) if GP > 1 else 0
     RGP = max(1, TRITON_FWD_ROWS // BQ)   # RAR's forward: 128 rows too (kernels/rar.py FWD_ROWS_HALF)
     rprograms = B * -(-P // RGP)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
@@ -246,10 +259,10 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
         has_f = t > 0
         book.add(f"gram (C C^T per context item){tag}", count=1, note=f"BC {BC}", tc=B * 2 * BC * BC * d,
                  l2=B * (Lc * d * e + BC * BC * 4), hbm=B * (Lc * d * e + BC * BC * 4))
-        # executed rows: GP pairs per program, the last program of a row of P partly empty
-        book.add(f"attention_fwd{tag}", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
-                 tc=programs * GP * (2 * BQ * BC * d * 2 + 2 * BQ * d * BS),
-                 simt=programs * GP * (2 * BQ * BC * BC + 30 * BQ * BC + 6 * BQ * d),
+        # executed rows: M per program (GP pairs packed, the last program of a row of P partly empty)
+        book.add(f"attention_fwd{tag}", count=1, note=f"M {M} BC {BC} GP {GP}",
+                 tc=programs * (2 * M * BC * d * 2 + 2 * M * d * BS),
+                 simt=programs * (2 * M * BC * BC + 30 * M * BC + 6 * M * d + seg_simt),
                  l2=pairs * ((2 * Lq * d + Lq * s + (Lq * d if has_f else 0)) * e)
                  + programs * (2 * Lc * d * e + s * d * e + BC * BC * 4),
                  hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e

@@ -15,10 +15,15 @@ Per op, the kernels, the launcher, the torch.library custom op, its fake and its
                     ``rcar_fast::triton_rcr`` and its fake
 
 The "triton" backend (rcar_fast.backends.triton_kernels) binds the custom ops into a kernel set.
-On CPU tensors they run under TRITON_INTERPRET=1 (tests).
+On CPU tensors they run under TRITON_INTERPRET=1 (tests), where _interpreter.py makes the
+interpreter's scans (the attention forward's segmented sums) log-step instead of element by element.
 """
 
-from .attention import attention_fwd, triton_attention
+from ._interpreter import use_log_step_scan
+
+use_log_step_scan()     # before any kernel runs: the interpreter's scans log-step, not element by element
+
+from .attention import attention_fwd, triton_attention  # noqa: E402
 from .attention_bwd import attention_bwd, triton_attention_bwd
 from .rar import rar_bwd, rar_fwd, triton_rar, triton_rar_bwd
 from .rcr import rcr_step, triton_rcr

@@ -1,19 +1,21 @@
 """Fused region-word attention with adaptive factors, optionally fused with the alignment
-projection. On the pair grid one Triton program takes GP pairs of one context item (GP = 128 //
-BQ in bf16/fp16: t2i, 8 captions of up to 16 words or 4 of up to 32 against one image; 64 // BQ
-in fp32), so the context, its
-Gram matrix and the projection weight are read once per GP pairs and every product is GP * BQ
-rows tall; in the paired form (a pair list) one program takes one pair.
+projection. On the pair grid one Triton program takes GP pairs of one context item, their query
+rows packed back to back into M rows (forward_config: up to 128 rows in bf16/fp16, e.g. t2i 11
+captions of 11 words or 5 of 24 against one image, i2t 3 images of 36 regions; 64 in fp32), so the context, its Gram matrix and the projection weight are read once per GP
+pairs and every product is M rows tall with no padding between pairs; in the paired form (a pair
+list) one program takes one pair.
 
 Layout (block layout, ARCHITECTURE.md): B indexes the context side, P the query side.
   t2i: B = images (context = R regions), P = captions (query = words).
   i2t: B = captions (context = words), P = images (query = R regions).
 First, once per context item (_gram_kernel): G = C C^T (BC x BC, fp32).
-Per program, with Q (GP * BQ rows x d: GP pairs' queries, BQ rows each) and C (Lc x d) read in
-place, never repeated:
+Per program, with Q (M rows x d: GP pairs' queries, Lq rows each, row r of pair r // Lq) and C
+(Lc x d) read in place, never repeated:
 
-  pass 1 over d:  S = (F * Q) C^T        (GP * BQ x BC)
+  pass 1 over d:  S = (F * Q) C^T        (M x BC)
   on chip:        S = LeakyReLU_0.1(S); Sn = S / (||S[:, c]||_valid q of its pair + 1e-8)
+                  (each pair's column norms by segmented scans down the rows: the sums of
+                  S * S, then each pair's total handed to its rows)
                   P = softmax over valid c of lam[q] Sn[q, c]
                   ||U[q]||^2 = P[q] G P[q]^T  (the norm of U = P C known before U exists)
   pass 2 over d:  A = (P C) / (||U|| + 1e-8), chunk by chunk;
@@ -74,6 +76,20 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _segment_sum(v1, s1, v2, s2):
+    """The segmented sum's combine (segments s non-decreasing along the scan): a run restarts
+    where the segment changes."""
+    return tl.where(s1 == s2, v1 + v2, v2), s2
+
+
+@triton.jit
+def _segment_max(v1, s1, v2, s2):
+    """The segmented maximum's combine: scanned in reverse over the segmented sums (non-decreasing
+    inside a segment), each row gets its segment's total."""
+    return tl.where(s1 == s2, tl.maximum(v1, v2), v2), s2
+
+
+@triton.jit
 def _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ: tl.constexpr, BC: tl.constexpr):
     """This program's pair: b, p (int64) its place in the output (B, P, ...), bc its context
     item, read through the index (cidx_ptr + b * sx_b + p * sx_p: the launcher's arange(B) with
@@ -89,23 +105,35 @@ def _pair(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, P, BQ: tl.constexpr, BC: tl.
 
 
 @triton.jit
-def _group(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, GP: tl.constexpr, BQ: tl.constexpr,
-           BC: tl.constexpr):
-    """This program's GP pairs (b, p0 .. p0 + GP - 1) of one context item bc (NG programs per b):
-    per row r of the GP * BQ query rows, its pair pr = p0 + r // BQ and position qr = r % BQ
-    (int64), and the row mask (qr < the pair's query length; pairs past P have none); the
-    context's row range and mask. GP = 1 is one pair (either form); GP > 1 only on the grid,
-    where every pair of b has the same context item."""
+def _segments(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, LQ, GP, M: tl.constexpr, BC: tl.constexpr):
+    """This program's GP pairs (b, p0 .. p0 + GP - 1) of one context item bc (NG programs per b),
+    their query rows packed: row r of the M is row qr = r % LQ of pair g = r // LQ (pr = p0 + g;
+    b, bc, p0, pr int64, r, qr and g int32). Returns b, bc, p0, r, pr, qr, g, rc, the row mask
+    (qr < the pair's query length), the live rows (g < GP and pr < P: the rows with a place in
+    the output) and the context's mask. GP = 1 is one pair (either form); GP > 1 only on the
+    grid, where every pair of b has the same context item."""
     pid = tl.program_id(0)
     b = (pid // NG).to(tl.int64)
     p0 = (pid % NG).to(tl.int64) * GP
     bc = tl.load(cidx_ptr + b * sx_b + p0 * sx_p).to(tl.int64)
-    r = tl.arange(0, GP * BQ)
-    pr = p0 + r // BQ
-    qr = r % BQ
-    qlen = tl.load(qlen_ptr + pr, mask=pr < P, other=0)
+    r = tl.arange(0, M)
+    g = r // LQ
+    qr = r - g * LQ
+    pr = p0 + g
+    live = r < tl.minimum(GP, P - p0) * LQ    # g < GP and pr < P
+    qlen = tl.load(qlen_ptr + pr, mask=live, other=0)
     rc = tl.arange(0, BC)
-    return b, bc, pr, qr, rc, qr < qlen, rc < tl.load(clen_ptr + bc)
+    return b, bc, p0, r, pr, qr, g, rc, qr < qlen, live, rc < tl.load(clen_ptr + bc)
+
+
+@triton.jit
+def _group(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, GP: tl.constexpr, BQ: tl.constexpr,
+           BC: tl.constexpr):
+    """_segments with BQ rows per pair (a power of two, so rows of pair g are a (GP, BQ) block of
+    the GP * BQ): b, bc, pr, qr, rc, the row mask, the context's mask (the backward's layout)."""
+    b, bc, p0, r, pr, qr, g, rc, qmask, live, cmask = _segments(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, BQ,
+                                                                GP, GP * BQ, BC)
+    return b, bc, pr, qr, rc, qmask, cmask
 
 
 @triton.jit
@@ -161,15 +189,24 @@ def _gram_tile(gram_ptr, bc, rc, BC: tl.constexpr):
 
 @triton.jit
 def _attention_probs(S0, G, lam, qmask, cmask, IEEE: tl.constexpr, WITH_UN: tl.constexpr = True,
-                     GP: tl.constexpr = 1):
+                     GP: tl.constexpr = 1, seg=None, PACKED: tl.constexpr = False):
     """On chip: S = LeakyReLU(S0) on valid queries, its column norms N, Sn = S / (N + eps),
     P = softmax over valid context of lam[q] Sn, and |U| = sqrt(P G P^T) per query (WITH_UN
-    False: not computed, G unused, |U| comes back as zeros). GP > 1: the rows are GP pairs of
-    S0.shape[0] // GP rows each (one context item), and N is each pair's own, broadcast to its
-    rows (M x BC); GP = 1: N is (BC,)."""
+    False: not computed, G unused, |U| comes back as zeros). PACKED: the rows are packed pairs,
+    row r of pair seg[r] (non-decreasing in r), and N is each pair's own (M x BC): a segmented sum
+    of S * S down the rows, then a reverse segmented maximum of it that hands each row its pair's
+    total (fp32 adds; one-hot tf32x3 products in their place spilled up to 900 B on sm_80). Else
+    GP > 1: the rows are GP pairs of
+    S0.shape[0] // GP rows each (one context item), N each pair's own (M x BC); GP = 1: N is
+    (BC,)."""
     S = tl.where(S0 > 0, S0, 0.1 * S0)
     S = tl.where(qmask[:, None], S, 0.0)
-    if GP == 1:
+    if PACKED:
+        sg = tl.broadcast_to(seg[:, None], S.shape)
+        run, _ = tl.associative_scan((S * S, sg), 0, _segment_sum)
+        N = tl.sqrt(tl.associative_scan((run, sg), 0, _segment_max, reverse=True)[0])
+        Sn = S / (N + EPS)
+    elif GP == 1:
         N = tl.sqrt(tl.sum(S * S, axis=0))
         Sn = S / (N + EPS)[None, :]
     else:   # the norm across each pair's query rows: (GP, BQ, BC) summed over BQ, broadcast back
@@ -214,7 +251,7 @@ def _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D
 @triton.jit
 def _attention_fwd_kernel(
     q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, gram_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, out_ptr,
-    P, NG, LQ_OUT, D, S_DIM, lam_scalar,
+    P, NG, LQ, GP, D, S_DIM, lam_scalar,
     sq_p, sq_l, sq_d,
     sc_b, sc_l, sc_d,
     sx_b, sx_p,
@@ -223,27 +260,37 @@ def _attention_fwd_kernel(
     sw_s, sw_d,
     so_b, so_p, so_l, so_x,
     HAS_F: tl.constexpr, HAS_LAM: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
-    GP: tl.constexpr, BQ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    M: tl.constexpr, PACKED: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     BSB: tl.constexpr,
 ):
-    """GP pairs (one context item) per program, their GP * BQ query rows in every product;
-    gram_ptr: the context items' Gram matrices (items, BC, BC) fp32 (_gram_kernel)."""
-    b, bc, p, rq, rc, qmask, cmask = _group(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, GP, BQ, BC)
+    """GP pairs (one context item) per program, their GP * LQ query rows packed into the M rows of
+    every product (LQ rows per pair, no padding between pairs; PACKED: the pairs' column norms by
+    segmented scans; else one pair, GP = 1); gram_ptr: the context items' Gram
+    matrices (items, BC, BC) fp32 (_gram_kernel). The query, factors, lam and output rows of a
+    program's pairs are evenly spaced (the launcher's _flat_rows: stride of a pair = LQ x stride of a
+    row), so row r is at its first pair's address + r rows (an int32 offset from a scalar base)."""
+    b, bc, p0, r, p, rq, seg, rc, qmask, live, cmask = _segments(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, LQ,
+                                                                 GP, M, BC)
     rd = tl.arange(0, BD)
-    q_base = q_ptr + p[:, None] * sq_p + rq[:, None] * sq_l
+    q_base = q_ptr + p0 * sq_p + r[:, None] * sq_l
     c_base = c_ptr + bc * sc_b + rc[:, None] * sc_l
-    f_base = f_ptr + b * sf_b + p[:, None] * sf_p + rq[:, None] * sf_l
+    f_base = f_ptr + b * sf_b + p0 * sf_p + r[:, None] * sf_l
 
     # pass 1 and on chip: scores, softmax, the norm of U = P C through the item's Gram matrix
-    S0 = _scores(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D, HAS_F, IEEE, GP * BQ, BC, BD)
+    S0 = _scores(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D, HAS_F, IEEE, M, BC, BD)
     G = _gram_tile(gram_ptr, bc, rc, BC)
-    lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
-    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, GP)
+    lam = _temperatures(lam_ptr, lam_scalar, b, p0, r, qmask, sl_b, sl_p, sl_l, HAS_LAM)
+    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, 1, seg, PACKED)
     inv_un = 1.0 / (un + EPS)
+    # P is pass 2's product operand only: held in the inputs' dtype (in bf16/fp16 half the
+    # registers of an fp32 copy through the 128-row projection)
+    Pm = Pm.to(c_ptr.dtype.element_ty)
 
     # pass 2: the attended context, normalised chunk by chunk
-    rows_out = (rq < LQ_OUT) & (p < P)
-    out_base = out_ptr + b * so_b + p[:, None] * so_p + rq[:, None] * so_l
+    # the live rows, recomputed from scalars: held through pass 2 (with 64-bit row addresses) the
+    # 128-row projection spilled 4 B on sm_80
+    rows_out = r < tl.minimum(GP, P - p0) * LQ
+    out_base = out_ptr + b * so_b + p0 * so_p + r[:, None] * so_l
     if MODE == MODE_ATTENDED:
         for d0 in range(0, D, BD):
             dm = (d0 + rd) < D
@@ -254,18 +301,18 @@ def _attention_fwd_kernel(
     elif BSB == BS:   # the projection in one pass over d, Y held s wide
         rs = tl.arange(0, BS)
         Y = _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D, S_DIM, 0,
-                              Pm, inv_un, qmask, cmask, IEEE, GP * BQ, BD, BS)
+                              Pm, inv_un, qmask, cmask, IEEE, M, BD, BS)
         E = tl.where(qmask[:, None], Y / (tl.sqrt(tl.sum(Y * Y, axis=1)) + EPS)[:, None], 0.0)
         tl.store(out_base + rs[None, :] * so_x, E.to(out_ptr.dtype.element_ty),
                  mask=rows_out[:, None] & (rs < S_DIM)[None, :])
     else:   # BSB columns per pass over d; unnormalised Y parked in the (fp32) output, then scaled
         tl.static_assert(out_ptr.dtype.element_ty.primitive_bitwidth >= 32,
                          "the chunked projection parks unnormalised Y in the output: fp32/fp64 only")
-        r2 = tl.zeros((GP * BQ,), dtype=tl.float32)
+        r2 = tl.zeros((M,), dtype=tl.float32)
         for s0 in range(0, S_DIM, BSB):
             rsc = s0 + tl.arange(0, BSB)
             Yc = _projection_chunk(c_base, q_base, w_ptr, bias_ptr, sc_d, sq_d, sw_s, sw_d, D, S_DIM, s0,
-                                   Pm, inv_un, qmask, cmask, IEEE, GP * BQ, BD, BSB)
+                                   Pm, inv_un, qmask, cmask, IEEE, M, BD, BSB)
             r2 += tl.sum(Yc * Yc, axis=1)
             tl.store(out_base + rsc[None, :] * so_x, Yc, mask=rows_out[:, None] & (rsc < S_DIM)[None, :])
         tl.debug_barrier()   # the stores' layout is not the loads': other threads read them
@@ -288,39 +335,55 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(n))))
 
 
-#: query rows one program holds on the grid: GP = rows // BQ pairs of one context item. The
-#: forward in bf16/fp16: FWD_ROWS_HALF = 128 (t2i: 8 captions of up to 16 words, 4 of up to 32;
-#: i2t: 2 images), which compiles without spills in the variant the JIT compiles at run time; fp32
-#: and the backward (attention_bwd_config): ROWS = 64 (t2i: 4 captions of up to 16 words)
+#: query rows one program holds on the grid. The forward (forward_config) packs GP pairs of one
+#: context item into at most FWD_ROWS_HALF = 128 rows in bf16/fp16 (t2i: 11 captions of 11 words,
+#: 5 of 24; i2t: 3 images of 36 regions), which compiles without spills in the variant the JIT
+#: compiles at run time, and ROWS = 64 in fp32; the backward (attention_config) takes GP = ROWS //
+#: BQ pairs of BQ rows each (BQ the power of two at or above the pair's rows)
 ROWS = 64
 FWD_ROWS_HALF = 128
 
 
-def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int, grouped: bool = False,
-                     rows: Optional[int] = None) -> dict:
-    """The block sizes and launch options the launcher picks (the compile report checks these);
-    half: any dtype but fp32 (fp32 takes the exact-product path); grouped: on the grid,
-    GP = rows // BQ pairs per program, rows FWD_ROWS_HALF for half and ROWS for fp32 unless given
-    (else GP = 1: the paired form; the backward's chooser starts from this one with rows=ROWS).
+def _tile_options(half: bool, rows: int, BC: int, D: int, width: int, mode: int) -> dict:
+    """Block sizes and launch options of an attention program of rows x BC scores.
 
     Chosen from ptxas -v reports (python -m bench.resources; no GPU run yet): with 8 warps,
     block_d 32 compiles without spills for bf16/fp16 on sm_80 and sm_90 except the fused
-    projection at 64 x 64 rows (GP * BQ x BC), which spilled 40 B on sm_80 and gets 16; fp32
+    projection at 2048 rows x BC and more (64 x 64 spilled 40 B on sm_80; the packed forward,
+    128 x 16 with its segmented scans, 52 B), which gets 16; fp32
     gets 16. fp32's projection goes BSB = 32 columns per pass over d (s wide it spilled 152-656 B;
     16 at 64 x 64 rows, where 32 spilled 4 B once G came from the Gram kernel) and is not
     software-pipelined (num_stages 1: the pipelined loads spilled); bf16/fp16 keep 3
-    stages.
-    """
-    BQ, BC = _pow2(Lq), _pow2(Lc)
-    if rows is None:
-        rows = FWD_ROWS_HALF if half else ROWS
-    GP = max(1, rows // BQ) if grouped else 1
+    stages."""
     projection = mode == MODE_ALIGNMENT.value
-    bd = 32 if half and not (projection and GP * BQ * BC >= 4096) else 16
+    bd = 32 if half and not (projection and rows * BC >= 2048) else 16
     BS = _pow2(width if projection else 16)
-    bsb = BS if half else min(16 if GP * BQ * BC >= 4096 else 32, BS)
-    return dict(GP=GP, BQ=BQ, BC=BC, BD=min(bd, _pow2(D)), BS=BS, BSB=bsb, num_warps=8,
+    bsb = BS if half else min(16 if rows * BC >= 4096 else 32, BS)
+    return dict(BC=BC, BD=min(bd, _pow2(D)), BS=BS, BSB=bsb, num_warps=8,
                 num_stages=3 if half else 1, maxnreg=MAX_REGISTERS)
+
+
+def forward_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int, grouped: bool = False) -> dict:
+    """The forward's pairs per program, tile and launch options (the compile report checks these);
+    half: any dtype but fp32 (fp32 takes the exact-product path); grouped: on the grid, GP pairs of
+    Lq rows each packed without padding into M rows (GP = FWD_ROWS_HALF // Lq for half, ROWS // Lq
+    for fp32; M the power of two at or above GP * Lq), else one pair (the paired form). PACKED:
+    GP > 1, the pairs' column norms by segmented scans (one pair: a plain sum). GP is a run-time
+    argument, the rest compile-time."""
+    rows = FWD_ROWS_HALF if half else ROWS
+    GP = max(1, rows // max(1, Lq)) if grouped else 1
+    M = _pow2(GP * Lq)
+    return dict(GP=GP, M=M, PACKED=GP > 1, **_tile_options(half, M, _pow2(Lc), D, width, mode))
+
+
+def attention_config(half: bool, Lq: int, Lc: int, D: int, width: int, mode: int, grouped: bool = False,
+                     rows: int = ROWS) -> dict:
+    """The backward's layout (attention_bwd_config starts from it): BQ = Lq's power of two rows per
+    pair, GP = rows // BQ pairs per program on the grid (grouped), else one; block sizes and
+    launch options as the forward's for a tile of GP * BQ rows (_tile_options)."""
+    BQ = _pow2(Lq)
+    GP = max(1, rows // BQ) if grouped else 1
+    return dict(GP=GP, BQ=BQ, **_tile_options(half, GP * BQ, _pow2(Lc), D, width, mode))
 
 
 #: the most query or context rows per pair the kernels take (captions of up to 64 words): the
@@ -377,6 +440,15 @@ def gram_config(half: bool, BC: int, D: int) -> dict:
                 maxnreg=MAX_REGISTERS)
 
 
+def _flat_rows(t: Tensor, dim: int) -> Tensor:
+    """t with the rows of its dims (dim, dim + 1) evenly spaced (t.stride(dim) = t.shape[dim + 1] *
+    t.stride(dim + 1)), as the forward addresses a program's packed rows from its first pair's:
+    t itself where they are (every contiguous tensor), else a contiguous copy."""
+    if t.shape[dim] <= 1 or t.stride(dim) == t.shape[dim + 1] * t.stride(dim + 1):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=None, bias=None,
                   block_d=None, context_index=None):
     """Launch the fused attention over every (b, p) pair.
@@ -394,18 +466,20 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     P, Lq, D = query.shape
     Lc = context.shape[1]
     B, cidx, sx = context_rows(context, context_index)
-    lq_out = Lq
     mode = (MODE_ATTENDED if weight is None else MODE_ALIGNMENT).value
     width = D if mode == MODE_ATTENDED.value else weight.shape[0]
     check_rows("query", Lq, "query rows")
     check_rows("context", Lc, "context rows")
     if mode == MODE_ALIGNMENT.value:
         check_width("weight", width)
-    out = query.new_empty(B, P, lq_out, width)
+    out = query.new_empty(B, P, Lq, width)
     if B * P == 0:
         return out
     has_f = factors is not None
     has_lam = isinstance(lam, torch.Tensor)
+    query = _flat_rows(query, 0)
+    factors = _flat_rows(factors, 1) if has_f else None
+    lam = _flat_rows(lam, 1) if has_lam else lam
     f = factors if has_f else query
     lt = lam if has_lam else query
     w = weight if mode == MODE_ALIGNMENT.value else query
@@ -414,14 +488,15 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     sl = lam.stride() if has_lam else (0, 0, 0)
     sw = weight.stride() if mode == MODE_ALIGNMENT.value else (0, 0)
     half = query.dtype != torch.float32
-    cfg = attention_config(half, Lq, Lc, D, width, mode, grouped=context_index is None)
+    cfg = forward_config(half, Lq, Lc, D, width, mode, grouped=context_index is None)
     if block_d is not None:
         cfg["BD"] = min(block_d, _pow2(D))
     g = gram(context, clens, cfg["BC"])
-    NG = triton.cdiv(P, cfg["GP"])
+    GP = cfg.pop("GP")
+    NG = triton.cdiv(P, GP)
     _attention_fwd_kernel[(B * NG,)](
         query, qlens, context, clens, cidx, g, f, lt, w, bb, out,
-        P, NG, lq_out, D, width, float(lam) if not has_lam else 0.0,
+        P, NG, Lq, GP, D, width, float(lam) if not has_lam else 0.0,
         *query.stride(), *context.stride(), *sx, *sf, *sl, *sw, *out.stride(),
         HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=not half, **cfg)
     return out

@@ -176,19 +176,20 @@ def test_launches_recorded_with_the_jits_specialisation():
     """The report's Triton jobs are the launches the launchers make (recorded, not run), each
     specialised as triton's JIT does at run time: every kernel is launched; unit strides are
     constants, d and the tensors' addresses divisible by 16, a pair count of 11 is not, a float
-    stays fp32; the grouped forward's GP is the chooser's, with several programs per context
-    item (their count not a constant)."""
+    stays fp32; the grouped forward's tiles are the chooser's, with several programs per context
+    item (their count and pairs per program not constants), at row counts that are multiples of
+    16 and one (36) that is not."""
     pytest.importorskip("triton")
-    from bench.kernel_configs import D, DTYPES, P_ITEMS, S, _module, recorded_launches
+    from bench.kernel_configs import D, DTYPES, P_ITEMS, S, STANDARD_SHAPES, _module, recorded_launches
     launches = recorded_launches()
     assert all(launches.values()), [k for k, v in launches.items() if not v]
     assert P_ITEMS % 16
     att = _module("attention")
-    grouped = [(c, ln["specialization"]) for d, c, ln in launches["attention_fwd"]
-               if d == "bf16" and c["BQ"] == 16 and c["GP"] > 1]
-    assert grouped and {c["GP"] for c, _ in grouped} == \
-        {att.attention_config(True, 16, 36, D, S, att.MODE_ALIGNMENT.value, grouped=True)["GP"]}
-    assert all(sp["NG"] == "i32" for _, sp in grouped)
+    grouped = [(c, ln["specialization"]) for d, c, ln in launches["attention_fwd"] if d == "bf16" and c["PACKED"]]
+    assert grouped and {c["M"] for c, _ in grouped} == \
+        {att.forward_config(True, Lq, Lc, D, S, att.MODE_ALIGNMENT.value, grouped=True)["M"] for Lq, Lc in STANDARD_SHAPES}
+    assert all(sp["NG"] == "i32" and sp["GP"] == "i32" for _, sp in grouped)
+    assert {sp["LQ"] for _, sp in grouped} == {"i32", "i32:16"}     # 36 regions (i2t) and 16, 32, 64 words
     spec = grouped[0][1]
     assert (spec["sq_d"], spec["sc_d"], spec["so_x"]) == ("=1", "=1", "=1")
     assert (spec["D"], spec["q_ptr"], spec["P"], spec["lam_scalar"]) == ("i32:16", "*bf16:16", "i32", "fp32")
@@ -425,7 +426,7 @@ def test_triton_key_misses_on_a_changed_source_or_compiler():
     assert lookup(resources.triton_key(job, edited, compiler, measure)) == [job]
     for tool, version in (("triton", "3.8.1"), ("ptxas", "release 12.9, V12.9.87"), ("cuobjdump", "release 13.2")):
         assert lookup(resources.triton_key(job, tree, {**compiler, tool: version}, measure)) == [job], tool
-    other = (job[0], job[1], {**job[2], "BQ": job[2]["BQ"] * 2}, job[3], job[4])   # a new configuration
+    other = (job[0], job[1], {**job[2], "BC": job[2]["BC"] * 2}, job[3], job[4])   # a new configuration
     assert lookup(resources.triton_key(other, tree, compiler, measure)) == [job]
     assert lookup(resources.triton_key(job, tree, compiler, "another measuring code")) == [job]
 

@@ -178,27 +178,28 @@ def test_attention_several_chunks(backend, with_state, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("Lq,groups", [(5, (4, 8)), (20, (2, 4))], ids=["BQ16", "BQ32"])
+@pytest.mark.parametrize("Lq,P,groups", [(5, 37, (12, 25)), (20, 11, (3, 6))], ids=["short", "long"])
 @pytest.mark.parametrize("with_state,with_weight", ATTENTION_CASES, ids=ATT_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_attention_many_query_items_per_context_item(backend, with_state, with_weight, Lq, groups, dtype):
-    """P = 11 query items against each of B = 2 context items, mixed query lengths (1 and Lq
-    among them), NaN in every padding: the Triton forward takes GP pairs of one context item per
-    program (attention_config's GP, groups = (fp32's, fp16's): 64 and 128 query rows; full
-    programs and a partial last one per item; the norm across query rows is each pair's own),
-    fp32 through the chunked projection, fp16 through the s-wide one. Every pair against the
-    reference."""
+def test_attention_many_query_items_per_context_item(backend, with_state, with_weight, Lq, P, groups, dtype):
+    """P query items against each of B = 2 context items, mixed query lengths (1 and Lq among
+    them), NaN in every padding: the Triton forward packs GP pairs of one context item into one
+    program's rows, Lq rows each with no padding between them (forward_config's GP, groups =
+    (fp32's, fp16's): 64 // Lq and 128 // Lq; full programs and a partial last one per
+    item; the norm across query rows is each pair's own), fp32 through the chunked projection,
+    fp16 through the s-wide one. Every pair against the reference."""
     if backend == "triton":
         from rcar_fast.backends.triton_kernels import load_kernels
         kernels = load_kernels()
         half = dtype != torch.float32
         for mode in (kernels.attention.MODE_ATTENDED.value, kernels.attention.MODE_ALIGNMENT.value):
-            assert kernels.attention.attention_config(half, Lq, 9, 13, 6, mode, grouped=True)["GP"] == groups[half]
-            assert 11 % groups[half]       # a partial last program
+            cfg = kernels.attention.forward_config(half, Lq, 9, 13, 6, mode, grouped=True)
+            assert cfg["GP"] == groups[half] and cfg["PACKED"]
+            assert P > groups[half] and P % groups[half]      # full programs and a partial last one
     if dtype == torch.float16 and backend == "cpp":
         pytest.skip("the C++ CPU kernels take float32 and float64")
-    lens = _mixed_lengths(11, Lq, Lq)
-    args = _sample(dtype, seed=11 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=11, Lq=Lq,
+    lens = _mixed_lengths(P, Lq, Lq)
+    args = _sample(dtype, seed=11 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=P, Lq=Lq,
                    Lc=9, qlens=lens)
     att = _ops(backend)[0]
     out = att(*args)
@@ -206,6 +207,30 @@ def test_attention_many_query_items_per_context_item(backend, with_state, with_w
     want = ref_attention(*up)
     tol = _tol(dtype, backend) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-3)
     torch.testing.assert_close(out.double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_forward_rows_not_evenly_spaced(dtype):
+    """The packed forward addresses a program's rows from its first pair's (kernels/attention.py:
+    _flat_rows copies where a pair is not Lq rows after the one before): a query, factors and lam
+    that are views into longer rows (NaN between them) give what their contiguous copies give,
+    and the reference's answer, with several pairs per program."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton")
+    P, Lq = 13, 7
+    q, ql, c, cl, f, lam, lam0, w, b = _sample(dtype, seed=5, with_state=True, with_weight=True, P=P, Lq=Lq, Lc=9,
+                                               qlens=_mixed_lengths(P, Lq, 3))
+    qv = torch.full((P, Lq + 3, q.shape[2]), float("nan"), dtype=dtype)[:, :Lq]
+    fv = torch.full((2, P, Lq + 2, q.shape[2]), float("nan"), dtype=dtype)[:, :, :Lq]
+    lv = torch.full((2, P, Lq + 1), float("nan"), dtype=dtype)[:, :, :Lq]
+    qv.copy_(q), fv.copy_(f), lv.copy_(lam)
+    assert qv.stride(0) != Lq * qv.stride(1) and fv.stride(1) != Lq * fv.stride(2) and lv.stride(1) != Lq * lv.stride(2)
+    att = _ops("triton")[0]
+    out = att(qv, ql, c, cl, fv, lv, lam0, w, b)
+    torch.testing.assert_close(out, att(q, ql, c, cl, f, lam, lam0, w, b), rtol=0, atol=0)
+    up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in (q, ql, c, cl, f, lam, lam0, w, b)]
+    tol = _tol(dtype, "triton") if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-3)
+    torch.testing.assert_close(out.double(), ref_attention(*up), **tol)
 
 
 @pytest.mark.parametrize("Lq", [5, 20], ids=["BQ16", "BQ32"])

@@ -12,8 +12,8 @@ PIPE = "rcar_fast/pipeline.py"
 ROWS = [
     ("triton: the forward reads the context row of its output place b, not the pair's index",
      "kernels/attention.py",
-     "    c_base = c_ptr + bc * sc_b + rc[:, None] * sc_l\n    f_base = f_ptr + b * sf_b + p[:, None] * sf_p + rq[:, None] * sf_l\n\n    # pass 1",
-     "    c_base = c_ptr + b * sc_b + rc[:, None] * sc_l\n    f_base = f_ptr + b * sf_b + p[:, None] * sf_p + rq[:, None] * sf_l\n\n    # pass 1",
+     "    c_base = c_ptr + bc * sc_b + rc[:, None] * sc_l\n    f_base = f_ptr + b * sf_b + p0 * sf_p + r[:, None] * sf_l\n\n    # pass 1",
+     "    c_base = c_ptr + b * sc_b + rc[:, None] * sc_l\n    f_base = f_ptr + b * sf_b + p0 * sf_p + r[:, None] * sf_l\n\n    # pass 1",
      [OP_A, f"{GRID}[triton-coop_rcar-2-t2i]"]),
     ("triton: the backward ignores the index for dcontext (accumulated at the output place)",
      "kernels/attention_bwd.py", "    dc_base = dc_ptr + bc * BC * D + rc[:, None] * D\n    dy_row",

@@ -1,0 +1,56 @@
+"""Triton's CPU interpreter (TRITON_INTERPRET=1, the tests' tier) with a log-step scan.
+
+The interpreter runs a ``tl.associative_scan`` with a combine function of one's own (the
+attention forward's segmented sums and maxima) element by element: one interpreted call of
+the combine function per element (ScanOps.generic_scan), which made the interpreter-tier tests
+about twice as slow. :func:`use_log_step_scan` replaces that fallback with the inclusive scan a
+GPU runs (Hillis-Steele): log2(n) steps, each one call of the same combine function on whole
+arrays (element i combined with element i - offset). The combine function still runs, so a
+wrong one still gives wrong answers; only associative ones are valid for tl.associative_scan
+anyway, and for those the two orders agree (up to floating-point rounding). tl.cumsum and
+tl.cumprod keep the interpreter's numpy paths.
+"""
+
+import os
+
+
+def use_log_step_scan() -> bool:
+    """Installs the log-step scan in the interpreter (where TRITON_INTERPRET=1 and triton has the
+    element-by-element fallback this replaces); returns whether it did."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        from triton.runtime import interpreter
+    except ImportError:     # pragma: no cover - triton without the interpreter
+        return False
+    np = getattr(interpreter, "np", None)     # the interpreter's numpy (the library never imports numpy)
+    if np is None:     # pragma: no cover - an interpreter laid out otherwise
+        return False
+    ops = getattr(interpreter, "ScanOps", None)
+    if ops is None or not hasattr(ops, "generic_scan") or getattr(ops, "_rcar_log_step", False):
+        return bool(ops is not None and getattr(ops, "_rcar_log_step", False))
+
+    def log_step_scan(self, input):
+        axis = self.axis
+        out = [arg.handle.data.copy() for arg in input]
+        n = out[0].shape[axis]
+        shape = [1] * out[0].ndim
+        shape[axis] = n
+        offset = 1
+        while offset < n:
+            # every element i >= offset becomes combine(element i - offset, element i); the
+            # combine runs on whole arrays (the interpreter takes power-of-two shapes only), the
+            # first offset elements' results are dropped
+            lo = [np.roll(o, offset, axis=axis) for o in out]
+            res = self.combine_fn.fn(*(self.to_tensor(x, input[i].dtype) for i, x in enumerate(lo)),
+                                     *(self.to_tensor(x, input[i].dtype) for i, x in enumerate(out)))
+            res = res if isinstance(res, tuple) else (res,)
+            keep = (np.arange(n) >= offset).reshape(shape)
+            out = [np.where(keep, np.broadcast_to(r.handle.data if hasattr(r, "handle") else r, o.shape), o).astype(o.dtype)
+                   for r, o in zip(res, out)]
+            offset *= 2
+        return [self.to_tensor(o, input[i].dtype) for i, o in enumerate(out)]
+
+    ops.generic_scan = log_step_scan
+    ops._rcar_log_step = True
+    return True
