@@ -1,9 +1,10 @@
 """Fused region-word attention with adaptive factors, optionally fused with the alignment
 projection. On the pair grid one Triton program takes GP pairs of one context item, their query
 rows packed back to back into M rows (forward_config: up to 128 rows in bf16/fp16, e.g. t2i 11
-captions of 11 words or 5 of 24 against one image, i2t 3 images of 36 regions; 64 in fp32), so the context, its Gram matrix and the projection weight are read once per GP
-pairs and every product is M rows tall with no padding between pairs; in the paired form (a pair
-list) one program takes one pair.
+captions of 11 words or 5 of 24 against one image, i2t 3 images of 36 regions; 64 in fp32), so
+the context, its Gram matrix and the projection weight are read once per GP pairs and every
+product is M rows tall with no padding between pairs; in the paired form (a pair list) one
+program takes one pair.
 
 Layout (block layout, ARCHITECTURE.md): B indexes the context side, P the query side.
   t2i: B = images (context = R regions), P = captions (query = words).
