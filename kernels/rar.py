@@ -196,16 +196,12 @@ def _rar_fwd_kernel(
              mask=(pp < P)[:, None] & smask[None, :])
 
 
-#: rows of E one forward program holds: GP = rows // BQ pairs, with kernels/attention.py's rows
-#: (FWD_ROWS_HALF = 128 for bf16/fp16: no spills in the variant the JIT compiles at run time;
-#: ROWS = 64 for fp32)
-
-
 def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True, grouped: bool = False) -> dict:
     """The block sizes and launch options the launcher picks (the compile report checks these);
-    grouped: the forward, GP = rows // BQ pairs per program (rows 128 for half, 64 for fp32; else
-    GP = 1, the backward, whose kernel has no GP). 8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python
-    -m bench.resources). fp32 (half False: exact products, no tensor cores) is not
+    grouped: the forward, GP = rows // BQ pairs per program (rows: kernels/attention.py's
+    FWD_ROWS_HALF = 128 for half, no spills in the variant the JIT compiles at run time; ROWS = 64
+    for fp32; else GP = 1, the backward, whose kernel has no GP). 8 warps: with 4, BQ = 32 and
+    s = 256 spilled on sm_80 and sm_90 (python -m bench.resources). fp32 (half False: exact products, no tensor cores) is not
     software-pipelined (num_stages 1): the pipelined loads spilled there."""
     BS = max(16, triton.next_power_of_2(S))
     BQ = max(16, triton.next_power_of_2(Lq))
