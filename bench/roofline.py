@@ -189,7 +189,7 @@ def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "
 
 #: the Triton RCR GEMMs' tiles for bf16/fp16 (kernels/rcr.py: rcr_gemm_config; tests/test_roofline.py
 #: checks they agree): BM rows x BN columns per program (the factors' kernel BN 256)
-TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN = 128, 128, 256
+TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN = 128, 256, 256
 
 
 def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
@@ -242,8 +242,10 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     the context, its Gram matrix and the weight read once per program, every product M rows tall,
     each pair's column norms by segmented scans down the rows), RCR (its
     two GEMM kernels with fused epilogues, rcr_triton; torch's step under autograd),
-    one RAR step: the gates of every pair as one fp32 GEMM in torch, then rar_fwd with GP pairs
-    per program (Wk read once per program; the first step after a launch for the mean of E)."""
+    one RAR step: the gates' pre-activations h Wq^T + bq of every pair as one cuBLAS GEMM in the
+    inputs' dtype (tensor cores; h kept in that dtype between steps), then rar_fwd with GP pairs
+    per program (their tanh on chip, Wk read once per program; the first step after a launch for
+    the mean of E)."""
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
@@ -274,12 +276,15 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                 rcr_triton(book, B, P, Lq, has_f)
         if t == 0:
             book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {RGP}", simt=pairs * 2 * BQ * BS,
-                     l2=pairs * (Lq * s * e + s * 4), hbm=pairs * (Lq * s * e + s * 4))
-        book.add(f"rar gate tanh(h Wq^T + bq) (torch, fp32){tag}", count=2, simt=pairs * (2 * s * s + 8 * s),
-                 hbm=pairs * s * 4 * 3 + s * s * 4)
+                     l2=pairs * (Lq * s * e + s * e), hbm=pairs * (Lq * s * e + s * e))
+        # cuBLAS: h (pairs x s) times Wq^T, the bias in its epilogue; h read, the gate written
+        book.add(f"rar gate h Wq^T + bq (cuBLAS){tag}", count=1, tc=pairs * 2 * s * s,
+                 hbm=pairs * s * e * 2 + s * s * e)
+        # the gate read once per pair (its rows' repeated loads of it counted as L1 hits), its tanh
+        # taken per row on chip
         book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ} GP {RGP}",
-                 tc=rprograms * RGP * 2 * BQ * BS * BS, simt=rprograms * RGP * 16 * BQ * BS,
-                 l2=pairs * (Lq * s * e + s * 4 * 2) + rprograms * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
+                 tc=rprograms * RGP * 2 * BQ * BS * BS, simt=rprograms * RGP * (16 + 8) * BQ * BS,
+                 l2=pairs * (Lq * s * e + s * e * 2) + rprograms * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 
 

@@ -6,12 +6,15 @@ reads E from memory where it is used instead: see _keys), so the key weight Wk i
 GP pairs and the key product is GP * BQ rows tall.
 
 Per step t (weights of module t, stacked on a leading axis):
-  g = tanh(Wq h + bq)          (s per pair: ONE GEMM over every pair, outside the kernel, fp32)
+  g = tanh(Wq h + bq)          (s per pair: Wq h + bq as ONE GEMM over every pair, outside the
+                                kernel, in E's dtype (tensor cores for bf16/fp16); tanh in the
+                                kernel, fp32)
   K = tanh(E Wk^T + bk)        (Lq x s per pair, computed BN columns at a time, never stored)
   logit[q] = sum_n K[q, n] g[n] wv[n] + bv;   a = softmax over the pair's valid q
   h = l2n(sum_q a[q] E[q])
 h starts from the given h0 or from the plain mean of E over the valid positions (a launch of
-the same kernel, MEAN). Between steps h is kept in fp32.
+the same kernel, MEAN). Between steps h is kept in E's dtype (as a launch per step keeps it,
+which the backward's recompute does).
 Dropout (training): optional keep-masks already scaled by 1/(1-p), mk (B, P, Lq, s) on K and
 mg (B, P, s) on g, for a single step (T = 1); the caller draws them so backward can reuse them.
 The backward (_rar_bwd_kernel, one program per pair, one step) recomputes g itself.
@@ -146,8 +149,9 @@ def _rar_fwd_kernel(
 ):
     """GP pairs (b, p0 .. p0 + GP - 1) per program, their GP * BQ rows of E in every product.
     MEAN: store h = the mean of E over each pair's valid rows. Else one step t: the gate
-    g = tanh(Wq h + bq) read per pair from gate_ptr ((B, P, s) fp32, contiguous), K by _keys,
-    a = softmax over each pair's valid rows, store h = l2n(sum_q a[q] E[q]). h is stored fp32."""
+    pre-activation of the gate, Wq h + bq, read per pair from gate_ptr ((B, P, s), contiguous), its
+    tanh taken here in fp32; K by _keys, a = softmax over each pair's valid rows, store
+    h = l2n(sum_q a[q] E[q]). h is stored in out_ptr's dtype."""
     pid = tl.program_id(0)
     b = (pid // NG).to(tl.int64)
     p0 = (pid % NG).to(tl.int64) * GP
@@ -175,7 +179,7 @@ def _rar_fwd_kernel(
         for n0 in range(0, S_DIM, BN):
             K, rn, nm = _keys(E, e_base, se_s, qmask, wk_ptr, bk_ptr, t * S_DIM, n0, rs, smask, S_DIM, IEEE, BN, BK)
             m2 = qmask[:, None] & nm[None, :]
-            g = tl.load(g_base + rn[None, :], mask=m2, other=0.0)
+            g = _tanh(tl.load(g_base + rn[None, :], mask=m2, other=0.0).to(tl.float32))
             if HAS_DROP:
                 K = K * tl.load(mk_base + rn[None, :] * smk_s, mask=m2, other=0.0).to(tl.float32)
                 g = g * tl.load(mg_ptr + b * smg_b + p[:, None] * smg_p + rn[None, :] * smg_s, mask=m2,
@@ -223,9 +227,12 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     qlens (P,) int32 valid query rows; h0 None (start from the mean) or (B, P, s);
     wq, wk (T, s, s), bq, bk (T, s), wv (T, s), bv (T,), all contiguous;
     keep_k (B, P, Lq, s) and keep_g (B, P, s): dropout keep-masks scaled by 1/(1-p), T = 1 only.
-    Returns h (B, P, s). One launch per step (and one for the mean when h0 is None); before each
-    step the gates of every pair, tanh(h Wq^T + bq), as one fp32 GEMM (it follows torch's TF32
-    switch, as the backward's products with the shared weights do).
+    Returns h (B, P, s) in E's dtype. One launch per step (and one for the mean when h0 is None);
+    before each step the gates' pre-activations of every pair, h Wq^T + bq, as one GEMM in E's
+    dtype (bf16/fp16: tensor cores, fp32 accumulation; fp32 follows torch's TF32 switch, as the
+    backward's products with the shared weights do); the kernel takes their tanh in fp32. h is
+    kept in E's dtype between steps, so T steps in one call equal T calls of one step (the
+    backward's recompute).
     """
 
     B, P, Lq, S = E.shape
@@ -244,18 +251,18 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     NG = triton.cdiv(P, cfg["GP"])
 
     def launch(t, gate=None):
-        """One launch: the mean of E (gate None) or step t; h (B, P, s) fp32, contiguous."""
-        h_out = torch.empty(B, P, S, dtype=torch.float32, device=E.device)
+        """One launch: the mean of E (gate None) or step t; h (B, P, s) in E's dtype, contiguous."""
+        h_out = torch.empty(B, P, S, dtype=E.dtype, device=E.device)
         _rar_fwd_kernel[(B * NG,)](
             E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, mk, mg, h_out, P, NG, S, t,
             *E.stride(), *smk, *smg, *h_out.stride(),
             MEAN=gate is None, HAS_DROP=has_drop and gate is not None, IEEE=E.dtype == torch.float32, **cfg)
         return h_out
 
-    h = launch(0) if h0 is None else h0.float()
+    h = launch(0) if h0 is None else h0.to(E.dtype)
     for t in range(T):
-        h = launch(t, torch.addmm(bq[t].float(), h.reshape(B * P, S), wq[t].float().t()).tanh_())
-    return h.to(E.dtype)
+        h = launch(t, torch.addmm(bq[t].to(E.dtype), h.reshape(B * P, S), wq[t].to(E.dtype).t()))
+    return h
 
 
 @triton.jit

@@ -134,14 +134,13 @@ def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_
 def rcr_gemm_config(half: bool, s: int, which: str) -> dict:
     """Block sizes and launch options of the two kernels (the compile report checks these):
     which "hidden" (_rcr_hidden_kernel, BH = the temperatures' hidden width s / 2 rounded up to a
-    power of two) or "factors" (_rcr_factors_gemm_kernel). half: hidden 128 x 128 tiles, BK 64,
-    2 stages (3 spilled 16 B on sm_80); factors 128 x 256, BK 32, 3 stages (fewer re-reads of H
-    and W2 from L2; BK 64 spilled 24 B on sm_80); 8 warps (bench/roofline.py's TRITON_RCR_BM,
+    power of two) or "factors" (_rcr_factors_gemm_kernel). half: both 128 x 256 tiles, BK 32,
+    3 stages (hidden: E read by 2 + 1 programs per row block, was 4 + 1 with 128 x 128 tiles at
+    BK 64 and 2 stages; factors: fewer re-reads of H and W2 from L2; BK 64 spilled 24 B on
+    sm_80); 8 warps (bench/roofline.py's TRITON_RCR_BM,
     TRITON_RCR_BN, TRITON_RCR_FACTORS_BN; python -m bench.resources); fp32 (exact FMA products):
     64 x 64, BK 16, one stage."""
-    if half and which == "hidden":
-        cfg = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=2)
-    elif half:
+    if half:
         cfg = dict(BM=128, BN=256, BK=32, num_warps=8, num_stages=3)
     else:
         cfg = dict(BM=64, BN=64, BK=16, num_warps=8, num_stages=1)

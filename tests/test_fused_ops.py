@@ -342,6 +342,27 @@ def test_rar_many_pairs(backend, T, dropout, h_given, Lq, groups, dtype):
     torch.testing.assert_close(out.double(), want, **tol)
 
 
+def test_triton_rar_steps_in_one_call_equal_one_step_calls():
+    """fp16, T = 3 in one call equals three calls of one step each, bit for bit: the launcher keeps
+    h in E's dtype between steps (as the backward's recompute, a call per step, does) and computes
+    each gate's pre-activation h Wq^T + bq in that dtype. Also against the reference."""
+    if "triton" not in BACKENDS:
+        pytest.skip("the Triton backend is not available here")
+    rar = _ops("triton")[2]
+    E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = _rar_sample(torch.float16, seed=21, T=3, dropout=False,
+                                                            h_given=False, P=11, Lq=5,
+                                                            qlens=_mixed_lengths(11, 5, 5))
+    whole = rar(E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)
+    h = None
+    for t in range(3):
+        h = rar(E, ql, h, wq[t:t + 1], bq[t:t + 1], wk[t:t + 1], bk[t:t + 1], wv[t:t + 1], bv[t:t + 1], kk, kg)
+    assert whole.dtype == torch.float16
+    torch.testing.assert_close(whole, h, rtol=0, atol=0)
+    up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a
+          for a in (E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)]
+    torch.testing.assert_close(whole.double(), ref_rar(*up), rtol=1e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rar_several_chunks(backend, dtype):
@@ -455,15 +476,16 @@ def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
 def test_triton_rcr_gemm_tiles(with_state, dtype, atol):
     """The Triton rcr op's two GEMM kernels over several tiles in every direction (asserted from
     the launcher's config): 245 rows (B = 7; 4 row blocks of 64 for fp32, 2 of 128 for fp16),
-    d = 300 (5 column blocks of 64, 2 of 256), s = 72 (H 144 wide: 3 and 2 hidden column blocks;
-    the hidden K = 72 over 5 and 2 chunks, the factors' K = 144 over 9 and 5), the temperatures'
-    hidden layer 36 of a 64-wide tile; padded rows NaN in, zero out."""
+    d = 300 (5 column blocks of 64, 2 of 256), s = 136 (H 272 wide: 5 and 2 hidden column
+    blocks, the last partial; the hidden K = 136 over 9 and 5 chunks, the factors' K = 272 over
+    17 and 9), the temperatures' hidden layer 68 of a 128-wide tile; padded rows NaN in, zero
+    out."""
     if "triton" not in BACKENDS:
         pytest.skip("triton not available here")
     from rcar_testutil import rcr_op_case
     from rcar_fast.backends.triton_kernels import load_kernels
     rcr = importlib.import_module(load_kernels().__name__ + ".rcr")
-    B, d, s = 7, 300, 72
+    B, d, s = 7, 300, 136
     for which in ("hidden", "factors"):     # the case spans several blocks of each kernel's tiles
         cfg = rcr.rcr_gemm_config(dtype != torch.float32, s, which)
         assert B * 7 * 5 > cfg["BM"] and (2 * s if which == "hidden" else d) > cfg["BN"]
