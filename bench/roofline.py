@@ -189,27 +189,26 @@ def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "
 
 #: the Triton RCR GEMMs' tiles for bf16/fp16 (kernels/rcr.py: rcr_gemm_config; tests/test_roofline.py
 #: checks they agree): BM rows x BN columns per program (the factors' kernel BN 256)
-TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN = 128, 256, 256
+TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN = 128, 64, 256
 
 
 def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
-    """The Triton RCR step for inference (kernels/rcr.py): two GEMM kernels of BM x BN tiles with
-    their element-wise work in the epilogue. rcr_hidden: H = tanh(E W1^T + b1) (N x 2s, stored) and,
-    in one more program per row block, the temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam)
-    (the s/2-wide hidden layer never stored). rcr_factors_gemm: F = clamp(tanh(H W2^T + b2) + F_old,
-    -1, 1), zero at padded rows (M never stored). L2 counts every tile a program reads (E once per
-    column block, W1 and ws1 once per row block; H once per column block of F, W2 once per row
-    block)."""
+    """The Triton RCR step for inference (kernels/rcr.py): two GEMM kernels with their
+    element-wise work in the epilogue. rcr_hidden: one program per BM rows holds its E tile and
+    runs down [W1; ws1] BN rows at a time: H = tanh(E W1^T + b1) (N x 2s, stored) and the
+    temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam) (the s/2-wide hidden layer never
+    stored). rcr_factors_gemm: BM x BN tiles of F = clamp(tanh(H W2^T + b2) + F_old, -1, 1), zero
+    at padded rows (M never stored). L2 counts every tile a program reads (hidden: E once, W1 and
+    ws1 once per row block; factors: H once per column block of F, W2 once per row block)."""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
     BM, BN = TRITON_RCR_BM, TRITON_RCR_BN
     rb = -(-N // BM)
-    hs = pow2(s // 2)
-    nh = -(-2 * s // BN)
+    cols = -(-(2 * s + s // 2) // BN) * BN
     book.add("rcr_hidden (tanh(E W1^T + b1), temperatures)", count=1, note=f"BM {BM} BN {BN}",
-             tc=rb * BM * (2 * s * nh * BN + 2 * s * hs), simt=N * (2 * s + s // 2) * 8,
+             tc=rb * BM * 2 * s * cols, simt=N * (2 * s + s // 2) * 8,
              hbm=N * s * e + N * 2 * s * e + N * 4 * 2 + (2 * s + s // 2) * s * e,
-             l2=rb * (nh + 1) * BM * s * e + rb * (2 * s + hs) * s * e + N * 2 * s * e + N * 4 * 2)
+             l2=rb * BM * s * e + rb * (2 * s + s // 2) * s * e + N * 2 * s * e + N * 4 * 2)
     BN = TRITON_RCR_FACTORS_BN
     nf = -(-d // BN)
     book.add("rcr_factors_gemm (clamp(tanh(H W2^T + b2) + F))", count=1, note=f"BM {BM} BN {BN}",

@@ -2,19 +2,20 @@
 with their element-wise work in the epilogue, on the tensor cores for bf16/fp16:
 
   _rcr_hidden_kernel         H   = tanh(E W1^T + b1)                         (N x 2s, stored)
-                             lam = relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam_old)   (N; the last
-                                   column block of programs: the s/2-wide hidden layer of the
-                                   temperatures' MLP never leaves the chip)
+                             lam = relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam_old)   (N; the same
+                                   program runs on down ws1's rows after W1's: the s/2-wide
+                                   hidden layer of the temperatures' MLP never leaves the chip)
   _rcr_factors_gemm_kernel   F   = clamp(tanh(H W2^T + b2) + F_old, -1, 1)   (N x d; M = H W2^T + b2
                                    never reaches memory)
 
 N = B * P * Lq rows (row r is position r % Lq of query item (r // Lq) % P); F_old all ones at
 the first step (None), lam_old the scalar or (B, P, Lq). Rows at or past a pair's query length
 are zero in F and lam (the contract of csrc/README.md's ``rcr``), whatever the inputs hold there
-(NaN included: E, H and F_old are read there by masked loads, never used). Each program takes a
-BM x BN tile, accumulates in fp32 over K in BK chunks; fp32 inputs take exact products
-(input_precision "ieee", split along K as kernels/attention.py's _dot_ieee), half inputs the
-tensor cores. H is stored in E's dtype (as torch's step rounds it); M stays fp32 on chip.
+(NaN included: E, H and F_old are read there by masked loads, never used). A factors program
+takes a BM x BN tile and accumulates in fp32 over K in BK chunks; a hidden program takes BM rows
+of E and every column, BN at a time (bf16/fp16: its E tile loaded once, full-K products). fp32
+inputs take exact products (input_precision "ieee", split along K as kernels/attention.py's
+_dot_ieee, K in BK chunks), half inputs the tensor cores. H is stored in E's dtype (as torch's step rounds it); M stays fp32 on chip.
 Inference only: under autograd the pipeline runs torch's RCR step.
 """
 
@@ -68,40 +69,54 @@ def _mm_tile(a_base, rl, rmask, b_base, c, cmask, K: tl.constexpr,
 
 
 @triton.jit
-def _rcr_hidden_kernel(e_ptr, qlen_ptr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, lam_ptr, h_ptr,
-                       lam_out_ptr, lam_scalar, N_ROWS, P, LQ,
+def _rcr_hidden_kernel(e_ptr, qlen_ptr, w_ptr, b_ptr, ws2_ptr, bs2_ptr, lam_ptr, h_ptr, lam_out_ptr, lam_scalar,
+                       N_ROWS, P, LQ,
                        S_DIM: tl.constexpr, H_DIM: tl.constexpr, HS_DIM: tl.constexpr,
                        HAS_LAM: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BH: tl.constexpr, BK: tl.constexpr):
-    """Program (m, n): rows m * BM .. of E (N_ROWS x S_DIM). n below the last column block:
-    columns n * BN .. of H = tanh(E W1^T + b1) (N_ROWS x H_DIM); the last: the new temperatures
-    of those rows from the BH >= HS_DIM columns of tanh(E ws1^T + bs1). Every matrix contiguous."""
+                       BS: tl.constexpr, BK: tl.constexpr):
+    """Program m: rows m * BM .. of E (N_ROWS x S_DIM) against every row of W = [W1; ws1]
+    ((H_DIM + HS_DIM) x S_DIM, b = [b1; bs1]), BN of W's rows at a time. Columns below H_DIM are
+    H = tanh(E W1^T + b1), stored (N_ROWS x H_DIM); the HS_DIM after them the temperatures'
+    hidden layer tanh(E ws1^T + bs1), never stored: its dot with ws2 is summed on chip into the
+    new temperatures of the rows. bf16/fp16 (not IEEE): the program's E tile (BM x BS, BS = S_DIM
+    rounded up to a power of two) is loaded once and kept for every column block (full-K
+    products); fp32 (IEEE, exact products): K in BK chunks per column block (_mm_tile). Every
+    matrix contiguous."""
     row0 = tl.program_id(0).to(tl.int64) * BM
     rl = tl.arange(0, BM)
     r = tl.program_id(0) * BM + rl
     valid = _valid_rows(qlen_ptr, r, N_ROWS, P, LQ)
     e_base = tl.multiple_of(e_ptr + row0 * S_DIM, 16)     # the launcher checks the alignment
-    n = tl.program_id(1)
-    if n < tl.num_programs(1) - 1:
-        c = n * BN + tl.arange(0, BN)
-        cm = c < H_DIM
-        acc = _mm_tile(e_base, rl, valid, tl.multiple_of(w1_ptr, 16), c, cm, S_DIM, IEEE, BM, BN, BK)
-        h = _tanh(acc + tl.load(b1_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :])
-        tl.store(h_ptr + row0 * H_DIM + rl[:, None] * H_DIM + c[None, :], h.to(h_ptr.dtype.element_ty),
-                 mask=(r < N_ROWS)[:, None] & cm[None, :])
-    else:   # names of their own: a name set in both branches must keep one shape
-        cs = tl.arange(0, BH)
-        csm = cs < HS_DIM
-        acc_s = _mm_tile(e_base, rl, valid, tl.multiple_of(ws1_ptr, 16), cs, csm, S_DIM, IEEE, BM, BH, BK)
-        hs = _tanh(acc_s + tl.load(bs1_ptr + cs, mask=csm, other=0.0).to(tl.float32)[None, :])
-        ws2 = tl.load(ws2_ptr + cs, mask=csm, other=0.0).to(tl.float32)
-        smooth = tl.sum(tl.where(csm[None, :], hs * ws2[None, :], 0.0), axis=1) + tl.load(bs2_ptr).to(tl.float32)
-        if HAS_LAM:
-            lam_old = tl.load(lam_ptr + r, mask=valid, other=0.0).to(tl.float32)
+    w_base = tl.multiple_of(w_ptr, 16)
+    rs = tl.arange(0, BS)
+    if S_DIM == BS:
+        smask = rs < BS
+    else:
+        smask = rs < S_DIM
+    if not IEEE:
+        E = tl.load(e_base + rl[:, None] * S_DIM + rs[None, :], mask=valid[:, None] & smask[None, :], other=0.0)
+    smooth = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, H_DIM + HS_DIM, BN):
+        c = n0 + tl.arange(0, BN)
+        cm = c < H_DIM + HS_DIM
+        if IEEE:
+            acc = _mm_tile(e_base, rl, valid, w_base, c, cm, S_DIM, IEEE, BM, BN, BK)
         else:
-            lam_old = lam_scalar
-        lam = tl.where(valid, tl.maximum(smooth + lam_old, 0.0), 0.0)
-        tl.store(lam_out_ptr + r, lam.to(lam_out_ptr.dtype.element_ty), mask=r < N_ROWS)
+            w = tl.load(w_base + c[:, None] * S_DIM + rs[None, :], mask=cm[:, None] & smask[None, :], other=0.0)
+            acc = tl.dot(E, tl.trans(w))
+        t = _tanh(acc + tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :])
+        tl.store(h_ptr + row0 * H_DIM + rl[:, None] * H_DIM + c[None, :], t.to(h_ptr.dtype.element_ty),
+                 mask=(r < N_ROWS)[:, None] & (c < H_DIM)[None, :])
+        hs = (c >= H_DIM) & cm
+        ws2 = tl.load(ws2_ptr + tl.where(hs, c - H_DIM, 0), mask=hs, other=0.0).to(tl.float32)
+        smooth += tl.sum(t * ws2[None, :], axis=1)
+    smooth += tl.load(bs2_ptr).to(tl.float32)
+    if HAS_LAM:
+        lam_old = tl.load(lam_ptr + r, mask=valid, other=0.0).to(tl.float32)
+    else:
+        lam_old = lam_scalar
+    lam = tl.where(valid, tl.maximum(smooth + lam_old, 0.0), 0.0)
+    tl.store(lam_out_ptr + r, lam.to(lam_out_ptr.dtype.element_ty), mask=r < N_ROWS)
 
 
 @triton.jit
@@ -133,19 +148,21 @@ def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_
 
 def rcr_gemm_config(half: bool, s: int, which: str) -> dict:
     """Block sizes and launch options of the two kernels (the compile report checks these):
-    which "hidden" (_rcr_hidden_kernel, BH = the temperatures' hidden width s / 2 rounded up to a
-    power of two) or "factors" (_rcr_factors_gemm_kernel). half: both 128 x 256 tiles, BK 32,
-    3 stages (hidden: E read by 2 + 1 programs per row block, was 4 + 1 with 128 x 128 tiles at
-    BK 64 and 2 stages; factors: fewer re-reads of H and W2 from L2; BK 64 spilled 24 B on
-    sm_80); 8 warps (bench/roofline.py's TRITON_RCR_BM,
-    TRITON_RCR_BN, TRITON_RCR_FACTORS_BN; python -m bench.resources); fp32 (exact FMA products):
-    64 x 64, BK 16, one stage."""
-    if half:
+    which "hidden" (_rcr_hidden_kernel: one program per BM rows, over BN of [W1; ws1]'s rows at a
+    time; BS = s rounded up to a power of two, E's tile kept on chip in bf16/fp16) or "factors"
+    (_rcr_factors_gemm_kernel: BM x BN tiles). half: hidden 128 rows, BN 64, 3 stages (E read
+    once per row block; was 128 x 256 tiles, E read by 2 + 1 programs); factors 128 x 256, BK 32,
+    3 stages (fewer re-reads of H and W2 from L2; BK 64 spilled 24 B on sm_80); 8 warps
+    (bench/roofline.py's TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN; python -m
+    bench.resources); fp32 (exact FMA products): 64 x 64, BK 16, one stage."""
+    if half and which == "hidden":
+        cfg = dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
+    elif half:
         cfg = dict(BM=128, BN=256, BK=32, num_warps=8, num_stages=3)
     else:
         cfg = dict(BM=64, BN=64, BK=16, num_warps=8, num_stages=1)
     if which == "hidden":
-        cfg["BH"] = _pow2(s // 2 if s > 1 else 1)
+        cfg["BS"] = _pow2(s)
     return dict(cfg, maxnreg=MAX_REGISTERS)
 
 
@@ -184,10 +201,11 @@ def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[
     cfg = rcr_gemm_config(half, S, "hidden")
     opts = launch_options(cfg)
     lam_old = rows if lam is None else lam.reshape(N).contiguous()
-    grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(H, cfg["BN"]) + 1)
-    _rcr_hidden_kernel[grid](rows, qlens, _aligned(w1), b1, _aligned(ws1), bs1, ws2.reshape(-1), bs2, lam_old, hidden,
-                             lam_new, float(lam_scalar), N, P, Lq, S_DIM=S, H_DIM=H, HS_DIM=ws1.shape[0],
-                             HAS_LAM=lam is not None, IEEE=not half, **cfg, **opts)
+    # W1 and ws1 stacked (and their biases): one program runs down both (a copy of (2s + s/2) x s)
+    w_all, b_all = torch.cat([w1, ws1]).contiguous(), torch.cat([b1, bs1]).contiguous()
+    _rcr_hidden_kernel[(triton.cdiv(N, cfg["BM"]),)](
+        rows, qlens, w_all, b_all, ws2.reshape(-1), bs2, lam_old, hidden, lam_new, float(lam_scalar), N, P, Lq,
+        S_DIM=S, H_DIM=H, HS_DIM=ws1.shape[0], HAS_LAM=lam is not None, IEEE=not half, **cfg, **opts)
     cfg = rcr_gemm_config(half, S, "factors")
     opts = launch_options(cfg)
     f_old = F if factors is None else _aligned(factors.reshape(N, D))

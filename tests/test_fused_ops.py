@@ -476,10 +476,11 @@ def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
 def test_triton_rcr_gemm_tiles(with_state, dtype, atol):
     """The Triton rcr op's two GEMM kernels over several tiles in every direction (asserted from
     the launcher's config): 245 rows (B = 7; 4 row blocks of 64 for fp32, 2 of 128 for fp16),
-    d = 300 (5 column blocks of 64, 2 of 256), s = 136 (H 272 wide: 5 and 2 hidden column
-    blocks, the last partial; the hidden K = 136 over 9 and 5 chunks, the factors' K = 272 over
-    17 and 9), the temperatures' hidden layer 68 of a 128-wide tile; padded rows NaN in, zero
-    out."""
+    d = 300 (5 column blocks of 64, 2 of 256), s = 136: the hidden program runs down the 272 rows
+    of W1 and the 68 of ws1 in 6 blocks of 64, the fifth holding both (columns 256..271 of H, then
+    the temperatures' first 48), the last partial; the hidden K = 136 over 9 chunks (fp32) or one
+    masked 256-wide tile (fp16), the factors' K = 272 over 17 and 9 chunks; padded rows NaN in,
+    zero out."""
     if "triton" not in BACKENDS:
         pytest.skip("triton not available here")
     from rcar_testutil import rcr_op_case
@@ -490,6 +491,8 @@ def test_triton_rcr_gemm_tiles(with_state, dtype, atol):
         cfg = rcr.rcr_gemm_config(dtype != torch.float32, s, which)
         assert B * 7 * 5 > cfg["BM"] and (2 * s if which == "hidden" else d) > cfg["BN"]
         assert (s if which == "hidden" else 2 * s) > cfg["BK"]
+        if which == "hidden":   # a column block holds the last of H and the first of the temperatures
+            assert 2 * s % cfg["BN"] and (2 * s + s // 2) % cfg["BN"] and cfg["BS"] > s
     args, want_F, want_lam, pad = rcr_op_case(B, d, s, with_state, lambda x: x.to(dtype))
     got_F, got_lam = _rcr_op("triton")(*args)
     assert got_F.dtype == dtype and got_F.shape == (B, 7, 5, d) and got_lam.shape == (B, 7, 5)
