@@ -28,8 +28,9 @@ from types import SimpleNamespace
 
 #: (Lq, Lc) of the standard attention launches
 STANDARD_SHAPES = ((16, 36), (32, 36), (64, 36), (36, 16), (36, 32), (36, 64))
-#: RAR's query rows of the standard launches (t2i captions, i2t regions)
-RAR_ROWS = (16, 32, 36, 64)
+#: RAR's query rows of the standard launches (t2i captions, i2t regions; 3 and 6: the packed
+#: forward's most pairs per program, GPP 32, in fp32 and in bf16/fp16)
+RAR_ROWS = (3, 6, 16, 32, 36, 64)
 DTYPES = ("bf16", "fp16", "fp32")
 D, S = 1024, 256
 #: query and context items of the standard launches: 11 query items, so that a grouped program

@@ -234,6 +234,18 @@ def triton_forward_tile(Lq: int):
     return GP, pow2(GP * Lq)
 
 
+#: the most pairs one Triton RAR forward program takes (kernels/rar.py MAX_PAIRS)
+TRITON_RAR_MAX_PAIRS = 32
+
+
+def triton_rar_tile(Lq: int):
+    """(GP, M, GPP) of the bf16/fp16 Triton RAR forward: pairs per program (at most
+    TRITON_RAR_MAX_PAIRS), their rows packed into M, and GPP = GP rounded up to a power of two
+    (the rows of its per-pair sums, a GPP x M x s product)."""
+    GP = max(1, min(TRITON_RAR_MAX_PAIRS, TRITON_FWD_ROWS // Lq))
+    return GP, pow2(GP * Lq), pow2(GP)
+
+
 def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
     """The Triton kernels (kernels/): per step the context items' Gram matrices C C^T (fp32,
     _gram_kernel, once per item and block), the fused attention and projection (attention_fwd, MODE_ALIGNMENT)
@@ -247,14 +259,18 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     the mean of E)."""
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
-    BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
+    BC, BS = pow2(Lc), pow2(S_DIM)
     GP, M = triton_forward_tile(Lq)
     programs = B * -(-P // GP)
     # the pairs' column norms: two segmented scans down the M rows (log2 M combines of a few
     # FLOPs per element each)
     seg_simt = 2 * 4 * M * BC * (M.bit_length() - 1) if GP > 1 else 0
-    RGP = max(1, TRITON_FWD_ROWS // BQ)   # RAR's forward: 128 rows too (kernels/rar.py FWD_ROWS_HALF)
+    RGP, RM, GPP = triton_rar_tile(Lq)    # RAR's forward: 128 rows too, packed (kernels/rar.py)
     rprograms = B * -(-P // RGP)
+    # its softmax per pair: four segmented scans down the RM rows; its sums a E per pair: the
+    # GPP x RM x s products (two for a step: the weights in two halves; one for the mean)
+    rseg = 4 * 4 * RM * (RM.bit_length() - 1)
+    psum = 2 * GPP * RM * BS
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     for t in range(shape.steps):
         has_f = t > 0
@@ -274,15 +290,15 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
             else:
                 rcr_triton(book, B, P, Lq, has_f)
         if t == 0:
-            book.add(f"rar_fwd MEAN{tag}", count=1, note=f"BQ {BQ} GP {RGP}", simt=pairs * 2 * BQ * BS,
+            book.add(f"rar_fwd MEAN{tag}", count=1, note=f"M {RM} GP {RGP}", tc=rprograms * psum,
                      l2=pairs * (Lq * s * e + s * e), hbm=pairs * (Lq * s * e + s * e))
         # cuBLAS: h (pairs x s) times Wq^T, the bias in its epilogue; h read, the gate written
         book.add(f"rar gate h Wq^T + bq (cuBLAS){tag}", count=1, tc=pairs * 2 * s * s,
                  hbm=pairs * s * e * 2 + s * s * e)
         # the gate read once per pair (its rows' repeated loads of it counted as L1 hits), its tanh
         # taken per row on chip
-        book.add(f"rar_fwd{tag}", count=1, note=f"BQ {BQ} GP {RGP}",
-                 tc=rprograms * RGP * 2 * BQ * BS * BS, simt=rprograms * RGP * (16 + 8) * BQ * BS,
+        book.add(f"rar_fwd{tag}", count=1, note=f"M {RM} GP {RGP}",
+                 tc=rprograms * (2 * RM * BS * BS + 2 * psum), simt=rprograms * ((16 + 8) * RM * BS + rseg),
                  l2=pairs * (Lq * s * e + s * e * 2) + rprograms * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 

@@ -1,9 +1,10 @@
 """Iterative aggregation reweighting (RAR), fused. One launch per step; on it, one Triton program
-takes GP pairs (GP = 128 // BQ in bf16/fp16: t2i, 8 captions of up to 16 words or 4 of up to 32;
-64 // BQ in fp32) with their
-alignment vectors E (GP * BQ rows x s) held on chip (bf16/fp16; fp32, the exact-product path,
-reads E from memory where it is used instead: see _keys), so the key weight Wk is read once per
-GP pairs and the key product is GP * BQ rows tall.
+takes GP pairs (GP = 128 // Lq in bf16/fp16: t2i, 11 captions of 11 words or 5 of 24; 64 // Lq
+in fp32), their Lq rows each packed back to back into M rows (no padding between pairs), with
+their alignment vectors E (M x s) held on chip (bf16/fp16; fp32, the exact-product path, reads E
+from memory where it is used instead: see _keys), so the key weight Wk is read once per GP pairs
+and the key product is M rows tall. Each pair's softmax runs over its own rows by segmented
+scans, and its weighted sum of E is one product with a matrix of the pairs' weights (_pair_sums).
 
 Per step t (weights of module t, stacked on a leading axis):
   g = tanh(Wq h + bq)          (s per pair: Wq h + bq as ONE GEMM over every pair, outside the
@@ -28,7 +29,8 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
-from .attention import EPS, FWD_ROWS_HALF, MAX_REGISTERS, ROWS, check_rows, check_width
+from .attention import (EPS, FWD_ROWS_HALF, MAX_REGISTERS, ROWS, _dot, _pow2, _segment_max, _segment_sum,
+                        check_rows, check_width)
 
 Tensor = torch.Tensor
 
@@ -137,82 +139,115 @@ def _step_weights(E, e_base, se_s, qmask, h, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_
 
 
 @triton.jit
+def _pair_sums(a, E, e_base, se_s, rs, qmask, smask, g, rg, IEEE: tl.constexpr):
+    """sum over each pair's rows of a[r] E[r] (GPP x BS, fp32; row j of the result is pair j of
+    the program): the product of A (GPP x M, A[j, r] = a[r] where row r is pair j's, else 0)
+    with E on the tensor cores. bf16/fp16: A in two halves of the inputs' dtype (A = hi + lo, the
+    rest of hi's rounding in lo: about 16 bits of each weight, against 8 for bf16 alone);
+    fp32: exact products (E read from memory here)."""
+    A = tl.where(g[None, :] == rg[:, None], a[None, :], 0.0)
+    if IEEE:
+        out = _dot(A, _e_tile(e_base, se_s, rs, qmask, smask), IEEE)
+    else:
+        hi = A.to(E.dtype)
+        lo = (A - hi.to(tl.float32)).to(E.dtype)
+        out = tl.dot(hi, E, tl.dot(lo, E))
+    return out
+
+
+@triton.jit
 def _rar_fwd_kernel(
     e_ptr, qlen_ptr, gate_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, mk_ptr, mg_ptr, out_ptr,
-    P, NG, S_DIM, t,
+    P, NG, GP, LQ, S_DIM, t,
     se_b, se_p, se_l, se_s,
     smk_b, smk_p, smk_l, smk_s,
     smg_b, smg_p, smg_s,
     so_b, so_p, so_s,
     MEAN: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
-    GP: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    M: tl.constexpr, GPP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """GP pairs (b, p0 .. p0 + GP - 1) per program, their GP * BQ rows of E in every product.
-    MEAN: store h = the mean of E over each pair's valid rows. Else one step t: the gate
-    pre-activation of the gate, Wq h + bq, read per pair from gate_ptr ((B, P, s), contiguous), its
-    tanh taken here in fp32; K by _keys, a = softmax over each pair's valid rows, store
-    h = l2n(sum_q a[q] E[q]). h is stored in out_ptr's dtype."""
+    """GP pairs (b, p0 .. p0 + GP - 1) per program, their LQ rows each packed back to back into M
+    rows (row r: row qr = r % LQ of pair j = r // LQ; M the power of two at or above GP * LQ,
+    GPP >= GP the pairs' rows of the result tiles). MEAN: store h = the mean of E over each pair's
+    valid rows. Else one step t: the pre-activation of the gate, Wq h + bq, read per pair from
+    gate_ptr ((B, P, s), contiguous), its tanh taken here in fp32; K by _keys; a = softmax over
+    each pair's valid rows (its maximum and sum by segmented scans down the rows, as the
+    attention's column norms); store h = l2n(sum_q a[q] E[q]) (_pair_sums). h is stored in
+    out_ptr's dtype."""
     pid = tl.program_id(0)
     b = (pid // NG).to(tl.int64)
     p0 = (pid % NG).to(tl.int64) * GP
-    r = tl.arange(0, GP * BQ)
-    p = p0 + r // BQ
-    rq = r % BQ
+    r = tl.arange(0, M)
+    g = r // LQ
+    qr = r - g * LQ
+    p = p0 + g
+    live = r < tl.minimum(GP, P - p0) * LQ      # g < GP and p < P
+    qmask = qr < tl.load(qlen_ptr + p, mask=live, other=0)
     rs = tl.arange(0, BS)
     smask = rs < S_DIM
-    qlen = tl.load(qlen_ptr + p, mask=p < P, other=0)
-    qmask = rq < qlen
-    e_base = e_ptr + b * se_b + p[:, None] * se_p + rq[:, None] * se_l
+    e_base = e_ptr + b * se_b + p[:, None] * se_p + qr[:, None] * se_l
     if IEEE:
         E = qmask
     else:
         E = _e_tile(e_base, se_s, rs, qmask, smask)
-    pp = p0 + tl.arange(0, GP)
+    rg = tl.arange(0, GPP)
+    pp = p0 + rg
     if MEAN:
-        n = tl.maximum(tl.sum(tl.reshape(qmask.to(tl.float32), (GP, BQ)), axis=1), 1.0)
-        Ef = _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE)
-        h = tl.sum(tl.reshape(Ef, (GP, BQ, BS)), axis=1) / n[:, None]
+        n = tl.maximum(tl.load(qlen_ptr + pp, mask=(rg < GP) & (pp < P), other=1), 1).to(tl.float32)
+        h = _pair_sums(tl.where(qmask, 1.0, 0.0), E, e_base, se_s, rs, qmask, smask, g, rg, IEEE) / n[:, None]
     else:
-        mk_base = mk_ptr + b * smk_b + p[:, None] * smk_p + rq[:, None] * smk_l
+        mk_base = mk_ptr + b * smk_b + p[:, None] * smk_p + qr[:, None] * smk_l
         g_base = gate_ptr + (b * P + p)[:, None] * S_DIM
-        logit = tl.zeros((GP * BQ,), dtype=tl.float32)
+        logit = tl.zeros((M,), dtype=tl.float32)
         for n0 in range(0, S_DIM, BN):
             K, rn, nm = _keys(E, e_base, se_s, qmask, wk_ptr, bk_ptr, t * S_DIM, n0, rs, smask, S_DIM, IEEE, BN, BK)
             m2 = qmask[:, None] & nm[None, :]
-            g = _tanh(tl.load(g_base + rn[None, :], mask=m2, other=0.0).to(tl.float32))
+            gt = _tanh(tl.load(g_base + rn[None, :], mask=m2, other=0.0).to(tl.float32))
             if HAS_DROP:
                 K = K * tl.load(mk_base + rn[None, :] * smk_s, mask=m2, other=0.0).to(tl.float32)
-                g = g * tl.load(mg_ptr + b * smg_b + p[:, None] * smg_p + rn[None, :] * smg_s, mask=m2,
-                                other=0.0).to(tl.float32)
+                gt = gt * tl.load(mg_ptr + b * smg_b + p[:, None] * smg_p + rn[None, :] * smg_s, mask=m2,
+                                  other=0.0).to(tl.float32)
             wv = tl.load(wv_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)
-            logit += tl.sum(K * g * wv[None, :], axis=1)
+            logit += tl.sum(K * gt * wv[None, :], axis=1)
         logit += tl.load(bv_ptr + t).to(tl.float32)
-        # softmax over each pair's valid rows (a pair past P has none, and its h is not stored)
-        L = tl.reshape(tl.where(qmask, logit, float("-inf")), (GP, BQ))
-        m = tl.max(L, axis=1)
-        a = tl.exp(L - tl.where(m > float("-inf"), m, 0.0)[:, None])
-        # a valid pair's sum is >= 1 (its largest term is exp(0)); a pair past P gets a = 0, not NaN
-        a = tl.reshape(a / tl.maximum(tl.sum(a, axis=1), 1.0)[:, None], (GP * BQ,))
-        Ef = _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE)
-        h = tl.sum(tl.reshape(a[:, None] * Ef, (GP, BQ, BS)), axis=1)
+        # softmax over each pair's valid rows: its maximum, then its sum, handed to every row by
+        # a scan down the rows and one back up (a pair past P has no valid row: a = 0, not NaN)
+        L = tl.where(qmask, logit, float("-inf"))
+        run, _ = tl.associative_scan((L, g), 0, _segment_max)
+        mx = tl.associative_scan((run, g), 0, _segment_max, reverse=True)[0]
+        ex = tl.where(qmask, tl.exp(L - tl.where(mx > float("-inf"), mx, 0.0)), 0.0)
+        run, _ = tl.associative_scan((ex, g), 0, _segment_sum)
+        tot = tl.associative_scan((run, g), 0, _segment_max, reverse=True)[0]
+        # a valid pair's sum is >= 1 (its largest term is exp(0))
+        h = _pair_sums(ex / tl.maximum(tot, 1.0), E, e_base, se_s, rs, qmask, smask, g, rg, IEEE)
         h = h / (tl.sqrt(tl.sum(h * h, axis=1)) + EPS)[:, None]
     tl.store(out_ptr + b * so_b + pp[:, None] * so_p + rs[None, :] * so_s, h,
-             mask=(pp < P)[:, None] & smask[None, :])
+             mask=((rg < GP) & (pp < P))[:, None] & smask[None, :])
+
+
+#: the most pairs one forward program takes (queries of 1 to 3 rows use fewer than its 128 rows):
+#: the per-pair sums are a GPP x s fp32 tile (GPP = GP rounded up to a power of two)
+MAX_PAIRS = 32
 
 
 def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True, grouped: bool = False) -> dict:
     """The block sizes and launch options the launcher picks (the compile report checks these);
-    grouped: the forward, GP = rows // BQ pairs per program (rows: kernels/attention.py's
-    FWD_ROWS_HALF = 128 for half, no spills in the variant the JIT compiles at run time; ROWS = 64
-    for fp32; else GP = 1, the backward, whose kernel has no GP). 8 warps: with 4, BQ = 32 and
-    s = 256 spilled on sm_80 and sm_90 (python -m bench.resources). fp32 (half False: exact products, no tensor cores) is not
+    grouped: the forward, GP = rows // Lq pairs per program (at most MAX_PAIRS; a run-time
+    argument, popped by the
+    launcher), their Lq rows each packed into M = GP * Lq rounded up to a power of two, GPP = GP
+    rounded up (the rows of the per-pair sums); rows: kernels/attention.py's FWD_ROWS_HALF = 128
+    for half, ROWS = 64 for fp32. Else the backward, one pair of BQ = Lq rounded up rows per
+    program. 8 warps: with 4, BQ = 32 and s = 256 spilled on sm_80 and sm_90 (python -m
+    bench.resources). fp32 (half False: exact products, no tensor cores) is not
     software-pipelined (num_stages 1): the pipelined loads spilled there."""
     BS = max(16, triton.next_power_of_2(S))
-    BQ = max(16, triton.next_power_of_2(Lq))
-    cfg = dict(BQ=BQ, BS=BS, BN=max(16, min(block_n, BS)), BK=16, num_warps=8, num_stages=3 if half else 1,
+    cfg = dict(BS=BS, BN=max(16, min(block_n, BS)), BK=16, num_warps=8, num_stages=3 if half else 1,
                maxnreg=MAX_REGISTERS)
     if grouped:
-        cfg["GP"] = max(1, (FWD_ROWS_HALF if half else ROWS) // BQ)
+        GP = max(1, min(MAX_PAIRS, (FWD_ROWS_HALF if half else ROWS) // Lq))
+        cfg.update(GP=GP, M=_pow2(GP * Lq), GPP=_pow2(GP))
+    else:
+        cfg["BQ"] = max(16, triton.next_power_of_2(Lq))
     return cfg
 
 
@@ -248,13 +283,14 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     smk = keep_k.stride() if has_drop else (0, 0, 0, 0)
     smg = keep_g.stride() if has_drop else (0, 0, 0)
     cfg = rar_config(Lq, S, block_n, E.dtype != torch.float32, grouped=True)
-    NG = triton.cdiv(P, cfg["GP"])
+    GP = cfg.pop("GP")
+    NG = triton.cdiv(P, GP)
 
     def launch(t, gate=None):
         """One launch: the mean of E (gate None) or step t; h (B, P, s) in E's dtype, contiguous."""
         h_out = torch.empty(B, P, S, dtype=E.dtype, device=E.device)
         _rar_fwd_kernel[(B * NG,)](
-            E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, mk, mg, h_out, P, NG, S, t,
+            E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, mk, mg, h_out, P, NG, GP, Lq, S, t,
             *E.stride(), *smk, *smg, *h_out.stride(),
             MEAN=gate is None, HAS_DROP=has_drop and gate is not None, IEEE=E.dtype == torch.float32, **cfg)
         return h_out

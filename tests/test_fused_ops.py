@@ -318,28 +318,70 @@ def test_rar_forward_and_gradients(backend, T, dropout, h_given, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("Lq,groups", [(5, (4, 8)), (20, (2, 4))], ids=["BQ16", "BQ32"])
+@pytest.mark.parametrize("Lq,P,groups", [(5, 37, (12, 25)), (20, 11, (3, 6)), (2, 70, (32, 32))],
+                         ids=["short", "long", "tiny"])
 @pytest.mark.parametrize("T,dropout,h_given", RAR_CASES, ids=RAR_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rar_many_pairs(backend, T, dropout, h_given, Lq, groups, dtype):
-    """P = 11 pairs per context item, mixed lengths (1 and Lq among them), NaN in every padding:
-    the Triton forward takes GP pairs per program (rar_config's GP, groups = (fp32's, fp16's):
+def test_rar_many_pairs(backend, T, dropout, h_given, Lq, P, groups, dtype):
+    """P pairs per context item, mixed lengths (1 and Lq among them), NaN in every padding: the
+    Triton forward packs GP pairs' rows per program (rar_config's GP, groups = (fp32's, fp16's):
     64 and 128 rows; full programs and a partial last one per item; softmax, mean and sums are
-    each pair's own), its gates one GEMM per step. Against the reference."""
+    each pair's own; "tiny": GP capped at 32 pairs, kernels/rar.py's MAX_PAIRS), its gates one
+    GEMM per step. Against the reference."""
     if backend == "triton":
         from rcar_fast.backends.triton_kernels import load_kernels
         half = dtype != torch.float32
         assert load_kernels().rar.rar_config(Lq, 7, half=half, grouped=True)["GP"] == groups[half]
-        assert 11 % groups[half]       # a partial last program
+        assert P > groups[half] and P % groups[half]       # full programs and a partial last one
     if dtype == torch.float16 and backend == "cpp":
         pytest.skip("the C++ CPU kernels take float32 and float64")
-    lens = _mixed_lengths(11, Lq, Lq)
-    args = _rar_sample(dtype, seed=3 * T + dropout + 5 * h_given + Lq, T=T, dropout=dropout, h_given=h_given, P=11,
+    lens = _mixed_lengths(P, Lq, Lq)
+    args = _rar_sample(dtype, seed=3 * T + dropout + 5 * h_given + Lq, T=T, dropout=dropout, h_given=h_given, P=P,
                        Lq=Lq, qlens=lens)
     out = _ops(backend)[2](*args)
     want = ref_rar(*[a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args])
     tol = _tol(dtype, backend) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
     torch.testing.assert_close(out.double(), want, **tol)
+
+
+def test_triton_rar_each_pair_softmax_its_own():
+    """fp32, 37 pairs of up to 5 rows (12 per program): wv scaled so the logits of pairs in one
+    program lie hundreds apart. Each pair's softmax subtracts its own maximum (a maximum over the
+    program's rows would underflow exp to zero for the lower pairs). Against the fp64 reference.
+    (The softmax's sum needs no such test: h = l2n(sum a E) does not see a common factor of a.)"""
+    if "triton" not in BACKENDS:
+        pytest.skip("the Triton backend is not available here")
+    args = _rar_sample(torch.float32, seed=41, T=1, dropout=False, h_given=True, P=37, Lq=5,
+                       qlens=_mixed_lengths(37, 5, 5))
+    args[7] = args[7] * 200.0      # wv: logits spread over hundreds
+    out = _ops("triton")[2](*args)
+    want = ref_rar(*[a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args])
+    assert torch.isfinite(out).all()
+    # logits in the hundreds: fp32's rounding of them moves a by about 1e-5 relative
+    torch.testing.assert_close(out.double(), want, rtol=1e-3, atol=1e-4)
+
+
+def test_triton_rar_pair_sums_keep_the_weights_precision():
+    """fp16, pairs of two rows x and -x + y / 1000 with keys nearly equal (Wk tiny): the weights a
+    are 0.5 +- about 1e-3, so h = l2n(a1 x + a2 (-x + y / 1000)) turns on a1 - a2, about 1e-3,
+    which fp16 weights (0.5's ulp is 2^-11) carry only to about 25%. The packed forward's per-pair
+    sums take each weight in two fp16 halves (hi + lo): against the fp64 reference within 2e-3."""
+    if "triton" not in BACKENDS:
+        pytest.skip("the Triton backend is not available here")
+    g = torch.Generator().manual_seed(31)
+    B, P, Lq, s = 1, 6, 2, 16
+    x = torch.randn(B, P, s, generator=g, dtype=torch.float64)
+    y = torch.randn(B, P, s, generator=g, dtype=torch.float64)
+    E = torch.stack([x, -x + y / 1000], dim=2).half()
+    wq, wk = torch.randn(1, s, s, generator=g, dtype=torch.float64) * 0.3, torch.randn(1, s, s, generator=g) * 1e-3
+    bq, bk, wv = (torch.randn(1, s, generator=g, dtype=torch.float64) for _ in range(3))
+    bv = torch.zeros(1, dtype=torch.float64)
+    h0 = torch.randn(B, P, s, generator=g, dtype=torch.float64)
+    args = [E, torch.full((P,), Lq, dtype=torch.int32)] + [t.half() for t in (h0, wq, bq, wk.double(), bk, wv, bv)]
+    out = _ops("triton")[2](*args, None, None)
+    up = [a.double() if a.is_floating_point() else a for a in args]
+    want = ref_rar(*up, None, None)
+    torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)
 
 
 def test_triton_rar_steps_in_one_call_equal_one_step_calls():

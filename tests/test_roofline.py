@@ -168,18 +168,21 @@ def test_triton_rcr_tiles_are_the_kernels():
 
 def test_triton_forward_rows_are_the_kernels():
     """The model's Triton query rows per program (triton_forward_tile for the bf16 attention forward
-    on the grid: its pairs and packed rows; TRITON_FWD_ROWS for the RAR forward, TRITON_ROWS for the
-    attention backward) are the launchers' (kernels/attention.py, kernels/rar.py), at the lengths
-    Flickr30K draws and at i2t's 36 regions."""
+    on the grid: its pairs and packed rows; triton_rar_tile for the RAR forward's, TRITON_ROWS for
+    the attention backward) are the launchers' (kernels/attention.py, kernels/rar.py), at the
+    lengths Flickr30K draws and at i2t's 36 regions."""
     pytest.importorskip("triton")
     from bench.kernel_configs import _module
     att, bwd, rar = _module("attention"), _module("attention_bwd"), _module("rar")
     assert att.FWD_ROWS_HALF == RL.TRITON_FWD_ROWS
+    assert rar.MAX_PAIRS == RL.TRITON_RAR_MAX_PAIRS
     for Lq in (16, 32, 64):
-        r = rar.rar_config(Lq, RL.S_DIM, half=True, grouped=True)
-        assert r["GP"] * r["BQ"] == RL.TRITON_FWD_ROWS
         back = bwd.attention_bwd_config(True, Lq, 36, RL.D, RL.S_DIM, att.MODE_ALIGNMENT.value, grouped=True)
         assert back["GP"] * back["BQ"] == RL.TRITON_ROWS
+    for Lq in list(range(1, 25)) + [36, 64]:
+        r = rar.rar_config(Lq, RL.S_DIM, half=True, grouped=True)
+        assert (r["GP"], r["M"], r["GPP"]) == RL.triton_rar_tile(Lq)
+        assert r["GP"] * Lq <= r["M"] <= RL.TRITON_FWD_ROWS
     for Lq in list(range(6, 25)) + [36]:
         fwd = att.forward_config(True, Lq, 36, RL.D, RL.S_DIM, att.MODE_ALIGNMENT.value, grouped=True)
         assert (fwd["GP"], fwd["M"]) == RL.triton_forward_tile(Lq)
