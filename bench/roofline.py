@@ -255,8 +255,8 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     two GEMM kernels with fused epilogues, rcr_triton; torch's step under autograd),
     one RAR step: the gates' pre-activations h Wq^T + bq of every pair as one cuBLAS GEMM in the
     inputs' dtype (tensor cores; h kept in that dtype between steps), then rar_fwd with GP pairs
-    per program (their tanh on chip, Wk read once per program; the first step after a launch for
-    the mean of E)."""
+    per program packed (their tanh on chip, Wk read once per program; step 0 makes the mean of E
+    and its gates on chip, FIRST)."""
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     BC, BS = pow2(Lc), pow2(S_DIM)
@@ -289,17 +289,19 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
                 rcr_triton(book, B, P, Lq, has_f)
-        if t == 0:
-            book.add(f"rar_fwd MEAN{tag}", count=1, note=f"M {RM} GP {RGP}", tc=rprograms * psum,
-                     l2=pairs * (Lq * s * e + s * e), hbm=pairs * (Lq * s * e + s * e))
-        # cuBLAS: h (pairs x s) times Wq^T, the bias in its epilogue; h read, the gate written
-        book.add(f"rar gate h Wq^T + bq (cuBLAS){tag}", count=1, tc=pairs * 2 * s * s,
-                 hbm=pairs * s * e * 2 + s * s * e)
+        first = t == 0    # step 0 (no h given) makes the mean of E and its gate on chip (FIRST)
+        if not first:
+            # cuBLAS: h (pairs x s) times Wq^T, the bias in its epilogue; h read, the gate written
+            book.add(f"rar gate h Wq^T + bq (cuBLAS){tag}", count=1, tc=pairs * 2 * s * s,
+                     hbm=pairs * s * e * 2 + s * s * e)
         # the gate read once per pair (its rows' repeated loads of it counted as L1 hits), its tanh
-        # taken per row on chip
-        book.add(f"rar_fwd{tag}", count=1, note=f"M {RM} GP {RGP}",
-                 tc=rprograms * (2 * RM * BS * BS + 2 * psum), simt=rprograms * ((16 + 8) * RM * BS + rseg),
-                 l2=pairs * (Lq * s * e + s * e * 2) + rprograms * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
+        # taken per row on chip; FIRST: the mean (one more GPP x M x s product) times Wq (GPP x s x
+        # s, Wq read once per program) instead of the gate's read
+        book.add(f"rar_fwd{tag}", count=1, note=f"M {RM} GP {RGP}" + (", FIRST" if first else ""),
+                 tc=rprograms * (2 * RM * BS * BS + 2 * psum + (psum + 2 * GPP * BS * BS if first else 0)),
+                 simt=rprograms * ((16 + 8) * RM * BS + rseg),
+                 l2=pairs * (Lq * s * e + s * e * (1 if first else 2)) + rprograms * s * s * e * (2 if first else 1),
+                 hbm=pairs * (Lq * s * e + s * e * (1 if first else 2)))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 
 

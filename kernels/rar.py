@@ -13,9 +13,11 @@ Per step t (weights of module t, stacked on a leading axis):
   K = tanh(E Wk^T + bk)        (Lq x s per pair, computed BN columns at a time, never stored)
   logit[q] = sum_n K[q, n] g[n] wv[n] + bv;   a = softmax over the pair's valid q
   h = l2n(sum_q a[q] E[q])
-h starts from the given h0 or from the plain mean of E over the valid positions (a launch of
-the same kernel, MEAN). Between steps h is kept in E's dtype (as a launch per step keeps it,
-which the backward's recompute does).
+h starts from the given h0 or from the plain mean of E over the valid positions: then, in
+bf16/fp16, step 0's program makes it on chip, and its gate with it (FIRST: the mean's GPP x s
+tile times Wq on the tensor cores; no launch for the mean, no GEMM for step 0's gates; fp32
+takes the mean from torch). Between steps h is kept in
+E's dtype (as a launch per step keeps it, which the backward's recompute does).
 Dropout (training): optional keep-masks already scaled by 1/(1-p), mk (B, P, Lq, s) on K and
 mg (B, P, s) on g, for a single step (T = 1); the caller draws them so backward can reuse them.
 The backward (_rar_bwd_kernel, one program per pair, one step) recomputes g itself.
@@ -157,23 +159,25 @@ def _pair_sums(a, E, e_base, se_s, rs, qmask, smask, g, rg, IEEE: tl.constexpr):
 
 @triton.jit
 def _rar_fwd_kernel(
-    e_ptr, qlen_ptr, gate_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, mk_ptr, mg_ptr, out_ptr,
+    e_ptr, qlen_ptr, gate_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wq_ptr, bq_ptr, mk_ptr, mg_ptr, out_ptr,
     P, NG, GP, LQ, S_DIM, t,
     se_b, se_p, se_l, se_s,
     smk_b, smk_p, smk_l, smk_s,
     smg_b, smg_p, smg_s,
     so_b, so_p, so_s,
-    MEAN: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
+    FIRST: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
     M: tl.constexpr, GPP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """GP pairs (b, p0 .. p0 + GP - 1) per program, their LQ rows each packed back to back into M
     rows (row r: row qr = r % LQ of pair j = r // LQ; M the power of two at or above GP * LQ,
-    GPP >= GP the pairs' rows of the result tiles). MEAN: store h = the mean of E over each pair's
-    valid rows. Else one step t: the pre-activation of the gate, Wq h + bq, read per pair from
-    gate_ptr ((B, P, s), contiguous), its tanh taken here in fp32; K by _keys; a = softmax over
-    each pair's valid rows (its maximum and sum by segmented scans down the rows, as the
-    attention's column norms); store h = l2n(sum_q a[q] E[q]) (_pair_sums). h is stored in
-    out_ptr's dtype."""
+    GPP >= GP the pairs' rows of the result tiles). One step t: the pre-activation of the gate,
+    Wq h + bq, read per pair from gate_ptr ((B, P, s), contiguous), or, FIRST (step 0 without a
+    given h), made here: h = the mean of E over each pair's valid rows (_pair_sums with ones,
+    rounded to out_ptr's dtype as a stored h is), times Wq's BN rows per chunk (GPP x s x BN on
+    the tensor cores), plus bq, rounded as the GEMM's output is, handed to each row by a gather;
+    its tanh taken here in fp32; K by _keys; a = softmax over each pair's valid rows (its maximum
+    and sum by segmented scans down the rows, as the attention's column norms); store
+    h = l2n(sum_q a[q] E[q]) (_pair_sums). h is stored in out_ptr's dtype."""
     pid = tl.program_id(0)
     b = (pid // NG).to(tl.int64)
     p0 = (pid % NG).to(tl.int64) * GP
@@ -192,35 +196,42 @@ def _rar_fwd_kernel(
         E = _e_tile(e_base, se_s, rs, qmask, smask)
     rg = tl.arange(0, GPP)
     pp = p0 + rg
-    if MEAN:
+    if FIRST:
         n = tl.maximum(tl.load(qlen_ptr + pp, mask=(rg < GP) & (pp < P), other=1), 1).to(tl.float32)
-        h = _pair_sums(tl.where(qmask, 1.0, 0.0), E, e_base, se_s, rs, qmask, smask, g, rg, IEEE) / n[:, None]
-    else:
-        mk_base = mk_ptr + b * smk_b + p[:, None] * smk_p + qr[:, None] * smk_l
-        g_base = gate_ptr + (b * P + p)[:, None] * S_DIM
-        logit = tl.zeros((M,), dtype=tl.float32)
-        for n0 in range(0, S_DIM, BN):
-            K, rn, nm = _keys(E, e_base, se_s, qmask, wk_ptr, bk_ptr, t * S_DIM, n0, rs, smask, S_DIM, IEEE, BN, BK)
-            m2 = qmask[:, None] & nm[None, :]
+        h0 = (_pair_sums(tl.where(qmask, 1.0, 0.0), E, e_base, se_s, rs, qmask, smask, g, rg, IEEE)
+              / n[:, None]).to(out_ptr.dtype.element_ty)
+        gi = tl.broadcast_to(tl.minimum(g, GPP - 1)[:, None], (M, BN))   # rows past the pairs: masked
+    mk_base = mk_ptr + b * smk_b + p[:, None] * smk_p + qr[:, None] * smk_l
+    g_base = gate_ptr + (b * P + p)[:, None] * S_DIM
+    logit = tl.zeros((M,), dtype=tl.float32)
+    for n0 in range(0, S_DIM, BN):
+        K, rn, nm = _keys(E, e_base, se_s, qmask, wk_ptr, bk_ptr, t * S_DIM, n0, rs, smask, S_DIM, IEEE, BN, BK)
+        m2 = qmask[:, None] & nm[None, :]
+        if FIRST:
+            wq = tl.load(wq_ptr + t * S_DIM * S_DIM + rn[:, None] * S_DIM + rs[None, :],
+                         mask=nm[:, None] & smask[None, :], other=0.0).to(h0.dtype)
+            gp = _dot(h0, tl.trans(wq), IEEE) + tl.load(bq_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+            gt = _tanh(tl.gather(gp.to(out_ptr.dtype.element_ty).to(tl.float32), gi, 0))
+        else:
             gt = _tanh(tl.load(g_base + rn[None, :], mask=m2, other=0.0).to(tl.float32))
-            if HAS_DROP:
-                K = K * tl.load(mk_base + rn[None, :] * smk_s, mask=m2, other=0.0).to(tl.float32)
-                gt = gt * tl.load(mg_ptr + b * smg_b + p[:, None] * smg_p + rn[None, :] * smg_s, mask=m2,
-                                  other=0.0).to(tl.float32)
-            wv = tl.load(wv_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)
-            logit += tl.sum(K * gt * wv[None, :], axis=1)
-        logit += tl.load(bv_ptr + t).to(tl.float32)
-        # softmax over each pair's valid rows: its maximum, then its sum, handed to every row by
-        # a scan down the rows and one back up (a pair past P has no valid row: a = 0, not NaN)
-        L = tl.where(qmask, logit, float("-inf"))
-        run, _ = tl.associative_scan((L, g), 0, _segment_max)
-        mx = tl.associative_scan((run, g), 0, _segment_max, reverse=True)[0]
-        ex = tl.where(qmask, tl.exp(L - tl.where(mx > float("-inf"), mx, 0.0)), 0.0)
-        run, _ = tl.associative_scan((ex, g), 0, _segment_sum)
-        tot = tl.associative_scan((run, g), 0, _segment_max, reverse=True)[0]
-        # a valid pair's sum is >= 1 (its largest term is exp(0))
-        h = _pair_sums(ex / tl.maximum(tot, 1.0), E, e_base, se_s, rs, qmask, smask, g, rg, IEEE)
-        h = h / (tl.sqrt(tl.sum(h * h, axis=1)) + EPS)[:, None]
+        if HAS_DROP:
+            K = K * tl.load(mk_base + rn[None, :] * smk_s, mask=m2, other=0.0).to(tl.float32)
+            gt = gt * tl.load(mg_ptr + b * smg_b + p[:, None] * smg_p + rn[None, :] * smg_s, mask=m2,
+                              other=0.0).to(tl.float32)
+        wv = tl.load(wv_ptr + t * S_DIM + rn, mask=nm, other=0.0).to(tl.float32)
+        logit += tl.sum(K * gt * wv[None, :], axis=1)
+    logit += tl.load(bv_ptr + t).to(tl.float32)
+    # softmax over each pair's valid rows: its maximum, then its sum, handed to every row by a
+    # scan down the rows and one back up (a pair past P has no valid row: a = 0, not NaN)
+    L = tl.where(qmask, logit, float("-inf"))
+    run, _ = tl.associative_scan((L, g), 0, _segment_max)
+    mx = tl.associative_scan((run, g), 0, _segment_max, reverse=True)[0]
+    ex = tl.where(qmask, tl.exp(L - tl.where(mx > float("-inf"), mx, 0.0)), 0.0)
+    run, _ = tl.associative_scan((ex, g), 0, _segment_sum)
+    tot = tl.associative_scan((run, g), 0, _segment_max, reverse=True)[0]
+    # a valid pair's sum is >= 1 (its largest term is exp(0))
+    h = _pair_sums(ex / tl.maximum(tot, 1.0), E, e_base, se_s, rs, qmask, smask, g, rg, IEEE)
+    h = h / (tl.sqrt(tl.sum(h * h, axis=1)) + EPS)[:, None]
     tl.store(out_ptr + b * so_b + pp[:, None] * so_p + rs[None, :] * so_s, h,
              mask=((rg < GP) & (pp < P))[:, None] & smask[None, :])
 
@@ -262,12 +273,13 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     qlens (P,) int32 valid query rows; h0 None (start from the mean) or (B, P, s);
     wq, wk (T, s, s), bq, bk (T, s), wv (T, s), bv (T,), all contiguous;
     keep_k (B, P, Lq, s) and keep_g (B, P, s): dropout keep-masks scaled by 1/(1-p), T = 1 only.
-    Returns h (B, P, s) in E's dtype. One launch per step (and one for the mean when h0 is None);
-    before each step the gates' pre-activations of every pair, h Wq^T + bq, as one GEMM in E's
-    dtype (bf16/fp16: tensor cores, fp32 accumulation; fp32 follows torch's TF32 switch, as the
-    backward's products with the shared weights do); the kernel takes their tanh in fp32. h is
-    kept in E's dtype between steps, so T steps in one call equal T calls of one step (the
-    backward's recompute).
+    Returns h (B, P, s) in E's dtype. One launch per step; before each step the gates'
+    pre-activations of every pair, h Wq^T + bq, as one GEMM in E's dtype (bf16/fp16: tensor
+    cores, fp32 accumulation; fp32 follows torch's TF32 switch, as the backward's products with
+    the shared weights do), except for step 0 without h0 in bf16/fp16, whose program makes the
+    mean and its gate on chip (FIRST; fp32 takes the mean from torch, contract.mean_start); the
+    kernel takes the gates' tanh in fp32. h is kept in E's dtype
+    between steps, so T steps in one call equal T calls of one step (the backward's recompute).
     """
 
     B, P, Lq, S = E.shape
@@ -287,16 +299,19 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     NG = triton.cdiv(P, GP)
 
     def launch(t, gate=None):
-        """One launch: the mean of E (gate None) or step t; h (B, P, s) in E's dtype, contiguous."""
+        """One launch of step t, its gates' pre-activations ``gate`` (B * P, s) or, None, made on
+        chip from the mean of E (step 0 without h0); h (B, P, s) in E's dtype, contiguous."""
         h_out = torch.empty(B, P, S, dtype=E.dtype, device=E.device)
         _rar_fwd_kernel[(B * NG,)](
-            E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, mk, mg, h_out, P, NG, GP, Lq, S, t,
+            E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, wq, bq, mk, mg, h_out, P, NG, GP, Lq, S, t,
             *E.stride(), *smk, *smg, *h_out.stride(),
-            MEAN=gate is None, HAS_DROP=has_drop and gate is not None, IEEE=E.dtype == torch.float32, **cfg)
+            FIRST=gate is None, HAS_DROP=has_drop, IEEE=E.dtype == torch.float32, **cfg)
         return h_out
 
+    if h0 is None and E.dtype == torch.float32:    # fp32: the mean in torch (held on chip with the
+        h0 = contract.mean_start(E, qlens)        # exact products' operands, it spilled 400-500 B)
     h = launch(0) if h0 is None else h0.to(E.dtype)
-    for t in range(T):
+    for t in range(0 if h0 is not None else 1, T):
         h = launch(t, torch.addmm(bq[t].to(E.dtype), h.reshape(B * P, S), wq[t].to(E.dtype).t()))
     return h
 
