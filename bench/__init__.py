@@ -11,4 +11,6 @@
   resources.py     compile report of the Triton and CUDA kernels (registers, shared memory, SASS), no GPU needed
   cuda_resources.py  its CUDA half: nvcc -Xptxas -v and cuobjdump per csrc/cuda/*.cu and architecture
   cuda_plan.cpp    host program evaluating csrc/cuda/plan.h (the kernels' shared memory per launch)
+  roofline.py      cost model: every launch's work and bytes, the H200 time it predicts
+  train_memory.py  peak memory of one training step per backend (CPU allocator), fitted to 128 x 128
 """
