@@ -205,9 +205,11 @@ def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
     BM, BN = TRITON_RCR_BM, TRITON_RCR_BN
     rb = -(-N // BM)
     cols = -(-(2 * s + s // 2) // BN) * BN
-    book.add("rcr_hidden (tanh(E W1^T + b1), temperatures)", count=1, note=f"BM {BM} BN {BN}",
+    # three launches: the launcher's two torch.cat (W1 with ws1, b1 with bs1: a (2s + s/2) x s
+    # copy per call), then the kernel
+    book.add("rcr_hidden (tanh(E W1^T + b1), temperatures)", count=3, note=f"BM {BM} BN {BN}",
              tc=rb * BM * 2 * s * cols, simt=N * (2 * s + s // 2) * 8,
-             hbm=N * s * e + N * 2 * s * e + N * 4 * 2 + (2 * s + s // 2) * s * e,
+             hbm=N * s * e + N * 2 * s * e + N * 4 * 2 + 3 * (2 * s + s // 2) * s * e,
              l2=rb * BM * s * e + rb * (2 * s + s // 2) * s * e + N * 2 * s * e + N * 4 * 2)
     BN = TRITON_RCR_FACTORS_BN
     nf = -(-d // BN)
