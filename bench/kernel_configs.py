@@ -1,8 +1,8 @@
 """Every Triton kernel launch the launchers make at the standard shapes, as the JIT would compile
 it: what the compile report (bench/resources.py) compiles. The launchers themselves are called
-(kernels/*: attention_fwd, attention_bwd, rar_fwd, rar_bwd, rcr_step) on CPU tensors of the
-standard shapes with every kernel's launch replaced by a recorder (nothing runs), so the block
-sizes come from their own choosers and the arguments are the ones they pass.
+(kernels/*: attention_fwd, attention_bwd, rar_fwd, rar_bwd, rcr_step, rcr_factors_bwd) on CPU
+tensors of the standard shapes with every kernel's launch replaced by a recorder (nothing runs),
+so the block sizes come from their own choosers and the arguments are the ones they pass.
 
 Each recorded launch is then specialised as triton's JIT specialises a launch at run time
 (triton._C.libtriton.native_specialize_impl with the CUDA backend): an integer equal to 1 becomes
@@ -127,6 +127,10 @@ def _launch_standard_shapes(dtype: str) -> None:
     for state in (False, True):
         rcr.rcr_step(E, full(P, 16), randn(B, P, 16, D) if state else None, randn(B, P, 16).abs() if state else None,
                      10.0, *mlp)
+        n = B * P * 16          # training: the d-wide chain of RCR's backward over the same rows
+        for write_df in (False, True):
+            rcr.rcr_factors_bwd(randn(n, 2 * S), mlp[2], mlp[3], randn(n, D) if state else None, randn(n, D),
+                                randn(n, D) if write_df else None)
 
 
 def _is_constexpr(param: inspect.Parameter) -> bool:
@@ -190,4 +194,5 @@ def kernels():
         "rar_bwd": K(fn=rar._rar_bwd_kernel),
         "rcr_hidden": K(fn=rcr._rcr_hidden_kernel),
         "rcr_factors_gemm": K(fn=rcr._rcr_factors_gemm_kernel),
+        "rcr_factors_bwd": K(fn=rcr._rcr_factors_bwd_kernel),
     }

@@ -169,6 +169,48 @@ def rcr_torch(book: Book, B: int, P: int, Lq: int, prefix: str = "rcr (torch)") 
              hbm=N * 2 * s * e * 2 + N * d * e * (2 + 3 + 2) + N * 4 * 4)
 
 
+def rcr_recomputed_backward(book: Book, B: int, P: int, Lq: int, has_f: bool, kernel: bool = False) -> None:
+    """The backward of RCR under autograd for the fused backends (rcar_fast.torch_math.
+    rcr_step_recomputed; its forward is rcr_torch's in-place step, nothing saved). Once over the
+    block: the temperatures' branch (s/2 wide: recomputed, relu's mask, its gradients, E's
+    gradient through it) and the accumulators. Then RCR_CHUNKS = 4 chunks of rows: h1 again
+    (GEMM, tanh_); the d-wide chain, either torch ops (cuda: t again (GEMM, tanh_), z = t + F,
+    abs_ and <= (the clamp's mask), where (gF), dF's copy where F was given, 1 - t^2 (addcmul),
+    mul_: gm) or, with ``kernel`` (triton), kernels/rcr.py's _rcr_factors_bwd_kernel (M = h1 W2^T
+    recomputed on the tensor cores, gF and F read, gm and dF written, one pass); then gm^T h1
+    into dW2 (addmm_), gm W2, 1 - h1^2 and mul_, ga1^T e into dW1, ga1 W1 into dE (addmm_), the
+    bias sums: twice the forward's products besides the recompute."""
+    N = B * P * Lq
+    s, d, e = S_DIM, D, ELEM
+    chunks = 4
+    hs = s // 2
+    book.add("rcr recomputed backward: the temperatures' branch and accumulators", count=18,
+             tc=2 * N * s * hs * 3 + 2 * N * hs * 2 + 2 * N * hs * s,
+             simt=N * hs * 10, hbm=N * s * e * 3 + N * hs * e * 10 + N * 4 * 6)
+    if kernel:
+        book.add("rcr recomputed backward: h1 again (GEMM)", count=chunks, tc=2 * N * s * 2 * s,
+                 hbm=N * s * e + N * 2 * s * e)
+        book.add("rcr_factors_bwd (M again, the clamp's mask, tanh')", count=chunks, tc=2 * N * 2 * s * d,
+                 simt=N * d * 12, l2=N * 2 * s * e * -(-d // 128) + chunks * d * 2 * s * e * -(-N // (128 * chunks)),
+                 hbm=N * 2 * s * e + N * d * e * (2 + (2 if has_f else 0)) + d * 2 * s * e)
+        # tanh_ of h1, 1 - h1^2 and mul_, the bias sums
+        book.add("rcr recomputed backward: element-wise", count=7 * chunks, simt=N * 2 * s * 8,
+                 hbm=N * d * e + N * 2 * s * e * 8)
+    else:
+        book.add("rcr recomputed backward: h1 and t again (GEMMs)", count=2 * chunks,
+                 tc=2 * N * s * 2 * s + 2 * N * 2 * s * d, hbm=N * s * e + N * 2 * s * e * 2 + N * d * e,
+                 l2=N * d * e)
+        # tanh_ x 2, z, abs_, <=, where, (dF copy), addcmul, mul_, 1 - h1^2, mul_, the bias sums
+        book.add("rcr recomputed backward: element-wise", count=(14 if has_f else 13) * chunks,
+                 simt=N * d * 12 + N * 2 * s * 8,
+                 hbm=N * d * (e * (16 + (3 if has_f else 0)) + 2) + N * 2 * s * e * 8)
+    # gm^T h1 (addmm_ into dW2), gm W2, ga1^T e (addmm_ into dW1), ga1 W1 (addmm_ into dE)
+    book.add("rcr recomputed backward: gradient GEMMs", count=4 * chunks,
+             tc=2 * (2 * N * 2 * s * d) + 2 * (2 * N * s * 2 * s),
+             hbm=N * d * e * 2 + N * 2 * s * e * 4 + N * s * e * 3 + (d * 2 * s + 2 * s * s) * e * 2 * chunks,
+             l2=N * d * e * 2)
+
+
 def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "cuda") -> None:
     """The fused RCR step for inference of the cuda backend (csrc/cuda/rcr.cu): cuBLAS GEMMs,
     tanh of the hidden layers and the temperatures in ATen, and one kernel for the d-wide chain
@@ -287,7 +329,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                  hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e
                  + B * Lc * Lc * 4)
         if t < shape.steps - 1:
-            if shape.training:     # under autograd the pipeline runs torch's RCR step
+            if shape.training:     # under autograd: torch's step in place (rcr_step_recomputed)
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
                 rcr_triton(book, B, P, Lq, has_f)
@@ -312,7 +354,7 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     items' Gram matrices once per item, then the attention's two kernels recompute each pair on
     chip (the first with GP pairs of one context item per program, as the forward) (bf16: A rebuilt once per 32-column chunk of Y, 8
     passes over d at s = 256) and add the shared gradients with fp32 atomics (dW: s x d per
-    pair); RAR's backward per step; RCR's backward through torch autograd (its GEMMs x 2)."""
+    pair); RAR's backward per step; RCR's recomputing backward (rcr_recomputed_backward, its d-wide chain one kernel)."""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
     GP = max(1, TRITON_ROWS // BQ)
@@ -340,10 +382,7 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
                  simt=pairs * (2 * BS * BS * 2 + 20 * BQ * BS),
                  l2=pairs * (Lq * s * e + 2 * s * s * e + Lq * s * 4 * 2), hbm=pairs * (Lq * s * 4 * 3 + s * 4 * 3))
         if t < shape.steps - 1:
-            N = pairs * Lq
-            book.add("rcr backward (torch autograd)", count=12,
-                     tc=2 * (2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2),
-                     hbm=N * d * e * 10 + N * 2 * s * e * 6)
+            rcr_recomputed_backward(book, B, P, Lq, t > 0, kernel=True)
 
 
 #: query rows one CUDA tensor-core forward block holds (csrc/cuda/plan.h kTcRows)
@@ -416,7 +455,7 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
                      l2=pairs * ((Lq * d + 2 * Lc * d + s * d + Lq * s + (Lq * d if has_f else 0)) * e),
                      hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)
         if t < shape.steps - 1:
-            if shape.training:     # under autograd the pipeline runs torch's RCR step
+            if shape.training:     # under autograd: torch's step in place (rcr_step_recomputed)
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
                 rcr_fused(book, B, P, Lq, has_f, "cuda")
@@ -452,9 +491,7 @@ def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
         book.add("rar_bwd_kernel + its GEMMs", count=3, tc=pairs * 2 * 16 * ((Lq + 15) // 16) * s * s * 3,
                  simt=pairs * 2 * s * s * 2, l2=pairs * (2 * s * s * e), hbm=pairs * Lq * s * 4 * 3)
         if t < shape.steps - 1:
-            book.add("rcr backward (torch autograd)", count=12,
-                     tc=2 * (2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2),
-                     hbm=N * d * e * 10 + N * 2 * s * e * 6)
+            rcr_recomputed_backward(book, B, P, Lq, t > 0)
 
 
 def torch_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:

@@ -12,7 +12,8 @@ Per op, the kernels, the launcher, the torch.library custom op, its fake and its
                     ``rar_bwd``; ``rcar_fast::triton_rar`` / ``::triton_rar_bwd``, fakes, autograd
   rcr.py            one RCR step for inference as two GEMM kernels (tensor cores) with the
                     tanh, clamp and temperatures in their epilogues; ``rcr_step``;
-                    ``rcar_fast::triton_rcr`` and its fake
+                    ``rcar_fast::triton_rcr`` and its fake; ``rcr_factors_bwd``, the d-wide
+                    chain of RCR's recomputing backward in training as one GEMM kernel
 
 The "triton" backend (rcar_fast.backends.triton_kernels) binds the custom ops into a kernel set.
 On CPU tensors they run under TRITON_INTERPRET=1 (tests), where _interpreter.py makes the
@@ -26,7 +27,7 @@ use_log_step_scan()     # before any kernel runs: the interpreter's scans log-st
 from .attention import attention_fwd, triton_attention  # noqa: E402
 from .attention_bwd import attention_bwd, triton_attention_bwd
 from .rar import rar_bwd, rar_fwd, triton_rar, triton_rar_bwd
-from .rcr import rcr_step, triton_rcr
+from .rcr import rcr_factors_bwd, rcr_step, triton_rcr
 
-__all__ = ["attention_bwd", "attention_fwd", "rar_bwd", "rar_fwd", "rcr_step", "triton_attention",
+__all__ = ["attention_bwd", "attention_fwd", "rar_bwd", "rar_fwd", "rcr_factors_bwd", "rcr_step", "triton_attention",
            "triton_attention_bwd", "triton_rar", "triton_rar_bwd", "triton_rcr"]

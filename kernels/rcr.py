@@ -7,6 +7,8 @@ with their element-wise work in the epilogue, on the tensor cores for bf16/fp16:
                                    hidden layer of the temperatures' MLP never leaves the chip)
   _rcr_factors_gemm_kernel   F   = clamp(tanh(H W2^T + b2) + F_old, -1, 1)   (N x d; M = H W2^T + b2
                                    never reaches memory)
+  _rcr_factors_bwd_kernel    gm  = dL/dF [|z| <= 1] (1 - t^2), t = tanh(H W2^T + b2), z = t + F_old
+                                   (N x d; training: the d-wide part of RCR's backward, see below)
 
 N = B * P * Lq rows (row r is position r % Lq of query item (r // Lq) % P); F_old all ones at
 the first step (None), lam_old the scalar or (B, P, Lq). Rows at or past a pair's query length
@@ -16,7 +18,10 @@ takes a BM x BN tile and accumulates in fp32 over K in BK chunks; a hidden progr
 of E and every column, BN at a time (bf16/fp16: its E tile loaded once, full-K products). fp32
 inputs take exact products (input_precision "ieee", split along K as kernels/attention.py's
 _dot_ieee, K in BK chunks), half inputs the tensor cores. H is stored in E's dtype (as torch's step rounds it); M stays fp32 on chip.
-Inference only: under autograd the pipeline runs torch's RCR step.
+The step is for inference only: under autograd the pipeline runs
+rcar_fast.torch_math.rcr_step_recomputed (saves only its inputs, recomputes in backward), whose
+backward takes _rcr_factors_bwd_kernel for its d-wide element-wise chain (rcr_factors_bwd; the
+kernel set's ``rcr_factors_bwd``): one pass that reads H, F_old and dL/dF and writes gm (and dF).
 """
 
 from typing import Optional, Tuple
@@ -146,17 +151,56 @@ def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_
              mask=(r < N_ROWS)[:, None] & cm[None, :])
 
 
+@triton.jit
+def _rcr_factors_bwd_kernel(h_ptr, w2_ptr, b2_ptr, f_ptr, gf_ptr, gm_ptr, df_ptr, N_ROWS,
+                            D: tl.constexpr, H_DIM: tl.constexpr, HAS_F: tl.constexpr,
+                            WRITE_DF: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr):
+    """Program (m, n): the BM x BN tile of the factors' backward (RCR under autograd,
+    rcar_fast.torch_math.rcr_step_recomputed): M = H W2^T + b2 again, t = tanh(M), z = t + F_old
+    (1 without HAS_F), each rounded to the inputs' dtype as torch's in-place step rounds it, then
+    gz = gF where |z| <= 1 (the clamp's gradient) and gm = gz (1 - t^2), stored (N_ROWS x D; and
+    gz as dF with WRITE_DF). Every row is computed (the step's rows past a query length too, as
+    torch's); every matrix contiguous."""
+    row0 = tl.program_id(0).to(tl.int64) * BM
+    rl = tl.arange(0, BM)
+    rmask = (tl.program_id(0) * BM + rl) < N_ROWS
+    c = tl.program_id(1) * BN + tl.arange(0, BN)
+    cm = c < D
+    acc = _mm_tile(tl.multiple_of(h_ptr + row0 * H_DIM, 16), rl, rmask, tl.multiple_of(w2_ptr, 16), c, cm, H_DIM,
+                   IEEE, BM, BN, BK)
+    dt = gm_ptr.dtype.element_ty
+    m = (acc + tl.load(b2_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)
+    t = _tanh(m).to(dt).to(tl.float32)
+    m2 = rmask[:, None] & cm[None, :]
+    offs = rl[:, None] * D + c[None, :]
+    if HAS_F:
+        f = tl.load(tl.multiple_of(f_ptr + row0 * D, 16) + offs, mask=m2, other=0.0).to(tl.float32)
+    else:
+        f = 1.0
+    z = (t + f).to(dt).to(tl.float32)
+    g = tl.load(tl.multiple_of(gf_ptr + row0 * D, 16) + offs, mask=m2, other=0.0).to(tl.float32)
+    gz = tl.where(tl.abs(z) <= 1.0, g, 0.0)
+    tl.store(tl.multiple_of(gm_ptr + row0 * D, 16) + offs, (gz * (1.0 - t * t)).to(dt), mask=m2)
+    if WRITE_DF:
+        tl.store(tl.multiple_of(df_ptr + row0 * D, 16) + offs, gz.to(dt), mask=m2)
+
+
 def rcr_gemm_config(half: bool, s: int, which: str) -> dict:
     """Block sizes and launch options of the two kernels (the compile report checks these):
     which "hidden" (_rcr_hidden_kernel: one program per BM rows, over BN of [W1; ws1]'s rows at a
     time; BS = s rounded up to a power of two, E's tile kept on chip in bf16/fp16) or "factors"
-    (_rcr_factors_gemm_kernel: BM x BN tiles). half: hidden 128 rows, BN 64, 3 stages (E read
+    (_rcr_factors_gemm_kernel: BM x BN tiles) or "factors_bwd" (_rcr_factors_bwd_kernel: the same
+    products; half: 128 x 128 tiles, as its epilogue holds four BM x BN fp32 tiles where the
+    forward's holds two: on 128 x 256 it spilled 16-684 B). half: hidden 128 rows, BN 64, 3 stages (E read
     once per row block; was 128 x 256 tiles, E read by 2 + 1 programs); factors 128 x 256, BK 32,
     3 stages (fewer re-reads of H and W2 from L2; BK 64 spilled 24 B on sm_80); 8 warps
     (bench/roofline.py's TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN; python -m
     bench.resources); fp32 (exact FMA products): 64 x 64, BK 16, one stage."""
     if half and which == "hidden":
         cfg = dict(BM=128, BN=64, BK=32, num_warps=8, num_stages=3)
+    elif half and which == "factors_bwd":
+        cfg = dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)
     elif half:
         cfg = dict(BM=128, BN=256, BK=32, num_warps=8, num_stages=3)
     else:
@@ -213,6 +257,37 @@ def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[
     _rcr_factors_gemm_kernel[grid](hidden, qlens, _aligned(w2), b2, f_old, F, N, P, Lq, D=D, H_DIM=H,
                                    HAS_F=factors is not None, IEEE=not half, **cfg, **opts)
     return F.view(B, P, Lq, D), lam_new.view(B, P, Lq)
+
+
+def rcr_factors_bwd(hidden: Tensor, w2: Tensor, b2: Tensor, factors: Optional[Tensor], grad: Tensor,
+                    dfactors: Optional[Tensor] = None) -> Tensor:
+    """The d-wide part of RCR's backward (rcar_fast.torch_math.rcr_step_recomputed) on rows of
+    the hidden layer hidden = tanh(E W1^T + b1) (n, 2s): with M = hidden W2^T + b2, t = tanh(M),
+    z = t + factors (ones for None; factors (n, d)) and grad (n, d) the gradient of the new
+    factors clamp(z, -1, 1), returns gm = grad * [|z| <= 1] * (1 - t^2) (n, d) in hidden's dtype
+    and, where ``dfactors`` (n, d) is given, writes grad * [|z| <= 1] (the factors' gradient)
+    into it. One kernel (_rcr_factors_bwd_kernel), rcr_gemm_config's "factors_bwd" tiles."""
+    N, H = hidden.shape
+    D = w2.shape[0]
+    if N > MAX_N_ROWS:
+        raise ValueError(f"hidden: the Triton RCR backward takes at most {MAX_N_ROWS} rows, got {N}")
+    gm = hidden.new_empty(N, D)
+    if N == 0:
+        return gm
+    half = hidden.dtype in (torch.float16, torch.bfloat16)
+    cfg = rcr_gemm_config(half, hidden.shape[1] // 2, "factors_bwd")
+    opts = launch_options(cfg)
+    h = _aligned(hidden)
+    f_old = gm if factors is None else _aligned(factors)
+    # the kernel stores dF through 16-byte aligned rows: a view that is not gets a buffer
+    df = gm if dfactors is None else (dfactors if _aligned(dfactors) is dfactors else torch.empty_like(gm))
+    tiles = (triton.cdiv(N, cfg["BM"]), triton.cdiv(D, cfg["BN"]))
+    _rcr_factors_bwd_kernel[tiles](h, _aligned(w2), b2, f_old, _aligned(grad), gm, df, N, D=D, H_DIM=H,
+                                  HAS_F=factors is not None, WRITE_DF=dfactors is not None, IEEE=not half,
+                                  **cfg, **opts)
+    if dfactors is not None and df is not dfactors:
+        dfactors.copy_(df)
+    return gm
 
 
 @torch.library.custom_op("rcar_fast::triton_rcr", mutates_args=())

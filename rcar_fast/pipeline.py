@@ -12,8 +12,10 @@ memory budget allows), in block layout (B = context side, P = query side):
   score      sigmoid(sim_eval_w(h)), or the cosine mean; float32 for float16/bfloat16 inputs
              (the last Linear and the sigmoid run in float32: bf16 scores tie, README)
 RCR is the kernel set's fused step where it has one and nothing needs a gradient, else the
-shared-weight MLP in plain torch (rcar_fast.torch_math.rcr_step). RAR's dropout masks come from
-rcar_fast.dropout, named by the block's global image and caption indices.
+shared-weight MLP in plain torch (rcar_fast.torch_math.rcr_step); under autograd the fused
+backends' RCR saves only its inputs and recomputes in backward (rcr_step_recomputed). RAR's
+dropout masks come from rcar_fast.dropout, named by the block's global image and caption
+indices.
 
 Autograd: every block is recomputed in backward (torch.utils.checkpoint; the RNG state is
 replayed, so the dropout masks match), and planned with the kernel set's larger training
@@ -109,7 +111,12 @@ def _attention(ks: KernelSet, q, ql, c, cl, factors, lam, weight=None, bias=None
 
 
 def _rcr(ks: KernelSet, E, ql, factors, lam, params, prefix: str, inplace: bool):
-    """(F, lam) after one RCR step: the kernel set's fused step where it applies, else plain torch."""
+    """(F, lam) after one RCR step: the kernel set's fused step where it applies, else plain
+    torch; under autograd plain torch, or its recomputing form where the kernel set asks for it
+    (KernelSet.rcr_recompute)."""
+    if not inplace and ks.rcr_recompute:
+        fused_bwd = ks.rcr_factors_bwd if E.device.type in ks.rcr_devices else None
+        return tm.rcr_step_recomputed(E, factors, lam, params, prefix, fused_bwd)
     if ks.rcr is None or not inplace or E.device.type not in ks.rcr_devices:
         return tm.rcr_step(E, factors, lam, params, prefix, inplace)
     lam_tensor = lam if isinstance(lam, Tensor) else None

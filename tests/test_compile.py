@@ -125,7 +125,8 @@ def test_every_configuration_compiles(report):
     assert not failed, "\n".join(failed)
     assert {r["arch"] for r in report} == {"sm_80", "sm_90"}
     assert {r["kernel"] for r in report} == {"gram", "attention_fwd", "attention_bwd", "attention_bwd_scores",
-                                             "rar_fwd", "rar_bwd", "rcr_hidden", "rcr_factors_gemm"}
+                                             "rar_fwd", "rar_bwd", "rcr_hidden", "rcr_factors_gemm",
+                                             "rcr_factors_bwd"}
 
 
 def test_shared_memory_fits_the_chip(report):

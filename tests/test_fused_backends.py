@@ -272,12 +272,16 @@ def test_torch_compile_traces_the_custom_ops():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_rcr_step_runs_at_inference_only(backend, monkeypatch):
     """Both fused backends offer an inference RCR step (KernelSet.rcr): without autograd the
-    pipeline calls it and never torch's step; under autograd it calls torch's step (the fused
-    one has no backward). The scores agree either way."""
+    pipeline calls it and never torch's step; under autograd it calls the recomputing torch step
+    (rcr_step_recomputed, KernelSet.rcr_recompute; the fused one has no backward), never plain
+    autograd's. The scores agree either way."""
     import rcar_fast.torch_math as tm
     calls = []
-    torch_step = tm.rcr_step
-    monkeypatch.setattr(tm, "rcr_step", lambda *a, **k: calls.append(1) or torch_step(*a, **k))
+    torch_step, recomputed = tm.rcr_step, tm.rcr_step_recomputed
+    # torch's step under autograd ("plain"), or without (inside the recomputing step's forward)
+    monkeypatch.setattr(tm, "rcr_step", lambda *a, **k: calls.append(
+        "plain" if torch.is_grad_enabled() else "no grad") or torch_step(*a, **k))
+    monkeypatch.setattr(tm, "rcr_step_recomputed", lambda *a: calls.append("recomputed") or recomputed(*a))
     n_i, n_c, R, L, d, s = SHAPES[0]
     img, cap, lens = make_inputs(n_i, n_c, R, L, d, torch.float32, 5, lens=_lens(n_c, L, 5))
     head = make_head("only_rcr", 2, "t2i", d, s, torch.float32, 5).eval()
@@ -286,7 +290,8 @@ def test_fused_rcr_step_runs_at_inference_only(backend, monkeypatch):
     assert calls == [], "the pipeline ran torch's RCR step where the backend has a fused one"
     img.requires_grad_()
     graded = head(img, cap, lens, backend=backend)
-    assert calls, "under autograd the pipeline must run torch's RCR step"
+    assert "recomputed" in calls and "plain" not in calls, \
+        "under autograd the pipeline must run the recomputing RCR step, not plain autograd's"
     torch.testing.assert_close(fused, graded.detach(), rtol=0, atol=2e-6)
 
 

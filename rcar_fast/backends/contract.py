@@ -50,6 +50,13 @@ class KernelSet:
     live_buffers, live_buffers_train: how many d-wide (B, P, Lq, d) buffers one block keeps
     alive at once without and with autograd; the block planner divides the budget by them.
     rcr, rcr_devices: an optional fused RCR step for inference, on those device types.
+    rcr_recompute: under autograd, RCR's step saves only its inputs and is recomputed in the
+    backward (rcar_fast.torch_math.rcr_step_recomputed) instead of torch autograd's saved
+    activations (three d-wide buffers per block); the fused backends set it, the torch backend
+    (plain PyTorch) keeps autograd's.
+    rcr_factors_bwd: optional, on rcr_devices: that backward's d-wide chain as one kernel,
+    (hidden (n, 2s), w2, b2, factors None | (n, d), grad (n, d), dfactors None | (n, d)) -> gm
+    (kernels/rcr.py rcr_factors_bwd); without it the chain runs as torch ops.
     workspace: a context manager the pipeline enters around the blocks of one call (buffers
     reused from block to block live for its duration).
     attention_bwd, rar_bwd: the backward ops, where the backend has its own (None where plain
@@ -65,6 +72,8 @@ class KernelSet:
     rar_bwd: Optional[Callable] = None
     rcr: Optional[Callable] = None
     rcr_devices: Tuple[str, ...] = ()
+    rcr_recompute: bool = False
+    rcr_factors_bwd: Optional[Callable] = None
     workspace: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
 
     def budget(self, device: torch.device) -> int:

@@ -43,10 +43,11 @@ _HAS_CUDA_RCR = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr",
 #: 6 under autograd (measured, tests/test_memory.py)
 CPP = KernelSet(name="cpp", devices=("cpu",), attention=_ops.attention.default, rar=_ops.rar.default,
                 attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
-                budgets={"cpu": 96 * 2**20}, live_buffers=3, live_buffers_train=6,
+                budgets={"cpu": 96 * 2**20}, live_buffers=3, live_buffers_train=6, rcr_recompute=True,
                 rcr=_ops.rcr.default if _HAS_CPU_RCR else None, rcr_devices=("cpu",) if _HAS_CPU_RCR else ())
 #: "cuda": default block budget 2 GiB; the same buffer counts
 CUDA = KernelSet(name="cuda", devices=("cuda",), attention=_ops.attention.default, rar=_ops.rar.default,
                  attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
                  budgets={"cpu": 96 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6,
+                 rcr_recompute=True,
                  rcr=_ops.rcr.default if _HAS_CUDA_RCR else None, rcr_devices=("cuda",) if _HAS_CUDA_RCR else ())

@@ -3,8 +3,8 @@ Triton kernels, launcher, registration, fake and autograd together). The attenti
 alignment projection (the d-wide attended context never reaches memory), RAR runs one launch per
 step with the gates of every pair as one GEMM; RCR's step runs as two Triton GEMM kernels with
 its element-wise work in their epilogues (``rcr``, inference; under autograd the pipeline's
-torch step), and F is materialised per pair. On CPU tensors the kernels run only under
-TRITON_INTERPRET=1 (the test tier)."""
+recomputing torch step, rcar_fast.torch_math.rcr_step_recomputed), and F is materialised per
+pair. On CPU tensors the kernels run only under TRITON_INTERPRET=1 (the test tier)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ MAX_WIDTH = _k.attention.MAX_WIDTH
 #: torch backend's, tests/test_memory.py)
 KERNELS = KernelSet(name="triton", devices=("cuda", "cpu"), attention=_k.triton_attention, rar=_k.triton_rar,
                     attention_bwd=_k.triton_attention_bwd, rar_bwd=_k.triton_rar_bwd,
-                    rcr=_k.triton_rcr, rcr_devices=("cuda", "cpu"),
-                    budgets={"cpu": 24 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6)
+                    rcr=_k.triton_rcr, rcr_devices=("cuda", "cpu"), rcr_factors_bwd=_k.rcr_factors_bwd,
+                    budgets={"cpu": 24 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6,
+                    rcr_recompute=True)
 
 
 def shape_problem(rows: int, width: int):

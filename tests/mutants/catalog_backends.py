@@ -10,12 +10,16 @@ DROP = "rcar_fast/dropout.py"
 BK = "rcar_fast/backends/__init__.py"
 OPS = "rcar_fast/ops.py"
 ST = "rcar_fast/_selftest.py"
+TM = "rcar_fast/torch_math.py"
 
 MEM = "tests/test_memory.py::test_peak_within_budget"
 MEM_TORCH = [f"{MEM}[torch-t2i]", f"{MEM}[torch-i2t]"]
 MEM_CPP = [f"{MEM}[cpp-t2i]", f"{MEM}[cpp-i2t]"]
 FIXED = "tests/test_dropout.py::test_training_matches_reference_with_fixed_masks"
 SELF = "tests/test_selftest.py"
+FUSED = "tests/test_fused_backends.py"
+RECOMP = "tests/test_rcr_recompute.py"
+RECOMP_EQ = f"{RECOMP}::test_values_and_gradients_equal_plain_autograd"
 
 MUTANTS = [
     # peak memory: the blocks and the budget
@@ -37,7 +41,42 @@ MUTANTS = [
     dict(name="pipeline: the fused RCR step used under autograd too (no gradient through RCR)",
          file=PIPE, old="    if ks.rcr is None or not inplace or E.device.type not in ks.rcr_devices:",
          new="    if ks.rcr is None or E.device.type not in ks.rcr_devices:",
-         tests=["tests/test_fused_backends.py::test_gradients_match_reference[cpp-coop_rcar-2-t2i]"]),
+         tests=["tests/test_parity.py::test_gradients_match_reference[coop_rcar-2-t2i]"]),
+    # RCR's recomputing step under autograd (rcar_fast/torch_math.py, KernelSet.rcr_recompute)
+    dict(name="pipeline: the recomputing RCR step taken at inference too",
+         file=PIPE, old="    if not inplace and ks.rcr_recompute:", new="    if ks.rcr_recompute:",
+         tests=[f"{FUSED}::test_fused_rcr_step_runs_at_inference_only[cpp]"]),
+    dict(name="cpp kernels: training through plain autograd's RCR step (its activations kept)",
+         file=EXT, old='live_buffers_train=6, rcr_recompute=True,\n                rcr=',
+         new='live_buffers_train=6, rcr_recompute=False,\n                rcr=',
+         tests=[f"{FUSED}::test_fused_rcr_step_runs_at_inference_only[cpp]",
+                f"{RECOMP}::test_fused_backends_train_through_it_and_torch_does_not[cpp]"]),
+    dict(name="rcr recompute: tanh's derivative left out of the output layer's gradient",
+         file=TM, old="gm = gz.mul_(_slope(t))", new="gm = gz", tests=[RECOMP_EQ]),
+    dict(name="rcr recompute: the hidden layer's derivative left out",
+         file=TM, old="ga1 = (gm @ w2).mul_(_slope(h1))", new="ga1 = gm @ w2", tests=[RECOMP_EQ]),
+    dict(name="rcr recompute: the factors' gradient not masked by the clamp",
+         file=TM, old="                    dF[r0:r1] = gz\n", new="                    dF[r0:r1] = gF[r0:r1]\n",
+         tests=[RECOMP_EQ]),
+    dict(name="rcr recompute: the temperatures' gradient not masked by the relu",
+         file=TM, old="go = torch.where(o > 0, glam, glam.new_zeros(()))", new="go = glam.clone()",
+         tests=[RECOMP_EQ]),
+    dict(name="rcr recompute: E's gradient without the temperatures' branch",
+         file=TM, old="dE = ga2 @ ws1 if need[0] else None", new="dE = torch.zeros_like(E) if need[0] else None",
+         tests=[RECOMP_EQ]),
+    dict(name="rcr recompute: the backward recomputes with the scalar temperature (lam ignored)",
+         file=TM, old=".add_(lam if lam is not None else ctx.lam_scalar)", new=".add_(ctx.lam_scalar)",
+         tests=[RECOMP_EQ]),
+    dict(name="rcr recompute: a weight's gradient from the last chunk only",
+         file=TM, old="                gw1.addmm_(ga1.t(), e)", new="                gw1.copy_(ga1.t() @ e)",
+         tests=[RECOMP_EQ]),
+    dict(name="rcr recompute: chunks floor-divided (more than RCR_CHUNKS of them)",
+         file=TM, old="    step = max(RCR_MIN_CHUNK_ROWS, -(-rows // RCR_CHUNKS))",
+         new="    step = max(RCR_MIN_CHUNK_ROWS, rows // RCR_CHUNKS)", tests=[f"{RECOMP}::test_chunks_cover_every_row_once"]),
+    dict(name="rcr recompute: the clamp's input saved for backward",
+         file=TM, old="        ctx.save_for_backward(E, factors, lam, *weights)\n",
+         new="        ctx.save_for_backward(E, factors, lam, *weights, Fn + 0)\n",
+         tests=[f"{RECOMP}::test_saves_only_its_inputs"]),
     # RAR dropout
     dict(name="dropout: keep-masks without the 1/(1-p) rescale",
          file=DROP, old="width, device)\n    scale = 1.0 / (1.0 - RAR_DROPOUT)\n", new="width, device)\n    scale = 1.0\n",

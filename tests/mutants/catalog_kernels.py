@@ -12,8 +12,32 @@ BWD = "kernels/attention_bwd.py"
 GRADS = "tests/test_fused_ops.py::test_attention_gradients_many_query_items_per_context_item"
 MANY = "tests/test_fused_ops.py::test_attention_many_query_items_per_context_item"
 RAR_MANY = "tests/test_fused_ops.py::test_rar_many_pairs"
+CHAIN = "tests/test_rcr_recompute.py::test_triton_factors_bwd_matches_the_chain"
 
 MUTANTS = [
+    # the RCR backward's d-wide chain (_rcr_factors_bwd_kernel, rcr_factors_bwd)
+    dict(name="triton rcr bwd: tanh's derivative left out of gm",
+         file=RCR, old="(gz * (1.0 - t * t)).to(dt), mask=m2)", new="gz.to(dt), mask=m2)", tests=[CHAIN]),
+    dict(name="triton rcr bwd: M without b2",
+         file=RCR, old="    m = (acc + tl.load(b2_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)",
+         new="    m = acc.to(dt).to(tl.float32)", tests=[CHAIN]),
+    dict(name="triton rcr bwd: F_old ignored (ones)",
+         file=RCR, old="        f = tl.load(tl.multiple_of(f_ptr + row0 * D, 16) + offs, mask=m2, other=0.0).to(tl.float32)",
+         new="        f = 1.0", tests=[CHAIN]),
+    dict(name="triton rcr bwd: the clamp's mask on t instead of z",
+         file=RCR, old="    gz = tl.where(tl.abs(z) <= 1.0, g, 0.0)", new="    gz = tl.where(tl.abs(t) <= 1.0, g, 0.0)",
+         tests=[CHAIN]),
+    dict(name="triton rcr bwd: dF stores gm",
+         file=RCR, old="tl.store(tl.multiple_of(df_ptr + row0 * D, 16) + offs, gz.to(dt), mask=m2)",
+         new="tl.store(tl.multiple_of(df_ptr + row0 * D, 16) + offs, (gz * (1.0 - t * t)).to(dt), mask=m2)",
+         tests=[CHAIN]),
+    dict(name="triton rcr bwd: a misaligned dF view left unwritten",
+         file=RCR, old="    if dfactors is not None and df is not dfactors:\n        dfactors.copy_(df)\n", new="",
+         tests=["tests/test_rcr_recompute.py::test_triton_factors_bwd_without_df_and_into_a_misaligned_view"]),
+    dict(name="pipeline: the kernel set's RCR backward chain not passed (torch ops)",
+         file="rcar_fast/pipeline.py", old="        fused_bwd = ks.rcr_factors_bwd if E.device.type in ks.rcr_devices else None",
+         new="        fused_bwd = None",
+         tests=["tests/test_rcr_recompute.py::test_fused_backends_train_through_it_and_torch_does_not[triton]"]),
     dict(name="triton: the query-norm of the scores taken across the whole program (every pair's rows)",
          file=ATT, old="    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, 1, seg, PACKED)",
          new="    S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, 1, seg, False)",
