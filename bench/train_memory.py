@@ -41,9 +41,10 @@ what it counts is every tensor the launchers, the torch parts of the step and au
 The interpreter takes ~45-60 s per pair at d = 1024 on a 2-core CPU, so triton runs only the
 sizes of ``--triton-sizes`` (default 1 and 2: 1 and 4 pairs), and its fit rests on those. The
 report then adds every backend's fit through the sizes all of them ran: over so few pairs the
-constant part of the step dominates the peak, and the slopes of torch and cpp come out far below
-their fits over all their sizes, so triton's extrapolation is a lower bound (the report says by
-how much, from the other backends' numbers).
+constant part of the step dominates the peak, and the slopes of torch and cpp over those sizes
+differ from their fits over all their sizes, so triton's extrapolation is a lower bound where both
+come out below, and no estimate at all where one overshoots (the report says which, and by how
+much, from the other backends' numbers).
 """
 
 from __future__ import annotations
@@ -294,10 +295,11 @@ def report(fits: Dict[str, Fit], skipped: Dict[str, str], d: int, s: int, captio
               "| backend | points (pairs) | a MiB | b MiB/pair | planner MiB/pair | max residual MiB | "
               f"{TARGET_N}x{TARGET_N} extrapolated GiB | / torch's |",
               "|---|---|---|---|---|---|---|---|"]
-    shared_lines, lower = like_for_like(fits, target)
+    shared_lines, unsure = like_for_like(fits, target)
+    what = "lower bound" if any("are lower bounds" in line for line in shared_lines) else "not an estimate"
     for f in fits.values():
         ratio = f"{f.at(target) / torch_fit.at(target):.3f}" if torch_fit else ""
-        bound = " (lower bound, see below)" if f.backend in lower else ""
+        bound = f" ({what}, see below)" if f.backend in unsure else ""
         lines.append(f"| {f.backend} | {', '.join(str(p.pairs) for p in f.points)} | {_mib(f.a)} | "
                      f"{f.b / MIB:.4f} | {planner_bytes_per_pair(f.backend, d) / MIB:.4f} | "
                      f"{_mib(f.max_residual())} | {f.at(target) / 2**30:.2f}{bound} | {ratio}{bound} |")
@@ -315,8 +317,8 @@ def like_for_like(fits: Dict[str, Fit], target: int) -> Tuple[List[str], List[st
     """Where the backends ran different sizes (triton under the interpreter: fewer), every
     backend's fit through the sizes they all ran, and what that does to the backends that ran
     more: how far a fit over few pairs is from the fit over all of theirs. Returns (markdown
-    lines, the backends whose extrapolation is then a lower bound); both empty where all ran the
-    same sizes."""
+    lines, the backends whose extrapolation is then a lower bound, or no estimate at all where a
+    slope over few pairs overshoots its full fit's); both empty where all ran the same sizes."""
     if len(fits) < 2:
         return [], []
     shared = sorted(set.intersection(*({p.n for p in f.points} for f in fits.values())))
@@ -338,16 +340,24 @@ def like_for_like(fits: Dict[str, Fit], target: int) -> Tuple[List[str], List[st
     narrow = [name for name in fits if name not in wide]
     slopes = ", ".join(f"{name} {few[name].b / MIB:.3f} against {fits[name].b / MIB:.3f}" for name in wide)
     shares = [few[name].b / fits[name].b if fits[name].b > 0 else 0.0 for name in wide]
-    worst = min(shares)
-    if worst < LOWER_BOUND_SHARE:
+    worst, most = min(shares), max(shares)
+    if worst < LOWER_BOUND_SHARE and most <= 1 / LOWER_BOUND_SHARE:
         lines += ["", f"Caution: over {pairs} pairs the slopes of the backends that ran more sizes are "
-                  f"{100 * worst:.0f}-{100 * max(shares):.0f}% of their full fits' (MiB/pair, few against all "
+                  f"{100 * worst:.0f}-{100 * most:.0f}% of their full fits' (MiB/pair, few against all "
                   f"points: {slopes}): "
                   "the peak is the largest of the step's phases, and at a few pairs a constant one (the "
                   f"weights' gradients among them) is the largest. So the {TARGET_N}x{TARGET_N} figures of "
                   f"{', '.join(narrow)}, fitted on {pairs} pairs only, are lower bounds, not estimates; compare "
                   "their measured peaks with the other backends' at the same sizes (the first table's last "
                   "column) instead."]
+        return lines, narrow
+    elif most > 1 / LOWER_BOUND_SHARE:
+        lines += ["", f"Caution: over {pairs} pairs the slopes of the backends that ran more sizes are "
+                  f"{100 * worst:.0f}-{100 * most:.0f}% of their full fits' (MiB/pair, few against all "
+                  f"points: {slopes}): a fit over so few pairs is off by that much either way, so the "
+                  f"{TARGET_N}x{TARGET_N} figures of {', '.join(narrow)}, fitted on {pairs} pairs only, are "
+                  "neither estimates nor bounds; compare their measured peaks with the other backends' at the "
+                  "same sizes (the first table's last column) instead."]
         return lines, narrow
     else:
         lines += ["", f"Over {pairs} pairs the slopes of the backends that ran more sizes are within "

@@ -130,6 +130,15 @@ def test_report_marks_a_fit_over_fewer_sizes_as_a_lower_bound():
     assert "Like for like" in text and "lower bounds" in text and "triton, fitted on 1, 4 pairs" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if "| 1, 4" in line}
     assert "(lower bound" in rows["triton"] and "(lower bound" not in rows.get("torch", "")
+    # a backend whose slope over few pairs overshoots its full fit's (a phase that grows fast at
+    # few pairs, then a slower one): the narrow backend's figure is then no bound at all
+    overshoot = {"torch": points("torch", [1, 2, 4, 8], lambda p: max(8 * mib, 4 * mib + 2.4 * mib * p)),
+                 "cpp": points("cpp", [1, 2, 4, 8], lambda p: 6 * mib + 0.7 * mib * min(p, 4) + 0.3 * mib * max(p - 4, 0)),
+                 "triton": points("triton", [1, 2], lambda p: 6 * mib + 0.7 * mib * p)}
+    text = TM.report(overshoot, {}, 1024, 256, 15)
+    assert "neither estimates nor bounds" in text and "lower bounds" not in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if "| 1, 4" in line}
+    assert "(not an estimate" in rows["triton"] and "(lower bound" not in rows["triton"]
     affine = {"torch": points("torch", [1, 2, 4], lambda p: 4 * mib + 2.4 * mib * p),
               "triton": points("triton", [1, 2], lambda p: 4 * mib + 0.9 * mib * p)}
     text = TM.report(affine, {}, 1024, 256, 15)
