@@ -17,8 +17,6 @@ def _case(with_state: bool, dtype, seed: int = 5):
     ``dtype`` that require grad (factors and lam only ``with_state``), padded rows finite."""
     args, *_ = rcr_op_case(2, 20, 6, with_state, lambda x: x.to(dtype), seed)
     E, _, factors, lam, lam_scalar, *weights = args
-    names = ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight", "rcr_matrix_w.2.bias",
-             "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias", "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")
     g = torch.Generator().manual_seed(seed)
     E = torch.randn(E.shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     if factors is not None:
@@ -27,7 +25,7 @@ def _case(with_state: bool, dtype, seed: int = 5):
         lam = (torch.rand(lam.shape, generator=g, dtype=torch.float64) * 4 - 1).to(dtype).requires_grad_()
     else:
         lam = lam_scalar
-    w = {n: x.detach().clone().requires_grad_() for n, x in zip(names, weights)}
+    w = {n: x.detach().clone().requires_grad_() for n, x in zip(tm._RCR_NAMES, weights)}
     return E, factors, lam, w
 
 
