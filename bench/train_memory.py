@@ -295,8 +295,7 @@ def report(fits: Dict[str, Fit], skipped: Dict[str, str], d: int, s: int, captio
               "| backend | points (pairs) | a MiB | b MiB/pair | planner MiB/pair | max residual MiB | "
               f"{TARGET_N}x{TARGET_N} extrapolated GiB | / torch's |",
               "|---|---|---|---|---|---|---|---|"]
-    shared_lines, unsure = like_for_like(fits, target)
-    what = "lower bound" if any("are lower bounds" in line for line in shared_lines) else "not an estimate"
+    shared_lines, unsure, what = like_for_like(fits, target)
     for f in fits.values():
         ratio = f"{f.at(target) / torch_fit.at(target):.3f}" if torch_fit else ""
         bound = f" ({what}, see below)" if f.backend in unsure else ""
@@ -313,17 +312,18 @@ def report(fits: Dict[str, Fit], skipped: Dict[str, str], d: int, s: int, captio
     return "\n".join(lines)
 
 
-def like_for_like(fits: Dict[str, Fit], target: int) -> Tuple[List[str], List[str]]:
+def like_for_like(fits: Dict[str, Fit], target: int) -> Tuple[List[str], List[str], str]:
     """Where the backends ran different sizes (triton under the interpreter: fewer), every
     backend's fit through the sizes they all ran, and what that does to the backends that ran
     more: how far a fit over few pairs is from the fit over all of theirs. Returns (markdown
-    lines, the backends whose extrapolation is then a lower bound, or no estimate at all where a
-    slope over few pairs overshoots its full fit's); both empty where all ran the same sizes."""
+    lines, the backends whose extrapolation is then in doubt, what it is then: "lower bound"
+    where every slope over few pairs falls short of its full fit's, "not an estimate" where one
+    overshoots); empty lines and list where all ran the same sizes or the slopes agree."""
     if len(fits) < 2:
-        return [], []
+        return [], [], ""
     shared = sorted(set.intersection(*({p.n for p in f.points} for f in fits.values())))
     if len(shared) < 2 or all(len(f.points) == len(shared) for f in fits.values()):
-        return [], []
+        return [], [], ""
     few = {name: fit_backend([p for p in f.points if p.n in shared]) for name, f in fits.items()}
     torch_few = few.get("torch")
     pairs = ", ".join(str(n * n) for n in shared)
@@ -341,28 +341,24 @@ def like_for_like(fits: Dict[str, Fit], target: int) -> Tuple[List[str], List[st
     slopes = ", ".join(f"{name} {few[name].b / MIB:.3f} against {fits[name].b / MIB:.3f}" for name in wide)
     shares = [few[name].b / fits[name].b if fits[name].b > 0 else 0.0 for name in wide]
     worst, most = min(shares), max(shares)
-    if worst < LOWER_BOUND_SHARE and most <= 1 / LOWER_BOUND_SHARE:
-        lines += ["", f"Caution: over {pairs} pairs the slopes of the backends that ran more sizes are "
-                  f"{100 * worst:.0f}-{100 * most:.0f}% of their full fits' (MiB/pair, few against all "
-                  f"points: {slopes}): "
-                  "the peak is the largest of the step's phases, and at a few pairs a constant one (the "
-                  f"weights' gradients among them) is the largest. So the {TARGET_N}x{TARGET_N} figures of "
-                  f"{', '.join(narrow)}, fitted on {pairs} pairs only, are lower bounds, not estimates; compare "
-                  "their measured peaks with the other backends' at the same sizes (the first table's last "
-                  "column) instead."]
-        return lines, narrow
-    elif most > 1 / LOWER_BOUND_SHARE:
-        lines += ["", f"Caution: over {pairs} pairs the slopes of the backends that ran more sizes are "
-                  f"{100 * worst:.0f}-{100 * most:.0f}% of their full fits' (MiB/pair, few against all "
-                  f"points: {slopes}): a fit over so few pairs is off by that much either way, so the "
-                  f"{TARGET_N}x{TARGET_N} figures of {', '.join(narrow)}, fitted on {pairs} pairs only, are "
-                  "neither estimates nor bounds; compare their measured peaks with the other backends' at the "
-                  "same sizes (the first table's last column) instead."]
-        return lines, narrow
-    else:
+    if worst >= LOWER_BOUND_SHARE and most <= 1 / LOWER_BOUND_SHARE:
         lines += ["", f"Over {pairs} pairs the slopes of the backends that ran more sizes are within "
-                  f"{100 * max(abs(1 - r) for r in shares):.0f}% of their full fits' (MiB/pair, few against all points: {slopes})."]
-    return lines, []
+                  f"{100 * max(abs(1 - r) for r in shares):.0f}% of their full fits' (MiB/pair, few against all "
+                  f"points: {slopes})."]
+        return lines, [], ""
+    if most <= 1 / LOWER_BOUND_SHARE:
+        what, why = "lower bound", ("the peak is the largest of the step's phases, and at a few pairs a constant "
+                                    "one (the weights' gradients among them) is the largest. So")
+        verdict = "are lower bounds, not estimates"
+    else:
+        what, why = "not an estimate", "a fit over so few pairs is off by that much either way, so"
+        verdict = "are neither estimates nor bounds"
+    lines += ["", f"Caution: over {pairs} pairs the slopes of the backends that ran more sizes are "
+              f"{100 * worst:.0f}-{100 * most:.0f}% of their full fits' (MiB/pair, few against all points: "
+              f"{slopes}): {why} the {TARGET_N}x{TARGET_N} figures of {', '.join(narrow)}, fitted on {pairs} pairs "
+              f"only, {verdict}; compare their measured peaks with the other backends' at the same sizes (the "
+              "first table's last column) instead."]
+    return lines, narrow, what
 
 
 def header(argv: Sequence[str], wall_s: float) -> str:

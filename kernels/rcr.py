@@ -187,7 +187,7 @@ def _rcr_factors_bwd_kernel(h_ptr, w2_ptr, b2_ptr, f_ptr, gf_ptr, gm_ptr, df_ptr
 
 
 def rcr_gemm_config(half: bool, s: int, which: str) -> dict:
-    """Block sizes and launch options of the two kernels (the compile report checks these):
+    """Block sizes and launch options of the three kernels (the compile report checks these):
     which "hidden" (_rcr_hidden_kernel: one program per BM rows, over BN of [W1; ws1]'s rows at a
     time; BS = s rounded up to a power of two, E's tile kept on chip in bf16/fp16) or "factors"
     (_rcr_factors_gemm_kernel: BM x BN tiles) or "factors_bwd" (_rcr_factors_bwd_kernel: the same
@@ -279,13 +279,14 @@ def rcr_factors_bwd(hidden: Tensor, w2: Tensor, b2: Tensor, factors: Optional[Te
     opts = launch_options(cfg)
     h = _aligned(hidden)
     f_old = gm if factors is None else _aligned(factors)
-    # the kernel stores dF through 16-byte aligned rows: a view that is not gets a buffer
-    df = gm if dfactors is None else (dfactors if _aligned(dfactors) is dfactors else torch.empty_like(gm))
+    # the kernel stores dF through 16-byte aligned contiguous rows: a view that is not gets a buffer
+    direct = dfactors is not None and dfactors.is_contiguous() and dfactors.data_ptr() % 16 == 0
+    df = gm if dfactors is None else (dfactors if direct else torch.empty_like(gm))
     tiles = (triton.cdiv(N, cfg["BM"]), triton.cdiv(D, cfg["BN"]))
     _rcr_factors_bwd_kernel[tiles](h, _aligned(w2), b2, f_old, _aligned(grad), gm, df, N, D=D, H_DIM=H,
                                   HAS_F=factors is not None, WRITE_DF=dfactors is not None, IEEE=not half,
                                   **cfg, **opts)
-    if dfactors is not None and df is not dfactors:
+    if dfactors is not None and not direct:
         dfactors.copy_(df)
     return gm
 

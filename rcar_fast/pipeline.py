@@ -122,11 +122,8 @@ def _rcr(ks: KernelSet, E, ql, factors, lam, params, prefix: str, inplace: bool)
     lam_tensor = lam if isinstance(lam, Tensor) else None
     lam_scalar = 0.0 if isinstance(lam, Tensor) else float(lam)
 
-    def w(name):
-        return params[prefix + name].contiguous()
-    return ks.rcr(E, ql, factors, lam_tensor, lam_scalar, w("rcr_matrix_w.0.weight"), w("rcr_matrix_w.0.bias"),
-                  w("rcr_matrix_w.2.weight"), w("rcr_matrix_w.2.bias"), w("rcr_smooth_w.0.weight"),
-                  w("rcr_smooth_w.0.bias"), w("rcr_smooth_w.2.weight"), w("rcr_smooth_w.2.bias"))
+    weights = (params[prefix + name].contiguous() for name in tm.RCR_NAMES)
+    return ks.rcr(E, ql, factors, lam_tensor, lam_scalar, *weights)
 
 
 def rar_weights(params: Mapping[str, Tensor], prefixes):

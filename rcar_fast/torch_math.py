@@ -74,8 +74,10 @@ def _chunks(rows: int):
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-_RCR_NAMES = ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight", "rcr_matrix_w.2.bias",
-              "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias", "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")
+#: one RCR module's parameters by their own names, in the order the contract's ``rcr`` op takes
+#: them (w1, b1, w2, b2, ws1, bs1, ws2, bs2)
+RCR_NAMES = ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weight", "rcr_matrix_w.2.bias",
+             "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias", "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")
 
 
 def _slope(y: Tensor) -> Tensor:
@@ -96,7 +98,7 @@ class _RCRStepRecomputed(torch.autograd.Function):
     def forward(ctx, E, factors, lam, lam_scalar, factors_bwd, *weights):
         # rcr_step in place over every row at once: F and lam are the outputs, the hidden layer
         # the only temporary; nothing here is saved but the inputs
-        w = dict(zip(_RCR_NAMES, weights))
+        w = dict(zip(RCR_NAMES, weights))
         Fn, lam_out = rcr_step(E, factors, lam if lam is not None else lam_scalar, w, "", True)
         ctx.lam_scalar, ctx.factors_bwd = lam_scalar, factors_bwd
         ctx.save_for_backward(E, factors, lam, *weights)
@@ -166,7 +168,7 @@ def rcr_step_recomputed(E: Tensor, factors: Optional[Tensor], lam, w: Mapping[st
     Fn, lam_out = _RCRStepRecomputed.apply(
         E.reshape(-1, s), None if factors is None else factors.reshape(-1, d),
         None if lam_t is None else lam_t.reshape(-1), 0.0 if lam_t is not None else float(lam), factors_bwd,
-        *(w[prefix + name] for name in _RCR_NAMES))
+        *(w[prefix + name] for name in RCR_NAMES))
     return Fn.view(*lead, d), lam_out.view(lead)
 
 

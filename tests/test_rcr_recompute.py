@@ -25,7 +25,7 @@ def _case(with_state: bool, dtype, seed: int = 5):
         lam = (torch.rand(lam.shape, generator=g, dtype=torch.float64) * 4 - 1).to(dtype).requires_grad_()
     else:
         lam = lam_scalar
-    w = {n: x.detach().clone().requires_grad_() for n, x in zip(tm._RCR_NAMES, weights)}
+    w = {n: x.detach().clone().requires_grad_() for n, x in zip(tm.RCR_NAMES, weights)}
     return E, factors, lam, w
 
 

@@ -177,9 +177,7 @@ def rar(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g):
 def rcr(E, qlens, factors, lam, lam_scalar, w1, b1, w2, b2, ws1, bs1, ws2, bs2):
     """The contract's fused RCR step, inference only: in place, the new factors in a workspace
     buffer other than the one ``factors`` is in (two buffers, alternating)."""
-    w = {"rcr_matrix_w.0.weight": w1, "rcr_matrix_w.0.bias": b1, "rcr_matrix_w.2.weight": w2,
-         "rcr_matrix_w.2.bias": b2, "rcr_smooth_w.0.weight": ws1, "rcr_smooth_w.0.bias": bs1,
-         "rcr_smooth_w.2.weight": ws2, "rcr_smooth_w.2.bias": bs2}
+    w = dict(zip(tm.RCR_NAMES, (w1, b1, w2, b2, ws1, bs1, ws2, bs2)))
     ws = getattr(_ACTIVE, "ws", None)
     out = None
     if ws is not None:

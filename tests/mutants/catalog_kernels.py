@@ -32,7 +32,7 @@ MUTANTS = [
          new="tl.store(tl.multiple_of(df_ptr + row0 * D, 16) + offs, (gz * (1.0 - t * t)).to(dt), mask=m2)",
          tests=[CHAIN]),
     dict(name="triton rcr bwd: a misaligned dF view left unwritten",
-         file=RCR, old="    if dfactors is not None and df is not dfactors:\n        dfactors.copy_(df)\n", new="",
+         file=RCR, old="    if dfactors is not None and not direct:\n        dfactors.copy_(df)\n", new="",
          tests=["tests/test_rcr_recompute.py::test_triton_factors_bwd_without_df_and_into_a_misaligned_view"]),
     dict(name="pipeline: the kernel set's RCR backward chain not passed (torch ops)",
          file="rcar_fast/pipeline.py", old="        fused_bwd = ks.rcr_factors_bwd if E.device.type in ks.rcr_devices else None",
