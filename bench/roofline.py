@@ -48,6 +48,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List
 
+from rcar_fast.backends.contract import gpu_budget
+
 #: ceilings, per second; (value, "measured" or "lead")
 CEILINGS = {
     "tc": (790e12, "measured: 8192^3 bf16 matmul, H200, KINDS.md"),
@@ -58,6 +60,7 @@ CEILINGS = {
 }
 LAUNCH_S = 5e-6      # lead: launch and tail cost per kernel launch
 L2_BYTES = 60e6      # the H200's L2 (PyTorch reported 60 MB, KINDS.md)
+GPU_MEMORY = 143771 * 2**20   # the H200's memory (nvidia-smi: 143771 MiB, KINDS.md)
 
 D, S_DIM, R = 1024, 256, 36
 ELEM = 2             # bf16
@@ -246,12 +249,10 @@ def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
     s, d, e = S_DIM, D, ELEM
     BM, BN = TRITON_RCR_BM, TRITON_RCR_BN
     rb = -(-N // BM)
-    cols = -(-(2 * s + s // 2) // BN) * BN
-    # three launches: the launcher's two torch.cat (W1 with ws1, b1 with bs1: a (2s + s/2) x s
-    # copy per call), then the kernel
-    book.add("rcr_hidden (tanh(E W1^T + b1), temperatures)", count=3, note=f"BM {BM} BN {BN}",
+    cols = -(-(2 * s) // BN) * BN + -(-(s // 2) // BN) * BN     # W1's column blocks, then ws1's
+    book.add("rcr_hidden (tanh(E W1^T + b1), temperatures)", count=1, note=f"BM {BM} BN {BN}",
              tc=rb * BM * 2 * s * cols, simt=N * (2 * s + s // 2) * 8,
-             hbm=N * s * e + N * 2 * s * e + N * 4 * 2 + 3 * (2 * s + s // 2) * s * e,
+             hbm=N * s * e + N * 2 * s * e + N * 4 * 2 + (2 * s + s // 2) * s * e,
              l2=rb * BM * s * e + rb * (2 * s + s // 2) * s * e + N * 2 * s * e + N * 4 * 2)
     BN = TRITON_RCR_FACTORS_BN
     nf = -(-d // BN)
@@ -533,7 +534,10 @@ def torch_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
                      hbm=N * d * e * 10 + N * 2 * s * e * 6)
 
 
-#: backend -> (forward model, backward model, buffers per block without / with autograd, GPU budget)
+#: backend -> (forward model, backward model, buffers per block without / with autograd, the
+#: kernel set's GPU budget: KernelSet.live_buffers, live_buffers_train and budgets["cuda"],
+#: tests/test_roofline.py checks they agree). The block budget on an H200 is that or its share
+#: of the device's memory, as KernelSet.budget takes it (contract.gpu_budget: 8 GiB)
 MODELS = {
     "torch": (torch_forward, torch_backward, 4, 17, 2 * 2**30),
     "triton": (triton_forward, triton_backward, 3, 6, 2 * 2**30),
@@ -542,8 +546,9 @@ MODELS = {
 
 
 def model(backend: str, shape: Shape) -> Book:
-    forward, backward, live, live_train, budget = MODELS[backend]
+    forward, backward, live, live_train, base = MODELS[backend]
     book = Book(backend)
+    budget = gpu_budget(base, GPU_MEMORY)
     for Lg, B, P in _blocks(shape, live_train if shape.training else live, budget):
         if shape.attn_type == "i2t":
             B, P = P, B            # block layout: B the context side (captions), P the queries (images)

@@ -74,47 +74,58 @@ def _mm_tile(a_base, rl, rmask, b_base, c, cmask, K: tl.constexpr,
 
 
 @triton.jit
-def _rcr_hidden_kernel(e_ptr, qlen_ptr, w_ptr, b_ptr, ws2_ptr, bs2_ptr, lam_ptr, h_ptr, lam_out_ptr, lam_scalar,
-                       N_ROWS, P, LQ,
+def _hidden_block(E, e_base, rl, valid, w_base, b_ptr, c, cm, rs, smask, S_DIM: tl.constexpr, IEEE: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """tanh(E W[c]^T + b[c]) (BM x BN, fp32) for the rows c of W (S_DIM long) where cm (zero
+    products elsewhere): from the kept E tile (bf16/fp16) or K in BK chunks (fp32, _mm_tile)."""
+    if IEEE:
+        acc = _mm_tile(e_base, rl, valid, w_base, c, cm, S_DIM, IEEE, BM, BN, BK)
+    else:
+        w = tl.load(w_base + c[:, None] * S_DIM + rs[None, :], mask=cm[:, None] & smask[None, :], other=0.0)
+        acc = tl.dot(E, tl.trans(w))
+    return _tanh(acc + tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :])
+
+
+@triton.jit
+def _rcr_hidden_kernel(e_ptr, qlen_ptr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_ptr, bs2_ptr, lam_ptr, h_ptr,
+                       lam_out_ptr, lam_scalar, N_ROWS, P, LQ,
                        S_DIM: tl.constexpr, H_DIM: tl.constexpr, HS_DIM: tl.constexpr,
                        HAS_LAM: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        BS: tl.constexpr, BK: tl.constexpr):
-    """Program m: rows m * BM .. of E (N_ROWS x S_DIM) against every row of W = [W1; ws1]
-    ((H_DIM + HS_DIM) x S_DIM, b = [b1; bs1]), BN of W's rows at a time. Columns below H_DIM are
-    H = tanh(E W1^T + b1), stored (N_ROWS x H_DIM); the HS_DIM after them the temperatures'
-    hidden layer tanh(E ws1^T + bs1), never stored: its dot with ws2 is summed on chip into the
-    new temperatures of the rows. bf16/fp16 (not IEEE): the program's E tile (BM x BS, BS = S_DIM
-    rounded up to a power of two) is loaded once and kept for every column block (full-K
-    products); fp32 (IEEE, exact products): K in BK chunks per column block (_mm_tile). Every
-    matrix contiguous."""
+    """Program m: rows m * BM .. of E (N_ROWS x S_DIM) against every row of W1 (H_DIM x S_DIM),
+    then of ws1 (HS_DIM x S_DIM), BN rows at a time, each from its own pointer: H = tanh(E W1^T +
+    b1), stored (N_ROWS x H_DIM); then the temperatures' hidden layer tanh(E ws1^T + bs1), never
+    stored: its dot with ws2 is summed on chip into the new temperatures of the rows. bf16/fp16
+    (not IEEE): the program's E tile (BM x BS, BS = S_DIM rounded up to a power of two) is loaded
+    once and kept for every column block (full-K products); fp32 (IEEE, exact products): K in BK
+    chunks per column block (_mm_tile). Every matrix contiguous."""
     row0 = tl.program_id(0).to(tl.int64) * BM
     rl = tl.arange(0, BM)
     r = tl.program_id(0) * BM + rl
     valid = _valid_rows(qlen_ptr, r, N_ROWS, P, LQ)
-    e_base = tl.multiple_of(e_ptr + row0 * S_DIM, 16)     # the launcher checks the alignment
-    w_base = tl.multiple_of(w_ptr, 16)
+    e_base = tl.multiple_of(e_ptr + row0 * S_DIM, 16)     # the launcher checks the alignments
+    w1_base = tl.multiple_of(w1_ptr, 16)
+    ws1_base = tl.multiple_of(ws1_ptr, 16)
     rs = tl.arange(0, BS)
     if S_DIM == BS:
         smask = rs < BS
     else:
         smask = rs < S_DIM
+    E = None
     if not IEEE:
         E = tl.load(e_base + rl[:, None] * S_DIM + rs[None, :], mask=valid[:, None] & smask[None, :], other=0.0)
-    smooth = tl.zeros((BM,), dtype=tl.float32)
-    for n0 in range(0, H_DIM + HS_DIM, BN):
+    for n0 in range(0, H_DIM, BN):
         c = n0 + tl.arange(0, BN)
-        cm = c < H_DIM + HS_DIM
-        if IEEE:
-            acc = _mm_tile(e_base, rl, valid, w_base, c, cm, S_DIM, IEEE, BM, BN, BK)
-        else:
-            w = tl.load(w_base + c[:, None] * S_DIM + rs[None, :], mask=cm[:, None] & smask[None, :], other=0.0)
-            acc = tl.dot(E, tl.trans(w))
-        t = _tanh(acc + tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :])
+        cm = c < H_DIM
+        t = _hidden_block(E, e_base, rl, valid, w1_base, b1_ptr, c, cm, rs, smask, S_DIM, IEEE, BM, BN, BK)
         tl.store(h_ptr + row0 * H_DIM + rl[:, None] * H_DIM + c[None, :], t.to(h_ptr.dtype.element_ty),
-                 mask=(r < N_ROWS)[:, None] & (c < H_DIM)[None, :])
-        hs = (c >= H_DIM) & cm
-        ws2 = tl.load(ws2_ptr + tl.where(hs, c - H_DIM, 0), mask=hs, other=0.0).to(tl.float32)
-        smooth += tl.sum(t * ws2[None, :], axis=1)
+                 mask=(r < N_ROWS)[:, None] & cm[None, :])
+    smooth = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, HS_DIM, BN):
+        c = n0 + tl.arange(0, BN)
+        cm = c < HS_DIM
+        t = _hidden_block(E, e_base, rl, valid, ws1_base, bs1_ptr, c, cm, rs, smask, S_DIM, IEEE, BM, BN, BK)
+        smooth += tl.sum(t * tl.load(ws2_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :], axis=1)
     smooth += tl.load(bs2_ptr).to(tl.float32)
     if HAS_LAM:
         lam_old = tl.load(lam_ptr + r, mask=valid, other=0.0).to(tl.float32)
@@ -188,7 +199,7 @@ def _rcr_factors_bwd_kernel(h_ptr, w2_ptr, b2_ptr, f_ptr, gf_ptr, gm_ptr, df_ptr
 
 def rcr_gemm_config(half: bool, s: int, which: str) -> dict:
     """Block sizes and launch options of the three kernels (the compile report checks these):
-    which "hidden" (_rcr_hidden_kernel: one program per BM rows, over BN of [W1; ws1]'s rows at a
+    which "hidden" (_rcr_hidden_kernel: one program per BM rows, over BN of W1's, then ws1's, rows at a
     time; BS = s rounded up to a power of two, E's tile kept on chip in bf16/fp16) or "factors"
     (_rcr_factors_gemm_kernel: BM x BN tiles) or "factors_bwd" (_rcr_factors_bwd_kernel: the same
     products; half: 128 x 128 tiles, as its epilogue holds four BM x BN fp32 tiles where the
@@ -245,10 +256,9 @@ def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[
     cfg = rcr_gemm_config(half, S, "hidden")
     opts = launch_options(cfg)
     lam_old = rows if lam is None else lam.reshape(N).contiguous()
-    # W1 and ws1 stacked (and their biases): one program runs down both (a copy of (2s + s/2) x s)
-    w_all, b_all = torch.cat([w1, ws1]).contiguous(), torch.cat([b1, bs1]).contiguous()
     _rcr_hidden_kernel[(triton.cdiv(N, cfg["BM"]),)](
-        rows, qlens, w_all, b_all, ws2.reshape(-1), bs2, lam_old, hidden, lam_new, float(lam_scalar), N, P, Lq,
+        rows, qlens, _aligned(w1), b1.contiguous(), _aligned(ws1), bs1.contiguous(), ws2.reshape(-1), bs2, lam_old,
+        hidden, lam_new, float(lam_scalar), N, P, Lq,
         S_DIM=S, H_DIM=H, HS_DIM=ws1.shape[0], HAS_LAM=lam is not None, IEEE=not half, **cfg, **opts)
     cfg = rcr_gemm_config(half, S, "factors")
     opts = launch_options(cfg)

@@ -263,8 +263,9 @@ def rcar_scores(img: Tensor, cap: Tensor, cap_lens, params: Mapping[str, Tensor]
     regulator/steps: only_rar (T >= 1), only_rcr (T >= 0), coop_rcar (T >= 1), as SPEC.md.
     smooth: the first-step temperature (None: 10.0 for t2i, 3.0 for i2t).
     training: RAR dropout on. memory_budget: bytes one block of the pair grid may use (default:
-    the backend's, rcar_fast.backends.kernel_set(name).budgets: 96 MiB on CPU, 2 GiB on GPU,
-    triton on CPU 24 MiB); the reference ignores it.
+    the backend's, rcar_fast.backends.kernel_set(name).budget(device): 96 MiB on CPU, triton on
+    CPU 24 MiB; on a GPU 1/16 of its memory, at least 2 GiB and at most 8 GiB); the reference
+    ignores it.
     """
     lens, s, smooth = _check_head(img, cap, cap_lens, params, regulator, steps, attn_type, smooth, memory_budget)
     name = resolve(backend, img.device, img.dtype, **_width_rows(img, cap, s, lens))

@@ -559,6 +559,31 @@ def test_triton_rcr_inputs_made_aligned():
     assert rcr._aligned(base).data_ptr() == base.data_ptr()
 
 
+def test_triton_rcr_takes_strided_weights_and_biases():
+    """The hidden kernel reads W1, b1, ws1 and bs1 from their own pointers as contiguous rows: the
+    launcher makes strided views contiguous (here each weight and bias a view of every other
+    element of a larger tensor), and the step equals the one on contiguous copies."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton not available here")
+    from rcar_testutil import rcr_op_case
+    from rcar_fast.backends.triton_kernels import load_kernels
+    rcr = importlib.import_module(load_kernels().__name__ + ".rcr")
+    args, *_ = rcr_op_case(1, 20, 16, True, lambda x: x.float())
+    weights = list(args[5:])
+
+    def spread(t):      # the same values at every other element of a tensor twice as long
+        wide = torch.full(t.shape[:-1] + (2 * t.shape[-1],), float("nan"), dtype=t.dtype)
+        wide[..., ::2] = t
+        view = wide[..., ::2]
+        assert not view.is_contiguous() and torch.equal(view, t)
+        return view
+    strided = [spread(w) if i in (0, 1, 4, 5) else w for i, w in enumerate(weights)]   # w1, b1, ws1, bs1
+    want = rcr.rcr_step(*args[:5], *weights)
+    got = rcr.rcr_step(*args[:5], *strided)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
 def test_triton_rcr_rejects_more_rows_than_int32_indexes():
     """The Triton RCR kernels index rows in int32: more than 2^31 - 1 rows (B * P * Lq) is a
     ValueError naming E, before anything is allocated or launched (E here an expanded view)."""

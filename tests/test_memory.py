@@ -43,3 +43,25 @@ def test_peak_within_budget(backend, attn_type):
         memory_within_budget(backend, "cpu", attn_type, Dims(3, 8, 6, 6, 32, 8), [4096], slack=192 * 1024)
     else:
         memory_within_budget(backend, "cpu", attn_type, Dims(16, 64, 36, 16, 128, 32), [1 << 20, 2 << 20])
+
+
+def test_default_budget_on_a_gpu_is_its_share_of_the_memory():
+    """A block's default budget: the kernel set's own on the CPU; on a GPU 1/16 of its memory,
+    never below the kernel set's GPU budget (2 GiB) nor above 8 GiB (no GPU needed: the device's
+    properties are stood in for)."""
+    import types
+    from unittest import mock
+
+    from rcar_fast.backends import kernel_set
+    from rcar_fast.backends.contract import gpu_budget
+    GiB = 2**30
+    assert gpu_budget(2 * GiB, 143771 * 2**20) == 8 * GiB           # an H200: capped
+    assert gpu_budget(2 * GiB, 80 * GiB) == 5 * GiB                 # an 80 GB card: its 16th
+    assert gpu_budget(2 * GiB, 24 * GiB) == 2 * GiB                 # a 24 GB card: the floor
+    for name in ("torch", "triton", "cuda"):
+        ks = kernel_set(name)
+        assert ks.budget(torch.device("cpu")) == ks.budgets["cpu"]
+        for total, want in ((143771 * 2**20, 8 * GiB), (80 * GiB, 5 * GiB), (16 * GiB, ks.budgets["cuda"])):
+            props = types.SimpleNamespace(total_memory=total)
+            with mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: props):
+                assert ks.budget(torch.device("cuda", 0)) == want, (name, total)

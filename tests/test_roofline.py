@@ -187,3 +187,19 @@ def test_triton_forward_rows_are_the_kernels():
         fwd = att.forward_config(True, Lq, 36, RL.D, RL.S_DIM, att.MODE_ALIGNMENT.value, grouped=True)
         assert (fwd["GP"], fwd["M"]) == RL.triton_forward_tile(Lq)
         assert fwd["GP"] * Lq <= fwd["M"] <= RL.TRITON_FWD_ROWS < (fwd["GP"] + 1) * Lq
+
+
+def test_models_plan_blocks_as_the_kernel_sets_do():
+    """Each backend's model cuts the pair grid with that kernel set's buffer counts and GPU
+    budget, taken on an H200 as KernelSet.budget takes it on a device of the H200's memory."""
+    import types
+    from unittest import mock
+
+    import torch
+    from rcar_fast.backends import kernel_set
+    for b, (_, _, live, live_train, base) in RL.MODELS.items():
+        ks = kernel_set(b)
+        assert (live, live_train, base) == (ks.live_buffers, ks.live_buffers_train, ks.budgets["cuda"]), b
+        h200 = types.SimpleNamespace(total_memory=RL.GPU_MEMORY)
+        with mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: h200):
+            assert ks.budget(torch.device("cuda")) == RL.gpu_budget(base, RL.GPU_MEMORY) == 8 * 2**30, b

@@ -77,7 +77,26 @@ class KernelSet:
     workspace: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
 
     def budget(self, device: torch.device) -> int:
-        return self.budgets.get(device.type, self.budgets["cpu"])
+        """The default memory budget of one block on ``device``: budgets[device type] (CPU:
+        budgets["cpu"]); on a CUDA device that or, where more, its memory's share
+        (:func:`gpu_budget`)."""
+        base = self.budgets.get(device.type, self.budgets["cpu"])
+        if device.type != "cuda":
+            return base
+        return gpu_budget(base, torch.cuda.get_device_properties(device).total_memory)
+
+
+#: a block's default budget on a GPU: 1/GPU_BUDGET_SHARE of the device's memory, at least the
+#: kernel set's budgets["cuda"] (2 GiB) and at most GPU_BUDGET_MAX (an H200's 139 GiB: 8 GiB).
+#: Larger blocks mean fewer launches (about a dozen per block at coop_rcar T = 2; the Flickr30K matrix
+#: in 227 blocks at 2 GiB, 64 at 8 GiB: bench/roofline.py)
+GPU_BUDGET_SHARE = 16
+GPU_BUDGET_MAX = 8 * 2**30
+
+
+def gpu_budget(base: int, total_memory: int) -> int:
+    """The default block budget of a GPU with ``total_memory`` bytes, at least ``base``."""
+    return max(base, min(GPU_BUDGET_MAX, total_memory // GPU_BUDGET_SHARE))
 
 
 def accumulation_dtype(x: Tensor) -> torch.dtype:

@@ -46,7 +46,8 @@ CPP = KernelSet(name="cpp", devices=("cpu",), attention=_ops.attention.default, 
                 attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
                 budgets={"cpu": 96 * 2**20}, live_buffers=3, live_buffers_train=6, rcr_recompute=True,
                 rcr=_ops.rcr.default if _HAS_CPU_RCR else None, rcr_devices=("cpu",) if _HAS_CPU_RCR else ())
-#: "cuda": default block budget 2 GiB; the same buffer counts
+#: "cuda": default block budget 2 GiB or, where more, the GPU's share (KernelSet.budget); the
+#: same buffer counts
 CUDA = KernelSet(name="cuda", devices=("cuda",), attention=_ops.attention.default, rar=_ops.rar.default,
                  attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
                  budgets={"cpu": 96 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6,

@@ -32,7 +32,8 @@ _k = load_kernels()
 MAX_ROWS = _k.attention.MAX_ROWS
 MAX_WIDTH = _k.attention.MAX_WIDTH
 
-#: default budgets: 24 MiB on CPU tensors (the interpreter is slow), 2 GiB on a GPU; d-wide
+#: default budgets: 24 MiB on CPU tensors (the interpreter is slow), 2 GiB on a GPU or, where
+#: more, its share (KernelSet.budget: 1/16 of its memory, at most 8 GiB); d-wide
 #: buffers per block: F and the new F being built (3), 6 under autograd (measured like the
 #: torch backend's, tests/test_memory.py)
 KERNELS = KernelSet(name="triton", devices=("cuda", "cpu"), attention=_k.triton_attention, rar=_k.triton_rar,

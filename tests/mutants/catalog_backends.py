@@ -21,8 +21,21 @@ FUSED = "tests/test_fused_backends.py"
 RECOMP = "tests/test_rcr_recompute.py"
 RECOMP_EQ = f"{RECOMP}::test_values_and_gradients_equal_plain_autograd"
 
+GPU_BUDGET = ["tests/test_memory.py::test_default_budget_on_a_gpu_is_its_share_of_the_memory",
+              "tests/test_roofline.py::test_models_plan_blocks_as_the_kernel_sets_do"]
+CONTRACT = "rcar_fast/backends/contract.py"
+
 MUTANTS = [
     # peak memory: the blocks and the budget
+    dict(name="default GPU budget: no cap (an H200's 16th, 8.8 GB, past the 8 GiB ceiling)",
+         file=CONTRACT, old="    return max(base, min(GPU_BUDGET_MAX, total_memory // GPU_BUDGET_SHARE))",
+         new="    return max(base, total_memory // GPU_BUDGET_SHARE)", tests=GPU_BUDGET),
+    dict(name="default GPU budget: the kernel set's floor dropped (a 16 GB card gets 1 GiB)",
+         file=CONTRACT, old="    return max(base, min(GPU_BUDGET_MAX, total_memory // GPU_BUDGET_SHARE))",
+         new="    return min(GPU_BUDGET_MAX, total_memory // GPU_BUDGET_SHARE)", tests=GPU_BUDGET[:1]),
+    dict(name="default GPU budget: the device's memory ignored (always the kernel set's 2 GiB)",
+         file=CONTRACT, old='        if device.type != "cuda":\n            return base\n',
+         new='        if True:\n            return base\n', tests=GPU_BUDGET),
     dict(name="plan: blocks 64x over the memory budget",
          file=PLAN, old="    return max(1, budget // per_pair)", new="    return max(1, 64 * budget // per_pair)",
          tests=MEM_TORCH),
