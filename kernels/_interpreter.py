@@ -1,4 +1,5 @@
-"""Triton's CPU interpreter (TRITON_INTERPRET=1, the tests' tier) with a log-step scan.
+"""Triton's CPU interpreter (TRITON_INTERPRET=1, the tests' tier) with a log-step scan, and
+the language patched once per launch (:func:`use_one_patch_per_launch`).
 
 The interpreter runs a ``tl.associative_scan`` with a combine function of one's own (the
 attention forward's segmented sums and maxima) element by element: one interpreted call of
@@ -53,4 +54,64 @@ def use_log_step_scan() -> bool:
 
     ops.generic_scan = log_step_scan
     ops._rcar_log_step = True
+    return True
+
+
+def use_one_patch_per_launch() -> bool:
+    """Makes a device-function call (a @triton.jit function called from a kernel) skip the
+    interpreter's re-patching of triton.language when the running launch has already patched
+    the language modules the function sees; returns whether it is installed (where
+    TRITON_INTERPRET=1 and the interpreter is laid out as this expects).
+
+    The interpreter patches triton.language (and tl.core, each where a function's globals name
+    it) at the start of every launch, and again at every device-function call, each time walking
+    the modules' members with inspect.getmembers: about 15% of the interpreter tier's time
+    (py-spy). Inside a launch the second patch sets what the first has set, so it is skipped;
+    a function whose globals name a language module the launch did not patch (tl.core where the
+    kernel's module names only tl) is still patched, as is any call outside a launch."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        from triton.runtime import interpreter as it
+    except ImportError:     # pragma: no cover - triton without the interpreter
+        return False
+    grid_cls, fn_cls = getattr(it, "GridExecutor", None), getattr(it, "InterpretedFunction", None)
+    patch, error = getattr(it, "_patch_lang", None), getattr(it, "InterpreterError", None)
+    if None in (grid_cls, fn_cls, patch, error) or not hasattr(fn_cls, "rewrite"):   # pragma: no cover
+        return False
+    if getattr(fn_cls, "_rcar_one_patch", False):
+        return True
+    import inspect
+    lang = (it.tl, it.tl.core)
+    active = []      # the language modules each running launch patched (a stack)
+    seen = {}        # id(globals) -> (the globals, the language modules they name)
+
+    def langs(fn):
+        g = fn.__globals__
+        entry = seen.get(id(g))
+        if entry is None or entry[0] is not g:
+            entry = seen[id(g)] = (g, frozenset(id(v) for v in list(g.values()) if inspect.ismodule(v) and v in lang))
+        return entry[1]
+
+    launch = grid_cls.__call__
+
+    def launch_tracked(self, *args, **kwargs):
+        active.append(langs(self.fn))
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            active.pop()
+
+    def device_call(self, *args, **kwargs):   # InterpretedFunction.__call__ less the patch it repeats
+        if not (active and langs(self.fn) <= active[-1]):
+            patch(self.fn)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise error(repr(e)) from e
+
+    grid_cls.__call__ = launch_tracked
+    fn_cls.__call__ = device_call
+    fn_cls._rcar_one_patch = True
     return True

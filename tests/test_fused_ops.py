@@ -7,6 +7,7 @@ in every padded row, lengths 1 and full, d and s not powers of two."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -582,6 +583,22 @@ def test_triton_rcr_takes_strided_weights_and_biases():
     got = rcr.rcr_step(*args[:5], *strided)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+def test_interpreter_patches_the_language_once_per_launch_and_where_a_call_needs_it():
+    """kernels/_interpreter.py: inside a launch a device function is not re-patched when the
+    launch has patched the language modules it names (every kernel here runs that way), and is
+    patched when it names one the launch did not (tl.core, where the kernel's module names only
+    tl: unpatched, core.add has no semantic and fails)."""
+    if "triton" not in BACKENDS or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter only")
+    from rcar_fast.backends.triton_kernels import load_kernels
+    interp = importlib.import_module(load_kernels().__name__ + "._interpreter")
+    assert interp.use_one_patch_per_launch()
+    from interp_core_helper import add_one_kernel
+    x = torch.arange(16, dtype=torch.float32)
+    add_one_kernel[(1,)](x, B=16)
+    assert torch.equal(x, torch.arange(16, dtype=torch.float32) + 1)
 
 
 def test_triton_rcr_rejects_more_rows_than_int32_indexes():
