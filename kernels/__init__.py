@@ -18,14 +18,17 @@ Per op, the kernels, the launcher, the torch.library custom op, its fake and its
 The "triton" backend (rcar_fast.backends.triton_kernels) binds the custom ops into a kernel set.
 On CPU tensors they run under TRITON_INTERPRET=1 (tests), where _interpreter.py makes the
 interpreter's scans (the attention forward's segmented sums) log-step instead of element by element,
-and patches the language once per launch instead of again at every device-function call.
+and patches the language once per launch (not again at every device-function call) from lists of
+its builtins made once.
 """
 
-from ._interpreter import use_log_step_scan, use_one_patch_per_launch
+from ._interpreter import use_listed_builtins, use_log_step_scan, use_one_patch_per_launch
 
-# before any kernel runs: the interpreter's scans log-step, not element by element
+# before any kernel runs: the interpreter's scans log-step, not element by element; the language
+# patched once per launch, from lists of its builtins made once
 use_log_step_scan()
 use_one_patch_per_launch()
+use_listed_builtins()
 
 from .attention import attention_fwd, triton_attention  # noqa: E402
 from .attention_bwd import attention_bwd, triton_attention_bwd

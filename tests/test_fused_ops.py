@@ -589,12 +589,13 @@ def test_interpreter_patches_the_language_once_per_launch_and_where_a_call_needs
     """kernels/_interpreter.py: inside a launch a device function is not re-patched when the
     launch has patched the language modules it names (every kernel here runs that way), and is
     patched when it names one the launch did not (tl.core, where the kernel's module names only
-    tl: unpatched, core.add has no semantic and fails)."""
+    tl: unpatched, core.add has no semantic and fails); the patches come from each module's list
+    of builtins (every interpreter-tier test runs through them)."""
     if "triton" not in BACKENDS or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton interpreter only")
     from rcar_fast.backends.triton_kernels import load_kernels
     interp = importlib.import_module(load_kernels().__name__ + "._interpreter")
-    assert interp.use_one_patch_per_launch()
+    assert interp.use_one_patch_per_launch() and interp.use_listed_builtins()   # installed (kernels/__init__)
     from interp_core_helper import add_one_kernel
     x = torch.arange(16, dtype=torch.float32)
     add_one_kernel[(1,)](x, B=16)
