@@ -69,8 +69,10 @@ def use_one_patch_per_launch() -> bool:
     it) at the start of every launch, and again at every device-function call, each time walking
     the modules' members with inspect.getmembers: about 15% of the interpreter tier's time
     (py-spy). Inside a launch the second patch sets what the first has set, so it is skipped;
-    a function whose globals name a language module the launch did not patch (tl.core where the
-    kernel's module names only tl) is still patched, as is any call outside a launch."""
+    a function whose globals name a language module the launch has not patched yet (tl.core,
+    which triton's own tl.sum and tl.max name, where the kernel's module names only tl) is still
+    patched, once per launch (the interpreter never undoes a device call's patch), as is any call
+    outside a launch."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
@@ -85,7 +87,7 @@ def use_one_patch_per_launch() -> bool:
         return True
     import inspect
     lang = (it.tl, it.tl.core)
-    active = []      # the language modules each running launch patched (a stack)
+    active = []      # the language modules each running launch has patched so far (a stack)
     seen = {}        # id(globals) -> (the globals, the language modules they name)
 
     def langs(fn):
@@ -98,15 +100,18 @@ def use_one_patch_per_launch() -> bool:
     launch = grid_cls.__call__
 
     def launch_tracked(self, *args, **kwargs):
-        active.append(langs(self.fn))
+        active.append(set(langs(self.fn)))
         try:
             return launch(self, *args, **kwargs)
         finally:
             active.pop()
 
     def device_call(self, *args, **kwargs):   # InterpretedFunction.__call__ less the patch it repeats
-        if not (active and langs(self.fn) <= active[-1]):
-            patch(self.fn)
+        need = langs(self.fn)
+        if not (active and need <= active[-1]):
+            patch(self.fn)      # (as the interpreter's own, never undone: it holds to the launch's end)
+            if active:
+                active[-1].update(need)
         fn = self.rewrite()
         try:
             return fn(*args, **kwargs)

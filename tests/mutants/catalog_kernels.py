@@ -166,7 +166,7 @@ MUTANTS = [
          new="_aligned(w1), b1.contiguous(), ws1,",
          tests=["tests/test_fused_ops.py::test_triton_rcr_takes_strided_weights_and_biases"]),
     dict(name="interpreter: a device call inside a launch never re-patched (tl.core left unpatched where only tl was)",
-         file="kernels/_interpreter.py", old="        if not (active and langs(self.fn) <= active[-1]):",
+         file="kernels/_interpreter.py", old="        if not (active and need <= active[-1]):",
          new="        if not active:",
          tests=["tests/test_fused_ops.py::test_interpreter_patches_the_language_once_per_launch_and_where_a_call_needs_it"]),
     dict(name="interpreter: a module's list of builtins keeps every member (plain functions and classes patched too)",
