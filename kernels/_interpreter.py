@@ -109,7 +109,7 @@ def use_one_patch_per_launch() -> bool:
     def device_call(self, *args, **kwargs):   # InterpretedFunction.__call__ less the patch it repeats
         need = langs(self.fn)
         if not (active and need <= active[-1]):
-            patch(self.fn)      # (as the interpreter's own, never undone: it holds to the launch's end)
+            patch(self.fn)      # as the interpreter does; never undone, so it holds to the launch's end
             if active:
                 active[-1].update(need)
         fn = self.rewrite()
@@ -143,7 +143,7 @@ def use_listed_builtins() -> bool:
     if getattr(it._patch_builtin, "_rcar_listed", False):
         return True
     import inspect
-    listed = {}      # id(module or class) -> (it, [(name, builtin)])
+    listed = {}      # id(module or class) -> (the module or class, [(name, its original builtin)])
 
     def patch_builtin(pkg, builder, scope):
         entry = listed.get(id(pkg))
