@@ -240,9 +240,9 @@ TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN = 128, 64, 256
 def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
     """The Triton RCR step for inference (kernels/rcr.py): two GEMM kernels with their
     element-wise work in the epilogue. rcr_hidden: one program per BM rows holds its E tile and
-    runs down [W1; ws1] BN rows at a time: H = tanh(E W1^T + b1) (N x 2s, stored) and the
-    temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam) (the s/2-wide hidden layer never
-    stored). rcr_factors_gemm: BM x BN tiles of F = clamp(tanh(H W2^T + b2) + F_old, -1, 1), zero
+    runs down W1's, then ws1's, rows BN at a time (each from its own pointer): H = tanh(E W1^T +
+    b1) (N x 2s, stored) and the temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam) (the
+    s/2-wide hidden layer never stored). rcr_factors_gemm: BM x BN tiles of F = clamp(tanh(H W2^T + b2) + F_old, -1, 1), zero
     at padded rows (M never stored). L2 counts every tile a program reads (hidden: E once, W1 and
     ws1 once per row block; factors: H once per column block of F, W2 once per row block)."""
     N = B * P * Lq

@@ -17,14 +17,22 @@ tl.cumprod keep the interpreter's numpy paths.
 import os
 
 
-def use_log_step_scan() -> bool:
-    """Installs the log-step scan in the interpreter (where TRITON_INTERPRET=1 and triton has the
-    element-by-element fallback this replaces); returns whether it did."""
+def _interpreter():
+    """triton.runtime.interpreter where TRITON_INTERPRET=1 and triton has it, else None."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
+        return None
     try:
         from triton.runtime import interpreter
     except ImportError:     # pragma: no cover - triton without the interpreter
+        return None
+    return interpreter
+
+
+def use_log_step_scan() -> bool:
+    """Installs the log-step scan in the interpreter (where TRITON_INTERPRET=1 and triton has the
+    element-by-element fallback this replaces); returns whether it did."""
+    interpreter = _interpreter()
+    if interpreter is None:
         return False
     np = getattr(interpreter, "np", None)     # the interpreter's numpy (the library never imports numpy)
     if np is None:     # pragma: no cover - an interpreter laid out otherwise
@@ -73,11 +81,8 @@ def use_one_patch_per_launch() -> bool:
     which triton's own tl.sum and tl.max name, where the kernel's module names only tl) is still
     patched, once per launch (the interpreter never undoes a device call's patch), as is any call
     outside a launch."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        from triton.runtime import interpreter as it
-    except ImportError:     # pragma: no cover - triton without the interpreter
+    it = _interpreter()
+    if it is None:
         return False
     grid_cls, fn_cls = getattr(it, "GridExecutor", None), getattr(it, "InterpretedFunction", None)
     patch, error = getattr(it, "_patch_lang", None), getattr(it, "InterpreterError", None)
@@ -131,11 +136,8 @@ def use_listed_builtins() -> bool:
     py-spy); returns whether it is installed. The list is taken the first time a module is
     patched, before any patch (the interpreter restores the originals after each launch), and
     holds the original builtins, which is what each patch wraps."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        from triton.runtime import interpreter as it
-    except ImportError:     # pragma: no cover - triton without the interpreter
+    it = _interpreter()
+    if it is None:
         return False
     patch_attr, is_builtin = getattr(it, "_patch_attr", None), getattr(it.tl.core, "is_builtin", None)
     if patch_attr is None or is_builtin is None or not hasattr(it, "_patch_builtin"):   # pragma: no cover

@@ -225,11 +225,16 @@ def rcr_gemm_config(half: bool, s: int, which: str) -> dict:
 MAX_N_ROWS = 2 ** 31 - 1
 
 
+def _is_aligned(t: Tensor) -> bool:
+    """Whether t is contiguous at a 16-byte aligned address (what the kernels promise the compiler)."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
 def _aligned(t: Tensor) -> Tensor:
-    """t contiguous at a 16-byte aligned address (the kernels promise the compiler both; a fresh
-    allocation is aligned, a view at an odd offset is copied)."""
+    """t contiguous at a 16-byte aligned address (a fresh allocation is aligned, a view at an odd
+    offset is copied)."""
     t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+    return t if _is_aligned(t) else t.clone()
 
 
 def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
@@ -290,7 +295,7 @@ def rcr_factors_bwd(hidden: Tensor, w2: Tensor, b2: Tensor, factors: Optional[Te
     h = _aligned(hidden)
     f_old = gm if factors is None else _aligned(factors)
     # the kernel stores dF through 16-byte aligned contiguous rows: a view that is not gets a buffer
-    direct = dfactors is not None and dfactors.is_contiguous() and dfactors.data_ptr() % 16 == 0
+    direct = dfactors is not None and _is_aligned(dfactors)
     df = gm if dfactors is None else (dfactors if direct else torch.empty_like(gm))
     tiles = (triton.cdiv(N, cfg["BM"]), triton.cdiv(D, cfg["BN"]))
     _rcr_factors_bwd_kernel[tiles](h, _aligned(w2), b2, f_old, _aligned(grad), gm, df, N, D=D, H_DIM=H,

@@ -24,14 +24,15 @@ RECOMP_EQ = f"{RECOMP}::test_values_and_gradients_equal_plain_autograd"
 GPU_BUDGET = ["tests/test_memory.py::test_default_budget_on_a_gpu_is_its_share_of_the_memory",
               "tests/test_roofline.py::test_models_plan_blocks_as_the_kernel_sets_do"]
 CONTRACT = "rcar_fast/backends/contract.py"
+GPU_RULE = "    return max(base, min(GPU_BUDGET_MAX, total_memory // GPU_BUDGET_SHARE))"
 
 MUTANTS = [
     # peak memory: the blocks and the budget
     dict(name="default GPU budget: no cap (an H200's 16th, 8.8 GB, past the 8 GiB ceiling)",
-         file=CONTRACT, old="    return max(base, min(GPU_BUDGET_MAX, total_memory // GPU_BUDGET_SHARE))",
+         file=CONTRACT, old=GPU_RULE,
          new="    return max(base, total_memory // GPU_BUDGET_SHARE)", tests=GPU_BUDGET),
     dict(name="default GPU budget: the kernel set's floor dropped (a 16 GB card gets 1 GiB)",
-         file=CONTRACT, old="    return max(base, min(GPU_BUDGET_MAX, total_memory // GPU_BUDGET_SHARE))",
+         file=CONTRACT, old=GPU_RULE,
          new="    return min(GPU_BUDGET_MAX, total_memory // GPU_BUDGET_SHARE)", tests=GPU_BUDGET[:1]),
     dict(name="default GPU budget: the device's memory ignored (always the kernel set's 2 GiB)",
          file=CONTRACT, old='        if device.type != "cuda":\n            return base\n',
