@@ -343,17 +343,20 @@ def write_cache(path, rows, covered):
     with open(tmp, "w") as f:
         f.write('{"format": %d,\n "about": %s,\n "rows": [\n' % (CACHE_FORMAT, json.dumps(
             "compile cache of python -m bench.resources (see its docstring): a row is reused only when "
-            "its key equals the key computed from the current tree; regenerate with "
-            "python -m bench.resources --out bench/results/resources.md")))
+            "its key equals the key computed from the current tree; bench/README.md says how to "
+            "regenerate it")))
         f.write(",\n".join("  " + json.dumps(r, sort_keys=True) for r in out))
         f.write("\n ]}\n")
     os.replace(tmp, path)
     return len(out)
 
 
-def triton_rows(archs, cached, n_jobs, compiler=None):
+def triton_rows(archs, cached, n_jobs, compiler=None, compile_missing=True):
     """(rows, stats) of every Triton configuration for archs, reusing what `cached` holds under the
-    current key and compiling the rest in n_jobs processes."""
+    current key and compiling the rest in n_jobs processes. compile_missing False (a report of
+    another compiler than the installed one, e.g. triton 3.6's, read back from its cache file):
+    a configuration the cache lacks under ``compiler`` becomes a row that did not compile, with
+    the reason, instead of being compiled by the installed triton."""
     kernels = _kernels()
     job_list = jobs(archs, kernels)
     compiler = compiler or triton_compiler()
@@ -363,6 +366,10 @@ def triton_rows(archs, cached, n_jobs, compiler=None):
     key_of = triton_key_maker(kernels, compiler)
 
     def compile_many(missed):
+        if not compile_missing:
+            return [dict(compiled=False, error=f"no row in the cache for this configuration under {compiler} "
+                                               "(the kernel, its configuration or the measuring code changed "
+                                               "since the cache was written: regenerate it)") for _ in missed]
         with ProcessPoolExecutor(max_workers=max(1, min(n_jobs, len(missed)))) as pool:
             return list(pool.map(measure, missed))
 

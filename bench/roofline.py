@@ -355,7 +355,8 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     items' Gram matrices once per item, then the attention's two kernels recompute each pair on
     chip (the first with GP pairs of one context item per program, as the forward) (bf16: A rebuilt once per 32-column chunk of Y, 8
     passes over d at s = 256) and add the shared gradients with fp32 atomics (dW: s x d per
-    pair); RAR's backward per step; RCR's recomputing backward (rcr_recomputed_backward, its d-wide chain one kernel)."""
+    pair); RAR's backward per step (E held for the keys' products and read twice more in column
+    chunks for u, du and da); RCR's recomputing backward (rcr_recomputed_backward, its d-wide chain one kernel)."""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
     GP = max(1, TRITON_ROWS // BQ)
@@ -381,7 +382,7 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
         book.add("rar_bwd + its GEMMs (dE, dh, dW)", count=4,
                  tc=pairs * (2 * BQ * BS * BS * 3) + 4 * pairs * Lq * s * s,
                  simt=pairs * (2 * BS * BS * 2 + 20 * BQ * BS),
-                 l2=pairs * (Lq * s * e + 2 * s * s * e + Lq * s * 4 * 2), hbm=pairs * (Lq * s * 4 * 3 + s * 4 * 3))
+                 l2=pairs * (3 * Lq * s * e + 2 * s * s * e + Lq * s * 4 * 2), hbm=pairs * (Lq * s * 4 * 3 + s * 4 * 3))
         if t < shape.steps - 1:
             rcr_recomputed_backward(book, B, P, Lq, t > 0, kernel=True)
 

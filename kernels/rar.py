@@ -109,16 +109,6 @@ def _rar_pair(e_ptr, qlen_ptr, P, S_DIM, se_b, se_p, se_l, se_s, IEEE: tl.conste
 
 
 @triton.jit
-def _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE: tl.constexpr):
-    """The pair's E in fp32: the held tile converted, or (fp32) read from memory here."""
-    if IEEE:
-        Ef = _e_tile(e_base, se_s, rs, qmask, smask)
-    else:
-        Ef = E.to(tl.float32)
-    return Ef
-
-
-@triton.jit
 def _step_weights(E, e_base, se_s, qmask, h, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, t,
                   mk_base, smk_s, mg_base, smg_s, rs, smask, S_DIM, HAS_DROP: tl.constexpr,
                   IEEE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -341,21 +331,36 @@ def _rar_bwd_kernel(
     mk_base = mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l
     mg_base = mg_ptr + b * smg_b + p * smg_p
     h = tl.load(h_ptr + b * sh_b + p * sh_p + rs * sh_s, mask=smask, other=0.0).to(tl.float32)
-    go = tl.load(g_ptr + b * sg_b + p * sg_p + rs * sg_s, mask=smask, other=0.0).to(tl.float32)
     # pass 1: the forward's attention weights and output norm
     a = _step_weights(E, e_base, se_s, qmask, h, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, 0,
                       mk_base, smk_s, mg_base, smg_s, rs, smask, S_DIM, HAS_DROP, IEEE, BN, BK)
-    Ef = _e_f32(E, e_base, se_s, rs, qmask, smask, IEEE)
-    u = tl.sum(a[:, None] * Ef, axis=0)
-    nu = tl.sqrt(tl.sum(u * u, axis=0))
-    # d l2n(u): du = go / (|u| + eps) - u (u . go) / (|u| (|u| + eps)^2); u = 0 has no second term
-    ug = tl.sum(u * go, axis=0)
-    du = go / (nu + EPS) - u * tl.where(nu > 0, ug / (tl.maximum(nu, 1e-30) * (nu + EPS) * (nu + EPS)), 0.0)
-    da = tl.sum(Ef * du[None, :], axis=1)
-    dlogit = tl.where(qmask, a * (da - tl.sum(a * da, axis=0)), 0.0)
+    # the output u = sum_q a[q] E[q] and d l2n(u): du = go / (|u| + eps) - u (u . go) / (|u| (|u| +
+    # eps)^2) (u = 0 has no second term), then da = E du and dE's direct term a du, all in BN-column
+    # chunks of E read from memory in fp32 (u's chunks summed twice): a whole BQ x s fp32 tile
+    # held beside E spilled with triton 3.6 (BQ 64 with dropout; bench/results/resources_triton36.md)
     out_row = (b * P + p) * LQ
-    tl.store(de_ptr + (out_row + rq[:, None]) * S_DIM + rs[None, :],
-             tl.where(qmask[:, None], a[:, None] * du[None, :], 0.0), mask=(rq[:, None] < LQ) & smask[None, :])
+    nu2 = 0.0
+    ug = 0.0
+    for n0 in range(0, S_DIM, BN):
+        rn = n0 + tl.arange(0, BN)
+        Ec = tl.load(e_base + rn[None, :] * se_s, mask=qmask[:, None] & (rn < S_DIM)[None, :], other=0.0)
+        uc = tl.sum(a[:, None] * Ec.to(tl.float32), axis=0)
+        nu2 += tl.sum(uc * uc, axis=0)
+        ug += tl.sum(uc * tl.load(g_ptr + b * sg_b + p * sg_p + rn * sg_s, mask=rn < S_DIM, other=0.0).to(tl.float32),
+                     axis=0)
+    nu = tl.sqrt(nu2)
+    coef = tl.where(nu > 0, ug / (tl.maximum(nu, 1e-30) * (nu + EPS) * (nu + EPS)), 0.0)
+    da = tl.zeros(qmask.shape, dtype=tl.float32)
+    for n0 in range(0, S_DIM, BN):
+        rn = n0 + tl.arange(0, BN)
+        nm = rn < S_DIM
+        Ec = tl.load(e_base + rn[None, :] * se_s, mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
+        uc = tl.sum(a[:, None] * Ec, axis=0)
+        du = tl.load(g_ptr + b * sg_b + p * sg_p + rn * sg_s, mask=nm, other=0.0).to(tl.float32) / (nu + EPS) - uc * coef
+        da += tl.sum(Ec * du[None, :], axis=1)
+        tl.store(de_ptr + (out_row + rq[:, None]) * S_DIM + rn[None, :],
+                 tl.where(qmask[:, None], a[:, None] * du[None, :], 0.0), mask=(rq[:, None] < LQ) & nm[None, :])
+    dlogit = tl.where(qmask, a * (da - tl.sum(a * da, axis=0)), 0.0)
     # pass 2: per column chunk, the gradients through K, g and wv
     for n0 in range(0, S_DIM, BN):
         tk, tg, rn, nm = _key_chunk(E, e_base, se_s, qmask, h, wk_ptr, bk_ptr, wq_ptr, bq_ptr, 0, n0, rs, smask,

@@ -100,9 +100,36 @@ def _sha256(rel):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def report():
+#: the compile report of the triton the GPU machine runs (the device tool's H200: torch 2.11,
+#: triton 3.6), committed: bench/README.md says how to regenerate it with triton 3.6's wheel
+TRITON36_CACHE = os.path.join(ROOT, "bench", "results", "resources_triton36.json")
+
+
+def _triton36_report():
+    """The rows of every configuration the launchers pick now, read from TRITON36_CACHE under the
+    key each would have with triton 3.6 (its compiler as the file records it): nothing is compiled
+    here (the installed triton is another version), so a configuration whose kernel source,
+    constants, launch or measuring code changed since the file was written comes back as a row
+    that did not compile, and test_every_configuration_compiles names it."""
+    from bench import resources
+    cached = resources.load_cache(TRITON36_CACHE)
+    assert cached, f"{TRITON36_CACHE}: no rows (bench/README.md: the triton 3.6 compile report)"
+    compilers = {resources.canonical(r["key"]["compiler"]) for r in cached}
+    assert len(compilers) == 1, f"{TRITON36_CACHE}: rows of several compilers: {sorted(compilers)}"
+    compiler = cached[0]["key"]["compiler"]
+    assert compiler["triton"].startswith("3.6."), compiler
+    rows, _ = resources.triton_rows([80, 90], cached, 1, compiler=compiler, compile_missing=False)
+    return rows
+
+
+@pytest.fixture(scope="module", params=["installed", "triton36"])
+def report(request):
+    """The Triton compile report: compiled now by the installed triton (cached rows reused), and
+    triton 3.6's (the GPU machine's), read from its committed cache; every test below asserts on
+    both."""
     pytest.importorskip("triton")
+    if request.param == "triton36":
+        return _triton36_report()
     return _run_report("triton")
 
 
@@ -143,12 +170,28 @@ def test_every_block_fits_an_sm(report):
     assert not bad, "\n".join(bad)
 
 
-def test_no_spills_or_stack(report):
+#: triton 3.6's one known spill, not on the H200 (sm_90): RCR's factors GEMM given the previous
+#: factors (HAS_F) on sm_80, 4-16 B at 255 registers (its 128 x 256 fp32 accumulator beside the
+#: F tile); triton 3.8 compiles it without, and every variant tried under 3.6 spilled on sm_80
+#: in one dtype or the other (BK 16 or 64, 2 stages; bench/results/gpu_notes.md)
+TRITON36_KNOWN_SPILL = dict(kernel="rcr_factors_gemm", arch="sm_80", flag="HAS_F=True", max_bytes=16)
+
+
+def _known_spill(r, which):
+    k = TRITON36_KNOWN_SPILL
+    return (which == "triton36" and r["kernel"] == k["kernel"] and r["arch"] == k["arch"]
+            and k["flag"] in r["config"].split(",")
+            and max(r["spill_stores"], r["spill_loads"], r["stack"]) <= k["max_bytes"])
+
+
+def test_no_spills_or_stack(report, request):
     """Every kernel, every dtype (fp32 included), both architectures: no spill stores or loads,
-    no stack frame, no local-memory instructions in the SASS."""
+    no stack frame, no local-memory instructions in the SASS (triton 3.6's report: but for
+    TRITON36_KNOWN_SPILL, within its bytes)."""
+    which = request.node.callspec.params["report"]
     bad = [f"{_name(r)}: spill {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B, "
            f"LDL/STL {r['ldl']}/{r['stl']}" for r in report
-           if r["spill_stores"] or r["spill_loads"] or r["stack"] or r["ldl"] or r["stl"]]
+           if (r["spill_stores"] or r["spill_loads"] or r["stack"] or r["ldl"] or r["stl"]) and not _known_spill(r, which)]
     assert not bad, "\n".join(bad)
 
 
@@ -194,14 +237,19 @@ def test_launches_recorded_with_the_jits_specialisation():
         assert rows and all(sp["q_ptr"] == f"*{dtype}:16" and c["IEEE"] == (dtype == "fp32") for c, sp in rows)
 
 
-def test_every_row_is_keyed_by_the_current_tree(report):
+def test_every_row_is_keyed_by_the_current_tree(report, request):
     """One row per configuration the launchers pick now, each under the key computed now: a row
     reused from the cache under an older kernel source, configuration, measuring code or compiler
-    version would carry another key. The jit sources and constants are read again from the
-    files on disk here (with ast, not through the imported functions)."""
+    version would carry another key (triton 3.6's report: that compiler, as its file records it).
+    The jit sources and constants are read again from the files on disk here (with ast, not
+    through the imported functions)."""
     from bench import resources
     kernels = resources._kernels()
-    key_of = resources.triton_key_maker(kernels)
+    compiler = None
+    if request.node.callspec.params["report"] == "triton36":
+        compiler = report[0]["key"]["compiler"]
+        assert compiler["triton"].startswith("3.6.") and all(compiler.values()), compiler
+    key_of = resources.triton_key_maker(kernels, compiler)
     expected = sorted(resources.canonical(key_of(job)) for job in resources.jobs([80, 90], kernels))
     assert sorted(resources.canonical(r["key"]) for r in report) == expected
     disk = {}       # each jit function or constant read from its file once (882 rows name the same few)
