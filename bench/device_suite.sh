@@ -25,6 +25,9 @@
 #   pytest_cuda    25 10  python -m pytest tests -m gpu -k <backend> -v -rfE, under
 #   pytest_triton  30 10    `timeout -s INT`: a cut-off pytest still prints its summary
 #   then, as time allows (each skipped when less than 20 s is left for it):
+#   profile        40  3  measured kernel time per row of the cost model (python -m bench.profile:
+#                         the Flickr30K matrix, bf16, triton then cuda, each warmed up, timed and
+#                         profiled once) against bench/roofline.py's prediction -> profile.md
 #   h100_base      60  3  100 x 100 headline (coop_rcar T=2, t2i, i2t) + training step (--train):
 #   h100_cuda      30  3    reference, release_loop, torch in one process, then cuda, then
 #   h100_triton    40  3    triton, each in its own
@@ -40,9 +43,9 @@
 # seconds used, exit status) and the short table of the benchmark rows, with the rows that
 # failed and why.
 #
-# Files in $OUT (7; the device tool brings back at most 8): env.txt, build.log, bench.log (all
-# python -m bench runs), pytest.log, history.csv (every row: append to bench/results/history.csv
-# to keep them), summary.md, stages.txt.
+# Files in $OUT (8; the device tool brings back at most 8): env.txt, build.log, bench.log (all
+# python -m bench runs), pytest.log, profile.md, history.csv (every row: append to
+# bench/results/history.csv to keep them), summary.md, stages.txt.
 #
 # Environment: OUT, DEADLINE_S (300), PYTHON (python3), BENCH_GIT_COMMIT (names the commit: the
 # copy of the tree there has no .git), ONLY=glob,glob (run only these stages; env, build and
@@ -74,10 +77,11 @@ ENV_TXT="$OUT/env.txt"
 BUILD_LOG="$OUT/build.log"
 BENCH_LOG="$OUT/bench.log"
 PYTEST_LOG="$OUT/pytest.log"
+PROFILE_MD="$OUT/profile.md"
 CSV="$OUT/history.csv"
 SUMMARY_MD="$OUT/summary.md"
 STAGES_TXT="$OUT/stages.txt"
-OUT_FILES="env.txt build.log bench.log pytest.log history.csv summary.md stages.txt"
+OUT_FILES="env.txt build.log bench.log pytest.log profile.md history.csv summary.md stages.txt"
 
 now_ms() { local t=${EPOCHREALTIME//[!0-9]/}; echo $(( t / 1000 )); }
 # milliseconds as seconds: 25000 -> 25, 2500 -> 2.5
@@ -278,6 +282,7 @@ add_stage row_triton    must  42  3 INT  "$BENCH_LOG"
 add_stage row_torch     must  32  3 INT  "$BENCH_LOG"
 add_stage pytest_cuda   must  25 10 INT  "$PYTEST_LOG"
 add_stage pytest_triton must  30 10 INT  "$PYTEST_LOG"
+add_stage profile       rest  40  3 INT  "$PROFILE_MD"
 add_stage h100_base     rest  60  3 INT  "$BENCH_LOG"
 add_stage h100_cuda     rest  30  3 INT  "$BENCH_LOG"
 add_stage h100_triton   rest  40  3 INT  "$BENCH_LOG"
@@ -355,6 +360,7 @@ stage_cmd() {   # CMD=(...): what stage $1 runs when its cap is $2 ms
                     bash "$SELF" --build-stage) ;;
         row_*) CMD=("${bench[@]}" "${big[@]}" --backends "${1#row_}") ;;
         pytest_*) CMD=("$PY" -m pytest tests -m gpu -k "${1#pytest_}" -v -rfE --durations=5) ;;
+        profile) CMD=("$PY" -m bench.profile --shape flickr30k --backends triton,cuda) ;;
         h100_base) CMD=("${bench[@]}" "${h100[@]}" --backends reference,release_loop,torch) ;;
         h100_*) CMD=("${bench[@]}" "${h100[@]}" --backends "${1#h100_}") ;;
         r1000_fp32) CMD=("${bench[@]}" "${r1000[@]}") ;;
@@ -370,6 +376,7 @@ what() {   # the header's words for a stage
     case $1 in
         row_*) echo "starting row ${1#row_}: Flickr30K 1000 x 5000, bf16, coop_rcar T=2, t2i" ;;
         pytest_*) echo "GPU tests of ${1#pytest_}" ;;
+        profile) echo "kernel time vs the cost model: Flickr30K 1000 x 5000, bf16, triton and cuda" ;;
         h100_base) echo "100 x 100 headline + training step: reference, release_loop, torch" ;;
         h100_*) echo "100 x 100 headline + training step: ${1#h100_}" ;;
         r1000_*) echo "1000 x 1000 headline, ${1#r1000_}" ;;
@@ -420,6 +427,8 @@ show_tail() {   # show_tail LOG FROM_LINE NAME RC: what of a stage's log goes to
             sed -n "$from,\$p" "$1" | grep -E '^(FAILED|ERROR) |KeyboardInterrupt|^=+ .* in [0-9.]+s|no tests ran|DRY RUN' | tail -n 30 ;;
         build)
             sed -n "$from,\$p" "$1" | grep -E '^build|error|Error|^  [a-z]+: |^rcar_fast._C|WARNING|DRY RUN' | tail -n 20 ;;
+        profile)   # the table's rows (the last backend's first), or where it stopped
+            sed -n "$from,\$p" "$1" | grep -E '^\| flickr30k|Error|DRY RUN' | tail -n 30 ;;
         *)
             sed -n "$from,\$p" "$1" | grep -E 'DRY RUN' ;;
     esac

@@ -151,3 +151,16 @@ def test_memory_within_budget(backend, attn_type):
     grid whose d-wide tensors are 64 MiB or more (slack 8 MiB: cuBLAS workspaces)."""
     memory_within_budget(backend, "cuda", attn_type, Dims(16, 64, 36, 16, 1024, 256), [4 << 20, 16 << 20],
                          slack=8 << 20)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_profile_finds_our_kernels(backend):
+    """bench.profile on the 100 x 100 headline (bf16): the profiler's kernels of the attention
+    and RAR are found by their names (not summed into "other"), each with time, and the call is
+    timed (bench/profile.py's table; the device suite runs it on the Flickr30K matrix)."""
+    from bench import profile
+    lines = profile.profile_backend("headline", backend)
+    rows = {ln.split("|")[3].strip(): [c.strip() for c in ln.split("|")[4:-1]] for ln in lines}
+    for row in ("attention_fwd", "rar_fwd"):
+        assert int(rows[row][0]) > 0 and float(rows[row][2]) > 0, rows
+    assert float(rows["**the call (timed; model with launch costs)**"][2]) > 0, rows

@@ -148,4 +148,17 @@ MUTANTS = [
     dict(name="pipeline: half-precision scores rounded to their dtype (bf16 ties)",
          file=PIPE, old='    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype',
          new='    return dtype', tests=["tests/test_api.py::test_half_precision_scores_are_float32"]),
+    # bench/profile.py: measured kernel time against the cost model
+    dict(name="profile: the model's rows keep its launch costs (kernel times hold none)",
+         file="bench/profile.py", old="        out[row] = (n + ln.count, s + ln.seconds() - ln.count * LAUNCH_S)",
+         new="        out[row] = (n + ln.count, s + ln.seconds())",
+         tests=["tests/test_profile.py::test_every_model_launch_lands_in_a_reachable_row[flickr30k-triton]"]),
+    dict(name="profile: the model's cuBLAS lines summed into other, not the library GEMMs",
+         file="bench/profile.py", old='    return "library GEMMs" if "(cuBLAS)" in launch else OTHER',
+         new="    return OTHER",
+         tests=["tests/test_profile.py::test_every_model_launch_lands_in_a_reachable_row[flickr30k-triton]"]),
+    dict(name="profile: copies and memsets counted as kernels",
+         file="bench/profile.py", old='            if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]',
+         new="            if e.device_type == DeviceType.CUDA]",
+         tests=["tests/test_profile.py::test_kernel_events_keep_device_kernels_only"]),
 ]
