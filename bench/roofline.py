@@ -463,15 +463,15 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
                 rcr_fused(book, B, P, Lq, has_f, "cuda")
         RBQ, RGP, rrows = cuda_rar_plan(Lq, P)
         rblocks = B * -(-P // RGP)
-        if t == 0:
-            book.add(f"rar_mean_kernel{tag}", count=1, simt=pairs * Lq * s, hbm=pairs * (Lq * s * e + s * 4))
-        # bq, Wq and wv to fp32, addmm, tanh_, mul_ (and mul_ by keep_g in training)
-        book.add(f"rar gate tanh(h Wq^T + bq) wv (ATen, fp32){tag}", count=6, simt=pairs * (2 * s * s + 8 * s),
-                 hbm=pairs * s * 4 * 5 + s * s * 4)
+        if t == 0:   # the mean of E, written in the inputs' dtype
+            book.add(f"rar_mean_kernel{tag}", count=1, simt=pairs * Lq * s, hbm=pairs * (Lq * s * e + s * e))
+        # cuBLAS: h (pairs x s, the inputs' dtype) times Wq^T, the bias in its epilogue
+        book.add(f"rar gate h Wq^T + bq (cuBLAS){tag}", count=1, tc=pairs * 2 * s * s, hbm=pairs * s * e * 2 + s * s * e)
+        # the gates' pre-activations read (their tanh, keep_g and wv on chip), h written in the inputs' dtype
         book.add(f"rar_fwd_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}", tc=rblocks * 2 * rrows * s * s,
-                 simt=pairs * 16 * Lq * s, smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
-                 l2=pairs * (Lq * s * e + s * 4 * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * 4 * 2))
-    book.add(f"rar h to the input type (ATen){tag}", count=1, hbm=pairs * s * (4 + e))
+                 simt=pairs * (16 * Lq * s + 8 * s),
+                 smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
+                 l2=pairs * (Lq * s * e + s * e * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
     book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
 
 

@@ -74,8 +74,8 @@ def build_emu(folder: str):
     so.emu_attention_fwd.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _VP,
                                      _VP, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP, _VP]
     so.emu_attention_fwd.restype = _I64
-    so.emu_rar_step.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64, _VP, _I64,
-                                _VP]
+    so.emu_rar_step.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
+                                _VP, _I64, _VP]
     so.emu_rar_step.restype = _I64
     so.emu_attention_sqdiff.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64,
                                         _I64, _I64, _I64, _I64, _VP]
@@ -368,27 +368,46 @@ def test_attention_backward(emu, with_state, with_weight, dtype):
 # ----------------------------------------------------------------------------- RAR
 
 def emu_rar(emu, args, limit=H200_SMEM):
-    """The rar op as rar_cuda computes it: h (fp32; rar_mean_kernel's mean of E over the valid
-    rows at the start), each step's gate gw = tanh(h Wq^T + bq) keep_g wv on the host (torch
-    here, ATen and cuBLAS there), rar_fwd_kernel per step. Returns (h in E's dtype, the plans used)."""
+    """The rar op as rar_cuda computes it: h in E's dtype (rar_mean_kernel's mean of E over the
+    valid rows at the start), each step's gate pre-activations h Wq^T + bq in E's dtype on the host
+    (torch here, cuBLAS there), rar_fwd_kernel per step (the gates' tanh, keep_g and wv in it).
+    Returns (h in E's dtype, the plans used)."""
     E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
     B, P, Lq, S = E.shape
     if h0 is None:
-        h = torch.full((B, P, S), float("nan"))
+        h = torch.full((B, P, S), float("nan"), dtype=E.dtype)
         emu.emu_rar_mean(DTYPES[E.dtype], _ptr(E), _ptr(ql), B, P, Lq, S, _ptr(h))
     else:
-        h = h0.float()
+        h = h0.clone()
     used = []
     for t in range(wq.shape[0]):
-        gw = torch.tanh(h.reshape(-1, S) @ wq[t].float().T + bq[t].float())
-        if kg is not None:
-            gw = gw * kg.reshape(-1, S).float()
-        gw = (gw * wv[t].float()).contiguous()
-        h_next = torch.full((B, P, S), float("nan"))
-        used.append(emu.emu_rar_step(DTYPES[E.dtype], _ptr(E), _ptr(ql), _ptr(wk), _ptr(bk), _ptr(bv), _ptr(kk),
-                                     B, P, Lq, S, t, _ptr(gw), limit, _ptr(h_next)))
+        pre = torch.addmm(bq[t], h.reshape(-1, S), wq[t].T).contiguous()
+        h_next = torch.full((B, P, S), float("nan"), dtype=E.dtype)
+        used.append(emu.emu_rar_step(DTYPES[E.dtype], _ptr(E), _ptr(ql), _ptr(wk), _ptr(bk), _ptr(bv), _ptr(wv),
+                                     _ptr(kk), _ptr(kg), B, P, Lq, S, t, _ptr(pre), limit, _ptr(h_next)))
         h = h_next
-    return h.to(E.dtype), used
+    return h, used
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_rar_steps_in_one_call_equal_one_step_calls(emu, dtype):
+    """rar_cuda's schedule (emu_rar: h in E's dtype between steps, each step's gate pre-activations
+    one GEMM in it, their tanh in the kernel): T = 3 steps in one call equal three calls of one
+    step, bit for bit, as training's per-step calls and the backward's recompute need; and close
+    to the reference."""
+    args = _rar_sample(dtype, seed=21, T=3, dropout=False, h_given=False, P=11, Lq=5, s=32,
+                       qlens=_mixed_lengths(11, 5, 5))
+    whole, _ = emu_rar(emu, args)
+    h = None
+    for t in range(3):
+        step = list(args)
+        step[2] = h
+        step[3:9] = [w[t:t + 1] for w in args[3:9]]
+        h, _ = emu_rar(emu, step)
+    assert whole.dtype == dtype
+    torch.testing.assert_close(whole, h, rtol=0, atol=0)
+    up = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    torch.testing.assert_close(whole.double(), ref_rar(*up), rtol=5e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

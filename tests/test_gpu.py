@@ -164,3 +164,24 @@ def test_profile_finds_our_kernels(backend):
     for row in ("attention_fwd", "rar_fwd"):
         assert int(rows[row][0]) > 0 and float(rows[row][2]) > 0, rows
     assert float(rows["**the call (timed; model with launch costs)**"][2]) > 0, rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rar_steps_in_one_call_equal_one_step_calls(backend):
+    """bf16 on the GPU: T = 3 RAR steps in one call equal three calls of one step each, bit for
+    bit (both backends keep h in the inputs' dtype between steps and compute each step's gate
+    pre-activations h Wq^T + bq as one GEMM in it, as training's per-step calls and the
+    backward's recompute run them); and close to the fp64 reference."""
+    from test_fused_ops import _mixed_lengths, _ops, _rar_sample, ref_rar
+    rar = _ops(backend)[2]
+    args = _rar_sample(torch.bfloat16, seed=21, T=3, dropout=False, h_given=False, P=11, Lq=5, s=32,
+                       qlens=_mixed_lengths(11, 5, 5))
+    E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    whole = rar(E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)
+    h = None
+    for t in range(3):
+        h = rar(E, ql, h, wq[t:t + 1], bq[t:t + 1], wk[t:t + 1], bk[t:t + 1], wv[t:t + 1], bv[t:t + 1], kk, kg)
+    assert whole.dtype == torch.bfloat16
+    torch.testing.assert_close(whole, h, rtol=0, atol=0)
+    up = [a.double().cpu() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    torch.testing.assert_close(whole.double().cpu(), ref_rar(*up), rtol=5e-2, atol=2e-2)

@@ -1,10 +1,12 @@
 // CUDA implementation of rcar_fast::rar and rcar_fast::rar_bwd (csrc/README.md).
 //
-// rar: per step, the gate tanh(h Wq^T + bq) of every pair as one fp32 GEMM (cuBLAS; h starts as the
-// mean of E over the valid rows, rar_mean_kernel), then rar_fwd_kernel with GP pairs of one context item per
-// block (plan.h choose_rar_plan), E in shared memory (input dtype), K = tanh(E Wk^T + bk) by the
-// block GEMM (tensor cores for fp16/bf16, fp32 FMAs for fp32) over all the block's rows; h in fp32
-// between steps.
+// rar: per step, the gates' pre-activations h Wq^T + bq of every pair as one GEMM in E's dtype (cuBLAS,
+// fp32 accumulation, rounded as torch's Linear rounds them; h starts as the mean of E over the valid rows,
+// rar_mean_kernel), then rar_fwd_kernel with GP pairs of one context item per block (plan.h
+// choose_rar_plan): the gates' tanh, keep_g and wv in fp32 as it stages them, E in shared memory (input
+// dtype), K = tanh(E Wk^T + bk) by the block GEMM (tensor cores for fp16/bf16, fp32 FMAs for fp32) over all
+// the block's rows; h in E's dtype between steps (as the torch and triton backends keep it), so T steps in
+// one call equal T calls of one step.
 // rar_bwd (one step): rar_bwd_kernel recomputes the step per pair and writes dKp, dgp, dwv and
 // dE's direct part a[q] du; the shared-weight products run in cuBLAS in fp32 on the host side:
 // dE += dKp Wk, dh = dgp Wq.
@@ -104,12 +106,12 @@ void prepare_rar_fwd(int elem, const RarArgs<T>& r, const RarPlan& pl) {
 }
 
 template <typename T, int MT>
-void launch_rar_fwd(const RarArgs<T>& r, const RarPlan& pl, int64_t blocks, int64_t t, const Tensor& gw, Tensor& h_out,
+void launch_rar_fwd(const RarArgs<T>& r, const RarPlan& pl, int64_t blocks, int64_t t, const Tensor& pre, Tensor& h_out,
                     cudaStream_t stream) {
   auto* kernel = rar_fwd_kernel<T, MT>;
   const int64_t smem = rar_step_layout((int)sizeof(T), pl.gp * pl.bq, r.S, MT, pl.gp).total;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(r, pl.bq, pl.gp, t, gw.data_ptr<float>(),
-                                                                   h_out.data_ptr<float>());
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(r, pl.bq, pl.gp, t, ptr<T>(pre),
+                                                                   mut_ptr<T>(h_out));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -131,15 +133,12 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
   check_cuda_dtype(E, "E");
   c10::cuda::CUDAGuard guard(E.device());
   const RarInputs in = prepare(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g);
-  Tensor out = at::empty({in.B, in.P, in.S}, E.options());
   const int64_t pairs = in.B * in.P;
-  if (out.numel() == 0) return out;
+  if (pairs * in.S == 0) return at::empty({in.B, in.P, in.S}, E.options());
   check_pairs(pairs);
-  const auto f32 = E.options().dtype(at::kFloat);
-  // h: fp32 (pairs, s); the start is the mean of E over each pair's valid rows (rar_mean_kernel)
+  // h: (pairs, s) in E's dtype; the start is the mean of E over each pair's valid rows (rar_mean_kernel)
   Tensor h;
-  if (in.has_h) h = in.h.reshape({pairs, in.S}).to(at::kFloat);
-  const Tensor kg = in.has_drop ? in.keep_g.reshape({pairs, in.S}).to(at::kFloat) : Tensor();
+  if (in.has_h) h = in.h.view({pairs, in.S});
   cudaStream_t stream = current_stream();
   dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -150,29 +149,27 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
                 " (E of a pair stays on chip: it grows with the query length and s)");
     const int64_t blocks = in.B * ((in.P + pl.gp - 1) / pl.gp);
     if (!in.has_h) {
-      h = at::empty({pairs, in.S}, f32);
+      h = at::empty({pairs, in.S}, E.options());
       rar_mean_kernel<T><<<static_cast<unsigned>(pairs), kThreads, 0, stream>>>(r.E, r.qlens, in.P, in.Lq, in.S,
-                                                                              h.data_ptr<float>());
+                                                                              mut_ptr<T>(h));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     prepare_rar_fwd((int)sizeof(T), r, pl);
     for (int64_t t = 0; t < in.steps; ++t) {
-      // the gate of every pair, one fp32 GEMM: gw = tanh(h Wq_t^T + bq_t) keep_g wv_t
-      Tensor gw = at::addmm(in.bq.select(0, t).to(at::kFloat), h, in.wq.select(0, t).to(at::kFloat).t()).tanh_();
-      if (kg.defined()) gw.mul_(kg);
-      gw.mul_(in.wv.select(0, t).to(at::kFloat));
-      Tensor h_next = at::empty({pairs, in.S}, f32);
+      // the gates' pre-activations of every pair, one GEMM in E's dtype: pre = h Wq_t^T + bq_t
+      const Tensor pre = at::addmm(in.bq.select(0, t), h, in.wq.select(0, t).t());
+      Tensor h_next = at::empty({pairs, in.S}, E.options());
       switch (pl.mt) {
-        case 1: launch_rar_fwd<T, 1>(r, pl, blocks, t, gw, h_next, stream); break;
-        case 2: launch_rar_fwd<T, 2>(r, pl, blocks, t, gw, h_next, stream); break;
-        case 3: launch_rar_fwd<T, 3>(r, pl, blocks, t, gw, h_next, stream); break;
-        default: launch_rar_fwd<T, 4>(r, pl, blocks, t, gw, h_next, stream); break;
+        case 1: launch_rar_fwd<T, 1>(r, pl, blocks, t, pre, h_next, stream); break;
+        case 2: launch_rar_fwd<T, 2>(r, pl, blocks, t, pre, h_next, stream); break;
+        case 3: launch_rar_fwd<T, 3>(r, pl, blocks, t, pre, h_next, stream); break;
+        default: launch_rar_fwd<T, 4>(r, pl, blocks, t, pre, h_next, stream); break;
       }
       h = h_next;
     }
   });
-  out.copy_(h.view({in.B, in.P, in.S}));
-  return out;
+  // check_rar requires T >= 1 steps: h is the last step's fresh output, never the caller's h0
+  return h.view({in.B, in.P, in.S});
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rar_bwd_cuda(

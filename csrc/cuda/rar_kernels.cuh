@@ -162,29 +162,31 @@ __device__ __forceinline__ float attend(const RarSmem<T>& sm, int64_t S, int qle
 }
 
 // ---------------------------------------------------------------- forward: the first h
-// h[pid, m] = mean over q < qlen of E[pid, q, m] in fp32 (zeros when qlen is 0), one block per pair.
+// h[pid, m] = mean over q < qlen of E[pid, q, m], summed in fp32 and written in E's type (zeros when
+// qlen is 0), one block per pair.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rar_mean_kernel(const T* __restrict__ E, const int* __restrict__ qlens,
-                                                            int64_t P, int64_t Lq, int64_t S, float* __restrict__ h) {
+                                                            int64_t P, int64_t Lq, int64_t S, T* __restrict__ h) {
   const int64_t pid = blockIdx.x;
   const int n = clamp_len(qlens[pid % P], Lq);
   const T* e = E + pid * Lq * S;
   for (int64_t m = threadIdx.x; m < S; m += kThreads) {
     float v = 0.f;
     for (int q = 0; q < n; ++q) v += to_f(e[q * S + m]);
-    h[pid * S + m] = n > 0 ? v / (float)n : 0.f;
+    h[pid * S + m] = from_f<T>(n > 0 ? v / (float)n : 0.f);
   }
 }
 
 // ---------------------------------------------------------------- forward: one step, GP pairs per block
 // Step t for the pairs p0 .. p0 + gp - 1 of context item b (block x = b * groups + p0 / gp,
-// groups = ceil(P / gp)); pair g's rows g * bq .. g * bq + qlen - 1 of es. gw (B, P, s) fp32:
-// each pair's g keep_g wv (the gate tanh(Wq h + bq) of every pair is one GEMM on the host).
-// Writes h_out (B, P, s) fp32: h = l2n(sum_q a[q] E[q]) (zeros for a pair without valid rows).
+// groups = ceil(P / gp)); pair g's rows g * bq .. g * bq + qlen - 1 of es. pre (B, P, s) in E's type:
+// each pair's gate pre-activation Wq_t h + bq_t (one GEMM over every pair on the host); staged here as
+// gw = tanh(pre) keep_g wv_t in fp32. Writes h_out (B, P, s) in E's type: h = l2n(sum_q a[q] E[q])
+// (zeros for a pair without valid rows), the type the next step's GEMM reads it in.
 template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r, int bq, int gp, int64_t t,
-                                                           const float* __restrict__ gw,
-                                                           float* __restrict__ h_out) {
+                                                           const T* __restrict__ pre,
+                                                           T* __restrict__ h_out) {
   constexpr int RG = 16 * MT;
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t S = r.S, P = r.P, Lq = r.Lq;
@@ -219,7 +221,13 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
   }
   for (int idx = tid; idx < gp * sk; idx += kThreads) {
     const int g = idx / sk, m = idx - g * sk;
-    gws[idx] = (g < np && m < S) ? gw[(pid0 + g) * S + m] : 0.f;
+    float v = 0.f;
+    if (g < np && m < S) {
+      const int64_t at = (pid0 + g) * S + m;
+      const float kg = r.keep_g != nullptr ? to_f(r.keep_g[at]) : 1.f;
+      v = tanhf(to_f(pre[at])) * kg * to_f(r.wv[t * S + m]);
+    }
+    gws[idx] = v;
   }
   for (int rr = tid; rr < rows; rr += kThreads) logit[rr] = 0.f;
   __syncthreads();
@@ -285,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
     }
     ss = block_sum(ss, red);   // barriers before and after
     const float rn = 1.f / (sqrtf(ss) + kEps);
-    for (int64_t m = tid; m < S; m += kThreads) h_out[(pid0 + g) * S + m] = n > 0 ? u[m] * rn : 0.f;
+    for (int64_t m = tid; m < S; m += kThreads) h_out[(pid0 + g) * S + m] = from_f<T>(n > 0 ? u[m] * rn : 0.f);
     __syncthreads();           // u is rewritten by the next pair
   }
 }

@@ -201,22 +201,25 @@ int64_t emu_attention_fwd(int dtype, int mode, const void* q, const int* qlens, 
   return used;
 }
 
-// One RAR forward step (rar_fwd_kernel as rar_cuda launches it) given gw = g keep_g wv (B, P, s)
-// fp32; h_out (B, P, s) fp32. Returns 1000 GP + MT, or 0 when the plan does not fit `limit`.
+// One RAR forward step (rar_fwd_kernel as rar_cuda launches it) given the gates' pre-activations
+// pre = h Wq_t^T + bq_t (B, P, s) in E's type (its tanh, keep_g and wv_t taken by the kernel); h_out
+// (B, P, s) in E's type. Returns 1000 GP + MT, or 0 when the plan does not fit `limit`.
 int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk, const void* bk, const void* bv,
-                     const void* keep_k, int64_t B, int64_t P, int64_t Lq, int64_t S, int64_t t, const float* gw,
-                     int64_t limit, float* h_out) {
+                     const void* wv, const void* keep_k, const void* keep_g, int64_t B, int64_t P, int64_t Lq,
+                     int64_t S, int64_t t, const void* pre, int64_t limit, void* h_out) {
   int64_t used = 0;
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const RarArgs<T> r =
-        rar_args<T>(E, qlens, nullptr, nullptr, nullptr, wk, bk, nullptr, bv, keep_k, nullptr, P, Lq, S);
+        rar_args<T>(E, qlens, nullptr, nullptr, nullptr, wk, bk, wv, bv, keep_k, keep_g, P, Lq, S);
     const RarPlan pl = choose_rar_plan((int)sizeof(T), Lq, S, P, limit);
     if (pl.gp == 0) return;
     const unsigned blocks = (unsigned)(B * ((P + pl.gp - 1) / pl.gp));
     auto go = [&](auto mt_tag) {
       constexpr int M = decltype(mt_tag)::value;
-      cuda_emu::launch(blocks, kThreads, [&] { rar_fwd_kernel<T, M>(r, pl.bq, pl.gp, t, gw, h_out); },
+      cuda_emu::launch(blocks, kThreads, [&] {
+        rar_fwd_kernel<T, M>(r, pl.bq, pl.gp, t, static_cast<const T*>(pre), static_cast<T*>(h_out));
+      },
                        (size_t)rar_step_layout((int)sizeof(T), pl.gp * pl.bq, S, M, pl.gp).total);
     };
     switch (pl.mt) {
@@ -303,11 +306,11 @@ int64_t emu_rar_bwd(int dtype, const void* grad, const void* E, const int* qlens
 }
 
 // The first h of the RAR forward: the mean of E over each pair's valid rows (rar_mean_kernel), fp32.
-void emu_rar_mean(int dtype, const void* E, const int* qlens, int64_t B, int64_t P, int64_t Lq, int64_t S, float* h) {
+void emu_rar_mean(int dtype, const void* E, const int* qlens, int64_t B, int64_t P, int64_t Lq, int64_t S, void* h) {
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cuda_emu::launch((unsigned)(B * P), kThreads,
-                     [&] { rar_mean_kernel<T>(static_cast<const T*>(E), qlens, P, Lq, S, h); });
+                     [&] { rar_mean_kernel<T>(static_cast<const T*>(E), qlens, P, Lq, S, static_cast<T*>(h)); });
   });
 }
 
