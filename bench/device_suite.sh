@@ -440,7 +440,7 @@ echo "== device_suite: $ROOT -> $OUT (DEADLINE_S $DEADLINE_S$([ "$DRY_RUN" = 1 ]
 echo "== plan: $plan"
 echo "== $rest"
 [ "$plan_ms" -gt "$DEADLINE_MS" ] && echo "== WARNING: the must stages need $(secs "$plan_ms") s, more than DEADLINE_S: later ones get less"
-: >"$BUILD_LOG"; : >"$BENCH_LOG"; : >"$PYTEST_LOG"; : >"$STATE/env.log"
+: >"$BUILD_LOG"; : >"$BENCH_LOG"; : >"$PYTEST_LOG"; : >"$PROFILE_MD"; : >"$STATE/env.log"
 if [ "$DRY_RUN" = 1 ]; then for f in $OUT_FILES; do : >>"$OUT/$f"; done; fi
 
 # every core (nproc alone would follow OMP_NUM_THREADS)

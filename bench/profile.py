@@ -7,13 +7,16 @@ which of the model's ceilings and leads hold, kernel by kernel, when a GPU is le
 For each backend: the model's shape (its inputs as ``python -m bench`` draws them: bench/shapes.py,
 bf16, the model's regulator set-up and direction) is scored once to warm up (JIT compiles, the
 allocator), once timed between CUDA events (the wall time of the call), and once under
-torch.profiler with CUDA activity only. The profiled kernels are summed into the model's launch
-rows (ROW_RULES): a kernel named like one of ours (kernels/*.py, csrc/cuda) goes to its own row;
-a cuBLAS/cuBLASLt GEMM to "library GEMMs"; anything else (ATen element-wise, copies, reductions,
-index_put) to "other". The model's launches go to the same rows by their names (model_row): its
-kernels by name, its "(cuBLAS)" lines to the GEMMs, the rest to "other" (a mixed line such as
-cuda's RAR gate, an fp32 GEMM plus element-wise ops, is counted there whole, so the GEMM and
-"other" rows of cuda split that line's time differently from the model; their sum compares).
+torch.profiler (CPU and CUDA activity: with CUDA alone some profilers have dropped kernel
+records; only the device's kernels are kept, not its copies, memsets or the GPU mirrors of CPU
+annotations). The profiled kernels are summed into the model's launch rows (ROW_RULES): a kernel
+named like one of ours (kernels/*.py, csrc/cuda) goes to its own row; a cuBLAS/cuBLASLt GEMM to
+"library GEMMs"; anything else (ATen element-wise, copies, reductions, index_put) to "other". The
+model's launches go to the same rows by their names (model_row): its kernels by name, its lines
+marked "(cuBLAS)" to the GEMMs, the rest to "other". A line the model books whole that mixes both
+(torch's "projection (cuBLAS) + l2n" goes to the GEMMs, "rar (cuBLAS + element-wise)" to "other",
+the fused backends' "sim_eval + scores (torch)", a small GEMM among element-wise ops, to "other")
+splits differently between those two rows than the profiler's kernels do; their sum compares.
 
 A row prints launches measured and predicted, the summed kernel time and the model's time (work
 over its ceiling; the model's 5 us per launch is not in it, since the profiler's kernel times
@@ -76,10 +79,12 @@ def model_row(launch: str) -> str:
 
 def kernel_events(prof) -> List[Tuple[str, float]]:
     """(name, device microseconds) of every kernel a torch.profiler run recorded on a CUDA
-    device (CUPTI's kernel records: their time range is the kernel's time on the device)."""
+    device (CUPTI's kernel records: their time range is the kernel's time on the device); not
+    the device's copies and memsets, nor the GPU-side mirrors of CPU annotations."""
     from torch.autograd import DeviceType
     return [(e.name, float(e.time_range.elapsed_us())) for e in prof.events()
-            if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and not e.name.startswith(("Memcpy", "Memset"))]
 
 
 def measured_rows(events: Iterable[Tuple[str, float]]) -> Dict[str, Tuple[int, float]]:
@@ -170,7 +175,7 @@ def profile_backend(shape_name: str, backend: str, device: str = "cuda") -> List
     end.record()
     torch.cuda.synchronize()
     wall = start.elapsed_time(end) / 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
     book = model(backend, shape)

@@ -324,8 +324,10 @@ def _rar_bwd_kernel(
     dgp = dL/d(Wq h + bq) and dwv[n] = sum_q dlogit[q] K[q, n] g[n] (B, P, s). The products
     with the shared weights (dE += dKp Wk, dh = dgp Wq, and the weight gradients) are GEMMs over
     these, outside: accumulating dE (LQ x s fp32) and dh here kept a second LQ x s tile alive
-    beside E and spilled (bench/results/resources.md). Two passes over the s columns of K: the
-    forward's logits, then the gradients, K and g recomputed chunk by chunk."""
+    beside E and spilled (bench/results/resources.md). BN-column chunks of s, in passes: the
+    forward's logits (K and g chunk by chunk); |u| and u . go, then du, da = E du and dE's direct
+    term (E's columns read from memory in fp32: a BQ x s fp32 copy of E held beside it spilled
+    under triton 3.6); then the gradients, K and g recomputed."""
     b, p, qlen, rq, rs, qmask, smask, e_base, E = _rar_pair(e_ptr, qlen_ptr, P, S_DIM, se_b, se_p, se_l, se_s,
                                                             IEEE, BQ, BS)
     mk_base = mk_ptr + b * smk_b + p * smk_p + rq[:, None] * smk_l

@@ -109,9 +109,11 @@ def test_kernel_events_keep_device_kernels_only():
 
     def ev(name, dev, us):
         return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(elapsed_us=lambda: us))
+    annotation = ev("rcar_fast::triton_rar", DeviceType.CUDA, 40)
+    annotation.is_user_annotation = True
     prof = SimpleNamespace(events=lambda: [ev("_rar_fwd_kernel", DeviceType.CUDA, 12), ev("aten::mm", DeviceType.CPU, 99),
                                            ev("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA, 5),
-                                           ev("Memset (Device)", DeviceType.CUDA, 1)])
+                                           ev("Memset (Device)", DeviceType.CUDA, 1), annotation])
     assert profile.kernel_events(prof) == [("_rar_fwd_kernel", 12.0)]
 
 

@@ -1,7 +1,7 @@
 // CUDA implementation of rcar_fast::rar and rcar_fast::rar_bwd (csrc/README.md).
 //
 // rar: per step, the gates' pre-activations h Wq^T + bq of every pair as one GEMM in E's dtype (cuBLAS,
-// fp32 accumulation, rounded as torch's Linear rounds them; h starts as the mean of E over the valid rows,
+// its output rounded as torch's Linear rounds it; h starts as the mean of E over the valid rows,
 // rar_mean_kernel), then rar_fwd_kernel with GP pairs of one context item per block (plan.h
 // choose_rar_plan): the gates' tanh, keep_g and wv in fp32 as it stages them, E in shared memory (input
 // dtype), K = tanh(E Wk^T + bk) by the block GEMM (tensor cores for fp16/bf16, fp32 FMAs for fp32) over all
