@@ -183,17 +183,14 @@ def profile_backend(shape_name: str, backend: str, device: str = "cuda") -> List
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .roofline import MODELS, SHAPES
+    from .roofline import SHAPES, backends_arg
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="flickr30k", choices=sorted(s for s, v in SHAPES.items() if not v.training))
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--out", help="also append the table to this file")
     a = ap.parse_args(argv)
-    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    bad = [b for b in backends if b not in MODELS]
-    if bad:
-        print(f"python -m bench.profile: --backends: unknown {', '.join(bad)} (known: {', '.join(MODELS)})",
-              file=sys.stderr)
+    backends = backends_arg(a.backends, "python -m bench.profile")
+    if backends is None:
         return 2
     import torch
     if not torch.cuda.is_available():

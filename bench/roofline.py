@@ -664,6 +664,17 @@ def write(shapes, backends) -> None:
         f.write("\n")
 
 
+def backends_arg(text: str, prog: str):
+    """The backends a --backends value names, or None after saying on stderr which are not
+    modelled (the caller exits 2)."""
+    backends = [b.strip() for b in text.split(",") if b.strip()]
+    bad = [b for b in backends if b not in MODELS]
+    if bad:
+        print(f"{prog}: --backends: unknown {', '.join(bad)} (known: {', '.join(MODELS)})", file=sys.stderr)
+        return None
+    return backends
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.roofline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", action="append", choices=sorted(SHAPES), help="default: every shape")
@@ -682,11 +693,8 @@ def main(argv=None) -> int:
         print("\n".join(lines) if lines else "(no bf16 GPU row of a modelled shape)")
         return 0
     shapes = a.shape or list(SHAPES)
-    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    bad = [b for b in backends if b not in MODELS]
-    if bad:
-        print(f"python -m bench.roofline: --backends: unknown {', '.join(bad)} (known: {', '.join(MODELS)})",
-              file=sys.stderr)
+    backends = backends_arg(a.backends, "python -m bench.roofline")
+    if backends is None:
         return 2
     if a.write:
         write(shapes, backends)

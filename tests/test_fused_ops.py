@@ -136,6 +136,16 @@ def _rar_sample(dtype, seed, T, dropout, h_given, B=2, P=3, Lq=5, s=7, qlens=Non
             for x in (E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)]
 
 
+def rar_in_one_call_and_in_step_calls(rar, args):
+    """(rar over every stacked module of args in one call, the same as one call per module, each
+    given the last one's h), args as _rar_sample returns them (no dropout masks)."""
+    E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = args
+    h = h0
+    for t in range(wq.shape[0]):
+        h = rar(E, ql, h, wq[t:t + 1], bq[t:t + 1], wk[t:t + 1], bk[t:t + 1], wv[t:t + 1], bv[t:t + 1], kk, kg)
+    return rar(*args), h
+
+
 def _mixed_lengths(n, Lq, seed):
     """n query lengths in 1..Lq, seeded, with a full one first and a one-row one in the middle."""
     lens = torch.randint(1, Lq + 1, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -391,18 +401,12 @@ def test_triton_rar_steps_in_one_call_equal_one_step_calls():
     each gate's pre-activation h Wq^T + bq in that dtype. Also against the reference."""
     if "triton" not in BACKENDS:
         pytest.skip("the Triton backend is not available here")
-    rar = _ops("triton")[2]
-    E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = _rar_sample(torch.float16, seed=21, T=3, dropout=False,
-                                                            h_given=False, P=11, Lq=5,
-                                                            qlens=_mixed_lengths(11, 5, 5))
-    whole = rar(E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)
-    h = None
-    for t in range(3):
-        h = rar(E, ql, h, wq[t:t + 1], bq[t:t + 1], wk[t:t + 1], bk[t:t + 1], wv[t:t + 1], bv[t:t + 1], kk, kg)
+    args = _rar_sample(torch.float16, seed=21, T=3, dropout=False, h_given=False, P=11, Lq=5,
+                       qlens=_mixed_lengths(11, 5, 5))
+    whole, h = rar_in_one_call_and_in_step_calls(_ops("triton")[2], args)
     assert whole.dtype == torch.float16
     torch.testing.assert_close(whole, h, rtol=0, atol=0)
-    up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a
-          for a in (E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)]
+    up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
     torch.testing.assert_close(whole.double(), ref_rar(*up), rtol=1e-2, atol=2e-3)
 
 
