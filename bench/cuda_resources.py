@@ -186,6 +186,7 @@ def plan_shared(chips):
                     keys.append((cc, "attention_bwd_kernel<{T}, %d>" % mode, tname, shape, None))
                 keys.append((cc, "l2n_bwd_rows_kernel<{T}>", tname, shape, 0))
             keys.append((cc, "rcr_factors_kernel<{T}>", tname, f"rows x d={1024}", 0))
+            keys.append((cc, "rcr_smooth_kernel<{T}>", tname, f"rows x s/2={S_DIM // 2}", 0))
             keys.append((cc, "rar_mean_kernel<{T}>", tname, f"s={S_DIM}", 0))
             for Lq in RAR_LQ:
                 queries.append(f"rarfwd {elem} {Lq} {S_DIM} {TC_PAIRS} {limit}")

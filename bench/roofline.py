@@ -215,19 +215,19 @@ def rcr_recomputed_backward(book: Book, B: int, P: int, Lq: int, has_f: bool, ke
 
 
 def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "cuda") -> None:
-    """The fused RCR step for inference of the cuda backend (csrc/cuda/rcr.cu): cuBLAS GEMMs,
-    tanh of the hidden layers and the temperatures in ATen, and one kernel for the d-wide chain
+    """The fused RCR step for inference of the cuda backend (csrc/cuda/rcr.cu): cuBLAS GEMMs (E W1^T,
+    tanh(.) W2^T, E ws1^T), the hidden layer's tanh_ in ATen, one kernel for the d-wide chain
     clamp(tanh(M) + F, -1, 1) over the GEMM's output (one read of M, of F_old where there is one,
-    one write)."""
+    one write) and one for the temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam) (a warp per
+    row: one read of the s/2-wide layer, lam read and written)."""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
-    book.add(f"rcr ({backend}): E W1^T, W2 tanh(.), smooth MLP (cuBLAS)", count=4,
-             tc=2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2 + 2 * N * s // 2,
-             hbm=N * s * e * 2 + N * 2 * s * e * 2 + N * d * e + N * s // 2 * e * 2, l2=N * d * e * 2)
-    # two tanh_; the temperatures' add, relu and the mask of valid rows (arange, compare, fill or
-    # where, casts): 8 launches in rcr.cu
-    book.add(f"rcr ({backend}): tanh of the hidden layers, temperatures (torch)", count=8,
-             simt=N * (2 * s + s // 2) * 8, hbm=N * 2 * s * e * 2 + N * s // 2 * e * 2 + N * 4 * 4 * 2)
+    book.add(f"rcr ({backend}): E W1^T, W2 tanh(.), E ws1^T (cuBLAS)", count=3,
+             tc=2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2,
+             hbm=N * s * e * 2 + N * 2 * s * e * 2 + N * d * e + N * s // 2 * e, l2=N * d * e * 2)
+    book.add(f"rcr ({backend}): tanh of the hidden layer (ATen)", count=1, simt=N * 2 * s * 8,
+             hbm=N * 2 * s * e * 2)
+    book.add("rcr_smooth_kernel", count=1, simt=N * (s // 2) * 10, hbm=N * (s // 2) * e + N * e * 2 + P * 4)
     book.add("rcr_factors_kernel", count=1,
              simt=N * d * 10, hbm=N * d * e * (3 if has_f else 2) + P * 4)
 

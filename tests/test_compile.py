@@ -282,7 +282,7 @@ def test_every_row_is_keyed_by_the_current_tree(report, request):
 
 CUDA_KERNELS = {"gram_kernel", "attention_fwd_kernel", "attention_fwd_tc_kernel", "attention_bwd_kernel",
                 "l2n_bwd_rows_kernel", "rar_mean_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
-                "rcr_factors_kernel"}
+                "rcr_factors_kernel", "rcr_smooth_kernel"}
 #: kernels with fp16/bf16 instances only (fp32 runs attention_fwd_kernel's exact SIMT products)
 HALF_ONLY = {"attention_fwd_tc_kernel"}
 

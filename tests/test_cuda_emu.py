@@ -86,6 +86,8 @@ def build_emu(folder: str):
     so.emu_rar_bwd.restype = _I64
     so.emu_rar_mean.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _I64, _VP]
     so.emu_rcr_factors.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint]
+    so.emu_rcr_smooth.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint,
+                                  _VP]
     so.emu_last_error.restype = ctypes.c_char_p
     so.emu_selftest.argtypes = [ctypes.c_int, _VP]
     so.emu_set_reverse.argtypes = [ctypes.c_int]
@@ -485,3 +487,30 @@ def test_rcr_factors(emu, has_f, dtype):
     out = m.clone()
     emu.emu_rcr_factors(DTYPES[dtype], _ptr(out), _ptr(f), _ptr(ql), B * P * Lq, P, Lq, D, 4)
     torch.testing.assert_close(out.double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("has_lam", [False, True], ids=["scalar", "lam"])
+def test_rcr_smooth(emu, has_lam, dtype):
+    """rcr_smooth_kernel over (B = 2, P = 3, Lq = 5) rows x s/2 = 70 columns on a grid of 2
+    blocks (8 rows each, grid-stride): relu(ws2 . tanh(hs) + bs2 + lam), zero at padded rows
+    whatever hs and lam hold there (NaN), the scalar lam where none is given."""
+    B, P, Lq, H2 = 2, 3, 5, 70
+    g = torch.Generator().manual_seed(5)
+    ql = torch.tensor([5, 1, 3], dtype=torch.int32)
+    hs = (torch.randn(B, P, Lq, H2, generator=g) * 2).to(dtype)
+    ws2 = (torch.randn(H2, generator=g) * 0.3).to(dtype)
+    bs2 = torch.randn(1, generator=g).to(dtype)
+    lam = (torch.rand(B, P, Lq, generator=g) * 4 - 3).to(dtype) if has_lam else None
+    valid = (torch.arange(Lq)[None, :] < ql[:, None].long())[None].expand(B, P, Lq)
+    hs[~valid] = float("nan")
+    if lam is not None:
+        lam[~valid] = float("nan")
+    old = lam.double() if lam is not None else -0.5
+    want = torch.where(valid, torch.relu(torch.tanh(hs.double()) @ ws2.double() + bs2.double() + old), 0.0)
+    out = torch.full((B, P, Lq), float("nan"), dtype=dtype)
+    emu.emu_rcr_smooth(DTYPES[dtype], _ptr(hs), _ptr(ws2), _ptr(bs2), _ptr(lam), -0.5, _ptr(ql), B * P * Lq, P, Lq,
+                       H2, 2, _ptr(out))
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    assert (want[valid] > 0).any() and (want[valid] == 0).any()     # both sides of the relu

@@ -5,13 +5,15 @@
 //   F      = clamp(tanh(M) + F_old, -1, 1)   rcr_factors_kernel, in place over M: one read of M and
 //                                            of F_old, one write (torch's tanh_, add_, clamp_: three
 //                                            passes over the d-wide rows)
-//   lam    = relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam_old)   ATen, one column
+//   hs     = E ws1^T + bs1                   cuBLAS
+//   lam    = relu(ws2 tanh(hs) + bs2 + lam_old)   rcr_smooth_kernel: a warp per row, fp32, one rounding
+//                                            (was tanh_, a GEMV, add, relu and a mask in ATen)
 //
 // F_old is all ones where factors is None. Rows at or past a pair's query length are zero in F
 // and lam whatever E, factors and lam hold there (selection: the kernel never reads F_old there).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -43,23 +45,30 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
   const int64_t rows = B * P * Lq;
   const Tensor x = E.reshape({rows, S});
   Tensor F = at::addmm(b2, at::addmm(b1, x, w1.t()).tanh_(), w2.t());   // (rows, D), contiguous
-  if (F.numel() > 0) {
+  Tensor lam_new = at::empty({B, P, Lq}, E.options());
+  if (rows > 0) {
     const Tensor ql = qlens.contiguous();
-    const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, int64_t(1) << 20));
     cudaStream_t stream = current_stream();
+    const Tensor hs = at::addmm(bs1, x, ws1.t());                          // (rows, s/2), contiguous
+    const Tensor ws2c = ws2.contiguous(), bs2c = bs2.contiguous();
+    const Tensor lam_old = lam ? lam->reshape({rows}).contiguous() : Tensor();
+    const int64_t H2 = ws1.size(0);
     dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      rcr_factors_kernel<T><<<grid, kThreads, 0, stream>>>(mut_ptr<T>(F), f_old.defined() ? ptr<T>(f_old) : nullptr,
-                                                           ql.data_ptr<int>(), rows, P, Lq, D);
+      if (F.numel() > 0) {
+        const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
+        const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, int64_t(1) << 20));
+        rcr_factors_kernel<T><<<grid, kThreads, 0, stream>>>(mut_ptr<T>(F), f_old.defined() ? ptr<T>(f_old) : nullptr,
+                                                             ql.data_ptr<int>(), rows, P, Lq, D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      const unsigned sgrid = static_cast<unsigned>(std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t(1) << 20));
+      rcr_smooth_kernel<T><<<sgrid, kThreads, 0, stream>>>(
+          ptr<T>(hs), ptr<T>(ws2c), ptr<T>(bs2c), lam_old.defined() ? ptr<T>(lam_old) : nullptr,
+          static_cast<float>(lam_scalar), ql.data_ptr<int>(), rows, P, Lq, H2, mut_ptr<T>(lam_new));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  Tensor smooth = at::addmm(bs2, at::addmm(bs1, x, ws1.t()).tanh_(), ws2.t()).view({B, P, Lq});
-  smooth = lam ? smooth.add(*lam) : smooth.add(lam_scalar);
-  const Tensor pos = at::arange(Lq, qlens.options().dtype(at::kLong));
-  const Tensor past = pos.unsqueeze(0).ge(qlens.to(at::kLong).unsqueeze(1));   // (P, Lq): at or past the length
-  Tensor lam_new = smooth.relu_().masked_fill_(past, 0);
   return std::make_tuple(F.view({B, P, Lq, D}), lam_new);
 }
 

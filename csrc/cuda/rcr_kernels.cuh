@@ -1,5 +1,5 @@
-// The kernel of the rcr op's CUDA implementation (rcr.cu): RCR's d-wide element-wise chain over
-// the output of its second GEMM (csrc/README.md, `rcr`).
+// The kernels of the rcr op's CUDA implementation (rcr.cu): RCR's d-wide element-wise chain over
+// the output of its second GEMM, and the temperatures over the smooth MLP's first (csrc/README.md, `rcr`).
 #pragma once
 
 #include "common.cuh"
@@ -23,6 +23,34 @@ __global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m
       float v = 0.f;
       if (valid) v = fminf(fmaxf(tanhf(to_f(mr[c])) + (fr != nullptr ? to_f(fr[c]) : 1.f), -1.f), 1.f);
       mr[c] = from_f<T>(v);
+    }
+  }
+}
+
+// The new temperatures lam = relu(ws2 . tanh(hs) + bs2 + lam_old) of every row, summed in fp32 and
+// rounded once; hs = E ws1^T + bs1 (rows x H2, contiguous: the host's GEMM), lam_old (rows) or
+// nullptr (lam_scalar for every row). Zero at or past a row's query length, where neither hs nor
+// lam_old is read. A warp per row (grid-stride over rows), lanes over the H2 columns.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rcr_smooth_kernel(const T* __restrict__ hs, const T* __restrict__ ws2,
+                                                              const T* __restrict__ bs2, const T* __restrict__ lam_old,
+                                                              float lam_scalar, const int* __restrict__ qlens,
+                                                              int64_t rows, int64_t P, int64_t Lq, int64_t H2,
+                                                              T* __restrict__ lam) {
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = (int64_t)gridDim.x * kWarps;
+  for (int64_t r = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5); r < rows; r += stride) {
+    const int64_t q = r % Lq, p = (r / Lq) % P;
+    if (q >= (int64_t)clamp_len(qlens[p], Lq)) {
+      if (lane == 0) lam[r] = from_f<T>(0.f);
+      continue;
+    }
+    float acc = 0.f;
+    for (int64_t j = lane; j < H2; j += 32) acc = fmaf(tanhf(to_f(hs[r * H2 + j])), to_f(ws2[j]), acc);
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      const float old = lam_old != nullptr ? to_f(lam_old[r]) : lam_scalar;
+      lam[r] = from_f<T>(fmaxf(acc + to_f(bs2[0]) + old, 0.f));
     }
   }
 }

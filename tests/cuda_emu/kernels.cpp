@@ -325,4 +325,18 @@ void emu_rcr_factors(int dtype, void* m, const void* f_old, const int* qlens, in
   });
 }
 
+// lam = relu(ws2 . tanh(hs) + bs2 + lam_old), zero past a query length (rcr_smooth_kernel), on a
+// grid of `grid` blocks of kWarps rows each (grid-stride over rows).
+void emu_rcr_smooth(int dtype, const void* hs, const void* ws2, const void* bs2, const void* lam_old,
+                    float lam_scalar, const int* qlens, int64_t rows, int64_t P, int64_t Lq, int64_t H2,
+                    unsigned grid, void* lam) {
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    cuda_emu::launch(grid, kThreads, [&] {
+      rcr_smooth_kernel<T>(static_cast<const T*>(hs), static_cast<const T*>(ws2), static_cast<const T*>(bs2),
+                           static_cast<const T*>(lam_old), lam_scalar, qlens, rows, P, Lq, H2, static_cast<T*>(lam));
+    });
+  });
+}
+
 }  // extern "C"
