@@ -494,7 +494,8 @@ def test_rcr_factors(emu, has_f, dtype):
 def test_rcr_smooth(emu, has_lam, dtype):
     """rcr_smooth_kernel over (B = 2, P = 3, Lq = 5) rows x s/2 = 70 columns on a grid of 2
     blocks (8 rows each, grid-stride): relu(ws2 . tanh(hs) + bs2 + lam), zero at padded rows
-    whatever hs and lam hold there (NaN), the scalar lam where none is given."""
+    whatever hs and lam hold there (NaN), the scalar lam where none is given; a NaN in a valid
+    row's input comes out NaN, as from torch's step (no silent zero)."""
     B, P, Lq, H2 = 2, 3, 5, 70
     g = torch.Generator().manual_seed(5)
     ql = torch.tensor([5, 1, 3], dtype=torch.int32)
@@ -506,11 +507,12 @@ def test_rcr_smooth(emu, has_lam, dtype):
     hs[~valid] = float("nan")
     if lam is not None:
         lam[~valid] = float("nan")
+    hs[1, 0, 2, 7] = float("nan")                   # a valid row's input
     old = lam.double() if lam is not None else -0.5
     want = torch.where(valid, torch.relu(torch.tanh(hs.double()) @ ws2.double() + bs2.double() + old), 0.0)
     out = torch.full((B, P, Lq), float("nan"), dtype=dtype)
     emu.emu_rcr_smooth(DTYPES[dtype], _ptr(hs), _ptr(ws2), _ptr(bs2), _ptr(lam), -0.5, _ptr(ql), B * P * Lq, P, Lq,
                        H2, 2, _ptr(out))
-    assert not torch.isnan(out).any()
-    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    assert torch.isnan(want[1, 0, 2]) and torch.isnan(out).sum() == 1
+    torch.testing.assert_close(out.double(), want, equal_nan=True, **TOL[dtype])
     assert (want[valid] > 0).any() and (want[valid] == 0).any()     # both sides of the relu

@@ -50,7 +50,8 @@ __global__ void __launch_bounds__(kThreads) rcr_smooth_kernel(const T* __restric
     acc = warp_sum(acc);
     if (lane == 0) {
       const float old = lam_old != nullptr ? to_f(lam_old[r]) : lam_scalar;
-      lam[r] = from_f<T>(fmaxf(acc + to_f(bs2[0]) + old, 0.f));
+      const float v = acc + to_f(bs2[0]) + old;
+      lam[r] = from_f<T>(v < 0.f ? 0.f : v);   // relu that keeps a NaN (fmaxf would drop it), as torch's
     }
   }
 }
