@@ -341,15 +341,16 @@ def _rar_bwd_kernel(
     # chunks of E read from memory in fp32 (u's chunks summed twice): a whole BQ x s fp32 tile
     # held beside E spilled with triton 3.6 (BQ 64 with dropout; bench/results/resources_triton36.md)
     out_row = (b * P + p) * LQ
+    go_base = g_ptr + b * sg_b + p * sg_p
     nu2 = 0.0
     ug = 0.0
     for n0 in range(0, S_DIM, BN):
         rn = n0 + tl.arange(0, BN)
-        Ec = tl.load(e_base + rn[None, :] * se_s, mask=qmask[:, None] & (rn < S_DIM)[None, :], other=0.0)
-        uc = tl.sum(a[:, None] * Ec.to(tl.float32), axis=0)
+        nm = rn < S_DIM
+        Ec = tl.load(e_base + rn[None, :] * se_s, mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
+        uc = tl.sum(a[:, None] * Ec, axis=0)
         nu2 += tl.sum(uc * uc, axis=0)
-        ug += tl.sum(uc * tl.load(g_ptr + b * sg_b + p * sg_p + rn * sg_s, mask=rn < S_DIM, other=0.0).to(tl.float32),
-                     axis=0)
+        ug += tl.sum(uc * tl.load(go_base + rn * sg_s, mask=nm, other=0.0).to(tl.float32), axis=0)
     nu = tl.sqrt(nu2)
     coef = tl.where(nu > 0, ug / (tl.maximum(nu, 1e-30) * (nu + EPS) * (nu + EPS)), 0.0)
     da = tl.zeros(qmask.shape, dtype=tl.float32)
@@ -358,7 +359,7 @@ def _rar_bwd_kernel(
         nm = rn < S_DIM
         Ec = tl.load(e_base + rn[None, :] * se_s, mask=qmask[:, None] & nm[None, :], other=0.0).to(tl.float32)
         uc = tl.sum(a[:, None] * Ec, axis=0)
-        du = tl.load(g_ptr + b * sg_b + p * sg_p + rn * sg_s, mask=nm, other=0.0).to(tl.float32) / (nu + EPS) - uc * coef
+        du = tl.load(go_base + rn * sg_s, mask=nm, other=0.0).to(tl.float32) / (nu + EPS) - uc * coef
         da += tl.sum(Ec * du[None, :], axis=1)
         tl.store(de_ptr + (out_row + rq[:, None]) * S_DIM + rn[None, :],
                  tl.where(qmask[:, None], a[:, None] * du[None, :], 0.0), mask=(rq[:, None] < LQ) & nm[None, :])

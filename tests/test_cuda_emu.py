@@ -22,7 +22,8 @@ import subprocess
 import pytest
 import torch
 
-from test_fused_ops import _mixed_lengths, _rar_sample, _sample, ref_attention, ref_rar
+from test_fused_ops import (RAR_STEPS_TOL, _mixed_lengths, _rar_sample, _sample, rar_in_one_call_and_in_step_calls,
+                            ref_attention, ref_rar)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
@@ -399,17 +400,11 @@ def test_rar_steps_in_one_call_equal_one_step_calls(emu, dtype):
     to the reference."""
     args = _rar_sample(dtype, seed=21, T=3, dropout=False, h_given=False, P=11, Lq=5, s=32,
                        qlens=_mixed_lengths(11, 5, 5))
-    whole, _ = emu_rar(emu, args)
-    h = None
-    for t in range(3):
-        step = list(args)
-        step[2] = h
-        step[3:9] = [w[t:t + 1] for w in args[3:9]]
-        h, _ = emu_rar(emu, step)
+    whole, h = rar_in_one_call_and_in_step_calls(lambda *a: emu_rar(emu, a)[0], args)
     assert whole.dtype == dtype
     torch.testing.assert_close(whole, h, rtol=0, atol=0)
     up = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    torch.testing.assert_close(whole.double(), ref_rar(*up), rtol=5e-2, atol=2e-2)
+    torch.testing.assert_close(whole.double(), ref_rar(*up), **RAR_STEPS_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

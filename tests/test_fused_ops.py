@@ -136,6 +136,11 @@ def _rar_sample(dtype, seed, T, dropout, h_given, B=2, P=3, Lq=5, s=7, qlens=Non
             for x in (E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg)]
 
 
+#: fp64 reference against T = 3 RAR steps in half precision (rar_in_one_call_and_in_step_calls'
+#: tests): measured on the CUDA emulation, max abs error fp16 1.8e-4, bf16 1.7e-3
+RAR_STEPS_TOL = {torch.float16: dict(rtol=1e-2, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=1e-2)}
+
+
 def rar_in_one_call_and_in_step_calls(rar, args):
     """(rar over every stacked module of args in one call, the same as one call per module, each
     given the last one's h), args as _rar_sample returns them (no dropout masks)."""
@@ -407,7 +412,7 @@ def test_triton_rar_steps_in_one_call_equal_one_step_calls():
     assert whole.dtype == torch.float16
     torch.testing.assert_close(whole, h, rtol=0, atol=0)
     up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
-    torch.testing.assert_close(whole.double(), ref_rar(*up), rtol=1e-2, atol=2e-3)
+    torch.testing.assert_close(whole.double(), ref_rar(*up), **RAR_STEPS_TOL[torch.float16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
