@@ -36,8 +36,9 @@
 #   compile       150  3  torch+compile on the 100 x 100 headline
 #   summary         6  1  summary.md (full table, all rows) and the short table
 # The stages down to pytest_triton get their caps whatever happens: their caps and kill graces,
-# the summary's and 3 s of start-up add up to at most DEADLINE_S. Each may take up to twice its
-# cap when earlier stages left time over; the others take what is left. All caps scale with
+# the summary's, 3 s of start-up and 1 s for the tables at the end add up to at most DEADLINE_S
+# (counted from the script's first step). Each may take up to twice its cap when earlier stages
+# left time over; the others take what is left. All caps but the end's 1 s scale with
 # DEADLINE_S / 300. Python stages get SIGINT (pytest prints its summary, python a traceback of
 # where it was), then SIGKILL after the grace. It prints, LAST: the stage table (name, cap,
 # seconds used, exit status) and the short table of the benchmark rows, with the rows that
@@ -58,6 +59,7 @@
 # SIGINT/SIGTERM, so only the kill after the grace ends them), DRY_FAIL=stage,... (exit 1),
 # DRY_COMPUTE_CAP (9.0). tests/test_device_suite.py runs it so.
 set -u
+T0_US=${EPOCHREALTIME//[!0-9]/}    # the deadline counts from here, the script's first step
 case "${1:-}" in -h|--help) sed -n '2,/^set -u$/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -254,7 +256,7 @@ case "${1:-}" in
 esac
 
 # --------------------------------------------------------------------- the plan
-START_MS=$(now_ms)
+START_MS=$(( T0_US / 1000 ))
 DEADLINE_MS=$(( DEADLINE_S * 1000 ))
 STATE=$(mktemp -d)
 trap 'rm -rf "$STATE"' EXIT
@@ -265,6 +267,7 @@ CUDA_OK=1           # the cuda backend imports (the build stage says)
 scaled() { local v=$(( ($1 * 1000 * DEADLINE_S / 300 + 50) / 100 * 100 )); [ "$v" -lt 100 ] && v=100; echo "$v"; }
 START_RESERVE=$(scaled 3)           # before the first stage
 SUMMARY_CAP=$(scaled 6); SUMMARY_GRACE=$(scaled 1)
+END_RESERVE=1000    # after the summary: the tables and the exit (forks: not scaled with DEADLINE_S)
 REST_MIN=$(scaled 20)               # an as-time-allows stage with less left is skipped
 MUST_MIN=$(scaled 2)
 
@@ -304,15 +307,16 @@ selected() {   # ONLY=glob,glob picks stages; env, build and the summary always 
 needs_cuda() { case $1 in *_cuda) return 0 ;; esac; return 1; }
 will_run() { selected "$1" && { [ "$CUDA_OK" = 1 ] || ! needs_cuda "$1"; }; }
 
-# the must stages' caps, graces, the summary and start-up must fit the deadline
-plan_ms=$(( START_RESERVE + SUMMARY_CAP + SUMMARY_GRACE ))
+# the must stages' caps, graces, the summary, start-up and the end must fit the deadline
+plan_ms=$(( START_RESERVE + SUMMARY_CAP + SUMMARY_GRACE + END_RESERVE ))
 plan="start $(secs "$START_RESERVE")"
 for i in "${!S_NAME[@]}"; do
     [ "${S_KIND[$i]}" = must ] && selected "${S_NAME[$i]}" || continue
     plan_ms=$(( plan_ms + S_CAP[i] + S_GRACE[i] ))
     plan+=" + ${S_NAME[$i]} $(secs "${S_CAP[$i]}")+$(secs "${S_GRACE[$i]}")"
 done
-plan+=" + summary $(secs "$SUMMARY_CAP")+$(secs "$SUMMARY_GRACE") = $(secs "$plan_ms") s of DEADLINE_S $DEADLINE_S"
+plan+=" + summary $(secs "$SUMMARY_CAP")+$(secs "$SUMMARY_GRACE") + end $(secs "$END_RESERVE")"
+plan+=" = $(secs "$plan_ms") s of DEADLINE_S $DEADLINE_S"
 rest="as time allows:"
 for i in "${!S_NAME[@]}"; do
     [ "${S_KIND[$i]}" = rest ] && selected "${S_NAME[$i]}" && rest+=" ${S_NAME[$i]} $(secs "${S_CAP[$i]}")"
@@ -331,7 +335,7 @@ record() {   # record NAME KIND START_MS CAP_MS GRACE_MS USED_MS RC NOTE
 effective_cap() {   # the cap of stage $1 now: its share of what is left before the deadline
     local i=$1 j left reserve cap
     left=$(( DEADLINE_MS - $(elapsed_ms) ))
-    reserve=$(( SUMMARY_CAP + SUMMARY_GRACE ))
+    reserve=$(( SUMMARY_CAP + SUMMARY_GRACE + END_RESERVE ))
     if [ "${S_KIND[$i]}" = must ]; then
         for (( j = i + 1; j < ${#S_NAME[@]}; j++ )); do
             [ "${S_KIND[$j]}" = must ] && will_run "${S_NAME[$j]}" && reserve=$(( reserve + S_CAP[j] + S_GRACE[j] ))
@@ -513,7 +517,7 @@ for i in "${!S_NAME[@]}"; do
 done
 
 # --------------------------------------------------------------------- summary, tables last
-left=$(( DEADLINE_MS - $(elapsed_ms) - SUMMARY_GRACE ))
+left=$(( DEADLINE_MS - $(elapsed_ms) - SUMMARY_GRACE - END_RESERVE ))
 cap=$SUMMARY_CAP; [ "$left" -lt "$cap" ] && cap=$(( left > 100 ? left / 100 * 100 : 100 ))
 stage_cmd summary "$cap"
 run_stage summary final "$cap" "$SUMMARY_GRACE" TERM "$BENCH_LOG"

@@ -165,4 +165,9 @@ MUTANTS = [
          file="bench/profile.py", old='            and not e.name.startswith(("Memcpy", "Memset"))]',
          new="            and True]",
          tests=["tests/test_profile.py::test_kernel_events_keep_device_kernels_only"]),
+    # bench/device_suite.sh: the deadline
+    dict(name="device suite: as-time-allows stages run into the second left for the tables",
+         file="bench/device_suite.sh", old="    reserve=$(( SUMMARY_CAP + SUMMARY_GRACE + END_RESERVE ))",
+         new="    reserve=$(( SUMMARY_CAP + SUMMARY_GRACE ))",
+         tests=["tests/test_device_suite.py::test_hung_stages_are_cut_and_the_rest_runs_inside_the_deadline"]),
 ]
