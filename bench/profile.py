@@ -15,7 +15,8 @@ named like one of ours (kernels/*.py, csrc/cuda) goes to its own row; a cuBLAS/c
 model's launches go to the same rows by their names (model_row): its kernels by name, its lines
 marked "(cuBLAS)" to the GEMMs, the rest to "other". A line the model books whole that mixes both
 (torch's "projection (cuBLAS) + l2n" goes to the GEMMs, "rar (cuBLAS + element-wise)" to "other",
-the fused backends' "sim_eval + scores (torch)", a small GEMM among element-wise ops, to "other")
+the pipeline's "block sources, scores and their write (torch)", a small GEMM among element-wise
+ops, to "other")
 splits differently between those two rows than the profiler's kernels do; their sum compares.
 
 A row prints launches measured and predicted, the summed kernel time and the model's time (work

@@ -35,8 +35,9 @@ estimates, not measured): 67 TFLOP/s fp32 SIMT, 10 TB/s L2, 33 TB/s shared memor
 
 What it models is the code as it is (kernels/, csrc/cuda/, the pipeline): block planning through
 rcar_fast.block_plan with each backend's GPU budget and buffer counts, one launch per op per
-block and step, the torch backend's element-wise passes, RCR at inference as two GEMM kernels
-with fused epilogues for triton and as cuBLAS GEMMs plus one element-wise kernel for cuda
+block and step, the pipeline's own torch ops per block and per call (PIPELINE_BLOCK_OPS,
+PIPELINE_CALL_OPS: counted on CPU by tests/test_roofline.py), the torch backend's
+element-wise passes, RCR at inference as two GEMM kernels with fused epilogues for triton and as cuBLAS GEMMs plus one element-wise kernel for cuda
 (torch's step under autograd).
 """
 
@@ -154,6 +155,48 @@ def _blocks(shape: Shape, live_buffers: int, budget: int):
 def _rows(shape: Shape, Lg: int):
     """(Lq, Lc): query and context rows of a pair whose caption has Lg words."""
     return (Lg, R) if shape.attn_type == "t2i" else (R, Lg)
+
+
+# ----------------------------------------------------------------------------- the pipeline's own ops
+
+#: the pipeline's own torch ops at inference (rcar_fast/pipeline.py), each a launch on a GPU;
+#: tests/test_roofline.py counts them on CPU tensors. Per block: the captions' and the lengths'
+#: index_select, the scores' cast to float32, addmm and sigmoid, and their write into the output
+#: (index_put). Per call: the RAR modules' weights stacked (6), the scoring layer's weight and bias
+#: cast (2), the images' region counts (1).
+PIPELINE_BLOCK_OPS = 6
+PIPELINE_CALL_OPS = 9
+#: per call, besides (not seen by that count on CPU tensors): the host-to-device copies of the
+#: lengths and of every block's caption indices
+PIPELINE_CALL_COPIES = 2
+
+
+def pipeline_block(book: Book, B: int, P: int, Lq: int, tag: str = "") -> None:
+    """A block's own torch ops (PIPELINE_BLOCK_OPS): the query side's rows gathered (t2i: the
+    captions, Lq words each), the scores from h (pairs x s), written to the output. The training
+    shapes book the same per forward and recompute (their dropout masks and checkpointing add
+    ops the count does not check)."""
+    pairs, s, e = B * P, S_DIM, ELEM
+    # HBM: the rows gathered (read, written); h read in its dtype, written in float32 and read
+    # again by addmm; the scores written, read and written by the sigmoid, read and written by
+    # index_put
+    book.add(f"block sources, scores and their write (torch){tag}", count=PIPELINE_BLOCK_OPS,
+             simt=pairs * (2 * s + 8), hbm=P * Lq * D * e * 2 + pairs * (s * (e + 8) + 5 * 4))
+
+
+def pipeline_call(book: Book, backend: str, shape: Shape) -> None:
+    """One call's own launches (PIPELINE_CALL_OPS and PIPELINE_CALL_COPIES); the triton kernel
+    set's besides: the grid's context index (one arange, its workspace) and, for the t2i grid,
+    every image's Gram matrix (_gram_kernel, once per call; i2t: once per block, triton_forward).
+    Under autograd the block's recompute and backward make their own (triton_forward, per step)."""
+    count = PIPELINE_CALL_OPS + PIPELINE_CALL_COPIES
+    if backend == "triton" and not shape.training:
+        count += 1
+        if shape.attn_type == "t2i":
+            BC, n = pow2(R), shape.n_images
+            book.add("gram (C C^T per context item)", count=1, note=f"BC {BC}, once per call",
+                     tc=n * 2 * BC * BC * D, l2=n * (R * D * ELEM + BC * BC * 4), hbm=n * (R * D * ELEM + BC * BC * 4))
+    book.add("per call: weights stacked and cast, lengths, indices (torch)", count=count, hbm=0.0)
 
 
 # ----------------------------------------------------------------------------- RCR in torch
@@ -292,8 +335,9 @@ def triton_rar_tile(Lq: int):
 
 
 def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
-    """The Triton kernels (kernels/): per step the context items' Gram matrices C C^T (fp32,
-    _gram_kernel, once per item and block), the fused attention and projection (attention_fwd, MODE_ALIGNMENT)
+    """The Triton kernels (kernels/): the context items' Gram matrices C C^T (fp32, _gram_kernel:
+    at inference once per block for its steps, the t2i grid's once per call in pipeline_call;
+    under autograd at every launch), the fused attention and projection (attention_fwd, MODE_ALIGNMENT)
     with GP pairs of one context item per program, their rows packed into M (triton_forward_tile:
     the context, its Gram matrix and the weight read once per program, every product M rows tall,
     each pair's column norms by segmented scans down the rows), RCR (its
@@ -319,8 +363,11 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     for t in range(shape.steps):
         has_f = t > 0
-        book.add(f"gram (C C^T per context item){tag}", count=1, note=f"BC {BC}", tc=B * 2 * BC * BC * d,
-                 l2=B * (Lc * d * e + BC * BC * 4), hbm=B * (Lc * d * e + BC * BC * 4))
+        # the context items' Gram matrices: under autograd at every launch; at inference once per
+        # block for all its steps (i2t; the t2i grid's once per call, pipeline_call)
+        if shape.training or (t == 0 and shape.attn_type != "t2i"):
+            book.add(f"gram (C C^T per context item){tag}", count=1, note=f"BC {BC}", tc=B * 2 * BC * BC * d,
+                     l2=B * (Lc * d * e + BC * BC * 4), hbm=B * (Lc * d * e + BC * BC * 4))
         # executed rows: M per program (GP pairs packed, the last program of a row of P partly empty)
         book.add(f"attention_fwd{tag}", count=1, note=f"M {M} BC {BC} GP {GP}",
                  tc=programs * (2 * M * BC * d * 2 + 2 * M * d * BS),
@@ -347,7 +394,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                  simt=rprograms * ((16 + 8) * RM * BS + rseg),
                  l2=pairs * (Lq * s * e + s * e * (1 if first else 2)) + rprograms * s * s * e * (2 if first else 1),
                  hbm=pairs * (Lq * s * e + s * e * (1 if first else 2)))
-    book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
+    pipeline_block(book, B, P, Lq, tag)
 
 
 def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
@@ -472,7 +519,7 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
                  simt=pairs * (16 * Lq * s + 8 * s),
                  smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
                  l2=pairs * (Lq * s * e + s * e * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
-    book.add(f"sim_eval + scores (torch){tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
+    pipeline_block(book, B, P, Lq, tag)
 
 
 def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
@@ -517,7 +564,7 @@ def torch_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: 
             rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
         book.add(f"rar (cuBLAS + element-wise){tag}", count=12, tc=2 * N * s * s + 2 * pairs * s * s, simt=N * s * 12,
                  hbm=N * s * e * 8 + pairs * s * e * 4)
-    book.add(f"sim_eval + scores{tag}", count=3, simt=pairs * (2 * s + 8), hbm=pairs * (s * e + 8))
+    pipeline_block(book, B, P, Lq, tag)
 
 
 def torch_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
@@ -557,6 +604,7 @@ def model(backend: str, shape: Shape) -> Book:
         if shape.training:
             forward(book, shape, B, P, Lg, recompute=True)
             backward(book, shape, B, P, Lg)
+    pipeline_call(book, backend, shape)
     return book
 
 

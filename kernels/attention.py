@@ -37,6 +37,8 @@ for up to MAX_ROWS = 64 query and context rows per pair and s <= MAX_WIDTH = 256
 launchers raise a ValueError.
 """
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -415,12 +417,44 @@ def launch_options(cfg: dict) -> dict:
     return {k: cfg.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
 
 
+_CALL = threading.local()
+
+
+@contextlib.contextmanager
+def call_workspace():
+    """The triton kernel set's workspace (KernelSet.workspace), held open by the pipeline around
+    the blocks of one call: the grid's context index arange(B) is made once in it, on first use,
+    and sliced for every launch after (on its device and the stream current then), instead of
+    one arange launch per attention launch. Outside it (the backward, a direct call) each launch
+    makes its own."""
+    previous = getattr(_CALL, "index", None)
+    _CALL.index = {}
+    try:
+        yield
+    finally:
+        _CALL.index = previous
+
+
+def _grid_index(n: int, device: torch.device) -> Tensor:
+    """arange(n) int32 on device: from the open call_workspace (grown where n is larger than
+    what it holds), else made now."""
+    held = getattr(_CALL, "index", None)
+    if held is None:
+        return torch.arange(n, dtype=torch.int32, device=device)
+    idx = held.get(device)
+    if idx is None or idx.numel() < n:
+        idx = held[device] = torch.arange(max(n, 0 if idx is None else 2 * idx.numel()), dtype=torch.int32,
+                                          device=device)
+    return idx[:n]
+
+
 def context_rows(context: Tensor, context_index: Optional[Tensor]):
     """(B, index, its strides (b, p)) of a launch: on the grid B = the context items and the
-    index arange(B) read along b; paired, B = 1 and the pair list's context_index read along p."""
+    index arange(B) read along b (_grid_index); paired, B = 1 and the pair list's context_index
+    read along p."""
     if context_index is None:
         B = context.shape[0]
-        return B, torch.arange(max(B, 1), dtype=torch.int32, device=context.device), (1, 0)
+        return B, _grid_index(max(B, 1), context.device), (1, 0)
     return 1, context_index, (0, 1)
 
 
@@ -433,6 +467,24 @@ def gram(context: Tensor, clens: Tensor, BC: int) -> Tensor:
         half = context.dtype != torch.float32
         _gram_kernel[(items,)](context, clens, g, D, *context.stride(), IEEE=not half, **gram_config(half, BC, D))
     return g
+
+
+def context_gram(context: Tensor, clens: Tensor) -> Tensor:
+    """The Gram matrices the attention's ``gram`` argument takes: :func:`gram` at the BC its
+    launches use (the power of two at or above Lc, at least 16). The pipeline makes them once per
+    call (the t2i grid: every image) or once per block, not once per launch."""
+    return gram(context, clens, _pow2(context.shape[1]))
+
+
+def check_gram(g: Tensor, context: Tensor, BC: int) -> None:
+    """A clear error, before any launch, for a ``gram`` that is not (items, BC, BC) float32,
+    contiguous, on the context's device."""
+    want = (context.shape[0], BC, BC)
+    if (tuple(g.shape) != want or g.dtype != torch.float32 or g.device != context.device
+            or not g.is_contiguous()):
+        raise ValueError(f"gram: expected context_gram(context, clens), a contiguous float32 tensor of shape "
+                         f"{want} on {context.device}, got {g.dtype} {tuple(g.shape)} on {g.device}"
+                         f"{'' if g.is_contiguous() else ', not contiguous'}")
 
 
 def gram_config(half: bool, BC: int, D: int) -> dict:
@@ -451,7 +503,7 @@ def _flat_rows(t: Tensor, dim: int) -> Tensor:
 
 
 def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=None, bias=None,
-                  block_d=None, context_index=None):
+                  block_d=None, context_index=None, grams=None):
     """Launch the fused attention over every (b, p) pair.
 
     query (P, Lq, d), qlens (P,) int32 valid query rows; context (B, Lc, d), clens (B,) int32;
@@ -460,7 +512,9 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     context_index (P,) int32: paired, pair p is query p with context item context_index[p] and
     the output (factors, lam) have B = 1; one program per pair reads its context through it.
     On the grid one program takes GP pairs of one context item (attention_config). The context
-    items' Gram matrices are computed first, once per item (gram).
+    items' Gram matrices are computed first, once per item (gram), unless given: grams is
+    context_gram(context, clens), made once and passed to every launch on the same context.
+    (checked for shape, dtype and device; its values are trusted).
     Rows at or past a pair's query length are zero. Accumulation is fp32; fp32 inputs use
     IEEE fp32 products (no tf32), bf16/fp16 inputs the tensor cores.
     """
@@ -492,7 +546,9 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     cfg = forward_config(half, Lq, Lc, D, width, mode, grouped=context_index is None)
     if block_d is not None:
         cfg["BD"] = min(block_d, _pow2(D))
-    g = gram(context, clens, cfg["BC"])
+    if grams is not None:
+        check_gram(grams, context, cfg["BC"])
+    g = gram(context, clens, cfg["BC"]) if grams is None else grams
     GP = cfg.pop("GP")
     NG = triton.cdiv(P, GP)
     _attention_fwd_kernel[(B * NG,)](
@@ -509,16 +565,17 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
 def triton_attention(query: Tensor, qlens: Tensor, context: Tensor, clens: Tensor,
                      factors: Optional[Tensor], lam: Optional[Tensor], lam_scalar: float,
                      weight: Optional[Tensor], bias: Optional[Tensor],
-                     context_index: Optional[Tensor] = None) -> Tensor:
+                     context_index: Optional[Tensor] = None, gram: Optional[Tensor] = None) -> Tensor:
     """The attention op of the backend contract (rcar_fast.backends.contract; csrc/README.md's
     ``attention``): query (P, Lq, d), qlens (P,) int32, context (B, Lc, d), clens (B,) int32,
     factors None or (B, P, Lq, d), lam None (lam_scalar everywhere) or (B, P, Lq); weight (s, d)
     and bias (s,) given: E (B, P, Lq, s), else l2n(A) (B, P, Lq, d); context_index (P,) int32:
-    the paired form (B = 1, pair p against context item context_index[p]). Rows past a query
-    length are zero. Its fake is registered here, its autograd in attention_bwd.py (with the
-    backward)."""
+    the paired form (B = 1, pair p against context item context_index[p]); gram: None or
+    context_gram(context, clens), the context items' Gram matrices made once for several calls
+    (the backward recomputes them). Rows past a query length are zero. Its fake is registered
+    here, its autograd in attention_bwd.py (with the backward)."""
     return attention_fwd(query, qlens, context, clens, factors, lam_scalar if lam is None else lam, weight, bias,
-                         context_index=context_index)
+                         context_index=context_index, grams=gram)
 
 
 triton_attention.register_fake(contract.attention_fake)

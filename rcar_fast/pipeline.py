@@ -54,28 +54,36 @@ Tensor = torch.Tensor
 
 # ----------------------------------------------------------------------------- layouts
 
-def block_sources(img: Tensor, cap: Tensor, lens: Tensor, attn_type: str):
+def block_sources(img: Tensor, cap: Tensor, lens: Tensor, attn_type: str, regions: Optional[Tensor] = None):
     """(query, qlens, context, clens) of the block img x cap; lengths int32 on the features'
-    device. t2i: the captions are the queries; i2t: the regions are (all R valid)."""
-    regions = torch.full((img.shape[0],), img.shape[1], dtype=torch.int32, device=img.device)
+    device. t2i: the captions are the queries; i2t: the regions are (all R valid); regions: the
+    images' region counts where the caller made them once for every block (:func:`region_counts`)."""
+    if regions is None:
+        regions = region_counts(img)
     lens = lens.to(device=img.device, dtype=torch.int32)
     return (cap, lens, img, regions) if attn_type == "t2i" else (img, regions, cap, lens)
 
 
+def region_counts(img: Tensor) -> Tensor:
+    """(N_i,) int32 on the features' device: every image's R regions are valid."""
+    return torch.full((img.shape[0],), img.shape[1], dtype=torch.int32, device=img.device)
+
+
 def pair_block_sources(img: Tensor, cap: Tensor, lens: Tensor, images: Tensor, captions: Tensor, Lg: int,
-                       attn_type: str):
+                       attn_type: str, regions: Optional[Tensor] = None):
     """(query, qlens, context, clens, context_index) of the pair block (images[m], captions[m])
     in the paired layout: the query side gathered per pair (every per-pair tensor, F and lam,
     is per query item anyway), the context side indexed by the kernels, so a context item that
     many pairs name is read in place, never copied per pair. t2i: the pairs' captions cut to
     ``Lg``, against every image; i2t: the pairs' images, against the block's distinct captions
-    cut to ``Lg`` (a context item's rows are a prefix of Lg)."""
+    cut to ``Lg`` (a context item's rows are a prefix of Lg); regions: t2i, every image's
+    (:func:`region_counts`), made once per call."""
     if attn_type == "t2i":
-        q, ql, c, cl = block_sources(img.contiguous(), cap.index_select(0, captions)[:, :Lg].contiguous(),
-                                     lens.index_select(0, captions), attn_type)
+        q, ql, c, cl = block_sources(img.contiguous(), cap[:, :Lg].index_select(0, captions),
+                                     lens.index_select(0, captions), attn_type, regions)
         return q, ql, c, cl, images.to(torch.int32)
     uniq, inv = torch.unique(captions, return_inverse=True)
-    q, ql, c, cl = block_sources(img.index_select(0, images), cap.index_select(0, uniq)[:, :Lg].contiguous(),
+    q, ql, c, cl = block_sources(img.index_select(0, images), cap[:, :Lg].index_select(0, uniq),
                                  lens.index_select(0, uniq), attn_type)
     return q, ql, c, cl, inv.to(torch.int32)
 
@@ -102,9 +110,11 @@ def zero_padded_queries(x, lens: Tensor, attn_type: str):
 
 # ----------------------------------------------------------------------------- one block
 
-def _attention(ks: KernelSet, q, ql, c, cl, factors, lam, weight=None, bias=None, context_index=None):
+def _attention(ks: KernelSet, q, ql, c, cl, factors, lam, weight=None, bias=None, context_index=None, gram=None):
     lam_tensor = lam if isinstance(lam, Tensor) else None
     lam_scalar = 0.0 if isinstance(lam, Tensor) else float(lam)
+    if gram is not None:
+        return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias, context_index, gram)
     if context_index is None:
         return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias)
     return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias, context_index)
@@ -156,29 +166,49 @@ def _rar_steps(ks: KernelSet, E, ql, h, stacked, training: bool, first_step: int
     return h
 
 
-def _score(h: Tensor, params) -> Tensor:
-    """sigmoid(sim_eval_w(h)), in float32 for half-precision h (finer than a bf16 sigmoid)."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    W, b = params["sim_eval_w.weight"], params["sim_eval_w.bias"]
-    return torch.sigmoid(F.linear(h.to(acc), W.to(acc), b.to(acc))).squeeze(-1)
+def context_grams(ks: KernelSet, c: Tensor, cl: Tensor, inplace: bool) -> Optional[Tensor]:
+    """The kernel set's Gram matrices of the context items c, made once for several attention
+    calls (KernelSet.context_gram), or None: the kernel set has none, c is on a device it does
+    not take, or something needs a gradient (the attention then makes its own)."""
+    if ks.context_gram is None or not inplace or c.device.type not in ks.devices:
+        return None
+    return ks.context_gram(c, cl)
+
+
+def score_weights(params, dtype: torch.dtype):
+    """sim_eval_w's weight and bias in the scores' accumulation dtype (float64 for float64
+    features, else float32), cast once per call."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return params["sim_eval_w.weight"].to(acc), params["sim_eval_w.bias"].to(acc)
+
+
+def _score(h: Tensor, score_w) -> Tensor:
+    """sigmoid(sim_eval_w(h)), in float32 for half-precision h (finer than a bf16 sigmoid);
+    score_w: :func:`score_weights`."""
+    W, b = score_w
+    return torch.sigmoid(F.linear(h.to(W.dtype), W, b)).squeeze(-1)
 
 
 def block_scores(ks: KernelSet, q, ql, c, cl, params, rar_w, regulator: str, steps: int, smooth: float,
-                 training: bool, inplace: bool, pairs, context_index=None) -> Tensor:
+                 training: bool, inplace: bool, pairs, context_index=None, score_w=None, gram=None) -> Tensor:
     """SPEC.md's scores of one block, (B, P); rar_w: every RAR module's weights, stacked once
     (:func:`rar_weights`); pairs: the block's (global image indices, global caption indices,
     attn_type, paired), naming the dropout masks in training; context_index: the paired form
-    (B = 1, :func:`pair_block_sources`)."""
+    (B = 1, :func:`pair_block_sources`); score_w: :func:`score_weights` where the caller cast
+    them once; gram: the context items' Gram matrices where the caller made them once for every
+    block (:func:`context_grams`), else they are made here once for the block's steps."""
     factors, lam = None, smooth
+    if gram is None:
+        gram = context_grams(ks, c, cl, inplace)
 
     def align(t):
         return _attention(ks, q, ql, c, cl, factors, lam, params[f"alv_modules.{t}.sim_transform_w.weight"],
-                          params[f"alv_modules.{t}.sim_transform_w.bias"], context_index)
+                          params[f"alv_modules.{t}.sim_transform_w.bias"], context_index, gram)
 
     if regulator == "only_rcr":
         for t in range(steps):
             factors, lam = _rcr(ks, align(t), ql, factors, lam, params, f"rcr_modules.{t}.", inplace)
-        A = _attention(ks, q, ql, c, cl, factors, lam, context_index=context_index)   # rows past qlen are 0
+        A = _attention(ks, q, ql, c, cl, factors, lam, context_index=context_index, gram=gram)   # rows past qlen are 0
         acc = torch.float64 if A.dtype == torch.float64 else torch.float32
         A = A.to(acc)
         valid = valid_rows(ql, q.shape[1])                                # (P, Lq)
@@ -196,18 +226,20 @@ def block_scores(ks: KernelSet, q, ql, c, cl, params, rar_w, regulator: str, ste
             if t < steps - 1:
                 factors, lam = _rcr(ks, E, ql, factors, lam, params, f"rcr_modules.{t}.", inplace)
             h = _rar_steps(ks, E, ql, h, tuple(w[t:t + 1] for w in rar_w), training, t, pairs)
-    return _score(h, params)
+    return _score(h, score_weights(params, h.dtype) if score_w is None else score_w)
 
 
 def _cut_block_scores(ks, img, cap, lens, i0, i1, cidx, Lg, attn_type, params, rar_w, regulator, steps, smooth,
-                      training, inplace):
+                      regions, score_w, gram, training, inplace):
     """:func:`block_scores` of the block img[i0:i1] x cap[cidx, :Lg], cut here, inside the
     checkpointed function, so that autograd saves the whole inputs once (by reference), not a
-    copy of every block's captions."""
-    q, ql, c, cl = block_sources(img[i0:i1].contiguous(), cap.index_select(0, cidx)[:, :Lg].contiguous(),
-                                 lens.index_select(0, cidx), attn_type)
+    copy of every block's captions; regions: img[i0:i1]'s, score_w and gram (or None) as
+    block_scores takes them."""
+    q, ql, c, cl = block_sources(img[i0:i1].contiguous(), cap[:, :Lg].index_select(0, cidx),
+                                 lens.index_select(0, cidx), attn_type, regions)
     return block_scores(ks, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace,
-                        (torch.arange(i0, i1), cidx, attn_type, False))
+                        (torch.arange(i0, i1) if training else None, cidx, attn_type, False), score_w=score_w,
+                        gram=gram)
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -218,13 +250,16 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
 def _schedule(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params, regulator: str, steps: int,
               memory_budget: Optional[int]):
     """What every block of one call shares: (budget, inplace (nothing needs a gradient), the
-    lengths on the device, the stacked RAR weights, the live buffers the planner counts)."""
+    lengths on the device, the stacked RAR weights, the live buffers the planner counts, the
+    scoring layer's weights (:func:`score_weights`), the images' region counts)."""
     if memory_budget is None:
         memory_budget = ks.budget(img.device)
     inplace = not tm.needs_grad([img, cap, *params.values()])
     lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
     rar_w = None if regulator == "only_rcr" else rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
-    return memory_budget, inplace, lens_dev, rar_w, ks.live_buffers if inplace else ks.live_buffers_train
+    score_w = None if regulator == "only_rcr" else score_weights(params, img.dtype)
+    return (memory_budget, inplace, lens_dev, rar_w, ks.live_buffers if inplace else ks.live_buffers_train,
+            score_w, region_counts(img))
 
 
 def _run_block(cut, block_args, inplace: bool) -> Tensor:
@@ -242,24 +277,34 @@ def rcar_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params: 
                 memory_budget: Optional[int] = None) -> Tensor:
     """scores (N_i, N_c) of every pair, block by block (module docstring)."""
     n_i, R, d = img.shape
-    budget, inplace, lens_dev, rar_w, live = _schedule(ks, img, cap, lens, params, regulator, steps, memory_budget)
+    budget, inplace, lens_dev, rar_w, live, score_w, regions = _schedule(ks, img, cap, lens, params, regulator,
+                                                                          steps, memory_budget)
     out = img.new_empty(n_i, cap.shape[0], dtype=score_dtype(img.dtype))
+    plan = list(iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), budget, live))
+    # every block's caption indices in one copy to the device; t2i: every image's Gram matrices
+    # once (each block's images are a row range of them)
+    cols_dev = torch.tensor([c for cols, *_ in plan for c in cols], dtype=torch.long, device=img.device)
+    grams = context_grams(ks, img, regions, inplace) if attn_type == "t2i" else None
     with ks.workspace():
-        for cols, Lg, i0, i1 in iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), budget, live):
-            cidx = torch.tensor(cols, device=img.device)
+        start = 0
+        for cols, Lg, i0, i1 in plan:
+            cidx = cols_dev[start:start + len(cols)]
+            start += len(cols)
             s = _run_block(_cut_block_scores, (ks, img, cap, lens_dev, i0, i1, cidx, Lg, attn_type, params, rar_w,
-                                               regulator, steps, smooth, training), inplace)
+                                               regulator, steps, smooth, regions[i0:i1], score_w,
+                                               None if grams is None else grams[i0:i1], training), inplace)
             out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
     return out
 
 
 def _cut_pair_block_scores(ks, img, cap, lens, images, captions, Lg, attn_type, params, rar_w, regulator, steps,
-                           smooth, training, inplace):
+                           smooth, regions, score_w, gram, training, inplace):
     """:func:`block_scores` of the pair block (images[m], captions[m]), (M,); cut inside the
-    checkpointed function as :func:`_cut_block_scores` is."""
-    q, ql, c, cl, cidx = pair_block_sources(img, cap, lens, images, captions, Lg, attn_type)
+    checkpointed function as :func:`_cut_block_scores` is; regions, score_w and gram (t2i: every
+    image's, or None) made once per call."""
+    q, ql, c, cl, cidx = pair_block_sources(img, cap, lens, images, captions, Lg, attn_type, regions)
     return block_scores(ks, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace,
-                        (images, captions, attn_type, True), cidx)[0]
+                        (images, captions, attn_type, True), cidx, score_w, gram)[0]
 
 
 def pair_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, img_index: Tensor, cap_index: Tensor,
@@ -269,8 +314,11 @@ def pair_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, img_inde
     docstring); img_index, cap_index: checked (M,) int64 tensors on the CPU (the host's copy plans
     the blocks)."""
     R, d = img.shape[1], img.shape[2]
-    budget, inplace, lens_dev, rar_w, live = _schedule(ks, img, cap, lens, params, regulator, steps, memory_budget)
+    budget, inplace, lens_dev, rar_w, live, score_w, regions = _schedule(ks, img, cap, lens, params, regulator,
+                                                                          steps, memory_budget)
     out = img.new_empty(img_index.shape[0], dtype=score_dtype(img.dtype))
+    # t2i: every block's context is every image (indexed per pair): their Gram matrices once
+    grams = context_grams(ks, img, regions, inplace) if attn_type == "t2i" else None
     with ks.workspace():
         for pos, Lg in iter_pair_blocks(lens.host, cap_index.tolist(), img_index.tolist(), R, d, attn_type,
                                         img.element_size(), budget, live):
@@ -278,7 +326,7 @@ def pair_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, img_inde
             images, captions = img_index[pos].to(img.device), cap_index[pos].to(img.device)
             out[pos.to(img.device)] = _run_block(_cut_pair_block_scores, (
                 ks, img, cap, lens_dev, images, captions, Lg, attn_type, params, rar_w, regulator, steps, smooth,
-                training), inplace)
+                regions, score_w, grams, training), inplace)
     return out
 
 

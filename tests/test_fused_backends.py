@@ -295,6 +295,77 @@ def test_fused_rcr_step_runs_at_inference_only(backend, monkeypatch):
     torch.testing.assert_close(fused, graded.detach(), rtol=0, atol=2e-6)
 
 
+@needs_triton
+@pytest.mark.parametrize("listed", [False, True], ids=["grid", "pairs"])
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+def test_grams_and_grid_index_made_once(monkeypatch, attn_type, listed):
+    """Without autograd the triton kernel set's context Gram matrices are made once per call
+    where every block's context is the images (t2i: grid and pair lists), else once per block
+    for all its steps, never once per attention launch; the grid's context index arange(B) once
+    per call (its workspace). The scores equal, bit for bit, the kernel set's without either
+    (each launch making its own)."""
+    import contextlib
+    import dataclasses
+
+    import rcar_fast.backends.triton_kernels as tk
+    from rcar_fast.kernels import attention as ka
+    counts = dict(gram=0, attention=0, index=0)
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return wrapper
+    monkeypatch.setattr(ka, "gram", counted("gram", ka.gram))
+    monkeypatch.setattr(ka, "attention_fwd", counted("attention", ka.attention_fwd))
+    arange = torch.arange
+    monkeypatch.setattr(torch, "arange", lambda *a, **k: (
+        counts.__setitem__("index", counts["index"] + (k.get("dtype") == torch.int32)) or arange(*a, **k)))
+    n_i, n_c, R, L, d, s = 3, 7, 5, 6, 24, 8
+    img, cap, lens = make_inputs(n_i, n_c, R, L, d, torch.float32, 21, lens=torch.tensor([1, 6, 3, 6, 2, 3, 5]))
+    head = make_head("coop_rcar", 2, attn_type, d, s, torch.float32, 21).eval()
+    ii, cc = torch.tensor([0, 2, 1, 0, 2, 1, 1, 0]), torch.tensor([0, 1, 2, 3, 4, 5, 6, 2])
+
+    def run():
+        if listed:
+            return ops.pair_scores(img, cap, lens, ii, cc, params_of(head, True), "coop_rcar", 2, attn_type,
+                                   backend="triton")
+        return ops.rcar_scores(img, cap, lens, params_of(head, True), "coop_rcar", 2, attn_type, backend="triton")
+    with torch.no_grad():
+        out = run()
+        blocks = counts["attention"] // 2            # coop_rcar T = 2: two attention calls a block
+        assert blocks == 5 and counts["gram"] == (1 if attn_type == "t2i" else blocks), counts
+        # the grid: made once, grown (doubled) when a later block has more context items (i2t)
+        assert counts["index"] == (0 if listed else 1 if attn_type == "t2i" else 2), counts
+        monkeypatch.setattr(tk, "KERNELS", dataclasses.replace(tk.KERNELS, context_gram=None,
+                                                               workspace=contextlib.nullcontext))
+        counts.update(gram=0, attention=0, index=0)
+        want = run()
+    assert counts["gram"] == counts["attention"] == 2 * blocks and counts["index"] == (0 if listed else 2 * blocks)
+    assert torch.equal(out, want)
+
+
+@needs_triton
+def test_attention_gram_argument():
+    """The triton attention op takes the context items' Gram matrices made beforehand
+    (context_gram): same output as without them, opcheck's schema, fake and autograd hold with
+    the argument, and a wrong one is refused by name before any launch."""
+    from rcar_fast.kernels import attention as ka
+    tb, att, _ = _op_samples(torch.float32)
+    for args in att:
+        q, ql, c, cl = args[:4]
+        g = ka.context_gram(c, cl)
+        assert torch.equal(tb.triton_attention(*args, None, g), tb.triton_attention(*args))
+        torch.library.opcheck(tb.triton_attention, (*args, None, g))
+        grad_args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     else a for a in args]
+        torch.library.opcheck(tb.triton_attention, (*grad_args, None, g))
+        for bad, why in ((g[:1], "shape"), (g.double(), "float32"), (g.transpose(1, 2), "contiguous"),
+                         (ka.gram(c, cl, 32), "shape")):
+            with pytest.raises(ValueError, match=r"^gram: .*" + ("not contiguous" if why == "contiguous" else "")):
+                tb.triton_attention(*args, None, bad)
+
+
 def test_cuda_backend_offers_the_fused_rcr_step():
     """The extension's CUDA half registers the rcr op (csrc/cuda/rcr.cu) and the "cuda" backend's
     kernel set offers it on CUDA tensors only (its kernels run on a GPU: the GPU tier's inference

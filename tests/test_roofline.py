@@ -203,3 +203,53 @@ def test_models_plan_blocks_as_the_kernel_sets_do():
         h200 = types.SimpleNamespace(total_memory=RL.GPU_MEMORY)
         with mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: h200):
             assert ks.budget(torch.device("cuda")) == RL.gpu_budget(base, RL.GPU_MEMORY) == 8 * 2**30, b
+
+
+#: aten ops that launch nothing on a GPU: views and allocations
+NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+             "as_strided", "t", "transpose", "squeeze", "unsqueeze", "select", "slice", "expand", "alias", "detach",
+             "permute", "unbind", "split", "lift_fresh", "_reshape_alias", "reshape", "flatten", "unflatten"}
+
+
+@pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
+def test_pipeline_ops_are_the_models(monkeypatch, attn_type):
+    """PIPELINE_BLOCK_OPS and PIPELINE_CALL_OPS are the ops the pipeline itself dispatches at
+    inference (every aten op but views and allocations, each a launch on a GPU; the kernel set's
+    ops and Triton launches are the model's other lines), counted on CPU tensors with the triton
+    kernel set: two calls whose captions make 2 and 5 blocks give the per-block and per-call
+    counts. An op that syncs (.item()) counts too."""
+    import torch
+    import triton.runtime.interpreter as interp
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    import rcar_fast
+    from rcar_fast import ops
+    from rcar_testutil import make_head, make_inputs, params_of
+    if "triton" not in rcar_fast.available_backends("cpu"):
+        pytest.skip("triton not importable")
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace != "rcar_fast" and func.overloadpacket.__name__ not in NO_LAUNCH:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    run = interp.InterpretedFunction.run
+
+    def quiet_run(self, *a, **k):        # the interpreter's own tensor work is not the pipeline's
+        with _disable_current_modes():
+            return run(self, *a, **k)
+    monkeypatch.setattr(interp.InterpretedFunction, "run", quiet_run)
+    d, s = 24, 8
+    head = make_head("coop_rcar", 2, attn_type, d, s, torch.float16, 3)
+    counts = []
+    for lens in ([2, 5, 2, 5, 2], [1, 2, 3, 4, 5]):          # 2 blocks, then 5
+        img, cap, lens = make_inputs(3, 5, 4, 5, d, torch.float16, 4, lens=torch.tensor(lens))
+        Count.n = 0
+        with torch.no_grad(), Count():
+            ops.rcar_scores(img, cap, lens, params_of(head, True), "coop_rcar", 2, attn_type, backend="triton")
+        counts.append(Count.n)
+    per_block = (counts[1] - counts[0]) / 3
+    assert (per_block, counts[0] - 2 * per_block) == (RL.PIPELINE_BLOCK_OPS, RL.PIPELINE_CALL_OPS), counts

@@ -17,6 +17,10 @@ context side, P the query side; t2i: B = images, P = captions, i2t the other way
       The caller gathers the query side per pair and indexes the context side: in the paired
       form the query is per pair anyway (its factors and lam are), while a context item serves
       every pair that names it (pipeline.pair_scores).
+      gram (after context_index; only where the kernel set has ``context_gram``) None |
+      context_gram(context, clens): the context items' Gram matrices, made once for several
+      calls on the same context (pipeline: once per call for the t2i grid's images, else once
+      per block) instead of once per launch; inference only, the backward recomputes them.
   rar(E (B, P, Lq, s), qlens, h0 None | (B, P, s), wq (T, s, s), bq (T, s), wk (T, s, s),
       bk (T, s), wv (T, s), bv (T,), keep_k None | (B, P, Lq, s), keep_g None | (B, P, s))
       T RAR steps from h0 (None: the mean of E over the valid rows); keep_k/keep_g are dropout
@@ -59,6 +63,8 @@ class KernelSet:
     (kernels/rcr.py rcr_factors_bwd); without it the chain runs as torch ops.
     workspace: a context manager the pipeline enters around the blocks of one call (buffers
     reused from block to block live for its duration).
+    context_gram: optional, on ``devices``: (context, clens) -> what the attention's ``gram``
+    argument takes (module docstring); the pipeline passes it when nothing needs a gradient.
     attention_bwd, rar_bwd: the backward ops, where the backend has its own (None where plain
     torch autograd differentiates attention and rar)."""
     name: str
@@ -75,6 +81,7 @@ class KernelSet:
     rcr_recompute: bool = False
     rcr_factors_bwd: Optional[Callable] = None
     workspace: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+    context_gram: Optional[Callable] = None
 
     def budget(self, device: torch.device) -> int:
         """The default memory budget of one block on ``device``: budgets[device type] (CPU:
@@ -116,7 +123,8 @@ def out_items(context: Tensor, context_index: Optional[Tensor]) -> int:
     return context.shape[0] if context_index is None else 1
 
 
-def attention_fake(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias, context_index=None):
+def attention_fake(query, qlens, context, clens, factors, lam, lam_scalar, weight, bias, context_index=None,
+                   gram=None):
     width = query.shape[2] if weight is None else weight.shape[0]
     return query.new_empty(out_items(context, context_index), query.shape[0], query.shape[1], width)
 
@@ -162,6 +170,7 @@ def register_attention_autograd(op, bwd_op) -> None:
         query, qlens, context, clens, factors, lam, lam_scalar, weight, bias = inputs[:9]
         context_index = inputs[9] if len(inputs) > 9 else None
         ctx.lam_scalar = lam_scalar
+        ctx.n_inputs = len(inputs)
         ctx.save_for_backward(query, qlens, context, clens, factors, lam, weight, bias, context_index)
 
     def backward(ctx, grad):
@@ -173,9 +182,9 @@ def register_attention_autograd(op, bwd_op) -> None:
         def cast(g, like, i):
             return g.to(like.dtype) if like is not None and need[i] else None
         # one entry per input: query, qlens, context, clens, factors, lam, lam_scalar, weight, bias,
-        # context_index
+        # context_index, and the triton op's gram (a cache of a function of the context: none)
         return (cast(dq, query, 0), None, cast(dc, context, 2), None, cast(df, factors, 4),
-                cast(dlam, lam, 5), None, cast(dw, weight, 7), cast(db, bias, 8), None)
+                cast(dlam, lam, 5), None, cast(dw, weight, 7), cast(db, bias, 8)) + (None,) * (ctx.n_inputs - 9)
 
     op.register_autograd(backward, setup_context=setup_context)
 

@@ -4,7 +4,9 @@ alignment projection (the d-wide attended context never reaches memory), RAR run
 step with the gates of every pair as one GEMM; RCR's step runs as two Triton GEMM kernels with
 its element-wise work in their epilogues (``rcr``, inference; under autograd the pipeline's
 recomputing torch step, rcar_fast.torch_math.rcr_step_recomputed), and F is materialised per
-pair. On CPU tensors the kernels run only under TRITON_INTERPRET=1 (the test tier)."""
+pair. The context items' Gram matrices (the attention's column norms) are made once per call
+for the t2i grid's images, else once per block (``context_gram``), not once per launch. On CPU
+tensors the kernels run only under TRITON_INTERPRET=1 (the test tier)."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ KERNELS = KernelSet(name="triton", devices=("cuda", "cpu"), attention=_k.triton_
                     attention_bwd=_k.triton_attention_bwd, rar_bwd=_k.triton_rar_bwd,
                     rcr=_k.triton_rcr, rcr_devices=("cuda", "cpu"), rcr_factors_bwd=_k.rcr_factors_bwd,
                     budgets={"cpu": 24 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6,
-                    rcr_recompute=True)
+                    rcr_recompute=True, context_gram=_k.attention.context_gram,
+                    workspace=_k.attention.call_workspace)
 
 
 def shape_problem(rows: int, width: int):
