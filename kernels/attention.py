@@ -513,20 +513,22 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     the output (factors, lam) have B = 1; one program per pair reads its context through it.
     On the grid one program takes GP pairs of one context item (attention_config). The context
     items' Gram matrices are computed first, once per item (gram), unless given: grams is
-    context_gram(context, clens), made once and passed to every launch on the same context.
-    (checked for shape, dtype and device; its values are trusted).
+    context_gram(context, clens), made once and passed to every launch on the same context
+    (checked for shape, dtype, device and layout before any launch; its values are trusted).
     Rows at or past a pair's query length are zero. Accumulation is fp32; fp32 inputs use
     IEEE fp32 products (no tf32), bf16/fp16 inputs the tensor cores.
     """
     P, Lq, D = query.shape
     Lc = context.shape[1]
-    B, cidx, sx = context_rows(context, context_index)
     mode = (MODE_ATTENDED if weight is None else MODE_ALIGNMENT).value
     width = D if mode == MODE_ATTENDED.value else weight.shape[0]
     check_rows("query", Lq, "query rows")
     check_rows("context", Lc, "context rows")
     if mode == MODE_ALIGNMENT.value:
         check_width("weight", width)
+    if grams is not None:
+        check_gram(grams, context, _pow2(Lc))
+    B, cidx, sx = context_rows(context, context_index)
     out = query.new_empty(B, P, Lq, width)
     if B * P == 0:
         return out
@@ -546,8 +548,6 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     cfg = forward_config(half, Lq, Lc, D, width, mode, grouped=context_index is None)
     if block_d is not None:
         cfg["BD"] = min(block_d, _pow2(D))
-    if grams is not None:
-        check_gram(grams, context, cfg["BC"])
     g = gram(context, clens, cfg["BC"]) if grams is None else grams
     GP = cfg.pop("GP")
     NG = triton.cdiv(P, GP)

@@ -235,7 +235,7 @@ MUTANTS = [
          file=ATT, old="    held = getattr(_CALL, \"index\", None)\n", new="    held = None\n",
          tests=["tests/test_fused_backends.py::test_grams_and_grid_index_made_once[t2i-grid]"]),
     dict(name="triton attention: a given gram taken unchecked",
-         file=ATT, old="        check_gram(grams, context, cfg[\"BC\"])\n", new="        pass\n",
+         file=ATT, old="        check_gram(grams, context, _pow2(Lc))\n", new="        pass\n",
          tests=["tests/test_fused_backends.py::test_attention_gram_argument"]),
     dict(name="pipeline: the scoring layer's weights cast again in every block",
          file="rcar_fast/pipeline.py",
