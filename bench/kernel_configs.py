@@ -1,8 +1,9 @@
 """Every Triton kernel launch the launchers make at the standard shapes, as the JIT would compile
 it: what the compile report (bench/resources.py) compiles. The launchers themselves are called
-(kernels/*: attention_fwd, attention_bwd, rar_fwd, rar_bwd, rcr_step, rcr_factors_bwd) on CPU
-tensors of the standard shapes with every kernel's launch replaced by a recorder (nothing runs),
-so the block sizes come from their own choosers and the arguments are the ones they pass.
+(kernels/*: attention_fwd, attention_bwd, rar_fwd with and without its scoring layer, rar_bwd,
+rcr_step, rcr_factors_bwd) on CPU tensors of the standard shapes with every kernel's launch
+replaced by a recorder (nothing runs), so the block sizes come from their own choosers and the
+arguments are the ones they pass.
 
 Each recorded launch is then specialised as triton's JIT specialises a launch at run time
 (triton._C.libtriton.native_specialize_impl with the CUDA backend): an integer equal to 1 becomes
@@ -119,6 +120,8 @@ def _launch_standard_shapes(dtype: str) -> None:
             for drop in (False, True):
                 keep = (randn(B, P, Lq, S), randn(B, P, S)) if drop else (None, None)
                 rar.rar_fwd(E, full(P, Lq), h0, *rw, *keep)
+                if not drop:   # the last step taking the scoring layer (inference, KernelSet.rar_scores)
+                    rar.rar_fwd(E, full(P, Lq), h0, *rw, score=(randn(S).float(), randn(1).float()))
                 if h0 is not None:
                     rar.rar_bwd(randn(B, P, S), E, full(P, Lq), h0, *rw, *keep)
     E = randn(B, P, 16, S)

@@ -160,28 +160,41 @@ def _rows(shape: Shape, Lg: int):
 # ----------------------------------------------------------------------------- the pipeline's own ops
 
 #: the pipeline's own torch ops at inference (rcar_fast/pipeline.py), each a launch on a GPU;
-#: tests/test_roofline.py counts them on CPU tensors. Per block: the captions' and the lengths'
-#: index_select, the scores' cast to float32, addmm and sigmoid, and their write into the output
-#: (index_put). Per call: the RAR modules' weights stacked (6), the scoring layer's weight and bias
+#: tests/test_roofline.py counts them on CPU tensors. Per block: the captions' index_select, the
+#: scores' cast to float32, addmm and sigmoid, and their write into the output (index_put); with a
+#: kernel set whose RAR takes the scoring layer (KernelSet.rar_scores: triton) the index_select and
+#: the write. Per call: the RAR modules' weights stacked (6), the scoring layer's weight and bias
 #: cast (2), the images' region counts (1).
-PIPELINE_BLOCK_OPS = 6
+PIPELINE_BLOCK_OPS = 5
+PIPELINE_BLOCK_OPS_FUSED_SCORE = 2
 PIPELINE_CALL_OPS = 9
-#: per call, besides (not seen by that count on CPU tensors): the host-to-device copies of the
-#: lengths and of every block's caption indices
+#: per call, besides (not seen by that count on CPU tensors): the host-to-device copies of every
+#: block's caption indices and of their lengths
 PIPELINE_CALL_COPIES = 2
 
 
-def pipeline_block(book: Book, B: int, P: int, Lq: int, tag: str = "") -> None:
-    """A block's own torch ops (PIPELINE_BLOCK_OPS): the query side's rows gathered (t2i: the
-    captions, Lq words each), the scores from h (pairs x s), written to the output. The training
-    shapes book the same per forward and recompute (their dropout masks and checkpointing add
-    ops the count does not check)."""
+def pipeline_block(book: Book, B: int, P: int, Lq: int, tag: str = "", fused_score: bool = False) -> None:
+    """A block's own torch ops (PIPELINE_BLOCK_OPS, or PIPELINE_BLOCK_OPS_FUSED_SCORE where RAR's
+    last launch took the scoring layer): the query side's rows gathered (t2i: the captions, Lq
+    words each), the scores from h (pairs x s), written to the output. The training shapes book
+    the same per forward and recompute (their dropout masks and checkpointing add ops the count
+    does not check)."""
     pairs, s, e = B * P, S_DIM, ELEM
-    # HBM: the rows gathered (read, written); h read in its dtype, written in float32 and read
-    # again by addmm; the scores written, read and written by the sigmoid, read and written by
-    # index_put
+    gather = P * Lq * D * e * 2      # the rows gathered: read, written
+    if fused_score:                  # the scores read and written by index_put
+        book.add(f"block sources and the scores' write (torch){tag}", count=PIPELINE_BLOCK_OPS_FUSED_SCORE,
+                 hbm=gather + pairs * 2 * 4)
+        return
+    # h read in its dtype, written in float32 and read again by addmm; the scores written, read
+    # and written by the sigmoid, read and written by index_put
     book.add(f"block sources, scores and their write (torch){tag}", count=PIPELINE_BLOCK_OPS,
-             simt=pairs * (2 * s + 8), hbm=P * Lq * D * e * 2 + pairs * (s * (e + 8) + 5 * 4))
+             simt=pairs * (2 * s + 8), hbm=gather + pairs * (s * (e + 8) + 5 * 4))
+
+
+def gram_tile_bytes(Lc: int) -> int:
+    """The bytes of a context item's fp32 Gram tile a Triton attention program reads: its Lc
+    valid rows of Lc valid columns (the rest masked), in 32-byte sectors."""
+    return Lc * -(-Lc * 4 // 32) * 32
 
 
 def pipeline_call(book: Book, backend: str, shape: Shape) -> None:
@@ -373,7 +386,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                  tc=programs * (2 * M * BC * d * 2 + 2 * M * d * BS),
                  simt=programs * (2 * M * BC * BC + 30 * M * BC + 6 * M * d + seg_simt),
                  l2=pairs * ((2 * Lq * d + Lq * s + (Lq * d if has_f else 0)) * e)
-                 + programs * (2 * Lc * d * e + s * d * e + BC * BC * 4),
+                 + programs * (2 * Lc * d * e + s * d * e + gram_tile_bytes(Lc)),
                  hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e
                  + B * Lc * Lc * 4)
         if t < shape.steps - 1:
@@ -388,13 +401,16 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                      hbm=pairs * s * e * 2 + s * s * e)
         # the gate read once per pair (its rows' repeated loads of it counted as L1 hits), its tanh
         # taken per row on chip; FIRST: the mean (one more GPP x M x s product) times Wq (GPP x s x
-        # s, Wq read once per program) instead of the gate's read
+        # s, Wq read once per program) instead of the gate's read; h written, or at inference the
+        # last step's scores (SCORE: sw read once per program, 4 bytes a pair written)
+        score = t == shape.steps - 1 and not shape.training
+        out = pairs * (4 if score else s * e) + (rprograms * s * 4 if score else 0)
         book.add(f"rar_fwd{tag}", count=1, note=f"M {RM} GP {RGP}" + (", FIRST" if first else ""),
                  tc=rprograms * (2 * RM * BS * BS + 2 * psum + (psum + 2 * GPP * BS * BS if first else 0)),
-                 simt=rprograms * ((16 + 8) * RM * BS + rseg),
-                 l2=pairs * (Lq * s * e + s * e * (1 if first else 2)) + rprograms * s * s * e * (2 if first else 1),
-                 hbm=pairs * (Lq * s * e + s * e * (1 if first else 2)))
-    pipeline_block(book, B, P, Lq, tag)
+                 simt=rprograms * ((16 + 8) * RM * BS + rseg) + (pairs * 2 * s if score else 0),
+                 l2=pairs * (Lq * s * e + (0 if first else s * e)) + out + rprograms * s * s * e * (2 if first else 1),
+                 hbm=pairs * (Lq * s * e + (0 if first else s * e)) + out)
+    pipeline_block(book, B, P, Lq, tag, fused_score=not shape.training)
 
 
 def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:

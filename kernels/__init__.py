@@ -9,7 +9,9 @@ Per op, the kernels, the launcher, the torch.library custom op, its fake and its
                     autograd (which calls it)
   rar.py            T steps of RAR (one launch per step, several pairs per program, the gates
                     of every pair one GEMM) and one step's backward; launchers ``rar_fwd``,
-                    ``rar_bwd``; ``rcar_fast::triton_rar`` / ``::triton_rar_bwd``, fakes, autograd
+                    ``rar_bwd``; ``rcar_fast::triton_rar`` / ``::triton_rar_bwd``, fakes, autograd;
+                    ``::triton_rar_scores`` (inference: the last step's launch takes the
+                    scoring layer, h never stored)
   rcr.py            one RCR step for inference as two GEMM kernels (tensor cores) with the
                     tanh, clamp and temperatures in their epilogues; ``rcr_step``;
                     ``rcar_fast::triton_rcr`` and its fake; ``rcr_factors_bwd``, the d-wide
@@ -32,8 +34,8 @@ use_listed_builtins()
 
 from .attention import attention_fwd, triton_attention  # noqa: E402
 from .attention_bwd import attention_bwd, triton_attention_bwd
-from .rar import rar_bwd, rar_fwd, triton_rar, triton_rar_bwd
+from .rar import rar_bwd, rar_fwd, triton_rar, triton_rar_bwd, triton_rar_scores
 from .rcr import rcr_factors_bwd, rcr_step, triton_rcr
 
 __all__ = ["attention_bwd", "attention_fwd", "rar_bwd", "rar_fwd", "rcr_factors_bwd", "rcr_step", "triton_attention",
-           "triton_attention_bwd", "triton_rar", "triton_rar_bwd", "triton_rcr"]
+           "triton_attention_bwd", "triton_rar", "triton_rar_bwd", "triton_rar_scores", "triton_rcr"]

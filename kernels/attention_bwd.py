@@ -116,7 +116,7 @@ def _attention_bwd_kernel(
 
     # pass A: as the forward
     S0 = _scores(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D, HAS_F, IEEE, GP * BQ, BC, BD)
-    G = _gram_tile(gram_ptr, bc, rc, BC)
+    G = _gram_tile(gram_ptr, bc, rc, cmask, BC)
     lam = _temperatures(lam_ptr, lam_scalar, b, p, rq, qmask, sl_b, sl_p, sl_l, HAS_LAM)
     S, N, Sn, Pm, un = _attention_probs(S0, G, lam, qmask, cmask, IEEE, True, GP)
     inv_un = 1.0 / (un + EPS)

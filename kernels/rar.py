@@ -150,12 +150,13 @@ def _pair_sums(a, E, e_base, se_s, rs, qmask, smask, g, rg, IEEE: tl.constexpr):
 @triton.jit
 def _rar_fwd_kernel(
     e_ptr, qlen_ptr, gate_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wq_ptr, bq_ptr, mk_ptr, mg_ptr, out_ptr,
+    sw_ptr, sb_ptr, score_ptr,
     P, NG, GP, LQ, S_DIM, t,
     se_b, se_p, se_l, se_s,
     smk_b, smk_p, smk_l, smk_s,
     smg_b, smg_p, smg_s,
     so_b, so_p, so_s,
-    FIRST: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr,
+    FIRST: tl.constexpr, HAS_DROP: tl.constexpr, IEEE: tl.constexpr, SCORE: tl.constexpr,
     M: tl.constexpr, GPP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """GP pairs (b, p0 .. p0 + GP - 1) per program, their LQ rows each packed back to back into M
@@ -167,7 +168,9 @@ def _rar_fwd_kernel(
     the tensor cores), plus bq, rounded as the GEMM's output is, handed to each row by a gather;
     its tanh taken here in fp32; K by _keys; a = softmax over each pair's valid rows (its maximum
     and sum by segmented scans down the rows, as the attention's column norms); store
-    h = l2n(sum_q a[q] E[q]) (_pair_sums). h is stored in out_ptr's dtype."""
+    h = l2n(sum_q a[q] E[q]) (_pair_sums). h is stored in out_ptr's dtype; SCORE (the last step at
+    inference): not h but each pair's score sigmoid(sw . h + sb) (fp32, (B, P) contiguous at
+    score_ptr), h rounded to out_ptr's dtype first, as a stored h is."""
     pid = tl.program_id(0)
     b = (pid // NG).to(tl.int64)
     p0 = (pid % NG).to(tl.int64) * GP
@@ -222,8 +225,13 @@ def _rar_fwd_kernel(
     # a valid pair's sum is >= 1 (its largest term is exp(0))
     h = _pair_sums(ex / tl.maximum(tot, 1.0), E, e_base, se_s, rs, qmask, smask, g, rg, IEEE)
     h = h / (tl.sqrt(tl.sum(h * h, axis=1)) + EPS)[:, None]
-    tl.store(out_ptr + b * so_b + pp[:, None] * so_p + rs[None, :] * so_s, h,
-             mask=((rg < GP) & (pp < P))[:, None] & smask[None, :])
+    if SCORE:
+        sw = tl.load(sw_ptr + rs, mask=smask, other=0.0)
+        x = tl.sum(h.to(out_ptr.dtype.element_ty).to(tl.float32) * sw[None, :], axis=1) + tl.load(sb_ptr)
+        tl.store(score_ptr + b * P + pp, 1.0 / (1.0 + tl.exp(-x)), mask=(rg < GP) & (pp < P))
+    else:
+        tl.store(out_ptr + b * so_b + pp[:, None] * so_p + rs[None, :] * so_s, h,
+                 mask=((rg < GP) & (pp < P))[:, None] & smask[None, :])
 
 
 #: the most pairs one forward program takes (queries of 1 to 3 rows use fewer than its 128 rows):
@@ -257,7 +265,8 @@ def rar_config(Lq: int, S: int, block_n: int = 32, half: bool = True, grouped: b
 FWD_BLOCK_N = 16
 
 
-def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, block_n: int = FWD_BLOCK_N):
+def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, block_n: int = FWD_BLOCK_N,
+            score=None):
     """Run T RAR steps (T = wq.shape[0]) on every pair of E (B, P, Lq, s).
 
     qlens (P,) int32 valid query rows; h0 None (start from the mean) or (B, P, s);
@@ -270,17 +279,22 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     mean and its gate on chip (FIRST; fp32 takes the mean from torch, contract.mean_start); the
     kernel takes the gates' tanh in fp32. h is kept in E's dtype
     between steps, so T steps in one call equal T calls of one step (the backward's recompute).
+    score (sw (s,) fp32 contiguous, sb (1,) fp32): the last launch returns the scores
+    sigmoid(sw . h + sb) (B, P) fp32 instead of h (the scoring layer on h rounded to E's dtype;
+    never stored), without dropout.
     """
 
     B, P, Lq, S = E.shape
     check_rows("E", Lq, "rows")
     check_width("E", S)
     T = wq.shape[0]
-    if B * P == 0:
-        return E.new_empty(B, P, S)
     has_drop = keep_k is not None
     if has_drop and T != 1:
         raise ValueError("keep_k: dropout masks are per step; launch one step at a time")
+    if score is not None:
+        check_score(score, S, E.device, has_drop)
+    if B * P == 0:
+        return E.new_empty(B, P, S) if score is None else E.new_empty(B, P, dtype=torch.float32)
     mk, mg = (keep_k, keep_g) if has_drop else (E, E)
     smk = keep_k.stride() if has_drop else (0, 0, 0, 0)
     smg = keep_g.stride() if has_drop else (0, 0, 0)
@@ -290,13 +304,19 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
 
     def launch(t, gate=None):
         """One launch of step t, its gates' pre-activations ``gate`` (B * P, s) or, None, made on
-        chip from the mean of E (step 0 without h0); h (B, P, s) in E's dtype, contiguous."""
-        h_out = torch.empty(B, P, S, dtype=E.dtype, device=E.device)
+        chip from the mean of E (step 0 without h0); h (B, P, s) in E's dtype, contiguous, or, the
+        last step given ``score``, the scores (B, P) fp32."""
+        scoring = score is not None and t == T - 1
+        if scoring:
+            out, h_out, (sw, sb) = torch.empty(B, P, dtype=torch.float32, device=E.device), E, score
+        else:
+            out = h_out = torch.empty(B, P, S, dtype=E.dtype, device=E.device)
+            sw = sb = h_out
         _rar_fwd_kernel[(B * NG,)](
-            E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, wq, bq, mk, mg, h_out, P, NG, GP, Lq, S, t,
-            *E.stride(), *smk, *smg, *h_out.stride(),
-            FIRST=gate is None, HAS_DROP=has_drop, IEEE=E.dtype == torch.float32, **cfg)
-        return h_out
+            E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, wq, bq, mk, mg, h_out, sw, sb, out,
+            P, NG, GP, Lq, S, t, *E.stride(), *smk, *smg, *((0, 0, 0) if scoring else h_out.stride()),
+            FIRST=gate is None, HAS_DROP=has_drop, IEEE=E.dtype == torch.float32, SCORE=scoring, **cfg)
+        return out
 
     if h0 is None and E.dtype == torch.float32:    # fp32: the mean in torch (held on chip with the
         h0 = contract.mean_start(E, qlens)        # exact products' operands, it spilled 400-500 B)
@@ -304,6 +324,18 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     for t in range(0 if h0 is not None else 1, T):
         h = launch(t, torch.addmm(bq[t].to(E.dtype), h.reshape(B * P, S), wq[t].to(E.dtype).t()))
     return h
+
+
+def check_score(score, S: int, device, has_drop: bool) -> None:
+    """A clear error, before any launch, for a scoring layer that is not (sw (S,), sb (1,))
+    contiguous float32 on E's device, or one asked for with dropout (inference only)."""
+    if has_drop:
+        raise ValueError("score: the fused scoring layer is for inference; it takes no dropout masks")
+    sw, sb = score
+    for name, t, shape in (("score_w", sw, (S,)), ("score_b", sb, (1,))):
+        if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {shape} on {device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
 @triton.jit
@@ -450,6 +482,22 @@ def triton_rar_bwd(grad: Tensor, E: Tensor, qlens: Tensor, h: Tensor, wq: Tensor
     fp32, returned in fp32 (fp64 for fp64 inputs)."""
     outs = rar_bwd(grad, E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k, keep_g)
     return tuple(o.to(contract.accumulation_dtype(E)) for o in outs)
+
+
+@torch.library.custom_op("rcar_fast::triton_rar_scores", mutates_args=())
+def triton_rar_scores(E: Tensor, qlens: Tensor, h0: Optional[Tensor], wq: Tensor, bq: Tensor, wk: Tensor,
+                      bk: Tensor, wv: Tensor, bv: Tensor, score_w: Tensor, score_b: Tensor) -> Tensor:
+    """RAR and the scoring layer in one, at inference (KernelSet.rar_scores): T = wq.shape[0] RAR
+    steps as ``triton_rar`` (no dropout), then each pair's score sigmoid(score_w . h + score_b)
+    taken in the last step's launch (h rounded to E's dtype, as triton_rar returns it; then
+    float32): (B, P) float32. score_w (s,), score_b (1,): float32, contiguous. No autograd (the
+    pipeline calls it only when nothing needs a gradient)."""
+    return rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, score=(score_w, score_b))
+
+
+@triton_rar_scores.register_fake
+def _rar_scores_fake(E, qlens, h0, wq, bq, wk, bk, wv, bv, score_w, score_b):
+    return E.new_empty(E.shape[0], E.shape[1], dtype=torch.float32)
 
 
 triton_rar.register_fake(contract.rar_fake)

@@ -10,7 +10,9 @@ memory budget allows), in block layout (B = context side, P = query side):
   only_rcr   (F, lam) = RCR_t(attention(.., F, lam, W_t, b_t), F, lam) for t < T; then the mean
              over valid q of cos(Q, l2n(A(Q, C, F, lam)))
   score      sigmoid(sim_eval_w(h)), or the cosine mean; float32 for float16/bfloat16 inputs
-             (the last Linear and the sigmoid run in float32: bf16 scores tie, README)
+             (the last Linear and the sigmoid run in float32: bf16 scores tie, README); at
+             inference in the kernel set's last RAR launch where it has one (KernelSet.rar_scores:
+             h never stored), else in torch
 RCR is the kernel set's fused step where it has one and nothing needs a gradient, else the
 shared-weight MLP in plain torch (rcar_fast.torch_math.rcr_step); under autograd the fused
 backends' RCR saves only its inputs and recomputes in backward (rcr_step_recomputed). RAR's
@@ -200,6 +202,16 @@ def block_scores(ks: KernelSet, q, ql, c, cl, params, rar_w, regulator: str, ste
     factors, lam = None, smooth
     if gram is None:
         gram = context_grams(ks, c, cl, inplace)
+    if score_w is None and regulator != "only_rcr":
+        score_w = score_weights(params, q.dtype)
+    # at inference the kernel set's RAR may take the scoring layer in its last launch
+    fused_score = (ks.rar_scores is not None and inplace and not training and q.device.type in ks.devices
+                   and score_w is not None and score_w[0].dtype == torch.float32)
+
+    def last_rar(E, h, stacked):
+        if fused_score:
+            return ks.rar_scores(E, ql, h, *stacked, score_w[0].reshape(-1), score_w[1])
+        return _score(_rar_steps(ks, E, ql, h, stacked, training, steps - stacked[0].shape[0], pairs), score_w)
 
     def align(t):
         return _attention(ks, q, ql, c, cl, factors, lam, params[f"alv_modules.{t}.sim_transform_w.weight"],
@@ -218,25 +230,23 @@ def block_scores(ks: KernelSet, q, ql, c, cl, params, rar_w, regulator: str, ste
         cos = torch.where(valid[None], num / torch.clamp(den, min=EPS), num.new_zeros(()))
         return cos.sum(-1) / ql.to(acc)[None]
     if regulator == "only_rar":
-        h = _rar_steps(ks, align(0), ql, None, rar_w, training, 0, pairs)
-    else:
-        h = None
-        for t in range(steps):
-            E = align(t)
-            if t < steps - 1:
-                factors, lam = _rcr(ks, E, ql, factors, lam, params, f"rcr_modules.{t}.", inplace)
-            h = _rar_steps(ks, E, ql, h, tuple(w[t:t + 1] for w in rar_w), training, t, pairs)
-    return _score(h, score_weights(params, h.dtype) if score_w is None else score_w)
+        return last_rar(align(0), None, rar_w)
+    h = None
+    for t in range(steps - 1):
+        E = align(t)
+        factors, lam = _rcr(ks, E, ql, factors, lam, params, f"rcr_modules.{t}.", inplace)
+        h = _rar_steps(ks, E, ql, h, tuple(w[t:t + 1] for w in rar_w), training, t, pairs)
+    return last_rar(align(steps - 1), h, tuple(w[steps - 1:steps] for w in rar_w))
 
 
-def _cut_block_scores(ks, img, cap, lens, i0, i1, cidx, Lg, attn_type, params, rar_w, regulator, steps, smooth,
+def _cut_block_scores(ks, img, cap, cap_lens, i0, i1, cidx, Lg, attn_type, params, rar_w, regulator, steps, smooth,
                       regions, score_w, gram, training, inplace):
     """:func:`block_scores` of the block img[i0:i1] x cap[cidx, :Lg], cut here, inside the
     checkpointed function, so that autograd saves the whole inputs once (by reference), not a
-    copy of every block's captions; regions: img[i0:i1]'s, score_w and gram (or None) as
-    block_scores takes them."""
-    q, ql, c, cl = block_sources(img[i0:i1].contiguous(), cap[:, :Lg].index_select(0, cidx),
-                                 lens.index_select(0, cidx), attn_type, regions)
+    copy of every block's captions; cap_lens: the block's captions' lengths (int32, on the
+    device); regions: img[i0:i1]'s, score_w and gram (or None) as block_scores takes them."""
+    q, ql, c, cl = block_sources(img[i0:i1].contiguous(), cap[:, :Lg].index_select(0, cidx), cap_lens, attn_type,
+                                 regions)
     return block_scores(ks, q, ql, c, cl, params, rar_w, regulator, steps, smooth, training, inplace,
                         (torch.arange(i0, i1) if training else None, cidx, attn_type, False), score_w=score_w,
                         gram=gram)
@@ -250,16 +260,15 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
 def _schedule(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params, regulator: str, steps: int,
               memory_budget: Optional[int]):
     """What every block of one call shares: (budget, inplace (nothing needs a gradient), the
-    lengths on the device, the stacked RAR weights, the live buffers the planner counts, the
-    scoring layer's weights (:func:`score_weights`), the images' region counts)."""
+    stacked RAR weights, the live buffers the planner counts, the scoring layer's weights
+    (:func:`score_weights`), the images' region counts)."""
     if memory_budget is None:
         memory_budget = ks.budget(img.device)
     inplace = not tm.needs_grad([img, cap, *params.values()])
-    lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
     rar_w = None if regulator == "only_rcr" else rar_weights(params, [f"rar_modules.{t}." for t in range(steps)])
     score_w = None if regulator == "only_rcr" else score_weights(params, img.dtype)
-    return (memory_budget, inplace, lens_dev, rar_w, ks.live_buffers if inplace else ks.live_buffers_train,
-            score_w, region_counts(img))
+    return (memory_budget, inplace, rar_w, ks.live_buffers if inplace else ks.live_buffers_train, score_w,
+            region_counts(img))
 
 
 def _run_block(cut, block_args, inplace: bool) -> Tensor:
@@ -277,23 +286,24 @@ def rcar_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params: 
                 memory_budget: Optional[int] = None) -> Tensor:
     """scores (N_i, N_c) of every pair, block by block (module docstring)."""
     n_i, R, d = img.shape
-    budget, inplace, lens_dev, rar_w, live, score_w, regions = _schedule(ks, img, cap, lens, params, regulator,
-                                                                          steps, memory_budget)
+    budget, inplace, rar_w, live, score_w, regions = _schedule(ks, img, cap, lens, params, regulator, steps,
+                                                               memory_budget)
     out = img.new_empty(n_i, cap.shape[0], dtype=score_dtype(img.dtype))
     plan = list(iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), budget, live))
-    # every block's caption indices in one copy to the device; t2i: every image's Gram matrices
-    # once (each block's images are a row range of them)
+    # every block's caption indices and their lengths, each in one copy to the device; t2i: every
+    # image's Gram matrices once (each block's images are a row range of them)
     cols_dev = torch.tensor([c for cols, *_ in plan for c in cols], dtype=torch.long, device=img.device)
+    lens_cols = torch.tensor([lens.host[c] for cols, *_ in plan for c in cols], dtype=torch.int32, device=img.device)
     grams = context_grams(ks, img, regions, inplace) if attn_type == "t2i" else None
     with ks.workspace():
         start = 0
         for cols, Lg, i0, i1 in plan:
-            cidx = cols_dev[start:start + len(cols)]
-            start += len(cols)
-            s = _run_block(_cut_block_scores, (ks, img, cap, lens_dev, i0, i1, cidx, Lg, attn_type, params, rar_w,
-                                               regulator, steps, smooth, regions[i0:i1], score_w,
+            at = slice(start, start + len(cols))
+            start = at.stop
+            s = _run_block(_cut_block_scores, (ks, img, cap, lens_cols[at], i0, i1, cols_dev[at], Lg, attn_type, params,
+                                               rar_w, regulator, steps, smooth, regions[i0:i1], score_w,
                                                None if grams is None else grams[i0:i1], training), inplace)
-            out[i0:i1, cidx] = s if attn_type == "t2i" else s.t()
+            out[i0:i1, cols_dev[at]] = s if attn_type == "t2i" else s.t()
     return out
 
 
@@ -314,8 +324,9 @@ def pair_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, img_inde
     docstring); img_index, cap_index: checked (M,) int64 tensors on the CPU (the host's copy plans
     the blocks)."""
     R, d = img.shape[1], img.shape[2]
-    budget, inplace, lens_dev, rar_w, live, score_w, regions = _schedule(ks, img, cap, lens, params, regulator,
-                                                                          steps, memory_budget)
+    budget, inplace, rar_w, live, score_w, regions = _schedule(ks, img, cap, lens, params, regulator, steps,
+                                                               memory_budget)
+    lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
     out = img.new_empty(img_index.shape[0], dtype=score_dtype(img.dtype))
     # t2i: every block's context is every image (indexed per pair): their Gram matrices once
     grams = context_grams(ks, img, regions, inplace) if attn_type == "t2i" else None

@@ -356,6 +356,10 @@ def test_attention_gram_argument():
         q, ql, c, cl = args[:4]
         g = ka.context_gram(c, cl)
         assert torch.equal(tb.triton_attention(*args, None, g), tb.triton_attention(*args))
+        junk = g.clone()                       # only the valid rows and columns are read
+        for i, n in enumerate(cl.tolist()):
+            junk[i, n:], junk[i, :, n:] = float("nan"), float("nan")
+        assert torch.equal(tb.triton_attention(*args, None, junk), tb.triton_attention(*args))
         torch.library.opcheck(tb.triton_attention, (*args, None, g))
         grad_args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
                      else a for a in args]
@@ -364,6 +368,34 @@ def test_attention_gram_argument():
                          (ka.gram(c, cl, 32), "shape")):
             with pytest.raises(ValueError, match=r"^gram: .*" + ("not contiguous" if why == "contiguous" else "")):
                 tb.triton_attention(*args, None, bad)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rar_scores_op_is_rar_then_the_scoring_layer(dtype):
+    """triton_rar_scores (RAR whose last launch takes the scoring layer) against triton_rar's h
+    rounded to E's dtype, then sigmoid(F.linear(h.float(), w, b)) in torch: T = 1 and 2, from the
+    mean (fp16: step 0's on-chip FIRST launch scores) and from a given h, NaN in a padded row of
+    E; opcheck; a wrong scoring layer refused by name."""
+    import torch.nn.functional as F
+    tb, _, rar = _op_samples(dtype)
+    g = torch.Generator().manual_seed(5)
+    E, ql, h0, wq, bq, wk, bk, wv, bv, _, _ = rar[1]
+    E = rar[0][0].clone()
+    E[:, 1, 1:] = float("nan")                              # pair 1 has one valid row: padding NaN
+    sw, sb = torch.randn(E.shape[3], generator=g) * 0.5, torch.randn(1, generator=g)
+    for T in (1, 2):
+        ws = [w[:T].contiguous() for w in (rar[0][3], rar[0][4], rar[0][5], rar[0][6], rar[0][7], rar[0][8])]
+        for h in (None, h0):
+            got = tb.triton_rar_scores(E, ql, h, *ws, sw, sb)
+            want = torch.sigmoid(F.linear(tb.triton_rar(E, ql, h, *ws, None, None).float(), sw[None], sb))[..., 0]
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            torch.library.opcheck(tb.triton_rar_scores, (E, ql, h, *ws, sw, sb))
+    for bad, name in (((sw[:-1], sb), "score_w"), ((sw.double(), sb), "score_w"), ((sw, sb.half()), "score_b")):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            tb.triton_rar_scores(E, ql, None, *ws, *bad)
 
 
 def test_cuda_backend_offers_the_fused_rcr_step():

@@ -211,13 +211,15 @@ NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_str
              "permute", "unbind", "split", "lift_fresh", "_reshape_alias", "reshape", "flatten", "unflatten"}
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
 @pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
-def test_pipeline_ops_are_the_models(monkeypatch, attn_type):
-    """PIPELINE_BLOCK_OPS and PIPELINE_CALL_OPS are the ops the pipeline itself dispatches at
-    inference (every aten op but views and allocations, each a launch on a GPU; the kernel set's
-    ops and Triton launches are the model's other lines), counted on CPU tensors with the triton
-    kernel set: two calls whose captions make 2 and 5 blocks give the per-block and per-call
-    counts. An op that syncs (.item()) counts too."""
+def test_pipeline_ops_are_the_models(monkeypatch, attn_type, backend):
+    """PIPELINE_BLOCK_OPS (PIPELINE_BLOCK_OPS_FUSED_SCORE for triton, whose RAR takes the scoring
+    layer) and PIPELINE_CALL_OPS are the ops the pipeline itself dispatches at inference (every
+    aten op but views and allocations, each a launch on a GPU; the kernel set's ops and Triton
+    launches are the model's other lines), counted on CPU tensors with the triton kernel set and
+    the extension's (cpp: custom ops, the scores in torch): two calls whose captions make 2 and 5
+    blocks give the per-block and per-call counts. An op that syncs (.item()) counts too."""
     import torch
     import triton.runtime.interpreter as interp
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -225,8 +227,8 @@ def test_pipeline_ops_are_the_models(monkeypatch, attn_type):
     import rcar_fast
     from rcar_fast import ops
     from rcar_testutil import make_head, make_inputs, params_of
-    if "triton" not in rcar_fast.available_backends("cpu"):
-        pytest.skip("triton not importable")
+    if backend not in rcar_fast.available_backends("cpu"):
+        pytest.skip(f"{backend}: {rcar_fast.backend_status()[backend]}")
 
     class Count(TorchDispatchMode):
         n = 0
@@ -249,7 +251,8 @@ def test_pipeline_ops_are_the_models(monkeypatch, attn_type):
         img, cap, lens = make_inputs(3, 5, 4, 5, d, torch.float16, 4, lens=torch.tensor(lens))
         Count.n = 0
         with torch.no_grad(), Count():
-            ops.rcar_scores(img, cap, lens, params_of(head, True), "coop_rcar", 2, attn_type, backend="triton")
+            ops.rcar_scores(img, cap, lens, params_of(head, True), "coop_rcar", 2, attn_type, backend=backend)
         counts.append(Count.n)
     per_block = (counts[1] - counts[0]) / 3
-    assert (per_block, counts[0] - 2 * per_block) == (RL.PIPELINE_BLOCK_OPS, RL.PIPELINE_CALL_OPS), counts
+    want = RL.PIPELINE_BLOCK_OPS_FUSED_SCORE if backend == "triton" else RL.PIPELINE_BLOCK_OPS
+    assert (per_block, counts[0] - 2 * per_block) == (want, RL.PIPELINE_CALL_OPS), counts

@@ -65,6 +65,10 @@ class KernelSet:
     reused from block to block live for its duration).
     context_gram: optional, on ``devices``: (context, clens) -> what the attention's ``gram``
     argument takes (module docstring); the pipeline passes it when nothing needs a gradient.
+    rar_scores: optional, on ``devices``, inference only (no dropout, no autograd): (E, qlens, h0,
+    wq, bq, wk, bk, wv, bv, score_w (s,), score_b (1,), both float32) -> (B, P) float32, the
+    scores sigmoid(score_w . h + score_b) of rar's last h (rounded to E's dtype first), the
+    scoring layer taken in RAR's last launch (h never stored).
     attention_bwd, rar_bwd: the backward ops, where the backend has its own (None where plain
     torch autograd differentiates attention and rar)."""
     name: str
@@ -82,6 +86,7 @@ class KernelSet:
     rcr_factors_bwd: Optional[Callable] = None
     workspace: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
     context_gram: Optional[Callable] = None
+    rar_scores: Optional[Callable] = None
 
     def budget(self, device: torch.device) -> int:
         """The default memory budget of one block on ``device``: budgets[device type] (CPU:

@@ -6,7 +6,9 @@ its element-wise work in their epilogues (``rcr``, inference; under autograd the
 recomputing torch step, rcar_fast.torch_math.rcr_step_recomputed), and F is materialised per
 pair. The context items' Gram matrices (the attention's column norms) are made once per call
 for the t2i grid's images, else once per block (``context_gram``), not once per launch. On CPU
-tensors the kernels run only under TRITON_INTERPRET=1 (the test tier)."""
+tensors the kernels run only under TRITON_INTERPRET=1 (the test tier). At inference the last
+RAR step's launch takes the scoring layer too (``rar_scores``: h never stored, no torch ops for
+the scores)."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ KERNELS = KernelSet(name="triton", devices=("cuda", "cpu"), attention=_k.triton_
                     rcr=_k.triton_rcr, rcr_devices=("cuda", "cpu"), rcr_factors_bwd=_k.rcr_factors_bwd,
                     budgets={"cpu": 24 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6,
                     rcr_recompute=True, context_gram=_k.attention.context_gram,
-                    workspace=_k.attention.call_workspace)
+                    workspace=_k.attention.call_workspace, rar_scores=_k.triton_rar_scores)
 
 
 def shape_problem(rows: int, width: int):
