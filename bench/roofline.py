@@ -164,7 +164,8 @@ def _rows(shape: Shape, Lg: int):
 #: scores' cast to float32, addmm and sigmoid, and their write into the output (index_put); with a
 #: kernel set whose RAR takes the scoring layer (KernelSet.rar_scores: triton) the index_select and
 #: the write. Per call: the RAR modules' weights stacked (6), the scoring layer's weight and bias
-#: cast (2), the images' region counts (1).
+#: cast (2), the images' region counts (1). For bf16/fp16 inputs, as modelled (with fp32 ones the
+#: casts are no-ops: one op fewer a block, two a call).
 PIPELINE_BLOCK_OPS = 5
 PIPELINE_BLOCK_OPS_FUSED_SCORE = 2
 PIPELINE_CALL_OPS = 9
@@ -207,6 +208,10 @@ def pipeline_call(book: Book, backend: str, shape: Shape) -> None:
         count += 1
         if shape.attn_type == "t2i":
             BC, n = pow2(R), shape.n_images
+            budget = gpu_budget(MODELS[backend][4], GPU_MEMORY)
+            if 4 * n * max(16, 2 * R) ** 2 * 4 > budget:     # rcar_fast.pipeline._call_grams
+                raise ValueError(f"{shape.name}: the pipeline would make the Gram matrices per block "
+                                 "(they would crowd the budget); the model books them per call")
             book.add("gram (C C^T per context item)", count=1, note=f"BC {BC}, once per call",
                      tc=n * 2 * BC * BC * D, l2=n * (R * D * ELEM + BC * BC * 4), hbm=n * (R * D * ELEM + BC * BC * 4))
     book.add("per call: weights stacked and cast, lengths, indices (torch)", count=count, hbm=0.0)

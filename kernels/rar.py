@@ -292,7 +292,7 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     if has_drop and T != 1:
         raise ValueError("keep_k: dropout masks are per step; launch one step at a time")
     if score is not None:
-        check_score(score, S, E.device, has_drop)
+        check_score(score, S, E.device, has_drop, T)
     if B * P == 0:
         return E.new_empty(B, P, S) if score is None else E.new_empty(B, P, dtype=torch.float32)
     mk, mg = (keep_k, keep_g) if has_drop else (E, E)
@@ -326,16 +326,20 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
     return h
 
 
-def check_score(score, S: int, device, has_drop: bool) -> None:
+def check_score(score, S: int, device, has_drop: bool, T: int) -> None:
     """A clear error, before any launch, for a scoring layer that is not (sw (S,), sb (1,))
-    contiguous float32 on E's device, or one asked for with dropout (inference only)."""
+    contiguous float32 on E's device, one asked for with dropout (inference only), or without a
+    step to take it (T = 0)."""
     if has_drop:
         raise ValueError("score: the fused scoring layer is for inference; it takes no dropout masks")
+    if T < 1:
+        raise ValueError(f"wq: the fused scoring layer is taken in the last RAR step; got {T} steps (wq.shape[0])")
     sw, sb = score
     for name, t, shape in (("score_w", sw, (S,)), ("score_b", sb, (1,))):
         if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {shape} on {device}, "
-                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+                             f"{'' if t.is_contiguous() else ', not contiguous'}")
 
 
 @triton.jit

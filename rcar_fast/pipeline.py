@@ -177,11 +177,22 @@ def context_grams(ks: KernelSet, c: Tensor, cl: Tensor, inplace: bool) -> Option
     return ks.context_gram(c, cl)
 
 
+def _call_grams(ks: KernelSet, img: Tensor, regions: Tensor, inplace: bool, budget: int) -> Optional[Tensor]:
+    """Every image's Gram matrices for the whole call (:func:`context_grams`) where they take at
+    most a quarter of the block budget (they live beside every block; bounded here by N_i fp32
+    tiles of side max(16, 2R), above the kernels' power of two), else None: each block then makes
+    its own images' once for its steps."""
+    side = max(16, 2 * img.shape[1])
+    if 4 * img.shape[0] * side * side * 4 > budget:
+        return None
+    return context_grams(ks, img, regions, inplace)
+
+
 def score_weights(params, dtype: torch.dtype):
     """sim_eval_w's weight and bias in the scores' accumulation dtype (float64 for float64
-    features, else float32), cast once per call."""
+    features, else float32), contiguous, cast once per call."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return params["sim_eval_w.weight"].to(acc), params["sim_eval_w.bias"].to(acc)
+    return params["sim_eval_w.weight"].to(acc).contiguous(), params["sim_eval_w.bias"].to(acc).contiguous()
 
 
 def _score(h: Tensor, score_w) -> Tensor:
@@ -289,17 +300,21 @@ def rcar_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params: 
     budget, inplace, rar_w, live, score_w, regions = _schedule(ks, img, cap, lens, params, regulator, steps,
                                                                memory_budget)
     out = img.new_empty(n_i, cap.shape[0], dtype=score_dtype(img.dtype))
-    plan = list(iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), budget, live))
-    # every block's caption indices and their lengths, each in one copy to the device; t2i: every
-    # image's Gram matrices once (each block's images are a row range of them)
-    cols_dev = torch.tensor([c for cols, *_ in plan for c in cols], dtype=torch.long, device=img.device)
-    lens_cols = torch.tensor([lens.host[c] for cols, *_ in plan for c in cols], dtype=torch.int32, device=img.device)
-    grams = context_grams(ks, img, regions, inplace) if attn_type == "t2i" else None
+    def plan():
+        return iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), budget, live)
+    # every caption chunk's indices and lengths (each caption in one chunk), in one copy each to
+    # the device: a chunk's image blocks follow each other, the first at image 0 (iter_blocks)
+    chunks = [c for cols, _, i0, _ in plan() if i0 == 0 for c in cols]
+    cols_dev = torch.tensor(chunks, dtype=torch.long, device=img.device)
+    lens_cols = torch.tensor([lens.host[c] for c in chunks], dtype=torch.int32, device=img.device)
+    # t2i: every image's Gram matrices once (each block's images are a row range of them)
+    grams = _call_grams(ks, img, regions, inplace, budget) if attn_type == "t2i" else None
     with ks.workspace():
-        start = 0
-        for cols, Lg, i0, i1 in plan:
-            at = slice(start, start + len(cols))
-            start = at.stop
+        start, at = 0, slice(0, 0)
+        for cols, Lg, i0, i1 in plan():
+            if i0 == 0:
+                at = slice(start, start + len(cols))
+                start = at.stop
             s = _run_block(_cut_block_scores, (ks, img, cap, lens_cols[at], i0, i1, cols_dev[at], Lg, attn_type, params,
                                                rar_w, regulator, steps, smooth, regions[i0:i1], score_w,
                                                None if grams is None else grams[i0:i1], training), inplace)
@@ -329,7 +344,7 @@ def pair_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, img_inde
     lens_dev = torch.tensor(lens.host, dtype=torch.int32, device=img.device)
     out = img.new_empty(img_index.shape[0], dtype=score_dtype(img.dtype))
     # t2i: every block's context is every image (indexed per pair): their Gram matrices once
-    grams = context_grams(ks, img, regions, inplace) if attn_type == "t2i" else None
+    grams = _call_grams(ks, img, regions, inplace, budget) if attn_type == "t2i" else None
     with ks.workspace():
         for pos, Lg in iter_pair_blocks(lens.host, cap_index.tolist(), img_index.tolist(), R, d, attn_type,
                                         img.element_size(), budget, live):

@@ -346,6 +346,45 @@ def test_grams_and_grid_index_made_once(monkeypatch, attn_type, listed):
 
 
 @needs_triton
+def test_grams_per_block_where_the_calls_would_crowd_the_budget(monkeypatch):
+    """The t2i grid's Gram matrices are made for the whole call only where they take at most a
+    quarter of the block budget; past that each block makes its own images' once for its steps
+    (memory_budget=1: one pair a block)."""
+    from rcar_fast.kernels import attention as ka
+    counts = dict(gram=0, attention=0)
+    for name in counts:
+        fn = getattr(ka, name if name == "gram" else "attention_fwd")
+        monkeypatch.setattr(ka, name if name == "gram" else "attention_fwd",
+                            lambda *a, _fn=fn, _n=name, **k: counts.__setitem__(_n, counts[_n] + 1) or _fn(*a, **k))
+    img, cap, lens = make_inputs(3, 4, 5, 6, 24, torch.float32, 23)
+    head = make_head("coop_rcar", 2, "t2i", 24, 8, torch.float32, 23).eval()
+    with torch.no_grad():
+        full = head(img, cap, lens, backend="triton")
+        assert counts["gram"] == 1
+        counts.update(gram=0, attention=0)
+        tiny = head(img, cap, lens, backend="triton", memory_budget=1)
+    assert counts["attention"] == 2 * 12 and counts["gram"] == 12, counts     # 12 one-pair blocks
+    torch.testing.assert_close(tiny, full, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scoring_layer_of_any_layout(backend):
+    """A non-contiguous scoring layer (sim_eval_w's weight as a strided view) scores as the
+    contiguous one (the pipeline casts it once per call, contiguous: triton's RAR takes it in its
+    last launch)."""
+    img, cap, lens = make_inputs(2, 3, 4, 5, 24, torch.float32, 24)
+    head = make_head("coop_rcar", 2, "t2i", 24, 8, torch.float32, 24).eval()
+    p = params_of(head, True)
+    W = p["sim_eval_w.weight"]
+    q = dict(p, **{"sim_eval_w.weight": torch.stack([W, W], -1)[..., 0]})
+    assert not q["sim_eval_w.weight"].is_contiguous()
+    with torch.no_grad():
+        want = ops.rcar_scores(img, cap, lens, p, "coop_rcar", 2, "t2i", backend=backend)
+        got = ops.rcar_scores(img, cap, lens, q, "coop_rcar", 2, "t2i", backend=backend)
+    assert torch.equal(got, want)
+
+
+@needs_triton
 def test_attention_gram_argument():
     """The triton attention op takes the context items' Gram matrices made beforehand
     (context_gram): same output as without them, opcheck's schema, fake and autograd hold with
@@ -393,9 +432,12 @@ def test_rar_scores_op_is_rar_then_the_scoring_layer(dtype):
             assert torch.isfinite(got).all()
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
             torch.library.opcheck(tb.triton_rar_scores, (E, ql, h, *ws, sw, sb))
-    for bad, name in (((sw[:-1], sb), "score_w"), ((sw.double(), sb), "score_w"), ((sw, sb.half()), "score_b")):
-        with pytest.raises(ValueError, match=f"^{name}: "):
+    for bad, name in (((sw[:-1], sb), "score_w"), ((sw.double(), sb), "score_w"), ((sw, sb.half()), "score_b"),
+                      ((torch.stack([sw, sw], -1)[:, 0], sb), "score_w: .*not contiguous")):
+        with pytest.raises(ValueError, match=f"^{name}"):
             tb.triton_rar_scores(E, ql, None, *ws, *bad)
+    with pytest.raises(ValueError, match="^wq: .*0 steps"):          # no step to take the layer
+        tb.triton_rar_scores(E, ql, h0, *(w[:0] for w in ws), sw, sb)
 
 
 def test_cuda_backend_offers_the_fused_rcr_step():

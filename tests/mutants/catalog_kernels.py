@@ -220,8 +220,8 @@ MUTANTS = [
     # the context Gram matrices and the grid's context index made once (pipeline, call_workspace)
     dict(name="pipeline: the t2i grid's Gram matrices not made once per call (each block its own)",
          file="rcar_fast/pipeline.py",
-         old='    grams = context_grams(ks, img, regions, inplace) if attn_type == "t2i" else None\n    with ks.workspace():\n        start = 0',
-         new='    grams = None\n    with ks.workspace():\n        start = 0',
+         old='    grams = _call_grams(ks, img, regions, inplace, budget) if attn_type == "t2i" else None\n    with ks.workspace():\n        start, at',
+         new='    grams = None\n    with ks.workspace():\n        start, at',
          tests=["tests/test_fused_backends.py::test_grams_and_grid_index_made_once[t2i-grid]"]),
     dict(name="pipeline: a block's Gram matrices not made once for its steps (each launch its own)",
          file="rcar_fast/pipeline.py", old="    if gram is None:\n        gram = context_grams(ks, c, cl, inplace)\n",
@@ -241,7 +241,7 @@ MUTANTS = [
          file="rcar_fast/pipeline.py",
          old="(torch.arange(i0, i1) if training else None, cidx, attn_type, False), score_w=score_w,",
          new="(torch.arange(i0, i1) if training else None, cidx, attn_type, False), score_w=None,",
-         tests=["tests/test_roofline.py::test_pipeline_ops_are_the_models[t2i]"]),
+         tests=["tests/test_roofline.py::test_pipeline_ops_are_the_models[t2i-triton]"]),
     # RAR's last launch taking the scoring layer (SCORE, triton_rar_scores) and the Gram tile's valid part
     dict(name="triton rar scores: h not rounded to E's dtype before the scoring layer",
          file=RAR, old="x = tl.sum(h.to(out_ptr.dtype.element_ty).to(tl.float32) * sw[None, :], axis=1)",
@@ -258,4 +258,17 @@ MUTANTS = [
          file=ATT, old="""mask=cmask[:, None] & cmask[None, :],
                    other=0.0)""", new=""")""",
          tests=["tests/test_fused_backends.py::test_attention_gram_argument"]),
+    # review mends: chunked index copies, the layer's layout, the Gram matrices' budget, T = 0
+    dict(name="pipeline: a chunk's caption indices advanced at every image block, not at its first",
+         file="rcar_fast/pipeline.py", old="            if i0 == 0:\n                at = slice(", new="            if True:\n                at = slice(",
+         tests=["tests/test_fused_backends.py::test_memory_budget_blocks_agree[triton]"]),
+    dict(name="pipeline: the scoring layer cast but left in its layout (a strided weight refused by the fused layer)",
+         file="rcar_fast/pipeline.py", old='params["sim_eval_w.weight"].to(acc).contiguous()', new='params["sim_eval_w.weight"].to(acc)',
+         tests=["tests/test_fused_backends.py::test_scoring_layer_of_any_layout[triton]"]),
+    dict(name="pipeline: the call's Gram matrices made whatever the budget",
+         file="rcar_fast/pipeline.py", old="    if 4 * img.shape[0] * side * side * 4 > budget:\n        return None\n", new="",
+         tests=["tests/test_fused_backends.py::test_grams_per_block_where_the_calls_would_crowd_the_budget"]),
+    dict(name="triton rar scores: T = 0 let through (h0 returned as the scores)",
+         file=RAR, old="    if T < 1:\n        raise ValueError(", new="    if False:\n        raise ValueError(",
+         tests=["tests/test_fused_backends.py::test_rar_scores_op_is_rar_then_the_scoring_layer[dtype0]"]),
 ]
