@@ -365,6 +365,15 @@ def test_grams_per_block_where_the_calls_would_crowd_the_budget(monkeypatch):
         tiny = head(img, cap, lens, backend="triton", memory_budget=1)
     assert counts["attention"] == 2 * 12 and counts["gram"] == 12, counts     # 12 one-pair blocks
     torch.testing.assert_close(tiny, full, rtol=0, atol=1e-7)
+    # 16 KiB: the call's Gram matrices (3 x 16 x 16 x 4 B, at most a quarter) made once, each
+    # block (images 0-1, then 2: one length, 4 captions) given its own images' rows of them
+    img, cap, lens = make_inputs(3, 4, 5, 6, 24, torch.float32, 25, lens=torch.full((4,), 6))
+    with torch.no_grad():
+        full = head(img, cap, lens, backend="triton")
+        counts.update(gram=0, attention=0)
+        split = head(img, cap, lens, backend="triton", memory_budget=16384)
+    assert counts["attention"] == 2 * 2 and counts["gram"] == 1, counts
+    torch.testing.assert_close(split, full, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
