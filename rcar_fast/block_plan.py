@@ -40,8 +40,20 @@ def iter_blocks(lens: Sequence[int], n_images: int, regions: int, dim: int, attn
     """Blocks of the pair grid: (caption indices, their padded length, first image, end image).
 
     Captions come in length groups (:func:`plan_caption_groups`); each group is cut into
-    blocks of at most :func:`block_pairs` pairs, as many captions as fit, then images.
+    blocks of at most :func:`block_pairs` pairs, as many captions as fit (a chunk,
+    :func:`iter_caption_chunks`), then images: a chunk's blocks follow each other, the first
+    at image 0.
     """
+    for cols, Lg, ni_blk in iter_caption_chunks(lens, n_images, regions, dim, attn_type, itemsize, budget,
+                                                live_buffers):
+        for i0 in range(0, n_images, ni_blk):
+            yield cols, Lg, i0, min(n_images, i0 + ni_blk)
+
+
+def iter_caption_chunks(lens: Sequence[int], n_images: int, regions: int, dim: int, attn_type: str,
+                        itemsize: int, budget: int, live_buffers: int) -> Iterator[Tuple[List[int], int, int]]:
+    """The caption chunks of :func:`iter_blocks`, in its order: (caption indices, their padded
+    length, images per block); every caption in exactly one."""
     for group in plan_caption_groups(lens):
         Lg = max(lens[j] for j in group)
         lq = Lg if attn_type == "t2i" else regions
@@ -49,8 +61,7 @@ def iter_blocks(lens: Sequence[int], n_images: int, regions: int, dim: int, attn
         nc_blk = min(len(group), max_pairs)
         ni_blk = max(1, min(n_images, max_pairs // nc_blk))
         for c0 in range(0, len(group), nc_blk):
-            for i0 in range(0, n_images, ni_blk):
-                yield group[c0:c0 + nc_blk], Lg, i0, min(n_images, i0 + ni_blk)
+            yield group[c0:c0 + nc_blk], Lg, ni_blk
 
 
 def iter_pair_blocks(lens: Sequence[int], cap_index: Sequence[int], img_index: Sequence[int], regions: int,

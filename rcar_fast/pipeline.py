@@ -46,7 +46,7 @@ import torch.utils.checkpoint
 
 from . import torch_math as tm
 from .backends.contract import KernelSet, valid_rows
-from .block_plan import iter_blocks, iter_pair_blocks
+from .block_plan import iter_blocks, iter_caption_chunks, iter_pair_blocks
 from .constants import EPS
 from .dropout import pair_keep_masks, rar_keep_masks
 from .validate import Lengths
@@ -300,18 +300,17 @@ def rcar_scores(ks: KernelSet, img: Tensor, cap: Tensor, lens: Lengths, params: 
     budget, inplace, rar_w, live, score_w, regions = _schedule(ks, img, cap, lens, params, regulator, steps,
                                                                memory_budget)
     out = img.new_empty(n_i, cap.shape[0], dtype=score_dtype(img.dtype))
-    def plan():
-        return iter_blocks(lens.host, n_i, R, d, attn_type, img.element_size(), budget, live)
+    plan = (lens.host, n_i, R, d, attn_type, img.element_size(), budget, live)
     # every caption chunk's indices and lengths (each caption in one chunk), in one copy each to
     # the device: a chunk's image blocks follow each other, the first at image 0 (iter_blocks)
-    chunks = [c for cols, _, i0, _ in plan() if i0 == 0 for c in cols]
+    chunks = [c for cols, _, _ in iter_caption_chunks(*plan) for c in cols]
     cols_dev = torch.tensor(chunks, dtype=torch.long, device=img.device)
     lens_cols = torch.tensor([lens.host[c] for c in chunks], dtype=torch.int32, device=img.device)
     # t2i: every image's Gram matrices once (each block's images are a row range of them)
     grams = _call_grams(ks, img, regions, inplace, budget) if attn_type == "t2i" else None
     with ks.workspace():
         start, at = 0, slice(0, 0)
-        for cols, Lg, i0, i1 in plan():
+        for cols, Lg, i0, i1 in iter_blocks(*plan):
             if i0 == 0:
                 at = slice(start, start + len(cols))
                 start = at.stop
