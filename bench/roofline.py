@@ -37,7 +37,8 @@ What it models is the code as it is (kernels/, csrc/cuda/, the pipeline): block 
 rcar_fast.block_plan with each backend's GPU budget and buffer counts, one launch per op per
 block and step, the pipeline's own torch ops per block and per call (PIPELINE_BLOCK_OPS,
 PIPELINE_CALL_OPS: counted on CPU by tests/test_roofline.py), the torch backend's
-element-wise passes, RCR at inference as two GEMM kernels with fused epilogues for triton and as cuBLAS GEMMs plus one element-wise kernel for cuda
+element-wise passes, RCR at inference as two GEMM kernels with fused epilogues for triton and as
+cuBLAS GEMMs plus one element-wise kernel for cuda
 (torch's step under autograd).
 """
 
@@ -192,6 +193,14 @@ def pipeline_block(book: Book, B: int, P: int, Lq: int, tag: str = "", fused_sco
              simt=pairs * (2 * s + 8), hbm=gather + pairs * (s * (e + 8) + 5 * 4))
 
 
+def book_gram(book: Book, name: str, B: int, Lc: int, note: str = "") -> None:
+    """One _gram_kernel launch over B context items of Lc rows: C read, its BC x BC fp32 tiles
+    written."""
+    BC = pow2(Lc)
+    book.add(name, count=1, note=f"BC {BC}" + note, tc=B * 2 * BC * BC * D, l2=B * (Lc * D * ELEM + BC * BC * 4),
+             hbm=B * (Lc * D * ELEM + BC * BC * 4))
+
+
 def gram_tile_bytes(Lc: int) -> int:
     """The bytes of a context item's fp32 Gram tile a Triton attention program reads: its Lc
     valid rows of Lc valid columns (the rest masked), in 32-byte sectors."""
@@ -207,13 +216,11 @@ def pipeline_call(book: Book, backend: str, shape: Shape) -> None:
     if backend == "triton" and not shape.training:
         count += 1
         if shape.attn_type == "t2i":
-            BC, n = pow2(R), shape.n_images
-            budget = gpu_budget(MODELS[backend][4], GPU_MEMORY)
-            if 4 * n * max(16, 2 * R) ** 2 * 4 > budget:     # rcar_fast.pipeline._call_grams
+            from rcar_fast.pipeline import call_grams_fit
+            if not call_grams_fit(shape.n_images, R, gpu_budget(MODELS[backend][4], GPU_MEMORY)):
                 raise ValueError(f"{shape.name}: the pipeline would make the Gram matrices per block "
                                  "(they would crowd the budget); the model books them per call")
-            book.add("gram (C C^T per context item)", count=1, note=f"BC {BC}, once per call",
-                     tc=n * 2 * BC * BC * D, l2=n * (R * D * ELEM + BC * BC * 4), hbm=n * (R * D * ELEM + BC * BC * 4))
+            book_gram(book, "gram (C C^T per context item)", shape.n_images, R, ", once per call")
     book.add("per call: weights stacked and cast, lengths, indices (torch)", count=count, hbm=0.0)
 
 
@@ -384,8 +391,7 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
         # the context items' Gram matrices: under autograd at every launch; at inference once per
         # block for all its steps (i2t; the t2i grid's once per call, pipeline_call)
         if shape.training or (t == 0 and shape.attn_type != "t2i"):
-            book.add(f"gram (C C^T per context item){tag}", count=1, note=f"BC {BC}", tc=B * 2 * BC * BC * d,
-                     l2=B * (Lc * d * e + BC * BC * 4), hbm=B * (Lc * d * e + BC * BC * 4))
+            book_gram(book, f"gram (C C^T per context item){tag}", B, Lc)
         # executed rows: M per program (GP pairs packed, the last program of a row of P partly empty)
         book.add(f"attention_fwd{tag}", count=1, note=f"M {M} BC {BC} GP {GP}",
                  tc=programs * (2 * M * BC * d * 2 + 2 * M * d * BS),
@@ -432,8 +438,7 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     passes = BS // 32
     for t in range(shape.steps):
-        book.add("gram (backward)", count=1, note=f"BC {BC}", tc=B * 2 * BC * BC * d,
-                 l2=B * (Lc * d * e + BC * BC * 4), hbm=B * (Lc * d * e + BC * BC * 4))
+        book_gram(book, "gram (backward)", B, Lc)
         # GP pairs of one context item per program: the context, W and the atomics into dW, db
         # and dC once per program; Q, dQ's atomics and the dY scratch per pair
         book.add("attention_bwd (passes A-D)", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",

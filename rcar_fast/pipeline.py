@@ -115,11 +115,9 @@ def zero_padded_queries(x, lens: Tensor, attn_type: str):
 def _attention(ks: KernelSet, q, ql, c, cl, factors, lam, weight=None, bias=None, context_index=None, gram=None):
     lam_tensor = lam if isinstance(lam, Tensor) else None
     lam_scalar = 0.0 if isinstance(lam, Tensor) else float(lam)
-    if gram is not None:
-        return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias, context_index, gram)
-    if context_index is None:
-        return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias)
-    return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias, context_index)
+    # the optional trailing arguments only where given (kernel sets without a gram take none)
+    extra = (context_index, gram) if gram is not None else () if context_index is None else (context_index,)
+    return ks.attention(q, ql, c, cl, factors, lam_tensor, lam_scalar, weight, bias, *extra)
 
 
 def _rcr(ks: KernelSet, E, ql, factors, lam, params, prefix: str, inplace: bool):
@@ -182,16 +180,22 @@ def _call_grams(ks: KernelSet, img: Tensor, regions: Tensor, inplace: bool, budg
     most a quarter of the block budget (they live beside every block; bounded here by N_i fp32
     tiles of side max(16, 2R), above the kernels' power of two), else None: each block then makes
     its own images' once for its steps."""
-    side = max(16, 2 * img.shape[1])
-    if 4 * img.shape[0] * side * side * 4 > budget:
+    if not call_grams_fit(img.shape[0], img.shape[1], budget):
         return None
     return context_grams(ks, img, regions, inplace)
+
+
+def call_grams_fit(n_images: int, regions: int, budget: int) -> bool:
+    """Whether every image's Gram matrices fit a quarter of the block budget (:func:`_call_grams`;
+    bench/roofline.py books them by the same rule)."""
+    side = max(16, 2 * regions)
+    return 4 * n_images * side * side * 4 <= budget
 
 
 def score_weights(params, dtype: torch.dtype):
     """sim_eval_w's weight and bias in the scores' accumulation dtype (float64 for float64
     features, else float32), contiguous, cast once per call."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = score_dtype(dtype)
     return params["sim_eval_w.weight"].to(acc).contiguous(), params["sim_eval_w.bias"].to(acc).contiguous()
 
 

@@ -265,7 +265,7 @@ MUTANTS = [
          file="rcar_fast/pipeline.py", old='params["sim_eval_w.weight"].to(acc).contiguous()', new='params["sim_eval_w.weight"].to(acc)',
          tests=["tests/test_fused_backends.py::test_scoring_layer_of_any_layout[triton]"]),
     dict(name="pipeline: the call's Gram matrices made whatever the budget",
-         file="rcar_fast/pipeline.py", old="    if 4 * img.shape[0] * side * side * 4 > budget:\n        return None\n", new="",
+         file="rcar_fast/pipeline.py", old="    if not call_grams_fit(img.shape[0], img.shape[1], budget):\n        return None\n", new="",
          tests=["tests/test_fused_backends.py::test_grams_per_block_where_the_calls_would_crowd_the_budget"]),
     dict(name="triton rar scores: T = 0 let through (h0 returned as the scores)",
          file=RAR, old="    if T < 1:\n        raise ValueError(", new="    if False:\n        raise ValueError(",
