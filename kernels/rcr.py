@@ -131,7 +131,8 @@ def _rcr_hidden_kernel(e_ptr, qlen_ptr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_pt
         lam_old = tl.load(lam_ptr + r, mask=valid, other=0.0).to(tl.float32)
     else:
         lam_old = lam_scalar
-    lam = tl.where(valid, tl.maximum(smooth + lam_old, 0.0), 0.0)
+    # relu that keeps a NaN, as torch's (propagate_nan NONE would turn it into 0)
+    lam = tl.where(valid, tl.maximum(smooth + lam_old, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
     tl.store(lam_out_ptr + r, lam.to(lam_out_ptr.dtype.element_ty), mask=r < N_ROWS)
 
 
@@ -157,7 +158,9 @@ def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_
         f = tl.load(tl.multiple_of(f_ptr + row0 * D, 16) + offs, mask=v2, other=0.0).to(tl.float32)
     else:
         f = 1.0
-    out = tl.where(v2, tl.minimum(tl.maximum(_tanh(m) + f, -1.0), 1.0), 0.0)
+    # the clamp keeps a NaN of a valid row, as torch's does (NONE would make it -1 or 1)
+    z = tl.maximum(_tanh(m) + f, -1.0, propagate_nan=tl.PropagateNan.ALL)
+    out = tl.where(v2, tl.minimum(z, 1.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
     tl.store(tl.multiple_of(out_ptr + row0 * D, 16) + offs, out.to(out_ptr.dtype.element_ty),
              mask=(r < N_ROWS)[:, None] & cm[None, :])
 

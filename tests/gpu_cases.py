@@ -223,15 +223,17 @@ def half_pair_scores_within_twice_torch(backend, device, dtype, regulator, steps
 def rcr_op_matches_torch_step(device, dtype, with_state: bool, atol: float):
     """The extension's inference rcr op on ``device`` (the CPU kernel on CPU tensors, the CUDA one
     on CUDA tensors) against torch's RCR step on the same device in float64: F and lam within
-    ``atol`` on every valid row, exactly zero on padded rows (which hold NaN in E, F and lam);
+    ``atol`` on every valid row, exactly zero on padded rows (which hold NaN in E, F and lam), NaN
+    where a valid row's input holds one (rcr_op_case's nan_valid);
     d = 300 (two column passes of the element-wise kernel), 35 rows."""
     from rcar_fast.backends import extension_kernels  # noqa: F401  (loads the op)
-    args, want_F, want_lam, pad = rcr_op_case(1, 300, 16, with_state, lambda x: x.to(device, dtype))
+    args, want_F, want_lam, pad = rcr_op_case(1, 300, 16, with_state, lambda x: x.to(device, dtype), nan_valid=True)
     got_F, got_lam = torch.ops.rcar_fast.rcr(*args)
     assert got_F.dtype == dtype and got_F.device.type == torch.device(device).type
     valid = ~pad
-    torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], rtol=0, atol=atol)
-    torch.testing.assert_close(got_lam[:, valid].double(), want_lam[:, valid], rtol=0, atol=atol * 10)
+    assert want_F.isnan().any() and want_lam.isnan().any()
+    torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], rtol=0, atol=atol, equal_nan=True)
+    torch.testing.assert_close(got_lam[:, valid].double(), want_lam[:, valid], rtol=0, atol=atol * 10, equal_nan=True)
     assert not got_F[:, pad].any() and not got_lam[:, pad].any()
 
 

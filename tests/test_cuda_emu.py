@@ -468,7 +468,8 @@ def test_rar_backward(emu, Lq, dropout, dtype):
 def test_rcr_factors(emu, has_f, dtype):
     """rcr_factors_kernel over (B = 2, P = 3, Lq = 5) rows x d = 300 on a grid of 4 blocks
     (grid-stride over rows, two column passes): clamp(tanh(M) + F, -1, 1), zero at padded rows
-    whatever M and F hold there (NaN)."""
+    whatever M and F hold there (NaN); a NaN in a valid row's M or F comes out NaN, as from torch's
+    clamp (no silent -1 or 1)."""
     B, P, Lq, D = 2, 3, 5, 300
     g = torch.Generator().manual_seed(4)
     ql = torch.tensor([5, 1, 3], dtype=torch.int32)
@@ -478,10 +479,13 @@ def test_rcr_factors(emu, has_f, dtype):
     m[~valid.expand_as(m)] = float("nan")
     if f is not None:
         f[~valid.expand_as(f)] = float("nan")
+        f[1, 2, 0, 9] = float("nan")              # a valid row's F
+    m[0, 0, 1, 5] = m[1, 0, 4, 299] = float("nan")   # valid rows' M
     want = torch.where(valid, torch.clamp(torch.tanh(m.double()) + (1.0 if f is None else f.double()), -1, 1), 0.0)
+    assert int(want.isnan().sum()) == 2 + (f is not None)
     out = m.clone()
     emu.emu_rcr_factors(DTYPES[dtype], _ptr(out), _ptr(f), _ptr(ql), B * P * Lq, P, Lq, D, 4)
-    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

@@ -420,6 +420,29 @@ def test_attention_gram_argument():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_context_gram_is_the_valid_rows_gram(dtype):
+    """context_gram's own output, which the attention's ``gram`` argument takes as it is: per
+    context item C C^T over its valid rows (fp32, against fp64 products of the rounded inputs)
+    in rows and columns below its length, exact zeros past it and up to BC (the power of two at
+    or above Lc), with NaN in every padded row of the context (none may reach a valid entry)."""
+    from rcar_fast.kernels import attention as ka
+    g = torch.Generator().manual_seed(11)
+    items, Lc, d = 4, 11, 40
+    c = torch.randn(items, Lc, d, generator=g).to(dtype)
+    cl = torch.tensor([11, 1, 6, 9], dtype=torch.int32)
+    for i, n in enumerate(cl.tolist()):
+        c[i, n:] = float("nan")
+    G = ka.context_gram(c, cl)
+    assert G.dtype == torch.float32 and G.shape == (items, 16, 16)
+    for i, n in enumerate(cl.tolist()):
+        ci = c[i, :n].double()
+        torch.testing.assert_close(G[i, :n, :n].double(), ci @ ci.T, rtol=1e-5, atol=1e-4)
+        assert not G[i, n:].isnan().any() and not G[i, :, n:].isnan().any()
+        assert not G[i, n:].any() and not G[i, :, n:].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rar_scores_op_is_rar_then_the_scoring_layer(dtype):
     """triton_rar_scores (RAR whose last launch takes the scoring layer) against triton_rar's h
     rounded to E's dtype, then sigmoid(F.linear(h.float(), w, b)) in torch: T = 1 and 2, from the

@@ -506,15 +506,19 @@ def test_fused_rcr_matches_torch_rcr_step(backend, with_state, dtype):
     """The inference-only rcr op (C++; Triton: two GEMM kernels with the element-wise work in
     their epilogues, test_triton_rcr_gemm_tiles covers their tiling) against the
     torch backend's RCR step on every valid row; padded rows of the inputs hold NaN and the
-    outputs are zero there; opcheck."""
+    outputs are zero there; a NaN in a valid row's E, factors or lam comes out NaN where torch's
+    step gives NaN (the clamp and the relu keep it: no silent -1, 1 or 0); opcheck."""
     from rcar_testutil import rcr_op_case
     B, P, Lq, d = 3, 7, 5, 140
-    args, want_F, want_lam, pad = rcr_op_case(B, d, 6, with_state, lambda x: x.to(dtype))
+    args, want_F, want_lam, pad = rcr_op_case(B, d, 6, with_state, lambda x: x.to(dtype), nan_valid=True)
+    # the reference carries the valid rows' NaN: E's to a whole row of F and lam, F's and lam's to one entry
+    assert int(want_F.isnan().sum()) == d + (1 if with_state else 0)
+    assert int(want_lam.isnan().sum()) == 1 + (1 if with_state else 0)
     op = _rcr_op(backend)
     got_F, got_lam = op(*args)
     assert got_F.dtype == dtype and got_F.shape == (B, P, Lq, d) and got_lam.shape == (B, P, Lq)
     exact64 = dtype == torch.float64 and backend != "triton"      # Triton accumulates in fp32
-    tol = dict(rtol=1e-10, atol=1e-12) if exact64 else dict(rtol=1e-5, atol=2e-6)
+    tol = dict(rtol=1e-10, atol=1e-12, equal_nan=True) if exact64 else dict(rtol=1e-5, atol=2e-6, equal_nan=True)
     valid = ~pad
     torch.testing.assert_close(got_F[:, valid].double(), want_F[:, valid], **tol)
     torch.testing.assert_close(got_lam[:, valid].double(), want_lam[:, valid], **tol)

@@ -184,7 +184,8 @@ RCAR_INLINE void axpy(T* y, T a, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// m = clamp(tanh(m + b) + f, -1, 1), f null meaning all ones (RCR's factor update)
+// m = clamp(tanh(m + b) + f, -1, 1), f null meaning all ones (RCR's factor update); a NaN stays
+// NaN, as in torch's clamp: std::max(x, -1) and std::min(x, 1) return x when x is NaN (x first)
 template <class T>
 RCAR_INLINE void rcr_tail(T* m, const T* b, const T* f, int64_t n) {
   if (f) {

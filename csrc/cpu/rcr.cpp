@@ -79,7 +79,7 @@ void rcr_tile(const RcrInputs<T>& a, int64_t n0, int64_t n1, RcrState<T>& st, T*
       rcr_tail(m, a.b2, a.f ? a.f + row * D : nullptr, D);
       if (!dense) std::memcpy(fout + row * D, m, sizeof(T) * D);
       const T l = dot(H + r * HH + a.H1, a.ws2, a.H2) + a.bs2 + (a.lam ? a.lam[row] : a.lam_s);
-      lout[row] = l > T(0) ? l : T(0);
+      lout[row] = l < T(0) ? T(0) : l;   // relu that keeps a NaN, as torch's
     }
     if (nq < Lq) {
       std::memset(fout + (n * Lq + nq) * D, 0, sizeof(T) * (Lq - nq) * D);

@@ -7,9 +7,13 @@
 namespace rcar_fast {
 namespace cuda {
 
+// clamp(x, -1, 1) that keeps a NaN, as torch's clamp (fminf/fmaxf would make it -1 or 1): both
+// comparisons are false for NaN
+__device__ __forceinline__ float clamp_unit(float x) { return x < -1.f ? -1.f : (x > 1.f ? 1.f : x); }
+
 // F = clamp(tanh(M) + F_old, -1, 1) over M (rows x D, contiguous) in place; f_old likewise or
 // nullptr (all ones). Row r is position r % Lq of query item (r / Lq) % P: zero at or past its length.
-// Block per row (grid-stride over rows), threads over the columns.
+// Block per row (grid-stride over rows), threads over the columns. A NaN in a valid row stays NaN.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m, const T* __restrict__ f_old,
                                                                const int* __restrict__ qlens, int64_t rows,
@@ -21,7 +25,7 @@ __global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m
     const T* fr = f_old != nullptr ? f_old + r * D : nullptr;
     for (int64_t c = threadIdx.x; c < D; c += kThreads) {
       float v = 0.f;
-      if (valid) v = fminf(fmaxf(tanhf(to_f(mr[c])) + (fr != nullptr ? to_f(fr[c]) : 1.f), -1.f), 1.f);
+      if (valid) v = clamp_unit(tanhf(to_f(mr[c])) + (fr != nullptr ? to_f(fr[c]) : 1.f));
       mr[c] = from_f<T>(v);
     }
   }
