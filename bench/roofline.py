@@ -466,21 +466,22 @@ CUDA_TC_ROWS = 64
 
 def cuda_tc_plan(Lq: int, Lc: int, P: int):
     """(BQ, BC, GP, rows) of attention_fwd_tc_kernel for fp16/bf16 (csrc/cuda/plan.h choose_tc_plan,
-    where no shared-memory limit is reached at s = 256): BQ = Lq and BC = Lc rounded up to 16,
-    GP = 64 // BQ pairs of one context item per block (at most P), rows = GP * BQ rounded up to
-    16; None where the kernel does not apply (Lq or Lc > 64: the per-pair kernel runs)."""
+    where no shared-memory limit is reached at s = 256): packed pairs, BQ = Lq rows each back to
+    back, BC = Lc rounded up to 16, GP = 64 // Lq pairs of one context item per block (at most P),
+    rows = GP * Lq rounded up to 16; None where the kernel does not apply (Lq or Lc > 64: the
+    per-pair kernel runs)."""
     if Lq > CUDA_TC_ROWS or Lc > CUDA_TC_ROWS:
         return None
-    BQ, BC = -(-Lq // 16) * 16, -(-Lc // 16) * 16
+    BQ, BC = Lq, -(-Lc // 16) * 16
     GP = min(max(1, CUDA_TC_ROWS // BQ), P)
     return BQ, BC, GP, -(-GP * BQ // 16) * 16
 
 
 def cuda_rar_plan(Lq: int, P: int):
     """(BQ, GP, rows) of rar_fwd_kernel (csrc/cuda/plan.h choose_rar_plan, no shared-memory limit
-    reached at s = 256): BQ = Lq rounded up to 16, GP = 64 // BQ pairs per block (1 past 64; at
-    most P), rows = GP * BQ rounded up to 16 MT."""
-    BQ = -(-Lq // 16) * 16
+    reached at s = 256): packed pairs, BQ = Lq rows each back to back, GP = 64 // Lq pairs per
+    block (1 past 64; at most P), rows = GP * Lq rounded up to 16 MT."""
+    BQ = Lq
     GP = min(CUDA_TC_ROWS // BQ if BQ <= CUDA_TC_ROWS else 1, P)
     rows = GP * BQ
     mt = 1 if rows <= 16 else (2 if rows <= 32 else (3 if rows <= 48 else 4))
@@ -489,7 +490,7 @@ def cuda_rar_plan(Lq: int, P: int):
 
 def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
     """The CUDA kernels (csrc/cuda/): gram_kernel (C C^T per context item, fp32 SIMT), then for
-    fp16/bf16 attention_fwd_tc_kernel: GP = 64 // BQ pairs of one context item per block (the
+    fp16/bf16 attention_fwd_tc_kernel: GP = 64 // Lq packed pairs of one context item per block (the
     context, its Gram matrix and the 512 KB weight read once per block), the scores (F * Q) C^T,
     U = P C and the projection by wmma (HMMA, fp32 accumulators) from shared memory, every
     product 64 rows tall; RCR (csrc/cuda/rcr.cu for inference: cuBLAS GEMMs and one kernel for the

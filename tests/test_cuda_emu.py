@@ -218,13 +218,15 @@ ATT_IDS = ["A,F=1", "A,F,lam", "E,F=1", "E,F,lam"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("Lq,Lc,gp", [(5, 9, 4), (20, 9, 2), (36, 20, 1), (64, 36, 1)],
-                         ids=["BQ16", "BQ32", "BQ48", "BQ64"])
+@pytest.mark.parametrize("Lq,Lc,gp", [(7, 9, 9), (13, 9, 4), (20, 9, 3), (36, 20, 1), (64, 36, 1)],
+                         ids=["Lq7", "Lq13", "Lq20", "Lq36", "Lq64"])
 @pytest.mark.parametrize("with_state,with_weight", ATT_CASES, ids=ATT_IDS)
 def test_tensor_core_forward_groups(emu, with_state, with_weight, Lq, Lc, gp, dtype):
     """attention_fwd_tc_kernel on the grid: P = 11 query items (mixed lengths, 1 and Lq among
-    them) against B = 2 context items (one of length 1), GP pairs per block with a partial last
-    block per item, d = 40 (two chunks of 32, the second partial), s = 24."""
+    them) against B = 2 context items (one of length 1), GP = 64 // Lq packed pairs per block
+    (their Lq rows back to back: pair boundaries inside a 16-row tile; Lq 7: 9 pairs, more than
+    the block's 8 warps) with a partial last block per item, d = 40 (two chunks of 32, the second
+    partial), s = 24."""
     lens = _mixed_lengths(11, Lq, Lq)
     args = _sample(dtype, seed=3 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=11, Lq=Lq,
                    Lc=Lc, d=40, s=24, qlens=lens)
@@ -277,17 +279,18 @@ def test_tensor_core_forward_wide_projection(emu):
     args = _sample(torch.float16, seed=8, with_state=True, with_weight=True, P=5, Lq=10, Lc=9, d=40, s=300,
                    qlens=_mixed_lengths(5, 10, 2))
     out, used = emu_attention(emu, args)
-    assert used // 1000 == 4, used
+    assert used // 1000 == 5, used   # 64 // 10 = 6 pairs a block, at most P = 5
     _check(out, _ref(args), torch.float16)
 
 
 def test_tensor_core_forward_fewer_pairs_when_memory_is_short(emu):
-    """With a smaller shared-memory limit the plan lowers GP (4 pairs' block does not fit, 3 do)."""
+    """With a smaller shared-memory limit the plan lowers GP: 6 pairs of 10 rows (64 rows) do not
+    fit, nor 5 (50 rows, still 64), 4 do (40 rows: 48)."""
     args = _sample(torch.float16, seed=9, with_state=False, with_weight=True, P=6, Lq=10, Lc=9, d=40, s=300,
                    qlens=_mixed_lengths(6, 10, 3))
     full, used_full = emu_attention(emu, args, limit=H200_SMEM)
     small, used_small = emu_attention(emu, args, limit=140_000)
-    assert used_full // 1000 == 4 and used_small // 1000 == 3, (used_full, used_small)
+    assert used_full == 6004 and used_small == 4003, (used_full, used_small)
     _check(small, _ref(args), torch.float16)
 
 
@@ -411,10 +414,12 @@ def test_rar_steps_in_one_call_equal_one_step_calls(emu, dtype):
 @pytest.mark.parametrize("T,dropout,h_given", [(1, False, False), (2, False, True), (3, False, False),
                                                (1, True, False), (1, True, True)],
                          ids=["T1", "T2,h0", "T3", "T1,drop", "T1,drop,h0"])
-@pytest.mark.parametrize("Lq,gp", [(5, 4), (20, 2), (70, 1)], ids=["BQ16", "BQ32", "rows70"])
+@pytest.mark.parametrize("Lq,gp", [(7, 9), (20, 3), (70, 1)], ids=["Lq7", "Lq20", "rows70"])
 def test_rar_forward(emu, Lq, gp, T, dropout, h_given, dtype):
-    """rar_fwd_kernel: P = 11 query items of mixed lengths against B = 2, GP pairs per block
-    (a partial last one), s = 40 (two chunks of 32); 70 rows: one pair, two GEMM row groups."""
+    """rar_fwd_kernel: P = 11 query items of mixed lengths against B = 2, GP = 64 // Lq packed
+    pairs per block (a partial last one; Lq 7: 9 pairs, more than the block's 8 warps, so a warp
+    takes a second pair's softmax), s = 40 (two chunks of 32); 70 rows: one pair, two GEMM row
+    groups."""
     args = _rar_sample(dtype, seed=Lq + T + 2 * dropout, T=T, dropout=dropout, h_given=h_given, P=11, Lq=Lq, s=40,
                        qlens=_mixed_lengths(11, Lq, 9))
     out, used = emu_rar(emu, args)

@@ -1,8 +1,8 @@
 // CUDA implementation of rcar_fast::attention and rcar_fast::attention_bwd (csrc/README.md).
 //
 // Forward: gram_kernel (G = C C^T per context item, fp32), then for fp16/bf16 with Lq and Lc up
-// to 64 attention_fwd_tc_kernel: GP pairs of one context item per block (GP = 64 / BQ, BQ = Lq
-// rounded up to 16; paired: one pair), the scores, P C and the projection on tensor cores (wmma,
+// to 64 attention_fwd_tc_kernel: GP pairs of one context item per block, packed (GP = 64 / Lq, each
+// pair's Lq rows back to back; paired: one pair), the scores, P C and the projection on tensor cores (wmma,
 // fp32 accumulators). Otherwise (fp32, longer rows) attention_fwd_kernel, one block per (b, p)
 // pair, scores and P C in fp32 SIMT, the projection by the block GEMM (wmma for fp16/bf16, exact
 // fp32 FMAs for fp32). With a weight the d-wide attended context never leaves the chip.

@@ -310,7 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
 // ---------------------------------------------------------------- forward on tensor cores (fp16/bf16)
 // Block x: pairs p0 .. p0 + gp - 1 of context item b (x = b * groups + p0 / gp, groups = ceil(P / gp));
 // paired (cidx): gp = 1, block x is pair x with context item cidx[x]. Pair g owns rows
-// g * bq .. g * bq + qlen_g - 1 of the block's 16 MT rows; the other rows are zeros in every
+// g * bq .. g * bq + qlen_g - 1 of the block's 16 MT rows (bq = Lq: packed, plan.h choose_tc_plan;
+// any bq >= the pairs' lengths works); the other rows are zeros in every
 // operand, so every product is one 16 MT-row GEMM of the tensor-core shape:
 //   pass 1:  S0 (rows x bc) = X C^T, X = F * Q rounded to T        (wmma, fp32 accumulators)
 //   on chip: per pair, the column norms over its own rows, the softmax, |U| = sqrt(P G P^T) (fp32)
@@ -355,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
                                                                        void* out) {
   static_assert(!std::is_same<T, float>::value, "fp32 runs attention_fwd_kernel (exact SIMT products)");
   static_assert(MODE == kModeAttended || MODE == kModeAlignment, "kModeSquaredDiff runs attention_fwd_kernel");
-  static_assert(MT >= 1 && MT <= kTcMaxGP, "16 MT rows, at most kTcRows");
+  static_assert(MT >= 1 && MT <= kTcMaxMT, "16 MT rows, at most kTcRows");
   using namespace nvcuda;
   constexpr int ROWS = 16 * MT;
   extern __shared__ __align__(128) unsigned char smem[];

@@ -81,12 +81,14 @@ RCAR_HD AttnFwdLayout attn_fwd_layout(int elem, int64_t Lq, int64_t Lc, int64_t 
 }
 
 // ---------------------------------------------------------------- attention forward on tensor cores (fp16/bf16)
-// attention_fwd_tc_kernel: one block holds GP pairs of one context item (paired: one pair), pair g
-// in rows g * BQ .. g * BQ + qlen - 1 of 16 MT rows (BQ = Lq rounded up to 16); the scores, P C
-// and the projection run on wmma. Lq and Lc up to kTcMaxLen (longer: attention_fwd_kernel).
-constexpr int kTcRows = 64;                 // query rows a block aims for (GP = kTcRows / BQ)
+// attention_fwd_tc_kernel: one block holds GP pairs of one context item (paired: one pair), packed:
+// pair g in rows g * BQ .. g * BQ + qlen - 1 of 16 MT rows with BQ = Lq (no padding between pairs);
+// the scores, P C and the projection run on wmma. Lq and Lc up to kTcMaxLen (longer:
+// attention_fwd_kernel).
+constexpr int kTcRows = 64;                 // query rows a block aims for (GP = kTcRows / Lq)
 constexpr int kTcMaxLen = 64;               // longest Lq and Lc the kernel takes
-constexpr int kTcMaxGP = kTcRows / 16;      // most pairs per block
+constexpr int kTcMaxMT = kTcRows / 16;      // most row tiles per block
+constexpr int kTcMaxGP = kTcRows;           // most pairs per block (Lq = 1)
 constexpr int kLDU = kBD + 4;               // row stride of the fp32 P C chunk
 // Regions (bytes from the start of dynamic shared memory):
 //   S     rows x ldS fp32 scores, then the probabilities in place (ldS = BC + 4)
@@ -142,7 +144,7 @@ RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64
   TcPlan t{0, 0, 0, 0};
   if (elem != 2 || mode == kModeSquaredDiff || Lq < 1 || Lc < 1 || P < 1 || Lq > kTcMaxLen || Lc > kTcMaxLen)
     return t;
-  const int bq = (int)round_up(Lq, 16), bc = (int)round_up(Lc, 16);
+  const int bq = (int)Lq, bc = (int)round_up(Lc, 16);
   int gp = paired ? 1 : kTcRows / bq;
   if (gp < 1) gp = 1;
   if (gp > P) gp = (int)P;
@@ -230,8 +232,8 @@ RCAR_HD RarLayout rar_layout(int elem, int64_t Lq, int64_t s, int mt) {
 
 // ---------------------------------------------------------------- RAR forward: one step, GP pairs per block
 // rar_fwd_kernel: GP pairs of one block of the grid (consecutive query items of one context item),
-// pair g in rows g * BQ .. g * BQ + qlen - 1 of GP * BQ rows (BQ = Lq rounded up to 16; GP = 64 /
-// BQ, 1 past 64 rows), the keys K = tanh(E Wk^T + bk) by the block GEMM over 16 MT rows at a time.
+// pair g in rows g * BQ .. g * BQ + qlen - 1 of GP * BQ rows (packed: BQ = Lq; GP = 64 / Lq, 1 past
+// 64 rows), the keys K = tanh(E Wk^T + bk) by the block GEMM over 16 MT rows at a time.
 //   es     rows x lde, E in the compute type (lde = round_up(s, kBD) + 8)
 //   ws     kNG x ld_op Wk chunk, compute type;  y  16 mt x kLDY fp32, one group of E Wk^T
 //   gw     GP x sk fp32 (each pair's g keep_g wv, from the host);  u  sk fp32
@@ -259,7 +261,7 @@ RCAR_HD RarStepLayout rar_step_layout(int elem, int rows, int64_t s, int mt, int
   return L;
 }
 
-// bq: Lq rounded up to 16; gp pairs per block (<= P; 1 past kTcRows rows); mt row tiles per GEMM
+// bq: Lq (packed pairs); gp pairs per block (<= P; 1 past kTcRows rows); mt row tiles per GEMM
 // group (16 mt covers gp * bq up to 64). gp, then mt, lowered until the block fits `limit`;
 // gp = 0: not even one pair with mt = 1 fits (the launcher refuses).
 struct RarPlan {
@@ -267,7 +269,7 @@ struct RarPlan {
 };
 
 RCAR_HD RarPlan choose_rar_plan(int elem, int64_t Lq, int64_t s, int64_t P, int64_t limit) {
-  const int bq = (int)round_up(Lq < 1 ? 1 : Lq, 16);
+  const int bq = (int)(Lq < 1 ? 1 : Lq);
   int gp = bq <= kTcRows ? kTcRows / bq : 1;
   if (gp > P) gp = P < 1 ? 1 : (int)P;
   for (; gp >= 1; --gp) {

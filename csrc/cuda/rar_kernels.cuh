@@ -264,10 +264,10 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
     }
   }
 
-  // a = softmax over each pair's valid rows of logit + bv_t (warp g for pair g)
+  // a = softmax over each pair's valid rows of logit + bv_t (warp w for pairs w, w + 8, ...)
   const float bv = to_f(r.bv[t]);
-  if (warp < np) {
-    const int g = warp, n = qls[g];
+  for (int g = warp; g < np; g += kWarps) {
+    const int n = qls[g];
     const float* lg = logit + g * bq;
     float m = -INFINITY;
     for (int q = lane; q < n; q += 32) m = fmaxf(m, lg[q] + bv);
