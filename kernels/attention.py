@@ -88,8 +88,10 @@ def _segment_sum(v1, s1, v2, s2):
 @triton.jit
 def _segment_max(v1, s1, v2, s2):
     """The segmented maximum's combine: scanned in reverse over the segmented sums (non-decreasing
-    inside a segment), each row gets its segment's total."""
-    return tl.where(s1 == s2, tl.maximum(v1, v2), v2), s2
+    inside a segment), each row gets its segment's total. A NaN anywhere in a segment reaches
+    every row of it, as torch's sum over the pair's rows does (the sum where either is NaN:
+    propagate_nan=ALL instead spilled 32 B in the attention forward under triton 3.6, sm_90)."""
+    return tl.where(s1 == s2, tl.where((v1 != v1) | (v2 != v2), v1 + v2, tl.maximum(v1, v2)), v2), s2
 
 
 @triton.jit

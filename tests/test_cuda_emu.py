@@ -256,6 +256,27 @@ def test_tensor_core_forward_paired(emu, with_state, dtype):
     _check(out, _ref(args, cidx), dtype)
 
 
+@pytest.mark.parametrize("Lq,gp", [(1, 64), (3, 21)], ids=["Lq1", "Lq3"])
+def test_packed_blocks_up_to_64_pairs(emu, Lq, gp):
+    """The most pairs a packed block takes (plan.h kTcMaxGP = 64: 64 pairs of one row; 21 of 3):
+    P = 70 query items against B = 2 (a full block and a partial one per item), fp16, the
+    attention forward with F, lam and the projection, and two RAR steps with dropout: every pair's
+    length, norms, softmax and output from its own entry of the block's pair table."""
+    P = 70
+    lens = _mixed_lengths(P, Lq, 40 + Lq)
+    args = _sample(torch.float16, seed=60 + Lq, with_state=True, with_weight=True, P=P, Lq=Lq, Lc=9, d=40, s=24,
+                   qlens=lens)
+    out, used = emu_attention(emu, args)
+    assert used // 1000 == gp, used
+    _check(out, _ref(args), torch.float16)
+    rargs = _rar_sample(torch.float16, seed=70 + Lq, T=1, dropout=True, h_given=False, P=P, Lq=Lq, s=40, qlens=lens)
+    h, used = emu_rar(emu, rargs)
+    assert all(u // 1000 == gp for u in used), used
+    want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in rargs])
+    assert not torch.isnan(h).any()
+    torch.testing.assert_close(h.double(), want, **TOL[torch.float16])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16 (tensor cores)", "fp32 (per pair)"])
 def test_forward_with_strided_inputs(emu, dtype):
     """The launchers pass the tensors' own strides: query and context as slices of wider rows,

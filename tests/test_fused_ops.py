@@ -225,6 +225,26 @@ def test_attention_many_query_items_per_context_item(backend, with_state, with_w
     torch.testing.assert_close(out.double(), want, **tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_nan_in_a_valid_row_reaches_the_whole_pair(backend):
+    """A NaN in a valid row of a pair's factors (not its first row) makes that pair's column norms
+    NaN, so every row of the pair comes out NaN, as from the reference (torch's sum over the
+    pair's rows), and no other pair is touched: with packed pairs (the Triton forward's 12 of 5
+    rows per program) the norm handed to the rows before the NaN must be NaN too."""
+    P, Lq = 13, 5
+    lens = [5, 5, 4, 1, 3, 5, 2, 5, 4, 5, 1, 5, 3]
+    args = _sample(torch.float32, seed=17, with_state=True, with_weight=False, P=P, Lq=Lq, Lc=9, qlens=lens)
+    args[4][0, 1, 3, 2] = float("nan")                 # pair (0, 1), row 3 of 5
+    args[4][1, 8, 2, 5] = float("nan")                 # pair (1, 8), row 2 of 4
+    out = _ops(backend)[0](*args)
+    up = [a.double() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+    want = ref_attention(*up)
+    nan_rows = want.isnan().any(-1)
+    assert nan_rows[0, 1, :5].all() and nan_rows[1, 8, :4].all() and int(nan_rows.sum()) == 9
+    assert torch.equal(out.isnan().any(-1), nan_rows)
+    torch.testing.assert_close(out.double(), want, **_tol(torch.float32, backend), equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_triton_forward_rows_not_evenly_spaced(dtype):
     """The packed forward addresses a program's rows from its first pair's (kernels/attention.py:

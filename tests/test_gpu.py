@@ -127,11 +127,11 @@ def test_pair_scores_match_the_grid(backend, regulator, steps, attn_type):
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
-def test_cuda_rcr_op(with_state, dtype, atol):
-    """The CUDA kernel of the rcr op (csrc/cuda/rcr.cu) against torch's step in float64 on the GPU."""
-    if _backend_param("cuda") != "cuda":
-        pytest.skip("the cuda backend is not available here")
-    rcr_op_matches_torch_step("cuda", dtype, with_state, atol)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rcr_op(backend, with_state, dtype, atol):
+    """The inference rcr op of each backend (csrc/cuda/rcr.cu; kernels/rcr.py) against torch's step
+    in float64 on the GPU, a valid row's NaN kept (the hardware's min/max, not the interpreter's)."""
+    rcr_op_matches_torch_step("cuda", dtype, with_state, atol, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

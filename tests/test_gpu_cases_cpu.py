@@ -32,7 +32,7 @@ def test_gpu_tier_parametrization_is_complete():
                  "test_half_error_within_twice_torch", "test_flickr_shaped_block",
                  "test_gradients_match_reference", "test_training_step_with_dropout", "test_selftest_passes",
                  "test_pair_scores_match_the_grid", "test_half_long_captions", "test_half_wide_projection",
-                 "test_half_pair_scores", "test_cuda_rcr_op"):
+                 "test_half_pair_scores", "test_rcr_op"):
         assert callable(getattr(test_gpu, name))
 
 
@@ -92,11 +92,11 @@ def test_half_long_captions_case(backend):
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
-def test_rcr_op_case(with_state):
-    """The GPU tier's rcr-op check on CPU tensors (the C++ CPU kernel), fp32."""
-    if "cpp" not in rcar_fast.available_backends("cpu"):
-        pytest.skip("the extension is not built here")
-    rcr_op_matches_torch_step("cpu", torch.float32, with_state, 2e-5)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rcr_op_case(backend, with_state):
+    """The GPU tier's rcr-op check on CPU tensors (the C++ CPU kernel; the Triton op under the
+    interpreter), fp32."""
+    rcr_op_matches_torch_step("cpu", torch.float32, with_state, 2e-5, "cuda" if backend == "cpp" else backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -104,4 +104,8 @@ MUTANTS = [
          file="csrc/cuda/plan.h", old="  const int bq = (int)Lq, bc = (int)round_up(Lc, 16);",
          new="  const int bq = (int)round_up(Lq, 16), bc = (int)round_up(Lc, 16);",
          tests=[f"{EMU}::test_tensor_core_forward_groups", "tests/test_roofline.py::test_cuda_plans_are_the_kernels"]),
+    dict(name="cuda plan: the pair table 16 entries (a packed block of one-row pairs holds 64)",
+         file="csrc/cuda/plan.h", old="constexpr int kTcMaxGP = kTcRows;           // most pairs per block (Lq = 1)",
+         new="constexpr int kTcMaxGP = 16;                // most pairs per block (Lq = 1)",
+         tests=[f"{EMU}::test_packed_blocks_up_to_64_pairs"]),
 ]
