@@ -19,7 +19,7 @@ import torch
 
 import rcar_fast
 from rcar_fast import dropout, reference
-from rcar_testutil import index_keep_masks, make_head, make_inputs, params_of, rcr_op_case
+from rcar_testutil import index_keep_masks, make_head, make_inputs, params_of, rcr_op, rcr_op_case
 
 #: every (regulator, steps) set-up of the GPU tier
 CONFIGS = [("only_rar", 2), ("only_rcr", 2), ("coop_rcar", 1), ("coop_rcar", 2), ("coop_rcar", 3)]
@@ -220,21 +220,15 @@ def half_pair_scores_within_twice_torch(backend, device, dtype, regulator, steps
     assert err <= 2 * err_torch + 1e-4, (err, err_torch)
 
 
-def rcr_op_matches_torch_step(device, dtype, with_state: bool, atol: float, backend: str = "cuda"):
-    """The inference rcr op of ``backend`` on ``device`` ("cuda": the extension's op, the CPU kernel
-    on CPU tensors and the CUDA one on CUDA tensors; "triton": the Triton op, run by the
-    interpreter on CPU tensors) against torch's RCR step on the same device in float64: F and lam within
+def rcr_op_matches_torch_step(backend: str, device, dtype, with_state: bool, atol: float):
+    """The inference rcr op of ``backend`` (rcar_testutil.rcr_op: "cpp" and "cuda" the extension's,
+    "triton" the Triton op, run by the interpreter on CPU tensors) on ``device`` against torch's
+    RCR step on the same device in float64: F and lam within
     ``atol`` on every valid row, exactly zero on padded rows (which hold NaN in E, F and lam), NaN
     where a valid row's input holds one (rcr_op_case's nan_valid);
     d = 300 (two column passes of the element-wise kernel), 35 rows."""
-    if backend == "triton":
-        from rcar_fast.backends.triton_kernels import load_kernels
-        op = load_kernels().triton_rcr
-    else:
-        from rcar_fast.backends import extension_kernels  # noqa: F401  (loads the op)
-        op = torch.ops.rcar_fast.rcr
     args, want_F, want_lam, pad = rcr_op_case(1, 300, 16, with_state, lambda x: x.to(device, dtype), nan_valid=True)
-    got_F, got_lam = op(*args)
+    got_F, got_lam = rcr_op(backend)(*args)
     assert got_F.dtype == dtype and got_F.device.type == torch.device(device).type
     valid = ~pad
     assert want_F.isnan().any() and want_lam.isnan().any()

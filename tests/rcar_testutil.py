@@ -145,15 +145,26 @@ RCR_KEYS = ("rcr_matrix_w.0.weight", "rcr_matrix_w.0.bias", "rcr_matrix_w.2.weig
             "rcr_smooth_w.0.weight", "rcr_smooth_w.0.bias", "rcr_smooth_w.2.weight", "rcr_smooth_w.2.bias")
 
 
+def rcr_op(backend: str):
+    """The inference rcr op of a backend: the Triton custom op for "triton", else the extension's
+    (the C++ CPU kernel on CPU tensors, the CUDA one on CUDA tensors)."""
+    if backend == "triton":
+        from rcar_fast.backends.triton_kernels import load_kernels
+        return load_kernels().triton_rcr
+    from rcar_fast.backends import extension_kernels  # noqa: F401  (registers fake and autograd)
+    return torch.ops.rcar_fast.rcr.default
+
+
 def rcr_op_case(B: int, d: int, s: int, with_state: bool, cast, seed: int = 21, nan_valid: bool = False):
     """Inputs of the rcr op (csrc/README.md) and torch's RCR step on them: P = 7 query items of
     lengths 5, 1, 3, 4, 5, 2, 1 (Lq = 5), E, factors and lam NaN at padded rows (factors and lam
     absent without ``with_state``), RCRModule(d, s) weights with nonzero biases. ``cast`` puts a
     tensor in the op's dtype and device; the reference (rcr_step, float64) runs on the cast values.
-    ``nan_valid`` also puts a NaN in valid rows, which the reference carries: one entry of E
-    (the last context item, query item 0, row 2: that row's F and lam are NaN) and, with the state, one entry of the factors (item
-    3, row 1, column 7: that entry of F) and of lam (item 4, row 0), so a kernel whose clamp or relu
-    drops a NaN gives a number where torch gives NaN (compare with equal_nan).
+    ``nan_valid`` also puts a NaN in valid rows, which the reference carries: one entry of E (the
+    last context item, query item 0, row 2: that row's F and lam are NaN) and, with the state, one
+    entry of the factors (item 3, row 1, column 7: that entry of F) and of lam (item 4, row 0), so
+    a kernel whose clamp or relu drops a NaN gives a number where torch gives NaN (compare with
+    equal_nan).
     Returns (the op's arguments, want_F, want_lam, pad (P, Lq) on the inputs' device)."""
     from rcar_fast.modules import RCRModule
     from rcar_fast.torch_math import rcr_step

@@ -131,7 +131,7 @@ def test_pair_scores_match_the_grid(backend, regulator, steps, attn_type):
 def test_rcr_op(backend, with_state, dtype, atol):
     """The inference rcr op of each backend (csrc/cuda/rcr.cu; kernels/rcr.py) against torch's step
     in float64 on the GPU, a valid row's NaN kept (the hardware's min/max, not the interpreter's)."""
-    rcr_op_matches_torch_step("cuda", dtype, with_state, atol, backend)
+    rcr_op_matches_torch_step(backend, "cuda", dtype, with_state, atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

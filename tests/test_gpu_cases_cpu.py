@@ -96,7 +96,7 @@ def test_half_long_captions_case(backend):
 def test_rcr_op_case(backend, with_state):
     """The GPU tier's rcr-op check on CPU tensors (the C++ CPU kernel; the Triton op under the
     interpreter), fp32."""
-    rcr_op_matches_torch_step("cpu", torch.float32, with_state, 2e-5, "cuda" if backend == "cpp" else backend)
+    rcr_op_matches_torch_step(backend, "cpu", torch.float32, with_state, 2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
