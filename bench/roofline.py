@@ -428,8 +428,8 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     """The Triton backward per step (kernels/attention_bwd.py, kernels/rar.py): the context
     items' Gram matrices once per item, then the attention's two kernels recompute each pair on
     chip (the first with GP pairs of one context item per program, as the forward) (bf16: A rebuilt once per 32-column chunk of Y, 8
-    passes over d at s = 256) and add the shared gradients with fp32 atomics (dW: s x d per
-    pair); RAR's backward per step (E held for the keys' products and read twice more in column
+    passes over d at s = 256) and add dQ and dC with fp32 atomics; dW and db from the
+    scratches after the first kernel (one GEMM over every row, one sum); RAR's backward per step (E held for the keys' products and read twice more in column
     chunks for u, du and da); RCR's recomputing backward (rcr_recomputed_backward, its d-wide chain one kernel)."""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
@@ -441,13 +441,17 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
         book_gram(book, "gram (backward)", B, Lc)
         # GP pairs of one context item per program: the context, W and the atomics into dW, db
         # and dC once per program; Q, dQ's atomics and the dY scratch per pair
+        # (Q - A)^2 stored (the inputs' dtype) for dW's GEMM: no s x d atomics
         book.add("attention_bwd (passes A-D)", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
-                 tc=programs * GP * (2 * BQ * BC * d + passes * 2 * BQ * BC * d + 2 * BQ * d * BS * 3
+                 tc=programs * GP * (2 * BQ * BC * d + passes * 2 * BQ * BC * d + 2 * BQ * d * BS * 2
                                      + 2 * BQ * BC * d),
                  simt=programs * GP * (4 * BQ * d * passes + 2 * BQ * BC * BC),
-                 l2=pairs * (Lq * d * e + Lq * d * 4 * 2 + Lq * s * 4 * 4)
-                 + programs * ((3 * Lc * d + 2 * s * d) * e + (s * d + BC * d) * 4 * 2),
-                 hbm=pairs * (Lq * s * 4 * 3 + BQ * BC * 4) + (s * d + (P * Lq + B * BC) * d) * 4)
+                 l2=pairs * (Lq * d * e * 2 + Lq * d * 4 * 2 + Lq * s * 4 * 3)
+                 + programs * ((3 * Lc * d + 2 * s * d) * e + BC * d * 4 * 2),
+                 hbm=pairs * (Lq * s * 4 * 3 + BQ * BC * 4 + Lq * d * e) + (P * Lq + B * BC) * d * 4)
+        # dY cast to the inputs' dtype, dW = dY^T (Q - A)^2 (cuBLAS, fp32 out), db = dY's column sums
+        book.add("dW = dY^T (Q - A)^2 (cuBLAS), db (torch)", count=3, tc=2 * pairs * Lq * s * d,
+                 hbm=pairs * Lq * (s * 4 * 2 + s * e * 2 + d * e) + s * d * 4)
         book.add("attention_bwd_scores", count=1,
                  tc=pairs * (2 * BQ * BC * d * 3), simt=pairs * 40 * BQ * BC,
                  l2=pairs * ((Lq * d * 2 + Lc * d) * e + (Lq * d + BC * d) * 4 * 2 + (Lq * d * 4 if t > 0 else 0)),

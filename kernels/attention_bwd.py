@@ -1,7 +1,7 @@
 """Backward of the fused adaptive attention (kernels/attention.py): two kernels. The first takes,
 as the forward does, GP pairs of one context item per program on the pair grid (one pair in the
-paired form), so W is read and the shared gradients dW, db and dC are accumulated once per
-program; the second takes one pair per program. Nothing of the forward is stored: each program
+paired form), so W is read and dC is accumulated once per program; the second takes one pair
+per program. Nothing of the forward is stored: each program
 recomputes its pairs on chip (scores, softmax, the norm of the attended context through
 G = C C^T) and streams d in chunks.
 
@@ -10,9 +10,12 @@ _attention_bwd_kernel, passes A to D:
           per context item, not per pair)
   pass B  MODE_ALIGNMENT: Y = (Q - A)^2 W^T + b, BSB columns of s per pass over d (A rebuilt each time),
           parked in an fp32 scratch (B, P, Lq, s) with the row norms |Y| and Y . dE; then
-          dY = d l2n(Y) overwrites Y there, BSC columns at a time; db += sum dY
+          dY = d l2n(Y) overwrites Y there, BSC columns at a time
   pass C  dA (MODE_ALIGNMENT: 2 (dY W) (A - Q), dY read back BSC columns at a time), accumulates U . dA
-          per row; MODE_ALIGNMENT also adds dW += dY^T (Q - A)^2 and dQ += -dA
+          per row; MODE_ALIGNMENT also adds dQ += -dA and stores (Q - A)^2 (the inputs' dtype) to
+          a d2 scratch (B, P, Lq, d)
+then, between the kernels (MODE_ALIGNMENT): dW = dY^T (Q - A)^2 as one GEMM over every row of
+          the two scratches (fp32 output: mm_f32), db = the column sums of dY
   pass D  dU = dA / (|U| + eps) - U (U . dA) / (|U| (|U| + eps)^2); dP = dU C^T; dC += P^T dU;
           dP (BQ x BC fp32) goes to a scratch (B, P, BQ, BC)
 _attention_bwd_scores_kernel, after it:
@@ -24,10 +27,11 @@ _attention_bwd_scores_kernel, after it:
 The split into chunks, scratches and two kernels is what keeps every configuration free of
 register spills on sm_80 and sm_90 (python -m bench.resources; tests/test_compile.py): holding Y
 or dY s wide, or dP through the recompute of S0, spilled. dF (B, P, Lq, d) and dlam (B, P, Lq)
-belong to one pair and are stored; dQ, dC, dW and db are shared across pairs and accumulated
-with fp32 atomics, relaxed (sem="relaxed": the adds commute, and no other memory is ordered by
-them; the default acq_rel adds fences). dW's atomics (s x d) come once per program, GP pairs on
-the grid; the rest of the backward's restructuring (no s x d atomics at all) is not done.
+belong to one pair and are stored; dQ and dC are shared across pairs and accumulated with fp32
+atomics, relaxed (sem="relaxed": the adds commute, and no other memory is ordered by them; the
+default acq_rel adds fences). dW and db, shared by every pair, take no atomics: one GEMM and one
+sum after the first kernel, in a fixed order (so they are the same from run to run), with the d2
+scratch in dF's storage where there is a dF (it is free until the second kernel stores dF).
 """
 
 from typing import Optional, Tuple
@@ -46,13 +50,15 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D,
-                        S_DIM, dw_ptr, Pm, inv_un, qmask, rows, cmask,
-                        MODE: tl.constexpr, IEEE: tl.constexpr, WITH_DW: tl.constexpr,
+def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, d2_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D,
+                        S_DIM, Pm, inv_un, qmask, rows, cmask,
+                        MODE: tl.constexpr, IEEE: tl.constexpr, WITH_D2: tl.constexpr,
                         BQ: tl.constexpr, BD: tl.constexpr, BSC: tl.constexpr):
     """One d-chunk of U = P C and of dA (MODE_ALIGNMENT: 2 (dY W) (A - Q), dY streamed from the
-    scratch BSC columns at a time; MODE_ATTENDED: the given gradient). WITH_DW (MODE_ALIGNMENT) also accumulates
-    dW += dY^T (Q - A)^2 for this chunk. Rows past the query length: dA = 0."""
+    scratch BSC columns at a time; MODE_ATTENDED: the given gradient). WITH_D2 (MODE_ALIGNMENT) also
+    stores this chunk of (Q - A)^2, in the inputs' dtype as the projection took it, to the d2
+    scratch (its rows: d2_row; zeros past a query length), for dW = dY^T (Q - A)^2 as one GEMM
+    after the kernel. Rows past the query length: dA = 0."""
     rd = tl.arange(0, BD)
     dm = (d0 + rd) < D
     qd = qmask[:, None] & dm[None, :]
@@ -61,7 +67,9 @@ def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x,
     if MODE == MODE_ALIGNMENT:
         Qc = tl.load(q_base + (d0 + rd)[None, :] * sq_d, mask=qd, other=0.0).to(tl.float32)
         Dq = Qc - U * inv_un[:, None]
-        Dq2 = tl.where(qd, Dq * Dq, 0.0).to(Cc.dtype)
+        if WITH_D2:
+            tl.store(d2_row[:, None] + (d0 + rd)[None, :], tl.where(qd, Dq * Dq, 0.0).to(Cc.dtype),
+                     mask=rows[:, None] & dm[None, :])
         dYW = tl.zeros((BQ, BD), dtype=tl.float32)
         for s0 in range(0, S_DIM, BSC):
             rs = s0 + tl.arange(0, BSC)
@@ -70,10 +78,6 @@ def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x,
                          mask=sm[:, None] & dm[None, :], other=0.0)
             dYc = tl.load(dy_row[:, None] + rs[None, :], mask=rows[:, None] & sm[None, :], other=0.0)
             dYW += _dot(dYc.to(Wc.dtype), Wc, IEEE)
-            if WITH_DW:   # the same chunk of dY, loaded transposed for dY^T (Q - A)^2
-                dYt = tl.load(dy_row[None, :] + rs[:, None], mask=sm[:, None] & rows[None, :], other=0.0)
-                tl.atomic_add(dw_ptr + rs[:, None] * D + (d0 + rd)[None, :], _dot(dYt.to(Cc.dtype), Dq2, IEEE),
-                              mask=sm[:, None] & dm[None, :], sem="relaxed")
         dA = tl.where(qd, -2.0 * dYW * Dq, 0.0)
     else:
         dA = tl.load(g_base + (d0 + rd)[None, :] * sg_x, mask=qd, other=0.0).to(tl.float32)
@@ -83,7 +87,7 @@ def _grad_context_chunk(c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x,
 @triton.jit
 def _attention_bwd_kernel(
     q_ptr, qlen_ptr, c_ptr, clen_ptr, cidx_ptr, gram_ptr, f_ptr, lam_ptr, w_ptr, bias_ptr, g_ptr,
-    dq_ptr, dc_ptr, dw_ptr, db_ptr, dy_ptr, dp_ptr,
+    dq_ptr, dc_ptr, d2_ptr, dy_ptr, dp_ptr,
     P, NG, LQ, D, S_DIM, lam_scalar,
     sq_p, sq_l, sq_d,
     sc_b, sc_l, sc_d,
@@ -97,9 +101,9 @@ def _attention_bwd_kernel(
     BS: tl.constexpr, BSB: tl.constexpr, BSC: tl.constexpr,
 ):
     """Passes A to D for GP pairs of one context item (as the forward's programs: their GP * BQ
-    rows in every product, so W is read and dW, db and dC are accumulated once per program); dP
-    (BQ x BC per pair, fp32) goes to dp_ptr for the second kernel; gram_ptr: the context items'
-    Gram matrices (attention.gram). The context (and dC's atomics) at the pairs' context item
+    rows in every product, so W is read and dC accumulated once per program); dP (BQ x BC per
+    pair, fp32) goes to dp_ptr for the second kernel, MODE_ALIGNMENT's (Q - A)^2 to d2_ptr (for
+    dW's GEMM); gram_ptr: the context items' Gram matrices (attention.gram). The context (and dC's atomics) at the pairs' context item
     bc, the rest at each pair's place b, p."""
     b, bc, p, rq, rc, qmask, cmask = _group(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, GP, BQ, BC)
     rd = tl.arange(0, BD)
@@ -113,6 +117,7 @@ def _attention_bwd_kernel(
     dq_base = dq_ptr + p[:, None] * LQ * D + rq[:, None] * D
     dc_base = dc_ptr + bc * BC * D + rc[:, None] * D
     dy_row = dy_ptr + ((b * P + p) * LQ + rq) * S_DIM
+    d2_row = d2_ptr + ((b * P + p) * LQ + rq) * D
 
     # pass A: as the forward
     S0 = _scores(q_base, c_base, f_base, sq_d, sc_d, sf_d, qmask, cmask, D, HAS_F, IEEE, GP * BQ, BC, BD)
@@ -156,14 +161,13 @@ def _attention_bwd_kernel(
             dYc = tl.where(m, dEc / (r + EPS)[:, None] - Yc * coef[:, None], 0.0)
             tl.debug_barrier()   # every thread has read this chunk of Y before any overwrites it
             tl.store(dy_row[:, None] + rsc[None, :], dYc, mask=rows[:, None] & scm)
-            tl.atomic_add(db_ptr + rsc, tl.sum(dYc, axis=0), mask=rsc < S_DIM, sem="relaxed")
         tl.debug_barrier()
 
     # pass C: U . dA per row; MODE_ALIGNMENT also dW, and dQ's direct term -dA
     udA = tl.zeros((GP * BQ,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         Cc, U, dA, qd, dm = _grad_context_chunk(
-            c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, S_DIM, dw_ptr,
+            c_base, q_base, g_base, w_ptr, dy_row, d2_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, S_DIM,
             Pm, inv_un, qmask, rows, cmask, MODE, IEEE, True, GP * BQ, BD, BSC)
         if MODE == MODE_ALIGNMENT:
             tl.atomic_add(dq_base + (d0 + rd)[None, :], -dA, mask=qd, sem="relaxed")
@@ -174,7 +178,7 @@ def _attention_bwd_kernel(
     dP = tl.zeros((GP * BQ, BC), dtype=tl.float32)
     for d0 in range(0, D, BD):
         Cc, U, dA, qd, dm = _grad_context_chunk(
-            c_base, q_base, g_base, w_ptr, dy_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, S_DIM, dw_ptr,
+            c_base, q_base, g_base, w_ptr, dy_row, d2_row, sc_d, sq_d, sg_x, sw_s, sw_d, d0, D, S_DIM,
             Pm, inv_un, qmask, rows, cmask, MODE, IEEE, False, GP * BQ, BD, BSC)
         dU = tl.where(qd, dA * inv_un[:, None] - U * coefU[:, None], 0.0)
         dP += _dot(dU.to(Cc.dtype), tl.trans(Cc), IEEE)
@@ -286,6 +290,38 @@ def scores_config(cfg: dict) -> dict:
                 maxnreg=cfg["maxnreg"])
 
 
+def _scratch(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A buffer the kernels write in full before anything reads it, so left uninitialised (the
+    tests swap in one filled with NaN: a part left unwritten then shows in the gradients)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _d2_scratch(df: Optional[Tensor], shape: Tuple[int, int, int, int], query: Tensor) -> Tensor:
+    """The (Q - A)^2 scratch (B, P, Lq, d) in the inputs' dtype for dW's GEMM: in dF's storage
+    where there is one and the dtype is at most 4 bytes (dF: fp32, the same shape; free until the
+    second kernel stores dF over it), else a buffer of its own."""
+    if df is None or query.element_size() > df.element_size():
+        return _scratch(shape, dtype=query.dtype, device=query.device)
+    return df.view(-1).view(query.dtype)[:df.numel()].view(shape)
+
+
+def mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32 from operands of one dtype: the products exact and summed in fp32 (what a
+    kernel's tl.dot does with fp32 accumulation). On CUDA for fp16/bf16 one cuBLAS GEMM with an
+    fp32 output (torch.mm's out_dtype, tensor cores); elsewhere, or in a torch without it, the
+    operands widened to fp32 first (the same products, exact in fp32). fp32 and fp64 operands:
+    torch.mm in their dtype (fp32 as the user's TF32 setting has it), the result in fp32."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.mm(a, b).float()
+    if a.is_cuda and _HAS_MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+#: torch.mm(a, b, out_dtype=...) (aten::mm.dtype; CUDA only)
+_HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, weight=None,
                   bias=None, need_dfactors=True, context_index=None):
     """Gradients of attention_fwd's output (grad: (B, P, Lq, s or d)) with respect to
@@ -311,13 +347,14 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
     dc = torch.zeros(context.shape[0], cfg["BC"], D, **f32)
     has_f, has_lam = factors is not None, isinstance(lam, torch.Tensor)
     need_df = has_f and need_dfactors
-    df = torch.zeros(B, P, Lq, D, **f32) if need_df else dq
+    # dF: every element stored by the second kernel (zeros at padded rows), so not zeroed here
+    df = _scratch((B, P, Lq, D), **f32) if need_df else dq
     dlam = torch.zeros(B, P, Lq, **f32) if has_lam else dq
-    dw = torch.zeros(width, D, **f32) if projection else dq
-    db = torch.zeros(width, **f32) if projection else dq
+    dw = db = None
     if B * P:
-        dy = torch.empty(B, P, Lq, width, **f32) if projection else dq   # scratch: Y, then dY
-        dp = torch.empty(B, P, cfg["BQ"], cfg["BC"], **f32)               # scratch: dP
+        dy = _scratch((B, P, Lq, width), **f32) if projection else dq   # Y, then dY
+        dp = _scratch((B, P, cfg["BQ"], cfg["BC"]), **f32)               # dP
+        d2 = _d2_scratch(df if need_df else None, (B, P, Lq, D), query) if projection else dq
         f = factors if has_f else query
         lt = lam if has_lam else query
         sf = factors.stride() if has_f else (0, 0, 0, 0)
@@ -328,17 +365,22 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
         _attention_bwd_kernel[(B * NG,)](
             query, qlens, context, clens, cidx, gram(context, clens, cfg["BC"]), f, lt,
             weight if projection else query, bias if projection else query, grad,
-            dq, dc, dw, db, dy, dp,
+            dq, dc, d2, dy, dp,
             P, NG, Lq, D, width, lam_scalar,
             *query.stride(), *context.stride(), *sx, *sf, *sl,
             *(weight.stride() if projection else (0, 0)), *grad.stride(),
             HAS_F=has_f, HAS_LAM=has_lam, MODE=mode, IEEE=ieee, **cfg)
+        if projection:   # before the second kernel, which overwrites d2 where it lives in dF
+            dyr = dy.view(-1, width)
+            dw = mm_f32(dyr.t().to(query.dtype), d2.view(-1, D))
+            db = dyr.sum(dim=0)
         _attention_bwd_scores_kernel[(B * P,)](
             query, qlens, context, clens, cidx, f, lt, dp, dq, dc, df, dlam,
             P, Lq, D, lam_scalar, *query.stride(), *context.stride(), *sx, *sf, *sl,
             HAS_F=has_f, HAS_LAM=has_lam, NEED_DF=need_df, IEEE=ieee, **scores_config(cfg))
-    return (dq, dc[:, :Lc], df if need_df else None, dlam if has_lam else None,
-            dw if projection else None, db if projection else None)
+    elif projection:
+        dw, db = torch.zeros(width, D, **f32), torch.zeros(width, **f32)
+    return dq, dc[:, :Lc], df if need_df else None, dlam if has_lam else None, dw, db
 
 
 # ----------------------------------------------------------------------------- the custom op

@@ -29,6 +29,8 @@ def _fused_backends():
 
 
 BACKENDS = _fused_backends()
+# the Triton backward's scratch buffers NaN-filled (conftest.nan_scratch): unwritten parts show
+pytestmark = pytest.mark.usefixtures("nan_scratch")
 
 
 def _ops(backend):
@@ -455,6 +457,29 @@ def test_rar_several_chunks(backend, dtype):
     exp = torch.autograd.grad((ref_rar(*ref_leaves) * gout).sum(), [ref_leaves[i] for i in idx])
     for i, g, e in zip(idx, got, exp):
         torch.testing.assert_close(g.double(), torch.nan_to_num(e, nan=0.0), **tol, msg=f"input {i}")
+
+
+def triton_dw_gemm_sums_in_fp32(device: str, dtype: torch.dtype) -> None:
+    """mm_f32, the GEMM that makes the Triton backward's dW (dY^T (Q - A)^2 over every row, no
+    atomics): the products of fp16/bf16 operands summed in fp32, not rounded to the operands'
+    dtype (2048 ones and a 1: 2049, which neither fp16 nor bf16 holds), and random operands
+    within fp32 rounding of the fp64 product of the same values. On CUDA (tests/test_gpu.py)
+    fp16/bf16 take torch.mm's fp32 output; elsewhere the widened operands."""
+    from rcar_fast.backends.triton_kernels import load_kernels
+    mm_f32 = importlib.import_module(load_kernels().__name__ + ".attention_bwd").mm_f32
+    a = torch.ones(2, 2049, dtype=dtype, device=device)
+    b = torch.ones(2049, 3, dtype=dtype, device=device)
+    got = mm_f32(a, b)
+    assert got.dtype == torch.float32 and bool((got == 2049.0).all()), got
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(7, 300, generator=g).to(dtype).to(device)
+    b = torch.randn(300, 11, generator=g).to(dtype).to(device)
+    torch.testing.assert_close(mm_f32(a, b).double().cpu(), a.double().cpu() @ b.double().cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_dw_gemm_sums_in_fp32(dtype):
+    triton_dw_gemm_sums_in_fp32("cpu", dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

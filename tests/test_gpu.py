@@ -134,6 +134,15 @@ def test_rcr_op(backend, with_state, dtype, atol):
     rcr_op_matches_torch_step(backend, "cuda", dtype, with_state, atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if "triton" in str(b)])
+def test_triton_dw_gemm_sums_in_fp32(backend, dtype):
+    """The Triton backward's dW GEMM on the GPU: torch.mm with an fp32 output from fp16/bf16
+    operands (cuBLAS), the sum not rounded to the operands' dtype."""
+    from test_fused_ops import triton_dw_gemm_sums_in_fp32
+    triton_dw_gemm_sums_in_fp32("cuda", dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_step_with_dropout(backend):
     training_step_with_dropout(backend, "cuda", Dims(8, 12, 36, 24, 256, 64))

@@ -13,6 +13,17 @@ GRADS = "tests/test_fused_ops.py::test_attention_gradients_many_query_items_per_
 MANY = "tests/test_fused_ops.py::test_attention_many_query_items_per_context_item"
 RAR_MANY = "tests/test_fused_ops.py::test_rar_many_pairs"
 CHAIN = "tests/test_rcr_recompute.py::test_triton_factors_bwd_matches_the_chain"
+# the backward launcher's dW/db GEMM and second kernel, in its order
+_GEMM = """        if projection:   # before the second kernel, which overwrites d2 where it lives in dF
+            dyr = dy.view(-1, width)
+            dw = mm_f32(dyr.t().to(query.dtype), d2.view(-1, D))
+            db = dyr.sum(dim=0)
+"""
+_SCORES = """        _attention_bwd_scores_kernel[(B * P,)](
+            query, qlens, context, clens, cidx, f, lt, dp, dq, dc, df, dlam,
+            P, Lq, D, lam_scalar, *query.stride(), *context.stride(), *sx, *sf, *sl,
+            HAS_F=has_f, HAS_LAM=has_lam, NEED_DF=need_df, IEEE=ieee, **scores_config(cfg))
+"""
 
 MUTANTS = [
     # the RCR backward's d-wide chain (_rcr_factors_bwd_kernel, rcr_factors_bwd)
@@ -218,6 +229,23 @@ MUTANTS = [
     dict(name="triton backward: the first kernel's programs cover P / GP rounded down",
          file=BWD, old='        NG = triton.cdiv(P, cfg["GP"])', new='        NG = P // cfg["GP"]',
          tests=[f"{GRADS}[triton-E,F=1-BQ16]"]),
+    # the backward's dW and db without atomics: (Q - A)^2 to a scratch, one GEMM and one sum
+    dict(name="triton backward: the d2 scratch gets Q - A, not its square",
+         file=BWD, old="tl.where(qd, Dq * Dq, 0.0).to(Cc.dtype),", new="tl.where(qd, Dq, 0.0).to(Cc.dtype),",
+         tests=[f"{GRADS}[triton-E,F=1-BQ16]"]),
+    dict(name="triton backward: d2 left unwritten past each query length (stale memory, dF's)",
+         file=BWD, old="                     mask=rows[:, None] & dm[None, :])", new="                     mask=qd)",
+         tests=[f"{GRADS}[triton-E,F,lam-BQ32]"]),
+    dict(name="triton backward: db sums all rows but the first",
+         file=BWD, old="            db = dyr.sum(dim=0)", new="            db = dyr[1:].sum(dim=0)",
+         tests=["tests/test_fused_ops.py::test_attention_forward_and_gradients[triton-E,F=1-fp64]"]),
+    dict(name="triton backward: dW's GEMM after the second kernel has stored dF over d2",
+         file=BWD,
+         old=_GEMM + _SCORES, new=_SCORES + _GEMM,
+         tests=[f"{GRADS}[triton-E,F,lam-BQ16]"]),
+    dict(name="triton backward: dW's GEMM rounds its sum to fp16/bf16",
+         file=BWD, old="    return torch.mm(a.float(), b.float())\n", new="    return torch.mm(a, b).float()\n",
+         tests=["tests/test_fused_ops.py::test_triton_dw_gemm_sums_in_fp32[dtype0]"]),
     # the context Gram matrices and the grid's context index made once (pipeline, call_workspace)
     dict(name="pipeline: the t2i grid's Gram matrices not made once per call (each block its own)",
          file="rcar_fast/pipeline.py",
