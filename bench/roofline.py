@@ -439,9 +439,9 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     passes = BS // 32
     for t in range(shape.steps):
         book_gram(book, "gram (backward)", B, Lc)
-        # GP pairs of one context item per program: the context, W and the atomics into dW, db
-        # and dC once per program; Q, dQ's atomics and the dY scratch per pair
-        # (Q - A)^2 stored (the inputs' dtype) for dW's GEMM: no s x d atomics
+        # GP pairs of one context item per program: the context, W and dC's atomics once per
+        # program; Q, dQ's atomics, the dY scratch and (Q - A)^2 (stored in the inputs' dtype for
+        # dW's GEMM: no s x d atomics) per pair
         book.add("attention_bwd (passes A-D)", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
                  tc=programs * GP * (2 * BQ * BC * d + passes * 2 * BQ * BC * d + 2 * BQ * d * BS * 2
                                      + 2 * BQ * BC * d),

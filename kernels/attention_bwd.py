@@ -1,9 +1,8 @@
 """Backward of the fused adaptive attention (kernels/attention.py): two kernels. The first takes,
 as the forward does, GP pairs of one context item per program on the pair grid (one pair in the
 paired form), so W is read and dC is accumulated once per program; the second takes one pair
-per program. Nothing of the forward is stored: each program
-recomputes its pairs on chip (scores, softmax, the norm of the attended context through
-G = C C^T) and streams d in chunks.
+per program. Nothing of the forward is stored: each program recomputes its pairs on chip
+(scores, softmax, the norm of the attended context through G = C C^T) and streams d in chunks.
 
 _attention_bwd_kernel, passes A to D:
   pass A  S = (F Q) C^T, P, |U| through G = C C^T read from the forward's attention.gram (once
@@ -14,10 +13,10 @@ _attention_bwd_kernel, passes A to D:
   pass C  dA (MODE_ALIGNMENT: 2 (dY W) (A - Q), dY read back BSC columns at a time), accumulates U . dA
           per row; MODE_ALIGNMENT also adds dQ += -dA and stores (Q - A)^2 (the inputs' dtype) to
           a d2 scratch (B, P, Lq, d)
-then, between the kernels (MODE_ALIGNMENT): dW = dY^T (Q - A)^2 as one GEMM over every row of
-          the two scratches (fp32 output: mm_f32), db = the column sums of dY
   pass D  dU = dA / (|U| + eps) - U (U . dA) / (|U| (|U| + eps)^2); dP = dU C^T; dC += P^T dU;
           dP (BQ x BC fp32) goes to a scratch (B, P, BQ, BC)
+between the kernels (MODE_ALIGNMENT, torch): dW = dY^T (Q - A)^2, one GEMM over every row of the
+          two scratches (fp32 output: mm_f32); db = the column sums of dY
 _attention_bwd_scores_kernel, after it:
   on chip S0 = (F Q) C^T and P recomputed (no G); dZ = P (dP - rowsum(P dP)); dlam = rowsum(dZ Sn);
           dS through the normalisation across queries and the LeakyReLU
@@ -31,7 +30,8 @@ belong to one pair and are stored; dQ and dC are shared across pairs and accumul
 atomics, relaxed (sem="relaxed": the adds commute, and no other memory is ordered by them; the
 default acq_rel adds fences). dW and db, shared by every pair, take no atomics: one GEMM and one
 sum after the first kernel, in a fixed order (so they are the same from run to run), with the d2
-scratch in dF's storage where there is a dF (it is free until the second kernel stores dF).
+scratch in dF's storage where there is a dF (it is free until the second kernel stores dF) and
+the inputs' dtype is at most 4 bytes (fp64 inputs: a buffer of its own).
 """
 
 from typing import Optional, Tuple
@@ -103,8 +103,8 @@ def _attention_bwd_kernel(
     """Passes A to D for GP pairs of one context item (as the forward's programs: their GP * BQ
     rows in every product, so W is read and dC accumulated once per program); dP (BQ x BC per
     pair, fp32) goes to dp_ptr for the second kernel, MODE_ALIGNMENT's (Q - A)^2 to d2_ptr (for
-    dW's GEMM); gram_ptr: the context items' Gram matrices (attention.gram). The context (and dC's atomics) at the pairs' context item
-    bc, the rest at each pair's place b, p."""
+    dW's GEMM); gram_ptr: the context items' Gram matrices (attention.gram). The context (and
+    dC's atomics) at the pairs' context item bc, the rest at each pair's place b, p."""
     b, bc, p, rq, rc, qmask, cmask = _group(qlen_ptr, clen_ptr, cidx_ptr, sx_b, sx_p, NG, P, GP, BQ, BC)
     rd = tl.arange(0, BD)
     rows = (rq < LQ) & (p < P)
@@ -163,7 +163,7 @@ def _attention_bwd_kernel(
             tl.store(dy_row[:, None] + rsc[None, :], dYc, mask=rows[:, None] & scm)
         tl.debug_barrier()
 
-    # pass C: U . dA per row; MODE_ALIGNMENT also dW, and dQ's direct term -dA
+    # pass C: U . dA per row; MODE_ALIGNMENT also (Q - A)^2 to d2, and dQ's direct term -dA
     udA = tl.zeros((GP * BQ,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         Cc, U, dA, qd, dm = _grad_context_chunk(
@@ -330,7 +330,9 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
     part added atomically at row context_index[p] (a repeated index adds up).
     Two launches: passes A-D (_attention_bwd_kernel), then the scores' gradient and what
     follows from it (_attention_bwd_scores_kernel), through an fp32 scratch for dP
-    (B, P, BQ, BC) and, with a weight, one for Y and dY (B, P, Lq, s)."""
+    (B, P, BQ, BC) and, with a weight, one for Y and dY (B, P, Lq, s) and one for (Q - A)^2
+    (B, P, Lq, d, the inputs' dtype; in dF's storage where there is a dF); between them, with a
+    weight, dW = dY^T (Q - A)^2 (one GEMM, mm_f32) and db = dY's column sums."""
     P, Lq, D = query.shape
     Lc = context.shape[1]
     B, cidx, sx = context_rows(context, context_index)

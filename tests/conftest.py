@@ -37,7 +37,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def nan_scratch(monkeypatch):
     """The Triton backward's uninitialised scratch buffers (kernels/attention_bwd.py _scratch:
-    dY, dP, (Q - A)^2, dF) filled with NaN instead, so a part a kernel leaves unwritten shows in
+    dY, dP, (Q - A)^2, dF) filled with all bits set (NaN) instead, so a part a kernel leaves unwritten shows in
     the gradients rather than depending on what the allocator hands back. A no-op where the
     triton backend cannot load."""
     import importlib
@@ -48,7 +48,12 @@ def nan_scratch(monkeypatch):
     except ImportError:
         return
 
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
     def nan_filled(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        # every bit set: NaN in each float dtype, also where a buffer is viewed as a narrower
+        # dtype (d2, fp16/bf16, in fp32 dF's storage: an fp32 NaN's low half reads as 0 there)
+        size = torch.empty(0, dtype=dtype).element_size()
+        return torch.full(shape, -1, dtype=ints[size], device=device).view(dtype)
 
     monkeypatch.setattr(bwd, "_scratch", nan_filled)

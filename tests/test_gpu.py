@@ -144,6 +144,14 @@ def test_triton_dw_gemm_sums_in_fp32(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_half_backward_matches_fp32(backend):
+    """The attention backward op in bf16 on the GPU (the Triton backward's d2 scratch in dF's
+    storage or its own, its dW GEMM with an fp32 output) against its fp32 backward."""
+    from test_fused_ops import half_backward_matches_fp32
+    half_backward_matches_fp32(backend, "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_training_step_with_dropout(backend):
     training_step_with_dropout(backend, "cuda", Dims(8, 12, 36, 24, 256, 64))
 
