@@ -17,7 +17,10 @@ Per op, the kernels, the launcher, the torch.library custom op, its fake and its
                     ``rcar_fast::triton_rcr`` and its fake; ``rcr_factors_bwd``, the d-wide
                     chain of RCR's recomputing backward in training as one GEMM kernel
 
-The "triton" backend (rcar_fast.backends.triton_kernels) binds the custom ops into a kernel set.
+The launchers take their outputs and scratches from _alloc.empty (torch.empty; every bit set,
+NaN, under RCAR_FAST_FILL_EMPTY=1, which the test suite sets, so a part a kernel leaves
+unwritten shows). The "triton" backend (rcar_fast.backends.triton_kernels) binds the custom ops
+into a kernel set.
 On CPU tensors they run under TRITON_INTERPRET=1 (tests), where _interpreter.py makes the
 interpreter's scans (the attention forward's segmented sums) log-step instead of element by element,
 and patches the language once per launch (not again at every device-function call) from lists of

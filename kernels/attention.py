@@ -48,6 +48,7 @@ import triton.language as tl
 from rcar_fast.backends import contract
 from rcar_fast.constants import EPS as _EPS
 
+from . import _alloc
 Tensor = torch.Tensor
 
 #: rcar_fast.constants.EPS as a compile-time constant (a plain global is rejected by the compiler)
@@ -467,7 +468,7 @@ def gram(context: Tensor, clens: Tensor, BC: int) -> Tensor:
     """G = C C^T of every context item, (items, BC, BC) fp32, rows and columns at or past its
     length zero (one _gram_kernel program per item)."""
     items, _, D = context.shape
-    g = torch.empty(items, BC, BC, dtype=torch.float32, device=context.device)
+    g = _alloc.empty((items, BC, BC), dtype=torch.float32, device=context.device)
     if items:
         half = context.dtype != torch.float32
         _gram_kernel[(items,)](context, clens, g, D, *context.stride(), IEEE=not half, **gram_config(half, BC, D))
@@ -534,7 +535,7 @@ def attention_fwd(query, qlens, context, clens, factors=None, lam=10.0, weight=N
     if grams is not None:
         check_gram(grams, context, _pow2(Lc))
     B, cidx, sx = context_rows(context, context_index)
-    out = query.new_empty(B, P, Lq, width)
+    out = _alloc.empty((B, P, Lq, width), dtype=query.dtype, device=query.device)
     if B * P == 0:
         return out
     has_f = factors is not None

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
+from . import _alloc
 from .attention import (EPS, MODE_ALIGNMENT, MODE_ATTENDED, _attention_probs, _dot, _gram_tile, _group, _pair,
                         _projection_chunk, _scores, _temperatures, check_rows, check_width, context_rows, gram,
                         triton_attention)
@@ -290,18 +291,12 @@ def scores_config(cfg: dict) -> dict:
                 maxnreg=cfg["maxnreg"])
 
 
-def _scratch(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A buffer the kernels write in full before anything reads it, so left uninitialised (the
-    tests swap in one filled with NaN: a part left unwritten then shows in the gradients)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _d2_scratch(df: Optional[Tensor], shape: Tuple[int, int, int, int], query: Tensor) -> Tensor:
     """The (Q - A)^2 scratch (B, P, Lq, d) in the inputs' dtype for dW's GEMM: in dF's storage
     where there is one and the dtype is at most 4 bytes (dF: fp32, the same shape; free until the
     second kernel stores dF over it), else a buffer of its own."""
     if df is None or query.element_size() > df.element_size():
-        return _scratch(shape, dtype=query.dtype, device=query.device)
+        return _alloc.empty(shape, dtype=query.dtype, device=query.device)
     return df.view(-1).view(query.dtype)[:df.numel()].view(shape)
 
 
@@ -350,12 +345,12 @@ def attention_bwd(grad, query, qlens, context, clens, factors=None, lam=10.0, we
     has_f, has_lam = factors is not None, isinstance(lam, torch.Tensor)
     need_df = has_f and need_dfactors
     # dF: every element stored by the second kernel (zeros at padded rows), so not zeroed here
-    df = _scratch((B, P, Lq, D), **f32) if need_df else dq
+    df = _alloc.empty((B, P, Lq, D), **f32) if need_df else dq
     dlam = torch.zeros(B, P, Lq, **f32) if has_lam else dq
     dw = db = None
     if B * P:
-        dy = _scratch((B, P, Lq, width), **f32) if projection else dq   # Y, then dY
-        dp = _scratch((B, P, cfg["BQ"], cfg["BC"]), **f32)               # dP
+        dy = _alloc.empty((B, P, Lq, width), **f32) if projection else dq   # Y, then dY
+        dp = _alloc.empty((B, P, cfg["BQ"], cfg["BC"]), **f32)               # dP
         d2 = _d2_scratch(df if need_df else None, (B, P, Lq, D), query) if projection else dq
         f = factors if has_f else query
         lt = lam if has_lam else query

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
+from . import _alloc
 from .attention import (EPS, FWD_ROWS_HALF, MAX_REGISTERS, ROWS, _dot, _pow2, _segment_max, _segment_sum,
                         check_rows, check_width)
 
@@ -308,9 +309,9 @@ def rar_fwd(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None, bloc
         last step given ``score``, the scores (B, P) fp32."""
         scoring = score is not None and t == T - 1
         if scoring:
-            out, h_out, (sw, sb) = torch.empty(B, P, dtype=torch.float32, device=E.device), E, score
+            out, h_out, (sw, sb) = _alloc.empty((B, P), dtype=torch.float32, device=E.device), E, score
         else:
-            out = h_out = torch.empty(B, P, S, dtype=E.dtype, device=E.device)
+            out = h_out = _alloc.empty((B, P, S), dtype=E.dtype, device=E.device)
             sw = sb = h_out
         _rar_fwd_kernel[(B * NG,)](
             E, qlens, h_out if gate is None else gate, wk, bk, wv, bv, wq, bq, mk, mg, h_out, sw, sb, out,
@@ -446,8 +447,8 @@ def rar_bwd(grad, E, qlens, h, wq, bq, wk, bk, wv, bv, keep_k=None, keep_g=None,
     if wq.shape[0] != 1:
         raise ValueError(f"wq: rar_bwd runs one step, got {wq.shape[0]} stacked modules")
     f32 = dict(dtype=torch.float32, device=E.device)
-    dE, dKp = torch.empty(B, P, Lq, S, **f32), torch.empty(B, P, Lq, S, **f32)
-    dh, dgp, dwv = (torch.empty(B, P, S, **f32) for _ in range(3))
+    dE, dKp = _alloc.empty((B, P, Lq, S), **f32), _alloc.empty((B, P, Lq, S), **f32)
+    dh, dgp, dwv = (_alloc.empty((B, P, S), **f32) for _ in range(3))
     if B * P == 0:
         return dE, dh, dKp, dgp, dwv
     has_drop = keep_k is not None

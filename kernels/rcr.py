@@ -32,6 +32,7 @@ import triton.language as tl
 
 from rcar_fast.backends import contract
 
+from . import _alloc
 from .attention import MAX_REGISTERS, _dot, _pow2, launch_options
 from .rar import _tanh
 
@@ -254,13 +255,13 @@ def rcr_step(E: Tensor, qlens: Tensor, factors: Optional[Tensor], lam: Optional[
     if N > MAX_N_ROWS:
         raise ValueError(f"E: the Triton RCR step takes at most {MAX_N_ROWS} rows (B * P * Lq), got {N}; "
                          "score in smaller blocks")
-    F = E.new_empty(N, D)
-    lam_new = E.new_empty(N)
+    F = _alloc.empty((N, D), dtype=E.dtype, device=E.device)
+    lam_new = _alloc.empty((N,), dtype=E.dtype, device=E.device)
     if N == 0:
         return F.view(B, P, Lq, D), lam_new.view(B, P, Lq)
     rows = _aligned(E.reshape(N, S))
     half = E.dtype in (torch.float16, torch.bfloat16)
-    hidden = E.new_empty(N, H)
+    hidden = _alloc.empty((N, H), dtype=E.dtype, device=E.device)
     cfg = rcr_gemm_config(half, S, "hidden")
     opts = launch_options(cfg)
     lam_old = rows if lam is None else lam.reshape(N).contiguous()
@@ -289,7 +290,7 @@ def rcr_factors_bwd(hidden: Tensor, w2: Tensor, b2: Tensor, factors: Optional[Te
     D = w2.shape[0]
     if N > MAX_N_ROWS:
         raise ValueError(f"hidden: the Triton RCR backward takes at most {MAX_N_ROWS} rows, got {N}")
-    gm = hidden.new_empty(N, D)
+    gm = _alloc.empty((N, D), dtype=hidden.dtype, device=hidden.device)
     if N == 0:
         return gm
     half = hidden.dtype in (torch.float16, torch.bfloat16)
@@ -299,7 +300,7 @@ def rcr_factors_bwd(hidden: Tensor, w2: Tensor, b2: Tensor, factors: Optional[Te
     f_old = gm if factors is None else _aligned(factors)
     # the kernel stores dF through 16-byte aligned contiguous rows: a view that is not gets a buffer
     direct = dfactors is not None and _is_aligned(dfactors)
-    df = gm if dfactors is None else (dfactors if direct else torch.empty_like(gm))
+    df = gm if dfactors is None else (dfactors if direct else _alloc.empty(gm.shape, dtype=gm.dtype, device=gm.device))
     tiles = (triton.cdiv(N, cfg["BM"]), triton.cdiv(D, cfg["BN"]))
     _rcr_factors_bwd_kernel[tiles](h, _aligned(w2), b2, f_old, _aligned(grad), gm, df, N, D=D, H_DIM=H,
                                   HAS_F=factors is not None, WRITE_DF=dfactors is not None, IEEE=not half,

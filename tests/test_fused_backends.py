@@ -25,8 +25,6 @@ def _backends():
 
 
 BACKENDS = _backends()
-# the Triton backward's scratch buffers NaN-filled (conftest.nan_scratch): unwritten parts show
-pytestmark = pytest.mark.usefixtures("nan_scratch")
 needs_triton = pytest.mark.skipif("triton" not in rcar_fast.available_backends("cpu"),
                                   reason="triton not importable")
 

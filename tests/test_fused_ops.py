@@ -29,8 +29,6 @@ def _fused_backends():
 
 
 BACKENDS = _fused_backends()
-# the Triton backward's scratch buffers NaN-filled (conftest.nan_scratch): unwritten parts show
-pytestmark = pytest.mark.usefixtures("nan_scratch")
 
 
 def _ops(backend):
@@ -457,6 +455,23 @@ def test_rar_several_chunks(backend, dtype):
     exp = torch.autograd.grad((ref_rar(*ref_leaves) * gout).sum(), [ref_leaves[i] for i in idx])
     for i, g, e in zip(idx, got, exp):
         torch.testing.assert_close(g.double(), torch.nan_to_num(e, nan=0.0), **tol, msg=f"input {i}")
+
+
+def test_triton_launch_buffers_filled_under_the_tests(monkeypatch):
+    """kernels/_alloc.empty: every bit set under RCAR_FAST_FILL_EMPTY=1 (this suite's setting,
+    tests/conftest.py), so every element is NaN, also viewed as a narrower float (d2 in dF's
+    storage); unfilled (torch.empty) with it off; integer buffers never filled."""
+    from rcar_fast.backends.triton_kernels import load_kernels
+    alloc = importlib.import_module(load_kernels().__name__ + "._alloc")
+    assert os.environ.get("RCAR_FAST_FILL_EMPTY") == "1" and alloc.filling()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = alloc.empty((3, 5), dtype=dtype, device="cpu")
+        assert x.shape == (3, 5) and x.dtype == dtype and bool(torch.isnan(x).all()), dtype
+    assert bool(torch.isnan(alloc.empty((4,), torch.float32, "cpu").view(torch.float16)).all())
+    assert alloc.empty((2,), torch.int32, "cpu").dtype == torch.int32
+    monkeypatch.setenv("RCAR_FAST_FILL_EMPTY", "0")
+    assert not alloc.filling()
+    assert alloc.empty((3, 5), dtype=torch.float32, device="cpu").shape == (3, 5)
 
 
 def triton_dw_gemm_sums_in_fp32(device: str, dtype: torch.dtype) -> None:
