@@ -429,8 +429,9 @@ def triton_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     items' Gram matrices once per item, then the attention's two kernels recompute each pair on
     chip (the first with GP pairs of one context item per program, as the forward) (bf16: A rebuilt once per 32-column chunk of Y, 8
     passes over d at s = 256) and add dQ and dC with fp32 atomics; dW and db from the
-    scratches after the first kernel (one GEMM over every row, one sum); RAR's backward per step (E held for the keys' products and read twice more in column
-    chunks for u, du and da); RCR's recomputing backward (rcr_recomputed_backward, its d-wide chain one kernel)."""
+    scratches after the first kernel (one GEMM over every row, one sum); RAR's backward per step
+    (E held for the keys' products and read twice more in column chunks for u, du and da); RCR's
+    recomputing backward (rcr_recomputed_backward, its d-wide chain one kernel)."""
     Lq, Lc = _rows(shape, Lg)
     BQ, BC, BS = pow2(Lq), pow2(Lc), pow2(S_DIM)
     GP = max(1, TRITON_ROWS // BQ)

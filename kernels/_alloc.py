@@ -28,5 +28,4 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
     ``RCAR_FAST_FILL_EMPTY=1`` (other dtypes: not filled)."""
     if not filling() or not dtype.is_floating_point:
         return torch.empty(shape, dtype=dtype, device=device)
-    size = torch.empty(0, dtype=dtype).element_size()
-    return torch.full(tuple(shape), -1, dtype=_INTS[size], device=device).view(dtype)
+    return torch.full(tuple(shape), -1, dtype=_INTS[dtype.itemsize], device=device).view(dtype)

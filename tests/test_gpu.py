@@ -135,7 +135,7 @@ def test_rcr_op(backend, with_state, dtype, atol):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if "triton" in str(b)])
+@pytest.mark.parametrize("backend", [_backend_param("triton")])
 def test_triton_dw_gemm_sums_in_fp32(backend, dtype):
     """The Triton backward's dW GEMM on the GPU: torch.mm with an fp32 output from fp16/bf16
     operands (cuBLAS), the sum not rounded to the operands' dtype."""
