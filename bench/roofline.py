@@ -482,6 +482,24 @@ def cuda_tc_plan(Lq: int, Lc: int, P: int):
     return BQ, BC, GP, -(-GP * BQ // 16) * 16
 
 
+def cuda_tc_fragment_bytes(rows: int, BC: int, d: int, s: int) -> int:
+    """Shared-memory bytes attention_fwd_tc_kernel's wmma fragments read in one block (512 B per
+    16 x 16 fp16/bf16 fragment), with the split-K reductions' fp32 tiles (csrc/cuda/attention_kernels.cuh):
+    the scores X C^T: warps 0-3 take the first 16 of every 32-column chunk of d, warps 4-7 the
+    second; in each half, row tile i goes to 4 // MT warps (1 for MT 3) that split its BC / 16
+    column tiles, so a warp loads one A fragment and its B fragments per step; the halves' sums
+    meet in S (stored, loaded, stored). P C: each warp holds its row tile of P in registers (loaded
+    once), so a chunk reads only C's fragments. The projection (Q - A)^2 W^T: the same halves of
+    every chunk, warp w % 4 takes 64 of the 256 columns for all MT row tiles (MT A and 4 B fragments
+    a step); the halves meet in y."""
+    mt, nct, frag = rows // 16, BC // 16, 512
+    wpr = max(1, 4 // mt)
+    scores = (d // 16) * (mt * min(wpr, nct) + mt * nct) * frag + 3 * rows * BC * 4
+    pc = (d // 32) * 2 * mt * nct * frag + 2 * mt * nct * frag
+    proj = (d // 16) * 4 * (mt + 4) * frag * -(-s // 256) + 3 * rows * s * 4
+    return scores + pc + proj
+
+
 def cuda_rar_plan(Lq: int, P: int):
     """(BQ, GP, rows) of rar_fwd_kernel (csrc/cuda/plan.h choose_rar_plan, no shared-memory limit
     reached at s = 256): packed pairs, BQ = Lq rows each back to back, GP = 64 // Lq pairs per
@@ -501,9 +519,9 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
     product 64 rows tall; RCR (csrc/cuda/rcr.cu for inference: cuBLAS GEMMs and one kernel for the
     d-wide chain; torch's step under autograd); RAR per step: the mean of E at the first (a kernel),
     the gate of every pair as one fp32 GEMM (ATen), rar_fwd_kernel with GP pairs per block (Wk
-    read once per block, the keys by wmma over the block's rows). Shared-memory traffic counts the wmma fragment loads (scores and P C: one A and one B
-    fragment per 16 x 16 x 16 product; the projection: 8 warps x rows x d of A, s x d of B), the
-    chunk stores (F * Q, the context twice, W, (Q - A)^2) and the fp32 P C chunk (stored, read).
+    read once per block, the keys by wmma over the block's rows). Shared-memory traffic counts the
+    wmma fragment loads (cuda_tc_fragment_bytes), the chunk stores (F * Q, the context twice, W,
+    (Q - A)^2) and the fp32 P C chunk (stored, read).
     fp32 and rows past 64 run the per-pair attention_fwd_kernel (modelled for Lq or Lc > 64 only:
     the model's shapes are bf16)."""
     tag = " (recompute)" if recompute else ""
@@ -521,8 +539,8 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
             book.add(f"attention_fwd_tc_kernel{tag}", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
                      tc=blocks * (tc_sp + 2 * rows * d * s),
                      simt=blocks * GP * (8 * BQ * d + 2 * BQ * BC * BC + 30 * BQ * BC),
-                     smem=blocks * (tc_sp // 8 + d * e * (8 * rows + s) + (2 * rows + 2 * BC + s) * d * e
-                                    + rows * d * 4 * 2),
+                     smem=blocks * (cuda_tc_fragment_bytes(rows, BC, d, s)
+                                    + (2 * rows + 2 * BC + s) * d * e + rows * d * 4 * 2),
                      l2=pairs * ((2 * Lq * d + Lq * s + (Lq * d if has_f else 0)) * e)
                      + blocks * ((2 * Lc * d + s * d) * e + Lc * Lc * 4),
                      hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)

@@ -295,6 +295,21 @@ def test_forward_with_strided_inputs(emu, dtype):
     _check(out, _ref(args), dtype)
 
 
+@pytest.mark.parametrize("with_weight", [False, True], ids=["A", "E"])
+@pytest.mark.parametrize("Lq,Lc,mt", [(6, 40, 1), (8, 64, 1), (12, 64, 2), (16, 33, 2), (24, 64, 3), (32, 49, 4)],
+                         ids=["MT1,3 col tiles", "MT1,4", "MT2,4", "MT2,3", "MT3,4", "MT4,4"])
+def test_tensor_core_forward_tile_shares(emu, with_weight, Lq, Lc, mt):
+    """Every split of the products over the warps (attention_kernels.cuh TcScoreTiles, TcPC,
+    TcProjection): 2 pairs of one block give 16 MT rows with MT 1 to 4 and 3 or 4 column tiles of
+    the scores, so a row tile's columns go to 4, 2 or 1 warps of each half (some with none, some
+    with two); s = 100 spreads the projection over two warps of each half. fp16, F and lam."""
+    args = _sample(torch.float16, seed=40 + Lq + Lc, with_state=True, with_weight=with_weight, P=2, Lq=Lq, Lc=Lc,
+                   d=40, s=100, qlens=[Lq, Lq - 3])
+    out, used = emu_attention(emu, args)
+    assert used == 2000 + mt, used
+    _check(out, _ref(args), torch.float16)
+
+
 def test_tensor_core_forward_wide_projection(emu):
     """s = 300: the projection's 256-column passes run twice, the second partly empty."""
     args = _sample(torch.float16, seed=8, with_state=True, with_weight=True, P=5, Lq=10, Lc=9, d=40, s=300,

@@ -313,32 +313,136 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
 // g * bq .. g * bq + qlen_g - 1 of the block's 16 MT rows (bq = Lq: packed, plan.h choose_tc_plan;
 // any bq >= the pairs' lengths works); the other rows are zeros in every
 // operand, so every product is one 16 MT-row GEMM of the tensor-core shape:
-//   pass 1:  S0 (rows x bc) = X C^T, X = F * Q rounded to T        (wmma, fp32 accumulators)
+//   pass 1:  S0 (rows x bc) = X C^T, X = F * Q rounded to T        (wmma, fp32 accumulators, split-K)
 //   on chip: per pair, the column norms over its own rows, the softmax, |U| = sqrt(P G P^T) (fp32)
-//   pass 2:  U = P C chunk by chunk (P rounded to T; wmma), A = U / (|U| + eps), then
-//            kModeAttended: store A;  kModeAlignment: Y += (Q - A)^2 W^T (GemmTC), E = l2n(Y + b).
+//   pass 2:  U = P C chunk by chunk (P rounded to T, in registers: TcPC; wmma), A = U / (|U| + eps),
+//            then kModeAttended: store A;  kModeAlignment: Y += (Q - A)^2 W^T (TcProjection, split-K),
+//            E = l2n(Y + b).
 // Rows at or past a pair's query length are written as zeros. (The backward recomputes each pair
 // with attention_fwd_kernel in fp32 products: its gradients are those of that, very slightly
 // different, forward.)
 
-// U chunk (16 MT rows x kBD) = Pb (16 MT x bc) cs (bc x kBD) into us; warp w takes row tile w / 2,
-// column tile w % 2. No barrier.
-template <typename T, int MT>
-__device__ __forceinline__ void tc_pc_chunk(const T* Pb, int ldP, const T* cs, int ldo, int bc, float* us) {
+// The block's tensor-core products split K between two halves of the warps: warps 0-3 take the
+// first 16 of every kBD-column chunk, warps 4-7 the second, each half covering every output tile,
+// and the halves' fp32 sums meet in shared memory at the end (tc_splitk_meet). A warp so loads an
+// A fragment once for several products (shared memory is what bounds this kernel).
+constexpr int kTcHalf = kWarps / 2;
+static_assert(kBD == 32 && kTcHalf == 4, "two halves of 4 warps, one 16-wide K step of each chunk each");
+constexpr int kTcMaxCT = kTcMaxLen / 16;   // most 16-wide column tiles of the scores (bc <= 64)
+
+// The two halves' accumulators summed into shared memory (ld floats a row; at(i): tile i's first
+// element): the second half stores its live tiles, then the first loads each, adds its own and
+// stores the sum. Holds a barrier: every thread calls it.
+template <int N, typename Live, typename At>
+__device__ __forceinline__ void tc_splitk_meet(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[N],
+                                               int ld, Live live, At at) {
   using namespace nvcuda;
-  const int warp = threadIdx.x >> 5, ti = warp >> 1, tj = warp & 1;
-  if (ti >= MT) return;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.f);
-  for (int kc = 0; kc < bc; kc += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-    wmma::load_matrix_sync(af, Pb + ti * 16 * ldP + kc, ldP);
-    wmma::load_matrix_sync(bf, cs + kc * ldo + tj * 16, ldo);
-    wmma::mma_sync(acc, af, bf, acc);
+  const bool second = (threadIdx.x >> 5) >= kTcHalf;
+  if (second) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (live(i)) wmma::store_matrix_sync(at(i), acc[i], ld, wmma::mem_row_major);
   }
-  wmma::store_matrix_sync(us + ti * 16 * kLDU + tj * 16, acc, kLDU, wmma::mem_row_major);
+  __syncthreads();
+  if (!second) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if (!live(i)) continue;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> other;
+      wmma::load_matrix_sync(other, at(i), ld, wmma::mem_row_major);
+#pragma unroll
+      for (int e = 0; e < other.num_elements; ++e) acc[i].x[e] += other.x[e];
+      wmma::store_matrix_sync(at(i), acc[i], ld, wmma::mem_row_major);
+    }
+  }
 }
+
+// One warp's tiles of the scores, the same in both halves: row tile wi / wpr (wpr = 4 / MT warps a
+// row tile, 1 for MT 3; wi = warp % 4) and column tiles tj(j) = wi % wpr + wpr j while below bc / 16.
+template <int MT>
+struct TcScoreTiles {
+  static constexpr int kWpr = MT >= 3 ? 1 : kTcHalf / MT;
+  int ti, tj0, nct;
+  __device__ __forceinline__ explicit TcScoreTiles(int bc) {
+    const int wi = (threadIdx.x >> 5) % kTcHalf;
+    ti = wi / kWpr;
+    tj0 = wi % kWpr;
+    nct = bc / 16;
+  }
+  __device__ __forceinline__ int tj(int j) const { return tj0 + kWpr * j; }
+  __device__ __forceinline__ bool live(int j) const { return ti < MT && tj(j) < nct; }
+};
+
+// P C, one warp's share: row tile w / 2 of P (16 x bc, the inputs' type) held as bc / 16 A
+// fragments, loaded once (load), times column tile w % 2 of each context chunk (chunk: the
+// U chunk, 16 MT rows x kBD fp32, into us). No barrier in either.
+template <typename T, int MT>
+struct TcPC {
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> pf[kTcMaxCT];
+  int ti, tj, nkt;
+
+  __device__ __forceinline__ void load(const T* Pb, int ldP, int bc) {
+    const int warp = threadIdx.x >> 5;
+    ti = warp >> 1;
+    tj = warp & 1;
+    nkt = bc / 16;
+    if (ti >= MT) return;
+#pragma unroll
+    for (int k = 0; k < kTcMaxCT; ++k)
+      if (k < nkt) nvcuda::wmma::load_matrix_sync(pf[k], Pb + ti * 16 * ldP + k * 16, ldP);
+  }
+
+  __device__ __forceinline__ void chunk(const T* cs, int ldo, float* us) const {
+    using namespace nvcuda;
+    if (ti >= MT) return;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int k = 0; k < kTcMaxCT; ++k) {
+      if (k < nkt) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+        wmma::load_matrix_sync(bf, cs + k * 16 * ldo + tj * 16, ldo);
+        wmma::mma_sync(acc, pf[k], bf, acc);
+      }
+    }
+    wmma::store_matrix_sync(us + ti * 16 * kLDU + tj * 16, acc, kLDU, wmma::mem_row_major);
+  }
+};
+
+// The projection Y (16 MT x kNG fp32) += A (16 MT x kBD chunk) B^T (B: kNG x kBD chunk), split-K:
+// in each half, warp w % 4 owns the tiles of columns 64 (w % 4) .. 64 (w % 4) + 63 in every row
+// tile (MT x 4 accumulators; per K step MT A and 4 B fragments for 4 MT products).
+template <typename T, int MT>
+struct TcProjection {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[MT * 4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < MT * 4; ++i) nvcuda::wmma::fill_fragment(acc[i], 0.f);
+  }
+
+  __device__ __forceinline__ void chunk(const T* A, int lda, const T* B, int ldb) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5, kk = (warp / kTcHalf) * 16, c0 = (warp % kTcHalf) * 4;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(bf[j], B + (c0 + j) * 16 * ldb + kk, ldb);
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+      wmma::load_matrix_sync(af, A + i * 16 * lda + kk, lda);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i * 4 + j], af, bf[j], acc[i * 4 + j]);
+    }
+  }
+
+  // Both halves' sums into Y (holds a barrier: every thread calls it).
+  __device__ __forceinline__ void store(float* Y, int ldy) {
+    const int c0 = ((threadIdx.x >> 5) % kTcHalf) * 4;
+    tc_splitk_meet(acc, ldy, [](int) { return true; },
+                   [&](int t) { return Y + (t / 4) * 16 * ldy + (c0 + t % 4) * 16; });
+  }
+};
 
 // Context chunk of the valid rows into cs (compute type, bc rows, zero past clen and past d; no barrier).
 template <typename T>
@@ -409,11 +513,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
     lam_s[r] = lv;
   }
 
-  // pass 1: S0 = X C^T; warp w holds the 16 x 16 tiles w and w + 8 of the MT x bc/16 grid
-  const int nct = bc / 16, ntiles = MT * nct;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[2];
-  wmma::fill_fragment(sacc[0], 0.f);
-  wmma::fill_fragment(sacc[1], 0.f);
+  // pass 1: S0 = X C^T, split-K between the two halves of the warps (TcScoreTiles)
+  const TcScoreTiles<MT> st(bc);
+  const int kk1 = (warp / kTcHalf) * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[kTcMaxCT];
+#pragma unroll
+  for (int j = 0; j < kTcMaxCT; ++j) wmma::fill_fragment(sacc[j], 0.f);
   for (int64_t d0 = 0; d0 < D; d0 += kBD) {
     for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
       const int r = idx >> 5, k = idx & 31;
@@ -428,31 +533,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
     }
     tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
     __syncthreads();
+    if (st.live(0)) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+      wmma::load_matrix_sync(af, xs + st.ti * 16 * ldo + kk1, ldo);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int t = warp + kWarps * i;
-      if (t < ntiles) {
-        const int ti = t / nct, tj = t - ti * nct;
-#pragma unroll
-        for (int kk = 0; kk < kBD; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+      for (int j = 0; j < kTcMaxCT; ++j) {
+        if (st.live(j)) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-          wmma::load_matrix_sync(af, xs + ti * 16 * ldo + kk, ldo);
-          wmma::load_matrix_sync(bf, cs + tj * 16 * ldo + kk, ldo);
-          wmma::mma_sync(sacc[i], af, bf, sacc[i]);
+          wmma::load_matrix_sync(bf, cs + st.tj(j) * 16 * ldo + kk1, ldo);
+          wmma::mma_sync(sacc[j], af, bf, sacc[j]);
         }
       }
     }
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int t = warp + kWarps * i;
-    if (t < ntiles) {
-      const int ti = t / nct, tj = t - ti * nct;
-      wmma::store_matrix_sync(S + ti * 16 * ldS + tj * 16, sacc[i], ldS, wmma::mem_row_major);
-    }
-  }
+  tc_splitk_meet(sacc, ldS, [&](int j) { return st.live(j); },
+                 [&](int j) { return S + st.ti * 16 * ldS + st.tj(j) * 16; });
   __syncthreads();
 
   // on chip: LeakyReLU (zero rows and columns stay zero), column norms per pair over its rows
@@ -517,12 +613,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
   }
   __syncthreads();
 
+  TcPC<T, MT> pc;   // this warp's row tile of P, in registers for every chunk of pass 2
+  pc.load(Pb, ldP, bc);
   if constexpr (MODE == kModeAttended) {
     T* o = static_cast<T*>(out);
     for (int64_t d0 = 0; d0 < D; d0 += kBD) {
       tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
       __syncthreads();
-      tc_pc_chunk<T, MT>(Pb, ldP, cs, ldo, bc, us);
+      pc.chunk(cs, ldo, us);
       __syncthreads();
       for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
         const int r = idx >> 5, k = idx & 31;
@@ -542,13 +640,13 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
     float* y = reinterpret_cast<float*>(smem + L.y);
     const int64_t Sw = a.S;
     for (int64_t n0 = 0; n0 < Sw; n0 += kNG) {
-      GemmTC<T, MT> gemm;
+      TcProjection<T, MT> gemm;
       gemm.zero();
       for (int64_t d0 = 0; d0 < D; d0 += kBD) {
         tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
         load_weight_chunk(a.w, Sw, D, n0, d0, ws, ldo);
         __syncthreads();
-        tc_pc_chunk<T, MT>(Pb, ldP, cs, ldo, bc, us);
+        pc.chunk(cs, ldo, us);
         __syncthreads();
         for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
           const int r = idx >> 5, k = idx & 31;

@@ -265,6 +265,9 @@ enum layout_t { mem_row_major, mem_col_major };
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "the kernels use 16 x 16 x 16 tiles");
+  // every lane holds the whole tile, so an element-wise loop over num_elements (the kernels'
+  // only use of x: the same operation on every element of fragments of one type) covers it all
+  static constexpr int num_elements = 256;
   T x[256];   // (row, col) of the tile at x[row * 16 + col]
 };
 
@@ -281,6 +284,14 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j)
       f.x[i * 16 + j] = std::is_same<Layout, row_major>::value ? p[i * ldm + j] : p[j * ldm + i];
+}
+
+// An accumulator tile from memory (fp32, row- or column-major).
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  check_operand(p, ldm);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.x[i * 16 + j] = layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
 }
 
 template <typename T>
