@@ -8,6 +8,7 @@
 //   gram LC                      ->  1 BYTES    gram_kernel
 //   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_bwd_kernel
 //   rarfwd ELEM LQ S P LIMIT     ->  MT BYTES GP  rar_fwd_kernel (choose_rar_plan; 0 0 0: does not fit)
+//   rcrgemm ELEM                 ->  1 BYTES    rcr_gemm_kernel
 //
 // ELEM: bytes of the element type; LIMIT: the chip's shared memory per block; BYTES: dynamic
 // shared memory of the launch. Not part of the extension (setup.py builds csrc/ only).
@@ -55,6 +56,10 @@ int main() {
       const RarPlan pl = choose_rar_plan((int)elem, lq, s, p, limit);
       const int64_t bytes = pl.gp ? rar_step_layout((int)elem, pl.gp * pl.bq, s, pl.mt, pl.gp).total : 0;
       std::cout << pl.mt << " " << bytes << " " << pl.gp << "\n";
+    } else if (what == "rcrgemm") {
+      int64_t elem;
+      in >> elem;
+      std::cout << 1 << " " << rcr_gemm_smem((int)elem) << "\n";
     } else {
       std::cout << "error unknown query " << what << "\n";
     }

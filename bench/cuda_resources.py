@@ -50,7 +50,7 @@ RAR_LQ = (16, 32, 36, 64, 80)
 TC_PAIRS = 1000
 S_DIM = 256
 #: kernels whose fp16/bf16 instances run the block GEMM on tensor cores
-TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_bwd_kernel", "attention_fwd_tc_kernel")
+TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_bwd_kernel", "attention_fwd_tc_kernel", "rcr_gemm_kernel")
 
 
 def find_nvcc():
@@ -185,7 +185,12 @@ def plan_shared(chips):
                     queries.append(f"bwd {Lq} {Lc}")
                     keys.append((cc, "attention_bwd_kernel<{T}, %d>" % mode, tname, shape, None))
                 keys.append((cc, "l2n_bwd_rows_kernel<{T}>", tname, shape, 0))
-            keys.append((cc, "rcr_factors_kernel<{T}>", tname, f"rows x d={1024}", 0))
+            if elem == 4:   # fp16/bf16 run the chain in rcr_gemm_kernel's epilogue
+                keys.append((cc, "rcr_factors_kernel<{T}>", tname, f"rows x d={1024}", 0))
+            else:   # kRcrHidden (E W1^T: K = s), kRcrFactors (H W2^T: K = 2 s)
+                for epi, shape in ((0, f"rows x 2s={2 * S_DIM}, K={S_DIM}"), (1, f"rows x d=1024, K={2 * S_DIM}")):
+                    queries.append(f"rcrgemm {elem}")
+                    keys.append((cc, "rcr_gemm_kernel<{T}, %d>" % epi, tname, shape, None))
             keys.append((cc, "rcr_smooth_kernel<{T}>", tname, f"rows x s/2={S_DIM // 2}", 0))
             keys.append((cc, "rar_mean_kernel<{T}>", tname, f"s={S_DIM}", 0))
             for Lq in RAR_LQ:

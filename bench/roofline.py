@@ -282,22 +282,42 @@ def rcr_recomputed_backward(book: Book, B: int, P: int, Lq: int, has_f: bool, ke
              l2=N * d * e * 2)
 
 
+#: the CUDA RCR GEMM's block tile (csrc/cuda/rcr_kernels.cuh rcr_gemm_kernel: 8 warps of 64 x 64)
+CUDA_RCR_BM, CUDA_RCR_BN = 128, 256
+
+
+def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: int, extra_hbm: int) -> None:
+    """One launch of rcr_gemm_kernel: out (M x N) = epilogue(A (M x K) B^T (B: N x K)) in 128 x 256
+    blocks, 8 warps of 64 x 64 (4 x 4 wmma tiles: 4 A and 4 B fragments per 16 products), K
+    streamed through shared memory 32 columns at a time; the epilogue stages each warp's fp32 tile
+    in shared memory (stored, read). Blocks of one row block run back to back (A from HBM once),
+    B stays in L2."""
+    e = ELEM
+    blocks = -(-M // CUDA_RCR_BM) * -(-N // CUDA_RCR_BN)
+    ksteps = -(-K // 32) * 2
+    book.add(name, count=1, note=f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN}",
+             tc=blocks * CUDA_RCR_BM * CUDA_RCR_BN * 2 * ksteps * 16, simt=epilogue_simt,
+             smem=blocks * (ksteps * 8 * 8 * 512 + (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e
+                            + CUDA_RCR_BM * CUDA_RCR_BN * 4 * 2),
+             l2=blocks * (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e,
+             hbm=M * K * e + N * K * e + M * N * e + extra_hbm)
+
+
 def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "cuda") -> None:
-    """The fused RCR step for inference of the cuda backend (csrc/cuda/rcr.cu): cuBLAS GEMMs (E W1^T,
-    tanh(.) W2^T, E ws1^T), the hidden layer's tanh_ in ATen, one kernel for the d-wide chain
-    clamp(tanh(M) + F, -1, 1) over the GEMM's output (one read of M, of F_old where there is one,
-    one write) and one for the temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam) (a warp per
-    row: one read of the s/2-wide layer, lam read and written)."""
+    """The fused RCR step for inference of the cuda backend (csrc/cuda/rcr.cu): fp16/bf16 run two
+    rcr_gemm_kernel launches, H = tanh(E W1^T + b1) and F = clamp(tanh(H W2^T + b2) + F_old, -1, 1)
+    (zero at padded rows; F_old read where there is one, M never stored), then cuBLAS E ws1^T and
+    one kernel for the temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam) (a warp per row: one
+    read of the s/2-wide layer, lam read and written). (fp32 keeps cuBLAS for all three GEMMs, the
+    hidden layer's tanh_ in ATen and rcr_factors_kernel: not modelled, the shapes are bf16.)"""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
-    book.add(f"rcr ({backend}): E W1^T, W2 tanh(.), E ws1^T (cuBLAS)", count=3,
-             tc=2 * N * s * 2 * s + 2 * N * 2 * s * d + 2 * N * s * s // 2,
-             hbm=N * s * e * 2 + N * 2 * s * e * 2 + N * d * e + N * s // 2 * e, l2=N * d * e * 2)
-    book.add(f"rcr ({backend}): tanh of the hidden layer (ATen)", count=1, simt=N * 2 * s * 8,
-             hbm=N * 2 * s * e * 2)
+    cuda_rcr_gemm(book, "rcr_gemm_kernel (H = tanh(E W1^T + b1))", N, 2 * s, s, N * 2 * s * 8, 0)
+    cuda_rcr_gemm(book, "rcr_gemm_kernel (F = clamp(tanh(H W2^T + b2) + F))", N, d, 2 * s, N * d * 10,
+                  (N * d * e if has_f else 0) + P * 4)
+    book.add(f"rcr ({backend}): E ws1^T (cuBLAS)", count=1, tc=2 * N * s * s // 2,
+             hbm=N * s * e + N * s // 2 * e)
     book.add("rcr_smooth_kernel", count=1, simt=N * (s // 2) * 10, hbm=N * (s // 2) * e + N * e * 2 + P * 4)
-    book.add("rcr_factors_kernel", count=1,
-             simt=N * d * 10, hbm=N * d * e * (3 if has_f else 2) + P * 4)
 
 
 #: the Triton RCR GEMMs' tiles for bf16/fp16 (kernels/rcr.py: rcr_gemm_config; tests/test_roofline.py

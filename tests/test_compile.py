@@ -282,9 +282,12 @@ def test_every_row_is_keyed_by_the_current_tree(report, request):
 
 CUDA_KERNELS = {"gram_kernel", "attention_fwd_kernel", "attention_fwd_tc_kernel", "attention_bwd_kernel",
                 "l2n_bwd_rows_kernel", "rar_mean_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
-                "rcr_factors_kernel", "rcr_smooth_kernel"}
-#: kernels with fp16/bf16 instances only (fp32 runs attention_fwd_kernel's exact SIMT products)
-HALF_ONLY = {"attention_fwd_tc_kernel"}
+                "rcr_factors_kernel", "rcr_smooth_kernel", "rcr_gemm_kernel"}
+#: kernels with fp16/bf16 instances only (fp32 runs attention_fwd_kernel's exact SIMT products,
+#: and cuBLAS with rcr_factors_kernel for RCR)
+HALF_ONLY = {"attention_fwd_tc_kernel", "rcr_gemm_kernel"}
+#: kernels with an fp32 instance only (fp16/bf16 take RCR's chain in rcr_gemm_kernel's epilogue)
+FP32_ONLY = {"rcr_factors_kernel"}
 
 
 def _cuda_name(r):
@@ -299,7 +302,7 @@ def test_cuda_every_kernel_compiles_for_both_archs(cuda_report):
     assert per_arch["sm_80"] == per_arch["sm_90"], per_arch["sm_80"] ^ per_arch["sm_90"]
     assert {r["kernel"] for r in cuda_report} == CUDA_KERNELS
     for kernel in CUDA_KERNELS:   # every kernel in every dtype it is for
-        want = {"fp16", "bf16"} if kernel in HALF_ONLY else {"fp32", "fp16", "bf16"}
+        want = {"fp16", "bf16"} if kernel in HALF_ONLY else ({"fp32"} if kernel in FP32_ONLY else {"fp32", "fp16", "bf16"})
         assert {r["dtype"] for r in cuda_report if r["kernel"] == kernel} == want, kernel
     # each arch launches something for the standard shapes from every kernel
     for arch in ("sm_80", "sm_90"):
@@ -321,9 +324,10 @@ def test_cuda_shared_memory_fits_the_chip(cuda_report):
 
 def test_cuda_half_precision_projection_uses_tensor_cores(cuda_report):
     gemm = [r for r in cuda_report if r["tensor_core_gemm"]]
-    # the fused projection and RAR's keys, fp16 and bf16, on both archs
+    # the fused projection, RAR's keys and RCR's GEMMs, fp16 and bf16, on both archs
     assert {(r["kernel"], r["dtype"], r["arch"]) for r in gemm} == {
-        (k, dt, a) for k in ("attention_fwd_kernel", "attention_fwd_tc_kernel", "rar_fwd_kernel", "rar_bwd_kernel")
+        (k, dt, a) for k in ("attention_fwd_kernel", "attention_fwd_tc_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
+                             "rcr_gemm_kernel")
         for dt in ("fp16", "bf16") for a in ("sm_80", "sm_90")}
     bad = [_cuda_name(r) for r in gemm if r["hmma"] + r["hgmma"] == 0]
     assert not bad, "\n".join(bad)

@@ -87,6 +87,8 @@ def build_emu(folder: str):
     so.emu_rar_bwd.restype = _I64
     so.emu_rar_mean.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _I64, _VP]
     so.emu_rcr_factors.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint]
+    so.emu_rcr_gemm.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
+                                _VP]
     so.emu_rcr_smooth.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint,
                                   _VP]
     so.emu_last_error.restype = ctypes.c_char_p
@@ -527,6 +529,45 @@ def test_rcr_factors(emu, has_f, dtype):
     out = m.clone()
     emu.emu_rcr_factors(DTYPES[dtype], _ptr(out), _ptr(f), _ptr(ql), B * P * Lq, P, Lq, D, 4)
     torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
+
+
+RCR_HIDDEN, RCR_FACTORS = 0, 1   # csrc/cuda/rcr_kernels.cuh kRcrHidden, kRcrFactors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("epi,has_f", [(RCR_HIDDEN, False), (RCR_FACTORS, False), (RCR_FACTORS, True)],
+                         ids=["hidden", "factors,F=1", "factors,F"])
+def test_rcr_gemm(emu, epi, has_f, dtype):
+    """rcr_gemm_kernel as rcr.cu launches it, over (B = 2, P = 3, Lq = 25) = 150 rows x N = 300
+    columns x K = 40 (two row blocks of 128, two column blocks of 256, two K chunks of 32: each
+    second one partial; every warp's 64 x 64 share in the first block): hidden tanh(A B^T + b);
+    factors clamp(tanh(A B^T + b) + F, -1, 1), zero at padded rows whatever A and F hold there
+    (NaN). A NaN in a valid row's A makes that row NaN, in a valid F that element, as torch's step."""
+    B, P, Lq, N, K = 2, 3, 25, 300, 40
+    M = B * P * Lq
+    g = torch.Generator().manual_seed(6 + epi + has_f)
+    ql = torch.tensor([25, 1, 13], dtype=torch.int32)
+    a = (torch.randn(B, P, Lq, K, generator=g) * 0.5).to(dtype)
+    w = (torch.randn(N, K, generator=g) * 0.3).to(dtype)
+    bias = (torch.randn(N, generator=g) * 0.5).to(dtype)
+    f = (torch.rand(B, P, Lq, N, generator=g) * 2 - 1).to(dtype) if has_f else None
+    valid = (torch.arange(Lq)[None, :] < ql[:, None].long())[None, :, :, None]
+    if epi == RCR_FACTORS:
+        a[~valid.expand_as(a)] = float("nan")
+        if f is not None:
+            f[~valid.expand_as(f)] = float("nan")
+            f[1, 2, 3, 260] = float("nan")                 # a valid row's F, in the second column block
+    a[1, 0, 20, 7] = float("nan")                          # a valid row's A (row 95 of the first block)
+    y = torch.tanh(a.double() @ w.double().T + bias.double())
+    if epi == RCR_HIDDEN:
+        want = y
+    else:
+        want = torch.where(valid, torch.clamp(y + (1.0 if f is None else f.double()), -1, 1), 0.0)
+    assert int(want.isnan().sum()) == N + (f is not None)
+    out = torch.full((B, P, Lq, N), float("nan"), dtype=dtype)
+    emu.emu_rcr_gemm(DTYPES[dtype], epi, _ptr(a), _ptr(w), _ptr(bias), _ptr(f), _ptr(ql), M, N, K, P, Lq, _ptr(out))
+    torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
+    assert (want.abs() == 1).any() or epi == RCR_HIDDEN    # the clamp is reached
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

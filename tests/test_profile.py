@@ -28,6 +28,7 @@ RECORDED = [
     ("_gram_kernel", "gram"),
     ("void rcar_fast::cuda::(anonymous namespace)::attention_fwd_tc_kernel<__nv_bfloat16, 4>(...)", "attention_fwd"),
     ("void rcar_fast::cuda::(anonymous namespace)::rcr_factors_kernel<__nv_bfloat16>(...)", "rcr_factors_kernel"),
+    ("void rcar_fast::cuda::(anonymous namespace)::rcr_gemm_kernel<__nv_bfloat16, 1>(...)", "rcr_gemm_kernel"),
     ("void rcar_fast::cuda::(anonymous namespace)::rar_fwd_kernel<__nv_bfloat16, 2>(...)", "rar_fwd"),
     ("void rcar_fast::cuda::(anonymous namespace)::rar_mean_kernel<__nv_bfloat16>(...)", "rar_mean_kernel"),
     ("void rcar_fast::cuda::(anonymous namespace)::gram_kernel<__nv_bfloat16>(...)", "gram"),
@@ -57,8 +58,8 @@ def test_the_rules_name_real_kernels():
         assert profile.kernel_row(name) != profile.OTHER and callable(getattr(module, name))
     cuda = "".join(open(p).read() for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*")))
     globals_ = set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(", cuda))
-    for name in ("attention_fwd_tc_kernel", "attention_fwd_kernel", "rcr_factors_kernel", "rar_fwd_kernel",
-                 "rar_mean_kernel", "gram_kernel"):
+    for name in ("attention_fwd_tc_kernel", "attention_fwd_kernel", "rcr_factors_kernel", "rcr_gemm_kernel",
+                 "rar_fwd_kernel", "rar_mean_kernel", "gram_kernel"):
         assert name in globals_, (name, sorted(globals_))
         assert profile.kernel_row(f"void rcar_fast::cuda::{name}<float>(...)") != profile.OTHER
 
@@ -75,7 +76,8 @@ def test_every_model_launch_lands_in_a_reachable_row(shape, backend):
     for name in book.launches:
         assert profile.model_row(name) in reachable, name
     own = {n for n in book.launches if n.startswith(("attention_fwd", "rcr_factors_gemm", "rcr_hidden", "rar_fwd",
-                                                      "gram", "rcr_factors_kernel", "rar_mean_kernel"))}
+                                                      "gram", "rcr_factors_kernel", "rcr_gemm_kernel",
+                                                      "rar_mean_kernel"))}
     assert all(profile.model_row(n) not in ("library GEMMs", profile.OTHER) for n in own)
     assert all(profile.model_row(n) == "library GEMMs" for n in book.launches if "(cuBLAS)" in n and n not in own)
     assert any("(cuBLAS)" in n for n in book.launches)

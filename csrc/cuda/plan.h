@@ -156,6 +156,16 @@ RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64
   }
 }
 
+// ---------------------------------------------------------------- RCR GEMM (fp16/bf16, inference)
+// rcr_gemm_kernel: a 128 x 256 block of out, 8 warps of 64 x 64. Regions (aliased):
+//   as, bs   128 and 256 rows x ld_op of the K chunk of A and of B, compute type (the K loop)
+//   ep       kWarps x 16 x kRcrEpiLd fp32: each warp's 16-row slice of its tile (the epilogue)
+constexpr int kRcrBM = 128, kRcrBN = 256;
+constexpr int kRcrEpiLd = 64 + 4;
+RCAR_HD int64_t rcr_gemm_smem(int elem) {
+  return max64(a128((int64_t)(kRcrBM + kRcrBN) * ld_op(elem) * elem), (int64_t)kWarps * 16 * kRcrEpiLd * 4);
+}
+
 // ---------------------------------------------------------------- attention backward (per pair)
 //   S, P, dP   Lq x Lc fp32 (leaky scores, probabilities, then dP -> dZ -> dSn -> dS0 in place)
 //   M          Lc x Lc fp32, P^T diag(coefU) P

@@ -1,10 +1,17 @@
 // CUDA implementation of rcar_fast::rcr (csrc/README.md): one RCR step for inference.
 //
+// fp16 / bf16: RCR's two d-wide GEMMs on tensor cores with their element-wise chain in the epilogue
+//   hidden = tanh(E W1^T + b1)               rcr_gemm_kernel<T, kRcrHidden>
+//   F      = clamp(tanh(hidden W2^T + b2) + F_old, -1, 1)
+//                                            rcr_gemm_kernel<T, kRcrFactors>: the product never
+//                                            stored, F_old read once, F written once
+// fp32:
 //   hidden = tanh(E W1^T + b1)               cuBLAS (at::addmm), tanh in place
 //   M      = hidden W2^T + b2                cuBLAS, into the new F's buffer
 //   F      = clamp(tanh(M) + F_old, -1, 1)   rcr_factors_kernel, in place over M: one read of M and
 //                                            of F_old, one write (torch's tanh_, add_, clamp_: three
 //                                            passes over the d-wide rows)
+// both:
 //   hs     = E ws1^T + bs1                   cuBLAS
 //   lam    = relu(ws2 tanh(hs) + bs2 + lam_old)   rcr_smooth_kernel: a warp per row, fp32, one rounding
 //                                            (was tanh_, a GEMV, add, relu and a mask in ATen)
@@ -44,7 +51,10 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
   const int64_t B = E.size(0), P = E.size(1), Lq = E.size(2), S = E.size(3), D = w2.size(0);
   const int64_t rows = B * P * Lq;
   const Tensor x = E.reshape({rows, S});
-  Tensor F = at::addmm(b2, at::addmm(b1, x, w1.t()).tanh_(), w2.t());   // (rows, D), contiguous
+  const bool fused = E.scalar_type() != at::kFloat;   // fp16 / bf16: rcr_gemm_kernel
+  const int64_t H1 = w1.size(0);
+  Tensor F = fused ? at::empty({rows, D}, E.options())
+                   : at::addmm(b2, at::addmm(b1, x, w1.t()).tanh_(), w2.t());   // (rows, D), contiguous
   Tensor lam_new = at::empty({B, P, Lq}, E.options());
   if (rows > 0) {
     const Tensor ql = qlens.contiguous();
@@ -55,7 +65,30 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
     const int64_t H2 = ws1.size(0);
     dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      if (F.numel() > 0) {
+      if constexpr (!std::is_same<T, float>::value) {
+        const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
+        const Tensor xc = x.contiguous(), w1c = w1.contiguous(), b1c = b1.contiguous();
+        const Tensor w2c = w2.contiguous(), b2c = b2.contiguous();
+        Tensor hidden = at::empty({rows, H1}, E.options());
+        const size_t smem = static_cast<size_t>(rcr_gemm_smem((int)sizeof(T)));
+        auto blocks = [&](int64_t n) {   // 128 x 256 blocks of a (rows, n) output, one grid dimension
+          const int64_t nblocks = (rows + kRcrBM - 1) / kRcrBM * ((n + kRcrBN - 1) / kRcrBN);
+          TORCH_CHECK(nblocks < (int64_t(1) << 31), "rcr: ", rows, " rows of E are more than one launch of the "
+                      "CUDA RCR GEMM takes (2^31 blocks of 128 x 256); split the call");
+          return static_cast<unsigned>(nblocks);
+        };
+        if (H1 > 0) {
+          rcr_gemm_kernel<T, kRcrHidden><<<blocks(H1), kThreads, smem, stream>>>(
+              ptr<T>(xc), ptr<T>(w1c), ptr<T>(b1c), nullptr, ql.data_ptr<int>(), rows, H1, S, P, Lq, mut_ptr<T>(hidden));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (D > 0) {
+          rcr_gemm_kernel<T, kRcrFactors><<<blocks(D), kThreads, smem, stream>>>(
+              ptr<T>(hidden), ptr<T>(w2c), ptr<T>(b2c), f_old.defined() ? ptr<T>(f_old) : nullptr, ql.data_ptr<int>(),
+              rows, D, H1, P, Lq, mut_ptr<T>(F));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      } else if (F.numel() > 0) {
         const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
         const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, int64_t(1) << 20));
         rcr_factors_kernel<T><<<grid, kThreads, 0, stream>>>(mut_ptr<T>(F), f_old.defined() ? ptr<T>(f_old) : nullptr,

@@ -31,6 +31,97 @@ __global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m
   }
 }
 
+// RCR's GEMMs for fp16/bf16 with their element-wise chain in the epilogue, fp32 accumulators:
+//   kRcrHidden:  out = tanh(A B^T + bias)                                   every row
+//   kRcrFactors: out = clamp(tanh(A B^T + bias) + F_old, -1, 1), F_old all ones where null, zero
+//                at rows at or past their query length (row r: position r % Lq of query item
+//                (r / Lq) % P; F_old is not read there); a NaN in a valid row stays NaN
+// A (M x K), B (N x K), F_old and out (M x N): row-major, contiguous; bias (N). Block x: the
+// 128 x 256 block (x / nb, x % nb) of out, nb = ceil(N / 256), so the blocks of one row block run
+// together (A from HBM once, B from L2); warp w: rows 64 (w / 4), columns 64 (w % 4), 4 x 4 wmma
+// tiles (4 A and 4 B fragments per 16 products). K is streamed 32 columns at a time (zeros past M,
+// N and K); the epilogue takes each warp's tile 16 rows at a time through shared memory (plan.h
+// rcr_gemm_smem: the regions alias).
+enum { kRcrHidden = 0, kRcrFactors = 1 };
+
+template <typename T, int EPI>
+__global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restrict__ A, const T* __restrict__ B,
+                                                            const T* __restrict__ bias, const T* __restrict__ f_old,
+                                                            const int* __restrict__ qlens, int64_t M, int64_t N,
+                                                            int64_t K, int64_t P, int64_t Lq, T* __restrict__ out) {
+  static_assert(!std::is_same<T, float>::value, "fp32 runs cuBLAS and rcr_factors_kernel");
+  static_assert(EPI == kRcrHidden || EPI == kRcrFactors, "an epilogue of the list");
+  static_assert(kWarps == 8 && kRcrBM == 2 * 64 && kRcrBN == 4 * 64, "8 warps of 64 x 64");
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int ldo = ld_op((int)sizeof(T));
+  T* as = reinterpret_cast<T*>(smem);
+  T* bs = as + kRcrBM * ldo;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t nb = (N + kRcrBN - 1) / kRcrBN;
+  const int64_t m0 = ((int64_t)blockIdx.x / nb) * kRcrBM, n0 = ((int64_t)blockIdx.x % nb) * kRcrBN;
+  const int wr = (warp >> 2) * 64, wc = (warp & 3) * 64;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += kBD) {
+    for (int idx = tid; idx < kRcrBM * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t gr = m0 + r, gk = k0 + k;
+      as[r * ldo + k] = (gr < M && gk < K) ? A[gr * K + gk] : from_f<T>(0.f);
+    }
+    for (int idx = tid; idx < kRcrBN * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t gn = n0 + r, gk = k0 + k;
+      bs[r * ldo + k] = (gn < N && gk < K) ? B[gn * K + gk] : from_f<T>(0.f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBD; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(bf[j], bs + (wc + 16 * j) * ldo + kk, ldo);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+        wmma::load_matrix_sync(af, as + (wr + 16 * i) * ldo + kk, ldo);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], af, bf[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  // epilogue: the warp's row tile i (16 x 64 fp32) through its own slice of shared memory (the
+  // K loop's last barrier freed as and bs), lanes along the columns
+  float* ep = reinterpret_cast<float*>(smem) + warp * 16 * kRcrEpiLd;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::store_matrix_sync(ep + 16 * j, acc[i][j], kRcrEpiLd, wmma::mem_row_major);
+    __syncthreads();
+    for (int idx = lane; idx < 16 * 64; idx += 32) {
+      const int r = idx >> 6, c = idx & 63;
+      const int64_t gr = m0 + wr + 16 * i + r, gc = n0 + wc + c;
+      if (gr >= M || gc >= N) continue;
+      float v = 0.f;
+      if constexpr (EPI == kRcrHidden) {
+        v = tanhf(ep[r * kRcrEpiLd + c] + to_f(bias[gc]));
+      } else {
+        const int64_t q = gr % Lq, p = (gr / Lq) % P;
+        if (q < (int64_t)qlens[p])
+          v = clamp_unit(tanhf(ep[r * kRcrEpiLd + c] + to_f(bias[gc])) +
+                         (f_old != nullptr ? to_f(f_old[gr * N + gc]) : 1.f));
+      }
+      out[gr * N + gc] = from_f<T>(v);
+    }
+    __syncthreads();
+  }
+}
+
 // The new temperatures lam = relu(ws2 . tanh(hs) + bs2 + lam_old) of every row, summed in fp32 and
 // rounded once; hs = E ws1^T + bs1 (rows x H2, contiguous: the host's GEMM), lam_old (rows) or
 // nullptr (lam_scalar for every row). Zero at or past a row's query length, where neither hs nor

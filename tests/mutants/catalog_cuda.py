@@ -4,6 +4,7 @@ Format: tests/mutants/run.py."""
 
 ATT = "csrc/cuda/attention_kernels.cuh"
 RAR = "csrc/cuda/rar_kernels.cuh"
+RCRK = "csrc/cuda/rcr_kernels.cuh"
 EMU = "tests/test_cuda_emu.py"
 
 MUTANTS = [
@@ -34,6 +35,20 @@ MUTANTS = [
          file=ATT, old="    const int warp = threadIdx.x >> 5, kk = (warp / kTcHalf) * 16, c0 = (warp % kTcHalf) * 4;",
          new="    const int warp = threadIdx.x >> 5, kk = (warp / kTcHalf) * 16, c0 = (warp % kTcHalf) * 2;",
          tests=[f"{EMU}::test_tensor_core_forward_tile_shares"]),
+    dict(name="cuda rcr gemm: every row masked with the first query item's length",
+         file=RCRK, old="        if (q < (int64_t)qlens[p])\n          v = clamp_unit(",
+         new="        if (q < (int64_t)qlens[0])\n          v = clamp_unit(", tests=[f"{EMU}::test_rcr_gemm"]),
+    dict(name="cuda rcr gemm: the warps' column shares 32 apart (overlapping, the last quarter lost)",
+         file=RCRK, old="  const int wr = (warp >> 2) * 64, wc = (warp & 3) * 64;",
+         new="  const int wr = (warp >> 2) * 64, wc = (warp & 3) * 32;", tests=[f"{EMU}::test_rcr_gemm"]),
+    dict(name="cuda rcr gemm: A's last K chunk not zero-filled past K (the next row's values read)",
+         file=RCRK, old="      as[r * ldo + k] = (gr < M && gk < K) ? A[gr * K + gk] : from_f<T>(0.f);",
+         new="      as[r * ldo + k] = (gr < M) ? A[gr * K + gk] : from_f<T>(0.f);", tests=[f"{EMU}::test_rcr_gemm"]),
+    dict(name="cuda rcr gemm: no barrier between a warp's epilogue tile store and its lanes' reads",
+         file=RCRK,
+         old="    for (int j = 0; j < 4; ++j) wmma::store_matrix_sync(ep + 16 * j, acc[i][j], kRcrEpiLd, wmma::mem_row_major);\n    __syncthreads();",
+         new="    for (int j = 0; j < 4; ++j) wmma::store_matrix_sync(ep + 16 * j, acc[i][j], kRcrEpiLd, wmma::mem_row_major);",
+         tests=[f"{EMU}::test_rcr_gemm"]),
     dict(name="cuda tc forward: every pair's rows masked with the first pair's query length",
          file=ATT, old="    return g < gp && r - g * bq < qls[g];", new="    return g < gp && r - g * bq < qls[0];",
          tests=[f"{EMU}::test_tensor_core_forward_groups"]),
