@@ -31,15 +31,16 @@ plus a fixed launch cost; a backend's time is the sum over its launches (no over
 Ceilings (H200, bf16): MEASURED here on an H200 (the device tool's KINDS.md, 2026-10-28/11-04):
 790 TFLOP/s for a dense bf16 matrix product, 4.3 TB/s device-to-device copy. LEADS (datasheet or
 estimates, not measured): 67 TFLOP/s fp32 SIMT, 10 TB/s L2, 33 TB/s shared memory (132 SMs x
-128 B/clock x 1.98 GHz), 5 us per launch. Each figure a run measures replaces its lead.
+128 B/clock x 1.98 GHz), 5 us per launch, and 2/3 of the measured 790 for the tensor-core work
+of the CUDA kernels (wmma compiles to the warp-level HMMA, not Hopper's warpgroup HGMMA that
+cuBLAS and the Triton kernels' sm_90 code use). Each figure a run measures replaces its lead.
 
 What it models is the code as it is (kernels/, csrc/cuda/, the pipeline): block planning through
 rcar_fast.block_plan with each backend's GPU budget and buffer counts, one launch per op per
 block and step, the pipeline's own torch ops per block and per call (PIPELINE_BLOCK_OPS,
 PIPELINE_CALL_OPS: counted on CPU by tests/test_roofline.py), the torch backend's
-element-wise passes, RCR at inference as two GEMM kernels with fused epilogues for triton and as
-cuBLAS GEMMs plus one element-wise kernel for cuda
-(torch's step under autograd).
+element-wise passes, RCR at inference as two GEMM kernels with fused epilogues (triton and, in
+fp16/bf16, cuda; torch's step under autograd).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ from rcar_fast.backends.contract import gpu_budget
 #: ceilings, per second; (value, "measured" or "lead")
 CEILINGS = {
     "tc": (790e12, "measured: 8192^3 bf16 matmul, H200, KINDS.md"),
+    "hmma": (527e12, "lead: warp-level mma.sync (HMMA: our CUDA wmma kernels) at about 2/3 of the "
+                             "warpgroup wgmma (HGMMA) rate the tc figure was measured with"),
     "simt": (67e12, "lead: fp32 non-tensor datasheet rate"),
     "hbm": (4.3e12, "measured: device-to-device copy, H200, KINDS.md"),
     "l2": (10e12, "lead: Hopper L2 bandwidth estimate"),
@@ -110,13 +113,20 @@ class Launch:
     l2: float = 0.0
     smem: float = 0.0
     note: str = ""
+    #: the tensor-core work is wmma / mma.sync (HMMA), with its own ceiling, not wgmma
+    hmma: bool = False
+
+    def _terms(self) -> Dict[str, float]:
+        tc = "hmma" if self.hmma else "tc"
+        terms = {tc: self.tc / CEILINGS[tc][0]}
+        terms.update({k: getattr(self, k) / CEILINGS[k][0] for k in ("simt", "hbm", "l2", "smem")})
+        return terms
 
     def seconds(self) -> float:
-        return max(self.tc / CEILINGS["tc"][0], self.simt / CEILINGS["simt"][0], self.hbm / CEILINGS["hbm"][0],
-                   self.l2 / CEILINGS["l2"][0], self.smem / CEILINGS["smem"][0]) + self.count * LAUNCH_S
+        return max(self._terms().values()) + self.count * LAUNCH_S
 
     def bound(self) -> str:
-        terms = {k: getattr(self, k) / CEILINGS[k][0] for k in ("tc", "simt", "hbm", "l2", "smem")}
+        terms = self._terms()
         terms["launch"] = self.count * LAUNCH_S
         return max(terms, key=terms.get)
 
@@ -127,8 +137,8 @@ class Book:
     backend: str
     launches: Dict[str, Launch] = field(default_factory=dict)
 
-    def add(self, name: str, count: int = 1, note: str = "", **work) -> None:
-        ln = self.launches.setdefault(name, Launch(self.backend, name, note=note))
+    def add(self, name: str, count: int = 1, note: str = "", hmma: bool = False, **work) -> None:
+        ln = self.launches.setdefault(name, Launch(self.backend, name, note=note, hmma=hmma))
         ln.count += count
         for k, v in work.items():
             setattr(ln, k, getattr(ln, k) + v)
@@ -295,7 +305,7 @@ def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: 
     e = ELEM
     blocks = -(-M // CUDA_RCR_BM) * -(-N // CUDA_RCR_BN)
     ksteps = -(-K // 32) * 2
-    book.add(name, count=1, note=f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN}",
+    book.add(name, count=1, note=f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN}", hmma=True,
              tc=blocks * CUDA_RCR_BM * CUDA_RCR_BN * 2 * ksteps * 16, simt=epilogue_simt,
              smem=blocks * (ksteps * 8 * 8 * 512 + (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e
                             + CUDA_RCR_BM * CUDA_RCR_BN * 4 * 2),
@@ -514,9 +524,10 @@ def cuda_tc_fragment_bytes(rows: int, BC: int, d: int, s: int) -> int:
     a step); the halves meet in y."""
     mt, nct, frag = rows // 16, BC // 16, 512
     wpr = max(1, 4 // mt)
+    passes = -(-s // 256)          # the projection's 256-column passes, each with its own P C
     scores = (d // 16) * (mt * min(wpr, nct) + mt * nct) * frag + 3 * rows * BC * 4
-    pc = (d // 32) * 2 * mt * nct * frag + 2 * mt * nct * frag
-    proj = (d // 16) * 4 * (mt + 4) * frag * -(-s // 256) + 3 * rows * s * 4
+    pc = (d // 32) * 2 * mt * nct * frag * passes + 2 * mt * nct * frag
+    proj = (d // 16) * 4 * (mt + 4) * frag * passes + 3 * rows * 256 * passes * 4
     return scores + pc + proj
 
 
@@ -536,8 +547,8 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
     fp16/bf16 attention_fwd_tc_kernel: GP = 64 // Lq packed pairs of one context item per block (the
     context, its Gram matrix and the 512 KB weight read once per block), the scores (F * Q) C^T,
     U = P C and the projection by wmma (HMMA, fp32 accumulators) from shared memory, every
-    product 64 rows tall; RCR (csrc/cuda/rcr.cu for inference: cuBLAS GEMMs and one kernel for the
-    d-wide chain; torch's step under autograd); RAR per step: the mean of E at the first (a kernel),
+    product 64 rows tall; RCR (csrc/cuda/rcr.cu for inference: rcr_fused, two wmma GEMM kernels with
+    the chain in their epilogues; torch's step under autograd); RAR per step: the mean of E at the first (a kernel),
     the gate of every pair as one fp32 GEMM (ATen), rar_fwd_kernel with GP pairs per block (Wk
     read once per block, the keys by wmma over the block's rows). Shared-memory traffic counts the
     wmma fragment loads (cuda_tc_fragment_bytes), the chunk stores (F * Q, the context twice, W,
@@ -556,7 +567,7 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
             BQ, BC, GP, rows = plan
             blocks = B * -(-P // GP)
             tc_sp = 2 * rows * BC * d * 2                  # scores and P C, one block
-            book.add(f"attention_fwd_tc_kernel{tag}", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
+            book.add(f"attention_fwd_tc_kernel{tag}", count=1, note=f"BQ {BQ} BC {BC} GP {GP}", hmma=True,
                      tc=blocks * (tc_sp + 2 * rows * d * s),
                      simt=blocks * GP * (8 * BQ * d + 2 * BQ * BC * BC + 30 * BQ * BC),
                      smem=blocks * (cuda_tc_fragment_bytes(rows, BC, d, s)
@@ -568,7 +579,7 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
             mt = 1 if Lq <= 16 else (2 if Lq <= 32 else 4)
             rows = 16 * mt * ((Lq + 16 * mt - 1) // (16 * mt))
             simt = 2 * Lq * Lc * d * 2                         # scores and P C, fp32 FMAs
-            book.add(f"attention_fwd_kernel{tag}", count=1, note=f"MT {mt}",
+            book.add(f"attention_fwd_kernel{tag}", count=1, note=f"MT {mt}", hmma=True,
                      tc=pairs * 2 * rows * d * s, simt=pairs * (simt + 8 * Lq * d),
                      smem=pairs * (simt * 4 + 2 * rows * d * e * 2),
                      l2=pairs * ((Lq * d + 2 * Lc * d + s * d + Lq * s + (Lq * d if has_f else 0)) * e),
@@ -585,7 +596,7 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
         # cuBLAS: h (pairs x s, the inputs' dtype) times Wq^T, the bias in its epilogue
         book.add(f"rar gate h Wq^T + bq (cuBLAS){tag}", count=1, tc=pairs * 2 * s * s, hbm=pairs * s * e * 2 + s * s * e)
         # the gates' pre-activations read (their tanh, keep_g and wv on chip), h written in the inputs' dtype
-        book.add(f"rar_fwd_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}", tc=rblocks * 2 * rrows * s * s,
+        book.add(f"rar_fwd_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}", hmma=True, tc=rblocks * 2 * rrows * s * s,
                  simt=pairs * (16 * Lq * s + 8 * s),
                  smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
                  l2=pairs * (Lq * s * e + s * e * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))

@@ -298,11 +298,12 @@ def test_forward_with_strided_inputs(emu, dtype):
 
 
 @pytest.mark.parametrize("with_weight", [False, True], ids=["A", "E"])
-@pytest.mark.parametrize("Lq,Lc,mt", [(6, 40, 1), (8, 64, 1), (12, 64, 2), (16, 33, 2), (24, 64, 3), (32, 49, 4)],
-                         ids=["MT1,3 col tiles", "MT1,4", "MT2,4", "MT2,3", "MT3,4", "MT4,4"])
+@pytest.mark.parametrize("Lq,Lc,mt", [(8, 9, 1), (6, 40, 1), (8, 64, 1), (12, 20, 2), (12, 64, 2), (16, 33, 2),
+                                      (24, 64, 3), (32, 49, 4)],
+                         ids=["MT1,1 col tile", "MT1,3", "MT1,4", "MT2,2", "MT2,4", "MT2,3", "MT3,4", "MT4,4"])
 def test_tensor_core_forward_tile_shares(emu, with_weight, Lq, Lc, mt):
     """Every split of the products over the warps (attention_kernels.cuh TcScoreTiles, TcPC,
-    TcProjection): 2 pairs of one block give 16 MT rows with MT 1 to 4 and 3 or 4 column tiles of
+    TcProjection): 2 pairs of one block give 16 MT rows with MT 1 to 4 and 1 to 4 column tiles of
     the scores, so a row tile's columns go to 4, 2 or 1 warps of each half (some with none, some
     with two); s = 100 spreads the projection over two warps of each half. fp16, F and lam."""
     args = _sample(torch.float16, seed=40 + Lq + Lc, with_state=True, with_weight=with_weight, P=2, Lq=Lq, Lc=Lc,
@@ -534,6 +535,31 @@ def test_rcr_factors(emu, has_f, dtype):
 RCR_HIDDEN, RCR_FACTORS = 0, 1   # csrc/cuda/rcr_kernels.cuh kRcrHidden, kRcrFactors
 
 
+class _Guarded:
+    """Copies of tensors that each end right before an inaccessible page, so that a kernel reading
+    or writing past a tensor's end dies of SIGSEGV (the test process with it) instead of touching a
+    neighbour's bytes unseen. Keeps the mappings alive while it lives."""
+
+    def __init__(self):
+        self._keep = []
+
+    def __call__(self, t):
+        if t is None:
+            return None
+        import mmap
+        page, nbytes = mmap.PAGESIZE, t.numel() * t.element_size()
+        size = -(-nbytes // page) * page + page
+        m = mmap.mmap(-1, size)
+        buf = (ctypes.c_char * size).from_buffer(m)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.mprotect(ctypes.addressof(buf) + size - page, page, 0) == 0, ctypes.get_errno()   # PROT_NONE
+        g = torch.frombuffer(m, dtype=t.dtype, count=t.numel(), offset=size - page - nbytes).view(t.shape)
+        g.copy_(t)
+        self._keep += [m, buf]
+        return g
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("epi,has_f", [(RCR_HIDDEN, False), (RCR_FACTORS, False), (RCR_FACTORS, True)],
                          ids=["hidden", "factors,F=1", "factors,F"])
@@ -542,7 +568,9 @@ def test_rcr_gemm(emu, epi, has_f, dtype):
     columns x K = 40 (two row blocks of 128, two column blocks of 256, two K chunks of 32: each
     second one partial; every warp's 64 x 64 share in the first block): hidden tanh(A B^T + b);
     factors clamp(tanh(A B^T + b) + F, -1, 1), zero at padded rows whatever A and F hold there
-    (NaN). A NaN in a valid row's A makes that row NaN, in a valid F that element, as torch's step."""
+    (NaN). A NaN in a valid row's A makes that row NaN, in a valid F that element, as torch's step.
+    A, B, F and the output each end at an inaccessible page (_Guarded): the partial blocks read and
+    write nothing past them."""
     B, P, Lq, N, K = 2, 3, 25, 300, 40
     M = B * P * Lq
     g = torch.Generator().manual_seed(6 + epi + has_f)
@@ -564,8 +592,10 @@ def test_rcr_gemm(emu, epi, has_f, dtype):
     else:
         want = torch.where(valid, torch.clamp(y + (1.0 if f is None else f.double()), -1, 1), 0.0)
     assert int(want.isnan().sum()) == N + (f is not None)
-    out = torch.full((B, P, Lq, N), float("nan"), dtype=dtype)
-    emu.emu_rcr_gemm(DTYPES[dtype], epi, _ptr(a), _ptr(w), _ptr(bias), _ptr(f), _ptr(ql), M, N, K, P, Lq, _ptr(out))
+    guard = _Guarded()
+    out = guard(torch.full((B, P, Lq, N), float("nan"), dtype=dtype))
+    emu.emu_rcr_gemm(DTYPES[dtype], epi, _ptr(guard(a)), _ptr(guard(w)), _ptr(bias), _ptr(guard(f)), _ptr(ql), M, N,
+                     K, P, Lq, _ptr(out))
     torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
     assert (want.abs() == 1).any() or epi == RCR_HIDDEN    # the clamp is reached
 

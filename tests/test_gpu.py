@@ -125,7 +125,8 @@ def test_pair_scores_match_the_grid(backend, regulator, steps, attn_type):
                                seed_of("gpu pairs", regulator, steps, attn_type), m=96)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 5e-3), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rcr_op(backend, with_state, dtype, atol):

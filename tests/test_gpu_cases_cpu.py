@@ -91,12 +91,13 @@ def test_half_long_captions_case(backend):
     half_error_within_twice_torch(backend, "cpu", torch.float16, "coop_rcar", 2, "t2i", Dims(2, 4, 5, 80, 24, 12), 5)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 5e-3)], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rcr_op_case(backend, with_state):
+def test_rcr_op_case(backend, with_state, dtype, atol):
     """The GPU tier's rcr-op check on CPU tensors (the C++ CPU kernel; the Triton op under the
-    interpreter), fp32."""
-    rcr_op_matches_torch_step(backend, "cpu", torch.float32, with_state, 2e-5)
+    interpreter), fp32 and fp16 with the GPU tier's tolerances (bf16: only on a GPU)."""
+    rcr_op_matches_torch_step(backend, "cpu", dtype, with_state, atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -55,7 +55,8 @@ def test_time_is_the_sum_of_the_launches():
         rows = [r for r in RL.rows(["headline"], [b])]
         assert sum(r["seconds"] for r in rows) == pytest.approx(book.seconds(), rel=1e-12)
         for ln in book.launches.values():
-            bounds = [ln.tc / RL.CEILINGS["tc"][0], ln.hbm / RL.CEILINGS["hbm"][0], ln.l2 / RL.CEILINGS["l2"][0],
+            tc = RL.CEILINGS["hmma" if ln.hmma else "tc"][0]
+            bounds = [ln.tc / tc, ln.hbm / RL.CEILINGS["hbm"][0], ln.l2 / RL.CEILINGS["l2"][0],
                       ln.simt / RL.CEILINGS["simt"][0], ln.smem / RL.CEILINGS["smem"][0]]
             assert ln.seconds() == pytest.approx(max(bounds) + ln.count * RL.LAUNCH_S)
 
@@ -74,8 +75,20 @@ def test_pair_work_scales_with_the_pairs():
 def test_measured_ceilings_are_the_devices():
     assert RL.CEILINGS["tc"][0] == 790e12 and RL.CEILINGS["tc"][1].startswith("measured")
     assert RL.CEILINGS["hbm"][0] == 4.3e12 and RL.CEILINGS["hbm"][1].startswith("measured")
-    for k in ("simt", "l2", "smem"):
+    for k in ("simt", "l2", "smem", "hmma"):
         assert RL.CEILINGS[k][1].startswith("lead")
+    assert RL.CEILINGS["hmma"][0] < RL.CEILINGS["tc"][0]
+
+
+def test_cuda_wmma_launches_take_the_hmma_ceiling():
+    """The CUDA kernels' tensor-core work (wmma: HMMA) is timed against the hmma lead, cuBLAS's and
+    Triton's against the measured wgmma figure; a line bound by it says so."""
+    book = RL.model("cuda", RL.SHAPES["flickr30k"])
+    wmma = {n for n, ln in book.launches.items() if ln.hmma}
+    assert {n.split(" ")[0] for n in wmma} == {"attention_fwd_tc_kernel", "rar_fwd_kernel", "rcr_gemm_kernel"}
+    assert not any(ln.hmma for b in ("triton", "torch") for ln in RL.model(b, RL.SHAPES["flickr30k"]).launches.values())
+    ln = next(ln for n, ln in book.launches.items() if n.startswith("rcr_gemm_kernel (F"))
+    assert ln.bound() == "hmma" and ln.seconds() == pytest.approx(ln.tc / RL.CEILINGS["hmma"][0] + ln.count * RL.LAUNCH_S)
 
 
 def _row(backend, shape, ms, device="NVIDIA H200", dtype="bfloat16", op="rcar_scores", attn_type="t2i"):

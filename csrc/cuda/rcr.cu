@@ -70,7 +70,9 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
         const Tensor xc = x.contiguous(), w1c = w1.contiguous(), b1c = b1.contiguous();
         const Tensor w2c = w2.contiguous(), b2c = b2.contiguous();
         Tensor hidden = at::empty({rows, H1}, E.options());
-        const size_t smem = static_cast<size_t>(rcr_gemm_smem((int)sizeof(T)));
+        const int64_t smem = rcr_gemm_smem((int)sizeof(T));
+        if (H1 > 0) prepare_smem(rcr_gemm_kernel<T, kRcrHidden>, smem, "rcr (hidden layer GEMM)");
+        if (D > 0) prepare_smem(rcr_gemm_kernel<T, kRcrFactors>, smem, "rcr (factors GEMM)");
         auto blocks = [&](int64_t n) {   // 128 x 256 blocks of a (rows, n) output, one grid dimension
           const int64_t nblocks = (rows + kRcrBM - 1) / kRcrBM * ((n + kRcrBN - 1) / kRcrBN);
           TORCH_CHECK(nblocks < (int64_t(1) << 31), "rcr: ", rows, " rows of E are more than one launch of the "

@@ -96,13 +96,13 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
   }
 
   // epilogue: the warp's row tile i (16 x 64 fp32) through its own slice of shared memory (the
-  // K loop's last barrier freed as and bs), lanes along the columns
+  // K loop's last barrier freed as and bs; warp barriers around each use), lanes along the columns
   float* ep = reinterpret_cast<float*>(smem) + warp * 16 * kRcrEpiLd;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) wmma::store_matrix_sync(ep + 16 * j, acc[i][j], kRcrEpiLd, wmma::mem_row_major);
-    __syncthreads();
+    __syncwarp();   // the slice is this warp's alone
     for (int idx = lane; idx < 16 * 64; idx += 32) {
       const int r = idx >> 6, c = idx & 63;
       const int64_t gr = m0 + wr + 16 * i + r, gc = n0 + wc + c;
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
       }
       out[gr * N + gc] = from_f<T>(v);
     }
-    __syncthreads();
+    __syncwarp();
   }
 }
 

@@ -236,6 +236,8 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
 }  // namespace cuda_emu
 
 inline void __syncthreads() { cuda_emu::yield(cuda_emu::kAtBlock); }
+// a barrier of the calling thread's warp (the full mask: the kernels call it with every lane)
+inline void __syncwarp(unsigned = 0xffffffffu) { cuda_emu::yield(cuda_emu::kAtWarp); }
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   auto& b = *cuda_emu::block;
@@ -280,6 +282,7 @@ inline void check_operand(const T* p, unsigned ldm) {
 
 template <typename Use, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_same<Use, accumulator>::value, "an accumulator loads with a layout argument (as in wmma)");
   check_operand(p, ldm);
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j)
