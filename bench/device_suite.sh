@@ -28,6 +28,10 @@
 #   profile        40  3  measured kernel time per row of the cost model (python -m bench.profile:
 #                         the Flickr30K matrix, bf16, triton then cuda, each warmed up, timed and
 #                         profiled once) against bench/roofline.py's prediction -> profile.md
+#   memcheck_cuda  45  3  the cuda backend's own kernels under compute-sanitizer (--tool memcheck,
+#   racecheck_cuda 45  3    then racecheck): its GPU tests rcr_op, flickr_shaped_block and
+#                           selftest_passes (every kernel of csrc/cuda at real shapes), to pytest.log;
+#                           exit 9 = the sanitizer found an error
 #   h100_base      60  3  100 x 100 headline (coop_rcar T=2, t2i, i2t) + training step (--train):
 #   h100_cuda      30  3    reference, release_loop, torch in one process, then cuda, then
 #   h100_triton    40  3    triton, each in its own
@@ -245,11 +249,27 @@ with open(short_path, "w") as f:
 EOF
 }
 
+sanitize_stage() {   # --sanitize-stage TOOL: the cuda backend's GPU tests of its own kernels under compute-sanitizer
+    local cs=""
+    cs=$(command -v compute-sanitizer 2>/dev/null || true)
+    if [ -z "$cs" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
+        cs="$CUDA_HOME/bin/compute-sanitizer"
+    fi
+    if [ -z "$cs" ]; then
+        echo "no compute-sanitizer on PATH or in CUDA_HOME: not run"
+        return 3
+    fi
+    "$cs" --tool "$1" --error-exitcode 9 --print-limit 20 --target-processes all \
+        "$PY" -m pytest tests -m gpu -k "cuda and (rcr_op or flickr_shaped_block or selftest_passes)" \
+        -q -x -rfE -p no:cacheprovider
+}
+
 case "${1:-}" in
     --stub) shift; stub "$@"; exit $? ;;
     --env-stage) env_stage "$2"; exit $? ;;
     --build-stage) build_stage; exit $? ;;
     --summary-stage) summary_stage "$2"; exit $? ;;
+    --sanitize-stage) sanitize_stage "$2"; exit $? ;;
     --dry-run) DRY_RUN=1 ;;
     "") ;;
     *) echo "usage: bench/device_suite.sh [--dry-run|--help]" >&2; exit 2 ;;
@@ -286,6 +306,8 @@ add_stage row_torch     must  32  3 INT  "$BENCH_LOG"
 add_stage pytest_cuda   must  25 10 INT  "$PYTEST_LOG"
 add_stage pytest_triton must  30 10 INT  "$PYTEST_LOG"
 add_stage profile       rest  40  3 INT  "$PROFILE_MD"
+add_stage memcheck_cuda rest  45  3 INT  "$PYTEST_LOG"
+add_stage racecheck_cuda rest 45  3 INT  "$PYTEST_LOG"
 add_stage h100_base     rest  60  3 INT  "$BENCH_LOG"
 add_stage h100_cuda     rest  30  3 INT  "$BENCH_LOG"
 add_stage h100_triton   rest  40  3 INT  "$BENCH_LOG"
@@ -365,6 +387,8 @@ stage_cmd() {   # CMD=(...): what stage $1 runs when its cap is $2 ms
         row_*) CMD=("${bench[@]}" "${big[@]}" --backends "${1#row_}") ;;
         pytest_*) CMD=("$PY" -m pytest tests -m gpu -k "${1#pytest_}" -v -rfE --durations=5) ;;
         profile) CMD=("$PY" -m bench.profile --shape flickr30k --backends triton,cuda) ;;
+        memcheck_cuda|racecheck_cuda) CMD=(env ${CUDA_HOME_FOUND:+CUDA_HOME="$CUDA_HOME_FOUND"}
+                                           bash "$SELF" --sanitize-stage "${1%_cuda}") ;;
         h100_base) CMD=("${bench[@]}" "${h100[@]}" --backends reference,release_loop,torch) ;;
         h100_*) CMD=("${bench[@]}" "${h100[@]}" --backends "${1#h100_}") ;;
         r1000_fp32) CMD=("${bench[@]}" "${r1000[@]}") ;;
@@ -381,6 +405,7 @@ what() {   # the header's words for a stage
         row_*) echo "starting row ${1#row_}: Flickr30K 1000 x 5000, bf16, coop_rcar T=2, t2i" ;;
         pytest_*) echo "GPU tests of ${1#pytest_}" ;;
         profile) echo "kernel time vs the cost model: Flickr30K 1000 x 5000, bf16, triton and cuda" ;;
+        memcheck_cuda|racecheck_cuda) echo "the cuda backend's kernels under compute-sanitizer --tool ${1%_cuda}" ;;
         h100_base) echo "100 x 100 headline + training step: reference, release_loop, torch" ;;
         h100_*) echo "100 x 100 headline + training step: ${1#h100_}" ;;
         r1000_*) echo "1000 x 1000 headline, ${1#r1000_}" ;;

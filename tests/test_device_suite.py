@@ -19,7 +19,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "device_suite.sh")
 MUST = ["env", "build", "row_cuda", "row_triton", "row_torch", "pytest_cuda", "pytest_triton"]
-REST = ["profile", "h100_base", "h100_cuda", "h100_triton", "r1000_fp32", "r1000_bf16", "compile"]
+REST = ["profile", "memcheck_cuda", "racecheck_cuda", "h100_base", "h100_cuda", "h100_triton", "r1000_fp32",
+        "r1000_bf16", "compile"]
 ORDER = MUST + REST + ["summary"]
 #: "== [1.2s] row_cuda: <what> (cap 64 s): timeout -s INT -k 3 64 <command>"
 HEADER = re.compile(r"^== \[[\d.]+s\] (\w+): (.*) \(cap ([\d.]+) s\): "
