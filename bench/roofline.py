@@ -605,8 +605,9 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
 
 def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     """The CUDA backward per step: the forward kernel again in kModeSquaredDiff (D2 = (Q - A)^2
-    fp32 to memory), cuBLAS fp32 products with the shared weight (Y, dW, G2) on the SIMT units
-    (fp32, TF32 off), l2n_bwd_rows_kernel, attention_bwd_kernel (recompute, SIMT scores and P C,
+    fp32 to memory), the products with the shared weight (Y, dW, G2) in cuBLAS on tensor cores
+    (the model's bf16: D2 and dY rounded to bf16, two casts, fp32 outputs; fp32 inputs take exact
+    fp32 products, not modelled), l2n_bwd_rows_kernel, attention_bwd_kernel (recompute, SIMT scores and P C,
     atomics into dQ, dC), RAR's backward."""
     Lq, Lc = _rows(shape, Lg)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
@@ -615,7 +616,9 @@ def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
         simt = 2 * Lq * Lc * d * 2
         book.add("attention_fwd_kernel (kModeSquaredDiff)", count=1, simt=pairs * simt, smem=pairs * simt * 4,
                  l2=pairs * (Lq * d + 2 * Lc * d) * e + N * d * 4, hbm=N * d * 4)
-        book.add("cuBLAS fp32: Y, dW, G2", count=3, simt=3 * 2 * N * d * s, hbm=N * d * 4 * 3 + s * d * 4)
+        book.add("cuBLAS, bf16 operands, fp32 out: Y, dW, G2 (+ casts of D2, dY; Y's bias)", count=6,
+                 tc=3 * 2 * N * d * s, simt=N * (d + s) * 2,
+                 hbm=N * d * (4 + 3 * e + 4) + N * s * (4 + 4 + 3 * e) + s * d * e)
         book.add("attention_bwd_kernel", count=1, simt=pairs * simt * 2, smem=pairs * simt * 2 * 4,
                  l2=pairs * ((Lq + Lc) * d * 4 * 2 + Lq * d * 4), hbm=N * d * 4)
         book.add("rar_bwd_kernel + its GEMMs", count=3, tc=pairs * 2 * 16 * ((Lq + 15) // 16) * s * s * 3,

@@ -349,7 +349,8 @@ def emu_attention_grads(emu, args, grad):
     """attention_bwd as attention_bwd_cuda computes it (one chunk of pairs): without a weight
     attention_bwd_kernel on the output's gradient; with one the forward kernel's (Q - A)^2
     (kModeSquaredDiff), Y = D2 W^T + b, l2n_bwd_rows_kernel's dY, dW = dY^T D2, db = sum dY and
-    G2 = dY W (fp32 GEMMs: torch here, cuBLAS there), then attention_bwd_kernel on G2.
+    G2 = dY W (torch here, cuBLAS there: fp32 products in fp32; in fp16/bf16 D2 and dY rounded to
+    the inputs' dtype, fp32 sums), then attention_bwd_kernel on G2.
     Returns (dquery, dcontext, dfactors, dlam, dweight, dbias), None where absent."""
     q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
     P, Lq, D = q.shape
@@ -370,10 +371,14 @@ def emu_attention_grads(emu, args, grad):
         d2 = torch.full((pairs * Lq, D), float("nan"))
         emu.emu_attention_sqdiff(dt, *common, _ptr(gram), B, P, Lq, Lc, D, 0, pairs, _ptr(d2))
         Wf = w.float()
-        Y = torch.addmm(b.float(), d2, Wf.t()).contiguous()
+        half = q.dtype != torch.float32
+        rounded = (lambda x: x.to(q.dtype).float()) if half else (lambda x: x)   # as rounded operands
+        d2r = rounded(d2)
+        Y = torch.addmm(b.float(), d2r, Wf.t()).contiguous()
         dy = torch.full((pairs * Lq, S), float("nan"))
         emu.emu_l2n_bwd_rows(dt, _ptr(Y), _ptr(grad.contiguous()), _ptr(ql), 0, pairs * Lq, P, Lq, S, _ptr(dy))
-        db, dw, g2 = dy.sum(0), dy.t() @ d2, (dy @ Wf).contiguous()
+        dyr = rounded(dy)
+        db, dw, g2 = dy.sum(0), dyr.t() @ d2r, (dyr @ Wf).contiguous()
         emu.emu_attention_bwd(dt, MODE_ALIGNMENT, *common, _ptr(w), _ptr(gram), B, P, Lq, Lc, D, S, 0, pairs,
                               _ptr(g2), _ptr(dq), _ptr(dc), _ptr(df), _ptr(dlam))
     return dq, dc, df, dlam, dw, db

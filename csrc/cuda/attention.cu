@@ -10,7 +10,8 @@
 // Backward: without a weight, one per-pair kernel (attention_bwd_kernel, kModeAttended) recomputes the
 // pair and produces every gradient. With a weight, pairs are processed in chunks that bound the
 // scratch memory: the forward kernel in kModeSquaredDiff writes D2 = (Q - A)^2 (fp32) for the chunk, the
-// shared-weight products run in cuBLAS in fp32 (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W) with
+// shared-weight products run in cuBLAS (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W; fp16/bf16 on tensor
+// cores from D2 and dY rounded to the inputs' dtype, fp32 outputs; fp32 exact) with
 // dY from l2n_bwd_rows_kernel, and attention_bwd_kernel (kModeAlignment) takes G2 = d(D2) from there.
 // dquery and dcontext are accumulated with fp32 atomics (summed over pairs).
 // Paired (context_index given): block pid = p is pair p, which reads context item
@@ -254,6 +255,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     Tensor dY = at::empty({chunk * in.Lq, in.S}, f32);
     const Tensor Wf = in.w.to(at::kFloat).contiguous();
     const Tensor bf = in.bias.to(at::kFloat);
+    // The three products with the shared weight (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W): fp16/bf16
+    // on tensor cores, D2 and dY rounded to the inputs' dtype (as the forward's projection took
+    // (Q - A)^2 and W, and as the Triton backward takes dY), fp32 sums and outputs (cuBLAS with an
+    // fp32 output, at::mm's out_dtype); fp32 exact fp32 products (TF32 off).
+    constexpr bool kHalf = !std::is_same<T, float>::value;
+    const at::ScalarType st = query.scalar_type();
+    const Tensor Wh = kHalf ? in.w.contiguous() : Tensor();
     for (int64_t pid0 = 0; pid0 < pairs; pid0 += chunk) {
       const int64_t n = std::min(chunk, pairs - pid0);
       const int64_t rows = n * in.Lq;
@@ -261,15 +269,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
       Tensor g2 = G2.narrow(0, 0, rows);
       Tensor dy = dY.narrow(0, 0, rows);
       launch_fwd<T, 1, kModeSquaredDiff>(a, pid0, n, d2.data_ptr(), stream);
-      const Tensor Y = at::addmm(bf, d2, Wf.t());
+      const Tensor d2h = kHalf ? d2.to(st) : Tensor();
+      const Tensor Y = kHalf ? at::mm(d2h, Wh.t(), at::kFloat).add_(bf) : at::addmm(bf, d2, Wf.t());
       const int64_t blocks = (rows + kWarps - 1) / kWarps;
       l2n_bwd_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           Y.data_ptr<float>(), ptr<T>(g), in.qlens.data_ptr<int>(), pid0, rows, in.P, in.Lq, in.S,
           dy.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       db.add_(dy.sum(0));
-      dw.addmm_(dy.t(), d2);
-      at::mm_out(g2, dy, Wf);
+      if constexpr (kHalf) {
+        const Tensor dyh = dy.to(st);
+        dw.add_(at::mm(dyh.t(), d2h, at::kFloat));
+        at::mm_out(g2, dyh, Wh, at::kFloat);
+      } else {
+        dw.addmm_(dy.t(), d2);
+        at::mm_out(g2, dy, Wf);
+      }
       attention_bwd_kernel<T, kModeAlignment><<<static_cast<unsigned>(n), kThreads, bwd_smem, stream>>>(a, pid0, g2.data_ptr(), o);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
