@@ -225,12 +225,15 @@ def pipeline_call(book: Book, backend: str, shape: Shape) -> None:
     count = PIPELINE_CALL_OPS + PIPELINE_CALL_COPIES
     if backend == "triton" and not shape.training:
         count += 1
-        if shape.attn_type == "t2i":
-            from rcar_fast.pipeline import call_grams_fit
-            if not call_grams_fit(shape.n_images, R, gpu_budget(MODELS[backend][4], GPU_MEMORY)):
-                raise ValueError(f"{shape.name}: the pipeline would make the Gram matrices per block "
-                                 "(they would crowd the budget); the model books them per call")
+    if backend in ("triton", "cuda") and not shape.training and shape.attn_type == "t2i":
+        from rcar_fast.pipeline import call_grams_fit
+        if not call_grams_fit(shape.n_images, R, gpu_budget(MODELS[backend][4], GPU_MEMORY)):
+            raise ValueError(f"{shape.name}: the pipeline would make the Gram matrices per block "
+                             "(they would crowd the budget); the model books them per call")
+        if backend == "triton":
             book_gram(book, "gram (C C^T per context item)", shape.n_images, R, ", once per call")
+        else:
+            cuda_gram(book, "gram_kernel (context_gram, once per call)", shape.n_images, R)
     book.add("per call: weights stacked and cast, lengths, indices (torch)", count=count, hbm=0.0)
 
 
@@ -542,6 +545,13 @@ def cuda_rar_plan(Lq: int, P: int):
     return BQ, GP, -(-rows // (16 * mt)) * 16 * mt
 
 
+def cuda_gram(book: Book, name: str, B: int, Lc: int) -> None:
+    """One gram_kernel launch over B context items of Lc rows (fp32 SIMT from shared memory)."""
+    d, e = D, ELEM
+    book.add(name, count=1, simt=B * 2 * Lc * Lc * d, smem=B * 2 * Lc * Lc * d * 4, l2=B * Lc * d * e,
+             hbm=B * Lc * d * e)
+
+
 def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
     """The CUDA kernels (csrc/cuda/): gram_kernel (C C^T per context item, fp32 SIMT), then for
     fp16/bf16 attention_fwd_tc_kernel: GP = 64 // Lq packed pairs of one context item per block (the
@@ -561,8 +571,10 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
     plan = cuda_tc_plan(Lq, Lc, P)
     for t in range(shape.steps):
         has_f = t > 0
-        book.add(f"gram_kernel{tag}", count=1, simt=B * 2 * Lc * Lc * d, smem=B * 2 * Lc * Lc * d * 4,
-                 l2=B * Lc * d * e, hbm=B * Lc * d * e)
+        # the Gram matrices: under autograd at every launch; at inference once per block for all
+        # its steps (i2t; the t2i grid's once per call, pipeline_call), as triton's
+        if shape.training or (t == 0 and shape.attn_type != "t2i"):
+            cuda_gram(book, f"gram_kernel{tag}", B, Lc)
         if plan is not None:
             BQ, BC, GP, rows = plan
             blocks = B * -(-P // GP)

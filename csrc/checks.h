@@ -71,6 +71,18 @@ inline void check_attention(const at::Tensor& query, const at::Tensor& qlens, co
   }
 }
 
+// gram (the attention's optional argument): context_gram(context, clens), (B, Lc, Lc) float32,
+// contiguous, on the context's device
+inline void check_gram(const c10::optional<at::Tensor>& gram, const at::Tensor& context) {
+  if (!gram) return;
+  TORCH_CHECK(gram->scalar_type() == at::kFloat, "gram: expected float32 (context_gram's output), got ",
+              gram->scalar_type());
+  TORCH_CHECK(gram->device() == context.device(), "gram: expected a tensor on ", context.device(), ", got ",
+              gram->device());
+  check_shape(*gram, "gram", {context.size(0), context.size(1), context.size(1)});
+  TORCH_CHECK(gram->is_contiguous(), "gram: not contiguous (pass context_gram's output as it is)");
+}
+
 // E (B, P, Lq, s), h (B, P, s), wq/wk (T, s, s), bq/bk (T, s), wv (T, s), bv (T)
 inline void check_rar(const at::Tensor& E, const at::Tensor& qlens, const c10::optional<at::Tensor>& h,
                       const at::Tensor& wq, const at::Tensor& bq, const at::Tensor& wk, const at::Tensor& bk,

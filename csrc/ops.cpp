@@ -5,7 +5,10 @@
 
 TORCH_LIBRARY(rcar_fast, m) {
   m.def("attention(Tensor query, Tensor qlens, Tensor context, Tensor clens, Tensor? factors, "
-        "Tensor? lam, float lam_scalar, Tensor? weight, Tensor? bias, Tensor? context_index=None) -> Tensor");
+        "Tensor? lam, float lam_scalar, Tensor? weight, Tensor? bias, Tensor? context_index=None, "
+        "Tensor? gram=None) -> Tensor");
+  // the context items' Gram matrices as the CUDA attention takes them (its `gram`; CUDA only)
+  m.def("context_gram(Tensor context, Tensor clens) -> Tensor");
   m.def("attention_bwd(Tensor grad, Tensor query, Tensor qlens, Tensor context, Tensor clens, "
         "Tensor? factors, Tensor? lam, float lam_scalar, Tensor? weight, Tensor? bias, "
         "bool need_dfactors, Tensor? context_index=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -237,6 +237,40 @@ def rcr_op_matches_torch_step(backend: str, device, dtype, with_state: bool, ato
     assert not got_F[:, pad].any() and not got_lam[:, pad].any()
 
 
+def context_gram_gives_the_same_attention(backend, device, dtype=torch.float32):
+    """The backend's attention given its kernel set's context_gram (the Gram matrices the
+    pipeline makes once for several calls) returns the output it makes alone, bit for bit, on the
+    grid and in the paired form, with and without the projection (NaN in the padding of every
+    input); a gram of the wrong shape is refused by name."""
+    from rcar_fast.backends import kernel_set
+    ks = kernel_set(backend)
+    assert ks.context_gram is not None, f"{backend}: no context_gram"
+    g = torch.Generator().manual_seed(13)
+    P, Lq, B, Lc, d, s = 5, 9, 3, 36, 64, 24
+    q = torch.randn(P, Lq, d, generator=g)
+    c = torch.randn(B, Lc, d, generator=g)
+    ql = torch.tensor([9, 1, 4, 7, 9], dtype=torch.int32)
+    cl = torch.tensor([36, 1, 20], dtype=torch.int32)
+    for p, n in enumerate(ql.tolist()):
+        q[p, n:] = float("nan")
+    for b, n in enumerate(cl.tolist()):
+        c[b, n:] = float("nan")
+    W, bias = torch.randn(s, d, generator=g) * 0.2, torch.randn(s, generator=g) * 0.1
+    q, c, W, bias = (t.to(device, dtype) for t in (q, c, W, bias))
+    ql, cl = ql.to(device), cl.to(device)
+    cidx = torch.tensor([2, 0, 2, 1, 0], dtype=torch.int32, device=device)
+    gram = ks.context_gram(c, cl)
+    for w, b in ((None, None), (W, bias)):
+        for ci in (None, cidx):
+            alone = ks.attention(q, ql, c, cl, None, None, 4.0, w, b, ci)
+            given = ks.attention(q, ql, c, cl, None, None, 4.0, w, b, ci, gram)
+            assert not alone.isnan().any()
+            assert torch.equal(given, alone), (w is not None, ci is not None)
+    import pytest
+    with pytest.raises((ValueError, RuntimeError), match=r"gram: "):
+        ks.attention(q, ql, c, cl, None, None, 4.0, None, None, None, gram[:1])
+
+
 def selftest_passes(backend, device, dtypes=None):
     """rcar_fast.selftest on ``device``: every dtype ``backend`` takes (or ``dtypes``) passes."""
     rows = rcar_fast.selftest(device, backends=[backend], dtypes=dtypes, quiet=True)

@@ -472,6 +472,33 @@ def test_rar_scores_op_is_rar_then_the_scoring_layer(dtype):
         tb.triton_rar_scores(E, ql, h0, *(w[:0] for w in ws), sw, sb)
 
 
+def test_extension_attention_takes_a_gram():
+    """The extension's attention op (csrc/ops.cpp) takes the optional gram after context_index:
+    the CPU kernel checks it by name and does not need it (the same output), opcheck's schema,
+    fake and autograd hold with it. The "cuda" kernel set offers context_gram (its kernel runs on a
+    GPU: test_gpu.py's test_context_gram_argument), "cpp" none; the op's fake is (B, Lc, Lc) fp32."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rcar_fast.backends import extension_kernels as ek
+    _, att, _ = _op_samples(torch.float64)
+    op = torch.ops.rcar_fast.attention.default
+    for args in att:
+        c, cl = args[2], args[3]
+        cm = torch.where(torch.arange(c.shape[1])[None, :, None] < cl[:, None, None].long(), c, 0)
+        g = (cm @ cm.transpose(1, 2)).float().contiguous()
+        assert torch.equal(op(*args, None, g), op(*args))
+        torch.library.opcheck(op, (*args, None, g))
+        for bad, why in ((g[:1], "shape"), (g.double(), "float32"), (g.transpose(1, 2), "not contiguous")):
+            with pytest.raises(RuntimeError, match=f"^gram: .*{why}"):
+                op(*args, None, bad)
+    assert ek.CPP.context_gram is None
+    if ek.has_kernels("CUDA"):
+        assert ek.CUDA.context_gram is torch.ops.rcar_fast.context_gram.default
+    with FakeTensorMode():
+        G = torch.ops.rcar_fast.context_gram(torch.empty(3, 7, 16), torch.empty(3, dtype=torch.int32))
+    assert G.shape == (3, 7, 7) and G.dtype == torch.float32
+
+
 def test_cuda_backend_offers_the_fused_rcr_step():
     """The extension's CUDA half registers the rcr op (csrc/cuda/rcr.cu) and the "cuda" backend's
     kernel set offers it on CUDA tensors only (its kernels run on a GPU: the GPU tier's inference

@@ -18,6 +18,7 @@ from gpu_cases import (CONFIGS, GPU_BACKENDS, Dims, flickr_shaped_block, fp32_ma
                        gradients_match_reference, half_error_within_twice_torch,
                        half_pair_scores_within_twice_torch, memory_within_budget, pair_scores_match_the_grid,
                        rcr_op_matches_torch_step, repeated_lengths, selftest_passes,
+                       context_gram_gives_the_same_attention,
                        training_step_with_dropout)
 from rcar_testutil import seed_of
 
@@ -123,6 +124,14 @@ def test_pair_scores_match_the_grid(backend, regulator, steps, attn_type):
     """The paired kernels (pair lists): scores against the reference and the grid, gradients."""
     pair_scores_match_the_grid(backend, "cuda", regulator, steps, attn_type, GRAD_DIMS,
                                seed_of("gpu pairs", regulator, steps, attn_type), m=96)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_context_gram_argument(backend, dtype):
+    """The attention given context_gram's output (csrc/cuda/attention.cu; kernels/attention.py)
+    equals the attention alone, bit for bit; a wrong gram is refused by name."""
+    context_gram_gives_the_same_attention(backend, "cuda", dtype)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 5e-3), (torch.bfloat16, 2e-2)],

@@ -14,7 +14,7 @@ import test_gpu
 from gpu_cases import (CONFIGS, Dims, flickr_shaped_block, fp32_matches_reference, gradients_match_reference,
                        half_error_within_twice_torch, half_pair_scores_within_twice_torch,
                        pair_scores_match_the_grid, rcr_op_matches_torch_step, repeated_lengths,
-                       selftest_passes, training_step_with_dropout)
+                       selftest_passes, training_step_with_dropout, context_gram_gives_the_same_attention)
 from rcar_testutil import cpu_backends, seed_of
 
 
@@ -89,6 +89,13 @@ def test_half_long_captions_case(backend):
     """The GPU tier's long-caption case at small sizes: rows past 64 words (d 24, s 12); cpp only
     (triton refuses rows past 64)."""
     half_error_within_twice_torch(backend, "cpu", torch.float16, "coop_rcar", 2, "t2i", Dims(2, 4, 5, 80, 24, 12), 5)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if (b.values[0] if hasattr(b, "values") else b) == "triton"])
+def test_context_gram_case(backend):
+    """The GPU tier's context_gram check on CPU tensors: the Triton ops under the interpreter (the
+    "cpp" kernel set has no context_gram; its op checks the argument, test_fused_backends)."""
+    context_gram_gives_the_same_attention(backend, "cpu")
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 5e-3)], ids=["fp32", "fp16"])

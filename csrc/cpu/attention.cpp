@@ -474,8 +474,9 @@ at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& qlens, const
                          const at::Tensor& clens, const c10::optional<at::Tensor>& factors,
                          const c10::optional<at::Tensor>& lam, double lam_scalar,
                          const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& context_index) {
+                         const c10::optional<at::Tensor>& context_index, const c10::optional<at::Tensor>& gram) {
   Prepared pr = prepare(query, qlens, context, clens, factors, lam, weight, bias, context_index);
+  check_gram(gram, context);   // checked, not used: this kernel takes |U| from U itself, not through G
   const int64_t B = context_index ? 1 : context.size(0), P = query.size(0), Lq = query.size(1);
   const int64_t W = weight ? weight->size(0) : query.size(2);
   at::Tensor out = at::empty({B, P, Lq, W}, pr.q.options());

@@ -111,16 +111,41 @@ AttnArgs<T> make_args(const AttnInputs& in, double lam_scalar, const Tensor& gra
   return a;
 }
 
-// G = C C^T over each context item's valid rows, (B, Lc, Lc) fp32.
+// G = C C^T over each context item's valid rows, (B, Lc, Lc) fp32; c: (B, Lc, d), last dimension
+// contiguous; clens: (B,) int32, contiguous.
 template <typename T>
-Tensor launch_gram(const AttnInputs& in, cudaStream_t stream) {
-  Tensor gram = at::empty({in.B, in.Lc, in.Lc}, in.q.options().dtype(at::kFloat));
-  const int64_t smem = gram_layout(in.Lc).total;
+Tensor gram_of(const Tensor& c, const Tensor& clens, cudaStream_t stream) {
+  const int64_t B = c.size(0), Lc = c.size(1), D = c.size(2);
+  Tensor gram = at::empty({B, Lc, Lc}, c.options().dtype(at::kFloat));
+  if (gram.numel() == 0) return gram;
+  const int64_t smem = gram_layout(Lc).total;
   prepare_smem(gram_kernel<T>, smem, "attention (Gram matrix of the context)");
-  gram_kernel<T><<<static_cast<unsigned>(in.B), kThreads, smem, stream>>>(
-      ptr<T>(in.c), in.clens.data_ptr<int>(), in.Lc, in.D, in.c.stride(0), in.c.stride(1), gram.data_ptr<float>());
+  gram_kernel<T><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(ptr<T>(c), clens.data_ptr<int>(), Lc, D,
+                                                                      c.stride(0), c.stride(1), gram.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return gram;
+}
+
+template <typename T>
+Tensor launch_gram(const AttnInputs& in, cudaStream_t stream) {
+  return gram_of<T>(in.c, in.clens, stream);
+}
+
+// rcar_fast::context_gram: the Gram matrices the attention's `gram` argument takes.
+Tensor context_gram_cuda(const Tensor& context, const Tensor& clens) {
+  TORCH_CHECK(context.is_floating_point(), "context: expected a floating tensor, got ", context.scalar_type());
+  TORCH_CHECK(context.dim() == 3, "context: expected (B, Lc, d), got shape ", context.sizes());
+  rcar_fast::check_lens(clens, "clens", context.size(0), context);
+  check_cuda_dtype(context, "context");
+  TORCH_CHECK(context.size(0) <= INT32_MAX, "context: ", context.size(0), " items are more than one launch takes");
+  c10::cuda::CUDAGuard guard(context.device());
+  const Tensor c = last_dim_contiguous(context), cl = clens.contiguous();
+  Tensor out;
+  dispatch_float(context.scalar_type(), "context", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    out = gram_of<T>(c, cl, current_stream());
+  });
+  return out;
 }
 
 template <typename T, int MT, int MODE>
@@ -176,8 +201,9 @@ int projection_mt(int elem, const AttnInputs& in) {
 
 Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& context, const Tensor& clens,
                       const OptTensor& factors, const OptTensor& lam, double lam_scalar, const OptTensor& weight,
-                      const OptTensor& bias, const OptTensor& context_index) {
+                      const OptTensor& bias, const OptTensor& context_index, const OptTensor& gram) {
   rcar_fast::check_attention(query, qlens, context, clens, factors, lam, weight, bias, context_index);
+  rcar_fast::check_gram(gram, context);
   check_cuda_dtype(query, "query");
   c10::cuda::CUDAGuard guard(query.device());
   const AttnInputs in = prepare(query, qlens, context, clens, factors, lam, weight, bias, context_index);
@@ -189,8 +215,9 @@ Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& co
   cudaStream_t stream = current_stream();
   dispatch_float(query.scalar_type(), "query", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    Tensor gram = launch_gram<T>(in, stream);
-    const AttnArgs<T> a = make_args<T>(in, lam_scalar, gram);
+    // the caller's (context_gram, made once for several calls on this context) or this call's own
+    const Tensor g = gram ? *gram : launch_gram<T>(in, stream);
+    const AttnArgs<T> a = make_args<T>(in, lam_scalar, g);
     void* o = out.data_ptr();
     if (!in.has_w) {
       if (!try_fwd_tc<T, kModeAttended>(in, a, o, stream)) launch_fwd<T, 1, kModeAttended>(a, 0, pairs, o, stream);
@@ -298,5 +325,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
 
 TORCH_LIBRARY_IMPL(rcar_fast, CUDA, m) {
   m.impl("attention", &rcar_fast::cuda::attention_cuda);
+  m.impl("context_gram", &rcar_fast::cuda::context_gram_cuda);
   m.impl("attention_bwd", &rcar_fast::cuda::attention_bwd_cuda);
 }
