@@ -29,9 +29,13 @@
 #                         the Flickr30K matrix, bf16, triton then cuda, each warmed up, timed and
 #                         profiled once) against bench/roofline.py's prediction -> profile.md
 #   memcheck_cuda  45  3  the cuda backend's own kernels under compute-sanitizer (--tool memcheck,
-#   racecheck_cuda 45  3    then racecheck): its GPU tests rcr_op, flickr_shaped_block and
-#                           selftest_passes (every kernel of csrc/cuda at real shapes), to pytest.log;
-#                           exit 9 = the sanitizer found an error
+#   racecheck_cuda 45  3    then racecheck; --report-api-errors no: the libraries' deliberate failed
+#                           probes are not ours; memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so
+#                           an access past a tensor is not inside a cached block): its GPU tests
+#                           selftest_passes (first: the only one with a backward), rcr_op,
+#                           flickr_shaped_block, pytest under its own timeout 8 s short of the cap
+#                           (the sanitizer then prints its summary), to pytest.log; exit 9 = the
+#                           sanitizer found an error, 7 = no compute-sanitizer
 #   h100_base      60  3  100 x 100 headline (coop_rcar T=2, t2i, i2t) + training step (--train):
 #   h100_cuda      30  3    reference, release_loop, torch in one process, then cuda, then
 #   h100_triton    40  3    triton, each in its own
@@ -249,19 +253,23 @@ with open(short_path, "w") as f:
 EOF
 }
 
-sanitize_stage() {   # --sanitize-stage TOOL: the cuda backend's GPU tests of its own kernels under compute-sanitizer
-    local cs=""
+sanitize_stage() {   # --sanitize-stage TOOL CAP_MS: the cuda backend's GPU tests of its own kernels under compute-sanitizer
+    local cs="" inner env_=()
     cs=$(command -v compute-sanitizer 2>/dev/null || true)
     if [ -z "$cs" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
         cs="$CUDA_HOME/bin/compute-sanitizer"
     fi
     if [ -z "$cs" ]; then
         echo "no compute-sanitizer on PATH or in CUDA_HOME: not run"
-        return 3
+        return 7
     fi
-    "$cs" --tool "$1" --error-exitcode 9 --print-limit 20 --target-processes all \
-        "$PY" -m pytest tests -m gpu -k "cuda and (rcr_op or flickr_shaped_block or selftest_passes)" \
-        -q -x -rfE -p no:cacheprovider
+    inner=$(( $2 / 1000 - 8 ))
+    [ "$inner" -lt 5 ] && inner=5
+    [ "$1" = memcheck ] && env_=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+    env ${env_[@]+"${env_[@]}"} "$cs" --tool "$1" --error-exitcode 9 --print-limit 20 --report-api-errors no \
+        --target-processes all timeout -s INT -k 2 "$inner" \
+        "$PY" -m pytest tests/test_gpu.py::test_selftest_passes tests/test_gpu.py::test_rcr_op \
+        tests/test_gpu.py::test_flickr_shaped_block -m gpu -k cuda -q -rfE -p no:cacheprovider
 }
 
 case "${1:-}" in
@@ -269,7 +277,7 @@ case "${1:-}" in
     --env-stage) env_stage "$2"; exit $? ;;
     --build-stage) build_stage; exit $? ;;
     --summary-stage) summary_stage "$2"; exit $? ;;
-    --sanitize-stage) sanitize_stage "$2"; exit $? ;;
+    --sanitize-stage) sanitize_stage "$2" "$3"; exit $? ;;
     --dry-run) DRY_RUN=1 ;;
     "") ;;
     *) echo "usage: bench/device_suite.sh [--dry-run|--help]" >&2; exit 2 ;;
@@ -388,7 +396,7 @@ stage_cmd() {   # CMD=(...): what stage $1 runs when its cap is $2 ms
         pytest_*) CMD=("$PY" -m pytest tests -m gpu -k "${1#pytest_}" -v -rfE --durations=5) ;;
         profile) CMD=("$PY" -m bench.profile --shape flickr30k --backends triton,cuda) ;;
         memcheck_cuda|racecheck_cuda) CMD=(env ${CUDA_HOME_FOUND:+CUDA_HOME="$CUDA_HOME_FOUND"}
-                                           bash "$SELF" --sanitize-stage "${1%_cuda}") ;;
+                                           bash "$SELF" --sanitize-stage "${1%_cuda}" "$2") ;;
         h100_base) CMD=("${bench[@]}" "${h100[@]}" --backends reference,release_loop,torch) ;;
         h100_*) CMD=("${bench[@]}" "${h100[@]}" --backends "${1#h100_}") ;;
         r1000_fp32) CMD=("${bench[@]}" "${r1000[@]}") ;;
@@ -437,6 +445,10 @@ run_stage() {   # run_stage NAME KIND CAP_MS GRACE_MS SIGNAL LOG: run CMD under 
     case $name:$RC in
         pytest_*:5) note="no tests selected" ;;
         pytest_*:1) note="tests FAILED" ;;
+        *check_cuda:9) note="compute-sanitizer REPORTED ERRORS (pytest.log)" ;;
+        *check_cuda:7) note="no compute-sanitizer found" ;;
+        *check_cuda:124) note="pytest cut 8 s before the cap (the sanitizer's summary follows it)" ;;
+        *check_cuda:1) note="tests FAILED under the sanitizer" ;;
         build:2) note="build FAILED" ;;
         build:3) note="built; the cuda backend is unavailable" ;;
     esac
@@ -456,6 +468,8 @@ show_tail() {   # show_tail LOG FROM_LINE NAME RC: what of a stage's log goes to
             sed -n "$from,\$p" "$1" | grep -E '^(FAILED|ERROR) |KeyboardInterrupt|^=+ .* in [0-9.]+s|no tests ran|DRY RUN' | tail -n 30 ;;
         build)
             sed -n "$from,\$p" "$1" | grep -E '^build|error|Error|^  [a-z]+: |^rcar_fast._C|WARNING|DRY RUN' | tail -n 20 ;;
+        memcheck_cuda|racecheck_cuda)   # the sanitizer's summary, failing tests, pytest's last line
+            sed -n "$from,\$p" "$1" | grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^========= (Invalid|Race|Error)|^(FAILED|ERROR) |^=+ .* in [0-9.]+s|no compute-sanitizer|DRY RUN' | tail -n 20 ;;
         profile)   # the table's rows (the last backend's first), or where it stopped
             sed -n "$from,\$p" "$1" | grep -E '^\| flickr30k|Error|DRY RUN' | tail -n 30 ;;
         *)

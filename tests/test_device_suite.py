@@ -179,3 +179,32 @@ def test_at_most_8_files_come_back(default_run):
     named = set(re.findall(r'\$OUT/([\w.-]+)"', text))
     declared = set(re.search(r'^OUT_FILES="([^"]+)"', text, re.M).group(1).split())
     assert named <= declared == set(files)
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_sanitize_stage_command(tmp_path, tool):
+    """The sanitizer stages' subcommand, with a stand-in compute-sanitizer in CUDA_HOME that
+    prints what it was given: the tool, exit 9 on an error, the libraries' API errors not
+    reported, our GPU tests with the backward first under pytest's own timeout 8 s short of the
+    cap, memcheck without PyTorch's caching allocator; exit 7 when no compute-sanitizer exists."""
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    fake = home / "bin" / "compute-sanitizer"
+    fake.write_text('#!/bin/bash\necho "ARGS $*"\necho "CACHING ${PYTORCH_NO_CUDA_MEMORY_CACHING:-on}"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    env.update(PATH="/usr/bin:/bin", CUDA_HOME=str(home))
+    out = subprocess.run(["bash", SCRIPT, "--sanitize-stage", tool, "45000"], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    args = out.stdout.split("ARGS ", 1)[1].splitlines()[0].split()
+    assert args[:8] == ["--tool", tool, "--error-exitcode", "9", "--print-limit", "20", "--report-api-errors", "no"]
+    assert args[10:16] == ["timeout", "-s", "INT", "-k", "2", "37"]
+    tests = [a for a in args if a.startswith("tests/test_gpu.py::")]
+    assert tests[0] == "tests/test_gpu.py::test_selftest_passes" and len(tests) == 3
+    assert args[args.index("-k", 16) + 1] == "cuda"
+    assert ("CACHING 1" if tool == "memcheck" else "CACHING on") in out.stdout
+    env.pop("CUDA_HOME")
+    none = subprocess.run(["bash", SCRIPT, "--sanitize-stage", tool, "45000"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert none.returncode == 7 and "no compute-sanitizer" in none.stdout
