@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from typing import NamedTuple
 
+import pytest
 import torch
 
 import rcar_fast
@@ -266,7 +267,6 @@ def context_gram_gives_the_same_attention(backend, device, dtype=torch.float32):
             given = ks.attention(q, ql, c, cl, None, None, 4.0, w, b, ci, gram)
             assert not alone.isnan().any()
             assert torch.equal(given, alone), (w is not None, ci is not None)
-    import pytest
     with pytest.raises((ValueError, RuntimeError), match=r"gram: "):
         ks.attention(q, ql, c, cl, None, None, 4.0, None, None, None, gram[:1])
 

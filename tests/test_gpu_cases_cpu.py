@@ -91,7 +91,7 @@ def test_half_long_captions_case(backend):
     half_error_within_twice_torch(backend, "cpu", torch.float16, "coop_rcar", 2, "t2i", Dims(2, 4, 5, 80, 24, 12), 5)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if (b.values[0] if hasattr(b, "values") else b) == "triton"])
+@pytest.mark.parametrize("backend", cpu_backends("triton"))
 def test_context_gram_case(backend):
     """The GPU tier's context_gram check on CPU tensors: the Triton ops under the interpreter (the
     "cpp" kernel set has no context_gram; its op checks the argument, test_fused_backends)."""

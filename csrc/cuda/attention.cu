@@ -126,11 +126,6 @@ Tensor gram_of(const Tensor& c, const Tensor& clens, cudaStream_t stream) {
   return gram;
 }
 
-template <typename T>
-Tensor launch_gram(const AttnInputs& in, cudaStream_t stream) {
-  return gram_of<T>(in.c, in.clens, stream);
-}
-
 // rcar_fast::context_gram: the Gram matrices the attention's `gram` argument takes.
 Tensor context_gram_cuda(const Tensor& context, const Tensor& clens) {
   TORCH_CHECK(context.is_floating_point(), "context: expected a floating tensor, got ", context.scalar_type());
@@ -216,7 +211,7 @@ Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& co
   dispatch_float(query.scalar_type(), "query", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     // the caller's (context_gram, made once for several calls on this context) or this call's own
-    const Tensor g = gram ? *gram : launch_gram<T>(in, stream);
+    const Tensor g = gram ? *gram : gram_of<T>(in.c, in.clens, stream);
     const AttnArgs<T> a = make_args<T>(in, lam_scalar, g);
     void* o = out.data_ptr();
     if (!in.has_w) {
@@ -265,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
 
   dispatch_float(query.scalar_type(), "query", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    Tensor gram = launch_gram<T>(in, stream);
+    Tensor gram = gram_of<T>(in.c, in.clens, stream);
     const AttnArgs<T> a = make_args<T>(in, lam_scalar, gram);
     if (!in.has_w) {
       prepare_smem(attention_bwd_kernel<T, kModeAttended>, bwd_smem, "attention_bwd");
@@ -280,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     Tensor D2 = at::empty({chunk * in.Lq, in.D}, f32);
     Tensor G2 = at::empty({chunk * in.Lq, in.D}, f32);
     Tensor dY = at::empty({chunk * in.Lq, in.S}, f32);
-    const Tensor Wf = in.w.to(at::kFloat).contiguous();
+    const Tensor& W = in.w;   // contiguous, the inputs' dtype (prepare)
     const Tensor bf = in.bias.to(at::kFloat);
     // The three products with the shared weight (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W): fp16/bf16
     // on tensor cores, D2 and dY rounded to the inputs' dtype (as the forward's projection took
@@ -288,7 +283,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     // fp32 output, at::mm's out_dtype); fp32 exact fp32 products (TF32 off).
     constexpr bool kHalf = !std::is_same<T, float>::value;
     const at::ScalarType st = query.scalar_type();
-    const Tensor Wh = kHalf ? in.w.contiguous() : Tensor();
     for (int64_t pid0 = 0; pid0 < pairs; pid0 += chunk) {
       const int64_t n = std::min(chunk, pairs - pid0);
       const int64_t rows = n * in.Lq;
@@ -297,7 +291,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
       Tensor dy = dY.narrow(0, 0, rows);
       launch_fwd<T, 1, kModeSquaredDiff>(a, pid0, n, d2.data_ptr(), stream);
       const Tensor d2h = kHalf ? d2.to(st) : Tensor();
-      const Tensor Y = kHalf ? at::mm(d2h, Wh.t(), at::kFloat).add_(bf) : at::addmm(bf, d2, Wf.t());
+      const Tensor Y = kHalf ? at::mm(d2h, W.t(), at::kFloat).add_(bf) : at::addmm(bf, d2, W.t());
       const int64_t blocks = (rows + kWarps - 1) / kWarps;
       l2n_bwd_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           Y.data_ptr<float>(), ptr<T>(g), in.qlens.data_ptr<int>(), pid0, rows, in.P, in.Lq, in.S,
@@ -307,10 +301,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
       if constexpr (kHalf) {
         const Tensor dyh = dy.to(st);
         dw.add_(at::mm(dyh.t(), d2h, at::kFloat));
-        at::mm_out(g2, dyh, Wh, at::kFloat);
+        at::mm_out(g2, dyh, W, at::kFloat);
       } else {
         dw.addmm_(dy.t(), d2);
-        at::mm_out(g2, dy, Wf);
+        at::mm_out(g2, dy, W);
       }
       attention_bwd_kernel<T, kModeAlignment><<<static_cast<unsigned>(n), kThreads, bwd_smem, stream>>>(a, pid0, g2.data_ptr(), o);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -69,12 +69,13 @@ __device__ __forceinline__ int clamp_len(int n, int64_t hi) {
 }
 
 // ---------------------------------------------------------------- shared-weight chunks and rows
-// ws[n][k] = W[n0 + n][k0 + k] for n < kNG, k < kBD (row stride ldo), zero past N rows or K
-// columns: the B operand chunk of the block GEMM from a row-major N x K weight. No barrier.
-template <typename T>
+// ws[n][k] = W[n0 + n][k0 + k] for n < ROWS, k < kBD (row stride ldo), zero past N rows or K
+// columns: a kBD-column chunk of ROWS rows of a row-major N x K operand (the block GEMM's B
+// operand by default: kNG rows of a weight). No barrier.
+template <typename T, int ROWS = kNG>
 __device__ __forceinline__ void load_weight_chunk(const T* __restrict__ w, int64_t N, int64_t K, int64_t n0,
                                                   int64_t k0, T* ws, int ldo) {
-  for (int idx = threadIdx.x; idx < kNG * kBD; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < ROWS * kBD; idx += kThreads) {
     const int n = idx >> 5, k = idx & 31;
     const int64_t gn = n0 + n, gk = k0 + k;
     ws[n * ldo + k] = (gn < N && gk < K) ? w[gn * K + gk] : from_f<T>(0.f);

@@ -63,10 +63,10 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
     const Tensor ws2c = ws2.contiguous(), bs2c = bs2.contiguous();
     const Tensor lam_old = lam ? lam->reshape({rows}).contiguous() : Tensor();
     const int64_t H2 = ws1.size(0);
+    const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
     dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       if constexpr (!std::is_same<T, float>::value) {
-        const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
         const Tensor xc = x.contiguous(), w1c = w1.contiguous(), b1c = b1.contiguous();
         const Tensor w2c = w2.contiguous(), b2c = b2.contiguous();
         Tensor hidden = at::empty({rows, H1}, E.options());
@@ -91,7 +91,6 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       } else if (F.numel() > 0) {
-        const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
         const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, int64_t(1) << 20));
         rcr_factors_kernel<T><<<grid, kThreads, 0, stream>>>(mut_ptr<T>(F), f_old.defined() ? ptr<T>(f_old) : nullptr,
                                                              ql.data_ptr<int>(), rows, P, Lq, D);

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
   const int ldo = ld_op((int)sizeof(T));
   T* as = reinterpret_cast<T*>(smem);
   T* bs = as + kRcrBM * ldo;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t nb = (N + kRcrBN - 1) / kRcrBN;
   const int64_t m0 = ((int64_t)blockIdx.x / nb) * kRcrBM, n0 = ((int64_t)blockIdx.x % nb) * kRcrBN;
   const int wr = (warp >> 2) * 64, wc = (warp & 3) * 64;
@@ -68,16 +68,8 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
 #pragma unroll
     for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   for (int64_t k0 = 0; k0 < K; k0 += kBD) {
-    for (int idx = tid; idx < kRcrBM * kBD; idx += kThreads) {
-      const int r = idx >> 5, k = idx & 31;
-      const int64_t gr = m0 + r, gk = k0 + k;
-      as[r * ldo + k] = (gr < M && gk < K) ? A[gr * K + gk] : from_f<T>(0.f);
-    }
-    for (int idx = tid; idx < kRcrBN * kBD; idx += kThreads) {
-      const int r = idx >> 5, k = idx & 31;
-      const int64_t gn = n0 + r, gk = k0 + k;
-      bs[r * ldo + k] = (gn < N && gk < K) ? B[gn * K + gk] : from_f<T>(0.f);
-    }
+    load_weight_chunk<T, kRcrBM>(A, M, K, m0, k0, as, ldo);
+    load_weight_chunk<T, kRcrBN>(B, N, K, n0, k0, bs, ldo);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kBD; kk += 16) {
