@@ -8,7 +8,9 @@ Environment flags (all of them):
   CUDA_HOME                  the CUDA toolkit root; when unset it is read from
                              `nvcc --dryrun` (its TOP= folder), since the nvcc on PATH may be
                              a wrapper script whose own folder is not the toolkit
-  TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0a": 9.0a, not plain 9.0, is
+                             what lets an H100/H200 run the wgmma kernels, csrc/cuda/wgmma.cuh;
+                             a list with plain 9.0 runs the wmma kernels there)
   MAX_JOBS                   parallel compile jobs (torch's ninja builder)
 
 The extension rcar_fast._C is built from csrc/ when it has sources: a CUDAExtension when torch
@@ -60,12 +62,17 @@ def _extensions():
     if mode != "cpu" and cu and torch.version.cuda and home:
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        archs = '-DRCAR_FAST_CUDA_ARCHS=\"%s\"' % re.sub(r"[^0-9.+A-Za-z]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"])
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        archs = '-DRCAR_FAST_CUDA_ARCHS=\"%s\"' % re.sub(r"[^0-9.+A-Za-z]+", ",", arch_list)
+        # the launchers take the wgmma kernels on a 9.0 device only where its code is sm_90a's:
+        # with plain 9.0 in the list too, the driver may load that one, where they trap
+        tokens = set(re.split(r"[\s;,]+", arch_list.replace("+PTX", "")))
+        nvcc_defs = ["-DRCAR_FAST_SM90A"] if "9.0a" in tokens and "9.0" not in tokens else []
         ext = cpp_extension.CUDAExtension(
             "rcar_fast._C", cpp + cu, include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx + ["-DRCAR_FAST_WITH_CUDA", archs],
-                                "nvcc": ["-O3", "-DRCAR_FAST_WITH_CUDA"]})
+            extra_compile_args={"cxx": cxx + ["-DRCAR_FAST_WITH_CUDA", archs, *nvcc_defs],
+                                "nvcc": ["-O3", "-DRCAR_FAST_WITH_CUDA", *nvcc_defs]})
     else:
         ext = cpp_extension.CppExtension("rcar_fast._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")],
                                          extra_compile_args={"cxx": cxx})

@@ -9,6 +9,7 @@
 //   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_bwd_kernel
 //   rarfwd ELEM LQ S P LIMIT     ->  MT BYTES GP  rar_fwd_kernel (choose_rar_plan; 0 0 0: does not fit)
 //   rcrgemm ELEM                 ->  1 BYTES    rcr_gemm_kernel
+//   rcrwgmma ELEM                ->  1 BYTES    rcr_wgmma_kernel
 //
 // ELEM: bytes of the element type; LIMIT: the chip's shared memory per block; BYTES: dynamic
 // shared memory of the launch. Not part of the extension (setup.py builds csrc/ only).
@@ -60,6 +61,10 @@ int main() {
       int64_t elem;
       in >> elem;
       std::cout << 1 << " " << rcr_gemm_smem((int)elem) << "\n";
+    } else if (what == "rcrwgmma") {
+      int64_t elem;
+      in >> elem;
+      std::cout << 1 << " " << rcr_wgmma_smem((int)elem) << "\n";
     } else {
       std::cout << "error unknown query " << what << "\n";
     }

@@ -50,7 +50,11 @@ RAR_LQ = (16, 32, 36, 64, 80)
 TC_PAIRS = 1000
 S_DIM = 256
 #: kernels whose fp16/bf16 instances run the block GEMM on tensor cores
-TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_bwd_kernel", "attention_fwd_tc_kernel", "rcr_gemm_kernel")
+TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_bwd_kernel", "attention_fwd_tc_kernel", "rcr_gemm_kernel",
+                    "rcr_wgmma_kernel")
+#: kernels with code for sm_90a only (wgmma: csrc/cuda/wgmma.cuh); compiled for sm_80 they are a
+#: trap the launchers never run
+SM90A_ONLY = ("rcr_wgmma_kernel",)
 
 
 def find_nvcc():
@@ -100,7 +104,11 @@ def _nvcc_flags(cc):
     flags = ["-O3", "-std=c++20", "-DRCAR_FAST_WITH_CUDA", f"-I{CSRC}"]
     flags += [f"-I{p}" for p in cpp_extension.include_paths()]
     flags += list(cpp_extension.COMMON_NVCC_FLAGS)
-    flags += [f"-gencode=arch=compute_{cc},code=sm_{cc}", "-cubin", "-Xptxas", "-v"]
+    # sm_90 as the extension builds it by default (setup.py: 9.0a, with RCAR_FAST_SM90A): the
+    # wgmma kernels have their code there and trap elsewhere
+    arch = "90a" if cc == 90 else str(cc)
+    flags += ["-DRCAR_FAST_SM90A"] if cc == 90 else []
+    flags += [f"-gencode=arch=compute_{arch},code=sm_{arch}", "-cubin", "-Xptxas", "-v"]
     return flags
 
 
@@ -191,6 +199,10 @@ def plan_shared(chips):
                 for epi, shape in ((0, f"rows x 2s={2 * S_DIM}, K={S_DIM}"), (1, f"rows x d=1024, K={2 * S_DIM}")):
                     queries.append(f"rcrgemm {elem}")
                     keys.append((cc, "rcr_gemm_kernel<{T}, %d>" % epi, tname, shape, None))
+                    if cc == 90:   # launch.h use_wgmma: an H100/H200 runs this one (rcr_gemm_kernel
+                        # where RCAR_FAST_CUDA_WGMMA=0)
+                        queries.append(f"rcrwgmma {elem}")
+                        keys.append((cc, "rcr_wgmma_kernel<{T}, %d>" % epi, tname, shape, None))
             keys.append((cc, "rcr_smooth_kernel<{T}>", tname, f"rows x s/2={S_DIM // 2}", 0))
             keys.append((cc, "rar_mean_kernel<{T}>", tname, f"s={S_DIM}", 0))
             for Lq in RAR_LQ:
@@ -352,7 +364,7 @@ def rows(archs, chips, regs_per_sm, max_warps_per_sm, jobs=2, cached=()):
             regs = info["registers"]
             blocks = min(regs_per_sm // max(1, regs * 32 * warps), chip["smem_sm"] // max(1, shared),
                          max_warps_per_sm // warps)
-            gemm = dtype != "fp32" and (base in TENSOR_CORE_GEMM or
+            gemm = dtype != "fp32" and not (base in SM90A_ONLY and cc != 90) and (base in TENSOR_CORE_GEMM or
                                         (base == "attention_fwd_kernel" and targs[-1:] == ["1"]))
             shapes = ", ".join(sorted({s for s, _ in served})) if served else "none of the standard shapes"
             out.append(dict(

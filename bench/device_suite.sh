@@ -527,6 +527,9 @@ for i in "${!S_NAME[@]}"; do
                 ARCH=9.0
                 echo "compute capability not found: building for 9.0 (H200)" >>"$ENV_TXT"
             fi
+            # a 9.0 device (H100/H200) built as sm_90a, setup.py's default: the wgmma kernels
+            # (csrc/cuda/wgmma.cuh) have code only there (plain 9.0 runs the wmma ones)
+            [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && [ "$ARCH" = 9.0 ] && ARCH=9.0a
             CUDA_HOME_FOUND=$F_CUDA_HOME
             export PY_VERSION=$F_PY_VERSION EXT_SUFFIX=$F_EXT_SUFFIX TORCH_VERSION=$F_TORCH_VERSION \
                    NVCC_RELEASE=$F_NVCC_RELEASE

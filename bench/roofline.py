@@ -295,23 +295,37 @@ def rcr_recomputed_backward(book: Book, B: int, P: int, Lq: int, has_f: bool, ke
              l2=N * d * e * 2)
 
 
-#: the CUDA RCR GEMM's block tile (csrc/cuda/rcr_kernels.cuh rcr_gemm_kernel: 8 warps of 64 x 64)
-CUDA_RCR_BM, CUDA_RCR_BN = 128, 256
+#: the CUDA RCR GEMMs' block tile (csrc/cuda/rcr_kernels.cuh: rcr_gemm_kernel, 8 warps of 64 x 64;
+#: rcr_wgmma_kernel, 2 warpgroups of 64 x 256) and rcr_wgmma_kernel's K chunk (double-buffered)
+CUDA_RCR_BM, CUDA_RCR_BN, CUDA_RCR_WGMMA_BK = 128, 256, 64
 
 
-def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: int, extra_hbm: int) -> None:
-    """One launch of rcr_gemm_kernel: out (M x N) = epilogue(A (M x K) B^T (B: N x K)) in 128 x 256
-    blocks, 8 warps of 64 x 64 (4 x 4 wmma tiles: 4 A and 4 B fragments per 16 products), K
-    streamed through shared memory 32 columns at a time; the epilogue stages each warp's fp32 tile
-    in shared memory (stored, read). Blocks of one row block run back to back (A from HBM once),
-    B stays in L2."""
+def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: int, extra_hbm: int,
+                  wgmma: bool = True) -> None:
+    """One launch of an RCR GEMM kernel: out (M x N) = epilogue(A (M x K) B^T (B: N x K)) in
+    128 x 256 blocks. Blocks of one row block run back to back (A from HBM once), B stays in L2.
+
+    wgmma (rcr_wgmma_kernel, what an H200 runs: sm_90a): 2 warpgroups, each 64 rows x 256 columns
+    by wgmma m64n256k16 (HGMMA, so the measured tensor-core ceiling) with both operands read from
+    shared memory by the instruction (per 16 of K and warpgroup: its 64 x 16 of A and the 256 x 16
+    of B), K staged 64 columns at a time into two buffers (stored once), the epilogue from the
+    accumulator registers straight to memory (no shared memory).
+    else (rcr_gemm_kernel, sm_80 and builds without sm_90a): 8 warps of 64 x 64 (4 x 4 wmma tiles:
+    4 A and 4 B fragments per 16 products, HMMA), K streamed 32 columns at a time; the epilogue
+    stages each warp's fp32 tile in shared memory (stored, read)."""
     e = ELEM
     blocks = -(-M // CUDA_RCR_BM) * -(-N // CUDA_RCR_BN)
-    ksteps = -(-K // 32) * 2
-    book.add(name, count=1, note=f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN}", hmma=True,
-             tc=blocks * CUDA_RCR_BM * CUDA_RCR_BN * 2 * ksteps * 16, simt=epilogue_simt,
-             smem=blocks * (ksteps * 8 * 8 * 512 + (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e
-                            + CUDA_RCR_BM * CUDA_RCR_BN * 4 * 2),
+    if wgmma:
+        ksteps = -(-K // CUDA_RCR_WGMMA_BK) * (CUDA_RCR_WGMMA_BK // 16)
+        smem = blocks * ksteps * (2 * (64 + CUDA_RCR_BN) * 16 * e + (CUDA_RCR_BM + CUDA_RCR_BN) * 16 * e)
+        note = f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN} BK {CUDA_RCR_WGMMA_BK}, wgmma"
+    else:
+        ksteps = -(-K // 32) * 2
+        smem = blocks * (ksteps * 8 * 8 * 512 + (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e
+                         + CUDA_RCR_BM * CUDA_RCR_BN * 4 * 2)
+        note = f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN}"
+    book.add(name, count=1, note=note, hmma=not wgmma,
+             tc=blocks * CUDA_RCR_BM * CUDA_RCR_BN * 2 * ksteps * 16, simt=epilogue_simt, smem=smem,
              l2=blocks * (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e,
              hbm=M * K * e + N * K * e + M * N * e + extra_hbm)
 
@@ -325,8 +339,8 @@ def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "
     hidden layer's tanh_ in ATen and rcr_factors_kernel: not modelled, the shapes are bf16.)"""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
-    cuda_rcr_gemm(book, "rcr_gemm_kernel (H = tanh(E W1^T + b1))", N, 2 * s, s, N * 2 * s * 8, 0)
-    cuda_rcr_gemm(book, "rcr_gemm_kernel (F = clamp(tanh(H W2^T + b2) + F))", N, d, 2 * s, N * d * 10,
+    cuda_rcr_gemm(book, "rcr_wgmma_kernel (H = tanh(E W1^T + b1))", N, 2 * s, s, N * 2 * s * 8, 0)
+    cuda_rcr_gemm(book, "rcr_wgmma_kernel (F = clamp(tanh(H W2^T + b2) + F))", N, d, 2 * s, N * d * 10,
                   (N * d * e if has_f else 0) + P * 4)
     book.add(f"rcr ({backend}): E ws1^T (cuBLAS)", count=1, tc=2 * N * s * s // 2,
              hbm=N * s * e + N * s // 2 * e)

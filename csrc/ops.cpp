@@ -31,6 +31,12 @@ pybind11::dict build_info() {
 #ifdef RCAR_FAST_CUDA_ARCHS
   info["cuda_archs"] = RCAR_FAST_CUDA_ARCHS;
 #endif
+  // the wgmma kernels' code is in this build (sm_90a; csrc/cuda/launch.h use_wgmma)
+#ifdef RCAR_FAST_SM90A
+  info["wgmma"] = true;
+#else
+  info["wgmma"] = false;
+#endif
 #else
   info["cuda"] = false;
 #endif

@@ -221,14 +221,15 @@ def half_pair_scores_within_twice_torch(backend, device, dtype, regulator, steps
     assert err <= 2 * err_torch + 1e-4, (err, err_torch)
 
 
-def rcr_op_matches_torch_step(backend: str, device, dtype, with_state: bool, atol: float):
+def rcr_op_matches_torch_step(backend: str, device, dtype, with_state: bool, atol: float, d: int = 300, s: int = 16,
+                              B: int = 1):
     """The inference rcr op of ``backend`` (rcar_testutil.rcr_op: "cpp" and "cuda" the extension's,
     "triton" the Triton op, run by the interpreter on CPU tensors) on ``device`` against torch's
     RCR step on the same device in float64: F and lam within
     ``atol`` on every valid row, exactly zero on padded rows (which hold NaN in E, F and lam), NaN
     where a valid row's input holds one (rcr_op_case's nan_valid);
-    d = 300 (two column passes of the element-wise kernel), 35 rows."""
-    args, want_F, want_lam, pad = rcr_op_case(1, 300, 16, with_state, lambda x: x.to(device, dtype), nan_valid=True)
+    by default d = 300 (two column passes of the element-wise kernel), s = 16, 35 rows (B x 35)."""
+    args, want_F, want_lam, pad = rcr_op_case(B, d, s, with_state, lambda x: x.to(device, dtype), nan_valid=True)
     got_F, got_lam = rcr_op(backend)(*args)
     assert got_F.dtype == dtype and got_F.device.type == torch.device(device).type
     valid = ~pad

@@ -282,10 +282,12 @@ def test_every_row_is_keyed_by_the_current_tree(report, request):
 
 CUDA_KERNELS = {"gram_kernel", "attention_fwd_kernel", "attention_fwd_tc_kernel", "attention_bwd_kernel",
                 "l2n_bwd_rows_kernel", "rar_mean_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
-                "rcr_factors_kernel", "rcr_smooth_kernel", "rcr_gemm_kernel"}
+                "rcr_factors_kernel", "rcr_smooth_kernel", "rcr_gemm_kernel", "rcr_wgmma_kernel"}
 #: kernels with fp16/bf16 instances only (fp32 runs attention_fwd_kernel's exact SIMT products,
 #: and cuBLAS with rcr_factors_kernel for RCR)
-HALF_ONLY = {"attention_fwd_tc_kernel", "rcr_gemm_kernel"}
+HALF_ONLY = {"attention_fwd_tc_kernel", "rcr_gemm_kernel", "rcr_wgmma_kernel"}
+#: kernels with code for sm_90a only (wgmma), a trap in the sm_80 build, launched on sm_90 alone
+SM90A_ONLY = {"rcr_wgmma_kernel"}
 #: kernels with an fp32 instance only (fp16/bf16 take RCR's chain in rcr_gemm_kernel's epilogue)
 FP32_ONLY = {"rcr_factors_kernel"}
 
@@ -304,9 +306,9 @@ def test_cuda_every_kernel_compiles_for_both_archs(cuda_report):
     for kernel in CUDA_KERNELS:   # every kernel in every dtype it is for
         want = {"fp16", "bf16"} if kernel in HALF_ONLY else ({"fp32"} if kernel in FP32_ONLY else {"fp32", "fp16", "bf16"})
         assert {r["dtype"] for r in cuda_report if r["kernel"] == kernel} == want, kernel
-    # each arch launches something for the standard shapes from every kernel
-    for arch in ("sm_80", "sm_90"):
-        assert {r["kernel"] for r in cuda_report if r["arch"] == arch and r["launched"]} == CUDA_KERNELS
+    # each arch launches something for the standard shapes from every kernel it has code for
+    assert {r["kernel"] for r in cuda_report if r["arch"] == "sm_90" and r["launched"]} == CUDA_KERNELS
+    assert {r["kernel"] for r in cuda_report if r["arch"] == "sm_80" and r["launched"]} == CUDA_KERNELS - SM90A_ONLY
 
 
 def test_cuda_no_spills(cuda_report):
@@ -328,9 +330,21 @@ def test_cuda_half_precision_projection_uses_tensor_cores(cuda_report):
     assert {(r["kernel"], r["dtype"], r["arch"]) for r in gemm} == {
         (k, dt, a) for k in ("attention_fwd_kernel", "attention_fwd_tc_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
                              "rcr_gemm_kernel")
-        for dt in ("fp16", "bf16") for a in ("sm_80", "sm_90")}
+        for dt in ("fp16", "bf16") for a in ("sm_80", "sm_90")} | {
+        ("rcr_wgmma_kernel", dt, "sm_90") for dt in ("fp16", "bf16")}
     bad = [_cuda_name(r) for r in gemm if r["hmma"] + r["hgmma"] == 0]
     assert not bad, "\n".join(bad)
+
+
+def test_cuda_wgmma_kernels_are_hgmma_on_sm90_and_a_trap_elsewhere(cuda_report):
+    """The wgmma kernels' sm_90 (sm_90a) code runs Hopper's HGMMA and no HMMA; compiled for sm_80
+    they hold no tensor-core instruction and are never launched there (launch.h use_wgmma)."""
+    for kernel in SM90A_ONLY:
+        rows = [r for r in cuda_report if r["kernel"] == kernel]
+        on90 = [r for r in rows if r["arch"] == "sm_90"]
+        assert on90 and all(r["hgmma"] > 0 and r["hmma"] == 0 for r in on90), [(_cuda_name(r), r["hgmma"]) for r in on90]
+        on80 = [r for r in rows if r["arch"] == "sm_80"]
+        assert on80 and all(r["hgmma"] + r["hmma"] == 0 and not r["launched"] for r in on80)
 
 
 def test_cuda_every_row_is_keyed_by_the_current_tree(cuda_report):

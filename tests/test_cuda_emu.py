@@ -87,7 +87,7 @@ def build_emu(folder: str):
     so.emu_rar_bwd.restype = _I64
     so.emu_rar_mean.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _I64, _VP]
     so.emu_rcr_factors.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint]
-    so.emu_rcr_gemm.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
+    so.emu_rcr_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
                                 _VP]
     so.emu_rcr_smooth.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint,
                                   _VP]
@@ -568,15 +568,20 @@ class _Guarded:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("epi,has_f", [(RCR_HIDDEN, False), (RCR_FACTORS, False), (RCR_FACTORS, True)],
                          ids=["hidden", "factors,F=1", "factors,F"])
-def test_rcr_gemm(emu, epi, has_f, dtype):
-    """rcr_gemm_kernel as rcr.cu launches it, over (B = 2, P = 3, Lq = 25) = 150 rows x N = 300
-    columns x K = 40 (two row blocks of 128, two column blocks of 256, two K chunks of 32: each
-    second one partial; every warp's 64 x 64 share in the first block): hidden tanh(A B^T + b);
-    factors clamp(tanh(A B^T + b) + F, -1, 1), zero at padded rows whatever A and F hold there
-    (NaN). A NaN in a valid row's A makes that row NaN, in a valid F that element, as torch's step.
-    A, B, F and the output each end at an inaccessible page (_Guarded): the partial blocks read and
-    write nothing past them."""
-    B, P, Lq, N, K = 2, 3, 25, 300, 40
+@pytest.mark.parametrize("wgmma,K", [(0, 40), (1, 40), (1, 136), (1, 150)],
+                         ids=["wmma", "wgmma,K40", "wgmma,K136", "wgmma,K150"])
+def test_rcr_gemm(emu, epi, has_f, dtype, wgmma, K):
+    """rcr_gemm_kernel (wmma) and rcr_wgmma_kernel (Hopper's wgmma, as the emulator models it from
+    the PTX ISA) as rcr.cu launches them, over (B = 2, P = 3, Lq = 25) = 150 rows x N = 300 columns
+    (two row blocks of 128, two column blocks of 256, each second one partial; every warp's, and
+    every warpgroup's, share in the first block) x K: 40 (wmma: two chunks of 32, the second
+    partial; wgmma: one partial chunk of 64), 136 (wgmma: three chunks, both buffers used and
+    reused, the last 8 wide; 16-byte loads) and 150 (K not a multiple of 8: element loads, zeros
+    past K). hidden tanh(A B^T + b); factors clamp(tanh(A B^T + b) + F, -1, 1), zero at padded
+    rows whatever A and F hold there (NaN). A NaN in a valid row's A makes that row NaN, in a valid
+    F that element, as torch's step. A, B, F and the output each end at an inaccessible page
+    (_Guarded): the partial blocks read and write nothing past them."""
+    B, P, Lq, N = 2, 3, 25, 300
     M = B * P * Lq
     g = torch.Generator().manual_seed(6 + epi + has_f)
     ql = torch.tensor([25, 1, 13], dtype=torch.int32)
@@ -599,7 +604,7 @@ def test_rcr_gemm(emu, epi, has_f, dtype):
     assert int(want.isnan().sum()) == N + (f is not None)
     guard = _Guarded()
     out = guard(torch.full((B, P, Lq, N), float("nan"), dtype=dtype))
-    emu.emu_rcr_gemm(DTYPES[dtype], epi, _ptr(guard(a)), _ptr(guard(w)), _ptr(bias), _ptr(guard(f)), _ptr(ql), M, N,
+    emu.emu_rcr_gemm(DTYPES[dtype], epi, wgmma, _ptr(guard(a)), _ptr(guard(w)), _ptr(bias), _ptr(guard(f)), _ptr(ql), M, N,
                      K, P, Lq, _ptr(out))
     torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
     assert (want.abs() == 1).any() or epi == RCR_HIDDEN    # the clamp is reached

@@ -144,6 +144,28 @@ def test_rcr_op(backend, with_state, dtype, atol):
     rcr_op_matches_torch_step(backend, "cuda", dtype, with_state, atol)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
+def test_cuda_rcr_gemm_kernels(backend, kernel, dtype, atol, monkeypatch):
+    """The CUDA rcr op on each of its GEMM kernels (launch.h use_wgmma; RCAR_FAST_CUDA_WGMMA=0 asks
+    for wmma) against torch's step in float64: rcr_wgmma_kernel (Hopper's wgmma: descriptors,
+    accumulator layout and fences never run anywhere else; the emulator's model of them is written
+    from the PTX ISA) and rcr_gemm_kernel. Shapes: s = 256, d = 1024 (K 256 and 512: 4 and 8 chunks
+    of 64, both buffers reused), 16 x 35 rows (5 row blocks of 128); s = 76, d = 300 (K not a
+    multiple of 8: element loads, a partial chunk, partial column blocks)."""
+    from rcar_fast import _C
+    if kernel == "wgmma":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("wgmma: a compute capability 9.0 device (H100/H200) only")
+        if not _C.build_info().get("wgmma"):
+            pytest.skip("wgmma: this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a, or with plain 9.0)")
+    monkeypatch.setenv("RCAR_FAST_CUDA_WGMMA", "1" if kernel == "wgmma" else "0")
+    for d, s, B in ((1024, 256, 16), (300, 76, 1)):
+        for with_state in (False, True):
+            rcr_op_matches_torch_step("cuda", "cuda", dtype, with_state, atol, d=d, s=s, B=B)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("backend", [_backend_param("triton")])
 def test_triton_dw_gemm_sums_in_fp32(backend, dtype):

@@ -107,6 +107,15 @@ def test_rcr_op_case(backend, with_state, dtype, atol):
     rcr_op_matches_torch_step(backend, "cpu", dtype, with_state, atol)
 
 
+@pytest.mark.parametrize("backend", cpu_backends("cpp"))
+def test_cuda_rcr_gemm_kernels_case(backend):
+    """The shapes and fp16 tolerance of the GPU tier's test_cuda_rcr_gemm_kernels (s = 256,
+    d = 1024, 16 x 35 rows; s = 76, d = 300) on the C++ CPU kernel: a correct rcr op meets them."""
+    for d, s, B in ((1024, 256, 16), (300, 76, 1)):
+        for with_state in (False, True):
+            rcr_op_matches_torch_step(backend, "cpu", torch.float16, with_state, 5e-3, d=d, s=s, B=B)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_training_case(backend):
     training_step_with_dropout(backend, "cpu", SMALL)

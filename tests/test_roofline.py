@@ -81,14 +81,23 @@ def test_measured_ceilings_are_the_devices():
 
 
 def test_cuda_wmma_launches_take_the_hmma_ceiling():
-    """The CUDA kernels' tensor-core work (wmma: HMMA) is timed against the hmma lead, cuBLAS's and
-    Triton's against the measured wgmma figure; a line bound by it says so."""
+    """The CUDA kernels' wmma tensor-core work (HMMA) is timed against the hmma lead; their wgmma
+    work (rcr_wgmma_kernel, HGMMA), cuBLAS's and Triton's against the measured wgmma figure; a line
+    bound by either says so. The wmma RCR GEMM (sm_80, or RCAR_FAST_CUDA_WGMMA=0) is hmma-bound."""
     book = RL.model("cuda", RL.SHAPES["flickr30k"])
     wmma = {n for n, ln in book.launches.items() if ln.hmma}
-    assert {n.split(" ")[0] for n in wmma} == {"attention_fwd_tc_kernel", "rar_fwd_kernel", "rcr_gemm_kernel"}
+    assert {n.split(" ")[0] for n in wmma} == {"attention_fwd_tc_kernel", "rar_fwd_kernel"}
     assert not any(ln.hmma for b in ("triton", "torch") for ln in RL.model(b, RL.SHAPES["flickr30k"]).launches.values())
-    ln = next(ln for n, ln in book.launches.items() if n.startswith("rcr_gemm_kernel (F"))
-    assert ln.bound() == "hmma" and ln.seconds() == pytest.approx(ln.tc / RL.CEILINGS["hmma"][0] + ln.count * RL.LAUNCH_S)
+    ln = next(ln for n, ln in book.launches.items() if n.startswith("rcr_wgmma_kernel (F"))
+    assert ln.bound() == "tc" and ln.seconds() == pytest.approx(ln.tc / RL.CEILINGS["tc"][0] + ln.count * RL.LAUNCH_S)
+    old = RL.Book("cuda")
+    N = 600_000
+    RL.cuda_rcr_gemm(old, "rcr_gemm_kernel (F)", N, RL.D, 2 * RL.S_DIM, N * RL.D * 10, 0, wgmma=False)
+    RL.cuda_rcr_gemm(old, "rcr_wgmma_kernel (F)", N, RL.D, 2 * RL.S_DIM, N * RL.D * 10, 0, wgmma=True)
+    wm, wg = old.launches["rcr_gemm_kernel (F)"], old.launches["rcr_wgmma_kernel (F)"]
+    assert wm.hmma and wm.bound() == "hmma" and not wg.hmma
+    assert wm.tc == wg.tc and wm.l2 == wg.l2 and wm.hbm == wg.hbm   # the same work and traffic but shared memory
+    assert wg.smem < wm.smem and wg.seconds() < wm.seconds()
 
 
 def _row(backend, shape, ms, device="NVIDIA H200", dtype="bfloat16", op="rcar_scores", attn_type="t2i"):

@@ -13,6 +13,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace rcar_fast {
 namespace cuda {
 
@@ -42,6 +45,24 @@ inline int64_t smem_limit() {
   int v = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
   return static_cast<int64_t>(v);
+}
+
+// Whether the current device runs this build's wgmma kernels (wgmma.cuh): a compute capability 9.0
+// device (H100/H200) and an extension built for sm_90a (setup.py defines RCAR_FAST_SM90A where
+// TORCH_CUDA_ARCH_LIST holds 9.0a and not plain 9.0; the kernels trap in any other build), unless
+// RCAR_FAST_CUDA_WGMMA=0 asks for the wmma kernels (the GPU tests run both).
+inline bool use_wgmma() {
+#if defined(RCAR_FAST_SM90A)
+  const char* env = std::getenv("RCAR_FAST_CUDA_WGMMA");
+  if (env != nullptr && std::string(env) == "0") return false;
+  int major = 0, minor = 0;
+  const int dev = c10::cuda::current_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
 }
 
 // Checks `bytes` of dynamic shared memory fit the current device and opts the kernel in above 48 KB.

@@ -166,6 +166,17 @@ RCAR_HD int64_t rcr_gemm_smem(int elem) {
   return max64(a128((int64_t)(kRcrBM + kRcrBN) * ld_op(elem) * elem), (int64_t)kWarps * 16 * kRcrEpiLd * 4);
 }
 
+// rcr_wgmma_kernel (sm_90a): the same 128 x 256 block, 2 warpgroups of 64 x 256, K staged
+// kRcrWgBK columns at a time in two buffers (the next chunk loads while wgmma reads the other).
+// One buffer: A's 128 rows, then B's 256 rows, each as 8 x 8 core matrices (8 rows of 16 bytes,
+// 128 contiguous bytes; the K chunk's 8 core matrices of a row group back to back, then the
+// next row group: rcr_wgmma_offset). The epilogue reads the accumulator registers (no region).
+constexpr int kRcrWgBK = 64;
+RCAR_HD int64_t rcr_wgmma_stage(int elem) { return (int64_t)(kRcrBM + kRcrBN) * kRcrWgBK * elem; }
+RCAR_HD int64_t rcr_wgmma_smem(int elem) { return 2 * rcr_wgmma_stage(elem); }
+// byte offset of element (r, k) of an operand tile in that layout (elem 2: 16-bit types)
+RCAR_HD int rcr_wgmma_offset(int r, int k) { return (r >> 3) * (kRcrWgBK * 16) + (k >> 3) * 128 + (r & 7) * 16 + (k & 7) * 2; }
+
 // ---------------------------------------------------------------- attention backward (per pair)
 //   S, P, dP   Lq x Lc fp32 (leaky scores, probabilities, then dP -> dZ -> dSn -> dS0 in place)
 //   M          Lc x Lc fp32, P^T diag(coefU) P

@@ -5,6 +5,8 @@
 //   F      = clamp(tanh(hidden W2^T + b2) + F_old, -1, 1)
 //                                            rcr_gemm_kernel<T, kRcrFactors>: the product never
 //                                            stored, F_old read once, F written once
+//   (rcr_wgmma_kernel, the same on Hopper's wgmma, in their place where launch.h use_wgmma says:
+//   an H100/H200 and a build for sm_90a)
 // fp32:
 //   hidden = tanh(E W1^T + b1)               cuBLAS (at::addmm), tanh in place
 //   M      = hidden W2^T + b2                cuBLAS, into the new F's buffer
@@ -70,9 +72,14 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
         const Tensor xc = x.contiguous(), w1c = w1.contiguous(), b1c = b1.contiguous();
         const Tensor w2c = w2.contiguous(), b2c = b2.contiguous();
         Tensor hidden = at::empty({rows, H1}, E.options());
-        const int64_t smem = rcr_gemm_smem((int)sizeof(T));
-        if (H1 > 0) prepare_smem(rcr_gemm_kernel<T, kRcrHidden>, smem, "rcr (hidden layer GEMM)");
-        if (D > 0) prepare_smem(rcr_gemm_kernel<T, kRcrFactors>, smem, "rcr (factors GEMM)");
+        // rcr_wgmma_kernel where the device and the build have wgmma, else rcr_gemm_kernel: the
+        // same arguments, grid and results (up to the order of the fp32 sums)
+        const bool wgmma = use_wgmma();
+        auto hidden_k = wgmma ? rcr_wgmma_kernel<T, kRcrHidden> : rcr_gemm_kernel<T, kRcrHidden>;
+        auto factors_k = wgmma ? rcr_wgmma_kernel<T, kRcrFactors> : rcr_gemm_kernel<T, kRcrFactors>;
+        const int64_t smem = wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T));
+        if (H1 > 0) prepare_smem(hidden_k, smem, "rcr (hidden layer GEMM)");
+        if (D > 0) prepare_smem(factors_k, smem, "rcr (factors GEMM)");
         auto blocks = [&](int64_t n) {   // 128 x 256 blocks of a (rows, n) output, one grid dimension
           const int64_t nblocks = (rows + kRcrBM - 1) / kRcrBM * ((n + kRcrBN - 1) / kRcrBN);
           TORCH_CHECK(nblocks < (int64_t(1) << 31), "rcr: ", rows, " rows of E are more than one launch of the "
@@ -80,14 +87,14 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
           return static_cast<unsigned>(nblocks);
         };
         if (H1 > 0) {
-          rcr_gemm_kernel<T, kRcrHidden><<<blocks(H1), kThreads, smem, stream>>>(
-              ptr<T>(xc), ptr<T>(w1c), ptr<T>(b1c), nullptr, ql.data_ptr<int>(), rows, H1, S, P, Lq, mut_ptr<T>(hidden));
+          hidden_k<<<blocks(H1), kThreads, smem, stream>>>(ptr<T>(xc), ptr<T>(w1c), ptr<T>(b1c), nullptr,
+                                                           ql.data_ptr<int>(), rows, H1, S, P, Lq, mut_ptr<T>(hidden));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (D > 0) {
-          rcr_gemm_kernel<T, kRcrFactors><<<blocks(D), kThreads, smem, stream>>>(
-              ptr<T>(hidden), ptr<T>(w2c), ptr<T>(b2c), f_old.defined() ? ptr<T>(f_old) : nullptr, ql.data_ptr<int>(),
-              rows, D, H1, P, Lq, mut_ptr<T>(F));
+          factors_k<<<blocks(D), kThreads, smem, stream>>>(ptr<T>(hidden), ptr<T>(w2c), ptr<T>(b2c),
+                                                           f_old.defined() ? ptr<T>(f_old) : nullptr,
+                                                           ql.data_ptr<int>(), rows, D, H1, P, Lq, mut_ptr<T>(F));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       } else if (F.numel() > 0) {

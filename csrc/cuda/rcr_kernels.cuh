@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace rcar_fast {
 namespace cuda {
@@ -43,6 +44,20 @@ __global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m
 // N and K); the epilogue takes each warp's tile 16 rows at a time through shared memory (plan.h
 // rcr_gemm_smem: the regions alias).
 enum { kRcrHidden = 0, kRcrFactors = 1 };
+
+// The epilogue of element (gr, gc) of out from its fp32 sum acc (both RCR GEMM kernels).
+template <typename T, int EPI>
+__device__ __forceinline__ float rcr_epilogue(float acc, int64_t gr, int64_t gc, const T* __restrict__ bias,
+                                              const T* __restrict__ f_old, const int* __restrict__ qlens, int64_t N,
+                                              int64_t P, int64_t Lq) {
+  if constexpr (EPI == kRcrHidden) {
+    return tanhf(acc + to_f(bias[gc]));
+  } else {
+    const int64_t q = gr % Lq, p = (gr / Lq) % P;
+    if (q >= (int64_t)qlens[p]) return 0.f;
+    return clamp_unit(tanhf(acc + to_f(bias[gc])) + (f_old != nullptr ? to_f(f_old[gr * N + gc]) : 1.f));
+  }
+}
 
 template <typename T, int EPI>
 __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restrict__ A, const T* __restrict__ B,
@@ -99,19 +114,96 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
       const int r = idx >> 6, c = idx & 63;
       const int64_t gr = m0 + wr + 16 * i + r, gc = n0 + wc + c;
       if (gr >= M || gc >= N) continue;
-      float v = 0.f;
-      if constexpr (EPI == kRcrHidden) {
-        v = tanhf(ep[r * kRcrEpiLd + c] + to_f(bias[gc]));
-      } else {
-        const int64_t q = gr % Lq, p = (gr / Lq) % P;
-        if (q < (int64_t)qlens[p])
-          v = clamp_unit(tanhf(ep[r * kRcrEpiLd + c] + to_f(bias[gc])) +
-                         (f_old != nullptr ? to_f(f_old[gr * N + gc]) : 1.f));
-      }
-      out[gr * N + gc] = from_f<T>(v);
+      out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(ep[r * kRcrEpiLd + c], gr, gc, bias, f_old, qlens, N, P, Lq));
     }
     __syncwarp();
   }
+}
+
+// rcr_wgmma_kernel: rcr_gemm_kernel's product and epilogues (same arguments, grid and 128 x 256
+// blocks) on Hopper's wgmma (sm_90a; wgmma.cuh). Warpgroup g (warps 4g..4g+3) computes rows
+// 64 g..64 g+63 and all 256 columns of the block: one m64n256k16 per 16 of K, A and B read by the
+// instruction from shared memory, fp32 accumulators in 128 registers a thread. K is staged
+// kRcrWgBK = 64 columns at a time into one of two buffers (plan.h rcr_wgmma_offset: 8 x 8 core
+// matrices), the next chunk's loads running while the wgmma of this one does (each buffer is
+// rewritten only after the barrier that follows every warpgroup's wait for the wgmma reading it).
+// A unit of 8 elements (16 bytes) of a row is one load where A and B are 16-byte aligned and K is
+// a multiple of 8, else eight (zeros past M, N and K). The epilogue goes from the registers to out.
+// Compiled for any other target (sm_80, plain sm_90) the kernel traps: the launcher runs it only
+// where it was built for sm_90a (rcr.cu).
+template <typename T, int EPI>
+__global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restrict__ A, const T* __restrict__ B,
+                                                             const T* __restrict__ bias, const T* __restrict__ f_old,
+                                                             const int* __restrict__ qlens, int64_t M, int64_t N,
+                                                             int64_t K, int64_t P, int64_t Lq, T* __restrict__ out) {
+  static_assert(!std::is_same<T, float>::value, "fp32 runs cuBLAS and rcr_factors_kernel");
+  static_assert(EPI == kRcrHidden || EPI == kRcrFactors, "an epilogue of the list");
+  static_assert(kThreads == 2 * 128 && kRcrBM == 2 * 64 && kRcrBN == 256, "2 warpgroups of 64 x 256");
+#if defined(RCAR_FAST_CUDA_EMU) || defined(RCAR_FAST_WGMMA_ON_DEVICE)
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tid = threadIdx.x, g = tid >> 7;
+  const int64_t nb = (N + kRcrBN - 1) / kRcrBN;
+  const int64_t m0 = ((int64_t)blockIdx.x / nb) * kRcrBM, n0 = ((int64_t)blockIdx.x % nb) * kRcrBN;
+  const int64_t stage = rcr_wgmma_stage((int)sizeof(T));
+  const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(B) % 16 == 0;
+
+  // chunk k0 of A's block rows and B's into buffer b: unit u (8 elements of one row) at byte 16 u
+  // of its tile (row 8 (u / 64) + u % 8, columns k0 + 8 ((u / 8) % 8) ...: rcr_wgmma_offset)
+  auto load_chunk = [&](int64_t k0, int b) {
+    unsigned char* buf = smem + b * stage;
+    constexpr int kUnitsA = kRcrBM * kRcrWgBK / 8, kUnits = (kRcrBM + kRcrBN) * kRcrWgBK / 8;
+#pragma unroll 4
+    for (int u = tid; u < kUnits; u += kThreads) {
+      const bool isa = u < kUnitsA;
+      const int v = isa ? u : u - kUnitsA;
+      const int r = ((v >> 6) << 3) | (v & 7), kc = ((v >> 3) & 7) << 3;
+      const int64_t gr = (isa ? m0 : n0) + r, gk = k0 + kc, rows = isa ? M : N;
+      const T* src = (isa ? A : B) + gr * K + gk;
+      unsigned char* dst = buf + (isa ? 0 : kRcrBM * kRcrWgBK * (int)sizeof(T)) + 16 * v;
+      if (vec && gr < rows && gk + 8 <= K) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        T* d = reinterpret_cast<T*>(dst);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d[e] = (gr < rows && gk + e < K) ? src[e] : from_f<T>(0.f);
+      }
+    }
+    wg::proxy_fence();   // these generic-proxy stores, visible to wgmma after the next barrier
+  };
+
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+  const int64_t chunks = (K + kRcrWgBK - 1) / kRcrWgBK;
+  if (chunks > 0) load_chunk(0, 0);
+  __syncthreads();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const unsigned char* buf = smem + (c & 1) * stage;
+    const unsigned char* as = buf + g * 64 * kRcrWgBK * (int)sizeof(T);   // the warpgroup's 64 rows
+    const unsigned char* bs = buf + kRcrBM * kRcrWgBK * (int)sizeof(T);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < kRcrWgBK; kk += 16) {
+      // lbo: the next 8 of K (the next core matrix of the row group); sbo: the next 8 rows
+      wg::mma_m64n256k16<T>(acc, wg::desc(as + rcr_wgmma_offset(0, kk), 128, kRcrWgBK * 16),
+                            wg::desc(bs + rcr_wgmma_offset(0, kk), 128, kRcrWgBK * 16));
+    }
+    wg::commit();
+    if (c + 1 < chunks) load_chunk((c + 1) * kRcrWgBK, (c + 1) & 1);
+    wg::wait0();
+    wg::fence_acc(acc);
+    __syncthreads();   // every warpgroup done with buffer c & 1 and the next chunk stored
+  }
+
+  const int t = tid & 127;
+#pragma unroll
+  for (int i = 0; i < 128; ++i) {
+    const int64_t gr = m0 + 64 * g + wg::acc_row(t, i), gc = n0 + wg::acc_col(t, i);
+    if (gr < M && gc < N) out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(acc[i], gr, gc, bias, f_old, qlens, N, P, Lq));
+  }
+#else
+  __trap();   // built without sm_90a: never launched (rcr.cu)
+#endif
 }
 
 // The new temperatures lam = relu(ws2 . tanh(hs) + bs2 + lam_old) of every row, summed in fp32 and

@@ -325,26 +325,28 @@ void emu_rcr_factors(int dtype, void* m, const void* f_old, const int* qlens, in
   });
 }
 
-// out = epilogue(A B^T + bias) by rcr_gemm_kernel<T, epi> (fp16/bf16) on rcr.cu's grid: 128 x 256
-// blocks of the (M, N) output, the row block's column blocks back to back.
-void emu_rcr_gemm(int dtype, int epi, const void* A, const void* B, const void* bias, const void* f_old,
+// out = epilogue(A B^T + bias) by rcr_gemm_kernel<T, epi> (wgmma 0) or rcr_wgmma_kernel<T, epi>
+// (wgmma 1), fp16/bf16, on rcr.cu's grid: 128 x 256 blocks of the (M, N) output, the row block's
+// column blocks back to back.
+void emu_rcr_gemm(int dtype, int epi, int wgmma, const void* A, const void* B, const void* bias, const void* f_old,
                   const int* qlens, int64_t M, int64_t N, int64_t K, int64_t P, int64_t Lq, void* out) {
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     if constexpr (std::is_same<T, float>::value) {
-      throw std::runtime_error("rcr_gemm_kernel is fp16/bf16 only");
+      throw std::runtime_error("the RCR GEMM kernels are fp16/bf16 only");
     } else {
       const int64_t blocks = (M + kRcrBM - 1) / kRcrBM * ((N + kRcrBN - 1) / kRcrBN);
-      const size_t smem = (size_t)rcr_gemm_smem((int)sizeof(T));
+      const size_t smem = (size_t)(wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T)));
       const T *a = static_cast<const T*>(A), *b = static_cast<const T*>(B), *bi = static_cast<const T*>(bias),
               *fo = static_cast<const T*>(f_old);
       T* o = static_cast<T*>(out);
-      if (epi == kRcrHidden)
-        cuda_emu::launch((unsigned)blocks, kThreads,
-                         [&] { rcr_gemm_kernel<T, kRcrHidden>(a, b, bi, fo, qlens, M, N, K, P, Lq, o); }, smem);
+      auto run = [&](auto kernel) {
+        cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, b, bi, fo, qlens, M, N, K, P, Lq, o); }, smem);
+      };
+      if (wgmma)
+        epi == kRcrHidden ? run(rcr_wgmma_kernel<T, kRcrHidden>) : run(rcr_wgmma_kernel<T, kRcrFactors>);
       else
-        cuda_emu::launch((unsigned)blocks, kThreads,
-                         [&] { rcr_gemm_kernel<T, kRcrFactors>(a, b, bi, fo, qlens, M, N, K, P, Lq, o); }, smem);
+        epi == kRcrHidden ? run(rcr_gemm_kernel<T, kRcrHidden>) : run(rcr_gemm_kernel<T, kRcrFactors>);
     }
   });
 }

@@ -10,7 +10,9 @@
 // is filled with 0xff bytes (NaN as floats) before every block, and the bytes past the launch's
 // dynamic size must still hold them after it (a write past the layout throws). atomicAdd is a
 // plain add (one OS thread). __half / __nv_bfloat16 are c10::Half / c10::BFloat16 (round to
-// nearest even, as the device conversions).
+// nearest even, as the device conversions). Hopper's wgmma (csrc/cuda/wgmma.cuh) is modelled from
+// the PTX ISA (below: the descriptors decoded, the fp32 accumulator layout of m64n256k16), written
+// apart from the kernels' own helpers so that the two can disagree.
 //
 // What it cannot show: anything about the hardware (timing, occupancy, register spills, the
 // fragment layouts of real tensor cores), nor a race that neither thread order exposes. The
@@ -39,6 +41,12 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__
 #define __restrict__ __restrict
+// csrc/cuda/wgmma.cuh: its functions are this file's (namespace rcar_fast::cuda::wg, below)
+#define RCAR_FAST_CUDA_EMU 1
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
@@ -165,6 +173,18 @@ inline void start_fiber(Block& b, int t) {
 #endif
 }
 
+// wgmma batches of each thread of the running block (csrc/cuda/wgmma.cuh's functions, below)
+struct WgOp {
+  float* d;
+  uint64_t da, db;
+  int elem_kind;   // 1 fp16, 2 bf16
+};
+struct WgState {
+  std::vector<WgOp> open, committed;
+  bool fenced = false;
+};
+inline WgState wg_state[kMaxThreads];
+
 inline bool reverse = false;   // run the threads between barriers from the last one down
 
 // Runs body() for every block of a 1-D grid, one block after another; smem_bytes: the launch's
@@ -185,6 +205,7 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
     for (int t = 0; t < b.n; ++t) {
       start_fiber(b, t);
       b.state[t] = kReady;
+      wg_state[t] = WgState();
     }
     for (;;) {
       bool ran = false;
@@ -224,6 +245,11 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
         throw std::runtime_error("cuda_emu: a barrier no thread can pass (divergent __syncthreads or shuffle)");
       }
     }
+    for (int t = 0; t < b.n; ++t)
+      if (!wg_state[t].open.empty() || !wg_state[t].committed.empty()) {
+        block = nullptr;
+        throw std::runtime_error("cuda_emu: a thread ended with a wgmma not waited for");
+      }
     for (size_t i = smem_bytes; i < kSmem; ++i)
       if (rcar_fast::cuda::smem[i] != 0xff) {
         block = nullptr;
@@ -332,3 +358,82 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---------------------------------------------------------------- wgmma (sm_90a)
+// The functions of csrc/cuda/wgmma.cuh. A descriptor is decoded as the PTX ISA's "matrix
+// descriptor" (start address, leading and stride byte offsets in 16-byte units in bits 0-13,
+// 16-29, 32-45; base offset bits 49-51 and layout type bits 62-63 must be 0 here: no swizzle).
+// K-major without swizzle: element (r, k) of the operand at start + (r / 8) sbo + (k / 8) lbo +
+// 16 (r % 8) + 2 (k % 8) bytes. A batch (the wgmma calls between fence and commit) is computed at
+// wait0 from the shared memory of that moment, as the hardware may read it at any time until
+// then: a kernel that rewrites an operand before waiting, or a wgmma without a fence before it, or
+// a wait with an uncommitted wgmma, fails here. What it cannot check: the proxy fence
+// (fence.proxy.async) after the ordinary stores of an operand, which is a no-op here.
+namespace rcar_fast {
+namespace cuda {
+namespace wg {
+
+inline uint64_t desc(const void* p, uint32_t lbo, uint32_t sbo) {
+  const auto off = reinterpret_cast<const unsigned char*>(p) - rcar_fast::cuda::smem;
+  if (off < 0 || off >= (ptrdiff_t)sizeof(rcar_fast::cuda::smem))
+    throw std::runtime_error("cuda_emu: a wgmma descriptor of a pointer outside shared memory");
+  if (off % 16 != 0 || lbo % 16 != 0 || sbo % 16 != 0)
+    throw std::runtime_error("cuda_emu: a wgmma descriptor's address or offsets not a multiple of 16 bytes");
+  const uint64_t f = 0x3FFF;
+  return ((uint64_t)off >> 4 & f) | (((uint64_t)lbo >> 4 & f) << 16) | (((uint64_t)sbo >> 4 & f) << 32);
+}
+inline void fence() { cuda_emu::wg_state[threadIdx.x].fenced = true; }
+inline void proxy_fence() {}
+template <int N>
+inline void fence_acc(float (&)[N]) {}
+
+template <typename T>
+inline void mma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
+  static_assert(sizeof(T) == 2, "wgmma .f16 / .bf16");
+  auto& st = cuda_emu::wg_state[threadIdx.x];
+  if (!st.fenced) throw std::runtime_error("cuda_emu: a wgmma without wgmma.fence before its batch");
+  st.open.push_back({d, da, db, std::is_same<T, c10::Half>::value ? 1 : 2});
+}
+
+inline void commit() {
+  auto& st = cuda_emu::wg_state[threadIdx.x];
+  st.committed.insert(st.committed.end(), st.open.begin(), st.open.end());
+  st.open.clear();
+}
+
+// element (r, k) of a K-major operand without swizzle, as fp32
+inline float wg_operand(uint64_t desc, int r, int k, int elem_kind) {
+  if ((desc >> 49 & 7) != 0 || (desc >> 62) != 0)
+    throw std::runtime_error("cuda_emu: a wgmma descriptor with a base offset or a swizzle mode");
+  const uint64_t start = (desc & 0x3FFF) << 4, lbo = (desc >> 16 & 0x3FFF) << 4, sbo = (desc >> 32 & 0x3FFF) << 4;
+  const uint64_t byte = start + (r / 8) * sbo + (k / 8) * lbo + 16 * (r % 8) + 2 * (k % 8);
+  if (byte + 2 > sizeof(rcar_fast::cuda::smem)) throw std::runtime_error("cuda_emu: a wgmma operand past shared memory");
+  uint16_t bits;
+  std::memcpy(&bits, rcar_fast::cuda::smem + byte, 2);
+  if (elem_kind == 1) return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+  return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+}
+
+inline void wait0() {
+  auto& st = cuda_emu::wg_state[threadIdx.x];
+  if (!st.open.empty()) throw std::runtime_error("cuda_emu: wgmma.wait_group with a wgmma not committed");
+  // the thread's place in its warpgroup: warp w (of 4), lane l
+  const int w = (threadIdx.x >> 5) & 3, l = threadIdx.x & 31;
+  for (const auto& op : st.committed) {
+    for (int n8 = 0; n8 < 32; ++n8)          // the 8-column groups of the 256
+      for (int half = 0; half < 2; ++half)   // rows l / 4 and l / 4 + 8 of the warp's 16
+        for (int j = 0; j < 2; ++j) {        // the pair of columns 2 (l % 4), + 1
+          const int row = 16 * w + l / 4 + 8 * half, col = 8 * n8 + 2 * (l % 4) + j;
+          float sum = op.d[4 * n8 + 2 * half + j];
+          for (int k = 0; k < 16; ++k)
+            sum = std::fma(wg_operand(op.da, row, k, op.elem_kind), wg_operand(op.db, col, k, op.elem_kind), sum);
+          op.d[4 * n8 + 2 * half + j] = sum;
+        }
+  }
+  st.committed.clear();
+  st.fenced = false;
+}
+
+}  // namespace wg
+}  // namespace cuda
+}  // namespace rcar_fast
