@@ -113,7 +113,12 @@ def _nvcc_flags(cc):
 
 
 #: what ptxas -v and the SASS give per kernel, the part of a row the cache keeps
-MEASURED = ("registers", "spill_stores", "spill_loads", "stack", "shared_static", "hmma", "hgmma", "ldl", "stl")
+MEASURED = ("registers", "spill_stores", "spill_loads", "stack", "shared_static", "hmma", "hgmma", "ldl", "stl",
+            "fence_async", "wg_arrive", "wg_depbar")
+#: SASS counts of the wgmma kernels' ordering instructions: fence.proxy.async (FENCE.VIEW.ASYNC.S),
+#: wgmma.fence (WARPGROUP.ARRIVE), wgmma.wait_group (WARPGROUP.DEPBAR)
+_SASS = dict(hmma=r"\bHMMA\b", hgmma=r"\bHGMMA\b", ldl=r"\bLDL\b", stl=r"\bSTL\b", fence_async=r"\bFENCE\.VIEW\.ASYNC\.S\b",
+             wg_arrive=r"\bWARPGROUP\.ARRIVE\b", wg_depbar=r"\bWARPGROUP\.DEPBAR\b")
 
 
 def _compile(job):
@@ -141,13 +146,13 @@ def parse_ptxas(log):
 
 
 def sass_counts(cuobjdump, cubin):
-    """{mangled kernel name: HMMA, HGMMA, LDL, STL instruction counts} from the cubin's SASS."""
+    """{mangled kernel name: HMMA, HGMMA, LDL, STL and the wgmma ordering instructions' counts
+    (_SASS)} from the cubin's SASS."""
     sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True).stdout
     out = {}
     for block in re.split(r"\n\s*Function : ", sass)[1:]:
         name = block.split("\n", 1)[0].strip()
-        out[name] = dict(hmma=len(re.findall(r"\bHMMA\b", block)), hgmma=len(re.findall(r"\bHGMMA\b", block)),
-                         ldl=len(re.findall(r"\bLDL\b", block)), stl=len(re.findall(r"\bSTL\b", block)))
+        out[name] = {k: len(re.findall(pattern, block)) for k, pattern in _SASS.items()}
     return out
 
 
@@ -184,7 +189,7 @@ def plan_shared(chips):
                     if elem == 2 and mode != 2:   # the launcher tries the tensor-core kernel first
                         for paired in (0, 1):
                             queries.append(f"tc {elem} {Lq} {Lc} {width} {mode} {TC_PAIRS} {paired} {limit}")
-                            keys.append((cc, "attention_fwd_tc_kernel<{T}, {MT}, %d>" % mode, tname,
+                            keys.append((cc, "attention_fwd_tc_kernel<{T}, {MT}, %d, {WG}>" % mode, tname,
                                          shape + (",paired" if paired else f",P={TC_PAIRS}"), "tc"))
                     queries.append(f"fwd {elem} {Lq} {Lc} {width} {mode} {limit}")
                     keys.append((cc, "attention_fwd_kernel<{T}, {MT}, %d>" % mode, tname, shape,
@@ -223,7 +228,8 @@ def plan_shared(chips):
             mt, nbytes = 1, fixed
         else:
             mt, nbytes = (int(x) for x in next(it).split()[:2])   # tc and rarfwd add GP
-        mode = pattern.rsplit(", ", 1)[-1].rstrip(">")
+        m = re.search(r", (\d+)(?:, \{WG\})?>$", pattern)   # the attention kernels' mode argument
+        mode = m.group(1) if m else ""
         if fixed == "tc":
             if mt == 0:        # not applicable: attention_fwd_kernel runs
                 continue
@@ -231,7 +237,9 @@ def plan_shared(chips):
                 tc_served.add((cc, tname, shape.split(",P=")[0], mode))
         elif fixed == "fallback" and (cc, tname, shape, mode) in tc_served:
             continue           # the tensor-core kernel takes this launch
-        out.setdefault((pattern.format(T=tname, MT=mt), cc), []).append((shape, nbytes))
+        # attention.cu launch_fwd_tc: a 64-row block's projection on wgmma on sm_90 (launch.h use_wgmma)
+        wg = "true" if cc == 90 and mt == 4 and mode == "1" else "false"
+        out.setdefault((pattern.format(T=tname, MT=mt, WG=wg), cc), []).append((shape, nbytes))
     return out
 
 
@@ -308,7 +316,7 @@ def _measure_unit(job):
     res = _compile((nvcc, src, cc, tmp))
     if res["ok"]:
         sass = sass_counts(cuobjdump, res["cubin"])
-        res["kernels"] = {name: {**info, **sass.get(name, dict(hmma=0, hgmma=0, ldl=0, stl=0))}
+        res["kernels"] = {name: {**info, **sass.get(name, dict.fromkeys(_SASS, 0))}
                           for name, info in parse_ptxas(res["log"]).items()}
     return res
 

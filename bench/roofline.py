@@ -115,10 +115,14 @@ class Launch:
     note: str = ""
     #: the tensor-core work is wmma / mma.sync (HMMA), with its own ceiling, not wgmma
     hmma: bool = False
+    #: of an hmma launch's tc, the part on wgmma (HGMMA, the tc ceiling): one kernel with both
+    hgmma_tc: float = 0.0
 
     def _terms(self) -> Dict[str, float]:
-        tc = "hmma" if self.hmma else "tc"
-        terms = {tc: self.tc / CEILINGS[tc][0]}
+        if self.hmma:   # the two kinds share the tensor cores: their times add
+            terms = {"hmma": (self.tc - self.hgmma_tc) / CEILINGS["hmma"][0] + self.hgmma_tc / CEILINGS["tc"][0]}
+        else:
+            terms = {"tc": self.tc / CEILINGS["tc"][0]}
         terms.update({k: getattr(self, k) / CEILINGS[k][0] for k in ("simt", "hbm", "l2", "smem")})
         return terms
 
@@ -529,6 +533,12 @@ def cuda_tc_plan(Lq: int, Lc: int, P: int):
     return BQ, BC, GP, -(-GP * BQ // 16) * 16
 
 
+def cuda_tc_wgmma_projection(rows: int) -> bool:
+    """Whether attention_fwd_tc_kernel's projection runs on wgmma on the H200 (csrc/cuda/attention.cu:
+    launch.h use_wgmma, a block of 64 rows: MT 4)."""
+    return rows == 64
+
+
 def cuda_tc_fragment_bytes(rows: int, BC: int, d: int, s: int) -> int:
     """Shared-memory bytes attention_fwd_tc_kernel's wmma fragments read in one block (512 B per
     16 x 16 fp16/bf16 fragment), with the split-K reductions' fp32 tiles (csrc/cuda/attention_kernels.cuh):
@@ -538,13 +548,17 @@ def cuda_tc_fragment_bytes(rows: int, BC: int, d: int, s: int) -> int:
     meet in S (stored, loaded, stored). P C: each warp holds its row tile of P in registers (loaded
     once), so a chunk reads only C's fragments. The projection (Q - A)^2 W^T: the same halves of
     every chunk, warp w % 4 takes 64 of the 256 columns for all MT row tiles (MT A and 4 B fragments
-    a step); the halves meet in y."""
+    a step); the halves meet in y. On the H200 a 64-row block's projection runs on wgmma instead
+    (cuda_tc_wgmma_projection): warpgroup 0 takes the first 16 of every chunk, warpgroup 1 the
+    second, each wgmma reading its 64 x 16 of A and 256 x 16 of W from shared memory once."""
     mt, nct, frag = rows // 16, BC // 16, 512
     wpr = max(1, 4 // mt)
     passes = -(-s // 256)          # the projection's 256-column passes, each with its own P C
     scores = (d // 16) * (mt * min(wpr, nct) + mt * nct) * frag + 3 * rows * BC * 4
     pc = (d // 32) * 2 * mt * nct * frag * passes + 2 * mt * nct * frag
     proj = (d // 16) * 4 * (mt + 4) * frag * passes + 3 * rows * 256 * passes * 4
+    if cuda_tc_wgmma_projection(rows):   # per 16 of d one warpgroup's wgmma reads A's 64 and W's 256 rows
+        proj = (d // 16) * (64 + 256) * 16 * ELEM * passes + 3 * rows * 256 * passes * 4
     return scores + pc + proj
 
 
@@ -593,8 +607,9 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
             BQ, BC, GP, rows = plan
             blocks = B * -(-P // GP)
             tc_sp = 2 * rows * BC * d * 2                  # scores and P C, one block
+            proj_tc = blocks * 2 * rows * d * s
             book.add(f"attention_fwd_tc_kernel{tag}", count=1, note=f"BQ {BQ} BC {BC} GP {GP}", hmma=True,
-                     tc=blocks * (tc_sp + 2 * rows * d * s),
+                     tc=blocks * tc_sp + proj_tc, hgmma_tc=proj_tc if cuda_tc_wgmma_projection(rows) else 0,
                      simt=blocks * GP * (8 * BQ * d + 2 * BQ * BC * BC + 30 * BQ * BC),
                      smem=blocks * (cuda_tc_fragment_bytes(rows, BC, d, s)
                                     + (2 * rows + 2 * BC + s) * d * e + rows * d * 4 * 2),

@@ -336,15 +336,37 @@ def test_cuda_half_precision_projection_uses_tensor_cores(cuda_report):
     assert not bad, "\n".join(bad)
 
 
+def test_cuda_wgmma_kernels_fence_and_wait(cuda_report):
+    """Every instance with HGMMA (sm_90) has the ordering wgmma needs in its SASS (wgmma.cuh), which
+    the emulator cannot check: FENCE.VIEW.ASYNC.S (fence.proxy.async after the operands' ordinary
+    stores), WARPGROUP.ARRIVE (wgmma.fence) and WARPGROUP.DEPBAR (wgmma.wait_group)."""
+    wg = [r for r in cuda_report if r["compiled"] and r["hgmma"] > 0]
+    assert {r["kernel"] for r in wg} == {"rcr_wgmma_kernel", "attention_fwd_tc_kernel"}
+    bad = [f"{_cuda_name(r)}: {r['fence_async']}/{r['wg_arrive']}/{r['wg_depbar']}" for r in wg
+           if not (r["fence_async"] and r["wg_arrive"] and r["wg_depbar"])]
+    assert not bad, "\n".join(bad)
+
+
 def test_cuda_wgmma_kernels_are_hgmma_on_sm90_and_a_trap_elsewhere(cuda_report):
     """The wgmma kernels' sm_90 (sm_90a) code runs Hopper's HGMMA and no HMMA; compiled for sm_80
-    they hold no tensor-core instruction and are never launched there (launch.h use_wgmma)."""
+    they hold no tensor-core instruction and are never launched there (launch.h use_wgmma). The
+    attention forward's wgmma instances likewise launch on sm_90 alone."""
     for kernel in SM90A_ONLY:
         rows = [r for r in cuda_report if r["kernel"] == kernel]
         on90 = [r for r in rows if r["arch"] == "sm_90"]
         assert on90 and all(r["hgmma"] > 0 and r["hmma"] == 0 for r in on90), [(_cuda_name(r), r["hgmma"]) for r in on90]
         on80 = [r for r in rows if r["arch"] == "sm_80"]
         assert on80 and all(r["hgmma"] + r["hmma"] == 0 and not r["launched"] for r in on80)
+    # the attention forward's wgmma projection instances (WG true: kModeAlignment, MT 4): HGMMA for
+    # the projection and HMMA for the scores and P C on sm_90, launched there alone
+    wg = [r for r in cuda_report if r["kernel"] == "attention_fwd_tc_kernel" and r["instance"].endswith(", true>")]
+    assert {(r["dtype"], r["arch"]) for r in wg} == {(dt, a) for dt in ("fp16", "bf16") for a in ("sm_80", "sm_90")}
+    for r in wg:
+        assert r["instance"].endswith(", 4, 1, true>"), r["instance"]
+        if r["arch"] == "sm_90":
+            assert r["hgmma"] > 0 and r["hmma"] > 0 and r["launched"], _cuda_name(r)
+        else:
+            assert not r["launched"], _cuda_name(r)
 
 
 def test_cuda_every_row_is_keyed_by_the_current_tree(cuda_report):

@@ -94,6 +94,8 @@ def build_emu(folder: str):
     so.emu_last_error.restype = ctypes.c_char_p
     so.emu_selftest.argtypes = [ctypes.c_int, _VP]
     so.emu_set_reverse.argtypes = [ctypes.c_int]
+    so.emu_set_wgmma.argtypes = [ctypes.c_int]
+    so.emu_wgmma_ops.restype = ctypes.c_long
     return _Checked(so)
 
 
@@ -166,11 +168,25 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def emu_attention(emu, args, context_index=None, limit=H200_SMEM, strided=False):
+def emu_attention(emu, args, context_index=None, limit=H200_SMEM, strided=False, wgmma=False):
     """(output, plan) of the CUDA attention forward on ``args`` (the attention op's arguments):
     plan = 1000 GP + MT when the tensor-core kernel ran, MT when the per-pair kernel did.
     strided: query, context and factors passed as they are (last dimension contiguous, as
-    attention_cuda requires) and lam with any strides; else everything made contiguous."""
+    attention_cuda requires) and lam with any strides; else everything made contiguous.
+    wgmma: launched as on an sm_90a build (a 64-row block's projection on wgmma: checked to have
+    run wgmma where the plan's blocks have 64 rows and there is a projection, and none elsewhere)."""
+    emu.emu_set_wgmma(int(wgmma))
+    emu.emu_wgmma_ops()
+    try:
+        out, used = _emu_attention(emu, args, context_index, limit, strided)
+    finally:
+        emu.emu_set_wgmma(0)
+    ran = emu.emu_wgmma_ops()
+    assert (ran > 0) == (wgmma and used >= 1000 and used % 1000 == 4 and args[7] is not None), (wgmma, used, ran)
+    return out, used
+
+
+def _emu_attention(emu, args, context_index, limit, strided):
     keep = (0, 2, 4, 5) if strided else ()
     q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) and i not in keep else a
                                               for i, a in enumerate(args)]
@@ -222,17 +238,20 @@ ATT_IDS = ["A,F=1", "A,F,lam", "E,F=1", "E,F,lam"]
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("Lq,Lc,gp", [(7, 9, 9), (13, 9, 4), (20, 9, 3), (36, 20, 1), (64, 36, 1)],
                          ids=["Lq7", "Lq13", "Lq20", "Lq36", "Lq64"])
-@pytest.mark.parametrize("with_state,with_weight", ATT_CASES, ids=ATT_IDS)
-def test_tensor_core_forward_groups(emu, with_state, with_weight, Lq, Lc, gp, dtype):
+@pytest.mark.parametrize("with_state,with_weight,wgmma", [(*c, False) for c in ATT_CASES] + [(False, True, True),
+                                                                                               (True, True, True)],
+                         ids=ATT_IDS + ["E,F=1,wgmma", "E,F,lam,wgmma"])
+def test_tensor_core_forward_groups(emu, with_state, with_weight, wgmma, Lq, Lc, gp, dtype):
     """attention_fwd_tc_kernel on the grid: P = 11 query items (mixed lengths, 1 and Lq among
     them) against B = 2 context items (one of length 1), GP = 64 // Lq packed pairs per block
     (their Lq rows back to back: pair boundaries inside a 16-row tile; Lq 7: 9 pairs, more than
     the block's 8 warps) with a partial last block per item, d = 40 (two chunks of 32, the second
-    partial), s = 24."""
+    partial), s = 24. wgmma: as launched on an sm_90a build (64-row blocks, Lq 7, 13, 20 and 64:
+    the projection by TcProjectionWg; Lq 36's 48 rows keep wmma)."""
     lens = _mixed_lengths(11, Lq, Lq)
     args = _sample(dtype, seed=3 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=11, Lq=Lq,
                    Lc=Lc, d=40, s=24, qlens=lens)
-    out, used = emu_attention(emu, args)
+    out, used = emu_attention(emu, args, wgmma=wgmma)
     assert used // 1000 == gp, used
     _check(out, _ref(args), dtype)
 
@@ -258,17 +277,19 @@ def test_tensor_core_forward_paired(emu, with_state, dtype):
     _check(out, _ref(args, cidx), dtype)
 
 
+@pytest.mark.parametrize("wgmma", [False, True], ids=["wmma", "wgmma"])
 @pytest.mark.parametrize("Lq,gp", [(1, 64), (3, 21)], ids=["Lq1", "Lq3"])
-def test_packed_blocks_up_to_64_pairs(emu, Lq, gp):
+def test_packed_blocks_up_to_64_pairs(emu, Lq, gp, wgmma):
     """The most pairs a packed block takes (plan.h kTcMaxGP = 64: 64 pairs of one row; 21 of 3):
     P = 70 query items against B = 2 (a full block and a partial one per item), fp16, the
     attention forward with F, lam and the projection, and two RAR steps with dropout: every pair's
-    length, norms, softmax and output from its own entry of the block's pair table."""
+    length, norms, softmax and output from its own entry of the block's pair table (wgmma: the
+    attention's 64-row blocks as on an sm_90a build)."""
     P = 70
     lens = _mixed_lengths(P, Lq, 40 + Lq)
     args = _sample(torch.float16, seed=60 + Lq, with_state=True, with_weight=True, P=P, Lq=Lq, Lc=9, d=40, s=24,
                    qlens=lens)
-    out, used = emu_attention(emu, args)
+    out, used = emu_attention(emu, args, wgmma=wgmma)
     assert used // 1000 == gp, used
     _check(out, _ref(args), torch.float16)
     rargs = _rar_sample(torch.float16, seed=70 + Lq, T=1, dropout=True, h_given=False, P=P, Lq=Lq, s=40, qlens=lens)
@@ -313,11 +334,13 @@ def test_tensor_core_forward_tile_shares(emu, with_weight, Lq, Lc, mt):
     _check(out, _ref(args), torch.float16)
 
 
-def test_tensor_core_forward_wide_projection(emu):
-    """s = 300: the projection's 256-column passes run twice, the second partly empty."""
-    args = _sample(torch.float16, seed=8, with_state=True, with_weight=True, P=5, Lq=10, Lc=9, d=40, s=300,
+@pytest.mark.parametrize("wgmma", [False, True], ids=["wmma", "wgmma"])
+def test_tensor_core_forward_wide_projection(emu, wgmma):
+    """s = 300: the projection's 256-column passes run twice, the second partly empty; d = 72:
+    three chunks of 32. wgmma: a 64-row block (50 rows used) as on an sm_90a build."""
+    args = _sample(torch.float16, seed=8, with_state=True, with_weight=True, P=5, Lq=10, Lc=9, d=72, s=300,
                    qlens=_mixed_lengths(5, 10, 2))
-    out, used = emu_attention(emu, args)
+    out, used = emu_attention(emu, args, wgmma=wgmma)
     assert used // 1000 == 5, used   # 64 // 10 = 6 pairs a block, at most P = 5
     _check(out, _ref(args), torch.float16)
 
@@ -604,10 +627,12 @@ def test_rcr_gemm(emu, epi, has_f, dtype, wgmma, K):
     assert int(want.isnan().sum()) == N + (f is not None)
     guard = _Guarded()
     out = guard(torch.full((B, P, Lq, N), float("nan"), dtype=dtype))
+    emu.emu_wgmma_ops()
     emu.emu_rcr_gemm(DTYPES[dtype], epi, wgmma, _ptr(guard(a)), _ptr(guard(w)), _ptr(bias), _ptr(guard(f)), _ptr(ql), M, N,
                      K, P, Lq, _ptr(out))
     torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
     assert (want.abs() == 1).any() or epi == RCR_HIDDEN    # the clamp is reached
+    assert (emu.emu_wgmma_ops() > 0) == bool(wgmma)      # the kernel asked for ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

@@ -154,16 +154,52 @@ def test_cuda_rcr_gemm_kernels(backend, kernel, dtype, atol, monkeypatch):
     from the PTX ISA) and rcr_gemm_kernel. Shapes: s = 256, d = 1024 (K 256 and 512: 4 and 8 chunks
     of 64, both buffers reused), 16 x 35 rows (5 row blocks of 128); s = 76, d = 300 (K not a
     multiple of 8: element loads, a partial chunk, partial column blocks)."""
+    _wgmma_or_wmma(kernel, monkeypatch)
+    ran = _kernels_run(lambda: [rcr_op_matches_torch_step("cuda", "cuda", dtype, with_state, atol, d=d, s=s, B=B)
+                                for d, s, B in ((1024, 256, 16), (300, 76, 1)) for with_state in (False, True)])
+    want, other = ("rcr_wgmma_kernel", "rcr_gemm_kernel")[::1 if kernel == "wgmma" else -1]
+    assert any(want in n for n in ran) and not any(other in n for n in ran), ran   # the kernel asked for ran
+
+
+@pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
+def test_cuda_wgmma_kernels_in_a_flickr_block(backend, kernel, monkeypatch):
+    """A Flickr-shaped block (t2i, coop_rcar T = 2, bf16; 400 captions of 6..24 words, about 21 of
+    each length: 64-row attention blocks and 48-row ones) within 2e-2 of the fp32 torch backend,
+    with the wgmma kernels (RCR's GEMMs and the attention's 64-row projection,
+    attention_fwd_tc_kernel<..., true>) and with the wmma ones; the profile shows which ran."""
+    _wgmma_or_wmma(kernel, monkeypatch)
+    ran = _kernels_run(lambda: flickr_shaped_block("cuda", "cuda", torch.bfloat16, 6, 400))
+    wg = {n for n in ran if "rcr_wgmma_kernel" in n or ("attention_fwd_tc_kernel" in n and ", true>" in n)}
+    tc = {n for n in ran if "attention_fwd_tc_kernel" in n}
+    if kernel == "wgmma":
+        assert any("rcr_wgmma_kernel" in n for n in wg) and any("attention_fwd_tc_kernel" in n for n in wg), ran
+    else:
+        assert not wg and tc, ran
+
+
+def _wgmma_or_wmma(kernel, monkeypatch):
+    """RCAR_FAST_CUDA_WGMMA for the case; a wgmma case skips off a 9.0 device or a build without
+    sm_90a code (and fails where the build is setup.py's default, 9.0a alone, without it)."""
     from rcar_fast import _C
     if kernel == "wgmma":
         if torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("wgmma: a compute capability 9.0 device (H100/H200) only")
-        if not _C.build_info().get("wgmma"):
-            pytest.skip("wgmma: this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a, or with plain 9.0)")
+        info = _C.build_info()
+        archs = set(info.get("cuda_archs", "").split(","))
+        assert info.get("wgmma") or not ("9.0a" in archs and "9.0" not in archs), info
+        if not info.get("wgmma"):
+            pytest.skip(f"wgmma: this build has no sm_90a code (archs {sorted(archs)})")
     monkeypatch.setenv("RCAR_FAST_CUDA_WGMMA", "1" if kernel == "wgmma" else "0")
-    for d, s, B in ((1024, 256, 16), (300, 76, 1)):
-        for with_state in (False, True):
-            rcr_op_matches_torch_step("cuda", "cuda", dtype, with_state, atol, d=d, s=s, B=B)
+
+
+def _kernels_run(fn):
+    """The names of the rcar_fast CUDA kernels fn() launched (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "rcar_fast" in e.name or "_kernel<" in e.name}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -13,6 +13,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace rcar_fast {
 namespace cuda {
@@ -179,6 +180,49 @@ __device__ __forceinline__ void load_lam(const AttnArgs<T>& a, int64_t b, int64_
   for (int q = threadIdx.x; q < qlen; q += kThreads)
     lam_s[q] = a.lam != nullptr ? to_f(a.lam[b * a.sl_b + p * a.sl_p + q * a.sl_l]) : a.lam_scalar;
 }
+
+// The projection of a 64-row block (MT 4) on Hopper's wgmma (wgmma.cuh; the kernel's WG instances,
+// launched where launch.h use_wgmma says): Y (64 x kNG fp32) += A B^T per kBD chunk, A (64 x kBD)
+// and B (kNG x kBD) in shared memory as core matrices (chunk_index<true>), warpgroup g taking the
+// chunk's 16 columns 16 g .. 16 g + 15 (TcProjection's split-K), its 64 x 256 sums in 128
+// registers a thread. chunk waits for its wgmma before it returns: the caller's next barrier
+// frees A and B. The writers of A and B fence the async proxy before the barrier ahead of chunk.
+template <typename T>
+struct TcProjectionWg {
+  float acc[128];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+  }
+
+  __device__ __forceinline__ void chunk(const T* A, const T* B) {
+    const int k0 = (threadIdx.x >> 7) * 16;   // this warpgroup's 16 columns of the chunk
+    const auto* a8 = reinterpret_cast<const unsigned char*>(A) + wg_core_offset(0, k0, kBD);
+    const auto* b8 = reinterpret_cast<const unsigned char*>(B) + wg_core_offset(0, k0, kBD);
+    wg::fence_acc(acc);   // no access of the accumulators moved past the fence (as CUTLASS)
+    wg::fence();
+    wg::mma_m64n256k16<T>(acc, wg::desc(a8, 128, kBD * 16), wg::desc(b8, 128, kBD * 16));
+    wg::commit();
+    wg::wait0();
+    wg::fence_acc(acc);
+  }
+
+  // Both warpgroups' sums into Y (holds a barrier: every thread calls it): the second stores, the
+  // first adds its own.
+  __device__ __forceinline__ void store(float* Y, int ldy) {
+    const int g = threadIdx.x >> 7, t = threadIdx.x & 127;
+    if (g == 1) {
+#pragma unroll
+      for (int i = 0; i < 128; ++i) Y[wg::acc_row(t, i) * ldy + wg::acc_col(t, i)] = acc[i];
+    }
+    __syncthreads();
+    if (g == 0) {
+#pragma unroll
+      for (int i = 0; i < 128; ++i) Y[wg::acc_row(t, i) * ldy + wg::acc_col(t, i)] += acc[i];
+    }
+  }
+};
 
 // Context chunk of the valid rows into cs (fp32, zero past d; no barrier).
 template <typename T>
@@ -455,12 +499,14 @@ __device__ __forceinline__ void tc_ctx_chunk(const T* __restrict__ cb, int64_t s
   }
 }
 
-template <typename T, int MT, int MODE>
+// WG: the projection on wgmma (TcProjectionWg; kModeAlignment, MT 4 only), else on wmma.
+template <typename T, int MT, int MODE, bool WG = false>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const AttnArgs<T> a, int bq, int bc, int gp,
                                                                        void* out) {
   static_assert(!std::is_same<T, float>::value, "fp32 runs attention_fwd_kernel (exact SIMT products)");
   static_assert(MODE == kModeAttended || MODE == kModeAlignment, "kModeSquaredDiff runs attention_fwd_kernel");
   static_assert(MT >= 1 && MT <= kTcMaxMT, "16 MT rows, at most kTcRows");
+  static_assert(!WG || (MT == 4 && MODE == kModeAlignment && kThreads == 256), "wgmma: one 64-row block, 2 warpgroups");
   using namespace nvcuda;
   constexpr int ROWS = 16 * MT;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -640,11 +686,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
     float* y = reinterpret_cast<float*>(smem + L.y);
     const int64_t Sw = a.S;
     for (int64_t n0 = 0; n0 < Sw; n0 += kNG) {
-      TcProjection<T, MT> gemm;
+      std::conditional_t<WG, TcProjectionWg<T>, TcProjection<T, MT>> gemm;
       gemm.zero();
       for (int64_t d0 = 0; d0 < D; d0 += kBD) {
         tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
-        load_weight_chunk(a.w, Sw, D, n0, d0, ws, ldo);
+        load_weight_chunk<T, kNG, WG>(a.w, Sw, D, n0, d0, ws, ldo);
         __syncthreads();
         pc.chunk(cs, ldo, us);
         __syncthreads();
@@ -657,10 +703,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
             const float dq = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]) - us[r * kLDU + k] * inv[r];
             v = dq * dq;
           }
-          as[r * ldo + k] = from_f<T>(v);
+          as[chunk_index<WG>(r, k, ldo)] = from_f<T>(v);
         }
+        if constexpr (WG) wg::proxy_fence();   // this thread's as and ws stores, visible to wgmma
         __syncthreads();
-        gemm.chunk(as, ldo, ws, ldo);
+        if constexpr (WG)
+          gemm.chunk(as, ws);
+        else
+          gemm.chunk(as, ldo, ws, ldo);
         __syncthreads();
       }
       gemm.store(y + n0, L.ldy);

@@ -69,16 +69,24 @@ __device__ __forceinline__ int clamp_len(int n, int64_t hi) {
 }
 
 // ---------------------------------------------------------------- shared-weight chunks and rows
-// ws[n][k] = W[n0 + n][k0 + k] for n < ROWS, k < kBD (row stride ldo), zero past N rows or K
-// columns: a kBD-column chunk of ROWS rows of a row-major N x K operand (the block GEMM's B
-// operand by default: kNG rows of a weight). No barrier.
-template <typename T, int ROWS = kNG>
+// Index of element (r, k) of a kBD-column chunk tile in shared memory: row-major with row stride
+// ldo, or (CORE, 16-bit types) as the core matrices a wgmma descriptor reads (plan.h wg_core_offset).
+template <bool CORE>
+__device__ __forceinline__ int chunk_index(int r, int k, int ldo) {
+  if constexpr (CORE) return wg_core_offset(r, k, kBD) >> 1;
+  return r * ldo + k;
+}
+
+// ws[n][k] = W[n0 + n][k0 + k] for n < ROWS, k < kBD (chunk_index: row stride ldo, or CORE), zero
+// past N rows or K columns: a kBD-column chunk of ROWS rows of a row-major N x K operand (the
+// block GEMM's B operand by default: kNG rows of a weight). No barrier.
+template <typename T, int ROWS = kNG, bool CORE = false>
 __device__ __forceinline__ void load_weight_chunk(const T* __restrict__ w, int64_t N, int64_t K, int64_t n0,
                                                   int64_t k0, T* ws, int ldo) {
   for (int idx = threadIdx.x; idx < ROWS * kBD; idx += kThreads) {
     const int n = idx >> 5, k = idx & 31;
     const int64_t gn = n0 + n, gk = k0 + k;
-    ws[n * ldo + k] = (gn < N && gk < K) ? w[gn * K + gk] : from_f<T>(0.f);
+    ws[chunk_index<CORE>(n, k, ldo)] = (gn < N && gk < K) ? w[gn * K + gk] : from_f<T>(0.f);
   }
 }
 

@@ -174,8 +174,11 @@ RCAR_HD int64_t rcr_gemm_smem(int elem) {
 constexpr int kRcrWgBK = 64;
 RCAR_HD int64_t rcr_wgmma_stage(int elem) { return (int64_t)(kRcrBM + kRcrBN) * kRcrWgBK * elem; }
 RCAR_HD int64_t rcr_wgmma_smem(int elem) { return 2 * rcr_wgmma_stage(elem); }
-// byte offset of element (r, k) of an operand tile in that layout (elem 2: 16-bit types)
-RCAR_HD int rcr_wgmma_offset(int r, int k) { return (r >> 3) * (kRcrWgBK * 16) + (k >> 3) * 128 + (r & 7) * 16 + (k & 7) * 2; }
+// Byte offset of element (r, k) of a 16-bit wgmma operand tile of bk columns (a K chunk) stored
+// as core matrices (csrc/cuda/wgmma.cuh: 8 rows of 16 bytes, 128 contiguous bytes; a row group's
+// bk / 8 core matrices back to back, then the next row group's): lbo 128, sbo bk * 16.
+RCAR_HD int wg_core_offset(int r, int k, int bk) { return (r >> 3) * (bk * 16) + (k >> 3) * 128 + (r & 7) * 16 + (k & 7) * 2; }
+RCAR_HD int rcr_wgmma_offset(int r, int k) { return wg_core_offset(r, k, kRcrWgBK); }
 
 // ---------------------------------------------------------------- attention backward (per pair)
 //   S, P, dP   Lq x Lc fp32 (leaky scores, probabilities, then dP -> dZ -> dSn -> dS0 in place)

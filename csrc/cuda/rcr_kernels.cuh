@@ -181,6 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
     const unsigned char* buf = smem + (c & 1) * stage;
     const unsigned char* as = buf + g * 64 * kRcrWgBK * (int)sizeof(T);   // the warpgroup's 64 rows
     const unsigned char* bs = buf + kRcrBM * kRcrWgBK * (int)sizeof(T);
+    wg::fence_acc(acc);   // no access of the accumulators moved past the fence (as CUTLASS)
     wg::fence();
 #pragma unroll
     for (int kk = 0; kk < kRcrWgBK; kk += 16) {

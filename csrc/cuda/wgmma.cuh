@@ -107,6 +107,23 @@ __device__ __forceinline__ void mma_m64n256k16<TNAME>(float (&d)[128], uint64_t 
 RCAR_FAST_WGMMA_M64N256K16(__half, "f16")
 RCAR_FAST_WGMMA_M64N256K16(__nv_bfloat16, "bf16")
 #undef RCAR_FAST_WGMMA_M64N256K16
+#elif !defined(RCAR_FAST_CUDA_EMU)
+// Any other target (sm_80, plain sm_90, the host pass): the same names, each a trap, for kernels
+// whose wgmma instances are compiled for every target but launched only where launch.h use_wgmma
+// says (attention_fwd_tc_kernel's WG instances).
+__device__ __forceinline__ uint64_t desc(const void*, uint32_t, uint32_t) {
+  __trap();
+  return 0;
+}
+__device__ __forceinline__ void fence() { __trap(); }
+__device__ __forceinline__ void commit() { __trap(); }
+__device__ __forceinline__ void wait0() { __trap(); }
+__device__ __forceinline__ void proxy_fence() { __trap(); }
+__device__ __forceinline__ void fence_acc(float (&)[128]) {}
+template <typename T>
+__device__ __forceinline__ void mma_m64n256k16(float (&)[128], uint64_t, uint64_t) {
+  __trap();
+}
 #endif
 
 }  // namespace wg

@@ -102,11 +102,17 @@ RarArgs<T> rar_args(const void* E, const int* qlens, const void* h, const void* 
   return r;
 }
 
+bool use_wgmma = false;   // emu_set_wgmma: launch.h use_wgmma's answer for the launches below
+
 template <typename T, int MT, int MODE>
 void run_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out) {
   const size_t smem = (size_t)attn_tc_layout((int)sizeof(T), 16 * MT, t.bc, t.gp, a.S, MODE).total;
-  cuda_emu::launch((unsigned)blocks, kThreads, [&] { attention_fwd_tc_kernel<T, MT, MODE>(a, t.bq, t.bc, t.gp, out); },
-                   smem);
+  auto go = [&](auto kernel) {
+    cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, t.bq, t.bc, t.gp, out); }, smem);
+  };
+  if constexpr (MT == 4 && MODE == kModeAlignment)   // attention.cu launch_fwd_tc
+    if (use_wgmma) return go(attention_fwd_tc_kernel<T, MT, MODE, true>);
+  go(attention_fwd_tc_kernel<T, MT, MODE, false>);
 }
 
 template <typename T, int MODE>
@@ -144,6 +150,20 @@ int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
 extern "C" {
 
 const char* emu_last_error() { return last_error.c_str(); }
+
+// The wgmma kernels where the launchers take them on an sm_90a build (1) or not (0): the attention
+// forward's 64-row projection (rcr's GEMM kernel is chosen by emu_rcr_gemm's argument).
+void emu_set_wgmma(int on) {
+  last_error.clear();
+  use_wgmma = on != 0;
+}
+
+// The wgmma calls (one per thread and instruction) since the last call of this function.
+long emu_wgmma_ops() {
+  const long n = cuda_emu::wg_ops;
+  cuda_emu::wg_ops = 0;
+  return n;
+}
 
 // Threads between barriers from the first up (0) or from the last down (1).
 void emu_set_reverse(int reverse) {

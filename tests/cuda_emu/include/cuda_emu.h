@@ -184,6 +184,15 @@ struct WgState {
   bool fenced = false;
 };
 inline WgState wg_state[kMaxThreads];
+inline long wg_ops = 0;   // wgmma calls so far (by any thread; tests/cuda_emu/kernels.cpp emu_wgmma_ops)
+// .sync.aligned: the 128 threads of a warpgroup issue the same wgmma batches with the same
+// descriptors. At each wait, a thread's batch is compared with the first one its warpgroup
+// waited for in this round (the round ends when all 128 have waited).
+struct WgRound {
+  std::vector<WgOp> first;
+  int waited = 0;
+};
+inline WgRound wg_round[kMaxThreads / 128];
 
 inline bool reverse = false;   // run the threads between barriers from the last one down
 
@@ -207,6 +216,7 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
       b.state[t] = kReady;
       wg_state[t] = WgState();
     }
+    for (auto& r : wg_round) r = WgRound();
     for (;;) {
       bool ran = false;
       for (int i = 0; i < b.n; ++i) {
@@ -393,6 +403,7 @@ inline void mma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
   auto& st = cuda_emu::wg_state[threadIdx.x];
   if (!st.fenced) throw std::runtime_error("cuda_emu: a wgmma without wgmma.fence before its batch");
   st.open.push_back({d, da, db, std::is_same<T, c10::Half>::value ? 1 : 2});
+  ++cuda_emu::wg_ops;
 }
 
 inline void commit() {
@@ -417,6 +428,17 @@ inline float wg_operand(uint64_t desc, int r, int k, int elem_kind) {
 inline void wait0() {
   auto& st = cuda_emu::wg_state[threadIdx.x];
   if (!st.open.empty()) throw std::runtime_error("cuda_emu: wgmma.wait_group with a wgmma not committed");
+  auto& round = cuda_emu::wg_round[threadIdx.x / 128];
+  if (round.waited == 0) {
+    round.first = st.committed;
+  } else {
+    bool same = round.first.size() == st.committed.size();
+    for (size_t i = 0; same && i < st.committed.size(); ++i)
+      same = round.first[i].da == st.committed[i].da && round.first[i].db == st.committed[i].db &&
+             round.first[i].elem_kind == st.committed[i].elem_kind;
+    if (!same) throw std::runtime_error("cuda_emu: the threads of a warpgroup issued different wgmma batches");
+  }
+  if (++round.waited == 128) round.waited = 0;
   // the thread's place in its warpgroup: warp w (of 4), lane l
   const int w = (threadIdx.x >> 5) & 3, l = threadIdx.x & 31;
   for (const auto& op : st.committed) {
