@@ -10,7 +10,8 @@ Environment flags (all of them):
                              a wrapper script whose own folder is not the toolkit
   TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0a": 9.0a, not plain 9.0, is
                              what lets an H100/H200 run the wgmma kernels, csrc/cuda/wgmma.cuh;
-                             a list with plain 9.0 runs the wmma kernels there)
+                             a list with plain 9.0 runs the wmma kernels there; "+PTX" on
+                             9.0a embeds sm_90a-only PTX, which later GPUs cannot JIT)
   MAX_JOBS                   parallel compile jobs (torch's ninja builder)
 
 The extension rcar_fast._C is built from csrc/ when it has sources: a CUDAExtension when torch
@@ -67,8 +68,10 @@ def _extensions():
         archs = '-DRCAR_FAST_CUDA_ARCHS=\"%s\"' % re.sub(r"[^0-9.+A-Za-z]+", ",", arch_list)
         # the launchers take the wgmma kernels on a 9.0 device only where its code is sm_90a's:
         # with plain 9.0 in the list too, the driver may load that one, where they trap
-        tokens = set(re.split(r"[\s;,]+", arch_list.replace("+PTX", "")))
-        nvcc_defs = ["-DRCAR_FAST_SM90A"] if "9.0a" in tokens and "9.0" not in tokens else []
+        # (a named architecture such as "Hopper" may stand for plain 9.0: then none)
+        tokens = set(re.split(r"[\s;,]+", arch_list.replace("+PTX", "").strip()))
+        numeric = all(re.fullmatch(r"\d+\.\d+a?", t) for t in tokens)
+        nvcc_defs = ["-DRCAR_FAST_SM90A"] if numeric and "9.0a" in tokens and "9.0" not in tokens else []
         ext = cpp_extension.CUDAExtension(
             "rcar_fast._C", cpp + cu, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx + ["-DRCAR_FAST_WITH_CUDA", archs, *nvcc_defs],

@@ -2,8 +2,9 @@
 // (bench/cuda_resources.py): reads one query per line on stdin, answers one line each.
 //
 //   fwd ELEM LQ LC S MODE LIMIT  ->  MT BYTES   attention_fwd_kernel (kModeAlignment: the launcher's MT)
-//   tc ELEM LQ LC S MODE P PAIRED LIMIT -> MT BYTES GP  attention_fwd_tc_kernel (choose_tc_plan; 0 0 0:
-//                                             not applicable, the launcher runs attention_fwd_kernel)
+//   tc ELEM LQ LC S MODE P PAIRED LIMIT -> MT BYTES GP WG  attention_fwd_tc_kernel (choose_tc_plan;
+//                                             0 0 0 0: not applicable, the launcher runs
+//                                             attention_fwd_kernel; WG: tc_wgmma_projection)
 //   bwd LQ LC                    ->  1 BYTES    attention_bwd_kernel
 //   gram LC                      ->  1 BYTES    gram_kernel
 //   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_bwd_kernel
@@ -37,7 +38,7 @@ int main() {
       in >> elem >> lq >> lc >> s >> mode >> p >> paired >> limit;
       const TcPlan t = choose_tc_plan((int)elem, lq, lc, s, p, paired != 0, (int)mode, limit);
       const int64_t bytes = t.gp ? attn_tc_layout((int)elem, 16 * t.mt, t.bc, t.gp, s, (int)mode).total : 0;
-      std::cout << t.mt << " " << bytes << " " << t.gp << "\n";
+      std::cout << t.mt << " " << bytes << " " << t.gp << " " << (t.gp && tc_wgmma_projection(t.mt, (int)mode)) << "\n";
     } else if (what == "bwd") {
       int64_t lq, lc;
       in >> lq >> lc;

@@ -114,7 +114,7 @@ def _nvcc_flags(cc):
 
 #: what ptxas -v and the SASS give per kernel, the part of a row the cache keeps
 MEASURED = ("registers", "spill_stores", "spill_loads", "stack", "shared_static", "hmma", "hgmma", "ldl", "stl",
-            "fence_async", "wg_arrive", "wg_depbar")
+            "fence_async", "wg_arrive", "wg_depbar", "wg_order_bad")
 #: SASS counts of the wgmma kernels' ordering instructions: fence.proxy.async (FENCE.VIEW.ASYNC.S),
 #: wgmma.fence (WARPGROUP.ARRIVE), wgmma.wait_group (WARPGROUP.DEPBAR)
 _SASS = dict(hmma=r"\bHMMA\b", hgmma=r"\bHGMMA\b", ldl=r"\bLDL\b", stl=r"\bSTL\b", fence_async=r"\bFENCE\.VIEW\.ASYNC\.S\b",
@@ -153,7 +153,43 @@ def sass_counts(cuobjdump, cubin):
     for block in re.split(r"\n\s*Function : ", sass)[1:]:
         name = block.split("\n", 1)[0].strip()
         out[name] = {k: len(re.findall(pattern, block)) for k, pattern in _SASS.items()}
+        out[name]["wg_order_bad"] = wgmma_order_violations(block)
     return out
+
+
+def wgmma_order_violations(sass_block):
+    """HGMMA instructions of one kernel's SASS (in program order) without the order wgmma needs
+    (wgmma.cuh): walking back, a WARPGROUP.ARRIVE (wgmma.fence) before the nearest BAR.SYNC, and
+    before that barrier a FENCE.VIEW.ASYNC.S (fence.proxy.async) after the last shared-memory store
+    (STS) since the barrier before it; walking on, a WARPGROUP.DEPBAR (wgmma.wait_group) before the
+    next BAR.SYNC. Program order only: a loop's back edge is checked where its body repeats the
+    code before the loop (the kernels stage the first chunk with the same code)."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass_block)
+    bad = 0
+    for i, op in enumerate(ops):
+        if not op.startswith("HGMMA"):
+            continue
+        j = i - 1
+        while j >= 0 and not ops[j].startswith("BAR.SYNC") and not ops[j].startswith("WARPGROUP.ARRIVE"):
+            j -= 1
+        ok = j >= 0 and ops[j].startswith("WARPGROUP.ARRIVE")
+        while j >= 0 and not ops[j].startswith("BAR.SYNC"):
+            j -= 1
+        k = j - 1
+        while ok and k >= 0 and not ops[k].startswith("BAR.SYNC"):
+            if ops[k].startswith("FENCE.VIEW.ASYNC.S"):
+                break
+            if ops[k].startswith("STS"):
+                ok = False
+            k -= 1
+        n = i + 1
+        while ok and n < len(ops) and not ops[n].startswith("BAR.SYNC"):
+            if ops[n].startswith("WARPGROUP.DEPBAR"):
+                break
+            n += 1
+        ok = ok and n < len(ops) and ops[n].startswith("WARPGROUP.DEPBAR")
+        bad += not ok
+    return bad
 
 
 def demangle(names):
@@ -227,7 +263,8 @@ def plan_shared(chips):
         if isinstance(fixed, int):
             mt, nbytes = 1, fixed
         else:
-            mt, nbytes = (int(x) for x in next(it).split()[:2])   # tc and rarfwd add GP
+            answer = next(it).split()
+            mt, nbytes = (int(x) for x in answer[:2])   # tc and rarfwd add GP, tc then WG
         m = re.search(r", (\d+)(?:, \{WG\})?>$", pattern)   # the attention kernels' mode argument
         mode = m.group(1) if m else ""
         if fixed == "tc":
@@ -237,8 +274,9 @@ def plan_shared(chips):
                 tc_served.add((cc, tname, shape.split(",P=")[0], mode))
         elif fixed == "fallback" and (cc, tname, shape, mode) in tc_served:
             continue           # the tensor-core kernel takes this launch
-        # attention.cu launch_fwd_tc: a 64-row block's projection on wgmma on sm_90 (launch.h use_wgmma)
-        wg = "true" if cc == 90 and mt == 4 and mode == "1" else "false"
+        # attention.cu launch_fwd_tc: the projection on wgmma on sm_90 where plan.h
+        # tc_wgmma_projection says (launch.h use_wgmma)
+        wg = "true" if cc == 90 and fixed == "tc" and answer[3:4] == ["1"] else "false"
         out.setdefault((pattern.format(T=tname, MT=mt, WG=wg), cc), []).append((shape, nbytes))
     return out
 
@@ -316,7 +354,7 @@ def _measure_unit(job):
     res = _compile((nvcc, src, cc, tmp))
     if res["ok"]:
         sass = sass_counts(cuobjdump, res["cubin"])
-        res["kernels"] = {name: {**info, **sass.get(name, dict.fromkeys(_SASS, 0))}
+        res["kernels"] = {name: {**info, **sass.get(name, dict.fromkeys([*_SASS, "wg_order_bad"], 0))}
                           for name, info in parse_ptxas(res["log"]).items()}
     return res
 

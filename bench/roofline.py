@@ -119,7 +119,8 @@ class Launch:
     hgmma_tc: float = 0.0
 
     def _terms(self) -> Dict[str, float]:
-        if self.hmma:   # the two kinds share the tensor cores: their times add
+        assert self.hmma or not self.hgmma_tc, f"{self.name}: hgmma_tc is the HGMMA part of an hmma launch"
+        if self.hmma:   # the two kinds share the tensor cores: their times add (the "hmma" term)
             terms = {"hmma": (self.tc - self.hgmma_tc) / CEILINGS["hmma"][0] + self.hgmma_tc / CEILINGS["tc"][0]}
         else:
             terms = {"tc": self.tc / CEILINGS["tc"][0]}

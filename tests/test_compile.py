@@ -342,9 +342,26 @@ def test_cuda_wgmma_kernels_fence_and_wait(cuda_report):
     stores), WARPGROUP.ARRIVE (wgmma.fence) and WARPGROUP.DEPBAR (wgmma.wait_group)."""
     wg = [r for r in cuda_report if r["compiled"] and r["hgmma"] > 0]
     assert {r["kernel"] for r in wg} == {"rcr_wgmma_kernel", "attention_fwd_tc_kernel"}
-    bad = [f"{_cuda_name(r)}: {r['fence_async']}/{r['wg_arrive']}/{r['wg_depbar']}" for r in wg
-           if not (r["fence_async"] and r["wg_arrive"] and r["wg_depbar"])]
+    bad = [f"{_cuda_name(r)}: {r['fence_async']}/{r['wg_arrive']}/{r['wg_depbar']}, {r['wg_order_bad']} HGMMA out of order"
+           for r in wg if not (r["fence_async"] and r["wg_arrive"] and r["wg_depbar"]) or r["wg_order_bad"]]
     assert not bad, "\n".join(bad)
+
+
+def test_cuda_wgmma_order_check_reads_sass():
+    """cuda_resources.wgmma_order_violations on hand-written SASS: the staged, fenced, waited order
+    passes; a fence after the barrier, no wgmma.fence, or no wait before the next barrier fail."""
+    from bench.cuda_resources import wgmma_order_violations as check
+
+    def sass(*ops):
+        return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
+    good = ["STS.128 [R1], R4", "MEMBAR.ALL.CTA", "FENCE.VIEW.ASYNC.S", "BAR.SYNC.DEFER_BLOCKING 0x0",
+            "WARPGROUP.ARRIVE", "HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8], R24, gsb0",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0", "BAR.SYNC.DEFER_BLOCKING 0x0"]
+    assert check(sass(*good)) == 0
+    assert check(sass(*good[:2], good[3], good[2], *good[4:])) == 1            # fence after the barrier
+    assert check(sass(*good[:4], *good[5:])) == 1                              # no wgmma.fence
+    assert check(sass(*good[:6], good[7], good[6])) == 1                       # wait after the barrier
+    assert check(sass("@!P0 " + good[0], *good[1:])) == 0                      # predicated stores parse
 
 
 def test_cuda_wgmma_kernels_are_hgmma_on_sm90_and_a_trap_elsewhere(cuda_report):

@@ -162,19 +162,21 @@ def test_cuda_plans_are_the_kernels(cuda_plan_exe, attn_type):
         answers = _ask(cuda_plan_exe, [q.replace(" 1000 ", f" {P} ") for q in queries])
         for i, L in enumerate(lengths):
             Lq, Lc = (L, RL.R) if attn_type == "t2i" else (RL.R, L)
-            (tc_mt, tc_bytes, tc_gp), (rar_mt, rar_bytes, rar_gp) = answers[2 * i], answers[2 * i + 1]
+            (tc_mt, tc_bytes, tc_gp, tc_wg), (rar_mt, rar_bytes, rar_gp) = answers[2 * i], answers[2 * i + 1]
             plan = RL.cuda_tc_plan(Lq, Lc, P)
             if plan is None:
-                assert (tc_mt, tc_bytes, tc_gp) == (0, 0, 0), L
+                assert (tc_mt, tc_bytes, tc_gp, tc_wg) == (0, 0, 0, 0), L
             else:
                 BQ, BC, GP, rows = plan
                 assert (tc_mt * 16, tc_gp) == (rows, GP) and 0 < tc_bytes <= H200_SMEM, (L, P, plan, tc_mt, tc_gp)
+                # the projection on wgmma (an H200 built for sm_90a) where plan.h says, as the model
+                assert tc_wg == RL.cuda_tc_wgmma_projection(rows), (L, P, rows, tc_wg)
             BQ, GP, rows = RL.cuda_rar_plan(Lq, P)
             assert rar_bytes > 0 and rar_gp == GP, (L, P, GP, rar_gp)
             assert rows % (16 * rar_mt) == 0 and rows - GP * BQ < 16 * rar_mt, (L, P, rows, rar_mt)
     # the fp32 attention and the backward's kModeSquaredDiff never take the tensor-core kernel
     assert _ask(cuda_plan_exe, [f"tc 4 16 36 256 1 1000 0 {H200_SMEM}", f"tc 2 16 36 256 2 1000 0 {H200_SMEM}"]) \
-        == [(0, 0, 0), (0, 0, 0)]
+        == [(0, 0, 0, 0), (0, 0, 0, 0)]
 
 
 def test_triton_rcr_tiles_are_the_kernels():

@@ -161,7 +161,7 @@ template <typename T, int MT, int MODE>
 void launch_fwd_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out, cudaStream_t stream) {
   auto* kernel = attention_fwd_tc_kernel<T, MT, MODE, false>;
   // a 64-row block's projection on wgmma where the device and the build have it (launch.h)
-  if constexpr (MT == 4 && MODE == kModeAlignment)
+  if constexpr (tc_wgmma_projection(MT, MODE))
     if (use_wgmma()) kernel = attention_fwd_tc_kernel<T, MT, MODE, true>;
   const int64_t smem = attn_tc_layout((int)sizeof(T), 16 * MT, t.bc, t.gp, a.S, MODE).total;
   prepare_smem(kernel, smem, "attention");

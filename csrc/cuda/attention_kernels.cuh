@@ -183,7 +183,7 @@ __device__ __forceinline__ void load_lam(const AttnArgs<T>& a, int64_t b, int64_
 
 // The projection of a 64-row block (MT 4) on Hopper's wgmma (wgmma.cuh; the kernel's WG instances,
 // launched where launch.h use_wgmma says): Y (64 x kNG fp32) += A B^T per kBD chunk, A (64 x kBD)
-// and B (kNG x kBD) in shared memory as core matrices (chunk_index<true>), warpgroup g taking the
+// and B (kNG x kBD) in shared memory as core matrices (wg_core_offset), warpgroup g taking the
 // chunk's 16 columns 16 g .. 16 g + 15 (TcProjection's split-K), its 64 x 256 sums in 128
 // registers a thread. chunk waits for its wgmma before it returns: the caller's next barrier
 // frees A and B. The writers of A and B fence the async proxy before the barrier ahead of chunk.
@@ -506,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
   static_assert(!std::is_same<T, float>::value, "fp32 runs attention_fwd_kernel (exact SIMT products)");
   static_assert(MODE == kModeAttended || MODE == kModeAlignment, "kModeSquaredDiff runs attention_fwd_kernel");
   static_assert(MT >= 1 && MT <= kTcMaxMT, "16 MT rows, at most kTcRows");
-  static_assert(!WG || (MT == 4 && MODE == kModeAlignment && kThreads == 256), "wgmma: one 64-row block, 2 warpgroups");
+  static_assert(!WG || (tc_wgmma_projection(MT, MODE) && kThreads == 256), "wgmma: one 64-row block, 2 warpgroups");
   using namespace nvcuda;
   constexpr int ROWS = 16 * MT;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -694,8 +694,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
         __syncthreads();
         pc.chunk(cs, ldo, us);
         __syncthreads();
-        for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
-          const int r = idx >> 5, k = idx & 31;
+        // (Q - A)^2 of row r, column k of the chunk (zero past D and in rows of no pair)
+        auto sq = [&](int r, int k) {
           const int64_t d = d0 + k;
           float v = 0.f;
           if (d < D && row_valid(r)) {
@@ -703,7 +703,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
             const float dq = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]) - us[r * kLDU + k] * inv[r];
             v = dq * dq;
           }
-          as[chunk_index<WG>(r, k, ldo)] = from_f<T>(v);
+          return from_f<T>(v);
+        };
+        if constexpr (WG) {   // core matrices: 8 columns a thread, one 16-byte store
+          for (int u = tid; u < ROWS * kBD / 8; u += kThreads) {
+            const int r = core_unit_row(u), k = core_unit_col(u);
+            T v[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = sq(r, k + e);
+            store8(as + 8 * u, v);
+          }
+        } else {
+          for (int idx = tid; idx < ROWS * kBD; idx += kThreads) as[(idx >> 5) * ldo + (idx & 31)] = sq(idx >> 5, idx & 31);
         }
         if constexpr (WG) wg::proxy_fence();   // this thread's as and ws stores, visible to wgmma
         __syncthreads();

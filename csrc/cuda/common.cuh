@@ -37,6 +37,29 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// The 16 bits of a 16-bit value (fp16 / bf16), for packing.
+__device__ __forceinline__ uint32_t bits16(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+
+// 8 values of a 16-bit type as one 16-byte store (dst 16-byte aligned): a core-matrix row of a
+// wgmma operand (plan.h wg_core_offset), written by one thread so that the 8 threads of a
+// quarter-warp write 128 contiguous bytes.
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const T (&v)[8]) {
+  static_assert(sizeof(T) == 2, "16-bit types");
+  uint4 u;
+  u.x = bits16(v[0]) | (bits16(v[1]) << 16);
+  u.y = bits16(v[2]) | (bits16(v[3]) << 16);
+  u.z = bits16(v[4]) | (bits16(v[5]) << 16);
+  u.w = bits16(v[6]) | (bits16(v[7]) << 16);
+  *reinterpret_cast<uint4*>(dst) = u;
+}
+
+// Unit u (8 elements) of a kBD-column chunk tile stored as core matrices (plan.h wg_core_offset):
+// row 8 (u / 32) + u % 8, columns 8 ((u / 8) % 4) ..; it sits at element 8 u of the tile.
+__device__ __forceinline__ int core_unit_row(int u) { return ((u >> 5) << 3) | (u & 7); }
+__device__ __forceinline__ int core_unit_col(int u) { return ((u >> 3) & 3) << 3; }
+
 // ---------------------------------------------------------------- reductions
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -69,24 +92,27 @@ __device__ __forceinline__ int clamp_len(int n, int64_t hi) {
 }
 
 // ---------------------------------------------------------------- shared-weight chunks and rows
-// Index of element (r, k) of a kBD-column chunk tile in shared memory: row-major with row stride
-// ldo, or (CORE, 16-bit types) as the core matrices a wgmma descriptor reads (plan.h wg_core_offset).
-template <bool CORE>
-__device__ __forceinline__ int chunk_index(int r, int k, int ldo) {
-  if constexpr (CORE) return wg_core_offset(r, k, kBD) >> 1;
-  return r * ldo + k;
-}
-
-// ws[n][k] = W[n0 + n][k0 + k] for n < ROWS, k < kBD (chunk_index: row stride ldo, or CORE), zero
-// past N rows or K columns: a kBD-column chunk of ROWS rows of a row-major N x K operand (the
-// block GEMM's B operand by default: kNG rows of a weight). No barrier.
+// ws[n][k] = W[n0 + n][k0 + k] for n < ROWS, k < kBD (row stride ldo; CORE, 16-bit types: as the
+// core matrices a wgmma descriptor reads, plan.h wg_core_offset, 8 elements of a row a thread in
+// one 16-byte store), zero past N rows or K columns: a kBD-column chunk of ROWS rows of a
+// row-major N x K operand (the block GEMM's B operand by default: kNG rows of a weight). No barrier.
 template <typename T, int ROWS = kNG, bool CORE = false>
 __device__ __forceinline__ void load_weight_chunk(const T* __restrict__ w, int64_t N, int64_t K, int64_t n0,
                                                   int64_t k0, T* ws, int ldo) {
-  for (int idx = threadIdx.x; idx < ROWS * kBD; idx += kThreads) {
-    const int n = idx >> 5, k = idx & 31;
-    const int64_t gn = n0 + n, gk = k0 + k;
-    ws[chunk_index<CORE>(n, k, ldo)] = (gn < N && gk < K) ? w[gn * K + gk] : from_f<T>(0.f);
+  if constexpr (CORE) {
+    for (int u = threadIdx.x; u < ROWS * kBD / 8; u += kThreads) {
+      const int64_t gn = n0 + core_unit_row(u), gk = k0 + core_unit_col(u);
+      T v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = (gn < N && gk + e < K) ? w[gn * K + gk + e] : from_f<T>(0.f);
+      store8(ws + 8 * u, v);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * kBD; idx += kThreads) {
+      const int n = idx >> 5, k = idx & 31;
+      const int64_t gn = n0 + n, gk = k0 + k;
+      ws[n * ldo + k] = (gn < N && gk < K) ? w[gn * K + gk] : from_f<T>(0.f);
+    }
   }
 }
 

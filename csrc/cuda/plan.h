@@ -139,6 +139,10 @@ struct TcPlan {
   int bq, bc, gp, mt;
 };
 
+// Whether the tensor-core forward's projection runs on wgmma (attention_fwd_tc_kernel's WG
+// instance) where the device and the build have it (launch.h use_wgmma): one 64-row block.
+RCAR_HD constexpr bool tc_wgmma_projection(int mt, int mode) { return mt == 4 && mode == kModeAlignment; }
+
 RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64_t P, bool paired, int mode,
                               int64_t limit) {
   TcPlan t{0, 0, 0, 0};

@@ -148,22 +148,39 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
   const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(B) % 16 == 0;
 
   // chunk k0 of A's block rows and B's into buffer b: unit u (8 elements of one row) at byte 16 u
-  // of its tile (row 8 (u / 64) + u % 8, columns k0 + 8 ((u / 8) % 8) ...: rcr_wgmma_offset)
+  // of its tile (row 8 (u / 64) + u % 8, columns k0 + 8 ((u / 8) % 8) ...: rcr_wgmma_offset).
+  // vec: all of a thread's 16-byte loads issued before its stores (kPer in flight, zeros past M,
+  // N and K); else element by element.
+  constexpr int kUnitsA = kRcrBM * kRcrWgBK / 8, kUnits = (kRcrBM + kRcrBN) * kRcrWgBK / 8;
+  constexpr int kPer = kUnits / kThreads;
+  static_assert(kUnits % kThreads == 0, "whole units a thread");
+  auto unit = [&](int u, int64_t k0, const T*& src, int64_t& gr, int64_t& gk, int64_t& rows) {
+    const bool isa = u < kUnitsA;
+    const int v = isa ? u : u - kUnitsA;
+    gr = (isa ? m0 : n0) + (((v >> 6) << 3) | (v & 7));
+    gk = k0 + (((v >> 3) & 7) << 3);
+    rows = isa ? M : N;
+    src = (isa ? A : B) + gr * K + gk;
+  };
   auto load_chunk = [&](int64_t k0, int b) {
-    unsigned char* buf = smem + b * stage;
-    constexpr int kUnitsA = kRcrBM * kRcrWgBK / 8, kUnits = (kRcrBM + kRcrBN) * kRcrWgBK / 8;
-#pragma unroll 4
-    for (int u = tid; u < kUnits; u += kThreads) {
-      const bool isa = u < kUnitsA;
-      const int v = isa ? u : u - kUnitsA;
-      const int r = ((v >> 6) << 3) | (v & 7), kc = ((v >> 3) & 7) << 3;
-      const int64_t gr = (isa ? m0 : n0) + r, gk = k0 + kc, rows = isa ? M : N;
-      const T* src = (isa ? A : B) + gr * K + gk;
-      unsigned char* dst = buf + (isa ? 0 : kRcrBM * kRcrWgBK * (int)sizeof(T)) + 16 * v;
-      if (vec && gr < rows && gk + 8 <= K) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-        T* d = reinterpret_cast<T*>(dst);
+    unsigned char* buf = smem + b * stage;   // A's units, then B's: unit u at byte 16 u
+    if (vec) {
+      uint4 r[kPer];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const T* src;
+        int64_t gr, gk, rows;
+        unit(tid + j * kThreads, k0, src, gr, gk, rows);
+        r[j] = gr < rows && gk < K ? *reinterpret_cast<const uint4*>(src) : uint4{0u, 0u, 0u, 0u};
+      }
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) *reinterpret_cast<uint4*>(buf + 16 * (tid + j * kThreads)) = r[j];
+    } else {
+      for (int u = tid; u < kUnits; u += kThreads) {
+        const T* src;
+        int64_t gr, gk, rows;
+        unit(u, k0, src, gr, gk, rows);
+        T* d = reinterpret_cast<T*>(buf + 16 * u);
 #pragma unroll
         for (int e = 0; e < 8; ++e) d[e] = (gr < rows && gk + e < K) ? src[e] : from_f<T>(0.f);
       }

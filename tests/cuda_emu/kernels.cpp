@@ -110,7 +110,7 @@ void run_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out) {
   auto go = [&](auto kernel) {
     cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, t.bq, t.bc, t.gp, out); }, smem);
   };
-  if constexpr (MT == 4 && MODE == kModeAlignment)   // attention.cu launch_fwd_tc
+  if constexpr (tc_wgmma_projection(MT, MODE))   // attention.cu launch_fwd_tc
     if (use_wgmma) return go(attention_fwd_tc_kernel<T, MT, MODE, true>);
   go(attention_fwd_tc_kernel<T, MT, MODE, false>);
 }

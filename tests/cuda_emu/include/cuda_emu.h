@@ -54,6 +54,8 @@ inline float __half2float(__half x) { return static_cast<float>(x); }
 inline __half __float2half_rn(float x) { return __half(x); }
 inline float __bfloat162float(__nv_bfloat16 x) { return static_cast<float>(x); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) { return __nv_bfloat16(x); }
+inline unsigned short __half_as_ushort(__half x) { return x.x; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 x) { return x.x; }
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
