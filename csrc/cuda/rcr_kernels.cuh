@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
 // matrices), the next chunk's loads running while the wgmma of this one does (each buffer is
 // rewritten only after the barrier that follows every warpgroup's wait for the wgmma reading it).
 // A unit of 8 elements (16 bytes) of a row is one load where A and B are 16-byte aligned and K is
-// a multiple of 8, else eight (zeros past M, N and K). The epilogue goes from the registers to out.
+// a multiple of 8 (a thread's 12 loads issued before its stores), else eight (zeros past M, N and K). The epilogue goes from the registers to out.
 // Compiled for any other target (sm_80, plain sm_90) the kernel traps: the launcher runs it only
 // where it was built for sm_90a (rcr.cu).
 template <typename T, int EPI>

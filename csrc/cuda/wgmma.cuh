@@ -1,5 +1,5 @@
 // Hopper's warpgroup MMA (wgmma, PTX ISA 8.0+, sm_90a only) for the kernels that use it
-// (rcr_kernels.cuh: rcr_wgmma_kernel). A warpgroup is 4 consecutive warps (128 threads, the first
+// (rcr_kernels.cuh: rcr_wgmma_kernel; attention_kernels.cuh: TcProjectionWg). A warpgroup is 4 consecutive warps (128 threads, the first
 // warp's index a multiple of 4); every one of its threads calls each function below with the same
 // arguments (.sync.aligned).
 //
