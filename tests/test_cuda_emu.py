@@ -87,7 +87,7 @@ def build_emu(folder: str):
     so.emu_rar_bwd.restype = _I64
     so.emu_rar_mean.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _I64, _VP]
     so.emu_rcr_factors.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint]
-    so.emu_rcr_gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
+    so.emu_rcr_gemm.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
                                 _VP]
     so.emu_rcr_smooth.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint,
                                   _VP]
@@ -628,8 +628,12 @@ def test_rcr_gemm(emu, epi, has_f, dtype, wgmma, K):
     guard = _Guarded()
     out = guard(torch.full((B, P, Lq, N), float("nan"), dtype=dtype))
     emu.emu_wgmma_ops()
-    emu.emu_rcr_gemm(DTYPES[dtype], epi, wgmma, _ptr(guard(a)), _ptr(guard(w)), _ptr(bias), _ptr(guard(f)), _ptr(ql), M, N,
-                     K, P, Lq, _ptr(out))
+    emu.emu_set_wgmma(wgmma)
+    try:
+        emu.emu_rcr_gemm(DTYPES[dtype], epi, _ptr(guard(a)), _ptr(guard(w)), _ptr(bias), _ptr(guard(f)), _ptr(ql), M,
+                         N, K, P, Lq, _ptr(out))
+    finally:
+        emu.emu_set_wgmma(0)
     torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
     assert (want.abs() == 1).any() or epi == RCR_HIDDEN    # the clamp is reached
     assert (emu.emu_wgmma_ops() > 0) == bool(wgmma)      # the kernel asked for ran

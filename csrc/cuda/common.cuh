@@ -55,10 +55,15 @@ __device__ __forceinline__ void store8(T* dst, const T (&v)[8]) {
   *reinterpret_cast<uint4*>(dst) = u;
 }
 
-// Unit u (8 elements) of a kBD-column chunk tile stored as core matrices (plan.h wg_core_offset):
-// row 8 (u / 32) + u % 8, columns 8 ((u / 8) % 4) ..; it sits at element 8 u of the tile.
-__device__ __forceinline__ int core_unit_row(int u) { return ((u >> 5) << 3) | (u & 7); }
-__device__ __forceinline__ int core_unit_col(int u) { return ((u >> 3) & 3) << 3; }
+// Unit u (8 elements) of a BK-column chunk tile stored as core matrices (plan.h wg_core_offset):
+// row 8 (u / BK) + u % 8, columns 8 ((u / 8) % (BK / 8)) ..; it sits at element 8 u of the tile.
+template <int BK = kBD>
+__device__ __forceinline__ int core_unit_row(int u) {
+  static_assert(BK % 8 == 0, "whole core matrices");
+  return (int)((unsigned)u / BK) * 8 + (u & 7);   // unsigned: shifts for a power-of-two BK
+}
+template <int BK = kBD>
+__device__ __forceinline__ int core_unit_col(int u) { return (int)(((unsigned)u >> 3) % (BK / 8)) * 8; }
 
 // ---------------------------------------------------------------- reductions
 __device__ __forceinline__ float warp_sum(float v) {

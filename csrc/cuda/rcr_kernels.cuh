@@ -128,7 +128,8 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
 // matrices), the next chunk's loads running while the wgmma of this one does (each buffer is
 // rewritten only after the barrier that follows every warpgroup's wait for the wgmma reading it).
 // A unit of 8 elements (16 bytes) of a row is one load where A and B are 16-byte aligned and K is
-// a multiple of 8 (a thread's 12 loads issued before its stores), else eight (zeros past M, N and K). The epilogue goes from the registers to out.
+// a multiple of 8 (a thread's 12 loads issued before its stores), else eight (zeros past M, N and
+// K). The epilogue goes from the registers to out.
 // Compiled for any other target (sm_80, plain sm_90) the kernel traps: the launcher runs it only
 // where it was built for sm_90a (rcr.cu).
 template <typename T, int EPI>
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
   const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(B) % 16 == 0;
 
   // chunk k0 of A's block rows and B's into buffer b: unit u (8 elements of one row) at byte 16 u
-  // of its tile (row 8 (u / 64) + u % 8, columns k0 + 8 ((u / 8) % 8) ...: rcr_wgmma_offset).
+  // of its tile (core_unit_row / core_unit_col: rcr_wgmma_offset's order).
   // vec: all of a thread's 16-byte loads issued before its stores (kPer in flight, zeros past M,
   // N and K); else element by element.
   constexpr int kUnitsA = kRcrBM * kRcrWgBK / 8, kUnits = (kRcrBM + kRcrBN) * kRcrWgBK / 8;
@@ -157,8 +158,8 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
   auto unit = [&](int u, int64_t k0, const T*& src, int64_t& gr, int64_t& gk, int64_t& rows) {
     const bool isa = u < kUnitsA;
     const int v = isa ? u : u - kUnitsA;
-    gr = (isa ? m0 : n0) + (((v >> 6) << 3) | (v & 7));
-    gk = k0 + (((v >> 3) & 7) << 3);
+    gr = (isa ? m0 : n0) + core_unit_row<kRcrWgBK>(v);
+    gk = k0 + core_unit_col<kRcrWgBK>(v);
     rows = isa ? M : N;
     src = (isa ? A : B) + gr * K + gk;
   };
@@ -180,9 +181,10 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
         const T* src;
         int64_t gr, gk, rows;
         unit(u, k0, src, gr, gk, rows);
-        T* d = reinterpret_cast<T*>(buf + 16 * u);
+        T v[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) d[e] = (gr < rows && gk + e < K) ? src[e] : from_f<T>(0.f);
+        for (int e = 0; e < 8; ++e) v[e] = (gr < rows && gk + e < K) ? src[e] : from_f<T>(0.f);
+        store8(reinterpret_cast<T*>(buf + 16 * u), v);
       }
     }
     wg::proxy_fence();   // these generic-proxy stores, visible to wgmma after the next barrier

@@ -152,7 +152,7 @@ extern "C" {
 const char* emu_last_error() { return last_error.c_str(); }
 
 // The wgmma kernels where the launchers take them on an sm_90a build (1) or not (0): the attention
-// forward's 64-row projection (rcr's GEMM kernel is chosen by emu_rcr_gemm's argument).
+// forward's 64-row projection and the RCR GEMMs (launch.h use_wgmma).
 void emu_set_wgmma(int on) {
   last_error.clear();
   use_wgmma = on != 0;
@@ -345,10 +345,10 @@ void emu_rcr_factors(int dtype, void* m, const void* f_old, const int* qlens, in
   });
 }
 
-// out = epilogue(A B^T + bias) by rcr_gemm_kernel<T, epi> (wgmma 0) or rcr_wgmma_kernel<T, epi>
-// (wgmma 1), fp16/bf16, on rcr.cu's grid: 128 x 256 blocks of the (M, N) output, the row block's
-// column blocks back to back.
-void emu_rcr_gemm(int dtype, int epi, int wgmma, const void* A, const void* B, const void* bias, const void* f_old,
+// out = epilogue(A B^T + bias) by rcr_gemm_kernel<T, epi>, or rcr_wgmma_kernel<T, epi> under
+// emu_set_wgmma(1) (rcr.cu's use_wgmma), fp16/bf16, on rcr.cu's grid: 128 x 256 blocks of the
+// (M, N) output, the row block's column blocks back to back.
+void emu_rcr_gemm(int dtype, int epi, const void* A, const void* B, const void* bias, const void* f_old,
                   const int* qlens, int64_t M, int64_t N, int64_t K, int64_t P, int64_t Lq, void* out) {
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -356,14 +356,14 @@ void emu_rcr_gemm(int dtype, int epi, int wgmma, const void* A, const void* B, c
       throw std::runtime_error("the RCR GEMM kernels are fp16/bf16 only");
     } else {
       const int64_t blocks = (M + kRcrBM - 1) / kRcrBM * ((N + kRcrBN - 1) / kRcrBN);
-      const size_t smem = (size_t)(wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T)));
+      const size_t smem = (size_t)(use_wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T)));
       const T *a = static_cast<const T*>(A), *b = static_cast<const T*>(B), *bi = static_cast<const T*>(bias),
               *fo = static_cast<const T*>(f_old);
       T* o = static_cast<T*>(out);
       auto run = [&](auto kernel) {
         cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, b, bi, fo, qlens, M, N, K, P, Lq, o); }, smem);
       };
-      if (wgmma)
+      if (use_wgmma)
         epi == kRcrHidden ? run(rcr_wgmma_kernel<T, kRcrHidden>) : run(rcr_wgmma_kernel<T, kRcrFactors>);
       else
         epi == kRcrHidden ? run(rcr_gemm_kernel<T, kRcrHidden>) : run(rcr_gemm_kernel<T, kRcrFactors>);
