@@ -5,10 +5,16 @@
 //   tc ELEM LQ LC S MODE P PAIRED LIMIT -> MT BYTES GP WG  attention_fwd_tc_kernel (choose_tc_plan;
 //                                             0 0 0 0: not applicable, the launcher runs
 //                                             attention_fwd_kernel; WG: tc_wgmma_projection)
+//   wg ELEM LQ LC S MODE P PAIRED LIMIT -> MT BYTES GP BC  attention_fwd_wg_kernel (choose_wg_plan;
+//                                             0 0 0 0: not applicable; on sm_90a builds the
+//                                             launcher takes it before attention_fwd_tc_kernel)
 //   bwd LQ LC                    ->  1 BYTES    attention_bwd_kernel
 //   gram LC                      ->  1 BYTES    gram_kernel
 //   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_bwd_kernel
 //   rarfwd ELEM LQ S P LIMIT     ->  MT BYTES GP  rar_fwd_kernel (choose_rar_plan; 0 0 0: does not fit)
+//   rarwg ELEM LQ S P LIMIT      ->  MT BYTES GP  rar_fwd_wg_kernel (choose_rar_wg_plan; 0 0 0: not
+//                                             applicable; on sm_90a builds the launcher takes it
+//                                             before rar_fwd_kernel)
 //   rcrgemm ELEM                 ->  1 BYTES    rcr_gemm_kernel
 //   rcrwgmma ELEM                ->  1 BYTES    rcr_wgmma_kernel
 //
@@ -39,6 +45,12 @@ int main() {
       const TcPlan t = choose_tc_plan((int)elem, lq, lc, s, p, paired != 0, (int)mode, limit);
       const int64_t bytes = t.gp ? attn_tc_layout((int)elem, 16 * t.mt, t.bc, t.gp, s, (int)mode).total : 0;
       std::cout << t.mt << " " << bytes << " " << t.gp << " " << (t.gp && tc_wgmma_projection(t.mt, (int)mode)) << "\n";
+    } else if (what == "wg") {
+      int64_t elem, lq, lc, s, mode, p, paired, limit;
+      in >> elem >> lq >> lc >> s >> mode >> p >> paired >> limit;
+      const TcPlan t = choose_wg_plan((int)elem, lq, lc, s, p, paired != 0, (int)mode, limit);
+      const int64_t bytes = t.gp ? attn_wg_layout((int)elem, t.bc, t.gp).total : 0;
+      std::cout << t.mt << " " << bytes << " " << t.gp << " " << t.bc << "\n";
     } else if (what == "bwd") {
       int64_t lq, lc;
       in >> lq >> lc;
@@ -58,6 +70,11 @@ int main() {
       const RarPlan pl = choose_rar_plan((int)elem, lq, s, p, limit);
       const int64_t bytes = pl.gp ? rar_step_layout((int)elem, pl.gp * pl.bq, s, pl.mt, pl.gp).total : 0;
       std::cout << pl.mt << " " << bytes << " " << pl.gp << "\n";
+    } else if (what == "rarwg") {
+      int64_t elem, lq, s, p, limit;
+      in >> elem >> lq >> s >> p >> limit;
+      const RarPlan pl = choose_rar_wg_plan((int)elem, lq, s, p, limit);
+      std::cout << pl.mt << " " << (pl.gp ? rar_wg_layout((int)elem, pl.gp, s).total : 0) << " " << pl.gp << "\n";
     } else if (what == "rcrgemm") {
       int64_t elem;
       in >> elem;

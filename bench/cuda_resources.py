@@ -50,11 +50,11 @@ RAR_LQ = (16, 32, 36, 64, 80)
 TC_PAIRS = 1000
 S_DIM = 256
 #: kernels whose fp16/bf16 instances run the block GEMM on tensor cores
-TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_bwd_kernel", "attention_fwd_tc_kernel", "rcr_gemm_kernel",
-                    "rcr_wgmma_kernel")
+TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_fwd_wg_kernel", "rar_bwd_kernel", "attention_fwd_tc_kernel",
+                    "attention_fwd_wg_kernel", "rcr_gemm_kernel", "rcr_wgmma_kernel")
 #: kernels with code for sm_90a only (wgmma: csrc/cuda/wgmma.cuh); compiled for sm_80 they are a
 #: trap the launchers never run
-SM90A_ONLY = ("rcr_wgmma_kernel",)
+SM90A_ONLY = ("rcr_wgmma_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel")
 
 
 def find_nvcc():
@@ -222,6 +222,9 @@ def plan_shared(chips):
                 keys.append((cc, "gram_kernel<{T}>", tname, shape, None))
                 for mode in (0, 1, 2):
                     width = S_DIM if mode else 0
+                    if elem == 2 and mode == 1 and cc == 90:   # launch.h use_wgmma: first the 128-row kernel
+                        queries.append(f"wg {elem} {Lq} {Lc} {width} {mode} {TC_PAIRS} 0 {limit}")
+                        keys.append((cc, "attention_fwd_wg_kernel<{T}, {BC}>", tname, shape + f",P={TC_PAIRS}", "wg"))
                     if elem == 2 and mode != 2:   # the launcher tries the tensor-core kernel first
                         for paired in (0, 1):
                             queries.append(f"tc {elem} {Lq} {Lc} {width} {mode} {TC_PAIRS} {paired} {limit}")
@@ -247,6 +250,9 @@ def plan_shared(chips):
             keys.append((cc, "rcr_smooth_kernel<{T}>", tname, f"rows x s/2={S_DIM // 2}", 0))
             keys.append((cc, "rar_mean_kernel<{T}>", tname, f"s={S_DIM}", 0))
             for Lq in RAR_LQ:
+                if elem == 2 and cc == 90:   # launch.h use_wgmma: the 128-row kernel first
+                    queries.append(f"rarwg {elem} {Lq} {S_DIM} {TC_PAIRS} {limit}")
+                    keys.append((cc, "rar_fwd_wg_kernel<{T}>", tname, f"Lq={Lq},s={S_DIM}", "wg"))
                 queries.append(f"rarfwd {elem} {Lq} {S_DIM} {TC_PAIRS} {limit}")
                 keys.append((cc, "rar_fwd_kernel<{T}, {MT}>", tname, f"Lq={Lq},s={S_DIM}", None))
                 queries.append(f"rar {elem} {Lq} {S_DIM} {limit}")
@@ -264,9 +270,11 @@ def plan_shared(chips):
             mt, nbytes = 1, fixed
         else:
             answer = next(it).split()
-            mt, nbytes = (int(x) for x in answer[:2])   # tc and rarfwd add GP, tc then WG
+            mt, nbytes = (int(x) for x in answer[:2])   # tc, wg and rarfwd add GP; tc then WG, wg BC
         m = re.search(r", (\d+)(?:, \{WG\})?>$", pattern)   # the attention kernels' mode argument
         mode = m.group(1) if m else ""
+        if fixed == "wg" and mt == 0:   # not applicable: attention_fwd_tc_kernel (or the per-pair kernel)
+            continue
         if fixed == "tc":
             if mt == 0:        # not applicable: attention_fwd_kernel runs
                 continue
@@ -277,7 +285,8 @@ def plan_shared(chips):
         # attention.cu launch_fwd_tc: the projection on wgmma on sm_90 where plan.h
         # tc_wgmma_projection says (launch.h use_wgmma)
         wg = "true" if cc == 90 and fixed == "tc" and answer[3:4] == ["1"] else "false"
-        out.setdefault((pattern.format(T=tname, MT=mt, WG=wg), cc), []).append((shape, nbytes))
+        bc = answer[3] if fixed == "wg" and len(answer) > 3 else ""
+        out.setdefault((pattern.format(T=tname, MT=mt, WG=wg, BC=bc), cc), []).append((shape, nbytes))
     return out
 
 

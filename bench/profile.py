@@ -43,7 +43,7 @@ ROW_RULES: Tuple[Tuple[str, str], ...] = (
     (r"rcr_factors_kernel", "rcr_factors_kernel"),
     (r"rcr_gemm_kernel", "rcr_gemm_kernel"),
     (r"rcr_wgmma_kernel", "rcr_wgmma_kernel"),
-    (r"rar_fwd_kernel", "rar_fwd"),
+    (r"rar_fwd(_wg)?_kernel", "rar_fwd"),
     (r"rar_mean_kernel", "rar_mean_kernel"),
     (r"gram_kernel", "gram"),
     (r"gemm|gemv|xmma|nvjet|cutlass|cublas", "library GEMMs"),

@@ -20,7 +20,7 @@ Shapes (lengths drawn as bench/shapes.py draws them, seeded):
 
 Per launch: TC = tensor-core FLOPs executed (padding included: a Triton program's tile is
 the power of two above its rows, the attention forward's above its packed pairs' rows; a CUDA
-block's row group 16 x MT), SIMT = other FLOPs (fp32
+block's row group 16 x MT, the wgmma attention and RAR forwards' 128 rows), SIMT = other FLOPs (fp32
 FMAs, counted 2 per FMA; element-wise work at a few FLOPs per element), HBM = bytes from and to
 device memory, L2 = bytes through the L2 (every load and store of a program: a shared weight read
 by every pair counts once per pair here and once in HBM), SMEM = bytes of shared-memory traffic
@@ -32,8 +32,9 @@ Ceilings (H200, bf16): MEASURED here on an H200 (the device tool's KINDS.md, 202
 790 TFLOP/s for a dense bf16 matrix product, 4.3 TB/s device-to-device copy. LEADS (datasheet or
 estimates, not measured): 67 TFLOP/s fp32 SIMT, 10 TB/s L2, 33 TB/s shared memory (132 SMs x
 128 B/clock x 1.98 GHz), 5 us per launch, and 2/3 of the measured 790 for the tensor-core work
-of the CUDA kernels (wmma compiles to the warp-level HMMA, not Hopper's warpgroup HGMMA that
-cuBLAS and the Triton kernels' sm_90 code use). Each figure a run measures replaces its lead.
+of the CUDA kernels' wmma work (wmma compiles to the warp-level HMMA, not Hopper's warpgroup
+HGMMA that cuBLAS, the Triton kernels' sm_90 code and our wgmma kernels use: those take the 790).
+Each figure a run measures replaces its lead.
 
 What it models is the code as it is (kernels/, csrc/cuda/, the pipeline): block planning through
 rcar_fast.block_plan with each backend's GPU budget and buffer counts, one launch per op per
@@ -49,7 +50,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from rcar_fast.backends.contract import gpu_budget
 
@@ -306,7 +307,7 @@ CUDA_RCR_BM, CUDA_RCR_BN, CUDA_RCR_WGMMA_BK = 128, 256, 64
 
 
 def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: int, extra_hbm: int,
-                  wgmma: bool = True) -> None:
+                  wgmma: bool = True, bn: int = CUDA_RCR_BN, out_n: Optional[int] = None) -> None:
     """One launch of an RCR GEMM kernel: out (M x N) = epilogue(A (M x K) B^T (B: N x K)) in
     128 x 256 blocks. Blocks of one row block run back to back (A from HBM once), B stays in L2.
 
@@ -317,22 +318,25 @@ def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: 
     accumulator registers straight to memory (no shared memory).
     else (rcr_gemm_kernel, sm_80 and builds without sm_90a): 8 warps of 64 x 64 (4 x 4 wmma tiles:
     4 A and 4 B fragments per 16 products, HMMA), K streamed 32 columns at a time; the epilogue
-    stages each warp's fp32 tile in shared memory (stored, read)."""
+    stages each warp's fp32 tile in shared memory (stored, read).
+    bn: the block's columns (wgmma's N; 128 for the temperatures' epilogue); out_n: the output's
+    columns written to memory (default N; 1 for the temperatures: one value a row)."""
     e = ELEM
-    blocks = -(-M // CUDA_RCR_BM) * -(-N // CUDA_RCR_BN)
+    assert wgmma or bn == CUDA_RCR_BN
+    blocks = -(-M // CUDA_RCR_BM) * -(-N // bn)
     if wgmma:
         ksteps = -(-K // CUDA_RCR_WGMMA_BK) * (CUDA_RCR_WGMMA_BK // 16)
-        smem = blocks * ksteps * (2 * (64 + CUDA_RCR_BN) * 16 * e + (CUDA_RCR_BM + CUDA_RCR_BN) * 16 * e)
-        note = f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN} BK {CUDA_RCR_WGMMA_BK}, wgmma"
+        smem = blocks * ksteps * (2 * (64 + bn) * 16 * e + (CUDA_RCR_BM + bn) * 16 * e)
+        note = f"BM {CUDA_RCR_BM} BN {bn} BK {CUDA_RCR_WGMMA_BK}, wgmma"
     else:
         ksteps = -(-K // 32) * 2
         smem = blocks * (ksteps * 8 * 8 * 512 + (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e
                          + CUDA_RCR_BM * CUDA_RCR_BN * 4 * 2)
         note = f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN}"
     book.add(name, count=1, note=note, hmma=not wgmma,
-             tc=blocks * CUDA_RCR_BM * CUDA_RCR_BN * 2 * ksteps * 16, simt=epilogue_simt, smem=smem,
-             l2=blocks * (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e,
-             hbm=M * K * e + N * K * e + M * N * e + extra_hbm)
+             tc=blocks * CUDA_RCR_BM * bn * 2 * ksteps * 16, simt=epilogue_simt, smem=smem,
+             l2=blocks * (CUDA_RCR_BM + bn) * ksteps * 16 * e,
+             hbm=M * K * e + N * K * e + M * (N if out_n is None else out_n) * e + extra_hbm)
 
 
 def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "cuda") -> None:
@@ -526,7 +530,8 @@ def cuda_tc_plan(Lq: int, Lc: int, P: int):
     where no shared-memory limit is reached at s = 256): packed pairs, BQ = Lq rows each back to
     back, BC = Lc rounded up to 16, GP = 64 // Lq pairs of one context item per block (at most P),
     rows = GP * Lq rounded up to 16; None where the kernel does not apply (Lq or Lc > 64: the
-    per-pair kernel runs)."""
+    per-pair kernel runs). In kModeAlignment on the H200 the launcher takes attention_fwd_wg_kernel
+    first where it applies (cuda_wg_plan): this plan is then the blocks of 64 rows or fewer."""
     if Lq > CUDA_TC_ROWS or Lc > CUDA_TC_ROWS:
         return None
     BQ, BC = Lq, -(-Lc // 16) * 16
@@ -563,15 +568,96 @@ def cuda_tc_fragment_bytes(rows: int, BC: int, d: int, s: int) -> int:
     return scores + pc + proj
 
 
+#: query rows of attention_fwd_wg_kernel's block (csrc/cuda/plan.h kWgRows): 2 warpgroups of 64
+CUDA_WG_ROWS = 128
+#: output columns of one projection pass (plan.h kNG: wgmma's N of the projection), the longest
+#: context and query rows the tensor-core forwards take (kTcMaxLen)
+CUDA_NG = 256
+CUDA_TC_MAX_LEN = 64
+
+
+def cuda_wg_plan(Lq: int, Lc: int, P: int, s: int = S_DIM):
+    """(BQ, BC, GP, rows) of attention_fwd_wg_kernel (csrc/cuda/plan.h choose_wg_plan for fp16/bf16
+    in kModeAlignment on the grid, where no shared-memory limit is reached): GP = 128 // Lq packed
+    pairs of one context item per block (at most P), BQ = Lq rows each back to back, BC = Lc rounded
+    up to 16, rows = 128 (the rows past GP * Lq zero); None where it does not apply: Lq or Lc above
+    64, s above 256, or a block of 64 rows or fewer (GP * Lq <= 64: attention_fwd_tc_kernel holds
+    it). The launcher takes it only on an sm_90a build on a Hopper (launch.h use_wgmma), as the
+    model's H200 always is."""
+    if Lq < 1 or Lc < 1 or P < 1 or Lq > CUDA_TC_MAX_LEN or Lc > CUDA_TC_MAX_LEN or s > CUDA_NG:
+        return None
+    BQ, BC = Lq, -(-Lc // 16) * 16
+    GP = min(CUDA_WG_ROWS // BQ, P)
+    if GP * BQ <= CUDA_TC_ROWS:
+        return None
+    return BQ, BC, GP, CUDA_WG_ROWS
+
+
+def cuda_wg_smem_bytes(BC: int, d: int) -> int:
+    """Shared-memory bytes one attention_fwd_wg_kernel block moves (csrc/cuda/attention_kernels.cuh):
+    warpgroup w owns rows 64 w .. 64 w + 63 of every product (no split-K meets), every product a
+    wgmma reading both operands from shared memory (core matrices), per k16 step its A's 64 x 16
+    and its B's N x 16: the scores (F * Q) C^T m64nBCk16 over K = d; P C m64n32k16 over K = BC per
+    32-column chunk of d; the projection m64n256k16 over K = d (N = 256 executed for s <= 256). The
+    stores: the (F * Q) chunk (128 x d), the context twice (BC x d, pass 1; transposed, pass 2),
+    W's chunk (256 x d), (Q - A)^2 (128 x d: from P C's accumulators and Q read from L2, no fp32 U
+    chunk); on chip the scores fp32 (128 x BC stored from the accumulators, read, the probabilities
+    stored in place: three passes, as attention_fwd_tc_kernel's S) and P stored in the compute type
+    for P C. E's l2n from the accumulator registers (no y region)."""
+    rows, e, wg = CUDA_WG_ROWS, ELEM, CUDA_WG_ROWS // 64
+    scores = (d // 16) * wg * (64 + BC) * 16 * e
+    pc = (d // 32) * (BC // 16) * wg * (64 + 32) * 16 * e
+    proj = (d // 16) * wg * (64 + CUDA_NG) * 16 * e
+    stores = (rows + 2 * BC + CUDA_NG + rows) * d * e
+    on_chip = 3 * rows * BC * 4 + rows * BC * e
+    return scores + pc + proj + stores + on_chip
+
+
 def cuda_rar_plan(Lq: int, P: int):
     """(BQ, GP, rows) of rar_fwd_kernel (csrc/cuda/plan.h choose_rar_plan, no shared-memory limit
     reached at s = 256): packed pairs, BQ = Lq rows each back to back, GP = 64 // Lq pairs per
-    block (1 past 64; at most P), rows = GP * Lq rounded up to 16 MT."""
+    block (1 past 64; at most P), rows = GP * Lq rounded up to 16 MT. On the H200 the launcher
+    takes rar_fwd_wg_kernel first where it applies (cuda_rar_wg_plan): this plan is then the
+    blocks of 64 rows or fewer."""
     BQ = Lq
     GP = min(CUDA_TC_ROWS // BQ if BQ <= CUDA_TC_ROWS else 1, P)
     rows = GP * BQ
     mt = 1 if rows <= 16 else (2 if rows <= 32 else (3 if rows <= 48 else 4))
     return BQ, GP, -(-rows // (16 * mt)) * 16 * mt
+
+
+def cuda_rar_wg_plan(Lq: int, P: int, s: int = S_DIM):
+    """(BQ, GP, rows) of rar_fwd_wg_kernel (csrc/cuda/plan.h choose_rar_wg_plan for fp16/bf16, where
+    no shared-memory limit is reached): GP = 128 // Lq packed pairs of one context item per block
+    (at most P; Lq 65..128: 1), BQ = Lq rows each back to back, rows = 128 (the rows past GP * Lq
+    zero); None where it does not apply: Lq above 128, s above 256, or a block of 64 rows or fewer
+    (GP * Lq <= 64: rar_fwd_kernel holds it, cuda_rar_plan). The launcher takes it only on an
+    sm_90a build on a Hopper (launch.h use_wgmma), as the model's H200 always is."""
+    if Lq < 1 or P < 1 or s < 1 or Lq > CUDA_WG_ROWS or s > CUDA_NG:
+        return None
+    BQ = Lq
+    GP = min(CUDA_WG_ROWS // BQ, P)
+    if GP * BQ <= CUDA_TC_ROWS:
+        return None
+    return BQ, GP, CUDA_WG_ROWS
+
+
+def cuda_rar_wg_smem_bytes(GP: int, BQ: int, s: int = S_DIM) -> int:
+    """Shared-memory bytes one rar_fwd_wg_kernel block moves (csrc/cuda/rar_kernels.cuh), sk = s
+    rounded up to 32 (kBD): E of its GP pairs stored once as core matrices (128 x sk), Wk stored
+    32 columns of K at a time (256 x 32 a chunk: all of its 256 x sk once), the wgmma operand
+    reads (K = E Wk^T, warpgroup w rows 64 w .. 64 w + 63: per 16 of K each warpgroup's
+    m64n256k16 reads its 64 x 16 of E and Wk's 256 x 16), the gates gw = tanh(pre) keep_g wv
+    stored in fp32 (GP x sk) and read by the epilogue for each of the pairs' GP * BQ rows (the
+    logits from the accumulator registers, lane shuffles: no y region), and E read again for
+    h = l2n(sum_q a[q] E[q]) (the pairs' rows)."""
+    rows, e, wg = CUDA_WG_ROWS, ELEM, CUDA_WG_ROWS // 64
+    sk = -(-s // 32) * 32
+    prows = GP * BQ
+    stores = (rows + CUDA_NG) * sk * e + GP * sk * 4
+    mma = (sk // 16) * wg * (64 + CUDA_NG) * 16 * e
+    epilogue = prows * sk * 4 + prows * sk * e
+    return stores + mma + epilogue
 
 
 def cuda_gram(book: Book, name: str, B: int, Lc: int) -> None:
@@ -582,29 +668,58 @@ def cuda_gram(book: Book, name: str, B: int, Lc: int) -> None:
 
 
 def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:
-    """The CUDA kernels (csrc/cuda/): gram_kernel (C C^T per context item, fp32 SIMT), then for
-    fp16/bf16 attention_fwd_tc_kernel: GP = 64 // Lq packed pairs of one context item per block (the
-    context, its Gram matrix and the 512 KB weight read once per block), the scores (F * Q) C^T,
-    U = P C and the projection by wmma (HMMA, fp32 accumulators) from shared memory, every
-    product 64 rows tall; RCR (csrc/cuda/rcr.cu for inference: rcr_fused, two wmma GEMM kernels with
-    the chain in their epilogues; torch's step under autograd); RAR per step: the mean of E at the first (a kernel),
-    the gate of every pair as one fp32 GEMM (ATen), rar_fwd_kernel with GP pairs per block (Wk
-    read once per block, the keys by wmma over the block's rows). Shared-memory traffic counts the
-    wmma fragment loads (cuda_tc_fragment_bytes), the chunk stores (F * Q, the context twice, W,
-    (Q - A)^2) and the fp32 P C chunk (stored, read).
+    """The CUDA kernels (csrc/cuda/): gram_kernel (C C^T per context item, fp32 SIMT), then the
+    attention forward with the fused projection (kModeAlignment: at inference, and under autograd
+    for the forward and its recompute alike), for fp16/bf16 on the H200 (an sm_90a build, launch.h
+    use_wgmma) attention_fwd_wg_kernel where cuda_wg_plan applies (every block of more than 64
+    rows): GP = 128 // Lq packed pairs of one context item in a 128-row block, 2 warpgroups of 64
+    rows, the scores, P C and the projection (N = 256) each a wgmma (HGMMA: the tc ceiling) with
+    both operands in shared memory (cuda_wg_smem_bytes), the context, its Gram matrix and the
+    512 KB weight read once per block, Q twice per pair; else attention_fwd_tc_kernel: GP =
+    64 // Lq packed pairs per block (the context, its Gram matrix and W once per block), the
+    scores (F * Q) C^T, U = P C and the projection by wmma (HMMA, fp32 accumulators) from shared
+    memory, every product at most 64 rows tall, a 64-row block's projection on wgmma
+    (cuda_tc_wgmma_projection); its shared-memory traffic counts the wmma fragment loads
+    (cuda_tc_fragment_bytes), the chunk stores (F * Q, the context twice, W, (Q - A)^2) and the fp32
+    P C chunk (stored, read). RCR (csrc/cuda/rcr.cu for inference: rcr_fused, two GEMM kernels
+    with the chain in their epilogues; torch's step under autograd); RAR per step: the mean of E
+    at the first (a kernel), the gate of every pair as one GEMM (cuBLAS), then (the forward and
+    its recompute alike) on the H200 rar_fwd_wg_kernel where cuda_rar_wg_plan applies (every
+    block of more than 64 rows): GP = 128 // Lq packed pairs in a 128-row block, E staged once,
+    K = E Wk^T by 2 warpgroups' wgmma m64n256k16 (HGMMA: the tc ceiling; N = 256 executed),
+    the logits from the accumulator registers (cuda_rar_wg_smem_bytes), Wk read once per block;
+    else rar_fwd_kernel with GP = 64 // Lq pairs per block (Wk read once per block, the keys by
+    wmma over the block's rows).
     fp32 and rows past 64 run the per-pair attention_fwd_kernel (modelled for Lq or Lc > 64 only:
     the model's shapes are bf16)."""
     tag = " (recompute)" if recompute else ""
     Lq, Lc = _rows(shape, Lg)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
+    wg = cuda_wg_plan(Lq, Lc, P)
     plan = cuda_tc_plan(Lq, Lc, P)
+    rwg = cuda_rar_wg_plan(Lq, P, s)
+    sk = -(-s // 32) * 32      # RAR's K = s in 32-column chunks (kBD)
     for t in range(shape.steps):
         has_f = t > 0
         # the Gram matrices: under autograd at every launch; at inference once per block for all
         # its steps (i2t; the t2i grid's once per call, pipeline_call), as triton's
         if shape.training or (t == 0 and shape.attn_type != "t2i"):
             cuda_gram(book, f"gram_kernel{tag}", B, Lc)
-        if plan is not None:
+        if wg is not None:
+            BQ, BC, GP, rows = wg
+            blocks = B * -(-P // GP)
+            # every product on wgmma (HGMMA, the tc ceiling), 128 rows executed: the scores and P C
+            # over BC columns, the projection over 256 (kNG) whatever s <= 256
+            book.add(f"attention_fwd_wg_kernel{tag}", count=1, note=f"BQ {BQ} BC {BC} GP {GP}, wgmma",
+                     tc=blocks * (2 * rows * BC * d * 2 + 2 * rows * d * CUDA_NG),
+                     simt=blocks * GP * (8 * BQ * d + 2 * BQ * BC * BC + 30 * BQ * BC),
+                     smem=blocks * cuda_wg_smem_bytes(BC, d),
+                     # per pair: Q twice (F * Q, then Q - A), F once, E written; per block: the
+                     # context twice, W once, the Gram matrix once
+                     l2=pairs * ((2 * Lq * d + Lq * s + (Lq * d if has_f else 0)) * e)
+                     + blocks * ((2 * Lc * d + s * d) * e + Lc * Lc * 4),
+                     hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e)
+        elif plan is not None:
             BQ, BC, GP, rows = plan
             blocks = B * -(-P // GP)
             tc_sp = 2 * rows * BC * d * 2                  # scores and P C, one block
@@ -631,17 +746,27 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
                 rcr_fused(book, B, P, Lq, has_f, "cuda")
-        RBQ, RGP, rrows = cuda_rar_plan(Lq, P)
-        rblocks = B * -(-P // RGP)
         if t == 0:   # the mean of E, written in the inputs' dtype
             book.add(f"rar_mean_kernel{tag}", count=1, simt=pairs * Lq * s, hbm=pairs * (Lq * s * e + s * e))
         # cuBLAS: h (pairs x s, the inputs' dtype) times Wq^T, the bias in its epilogue
         book.add(f"rar gate h Wq^T + bq (cuBLAS){tag}", count=1, tc=pairs * 2 * s * s, hbm=pairs * s * e * 2 + s * s * e)
         # the gates' pre-activations read (their tanh, keep_g and wv on chip), h written in the inputs' dtype
-        book.add(f"rar_fwd_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}", hmma=True, tc=rblocks * 2 * rrows * s * s,
-                 simt=pairs * (16 * Lq * s + 8 * s),
-                 smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
-                 l2=pairs * (Lq * s * e + s * e * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
+        if rwg is not None:
+            RBQ, RGP, rrows = rwg
+            rblocks = B * -(-P // RGP)
+            # K = E Wk^T on wgmma (HGMMA, the tc ceiling): 128 rows x 256 columns (kNG) x sk executed
+            # per block; E read once per pair, Wk once per block
+            book.add(f"rar_fwd_wg_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}, wgmma",
+                     tc=rblocks * 2 * rrows * CUDA_NG * sk, simt=pairs * (16 * Lq * s + 8 * s),
+                     smem=rblocks * cuda_rar_wg_smem_bytes(RGP, RBQ, s),
+                     l2=pairs * (Lq * s * e + s * e * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
+        else:
+            RBQ, RGP, rrows = cuda_rar_plan(Lq, P)
+            rblocks = B * -(-P // RGP)
+            book.add(f"rar_fwd_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}", hmma=True,
+                     tc=rblocks * 2 * rrows * s * s, simt=pairs * (16 * Lq * s + 8 * s),
+                     smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
+                     l2=pairs * (Lq * s * e + s * e * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
     pipeline_block(book, B, P, Lq, tag)
 
 

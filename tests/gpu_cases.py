@@ -239,6 +239,40 @@ def rcr_op_matches_torch_step(backend: str, device, dtype, with_state: bool, ato
     assert not got_F[:, pad].any() and not got_lam[:, pad].any()
 
 
+def attention_128_row_cases(backend, device, dtype):
+    """The backend's attention op with the projection on tests/test_cuda_emu.py's WG_CASES (the
+    CUDA 128-row kernel's cases: context lengths 9 to 64, d 45 to 104, s 24 to 256, 128 pairs of
+    one row, NaN in the padding, F and lam or not) against the fp64 reference, with the emulator's
+    tolerances for dtype."""
+    from rcar_fast.backends import kernel_set
+    from test_cuda_emu import TOL, WG_CASES, _ref, wg_case_args
+    ks = kernel_set(backend)
+    for Lq, Lc, P, d, s, _ in WG_CASES:
+        for with_state in (False, True):
+            args = wg_case_args(dtype, Lq, Lc, P, d, s, with_state)
+            out = ks.attention(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args], None)
+            assert not out.isnan().any(), (Lq, Lc, with_state)
+            torch.testing.assert_close(out.cpu().double(), _ref(args), **TOL[dtype])
+
+
+def rar_128_row_cases(backend, device, dtype):
+    """The backend's rar op on tests/test_cuda_emu.py's RAR_WG_CASES x RAR_WG_STEPS (the CUDA
+    128-row RAR kernel's cases: 7 to 70 rows a pair, s 24 to 256, 128 pairs of one row, dropout
+    masks, two steps, h given or not, NaN in the padding) against the fp64 reference, with the
+    emulator's tolerances for dtype."""
+    from rcar_fast.backends import kernel_set
+    from test_cuda_emu import RAR_WG_CASES, RAR_WG_STEPS, TOL, rar_wg_case_args
+    from test_fused_ops import ref_rar
+    ks = kernel_set(backend)
+    for Lq, P, s, _ in RAR_WG_CASES:
+        for T, dropout, h_given in RAR_WG_STEPS:
+            args = rar_wg_case_args(dtype, Lq, P, s, T, dropout, h_given)
+            out = ks.rar(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
+            want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+            assert not out.isnan().any(), (Lq, s, T, dropout)
+            torch.testing.assert_close(out.cpu().double(), want, **TOL[dtype])
+
+
 def context_gram_gives_the_same_attention(backend, device, dtype=torch.float32):
     """The backend's attention given its kernel set's context_gram (the Gram matrices the
     pipeline makes once for several calls) returns the output it makes alone, bit for bit, on the

@@ -280,14 +280,16 @@ def test_every_row_is_keyed_by_the_current_tree(report, request):
 
 # ----------------------------------------------------------------------------- CUDA kernels
 
-CUDA_KERNELS = {"gram_kernel", "attention_fwd_kernel", "attention_fwd_tc_kernel", "attention_bwd_kernel",
+CUDA_KERNELS = {"gram_kernel", "attention_fwd_kernel", "attention_fwd_tc_kernel", "attention_fwd_wg_kernel",
+                "rar_fwd_wg_kernel", "attention_bwd_kernel",
                 "l2n_bwd_rows_kernel", "rar_mean_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
                 "rcr_factors_kernel", "rcr_smooth_kernel", "rcr_gemm_kernel", "rcr_wgmma_kernel"}
 #: kernels with fp16/bf16 instances only (fp32 runs attention_fwd_kernel's exact SIMT products,
 #: and cuBLAS with rcr_factors_kernel for RCR)
-HALF_ONLY = {"attention_fwd_tc_kernel", "rcr_gemm_kernel", "rcr_wgmma_kernel"}
+HALF_ONLY = {"attention_fwd_tc_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel", "rcr_gemm_kernel",
+             "rcr_wgmma_kernel"}
 #: kernels with code for sm_90a only (wgmma), a trap in the sm_80 build, launched on sm_90 alone
-SM90A_ONLY = {"rcr_wgmma_kernel"}
+SM90A_ONLY = {"rcr_wgmma_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel"}
 #: kernels with an fp32 instance only (fp16/bf16 take RCR's chain in rcr_gemm_kernel's epilogue)
 FP32_ONLY = {"rcr_factors_kernel"}
 
@@ -331,7 +333,8 @@ def test_cuda_half_precision_projection_uses_tensor_cores(cuda_report):
         (k, dt, a) for k in ("attention_fwd_kernel", "attention_fwd_tc_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
                              "rcr_gemm_kernel")
         for dt in ("fp16", "bf16") for a in ("sm_80", "sm_90")} | {
-        ("rcr_wgmma_kernel", dt, "sm_90") for dt in ("fp16", "bf16")}
+        (k, dt, "sm_90") for k in ("rcr_wgmma_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel")
+        for dt in ("fp16", "bf16")}
     bad = [_cuda_name(r) for r in gemm if r["hmma"] + r["hgmma"] == 0]
     assert not bad, "\n".join(bad)
 
@@ -341,7 +344,8 @@ def test_cuda_wgmma_kernels_fence_and_wait(cuda_report):
     the emulator cannot check: FENCE.VIEW.ASYNC.S (fence.proxy.async after the operands' ordinary
     stores), WARPGROUP.ARRIVE (wgmma.fence) and WARPGROUP.DEPBAR (wgmma.wait_group)."""
     wg = [r for r in cuda_report if r["compiled"] and r["hgmma"] > 0]
-    assert {r["kernel"] for r in wg} == {"rcr_wgmma_kernel", "attention_fwd_tc_kernel"}
+    assert {r["kernel"] for r in wg} == {"rcr_wgmma_kernel", "attention_fwd_tc_kernel", "attention_fwd_wg_kernel",
+                                         "rar_fwd_wg_kernel"}
     bad = [f"{_cuda_name(r)}: {r['fence_async']}/{r['wg_arrive']}/{r['wg_depbar']}, {r['wg_order_bad']} HGMMA out of order"
            for r in wg if not (r["fence_async"] and r["wg_arrive"] and r["wg_depbar"]) or r["wg_order_bad"]]
     assert not bad, "\n".join(bad)

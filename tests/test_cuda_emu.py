@@ -168,28 +168,37 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def emu_attention(emu, args, context_index=None, limit=H200_SMEM, strided=False, wgmma=False):
+def emu_attention(emu, args, context_index=None, limit=H200_SMEM, strided=False, wgmma=False, guarded=False):
     """(output, plan) of the CUDA attention forward on ``args`` (the attention op's arguments):
-    plan = 1000 GP + MT when the tensor-core kernel ran, MT when the per-pair kernel did.
+    plan = 1000 GP + MT when a tensor-core kernel ran (MT 8: attention_fwd_wg_kernel's 128 rows;
+    1-4: attention_fwd_tc_kernel), MT when the per-pair kernel did.
     strided: query, context and factors passed as they are (last dimension contiguous, as
     attention_cuda requires) and lam with any strides; else everything made contiguous.
-    wgmma: launched as on an sm_90a build (a 64-row block's projection on wgmma: checked to have
-    run wgmma where the plan's blocks have 64 rows and there is a projection, and none elsewhere)."""
+    wgmma: launched as on an sm_90a build (attention_fwd_wg_kernel where plan.h choose_wg_plan
+    takes the shapes, else a 64-row block's projection on wgmma: checked to have run wgmma exactly
+    where the plan's blocks have 128 rows, or 64 with a projection).
+    guarded: the inputs copied to end right before an inaccessible page (_Guarded): a read past
+    one kills the process."""
     emu.emu_set_wgmma(int(wgmma))
     emu.emu_wgmma_ops()
     try:
-        out, used = _emu_attention(emu, args, context_index, limit, strided)
+        out, used = _emu_attention(emu, args, context_index, limit, strided, guarded)
     finally:
         emu.emu_set_wgmma(0)
     ran = emu.emu_wgmma_ops()
-    assert (ran > 0) == (wgmma and used >= 1000 and used % 1000 == 4 and args[7] is not None), (wgmma, used, ran)
+    wg_rows = used >= 1000 and used % 1000 == 8
+    assert not wg_rows or (wgmma and args[7] is not None), (wgmma, used)
+    assert (ran > 0) == (wgmma and used >= 1000 and used % 1000 in (4, 8) and args[7] is not None), (wgmma, used, ran)
     return out, used
 
 
-def _emu_attention(emu, args, context_index, limit, strided):
+def _emu_attention(emu, args, context_index, limit, strided, guarded=False):
     keep = (0, 2, 4, 5) if strided else ()
     q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) and i not in keep else a
                                               for i, a in enumerate(args)]
+    if guarded:
+        guard = _Guarded()
+        q, c, f, lam, w, b = (guard(t) for t in (q, c, f, lam, w, b))
     assert all(t is None or t.stride(-1) == 1 for t in (q, c, f))
     P, Lq, D = q.shape
     B, Lc = c.shape[:2]
@@ -236,23 +245,26 @@ ATT_IDS = ["A,F=1", "A,F,lam", "E,F=1", "E,F,lam"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("Lq,Lc,gp", [(7, 9, 9), (13, 9, 4), (20, 9, 3), (36, 20, 1), (64, 36, 1)],
+@pytest.mark.parametrize("Lq,Lc,gp,wg_gp", [(7, 9, 9, 11), (13, 9, 4, 9), (20, 9, 3, 6), (36, 20, 1, 3),
+                                             (64, 36, 1, 2)],
                          ids=["Lq7", "Lq13", "Lq20", "Lq36", "Lq64"])
 @pytest.mark.parametrize("with_state,with_weight,wgmma", [(*c, False) for c in ATT_CASES] + [(False, True, True),
                                                                                                (True, True, True)],
                          ids=ATT_IDS + ["E,F=1,wgmma", "E,F,lam,wgmma"])
-def test_tensor_core_forward_groups(emu, with_state, with_weight, wgmma, Lq, Lc, gp, dtype):
+def test_tensor_core_forward_groups(emu, with_state, with_weight, wgmma, Lq, Lc, gp, wg_gp, dtype):
     """attention_fwd_tc_kernel on the grid: P = 11 query items (mixed lengths, 1 and Lq among
     them) against B = 2 context items (one of length 1), GP = 64 // Lq packed pairs per block
     (their Lq rows back to back: pair boundaries inside a 16-row tile; Lq 7: 9 pairs, more than
     the block's 8 warps) with a partial last block per item, d = 40 (two chunks of 32, the second
-    partial), s = 24. wgmma: as launched on an sm_90a build (64-row blocks, Lq 7, 13, 20 and 64:
-    the projection by TcProjectionWg; Lq 36's 48 rows keep wmma)."""
+    partial), s = 24. wgmma: as launched on an sm_90a build: attention_fwd_wg_kernel, GP = 128 //
+    Lq pairs (at most P = 11) in 128 rows, each item's 11 pairs in one block (pair boundaries
+    inside and across the two warpgroups' 64 rows)."""
     lens = _mixed_lengths(11, Lq, Lq)
     args = _sample(dtype, seed=3 + Lq + with_state, with_state=with_state, with_weight=with_weight, P=11, Lq=Lq,
                    Lc=Lc, d=40, s=24, qlens=lens)
     out, used = emu_attention(emu, args, wgmma=wgmma)
-    assert used // 1000 == gp, used
+    assert used // 1000 == (wg_gp if wgmma else gp), used
+    assert (used % 1000 == 8) == wgmma, used
     _check(out, _ref(args), dtype)
 
 
@@ -278,19 +290,19 @@ def test_tensor_core_forward_paired(emu, with_state, dtype):
 
 
 @pytest.mark.parametrize("wgmma", [False, True], ids=["wmma", "wgmma"])
-@pytest.mark.parametrize("Lq,gp", [(1, 64), (3, 21)], ids=["Lq1", "Lq3"])
-def test_packed_blocks_up_to_64_pairs(emu, Lq, gp, wgmma):
+@pytest.mark.parametrize("Lq,gp,wg_gp", [(1, 64, 70), (3, 21, 42)], ids=["Lq1", "Lq3"])
+def test_packed_blocks_up_to_64_pairs(emu, Lq, gp, wg_gp, wgmma):
     """The most pairs a packed block takes (plan.h kTcMaxGP = 64: 64 pairs of one row; 21 of 3):
     P = 70 query items against B = 2 (a full block and a partial one per item), fp16, the
     attention forward with F, lam and the projection, and two RAR steps with dropout: every pair's
-    length, norms, softmax and output from its own entry of the block's pair table (wgmma: the
-    attention's 64-row blocks as on an sm_90a build)."""
+    length, norms, softmax and output from its own entry of the block's pair table (wgmma: as on
+    an sm_90a build, attention_fwd_wg_kernel's 128-row blocks: 70 pairs of one row, 42 of 3)."""
     P = 70
     lens = _mixed_lengths(P, Lq, 40 + Lq)
     args = _sample(torch.float16, seed=60 + Lq, with_state=True, with_weight=True, P=P, Lq=Lq, Lc=9, d=40, s=24,
                    qlens=lens)
     out, used = emu_attention(emu, args, wgmma=wgmma)
-    assert used // 1000 == gp, used
+    assert used // 1000 == (wg_gp if wgmma else gp), used
     _check(out, _ref(args), torch.float16)
     rargs = _rar_sample(torch.float16, seed=70 + Lq, T=1, dropout=True, h_given=False, P=P, Lq=Lq, s=40, qlens=lens)
     h, used = emu_rar(emu, rargs)
@@ -298,6 +310,54 @@ def test_packed_blocks_up_to_64_pairs(emu, Lq, gp, wgmma):
     want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in rargs])
     assert not torch.isnan(h).any()
     torch.testing.assert_close(h.double(), want, **TOL[torch.float16])
+
+
+#: (Lq, Lc, P, d, s, GP) of attention_fwd_wg_kernel's cases (tests/test_gpu.py runs them on a GPU)
+WG_CASES = [(12, 9, 23, 72, 100, 10), (20, 20, 13, 45, 256, 6), (9, 36, 16, 104, 24, 14), (30, 64, 5, 40, 200, 4),
+            (1, 33, 130, 40, 24, 128)]
+WG_IDS = ["BC16,d72,s100", "BC32,d45,s256", "BC48,d104", "BC64,s200", "Lq1,128 pairs"]
+
+
+def wg_case_args(dtype, Lq, Lc, P, d, s, with_state):
+    """The attention op's arguments of one WG_CASES case (NaN in every padded row and column)."""
+    return _sample(dtype, seed=80 + Lq + Lc + with_state, with_state=with_state, with_weight=True, P=P, Lq=Lq,
+                   Lc=Lc, d=d, s=s, qlens=_mixed_lengths(P, Lq, 7 * Lq + Lc))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["F=1", "F,lam"])
+@pytest.mark.parametrize("Lq,Lc,P,d,s,gp", WG_CASES, ids=WG_IDS)
+def test_wgmma_forward_128_row_blocks(emu, Lq, Lc, P, d, s, gp, with_state, dtype):
+    """attention_fwd_wg_kernel (as launched on an sm_90a build): every width of the scores' wgmma
+    (BC 16, 32, 48, 64: context lengths 9, 20, 36, 64 and 33), d not a multiple of the 32-column
+    chunk (72, 104: a partial last chunk; 45: not a multiple of 8 either, so W is staged element
+    by element, not in 16-byte loads), s below, at and far below the projection's 256 columns,
+    P not a multiple of GP (a partial last block per context item, Lq 30: 4 pairs in 120 rows and
+    one in 30), 128 pairs of one row (plan.h kWgMaxGP), NaN in every padded row and column, the
+    second context item of length 1. The inputs end right before an inaccessible page."""
+    args = wg_case_args(dtype, Lq, Lc, P, d, s, with_state)
+    out, used = emu_attention(emu, args, wgmma=True, guarded=True)
+    assert used == 1000 * gp + 8, used
+    _check(out, _ref(args), dtype)
+
+
+@pytest.mark.parametrize("case,plan", [("attended", 5004), ("paired", 1001), ("64 rows", 5004), ("48 rows", 4003),
+                                       ("s 300", 5004)])
+def test_wgmma_forward_where_the_128_row_kernel_does_not_apply(emu, case, plan):
+    """On an sm_90a build, the shapes plan.h choose_wg_plan leaves to attention_fwd_tc_kernel
+    (checked by the plan the launch took, and against the reference): no projection, one pair a
+    block (paired), blocks of 64 rows or fewer (5 pairs of 12 rows: the 64-row block's
+    projection on wgmma; 4 pairs: 48 rows, wmma), s above 256 (the 64-row block's projection on
+    wgmma, two 256-column passes)."""
+    P = {"64 rows": 5, "48 rows": 4}.get(case, 11)
+    args = _sample(torch.float16, seed=90, with_state=True, with_weight=case != "attended", P=P, Lq=12, Lc=9, d=40,
+                   s=300 if case == "s 300" else 24, qlens=_mixed_lengths(P, 12, 5))
+    cidx = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0]) if case == "paired" else None
+    if cidx is not None:   # per pair: factors and lam of the output's one context row
+        args[4], args[5] = args[4][:1], args[5][:1]
+    out, used = emu_attention(emu, args, context_index=cidx, wgmma=True)
+    assert used == plan, used
+    _check(out, _ref(args, cidx), torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16 (tensor cores)", "fp32 (per pair)"])
@@ -440,12 +500,30 @@ def test_attention_backward(emu, with_state, with_weight, dtype):
 
 # ----------------------------------------------------------------------------- RAR
 
-def emu_rar(emu, args, limit=H200_SMEM):
+def emu_rar(emu, args, limit=H200_SMEM, wgmma=False, guarded=False):
     """The rar op as rar_cuda computes it: h in E's dtype (rar_mean_kernel's mean of E over the
     valid rows at the start), each step's gate pre-activations h Wq^T + bq in E's dtype on the host
     (torch here, cuBLAS there), rar_fwd_kernel per step (the gates' tanh, keep_g and wv in it).
-    Returns (h in E's dtype, the plans used)."""
+    wgmma: as on an sm_90a build (rar_fwd_wg_kernel where plan.h choose_rar_wg_plan takes the
+    shapes: checked to have run wgmma exactly when the plan says MT 8). guarded: E and Wk end
+    right before an inaccessible page (_Guarded). Returns (h in E's dtype, the plans used)."""
+    emu.emu_set_wgmma(int(wgmma))
+    emu.emu_wgmma_ops()
+    try:
+        h, used = _emu_rar(emu, args, limit, guarded)
+    finally:
+        emu.emu_set_wgmma(0)
+    ran = emu.emu_wgmma_ops()
+    assert (ran > 0) == any(u % 1000 == 8 for u in used), (used, ran)
+    assert wgmma or not any(u % 1000 == 8 for u in used), used
+    return h, used
+
+
+def _emu_rar(emu, args, limit, guarded):
     E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    if guarded:
+        guard = _Guarded()
+        E, wk = guard(E), guard(wk)
     B, P, Lq, S = E.shape
     if h0 is None:
         h = torch.full((B, P, S), float("nan"), dtype=E.dtype)
@@ -462,15 +540,23 @@ def emu_rar(emu, args, limit=H200_SMEM):
     return h, used
 
 
+@pytest.mark.parametrize("wgmma,P", [(False, 11), (True, 23)], ids=["P11", "wgmma,P23"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_rar_steps_in_one_call_equal_one_step_calls(emu, dtype):
+def test_rar_steps_in_one_call_equal_one_step_calls(emu, dtype, wgmma, P):
     """rar_cuda's schedule (emu_rar: h in E's dtype between steps, each step's gate pre-activations
     one GEMM in it, their tanh in the kernel): T = 3 steps in one call equal three calls of one
     step, bit for bit, as training's per-step calls and the backward's recompute need; and close
-    to the reference."""
-    args = _rar_sample(dtype, seed=21, T=3, dropout=False, h_given=False, P=11, Lq=5, s=32,
-                       qlens=_mixed_lengths(11, 5, 5))
-    whole, h = rar_in_one_call_and_in_step_calls(lambda *a: emu_rar(emu, a)[0], args)
+    to the reference. wgmma: P = 23 pairs of 5 rows, rar_fwd_wg_kernel's 115-row blocks."""
+    args = _rar_sample(dtype, seed=21, T=3, dropout=False, h_given=False, P=P, Lq=5, s=32,
+                       qlens=_mixed_lengths(P, 5, 5))
+    step_plans = []
+
+    def run(*a):
+        h, used = emu_rar(emu, a, wgmma=wgmma)
+        step_plans.extend(used)
+        return h
+    whole, h = rar_in_one_call_and_in_step_calls(run, args)
+    assert all((u % 1000 == 8) == wgmma for u in step_plans), step_plans
     assert whole.dtype == dtype
     torch.testing.assert_close(whole, h, rtol=0, atol=0)
     up = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
@@ -494,6 +580,49 @@ def test_rar_forward(emu, Lq, gp, T, dropout, h_given, dtype):
     want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out.double(), want, **TOL[dtype])
+
+
+#: (Lq, P, s, GP) of rar_fwd_wg_kernel's cases, and (T, dropout, h given) (tests/test_gpu.py runs them on a GPU)
+RAR_WG_CASES = [(7, 23, 40, 18), (20, 13, 256, 6), (36, 5, 100, 3), (70, 3, 45, 1), (1, 130, 24, 128)]
+RAR_WG_IDS = ["Lq7,s40", "Lq20,s256", "Lq36,s100", "rows70,s45", "Lq1,128 pairs"]
+RAR_WG_STEPS = [(1, False, False), (2, False, True), (1, True, False)]
+
+
+def rar_wg_case_args(dtype, Lq, P, s, T, dropout, h_given):
+    """The rar op's arguments of one RAR_WG_CASES x RAR_WG_STEPS case (NaN in the padded rows)."""
+    return _rar_sample(dtype, seed=100 + Lq + T + 2 * dropout, T=T, dropout=dropout, h_given=h_given, P=P, Lq=Lq,
+                       s=s, qlens=_mixed_lengths(P, Lq, 3 * Lq + s))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("T,dropout,h_given", RAR_WG_STEPS, ids=["T1", "T2,h0", "T1,drop"])
+@pytest.mark.parametrize("Lq,P,s,gp", RAR_WG_CASES, ids=RAR_WG_IDS)
+def test_rar_forward_128_row_blocks(emu, Lq, P, s, gp, T, dropout, h_given, dtype):
+    """rar_fwd_wg_kernel (as launched on an sm_90a build): GP = 128 // Lq packed pairs in 128 rows
+    (pair boundaries inside and across the two warpgroups' 64 rows), a partial last block per
+    context item, s below, at and far below the keys' 256 columns (40, 100: a partial last 32-column
+    chunk of K; 45: not a multiple of 8 either, E and Wk staged element by element), 128 pairs of
+    one row (plan.h kWgMaxGP), one pair of 70 rows, dropout masks, several steps, NaN in the
+    padded rows of E and of the masks. E and Wk end right before an inaccessible page."""
+    args = rar_wg_case_args(dtype, Lq, P, s, T, dropout, h_given)
+    out, used = emu_rar(emu, args, wgmma=True, guarded=True)
+    assert used == [1000 * gp + 8] * T, used
+    want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("case,plan", [("64 rows", 3004), ("s 300", 3004)])
+def test_rar_forward_where_the_128_row_kernel_does_not_apply(emu, case, plan):
+    """On an sm_90a build, what plan.h choose_rar_wg_plan leaves to rar_fwd_kernel: blocks of 64
+    rows or fewer (3 pairs of 20 rows), s above 256."""
+    P = 3 if case == "64 rows" else 11
+    args = _rar_sample(torch.float16, seed=7, T=1, dropout=False, h_given=False, P=P, Lq=20,
+                       s=300 if case == "s 300" else 40, qlens=_mixed_lengths(P, 20, 4))
+    out, used = emu_rar(emu, args, wgmma=True)
+    assert used == [plan], used
+    want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

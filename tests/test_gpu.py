@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import rcar_fast
-from gpu_cases import (CONFIGS, GPU_BACKENDS, Dims, flickr_shaped_block, fp32_matches_reference,
-                       gradients_match_reference, half_error_within_twice_torch,
+from gpu_cases import (CONFIGS, GPU_BACKENDS, Dims, attention_128_row_cases, flickr_shaped_block, rar_128_row_cases,
+                       fp32_matches_reference, gradients_match_reference, half_error_within_twice_torch,
                        half_pair_scores_within_twice_torch, memory_within_budget, pair_scores_match_the_grid,
                        rcr_op_matches_torch_step, repeated_lengths, selftest_passes,
                        context_gram_gives_the_same_attention,
@@ -165,17 +165,46 @@ def test_cuda_rcr_gemm_kernels(backend, kernel, dtype, atol, monkeypatch):
 @pytest.mark.parametrize("backend", [_backend_param("cuda")])
 def test_cuda_wgmma_kernels_in_a_flickr_block(backend, kernel, monkeypatch):
     """A Flickr-shaped block (t2i, coop_rcar T = 2, bf16; 400 captions of 6..24 words, about 21 of
-    each length: 64-row attention blocks and 48-row ones) within 2e-2 of the fp32 torch backend,
-    with the wgmma kernels (RCR's GEMMs and the attention's 64-row projection,
-    attention_fwd_tc_kernel<..., true>) and with the wmma ones; the profile shows which ran."""
+    each length) within 2e-2 of the fp32 torch backend, with the wgmma kernels (RCR's GEMMs, the
+    attention's and RAR's 128-row blocks, attention_fwd_wg_kernel and rar_fwd_wg_kernel) and with
+    the wmma ones (attention_fwd_tc_kernel's 64- and 48-row blocks); the profile shows which ran."""
     _wgmma_or_wmma(kernel, monkeypatch)
     ran = _kernels_run(lambda: flickr_shaped_block("cuda", "cuda", torch.bfloat16, 6, 400))
-    wg = {n for n in ran if "rcr_wgmma_kernel" in n or ("attention_fwd_tc_kernel" in n and ", true>" in n)}
+    wg = {n for n in ran if "rcr_wgmma_kernel" in n or "attention_fwd_wg_kernel" in n or "rar_fwd_wg_kernel" in n
+          or ("attention_fwd_tc_kernel" in n and ", true>" in n)}
     tc = {n for n in ran if "attention_fwd_tc_kernel" in n}
     if kernel == "wgmma":
-        assert any("rcr_wgmma_kernel" in n for n in wg) and any("attention_fwd_tc_kernel" in n for n in wg), ran
+        assert all(any(k in n for n in wg) for k in ("rcr_wgmma_kernel", "attention_fwd_wg_kernel",
+                                                     "rar_fwd_wg_kernel")), ran
     else:
         assert not wg and tc, ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
+def test_cuda_attention_128_row_blocks(backend, kernel, dtype, monkeypatch):
+    """The CUDA attention op with the projection on the emulator's 128-row cases
+    (tests/test_cuda_emu.py WG_CASES: BC 16 to 64, d 45 to 104, s 24 to 256, 128 pairs of one
+    row, NaN in the padding, F and lam or not) against the fp64 reference with the emulator's
+    tolerances: attention_fwd_wg_kernel (every product on wgmma, an H200 with an sm_90a build) or
+    attention_fwd_tc_kernel (RCAR_FAST_CUDA_WGMMA=0); the profile shows which ran."""
+    _wgmma_or_wmma(kernel, monkeypatch)
+    ran = _kernels_run(lambda: attention_128_row_cases("cuda", "cuda", dtype))
+    assert any("attention_fwd_wg_kernel" in n for n in ran) == (kernel == "wgmma"), ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
+def test_cuda_rar_128_row_blocks(backend, kernel, dtype, monkeypatch):
+    """The CUDA rar op on the emulator's 128-row cases (tests/test_cuda_emu.py RAR_WG_CASES) against
+    the fp64 reference with the emulator's tolerances: rar_fwd_wg_kernel (the keys on wgmma, an
+    H200 with an sm_90a build) or rar_fwd_kernel (RCAR_FAST_CUDA_WGMMA=0); the profile shows which
+    ran."""
+    _wgmma_or_wmma(kernel, monkeypatch)
+    ran = _kernels_run(lambda: rar_128_row_cases("cuda", "cuda", dtype))
+    assert any("rar_fwd_wg_kernel" in n for n in ran) == (kernel == "wgmma"), ran
 
 
 def _wgmma_or_wmma(kernel, monkeypatch):

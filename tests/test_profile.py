@@ -30,6 +30,8 @@ RECORDED = [
     ("void rcar_fast::cuda::(anonymous namespace)::rcr_factors_kernel<__nv_bfloat16>(...)", "rcr_factors_kernel"),
     ("void rcar_fast::cuda::(anonymous namespace)::rcr_gemm_kernel<__nv_bfloat16, 1>(...)", "rcr_gemm_kernel"),
     ("void rcar_fast::cuda::(anonymous namespace)::rar_fwd_kernel<__nv_bfloat16, 2>(...)", "rar_fwd"),
+    ("void rcar_fast::cuda::(anonymous namespace)::rar_fwd_wg_kernel<__nv_bfloat16>(...)", "rar_fwd"),
+    ("void rcar_fast::cuda::(anonymous namespace)::attention_fwd_wg_kernel<__nv_bfloat16, 48>(...)", "attention_fwd"),
     ("void rcar_fast::cuda::(anonymous namespace)::rar_mean_kernel<__nv_bfloat16>(...)", "rar_mean_kernel"),
     ("void rcar_fast::cuda::(anonymous namespace)::gram_kernel<__nv_bfloat16>(...)", "gram"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas", "library GEMMs"),
@@ -58,8 +60,9 @@ def test_the_rules_name_real_kernels():
         assert profile.kernel_row(name) != profile.OTHER and callable(getattr(module, name))
     cuda = "".join(open(p).read() for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*")))
     globals_ = set(re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(", cuda))
-    for name in ("attention_fwd_tc_kernel", "attention_fwd_kernel", "rcr_factors_kernel", "rcr_gemm_kernel",
-                 "rar_fwd_kernel", "rar_mean_kernel", "gram_kernel"):
+    for name in ("attention_fwd_tc_kernel", "attention_fwd_wg_kernel", "attention_fwd_kernel", "rcr_factors_kernel",
+                 "rcr_gemm_kernel", "rcr_wgmma_kernel", "rar_fwd_kernel", "rar_fwd_wg_kernel", "rar_mean_kernel",
+                 "gram_kernel"):
         assert name in globals_, (name, sorted(globals_))
         assert profile.kernel_row(f"void rcar_fast::cuda::{name}<float>(...)") != profile.OTHER
 

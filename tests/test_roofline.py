@@ -82,11 +82,20 @@ def test_measured_ceilings_are_the_devices():
 
 def test_cuda_wmma_launches_take_the_hmma_ceiling():
     """The CUDA kernels' wmma tensor-core work (HMMA) is timed against the hmma lead; their wgmma
-    work (rcr_wgmma_kernel, HGMMA), cuBLAS's and Triton's against the measured wgmma figure; a line
-    bound by either says so. The wmma RCR GEMM (sm_80, or RCAR_FAST_CUDA_WGMMA=0) is hmma-bound."""
+    work (rcr_wgmma_kernel, attention_fwd_wg_kernel, rar_fwd_wg_kernel: HGMMA), cuBLAS's and
+    Triton's against the measured wgmma figure; a line bound by either says so. The wmma RCR GEMM
+    (sm_80, or RCAR_FAST_CUDA_WGMMA=0) is hmma-bound. Flickr30K's attention and RAR blocks all hold
+    more than 64 rows (attention_fwd_wg_kernel, rar_fwd_wg_kernel: no wmma launch left); the
+    headline's 6-word group of 6 captions keeps attention_fwd_tc_kernel and rar_fwd_kernel."""
     book = RL.model("cuda", RL.SHAPES["flickr30k"])
-    wmma = {n for n, ln in book.launches.items() if ln.hmma}
-    assert {n.split(" ")[0] for n in wmma} == {"attention_fwd_tc_kernel", "rar_fwd_kernel"}
+    assert not any(ln.hmma for ln in book.launches.values())
+    wg = book.launches["attention_fwd_wg_kernel"]
+    assert not wg.hmma and not wg.hgmma_tc and wg.bound() == "l2"
+    rar = book.launches["rar_fwd_wg_kernel"]
+    assert not rar.hmma and not rar.hgmma_tc and rar.bound() == "smem" and "rar_fwd_kernel" not in book.launches
+    head = RL.model("cuda", RL.SHAPES["headline"]).launches
+    assert head["attention_fwd_tc_kernel"].hmma and not head["attention_fwd_wg_kernel"].hmma
+    assert head["rar_fwd_kernel"].hmma and not head["rar_fwd_wg_kernel"].hmma
     assert not any(ln.hmma for b in ("triton", "torch") for ln in RL.model(b, RL.SHAPES["flickr30k"]).launches.values())
     ln = next(ln for n, ln in book.launches.items() if n.startswith("rcr_wgmma_kernel (F"))
     assert ln.bound() == "tc" and ln.seconds() == pytest.approx(ln.tc / RL.CEILINGS["tc"][0] + ln.count * RL.LAUNCH_S)
@@ -150,19 +159,41 @@ H200_SMEM = 232448   # opt-in shared memory per block of an H100/H200
 @pytest.mark.parametrize("attn_type", ["t2i", "i2t"])
 def test_cuda_plans_are_the_kernels(cuda_plan_exe, attn_type):
     """The model's CUDA plans (which kernel, how many row tiles) are what csrc/cuda/plan.h
-    chooses for the launchers: the tensor-core attention forward up to 64 rows (else the per-pair
-    kernel), and the RAR forward's pairs per block."""
+    chooses for the launchers: the wgmma attention forward (choose_wg_plan: 128-row blocks, taken
+    first on an sm_90a build) where a block holds more than 64 rows, the tensor-core attention
+    forward up to 64 rows (else the per-pair kernel), and the RAR forward's pairs per block: the
+    wgmma one (choose_rar_wg_plan: 128-row blocks, taken first on an sm_90a build) where they make
+    more than 64 rows, else rar_fwd_kernel's."""
     lengths = [1, 6, 15, 16, 17, 24, 31, 32, 33, 48, 49, 63, 64, 65, 80]
     queries = []
     for L in lengths:
         Lq, Lc = (L, RL.R) if attn_type == "t2i" else (RL.R, L)
         queries.append(f"tc 2 {Lq} {Lc} {RL.S_DIM} 1 1000 0 {H200_SMEM}")
         queries.append(f"rarfwd 2 {Lq} {RL.S_DIM} 1000 {H200_SMEM}")
-    for P in (1000, 3, 1):   # full groups, fewer query items than a group holds
+        queries.append(f"wg 2 {Lq} {Lc} {RL.S_DIM} 1 1000 0 {H200_SMEM}")
+        queries.append(f"rarwg 2 {Lq} {RL.S_DIM} 1000 {H200_SMEM}")
+    # full groups, fewer query items than a group holds (P Lq on both sides of 64 rows)
+    for P in (1000, 5, 3, 2, 1):
         answers = _ask(cuda_plan_exe, [q.replace(" 1000 ", f" {P} ") for q in queries])
         for i, L in enumerate(lengths):
             Lq, Lc = (L, RL.R) if attn_type == "t2i" else (RL.R, L)
-            (tc_mt, tc_bytes, tc_gp, tc_wg), (rar_mt, rar_bytes, rar_gp) = answers[2 * i], answers[2 * i + 1]
+            (tc_mt, tc_bytes, tc_gp, tc_wg), (rar_mt, rar_bytes, rar_gp) = answers[4 * i], answers[4 * i + 1]
+            wg_mt, wg_bytes, wg_gp, wg_bc = answers[4 * i + 2]
+            rwg_mt, rwg_bytes, rwg_gp = answers[4 * i + 3]
+            rwg = RL.cuda_rar_wg_plan(Lq, P)
+            if rwg is None:
+                assert (rwg_mt, rwg_bytes, rwg_gp) == (0, 0, 0), (L, P)
+            else:
+                BQ, GP, rows = rwg
+                assert (rwg_mt * 16, rwg_gp) == (rows, GP) and 0 < rwg_bytes <= H200_SMEM, (L, P, rwg, rwg_gp)
+                assert GP * BQ > RL.CUDA_TC_ROWS, (L, P, rwg)
+            wg = RL.cuda_wg_plan(Lq, Lc, P)
+            if wg is None:
+                assert (wg_mt, wg_bytes, wg_gp, wg_bc) == (0, 0, 0, 0), (L, P)
+            else:
+                BQ, BC, GP, rows = wg
+                assert (wg_mt * 16, wg_gp, wg_bc) == (rows, GP, BC) and 0 < wg_bytes <= H200_SMEM, (L, P, wg)
+                assert GP * BQ > RL.CUDA_TC_ROWS, (L, P, wg)
             plan = RL.cuda_tc_plan(Lq, Lc, P)
             if plan is None:
                 assert (tc_mt, tc_bytes, tc_gp, tc_wg) == (0, 0, 0, 0), L
@@ -177,6 +208,25 @@ def test_cuda_plans_are_the_kernels(cuda_plan_exe, attn_type):
     # the fp32 attention and the backward's kModeSquaredDiff never take the tensor-core kernel
     assert _ask(cuda_plan_exe, [f"tc 4 16 36 256 1 1000 0 {H200_SMEM}", f"tc 2 16 36 256 2 1000 0 {H200_SMEM}"]) \
         == [(0, 0, 0, 0), (0, 0, 0, 0)]
+    # nor the wgmma one, which takes kModeAlignment on the grid only (not kModeAttended, not paired)
+    # and s up to 256; the same query in bf16 does take it
+    assert _ask(cuda_plan_exe, [f"wg 4 16 36 256 1 1000 0 {H200_SMEM}", f"wg 2 16 36 256 2 1000 0 {H200_SMEM}",
+                                f"wg 2 16 36 256 0 1000 0 {H200_SMEM}", f"wg 2 16 36 256 1 1000 1 {H200_SMEM}",
+                                f"wg 2 16 36 257 1 1000 0 {H200_SMEM}"]) == [(0, 0, 0, 0)] * 5
+    assert RL.cuda_wg_plan(16, 36, 1000, s=257) is None
+    # the RAR forward's wgmma plan: fp16/bf16 only, s up to 256, Lq up to 128 (65..128: one pair a
+    # block), more than 64 rows
+    rar_edges = [(2, 128, 256, 1), (2, 129, 256, 1), (2, 64, 256, 1), (2, 64, 256, 2), (2, 1, 256, 1000),
+                 (2, 1, 256, 64), (2, 1, 256, 65), (2, 16, 256, 1000), (2, 16, 257, 1000), (4, 16, 256, 1000)]
+    answers = _ask(cuda_plan_exe, [f"rarwg {el} {Lq} {s} {P} {H200_SMEM}" for el, Lq, s, P in rar_edges])
+    for (el, Lq, s, P), (mt, nbytes, gp) in zip(rar_edges, answers):
+        plan = RL.cuda_rar_wg_plan(Lq, P, s=s) if el == RL.ELEM else None
+        assert (mt, gp) == ((0, 0) if plan is None else (plan[2] // 16, plan[1])), (el, Lq, s, P, mt, gp)
+        assert (nbytes > 0) == (plan is not None) and nbytes <= H200_SMEM, (el, Lq, s, P, nbytes)
+    assert [RL.cuda_rar_wg_plan(Lq, P) for Lq, P in ((128, 1), (129, 1), (64, 2), (1, 1000), (1, 64))] \
+        == [(128, 1, 128), None, (64, 2, 128), (1, 128, 128), None]
+    _, BC, GP, _ = RL.cuda_wg_plan(16, 36, 1000)
+    assert _ask(cuda_plan_exe, [f"wg 2 16 36 256 1 1000 0 {H200_SMEM}"])[0][2:] == (GP, BC) == (8, 48)
 
 
 def test_triton_rcr_tiles_are_the_kernels():

@@ -1,9 +1,11 @@
 // CUDA implementation of rcar_fast::attention and rcar_fast::attention_bwd (csrc/README.md).
 //
 // Forward: gram_kernel (G = C C^T per context item, fp32), then for fp16/bf16 with Lq and Lc up
-// to 64 attention_fwd_tc_kernel: GP pairs of one context item per block, packed (GP = 64 / Lq, each
-// pair's Lq rows back to back; paired: one pair), the scores, P C and the projection on tensor cores (wmma,
-// fp32 accumulators). Otherwise (fp32, longer rows) attention_fwd_kernel, one block per (b, p)
+// to 64: with the projection on an sm_90a build and device (launch.h use_wgmma), where more than 64
+// rows fill a block (plan.h choose_wg_plan), attention_fwd_wg_kernel: 128 rows of packed pairs per
+// block, every product on wgmma; else attention_fwd_tc_kernel: GP pairs of one context item per
+// block, packed (GP = 64 / Lq, each pair's Lq rows back to back; paired: one pair), the scores,
+// P C and the projection on tensor cores (wmma, fp32 accumulators). Otherwise (fp32, longer rows) attention_fwd_kernel, one block per (b, p)
 // pair, scores and P C in fp32 SIMT, the projection by the block GEMM (wmma for fp16/bf16, exact
 // fp32 FMAs for fp32). With a weight the d-wide attended context never leaves the chip.
 //
@@ -169,14 +171,36 @@ void launch_fwd_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// fp16/bf16 with Lq, Lc <= kTcMaxLen: the tensor-core kernel, GP pairs of one context item per
-// block (plan.h choose_tc_plan). Returns false where it does not apply (the caller runs
-// attention_fwd_kernel).
+template <typename T, int BC>
+void launch_fwd_wg(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out, cudaStream_t stream) {
+  auto* kernel = attention_fwd_wg_kernel<T, BC>;
+  const int64_t smem = attn_wg_layout((int)sizeof(T), BC, t.gp).total;
+  prepare_smem(kernel, smem, "attention");
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(a, t.bq, t.gp, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// fp16/bf16 with Lq, Lc <= kTcMaxLen: on an sm_90a build and device (launch.h use_wgmma) the
+// 128-row wgmma kernel where plan.h choose_wg_plan takes the shapes, else the tensor-core kernel,
+// GP pairs of one context item per block (plan.h choose_tc_plan). Returns false where neither
+// applies (the caller runs attention_fwd_kernel).
 template <typename T, int MODE>
 bool try_fwd_tc(const AttnInputs& in, const AttnArgs<T>& a, void* out, cudaStream_t stream) {
   if constexpr (std::is_same<T, float>::value) {
     return false;
   } else {
+    const TcPlan w = choose_wg_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx.defined(), MODE, smem_limit());
+    if (w.gp > 0 && use_wgmma()) {
+      const int64_t blocks = in.Bo * ((in.P + w.gp - 1) / w.gp);
+      check_grid(blocks);
+      switch (w.bc) {
+        case 16: launch_fwd_wg<T, 16>(a, w, blocks, out, stream); break;
+        case 32: launch_fwd_wg<T, 32>(a, w, blocks, out, stream); break;
+        case 48: launch_fwd_wg<T, 48>(a, w, blocks, out, stream); break;
+        default: launch_fwd_wg<T, 64>(a, w, blocks, out, stream); break;
+      }
+      return true;
+    }
     const TcPlan t = choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx.defined(), MODE, smem_limit());
     if (t.gp == 0) return false;
     const int64_t blocks = in.Bo * ((in.P + t.gp - 1) / t.gp);

@@ -352,6 +352,113 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(const AttnAr
 }
 
 // ---------------------------------------------------------------- forward on tensor cores (fp16/bf16)
+// ---------------------------------------------------------------- blocks of packed pairs (tensor cores)
+// attention_fwd_tc_kernel and attention_fwd_wg_kernel hold pairs p0 .. p0 + gp - 1 of context
+// item b, pair g in rows g * bq .. g * bq + qls[g] - 1 of the block; a row is valid while below
+// its pair's length.
+__device__ __forceinline__ bool tc_row_valid(int r, int bq, int gp, const int* qls) {
+  const int g = r / bq;
+  return g < gp && r - g * bq < qls[g];
+}
+
+// The block's start: qls (each pair's query length; 0 past P or where clen is 0), the output rows
+// at or past each pair's length written as zeros, lam_s[r] (the temperature of row r, 0 where r is
+// not valid). Returns false where clen is 0 (every row then written as zeros: nothing to attend
+// to). Holds a barrier: every thread calls it.
+template <typename T, int MAXGP>
+__device__ __forceinline__ bool tc_block_begin(const AttnArgs<T>& a, int64_t b, int64_t p0, int gp, int bq, int rows,
+                                               int clen, int64_t width, int* qls, float* lam_s, void* out) {
+  const int tid = threadIdx.x;
+  const int64_t P = a.P, Lq = a.Lq;
+  if (tid < MAXGP) {
+    const int64_t p = p0 + tid;
+    qls[tid] = (tid < gp && p < P && clen > 0) ? clamp_len(a.qlens[p], Lq) : 0;
+  }
+  __syncthreads();
+  for (int g = 0; g < gp && p0 + g < P; ++g) {
+    T* o = static_cast<T*>(out) + (b * P + p0 + g) * Lq * width;
+    for (int64_t idx = (int64_t)qls[g] * width + tid; idx < Lq * width; idx += kThreads) o[idx] = from_f<T>(0.f);
+  }
+  if (clen == 0) return false;
+  for (int r = tid; r < rows; r += kThreads) {
+    float lv = 0.f;
+    if (tc_row_valid(r, bq, gp, qls)) {
+      const int g = r / bq;
+      lv = a.lam != nullptr ? to_f(a.lam[b * a.sl_b + (p0 + g) * a.sl_p + (r - g * bq) * a.sl_l]) : a.lam_scalar;
+    }
+    lam_s[r] = lv;
+  }
+  return true;
+}
+
+// The block's probabilities from its fp32 scores S (rows x bc, row stride ldS), on chip:
+// LeakyReLU (zero rows and columns stay zero), each pair's column norms over its own rows (nrm,
+// gp x bc), the softmax over the valid columns (fp32 in S; put_p(r, c, p) for every r < rows and
+// c < bc, zeros past clen and in rows of no pair) and inv[r] = 1 / (|U[r]| + eps), |U[r]| =
+// sqrt(P[r] G P[r]^T) from the item's Gram matrix G (Lc x Lc). Holds barriers: every thread
+// calls it; the last barrier follows every write.
+template <typename PutP>
+__device__ __forceinline__ void tc_block_probs(float* S, int ldS, int rows, int bc, int gp, int bq, const int* qls,
+                                               const float* lam_s, int clen, const float* G, int64_t Lc, float* nrm,
+                                               float* inv, PutP put_p) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int idx = tid; idx < rows * bc; idx += kThreads) {
+    const int r = idx / bc, c = idx - r * bc;
+    const float s = S[r * ldS + c];
+    S[r * ldS + c] = s > 0.f ? s : 0.1f * s;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < gp * bc; idx += kThreads) {
+    const int g = idx / bc, c = idx - g * bc;
+    float acc = 0.f;
+    for (int q = 0; q < qls[g]; ++q) {
+      const float s = S[(g * bq + q) * ldS + c];
+      acc = fmaf(s, s, acc);
+    }
+    nrm[idx] = sqrtf(acc);
+  }
+  __syncthreads();
+  for (int r = warp; r < rows; r += kWarps) {
+    if (!tc_row_valid(r, bq, gp, qls)) {
+      for (int c = lane; c < bc; c += 32) put_p(r, c, 0.f);
+      continue;
+    }
+    const float lq = lam_s[r];
+    const float* nr = nrm + (r / bq) * bc;
+    float* srow = S + r * ldS;
+    float m = -INFINITY;
+    for (int c = lane; c < clen; c += 32) m = fmaxf(m, lq * (srow[c] / (nr[c] + kEps)));
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int c = lane; c < clen; c += 32) sum += expf(lq * (srow[c] / (nr[c] + kEps)) - m);
+    sum = warp_sum(sum);
+    const float rs = 1.f / sum;
+    for (int c = lane; c < bc; c += 32) {
+      float pv = 0.f;
+      if (c < clen) pv = expf(lq * (srow[c] / (nr[c] + kEps)) - m) * rs;
+      srow[c] = pv;
+      put_p(r, c, pv);
+    }
+  }
+  __syncthreads();
+  for (int r = warp; r < rows; r += kWarps) {
+    if (!tc_row_valid(r, bq, gp, qls)) {
+      if (lane == 0) inv[r] = 0.f;
+      continue;
+    }
+    const float* prow = S + r * ldS;
+    float acc = 0.f;
+    for (int c2 = lane; c2 < clen; c2 += 32) {
+      float t = 0.f;
+      for (int c = 0; c < clen; ++c) t = fmaf(prow[c], G[c * Lc + c2], t);
+      acc = fmaf(t, prow[c2], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) inv[r] = 1.f / (sqrtf(fmaxf(acc, 0.f)) + kEps);
+  }
+  __syncthreads();
+}
+
 // Block x: pairs p0 .. p0 + gp - 1 of context item b (x = b * groups + p0 / gp, groups = ceil(P / gp));
 // paired (cidx): gp = 1, block x is pair x with context item cidx[x]. Pair g owns rows
 // g * bq .. g * bq + qlen_g - 1 of the block's 16 MT rows (bq = Lq: packed, plan.h choose_tc_plan;
@@ -530,34 +637,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
   const int64_t bcx = a.cidx != nullptr ? (int64_t)a.cidx[p0] : b;   // the block's context item
   const int clen = clamp_len(a.clens[bcx], a.Lc);
   const int64_t width = MODE == kModeAlignment ? a.S : D;
-  if (tid < kTcMaxGP) {
-    const int64_t p = p0 + tid;
-    qls[tid] = (tid < gp && p < P && clen > 0) ? clamp_len(a.qlens[p], Lq) : 0;
-  }
-  __syncthreads();
-
-  // rows at or past each pair's query length: zeros
-  for (int g = 0; g < gp && p0 + g < P; ++g) {
-    T* o = static_cast<T*>(out) + (b * P + p0 + g) * Lq * width;
-    for (int64_t idx = (int64_t)qls[g] * width + tid; idx < Lq * width; idx += kThreads) o[idx] = from_f<T>(0.f);
-  }
-  if (clen == 0) return;   // nothing to attend to: every row was written as zeros
-
-  // row r: pair g = r / bq, query position r - g bq; valid while below that pair's length
+  if (!tc_block_begin<T, kTcMaxGP>(a, b, p0, gp, bq, ROWS, clen, width, qls, lam_s, out)) return;
   auto row_pair = [&](int r) { return r / bq; };
-  auto row_valid = [&](int r) {
-    const int g = r / bq;
-    return g < gp && r - g * bq < qls[g];
-  };
+  auto row_valid = [&](int r) { return tc_row_valid(r, bq, gp, qls); };
   const T* cb = a.c + bcx * a.sc_b;
-  for (int r = tid; r < ROWS; r += kThreads) {
-    float lv = 0.f;
-    if (row_valid(r)) {
-      const int g = row_pair(r);
-      lv = a.lam != nullptr ? to_f(a.lam[b * a.sl_b + (p0 + g) * a.sl_p + (r - g * bq) * a.sl_l]) : a.lam_scalar;
-    }
-    lam_s[r] = lv;
-  }
 
   // pass 1: S0 = X C^T, split-K between the two halves of the warps (TcScoreTiles)
   const TcScoreTiles<MT> st(bc);
@@ -597,67 +680,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
                  [&](int j) { return S + st.ti * 16 * ldS + st.tj(j) * 16; });
   __syncthreads();
 
-  // on chip: LeakyReLU (zero rows and columns stay zero), column norms per pair over its rows
-  for (int idx = tid; idx < ROWS * bc; idx += kThreads) {
-    const int r = idx / bc, c = idx - r * bc;
-    const float s = S[r * ldS + c];
-    S[r * ldS + c] = s > 0.f ? s : 0.1f * s;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < gp * bc; idx += kThreads) {
-    const int g = idx / bc, c = idx - g * bc;
-    float acc = 0.f;
-    for (int q = 0; q < qls[g]; ++q) {
-      const float s = S[(g * bq + q) * ldS + c];
-      acc = fmaf(s, s, acc);
-    }
-    nrm[idx] = sqrtf(acc);
-  }
-  __syncthreads();
-  // softmax over the valid columns, fp32 in S and rounded to T in Pb (zeros past clen and in
-  // rows that are not a pair's)
-  for (int r = warp; r < ROWS; r += kWarps) {
-    T* pb = Pb + r * ldP;
-    if (!row_valid(r)) {
-      for (int c = lane; c < bc; c += 32) pb[c] = from_f<T>(0.f);
-      continue;
-    }
-    const float lq = lam_s[r];
-    const float* nr = nrm + row_pair(r) * bc;
-    float* srow = S + r * ldS;
-    float m = -INFINITY;
-    for (int c = lane; c < clen; c += 32) m = fmaxf(m, lq * (srow[c] / (nr[c] + kEps)));
-    m = warp_max(m);
-    float sum = 0.f;
-    for (int c = lane; c < clen; c += 32) sum += expf(lq * (srow[c] / (nr[c] + kEps)) - m);
-    sum = warp_sum(sum);
-    const float rs = 1.f / sum;
-    for (int c = lane; c < bc; c += 32) {
-      float pv = 0.f;
-      if (c < clen) pv = expf(lq * (srow[c] / (nr[c] + kEps)) - m) * rs;
-      srow[c] = pv;
-      pb[c] = from_f<T>(pv);
-    }
-  }
-  __syncthreads();
-  // |U[r]| = sqrt(P[r] G P[r]^T) from the fp32 probabilities and the item's Gram matrix
-  const float* G = a.gram + bcx * a.Lc * a.Lc;
-  for (int r = warp; r < ROWS; r += kWarps) {
-    if (!row_valid(r)) {
-      if (lane == 0) inv[r] = 0.f;
-      continue;
-    }
-    const float* prow = S + r * ldS;
-    float acc = 0.f;
-    for (int c2 = lane; c2 < clen; c2 += 32) {
-      float t = 0.f;
-      for (int c = 0; c < clen; ++c) t = fmaf(prow[c], G[c * a.Lc + c2], t);
-      acc = fmaf(t, prow[c2], acc);
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) inv[r] = 1.f / (sqrtf(fmaxf(acc, 0.f)) + kEps);
-  }
-  __syncthreads();
+  tc_block_probs(S, ldS, ROWS, bc, gp, bq, qls, lam_s, clen, a.gram + bcx * a.Lc * a.Lc, a.Lc, nrm, inv,
+                 [&](int r, int c, float v) { Pb[r * ldP + c] = from_f<T>(v); });
 
   TcPC<T, MT> pc;   // this warp's row tile of P, in registers for every chunk of pass 2
   pc.load(Pb, ldP, bc);
@@ -733,6 +757,224 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
       const int g = row_pair(r), q = r - g * bq;
       store_l2n_bias_row(y + r * L.ldy, a.bias, Sw, o + ((b * P + p0 + g) * Lq + q) * Sw);
     }
+  }
+}
+
+// ---------------------------------------------------------------- forward on wgmma (sm_90a, 128-row blocks)
+// attention_fwd_wg_kernel (kModeAlignment; plan.h choose_wg_plan, launched where launch.h
+// use_wgmma says): the block of attention_fwd_tc_kernel with 128 rows (GP = 128 / Lq packed pairs
+// of context item b) and every product on wgmma (wgmma.cuh), warpgroup w taking rows 64 w ..
+// 64 w + 63 of each (no split-K, no meets). Operands are stored as core matrices (plan.h
+// wg_core_offset), each writer fencing the async proxy before the barrier ahead of the wgmma that
+// reads them; every batch is waited for before the next barrier.
+//   pass 1, per kBD chunk of d:  S0 (128 x BC) += X C^T, X = F * Q rounded to T: m64nBCk16 x 2
+//   on chip (tc_block_probs): the column norms per pair, the softmax, |U|; P rounded to T as the
+//   A operand of pass 2 (128 x BC, K = the context rows)
+//   pass 2, per kBD chunk of d:  U = P C (m64n32k16 x BC / 16, the chunk of C stored transposed:
+//   N = d, K = the context rows); A = U / (|U| + eps) and (Q - A)^2 from the accumulator
+//   registers (Q read at each register's element) stored as a 128 x kBD operand;
+//   Y (128 x 256) += (Q - A)^2 W^T (m64n256k16 x 2, W's chunk of kNG rows, zero past s)
+//   E = l2n(Y + b) from Y's registers: a row's 256 columns are in 4 lanes (acc_col), its sum of
+//   squares by two shuffles.
+template <typename T, int BC>
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_wg_kernel(const AttnArgs<T> a, int bq, int gp, void* out) {
+  static_assert(!std::is_same<T, float>::value, "16-bit operands");
+  static_assert(BC >= 16 && BC <= kTcMaxLen && BC % 16 == 0, "the scores' N: 16, 32, 48 or 64");
+  static_assert(kThreads == 256 && kWgRows == 128 && kBD == 32 && kNG == 256, "2 warpgroups of 64 rows");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const AttnWgLayout L = attn_wg_layout((int)sizeof(T), BC, gp);
+  int* qls = reinterpret_cast<int*>(smem + L.qls);
+  float* S = reinterpret_cast<float*>(smem + L.S);
+  unsigned char* Pb = smem + L.Pb;
+  float* nrm = reinterpret_cast<float*>(smem + L.nrm);
+  float* inv = reinterpret_cast<float*>(smem + L.inv);
+  float* lam_s = reinterpret_cast<float*>(smem + L.lam);
+  unsigned char* xs = smem + L.xs;
+  unsigned char* cs = smem + L.cs;
+  unsigned char* ct = smem + L.ct;
+  unsigned char* ws = smem + L.ws;
+  unsigned char* as = smem + L.as;
+  const int ldS = L.ldS;
+  auto at = [](unsigned char* base, int off) { return reinterpret_cast<T*>(base + off); };
+
+  const int tid = threadIdx.x, wt = tid & 127, r0 = 64 * (tid >> 7);   // r0: this warpgroup's first row
+  const int64_t P = a.P, Lq = a.Lq, D = a.D, Sw = a.S;
+  const int64_t groups = (P + gp - 1) / gp;
+  const int64_t b = (int64_t)blockIdx.x / groups;
+  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
+  const int clen = clamp_len(a.clens[b], a.Lc);
+  if (!tc_block_begin<T, kWgMaxGP>(a, b, p0, gp, bq, kWgRows, clen, Sw, qls, lam_s, out)) return;
+  auto row_valid = [&](int r) { return tc_row_valid(r, bq, gp, qls); };
+  // element (r, d) of the query (f: times the factors), for a valid row r
+  auto query = [&](int r, int64_t d, bool f) {
+    const int g = r / bq, q = r - g * bq;
+    float v = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]);
+    if (f && a.f != nullptr) v *= to_f(a.f[b * a.sf_b + (p0 + g) * a.sf_p + q * a.sf_l + d]);
+    return v;
+  };
+  const T* cb = a.c + b * a.sc_b;
+
+  // pass 1: S0 = X C^T
+  float sacc[BC / 2];
+#pragma unroll
+  for (int i = 0; i < BC / 2; ++i) sacc[i] = 0.f;
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    for (int u = tid; u < kWgRows * kBD / 8; u += kThreads) {
+      const int r = core_unit_row(u), k = core_unit_col(u);
+      const bool live = row_valid(r);
+      T v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = from_f<T>(live && d0 + k + e < D ? query(r, d0 + k + e, true) : 0.f);
+      store8(at(xs, 16 * u), v);
+    }
+    for (int u = tid; u < BC * kBD / 8; u += kThreads) {
+      const int r = core_unit_row(u), k = core_unit_col(u);
+      T v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = (r < clen && d0 + k + e < D) ? cb[r * a.sc_l + d0 + k + e] : from_f<T>(0.f);
+      store8(at(cs, 16 * u), v);
+    }
+    wg::proxy_fence();
+    __syncthreads();
+    wg::fence_acc(sacc);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBD; kk += 16)
+      wg::mma_m64k16<T, BC>(sacc, wg::desc(xs + wg_core_offset(r0, kk, kBD), 128, kBD * 16),
+                            wg::desc(cs + wg_core_offset(0, kk, kBD), 128, kBD * 16));
+    wg::commit();
+    wg::wait0();
+    wg::fence_acc(sacc);
+    __syncthreads();   // xs and cs free for the next chunk
+  }
+#pragma unroll
+  for (int i = 0; i < BC / 2; ++i) S[(r0 + wg::acc_row(wt, i)) * ldS + wg::acc_col(wt, i)] = sacc[i];
+  __syncthreads();
+  tc_block_probs(S, ldS, kWgRows, BC, gp, bq, qls, lam_s, clen, a.gram + b * a.Lc * a.Lc, a.Lc, nrm, inv,
+                 [&](int r, int c, float v) { *at(Pb, wg_core_offset(r, c, BC)) = from_f<T>(v); });
+  // (P's stores reach the async proxy by each thread's fence after its first chunk's stores below,
+  // which follows them in program order and precedes the barrier ahead of P C's wgmma)
+
+  // pass 2: U = P C, (Q - A)^2, Y += (Q - A)^2 W^T. A thread's accumulator rows r0 + acc_row(wt, 0)
+  // and + 8 (plain query row and 1 / (|U| + eps) kept; null: not a valid row)
+  const T* qrow[2];
+  float irow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + wg::acc_row(wt, 2 * h), g = r / bq;
+    qrow[h] = row_valid(r) ? a.q + (p0 + g) * a.sq_p + (r - g * bq) * a.sq_l : nullptr;
+    irow[h] = inv[r];
+  }
+  // W's chunk: 16-byte loads where W is 16-byte aligned and d a multiple of 8, all of a thread's
+  // issued before its stores
+  const bool wvec = D % 8 == 0 && reinterpret_cast<uintptr_t>(a.w) % 16 == 0;
+  constexpr int kWPer = kNG * kBD / 8 / kThreads;
+  static_assert(kNG * kBD / 8 % kThreads == 0, "whole units of W a thread");
+  float yacc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) yacc[i] = 0.f;
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    for (int u = tid; u < kBD * BC / 8; u += kThreads) {   // C^T: row n = column d0 + n of C
+      const int n = u % kBD, c0 = (u / kBD) * 8;
+      T v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = (c0 + e < clen && d0 + n < D) ? cb[(c0 + e) * a.sc_l + d0 + n] : from_f<T>(0.f);
+      store8(at(ct, wg_core_offset(n, c0, BC)), v);
+    }
+    if (wvec) {
+      uint4 w8[kWPer];
+#pragma unroll
+      for (int j = 0; j < kWPer; ++j) {
+        const int u = tid + j * kThreads, n = core_unit_row(u);
+        const int64_t k = d0 + core_unit_col(u);
+        w8[j] = n < Sw && k < D ? *reinterpret_cast<const uint4*>(a.w + n * D + k) : uint4{0u, 0u, 0u, 0u};
+      }
+#pragma unroll
+      for (int j = 0; j < kWPer; ++j) *reinterpret_cast<uint4*>(ws + 16 * (tid + j * kThreads)) = w8[j];
+    } else {
+      load_weight_chunk<T, kNG, true>(a.w, Sw, D, 0, d0, reinterpret_cast<T*>(ws), 0);
+    }
+    wg::proxy_fence();
+    __syncthreads();
+    float uacc[kBD / 2];
+#pragma unroll
+    for (int i = 0; i < kBD / 2; ++i) uacc[i] = 0.f;
+    wg::fence_acc(uacc);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < BC; kk += 16)
+      wg::mma_m64k16<T, kBD>(uacc, wg::desc(Pb + wg_core_offset(r0, kk, BC), 128, BC * 16),
+                             wg::desc(ct + wg_core_offset(0, kk, BC), 128, BC * 16));
+    wg::commit();
+    wg::wait0();
+    wg::fence_acc(uacc);
+    // (Q - A)^2 at each register's element, two adjacent columns a pair
+#pragma unroll
+    for (int i = 0; i < kBD / 2; i += 2) {
+      const int h = (i >> 1) & 1, r = r0 + wg::acc_row(wt, i), k = wg::acc_col(wt, i);
+      const float ir = irow[h];
+      float v[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        v[j] = 0.f;
+        if (qrow[h] != nullptr && d0 + k + j < D) {
+          const float dq = to_f(qrow[h][d0 + k + j]) - uacc[i + j] * ir;
+          v[j] = dq * dq;
+        }
+      }
+      T* dst = at(as, wg_core_offset(r, k, kBD));
+      dst[0] = from_f<T>(v[0]);
+      dst[1] = from_f<T>(v[1]);
+    }
+    wg::proxy_fence();
+    __syncthreads();
+    wg::fence_acc(yacc);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBD; kk += 16)
+      wg::mma_m64k16<T, kNG>(yacc, wg::desc(as + wg_core_offset(r0, kk, kBD), 128, kBD * 16),
+                             wg::desc(ws + wg_core_offset(0, kk, kBD), 128, kBD * 16));
+    wg::commit();
+    wg::wait0();
+    wg::fence_acc(yacc);
+    __syncthreads();   // ct, ws and as free for the next chunk
+  }
+
+  // E = l2n(Y + b). Register 4 m + 2 h + j holds row r0 + acc_row(wt, 2 h), column 8 m + 2 (wt % 4) + j
+  // (acc_row / acc_col); the columns past s are zeros (W's rows there are), so their bias is 0 too.
+  const int c0 = 2 * (wt & 3);
+  float ss[2] = {0.f, 0.f};
+#pragma unroll
+  for (int m = 0; m < 32; ++m) {
+    const int n = 8 * m + c0;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float bj = n + j < Sw ? to_f(a.bias[n + j]) : 0.f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float& y = yacc[4 * m + 2 * h + j];
+        y += bj;
+        ss[h] = fmaf(y, y, ss[h]);
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {   // the 4 lanes of a row: lane % 4
+    ss[h] += __shfl_xor_sync(0xffffffffu, ss[h], 1);
+    ss[h] += __shfl_xor_sync(0xffffffffu, ss[h], 2);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + wg::acc_row(wt, 2 * h);
+    if (!row_valid(r)) continue;
+    const int g = r / bq, q = r - g * bq;
+    const float rn = 1.f / (sqrtf(ss[h]) + kEps);
+    T* orow = static_cast<T*>(out) + ((b * P + p0 + g) * Lq + q) * Sw;
+#pragma unroll
+    for (int m = 0; m < 32; ++m)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        if (8 * m + c0 + j < Sw) orow[8 * m + c0 + j] = from_f<T>(yacc[4 * m + 2 * h + j] * rn);
   }
 }
 

@@ -160,6 +160,63 @@ RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64
   }
 }
 
+// ---------------------------------------------------------------- attention forward on wgmma (sm_90a, fp16/bf16)
+// attention_fwd_wg_kernel (kModeAlignment, where launch.h use_wgmma says): one block holds GP =
+// kWgRows / Lq packed pairs of one context item (pair g in rows g * Lq .. g * Lq + qlen - 1 of 128),
+// warpgroup w owns rows 64 w .. 64 w + 63 of every product, and every product is a wgmma with both
+// operands in shared memory as core matrices (wg_core_offset below): the scores m64nBCk16, P C
+// m64n32k16 per kBD chunk of d, the projection m64n256k16 (s <= 256: one pass, E's l2n from the
+// accumulator registers). Blocks that would hold 64 rows or fewer keep attention_fwd_tc_kernel.
+// Regions (bytes from the start of dynamic shared memory):
+//   S     kWgRows x ldS fp32 scores, then the probabilities in place (ldS = BC + 4)
+//   Pb    kWgRows x BC probabilities in the compute type, core matrices (the A operand of P C)
+//   nrm   GP x BC column norms (per pair); inv, lam  kWgRows fp32 each; qls kWgMaxGP int32
+//   xs    kWgRows x kBD (F * Q) chunk, cs BC x kBD context chunk: pass 1, core matrices
+//   ct    kBD x BC context chunk transposed (the B operand of P C), ws kNG x kBD weight chunk,
+//   as    kWgRows x kBD (Q - A)^2 chunk: pass 2, core matrices, over pass 1's xs and cs
+constexpr int kWgRows = 128;
+constexpr int kWgMaxGP = kWgRows;   // Lq = 1
+struct AttnWgLayout {
+  int64_t S, Pb, nrm, inv, lam, qls, xs, cs, ct, ws, as, total;
+  int ldS;
+};
+
+RCAR_HD AttnWgLayout attn_wg_layout(int elem, int bc, int gp) {
+  AttnWgLayout L{};
+  L.ldS = bc + 4;
+  L.S = 0;
+  L.Pb = a128(L.S + (int64_t)kWgRows * L.ldS * 4);
+  L.nrm = a128(L.Pb + (int64_t)kWgRows * bc * elem);
+  L.inv = a128(L.nrm + (int64_t)gp * bc * 4);
+  L.lam = a128(L.inv + (int64_t)kWgRows * 4);
+  L.qls = a128(L.lam + (int64_t)kWgRows * 4);
+  const int64_t stage = a128(L.qls + (int64_t)kWgMaxGP * 4);
+  L.xs = stage;
+  L.cs = a128(L.xs + (int64_t)kWgRows * kBD * elem);
+  const int64_t end1 = a128(L.cs + (int64_t)bc * kBD * elem);
+  L.ct = stage;
+  L.ws = a128(L.ct + (int64_t)kBD * bc * elem);
+  L.as = a128(L.ws + (int64_t)kNG * kBD * elem);
+  const int64_t end2 = a128(L.as + (int64_t)kWgRows * kBD * elem);
+  L.total = max64(end1, end2);
+  return L;
+}
+
+// The wgmma kernel's launch (mt 8: 128 rows), or gp = 0 where it does not apply: not fp16/bf16,
+// not kModeAlignment, paired (one pair a block), Lq or Lc above kTcMaxLen, s above kNG, a block
+// of 64 rows or fewer (attention_fwd_tc_kernel holds it whole), or more shared memory than `limit`.
+RCAR_HD TcPlan choose_wg_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64_t P, bool paired, int mode,
+                              int64_t limit) {
+  const TcPlan none{0, 0, 0, 0};
+  if (elem != 2 || mode != kModeAlignment || paired || Lq < 1 || Lc < 1 || P < 1 || s < 1 || s > kNG ||
+      Lq > kTcMaxLen || Lc > kTcMaxLen)
+    return none;
+  const int bq = (int)Lq, bc = (int)round_up(Lc, 16);
+  const int gp = (int)(kWgRows / bq < P ? kWgRows / bq : P);
+  if (gp * bq <= kTcRows || attn_wg_layout(elem, bc, gp).total > limit) return none;
+  return TcPlan{bq, bc, gp, kWgRows / 16};
+}
+
 // ---------------------------------------------------------------- RCR GEMM (fp16/bf16, inference)
 // rcr_gemm_kernel: a 128 x 256 block of out, 8 warps of 64 x 64. Regions (aliased):
 //   as, bs   128 and 256 rows x ld_op of the K chunk of A and of B, compute type (the K loop)
@@ -306,6 +363,43 @@ RCAR_HD RarPlan choose_rar_plan(int elem, int64_t Lq, int64_t s, int64_t P, int6
       if (rar_step_layout(elem, rows, s, mt, gp).total <= limit) return RarPlan{bq, gp, mt};
   }
   return RarPlan{bq, 0, 0};
+}
+
+// ---------------------------------------------------------------- RAR forward on wgmma (sm_90a, fp16/bf16)
+// rar_fwd_wg_kernel (where launch.h use_wgmma says): GP = kWgRows / Lq packed pairs of one context
+// item in 128 rows, warpgroup w owning rows 64 w .. 64 w + 63, K = E Wk^T by wgmma m64n256k16 (s <=
+// kNG) with both operands as core matrices (wg_core_offset). Blocks of 64 rows or fewer keep
+// rar_fwd_kernel. Regions:
+//   es     kWgRows x sk E in the compute type, core matrices (sk = s rounded up to kBD; zeros past s)
+//   ws     kNG x kBD Wk chunk, core matrices
+//   gw     GP x sk fp32 (each pair's tanh(pre) keep_g wv);  logit, a  kWgRows fp32;  qls kWgMaxGP int32
+struct RarWgLayout {
+  int64_t es, ws, gw, logit, a, qls, total;
+  int sk;
+};
+
+RCAR_HD RarWgLayout rar_wg_layout(int elem, int gp, int64_t s) {
+  RarWgLayout L{};
+  L.sk = (int)round_up(s, kBD);
+  L.es = 0;
+  L.ws = a128(L.es + (int64_t)kWgRows * L.sk * elem);
+  L.gw = a128(L.ws + (int64_t)kNG * kBD * elem);
+  L.logit = a128(L.gw + (int64_t)gp * L.sk * 4);
+  L.a = a128(L.logit + (int64_t)kWgRows * 4);
+  L.qls = a128(L.a + (int64_t)kWgRows * 4);
+  L.total = a128(L.qls + (int64_t)kWgMaxGP * 4);
+  return L;
+}
+
+// gp = 0 where it does not apply: not fp16/bf16, Lq above kWgRows, s above kNG, 64 rows or fewer
+// (GP * Lq <= kTcRows: rar_fwd_kernel), or more shared memory than `limit`. mt 8: 128 rows.
+RCAR_HD RarPlan choose_rar_wg_plan(int elem, int64_t Lq, int64_t s, int64_t P, int64_t limit) {
+  const int bq = (int)(Lq < 1 ? 1 : Lq);
+  const RarPlan none{bq, 0, 0};
+  if (elem != 2 || Lq < 1 || Lq > kWgRows || s < 1 || s > kNG || P < 1) return none;
+  const int gp = (int)(kWgRows / bq < P ? kWgRows / bq : P);
+  if (gp * bq <= kTcRows || rar_wg_layout(elem, gp, s).total > limit) return none;
+  return RarPlan{bq, gp, kWgRows / 16};
 }
 
 // ---------------------------------------------------------------- the launchers' choice of MT

@@ -3,7 +3,8 @@
 // rar: per step, the gates' pre-activations h Wq^T + bq of every pair as one GEMM in E's dtype (cuBLAS,
 // its output rounded as torch's Linear rounds it; h starts as the mean of E over the valid rows,
 // rar_mean_kernel), then rar_fwd_kernel with GP pairs of one context item per block (plan.h
-// choose_rar_plan): the gates' tanh, keep_g and wv in fp32 as it stages them, E in shared memory (input
+// choose_rar_plan; on an sm_90a build and device, where more than 64 rows fill a block,
+// rar_fwd_wg_kernel: 128 rows, the keys on wgmma, plan.h choose_rar_wg_plan): the gates' tanh, keep_g and wv in fp32 as it stages them, E in shared memory (input
 // dtype), K = tanh(E Wk^T + bk) by the block GEMM (tensor cores for fp16/bf16, fp32 FMAs for fp32) over all
 // the block's rows; h in E's dtype between steps (as the torch and triton backends keep it), so T steps in
 // one call equal T calls of one step.
@@ -105,6 +106,25 @@ void prepare_rar_fwd(int elem, const RarArgs<T>& r, const RarPlan& pl) {
   }
 }
 
+// rar_fwd_wg_kernel's (sm_90a): T is fp16 or bf16 (choose_rar_wg_plan takes no other); an fp32
+// instance is never launched
+template <typename T>
+void prepare_rar_fwd_wg(int elem, const RarArgs<T>& r, const RarPlan& pl) {
+  if constexpr (!std::is_same<T, float>::value)
+    prepare_smem(rar_fwd_wg_kernel<T>, rar_wg_layout(elem, pl.gp, r.S).total, "rar");
+}
+
+template <typename T>
+void launch_rar_fwd_wg(const RarArgs<T>& r, const RarPlan& pl, int64_t blocks, int64_t t, const Tensor& pre,
+                       Tensor& h_out, cudaStream_t stream) {
+  if constexpr (!std::is_same<T, float>::value) {
+    const int64_t smem = rar_wg_layout((int)sizeof(T), pl.gp, r.S).total;
+    rar_fwd_wg_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(r, pl.bq, pl.gp, t, ptr<T>(pre),
+                                                                                 mut_ptr<T>(h_out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 template <typename T, int MT>
 void launch_rar_fwd(const RarArgs<T>& r, const RarPlan& pl, int64_t blocks, int64_t t, const Tensor& pre, Tensor& h_out,
                     cudaStream_t stream) {
@@ -143,7 +163,10 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
   dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const RarArgs<T> r = make_args<T>(in);
-    const RarPlan pl = choose_rar_plan((int)sizeof(T), in.Lq, in.S, in.P, smem_limit());
+    // the 128-row wgmma kernel where the device and the build have it and the plan takes the shapes
+    const RarPlan wp = choose_rar_wg_plan((int)sizeof(T), in.Lq, in.S, in.P, smem_limit());
+    const bool wg = wp.gp > 0 && use_wgmma();
+    const RarPlan pl = wg ? wp : choose_rar_plan((int)sizeof(T), in.Lq, in.S, in.P, smem_limit());
     TORCH_CHECK(pl.gp > 0, "rar: these shapes need ", rar_step_layout((int)sizeof(T), pl.bq, in.S, 1, 1).total,
                 " bytes of shared memory per block, the device allows ", smem_limit(),
                 " (E of a pair stays on chip: it grows with the query length and s)");
@@ -154,11 +177,19 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
                                                                               mut_ptr<T>(h));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    prepare_rar_fwd((int)sizeof(T), r, pl);
+    if (wg)
+      prepare_rar_fwd_wg((int)sizeof(T), r, pl);
+    else
+      prepare_rar_fwd((int)sizeof(T), r, pl);
     for (int64_t t = 0; t < in.steps; ++t) {
       // the gates' pre-activations of every pair, one GEMM in E's dtype: pre = h Wq_t^T + bq_t
       const Tensor pre = at::addmm(in.bq.select(0, t), h, in.wq.select(0, t).t());
       Tensor h_next = at::empty({pairs, in.S}, E.options());
+      if (wg) {
+        launch_rar_fwd_wg<T>(r, pl, blocks, t, pre, h_next, stream);
+        h = h_next;
+        continue;
+      }
       switch (pl.mt) {
         case 1: launch_rar_fwd<T, 1>(r, pl, blocks, t, pre, h_next, stream); break;
         case 2: launch_rar_fwd<T, 2>(r, pl, blocks, t, pre, h_next, stream); break;

@@ -10,6 +10,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace rcar_fast {
 namespace cuda {
@@ -177,6 +178,45 @@ __global__ void __launch_bounds__(kThreads) rar_mean_kernel(const T* __restrict_
   }
 }
 
+// ---------------------------------------------------------------- forward: GP pairs per block (shared parts)
+// gws[g * sk + m] = tanh(pre[pair g, m]) keep_g[pair g, m] wv_t[m] in fp32 for the block's pairs
+// pid0 .. pid0 + np - 1 (zeros past s and for g >= np, up to gp). No barrier.
+template <typename T>
+__device__ __forceinline__ void rar_stage_gates(const RarArgs<T>& r, const T* __restrict__ pre, int64_t pid0, int np,
+                                                int gp, int sk, int64_t t, float* gws) {
+  const int64_t S = r.S;
+  for (int idx = threadIdx.x; idx < gp * sk; idx += kThreads) {
+    const int g = idx / sk, m = idx - g * sk;
+    float v = 0.f;
+    if (g < np && m < S) {
+      const int64_t at = (pid0 + g) * S + m;
+      const float kg = r.keep_g != nullptr ? to_f(r.keep_g[at]) : 1.f;
+      v = tanhf(to_f(pre[at])) * kg * to_f(r.wv[t * S + m]);
+    }
+    gws[idx] = v;
+  }
+}
+
+// a[g * bq + q] = softmax over q < qls[g] of logit[g * bq + q] + bv, for the block's np pairs (warp w
+// for pairs w, w + 8, ...). Ends with a barrier: every thread calls it.
+__device__ __forceinline__ void rar_block_softmax(const float* logit, float bv, const int* qls, int np, int bq,
+                                                  float* a) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int g = warp; g < np; g += kWarps) {
+    const int n = qls[g];
+    const float* lg = logit + g * bq;
+    float m = -INFINITY;
+    for (int q = lane; q < n; q += 32) m = fmaxf(m, lg[q] + bv);
+    m = warp_max(m);
+    float sum = 0.f;
+    for (int q = lane; q < n; q += 32) sum += expf(lg[q] + bv - m);
+    sum = warp_sum(sum);
+    const float rs = 1.f / sum;
+    for (int q = lane; q < n; q += 32) a[g * bq + q] = expf(lg[q] + bv - m) * rs;
+  }
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------- forward: one step, GP pairs per block
 // Step t for the pairs p0 .. p0 + gp - 1 of context item b (block x = b * groups + p0 / gp,
 // groups = ceil(P / gp)); pair g's rows g * bq .. g * bq + qlen - 1 of es. pre (B, P, s) in E's type:
@@ -219,16 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
     if (g < gp && q < qls[g] && m < S) v = r.E[((pid0 + g) * Lq + q) * S + m];
     es[rr * lde + m] = v;
   }
-  for (int idx = tid; idx < gp * sk; idx += kThreads) {
-    const int g = idx / sk, m = idx - g * sk;
-    float v = 0.f;
-    if (g < np && m < S) {
-      const int64_t at = (pid0 + g) * S + m;
-      const float kg = r.keep_g != nullptr ? to_f(r.keep_g[at]) : 1.f;
-      v = tanhf(to_f(pre[at])) * kg * to_f(r.wv[t * S + m]);
-    }
-    gws[idx] = v;
-  }
+  rar_stage_gates(r, pre, pid0, np, gp, sk, t, gws);
   for (int rr = tid; rr < rows; rr += kThreads) logit[rr] = 0.f;
   __syncthreads();
 
@@ -264,21 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
     }
   }
 
-  // a = softmax over each pair's valid rows of logit + bv_t (warp w for pairs w, w + 8, ...)
-  const float bv = to_f(r.bv[t]);
-  for (int g = warp; g < np; g += kWarps) {
-    const int n = qls[g];
-    const float* lg = logit + g * bq;
-    float m = -INFINITY;
-    for (int q = lane; q < n; q += 32) m = fmaxf(m, lg[q] + bv);
-    m = warp_max(m);
-    float sum = 0.f;
-    for (int q = lane; q < n; q += 32) sum += expf(lg[q] + bv - m);
-    sum = warp_sum(sum);
-    const float rs = 1.f / sum;
-    for (int q = lane; q < n; q += 32) a[g * bq + q] = expf(lg[q] + bv - m) * rs;
-  }
-  __syncthreads();
+  rar_block_softmax(logit, to_f(r.bv[t]), qls, np, bq, a);
 
   // h = l2n(sum_q a[q] E[q]) per pair
   for (int g = 0; g < np; ++g) {
@@ -295,6 +312,150 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
     const float rn = 1.f / (sqrtf(ss) + kEps);
     for (int64_t m = tid; m < S; m += kThreads) h_out[(pid0 + g) * S + m] = from_f<T>(n > 0 ? u[m] * rn : 0.f);
     __syncthreads();           // u is rewritten by the next pair
+  }
+}
+
+// ---------------------------------------------------------------- forward: one step on wgmma (sm_90a, 128-row blocks)
+// rar_fwd_wg_kernel (plan.h choose_rar_wg_plan, where launch.h use_wgmma says): rar_fwd_kernel's
+// step for GP = 128 / Lq packed pairs of context item b, with K = E Wk_t^T on wgmma (wgmma.cuh):
+// E staged once as core matrices (128 x sk), Wk_t kBD columns of K at a time (kNG x kBD; zeros past
+// s), warpgroup w one m64n256k16 per 16 of K over rows 64 w .. 64 w + 63. The logits from the
+// accumulator registers: a row's 256 columns are in 4 lanes (acc_col), summed by two shuffles.
+// Then the softmax and h = l2n(sum_q a[q] E[q]) per pair, a warp per pair. s <= 256.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) rar_fwd_wg_kernel(const RarArgs<T> r, int bq, int gp, int64_t t,
+                                                              const T* __restrict__ pre, T* __restrict__ h_out) {
+  static_assert(!std::is_same<T, float>::value, "16-bit operands");
+  static_assert(kThreads == 256 && kWgRows == 128 && kBD == 32 && kNG == 256, "2 warpgroups of 64 rows");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t S = r.S, P = r.P, Lq = r.Lq;
+  const RarWgLayout L = rar_wg_layout((int)sizeof(T), gp, S);
+  unsigned char* es = smem + L.es;
+  unsigned char* ws = smem + L.ws;
+  float* gws = reinterpret_cast<float*>(smem + L.gw);
+  float* logit = reinterpret_cast<float*>(smem + L.logit);
+  float* a = reinterpret_cast<float*>(smem + L.a);
+  int* qls = reinterpret_cast<int*>(smem + L.qls);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wt = tid & 127, r0 = 64 * (tid >> 7);
+  const int sk = L.sk;
+  const int64_t groups = (P + gp - 1) / gp;
+  const int64_t b = (int64_t)blockIdx.x / groups;
+  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
+  const int np = (int)(P - p0 < gp ? P - p0 : gp);   // pairs in this block
+  const int64_t pid0 = b * P + p0;                      // pair id of g = 0
+  if (tid < kWgMaxGP) qls[tid] = tid < np ? clamp_len(r.qlens[p0 + tid], Lq) : 0;
+  __syncthreads();
+  auto row_valid = [&](int rr) {
+    const int g = rr / bq;
+    return g < gp && rr - g * bq < qls[g];
+  };
+  auto e_at = [&](int rr, int m) { return reinterpret_cast<const T*>(es + wg_core_offset(rr, m, sk)); };
+
+  // E of every pair as core matrices (unit u: 8 columns of one row, at byte 16 u; zeros past s and
+  // in rows of no pair), 16-byte loads where E is 16-byte aligned and s a multiple of 8
+  const bool evec = S % 8 == 0 && reinterpret_cast<uintptr_t>(r.E) % 16 == 0;
+  for (int u = tid; u < kWgRows * sk / 8; u += kThreads) {
+    const int rr = (u / sk) * 8 + (u & 7), m = ((u % sk) >> 3) * 8;
+    const int g = rr / bq;
+    const T* src = row_valid(rr) ? r.E + ((pid0 + g) * Lq + (rr - g * bq)) * S + m : nullptr;
+    if (evec) {
+      *reinterpret_cast<uint4*>(es + 16 * u) =
+          src != nullptr && m < S ? *reinterpret_cast<const uint4*>(src) : uint4{0u, 0u, 0u, 0u};
+    } else {
+      T v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = src != nullptr && m + e < S ? src[e] : from_f<T>(0.f);
+      store8(reinterpret_cast<T*>(es + 16 * u), v);
+    }
+  }
+  rar_stage_gates(r, pre, pid0, np, gp, sk, t, gws);
+
+  // Y = E Wk_t^T (128 x 256), kBD columns of K a chunk
+  const T* wk = r.wk + t * S * S;
+  const bool wvec = S % 8 == 0 && reinterpret_cast<uintptr_t>(wk) % 16 == 0;
+  constexpr int kWPer = kNG * kBD / 8 / kThreads;
+  float yacc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) yacc[i] = 0.f;
+  for (int k0 = 0; k0 < sk; k0 += kBD) {
+    if (wvec) {   // all of a thread's 16-byte loads before its stores
+      uint4 w8[kWPer];
+#pragma unroll
+      for (int j = 0; j < kWPer; ++j) {
+        const int u = tid + j * kThreads, n = core_unit_row(u), k = k0 + core_unit_col(u);
+        w8[j] = n < S && k < S ? *reinterpret_cast<const uint4*>(wk + n * S + k) : uint4{0u, 0u, 0u, 0u};
+      }
+#pragma unroll
+      for (int j = 0; j < kWPer; ++j) *reinterpret_cast<uint4*>(ws + 16 * (tid + j * kThreads)) = w8[j];
+    } else {
+      load_weight_chunk<T, kNG, true>(wk, S, S, 0, k0, reinterpret_cast<T*>(ws), 0);
+    }
+    wg::proxy_fence();   // this thread's stores of Wk (and, the first time, of E), visible to wgmma
+    __syncthreads();
+    wg::fence_acc(yacc);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBD; kk += 16)
+      wg::mma_m64k16<T, kNG>(yacc, wg::desc(es + wg_core_offset(r0, k0 + kk, sk), 128, sk * 16),
+                             wg::desc(ws + wg_core_offset(0, kk, kBD), 128, kBD * 16));
+    wg::commit();
+    wg::wait0();
+    wg::fence_acc(yacc);
+    __syncthreads();   // ws free for the next chunk
+  }
+
+  // logit[row] = sum_n tanh(Y + bk_t)[row, n] keep_k[row, n] gw[n]: register 4 m + 2 h + j holds row
+  // r0 + acc_row(wt, 2 h), column 8 m + 2 (wt % 4) + j
+  const int c0 = 2 * (wt & 3);
+  const T* bk = r.bk + t * S;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int rr = r0 + wg::acc_row(wt, 2 * h), g = rr / bq;
+    const bool live = row_valid(rr);
+    const T* kk = live && r.keep_k != nullptr ? r.keep_k + ((pid0 + g) * Lq + (rr - g * bq)) * S : nullptr;
+    const float* gw = gws + (live ? g : 0) * sk;
+    float part = 0.f;
+    if (live) {
+#pragma unroll
+      for (int m = 0; m < 32; ++m)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int n = 8 * m + c0 + j;
+          if (n < S) {
+            const float K = tanhf(yacc[4 * m + 2 * h + j] + to_f(bk[n]));
+            part = fmaf(kk != nullptr ? K * to_f(kk[n]) : K, gw[n], part);
+          }
+        }
+    }
+    part += __shfl_xor_sync(0xffffffffu, part, 1);
+    part += __shfl_xor_sync(0xffffffffu, part, 2);
+    if ((wt & 3) == 0) logit[rr] = part;
+  }
+  __syncthreads();
+
+  rar_block_softmax(logit, to_f(r.bv[t]), qls, np, bq, a);
+
+  // h = l2n(sum_q a[q] E[q]) per pair, warp w for pairs w, w + 8, ...: lane l holds columns l + 32 i
+  for (int g = warp; g < np; g += kWarps) {
+    const int n = qls[g];
+    float u[kNG / 32];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < kNG / 32; ++i) {
+      const int m = lane + 32 * i;
+      float v = 0.f;
+      if (m < S)
+        for (int q = 0; q < n; ++q) v = fmaf(a[g * bq + q], to_f(*e_at(g * bq + q, m)), v);
+      u[i] = v;
+      ss = fmaf(v, v, ss);
+    }
+    ss = warp_sum(ss);
+    const float rn = 1.f / (sqrtf(ss) + kEps);
+#pragma unroll
+    for (int i = 0; i < kNG / 32; ++i) {
+      const int m = lane + 32 * i;
+      if (m < S) h_out[(pid0 + g) * S + m] = from_f<T>(n > 0 ? u[i] * rn : 0.f);
+    }
   }
 }
 

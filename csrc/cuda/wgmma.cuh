@@ -56,57 +56,124 @@ __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync
 __device__ __forceinline__ void wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 __device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // keeps the compiler from moving other accesses of the accumulator registers across these calls
-__device__ __forceinline__ void fence_acc(float (&d)[128]) {
+template <int N>
+__device__ __forceinline__ void fence_acc(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// D += A B^T (scale-d true, set from a register as CUTLASS does: the accumulators' zeros come from
-// the kernel), scales of A and B 1, no transposes, fp32 accumulators
-template <typename T>
-__device__ __forceinline__ void mma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db);
+// D += A B^T for a 64 x N tile, N in {16, 32, 48, 64, 256} (scale-d true, set from a register as
+// CUTLASS does: the accumulators' zeros come from the kernel), scales of A and B 1, no transposes,
+// fp32 accumulators: N / 2 registers a thread, in the layout of acc_row / acc_col.
+template <typename T, int N>
+__device__ __forceinline__ void mma_m64k16(float (&d)[N / 2], uint64_t da, uint64_t db);
 
-#define RCAR_FAST_WGMMA_M64N256K16(TNAME, PTX)                                                                           \
-template <>                                                                                                              \
-__device__ __forceinline__ void mma_m64n256k16<TNAME>(float (&d)[128], uint64_t da, uint64_t db) {                       \
-  asm volatile(                                                                                                          \
-      "{\n"                                                                                                              \
-      ".reg .pred p;\n"                                                                                                  \
-      "setp.ne.b32 p, %130, 0;\n"                                                                                        \
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX "." PTX "\n"                                                    \
-      "{"                                                                                                                \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                           \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                                 \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                                 \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "                                 \
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                                 \
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                                 \
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "                     \
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"                   \
-      "},\n"                                                                                                             \
-      "%128, %129, p, 1, 1, 0, 0;\n"                                                                                     \
-      "}\n"                                                                                                              \
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                  \
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),            \
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),          \
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),          \
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),          \
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),          \
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),          \
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),          \
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),          \
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),          \
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),          \
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),          \
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),      \
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),  \
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),  \
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])   \
-      : "l"(da), "l"(db), "r"(1));                                                                                       \
+#define RCAR_FAST_WG_REGS_16 \
+  "%0, %1, %2, %3, %4, %5, %6, %7"
+#define RCAR_FAST_WG_OUTS_16 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+#define RCAR_FAST_WG_PRED_16 "%10"
+#define RCAR_FAST_WG_DESC_16 "%8, %9"
+#define RCAR_FAST_WG_REGS_32 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define RCAR_FAST_WG_OUTS_32 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+#define RCAR_FAST_WG_PRED_32 "%18"
+#define RCAR_FAST_WG_DESC_32 "%16, %17"
+#define RCAR_FAST_WG_REGS_48 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23"
+#define RCAR_FAST_WG_OUTS_48 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+#define RCAR_FAST_WG_PRED_48 "%26"
+#define RCAR_FAST_WG_DESC_48 "%24, %25"
+#define RCAR_FAST_WG_REGS_64 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define RCAR_FAST_WG_OUTS_64 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define RCAR_FAST_WG_PRED_64 "%34"
+#define RCAR_FAST_WG_DESC_64 "%32, %33"
+#define RCAR_FAST_WG_REGS_256 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define RCAR_FAST_WG_OUTS_256 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+#define RCAR_FAST_WG_PRED_256 "%130"
+#define RCAR_FAST_WG_DESC_256 "%128, %129"
+
+#define RCAR_FAST_WGMMA(N, TNAME, PTX)                                                                  \
+template <>                                                                                             \
+__device__ __forceinline__ void mma_m64k16<TNAME, N>(float (&d)[N / 2], uint64_t da, uint64_t db) {     \
+  asm volatile(                                                                                         \
+      "{\n"                                                                                             \
+      ".reg .pred p;\n"                                                                                 \
+      "setp.ne.b32 p, " RCAR_FAST_WG_PRED_##N ", 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX "\n"                                \
+      "{" RCAR_FAST_WG_REGS_##N "},\n"                                                                   \
+      RCAR_FAST_WG_DESC_##N ", p, 1, 1, 0, 0;\n"                                                        \
+      "}\n"                                                                                             \
+      : RCAR_FAST_WG_OUTS_##N                                                                           \
+      : "l"(da), "l"(db), "r"(1));                                                                      \
 }
-RCAR_FAST_WGMMA_M64N256K16(__half, "f16")
-RCAR_FAST_WGMMA_M64N256K16(__nv_bfloat16, "bf16")
-#undef RCAR_FAST_WGMMA_M64N256K16
+RCAR_FAST_WGMMA(16, __half, "f16")
+RCAR_FAST_WGMMA(16, __nv_bfloat16, "bf16")
+RCAR_FAST_WGMMA(32, __half, "f16")
+RCAR_FAST_WGMMA(32, __nv_bfloat16, "bf16")
+RCAR_FAST_WGMMA(48, __half, "f16")
+RCAR_FAST_WGMMA(48, __nv_bfloat16, "bf16")
+RCAR_FAST_WGMMA(64, __half, "f16")
+RCAR_FAST_WGMMA(64, __nv_bfloat16, "bf16")
+RCAR_FAST_WGMMA(256, __half, "f16")
+RCAR_FAST_WGMMA(256, __nv_bfloat16, "bf16")
+#undef RCAR_FAST_WGMMA
+#undef RCAR_FAST_WG_REGS_16
+#undef RCAR_FAST_WG_OUTS_16
+#undef RCAR_FAST_WG_PRED_16
+#undef RCAR_FAST_WG_DESC_16
+#undef RCAR_FAST_WG_REGS_32
+#undef RCAR_FAST_WG_OUTS_32
+#undef RCAR_FAST_WG_PRED_32
+#undef RCAR_FAST_WG_DESC_32
+#undef RCAR_FAST_WG_REGS_48
+#undef RCAR_FAST_WG_OUTS_48
+#undef RCAR_FAST_WG_PRED_48
+#undef RCAR_FAST_WG_DESC_48
+#undef RCAR_FAST_WG_REGS_64
+#undef RCAR_FAST_WG_OUTS_64
+#undef RCAR_FAST_WG_PRED_64
+#undef RCAR_FAST_WG_DESC_64
+#undef RCAR_FAST_WG_REGS_256
+#undef RCAR_FAST_WG_OUTS_256
+#undef RCAR_FAST_WG_PRED_256
+#undef RCAR_FAST_WG_DESC_256
 #elif !defined(RCAR_FAST_CUDA_EMU)
 // Any other target (sm_80, plain sm_90, the host pass): the same names, each a trap, for kernels
 // whose wgmma instances are compiled for every target but launched only where launch.h use_wgmma
@@ -119,10 +186,18 @@ __device__ __forceinline__ void fence() { __trap(); }
 __device__ __forceinline__ void commit() { __trap(); }
 __device__ __forceinline__ void wait0() { __trap(); }
 __device__ __forceinline__ void proxy_fence() { __trap(); }
-__device__ __forceinline__ void fence_acc(float (&)[128]) {}
-template <typename T>
-__device__ __forceinline__ void mma_m64n256k16(float (&)[128], uint64_t, uint64_t) {
+template <int N>
+__device__ __forceinline__ void fence_acc(float (&)[N]) {}
+template <typename T, int N>
+__device__ __forceinline__ void mma_m64k16(float (&)[N / 2], uint64_t, uint64_t) {
   __trap();
+}
+#endif
+
+#if !defined(RCAR_FAST_CUDA_EMU)
+template <typename T>
+__device__ __forceinline__ void mma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
+  mma_m64k16<T, 256>(d, da, db);
 }
 #endif
 

@@ -120,6 +120,21 @@ int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
   const AttnArgs<T> a = attn_args<T>(in);
   const int64_t Bo = in.cidx != nullptr ? 1 : in.B;
   if constexpr (!std::is_same<T, float>::value) {   // attention_cuda: try_fwd_tc
+    const TcPlan w = choose_wg_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx != nullptr, MODE, limit);
+    if (w.gp > 0 && use_wgmma) {
+      const int64_t blocks = Bo * ((in.P + w.gp - 1) / w.gp);
+      const size_t smem = (size_t)attn_wg_layout((int)sizeof(T), w.bc, w.gp).total;
+      auto go = [&](auto kernel) {
+        cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, w.bq, w.gp, out); }, smem);
+      };
+      switch (w.bc) {
+        case 16: go(attention_fwd_wg_kernel<T, 16>); break;
+        case 32: go(attention_fwd_wg_kernel<T, 32>); break;
+        case 48: go(attention_fwd_wg_kernel<T, 48>); break;
+        default: go(attention_fwd_wg_kernel<T, 64>); break;
+      }
+      return 1000 * w.gp + w.mt;
+    }
     const TcPlan t = choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx != nullptr, MODE, limit);
     if (t.gp > 0) {
       const int64_t blocks = Bo * ((in.P + t.gp - 1) / t.gp);
@@ -152,7 +167,8 @@ extern "C" {
 const char* emu_last_error() { return last_error.c_str(); }
 
 // The wgmma kernels where the launchers take them on an sm_90a build (1) or not (0): the attention
-// forward's 64-row projection and the RCR GEMMs (launch.h use_wgmma).
+// forward's 128-row kernel and 64-row projection, the RAR forward's 128-row kernel and the RCR
+// GEMMs (launch.h use_wgmma).
 void emu_set_wgmma(int on) {
   last_error.clear();
   use_wgmma = on != 0;
@@ -221,7 +237,8 @@ int64_t emu_attention_fwd(int dtype, int mode, const void* q, const int* qlens, 
   return used;
 }
 
-// One RAR forward step (rar_fwd_kernel as rar_cuda launches it) given the gates' pre-activations
+// One RAR forward step (rar_fwd_wg_kernel where emu_set_wgmma and plan.h choose_rar_wg_plan say,
+// else rar_fwd_kernel, as rar_cuda launches them) given the gates' pre-activations
 // pre = h Wq_t^T + bq_t (B, P, s) in E's type (its tanh, keep_g and wv_t taken by the kernel); h_out
 // (B, P, s) in E's type. Returns 1000 GP + MT, or 0 when the plan does not fit `limit`.
 int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk, const void* bk, const void* bv,
@@ -232,6 +249,17 @@ int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk,
     using T = std::remove_pointer_t<decltype(tag)>;
     const RarArgs<T> r =
         rar_args<T>(E, qlens, nullptr, nullptr, nullptr, wk, bk, wv, bv, keep_k, keep_g, P, Lq, S);
+    if constexpr (!std::is_same<T, float>::value) {   // rar_cuda: the 128-row kernel first
+      const RarPlan w = choose_rar_wg_plan((int)sizeof(T), Lq, S, P, limit);
+      if (w.gp > 0 && use_wgmma) {
+        cuda_emu::launch((unsigned)(B * ((P + w.gp - 1) / w.gp)), kThreads, [&] {
+          rar_fwd_wg_kernel<T>(r, w.bq, w.gp, t, static_cast<const T*>(pre), static_cast<T*>(h_out));
+        },
+                         (size_t)rar_wg_layout((int)sizeof(T), w.gp, S).total);
+        used = 1000 * w.gp + w.mt;
+        return;
+      }
+    }
     const RarPlan pl = choose_rar_plan((int)sizeof(T), Lq, S, P, limit);
     if (pl.gp == 0) return;
     const unsigned blocks = (unsigned)(B * ((P + pl.gp - 1) / pl.gp));

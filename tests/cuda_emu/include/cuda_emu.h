@@ -180,6 +180,7 @@ struct WgOp {
   float* d;
   uint64_t da, db;
   int elem_kind;   // 1 fp16, 2 bf16
+  int n;           // the tile's N (m64nNk16)
 };
 struct WgState {
   std::vector<WgOp> open, committed;
@@ -399,13 +400,18 @@ inline void proxy_fence() {}
 template <int N>
 inline void fence_acc(float (&)[N]) {}
 
-template <typename T>
-inline void mma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
+template <typename T, int N>
+inline void mma_m64k16(float (&d)[N / 2], uint64_t da, uint64_t db) {
   static_assert(sizeof(T) == 2, "wgmma .f16 / .bf16");
+  static_assert(N == 16 || N == 32 || N == 48 || N == 64 || N == 256, "the N wgmma.cuh instantiates");
   auto& st = cuda_emu::wg_state[threadIdx.x];
   if (!st.fenced) throw std::runtime_error("cuda_emu: a wgmma without wgmma.fence before its batch");
-  st.open.push_back({d, da, db, std::is_same<T, c10::Half>::value ? 1 : 2});
+  st.open.push_back({d, da, db, std::is_same<T, c10::Half>::value ? 1 : 2, N});
   ++cuda_emu::wg_ops;
+}
+template <typename T>
+inline void mma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db) {
+  mma_m64k16<T, 256>(d, da, db);
 }
 
 inline void commit() {
@@ -437,14 +443,14 @@ inline void wait0() {
     bool same = round.first.size() == st.committed.size();
     for (size_t i = 0; same && i < st.committed.size(); ++i)
       same = round.first[i].da == st.committed[i].da && round.first[i].db == st.committed[i].db &&
-             round.first[i].elem_kind == st.committed[i].elem_kind;
+             round.first[i].elem_kind == st.committed[i].elem_kind && round.first[i].n == st.committed[i].n;
     if (!same) throw std::runtime_error("cuda_emu: the threads of a warpgroup issued different wgmma batches");
   }
   if (++round.waited == 128) round.waited = 0;
   // the thread's place in its warpgroup: warp w (of 4), lane l
   const int w = (threadIdx.x >> 5) & 3, l = threadIdx.x & 31;
   for (const auto& op : st.committed) {
-    for (int n8 = 0; n8 < 32; ++n8)          // the 8-column groups of the 256
+    for (int n8 = 0; n8 < op.n / 8; ++n8)    // the 8-column groups of the N
       for (int half = 0; half < 2; ++half)   // rows l / 4 and l / 4 + 8 of the warp's 16
         for (int j = 0; j < 2; ++j) {        // the pair of columns 2 (l % 4), + 1
           const int row = 16 * w + l / 4 + 8 * half, col = 8 * n8 + 2 * (l % 4) + j;
