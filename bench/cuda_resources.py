@@ -239,7 +239,8 @@ def plan_shared(chips):
                 keys.append((cc, "l2n_bwd_rows_kernel<{T}>", tname, shape, 0))
             if elem == 4:   # fp16/bf16 run the chain in rcr_gemm_kernel's epilogue
                 keys.append((cc, "rcr_factors_kernel<{T}>", tname, f"rows x d={1024}", 0))
-            else:   # kRcrHidden (E W1^T: K = s), kRcrFactors (H W2^T: K = 2 s)
+            else:   # kRcrHidden (E W1^T: K = s; on sm_90 its launch takes the temperatures too),
+                # kRcrFactors (H W2^T: K = 2 s)
                 for epi, shape in ((0, f"rows x 2s={2 * S_DIM}, K={S_DIM}"), (1, f"rows x d=1024, K={2 * S_DIM}")):
                     queries.append(f"rcrgemm {elem}")
                     keys.append((cc, "rcr_gemm_kernel<{T}, %d>" % epi, tname, shape, None))

@@ -307,7 +307,8 @@ CUDA_RCR_BM, CUDA_RCR_BN, CUDA_RCR_WGMMA_BK = 128, 256, 64
 
 
 def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: int, extra_hbm: int,
-                  wgmma: bool = True, bn: int = CUDA_RCR_BN, out_n: Optional[int] = None) -> None:
+                  wgmma: bool = True, bn: int = CUDA_RCR_BN, out_n: Optional[int] = None, count: int = 1,
+                  a_from_hbm: bool = True) -> None:
     """One launch of an RCR GEMM kernel: out (M x N) = epilogue(A (M x K) B^T (B: N x K)) in
     128 x 256 blocks. Blocks of one row block run back to back (A from HBM once), B stays in L2.
 
@@ -320,7 +321,9 @@ def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: 
     4 A and 4 B fragments per 16 products, HMMA), K streamed 32 columns at a time; the epilogue
     stages each warp's fp32 tile in shared memory (stored, read).
     bn: the block's columns (wgmma's N; 128 for the temperatures' epilogue); out_n: the output's
-    columns written to memory (default N; 1 for the temperatures: one value a row)."""
+    columns written to memory (default N; 1 for the temperatures: one value a row); count 0 and
+    a_from_hbm False: more blocks of the launch booked under the same name (their A read from L2,
+    beside the first part's blocks of the same row block)."""
     e = ELEM
     assert wgmma or bn == CUDA_RCR_BN
     blocks = -(-M // CUDA_RCR_BM) * -(-N // bn)
@@ -333,27 +336,30 @@ def cuda_rcr_gemm(book: Book, name: str, M: int, N: int, K: int, epilogue_simt: 
         smem = blocks * (ksteps * 8 * 8 * 512 + (CUDA_RCR_BM + CUDA_RCR_BN) * ksteps * 16 * e
                          + CUDA_RCR_BM * CUDA_RCR_BN * 4 * 2)
         note = f"BM {CUDA_RCR_BM} BN {CUDA_RCR_BN}"
-    book.add(name, count=1, note=note, hmma=not wgmma,
+    book.add(name, count=count, note=note, hmma=not wgmma,
              tc=blocks * CUDA_RCR_BM * bn * 2 * ksteps * 16, simt=epilogue_simt, smem=smem,
              l2=blocks * (CUDA_RCR_BM + bn) * ksteps * 16 * e,
-             hbm=M * K * e + N * K * e + M * (N if out_n is None else out_n) * e + extra_hbm)
+             hbm=(M * K * e if a_from_hbm else 0) + N * K * e + M * (N if out_n is None else out_n) * e + extra_hbm)
 
 
 def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "cuda") -> None:
-    """The fused RCR step for inference of the cuda backend (csrc/cuda/rcr.cu): fp16/bf16 run two
-    rcr_gemm_kernel launches, H = tanh(E W1^T + b1) and F = clamp(tanh(H W2^T + b2) + F_old, -1, 1)
-    (zero at padded rows; F_old read where there is one, M never stored), then cuBLAS E ws1^T and
-    one kernel for the temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam) (a warp per row: one
-    read of the s/2-wide layer, lam read and written). (fp32 keeps cuBLAS for all three GEMMs, the
-    hidden layer's tanh_ in ATen and rcr_factors_kernel: not modelled, the shapes are bf16.)"""
+    """The fused RCR step for inference of the cuda backend (csrc/cuda/rcr.cu) on the H200 (an
+    sm_90a build): fp16/bf16 run two rcr_wgmma_kernel launches: H = tanh(E W1^T + b1) with, in
+    one more block per row block of the same launch, the temperatures relu(ws2 tanh(E ws1^T + bs1)
+    + bs2 + lam) (its kRcrSmooth epilogue: a 128-column block by m64n128k16 (s / 2 <= 128), a row's
+    sum over its 4 lanes by shuffles, lam read and written, E from L2 beside the row block's other
+    blocks; the s/2-wide layer never stored); then F = clamp(tanh(H W2^T + b2) + F_old, -1, 1)
+    (zero at padded rows; F_old read where there is one, M never stored). (Builds without
+    sm_90a, and s / 2 above 128: cuBLAS E ws1^T and rcr_smooth_kernel, not modelled; fp32 keeps
+    cuBLAS for all three GEMMs: not modelled, the shapes are bf16.)"""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
-    cuda_rcr_gemm(book, "rcr_wgmma_kernel (H = tanh(E W1^T + b1))", N, 2 * s, s, N * 2 * s * 8, 0)
+    hidden = "rcr_wgmma_kernel (H = tanh(E W1^T + b1); lam = relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam))"
+    cuda_rcr_gemm(book, hidden, N, 2 * s, s, N * 2 * s * 8, 0)
+    cuda_rcr_gemm(book, hidden, N, s // 2, s, N * (s // 2) * 10, N * e + P * 4, bn=128, out_n=1, count=0,
+                  a_from_hbm=False)
     cuda_rcr_gemm(book, "rcr_wgmma_kernel (F = clamp(tanh(H W2^T + b2) + F))", N, d, 2 * s, N * d * 10,
                   (N * d * e if has_f else 0) + P * 4)
-    book.add(f"rcr ({backend}): E ws1^T (cuBLAS)", count=1, tc=2 * N * s * s // 2,
-             hbm=N * s * e + N * s // 2 * e)
-    book.add("rcr_smooth_kernel", count=1, simt=N * (s // 2) * 10, hbm=N * (s // 2) * e + N * e * 2 + P * 4)
 
 
 #: the Triton RCR GEMMs' tiles for bf16/fp16 (kernels/rcr.py: rcr_gemm_config; tests/test_roofline.py
@@ -756,10 +762,13 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
             rblocks = B * -(-P // RGP)
             # K = E Wk^T on wgmma (HGMMA, the tc ceiling): 128 rows x 256 columns (kNG) x sk executed
             # per block; E read once per pair, Wk once per block
+            # at inference the last step's launch takes the scoring layer (rar_scores): a score
+            # (4 bytes) written a pair instead of h
+            out = 4 if t == shape.steps - 1 and not shape.training else s * e
             book.add(f"rar_fwd_wg_kernel{tag}", count=1, note=f"BQ {RBQ} GP {RGP}, wgmma",
                      tc=rblocks * 2 * rrows * CUDA_NG * sk, simt=pairs * (16 * Lq * s + 8 * s),
                      smem=rblocks * cuda_rar_wg_smem_bytes(RGP, RBQ, s),
-                     l2=pairs * (Lq * s * e + s * e * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
+                     l2=pairs * (Lq * s * e + s * e + out) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e + out))
         else:
             RBQ, RGP, rrows = cuda_rar_plan(Lq, P)
             rblocks = B * -(-P // RGP)
@@ -767,7 +776,15 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
                      tc=rblocks * 2 * rrows * s * s, simt=pairs * (16 * Lq * s + 8 * s),
                      smem=rblocks * (s * e * (8 * rrows + s) + s * s * e + rrows * s * e * 2),
                      l2=pairs * (Lq * s * e + s * e * 2) + rblocks * s * s * e, hbm=pairs * (Lq * s * e + s * e * 2))
-    pipeline_block(book, B, P, Lq, tag)
+    if shape.training:
+        pipeline_block(book, B, P, Lq, tag)
+        return
+    # at inference the kernel set's rar_scores (csrc/cuda/rar.cu): the scoring layer in the last
+    # rar_fwd_wg_kernel launch; after rar_fwd_kernel, h cast to float32, addmv and sigmoid in ATen
+    if rwg is None:
+        book.add("rar_scores: sigmoid(h w + b) after rar_fwd_kernel (ATen)", count=3, simt=pairs * 2 * s,
+                 hbm=pairs * (s * e + s * 4 * 2 + 4 * 2))
+    pipeline_block(book, B, P, Lq, tag, fused_score=True)
 
 
 def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:

@@ -17,6 +17,10 @@ TORCH_LIBRARY(rcar_fast, m) {
   m.def("rar_bwd(Tensor grad, Tensor E, Tensor qlens, Tensor h, Tensor wq, Tensor bq, Tensor wk, "
         "Tensor bk, Tensor wv, Tensor bv, Tensor? keep_k, Tensor? keep_g) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // rar with the scoring layer in its last step's launch: (B, P) float32 sigmoid(score_w . h +
+  // score_b), h rounded to E's dtype first (inference only; CUDA only)
+  m.def("rar_scores(Tensor E, Tensor qlens, Tensor? h0, Tensor wq, Tensor bq, Tensor wk, Tensor bk, "
+        "Tensor wv, Tensor bv, Tensor score_w, Tensor score_b) -> Tensor");
   m.def("rcr(Tensor E, Tensor qlens, Tensor? factors, Tensor? lam, float lam_scalar, Tensor w1, Tensor b1, "
         "Tensor w2, Tensor b2, Tensor ws1, Tensor bs1, Tensor ws2, Tensor bs2) -> (Tensor, Tensor)");
 }

@@ -273,6 +273,29 @@ def rar_128_row_cases(backend, device, dtype):
             torch.testing.assert_close(out.cpu().double(), want, **TOL[dtype])
 
 
+def rar_scores_are_rar_then_the_layer(backend, device, dtype, cases=None):
+    """The kernel set's rar_scores (RAR with the scoring layer in its last launch) against its rar
+    then sigmoid(score_w . h + score_b) in torch, on tests/test_cuda_emu.py's RAR_WG_CASES (the
+    CUDA 128-row RAR kernel's), T = 1 from the mean and T = 2 from a given h; a wrong scoring
+    layer refused by name."""
+    from rcar_fast.backends import kernel_set
+    from test_cuda_emu import RAR_WG_CASES, rar_wg_case_args
+    ks = kernel_set(backend)
+    assert ks.rar_scores is not None, f"{backend}: no rar_scores"
+    for Lq, P, s, _ in cases or RAR_WG_CASES:
+        for T, h_given in ((1, False), (2, True)):
+            args = [a.to(device) if isinstance(a, torch.Tensor) else a
+                    for a in rar_wg_case_args(dtype, Lq, P, s, T, False, h_given)]
+            g = torch.Generator().manual_seed(3 + s)
+            sw, sb = (torch.randn(s, generator=g) * 0.5).to(device), torch.randn(1, generator=g).to(device)
+            got = ks.rar_scores(*args[:9], sw, sb)
+            want = torch.sigmoid(ks.rar(*args).float() @ sw + sb)
+            assert got.dtype == torch.float32 and got.shape == want.shape and torch.isfinite(got).all()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="^score_w"):
+        ks.rar_scores(*args[:9], sw[:-1], sb)
+
+
 def context_gram_gives_the_same_attention(backend, device, dtype=torch.float32):
     """The backend's attention given its kernel set's context_gram (the Gram matrices the
     pipeline makes once for several calls) returns the output it makes alone, bit for bit, on the

@@ -76,7 +76,7 @@ def build_emu(folder: str):
                                      _VP, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP, _VP]
     so.emu_attention_fwd.restype = _I64
     so.emu_rar_step.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
-                                _VP, _I64, _VP]
+                                _VP, _I64, _VP, _VP, _VP, _VP]
     so.emu_rar_step.restype = _I64
     so.emu_attention_sqdiff.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64,
                                         _I64, _I64, _I64, _I64, _VP]
@@ -89,6 +89,8 @@ def build_emu(folder: str):
     so.emu_rcr_factors.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint]
     so.emu_rcr_gemm.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
                                 _VP]
+    so.emu_rcr_hidden_smooth_wg.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _I64,
+                                            _I64, _I64, _I64, _I64, _I64, _VP, _VP]
     so.emu_rcr_smooth.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint,
                                   _VP]
     so.emu_last_error.restype = ctypes.c_char_p
@@ -500,17 +502,19 @@ def test_attention_backward(emu, with_state, with_weight, dtype):
 
 # ----------------------------------------------------------------------------- RAR
 
-def emu_rar(emu, args, limit=H200_SMEM, wgmma=False, guarded=False):
+def emu_rar(emu, args, limit=H200_SMEM, wgmma=False, guarded=False, score=None):
     """The rar op as rar_cuda computes it: h in E's dtype (rar_mean_kernel's mean of E over the
     valid rows at the start), each step's gate pre-activations h Wq^T + bq in E's dtype on the host
     (torch here, cuBLAS there), rar_fwd_kernel per step (the gates' tanh, keep_g and wv in it).
     wgmma: as on an sm_90a build (rar_fwd_wg_kernel where plan.h choose_rar_wg_plan takes the
     shapes: checked to have run wgmma exactly when the plan says MT 8). guarded: E and Wk end
-    right before an inaccessible page (_Guarded). Returns (h in E's dtype, the plans used)."""
+    right before an inaccessible page (_Guarded). score (w (s,), b (1,), float32): the last step
+    writes the scores sigmoid(w . h + b) (B, P) float32 instead of h (rar_fwd_wg_kernel only).
+    Returns (h in E's dtype, or the scores; the plans used)."""
     emu.emu_set_wgmma(int(wgmma))
     emu.emu_wgmma_ops()
     try:
-        h, used = _emu_rar(emu, args, limit, guarded)
+        h, used = _emu_rar(emu, args, limit, guarded, score)
     finally:
         emu.emu_set_wgmma(0)
     ran = emu.emu_wgmma_ops()
@@ -519,7 +523,7 @@ def emu_rar(emu, args, limit=H200_SMEM, wgmma=False, guarded=False):
     return h, used
 
 
-def _emu_rar(emu, args, limit, guarded):
+def _emu_rar(emu, args, limit, guarded, score=None):
     E, ql, h0, wq, bq, wk, bk, wv, bv, kk, kg = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
     if guarded:
         guard = _Guarded()
@@ -533,9 +537,13 @@ def _emu_rar(emu, args, limit, guarded):
     used = []
     for t in range(wq.shape[0]):
         pre = torch.addmm(bq[t], h.reshape(-1, S), wq[t].T).contiguous()
-        h_next = torch.full((B, P, S), float("nan"), dtype=E.dtype)
+        last = score is not None and t == wq.shape[0] - 1
+        h_next = torch.full((B, P) if last else (B, P, S), float("nan"),
+                            dtype=torch.float32 if last else E.dtype)
+        sw, sb = score if last else (None, None)
         used.append(emu.emu_rar_step(DTYPES[E.dtype], _ptr(E), _ptr(ql), _ptr(wk), _ptr(bk), _ptr(bv), _ptr(wv),
-                                     _ptr(kk), _ptr(kg), B, P, Lq, S, t, _ptr(pre), limit, _ptr(h_next)))
+                                     _ptr(kk), _ptr(kg), B, P, Lq, S, t, _ptr(pre), limit,
+                                     None if last else _ptr(h_next), _ptr(sw), _ptr(sb), _ptr(h_next) if last else None))
         h = h_next
     return h, used
 
@@ -610,6 +618,25 @@ def test_rar_forward_128_row_blocks(emu, Lq, P, s, gp, T, dropout, h_given, dtyp
     want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out.double(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("T,h_given", [(1, False), (2, True)], ids=["T1", "T2,h0"])
+@pytest.mark.parametrize("Lq,P,s,gp", RAR_WG_CASES, ids=RAR_WG_IDS)
+def test_rar_scores_128_row_blocks(emu, Lq, P, s, gp, T, h_given, dtype):
+    """rar_fwd_wg_kernel's last step with the scoring layer (the rar_scores op's CUDA kernel, as on
+    an sm_90a build): each pair's sigmoid(w . h + b) in float32 from h rounded to E's dtype, h never
+    stored; equal (to fp32 summation order) to the same steps' h then the layer in torch, and close
+    to the reference's."""
+    args = rar_wg_case_args(dtype, Lq, P, s, T, False, h_given)
+    g = torch.Generator().manual_seed(3 + s)
+    sw, sb = torch.randn(s, generator=g) * 0.5, torch.randn(1, generator=g)
+    got, used = emu_rar(emu, args, wgmma=True, score=(sw, sb))
+    assert used == [1000 * gp + 8] * T and got.dtype == torch.float32 and got.shape == args[0].shape[:2], used
+    h, _ = emu_rar(emu, args, wgmma=True)
+    torch.testing.assert_close(got, torch.sigmoid(h.float() @ sw + sb), rtol=0, atol=1e-6)
+    want = ref_rar(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+    torch.testing.assert_close(got.double(), torch.sigmoid(want @ sw.double() + sb.double()), **TOL[dtype])
 
 
 @pytest.mark.parametrize("case,plan", [("64 rows", 3004), ("s 300", 3004)])
@@ -766,6 +793,56 @@ def test_rcr_gemm(emu, epi, has_f, dtype, wgmma, K):
     torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
     assert (want.abs() == 1).any() or epi == RCR_HIDDEN    # the clamp is reached
     assert (emu.emu_wgmma_ops() > 0) == bool(wgmma)      # the kernel asked for ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("has_lam", [False, True], ids=["scalar", "lam"])
+@pytest.mark.parametrize("K,H1,H2", [(256, 512, 128), (100, 200, 50), (100, 0, 50)], ids=["s256", "s100", "no hidden"])
+def test_rcr_hidden_and_temperatures_wgmma(emu, K, H1, H2, has_lam, dtype):
+    """rcr_wgmma_kernel's hidden-layer launch with the temperatures in it (as rcr.cu launches it on
+    an sm_90a build): per row block, H1 / 256 blocks of hidden = tanh(E w1^T + b1), then one block
+    of the kRcrSmooth epilogue, relu(ws2 . tanh(E ws1^T + bs1) + bs2 + lam) straight from the
+    accumulators of E ws1^T (m64n128k16; s / 2 = 128: the whole block, 16-byte loads; 50: a partial
+    block, K = 100 not a multiple of 8: element loads; no hidden columns: the temperatures' blocks
+    alone), over (B = 2, P = 3, Lq = 25) = 150 rows (two row blocks, the second partial); lam zero at
+    padded rows whatever E and lam hold there (NaN); the scalar lam where none is given; a NaN in a
+    valid row comes out NaN. E, w1 and ws1 end at an inaccessible page."""
+    B, P, Lq = 2, 3, 25
+    g = torch.Generator().manual_seed(9 + K + H1 + has_lam)
+    ql = torch.tensor([25, 1, 13], dtype=torch.int32)
+    E = (torch.randn(B, P, Lq, K, generator=g) * 0.3).to(dtype)
+    w1 = (torch.randn(H1, K, generator=g) * 0.3).to(dtype)
+    b1 = (torch.randn(H1, generator=g) * 0.5).to(dtype)
+    ws1 = (torch.randn(H2, K, generator=g) * 0.3).to(dtype)
+    bs1 = (torch.randn(H2, generator=g) * 0.5).to(dtype)
+    ws2 = (torch.randn(H2, generator=g) * 0.3).to(dtype)
+    bs2 = torch.randn(1, generator=g).to(dtype)
+    lam = (torch.rand(B, P, Lq, generator=g) * 4 - 3).to(dtype) if has_lam else None
+    valid = (torch.arange(Lq)[None, :] < ql[:, None].long())[None].expand(B, P, Lq)
+    E[~valid] = float("nan")
+    if lam is not None:
+        lam[~valid] = float("nan")
+    E[1, 0, 20, 7] = float("nan")                   # a valid row's E (row 95, the first row block)
+    old = lam.double() if lam is not None else -0.5
+    want_h = torch.tanh(E.double() @ w1.double().T + b1.double())
+    hs = E.double() @ ws1.double().T + bs1.double()
+    want = torch.where(valid, torch.relu(torch.tanh(hs) @ ws2.double() + bs2.double() + old), 0.0)
+    guard = _Guarded()
+    out = torch.full((B, P, Lq), float("nan"), dtype=dtype)
+    hidden = torch.full((B, P, Lq, H1), float("nan"), dtype=dtype)
+    if H1:   # (an empty tensor has no page to end at)
+        hidden, w1 = guard(hidden), guard(w1)
+    emu.emu_set_wgmma(1)
+    emu.emu_wgmma_ops()
+    emu.emu_rcr_hidden_smooth_wg(DTYPES[dtype], _ptr(guard(E)), _ptr(w1), _ptr(b1), _ptr(guard(ws1)),
+                                 _ptr(bs1), _ptr(ws2), _ptr(bs2), _ptr(lam), -0.5, _ptr(ql), B * P * Lq, H1, H2, K,
+                                 P, Lq, _ptr(hidden), _ptr(out))
+    emu.emu_set_wgmma(0)
+    assert emu.emu_wgmma_ops() > 0
+    assert torch.isnan(want[1, 0, 20]) and torch.isnan(out).sum() == 1
+    torch.testing.assert_close(out.double(), want, equal_nan=True, **TOL[dtype])
+    assert (want[valid] > 0).any() and (want[valid] == 0).any()     # both sides of the relu
+    torch.testing.assert_close(hidden.double(), want_h, equal_nan=True, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

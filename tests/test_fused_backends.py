@@ -472,6 +472,31 @@ def test_rar_scores_op_is_rar_then_the_scoring_layer(dtype):
         tb.triton_rar_scores(E, ql, h0, *(w[:0] for w in ws), sw, sb)
 
 
+def test_extension_rar_scores_is_cuda_only():
+    """The extension's rar_scores (csrc/ops.cpp; CUDA only: RAR with the scoring layer in
+    rar_fwd_wg_kernel's last launch): its fake is (B, P) float32; the "cuda" kernel set offers it
+    where the extension has its CUDA kernel, "cpp" none; CPU tensors find no kernel (the
+    dispatcher's error, naming the op). Its numbers are checked on a GPU (test_gpu.py's
+    test_cuda_rar_scores) and, kernel-level, in the emulator (test_rar_scores_128_row_blocks)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rcar_fast.backends import extension_kernels as ek
+    S = 8
+    args = lambda: (torch.empty(2, 3, 5, S, dtype=torch.float16), torch.full((3,), 5, dtype=torch.int32), None,
+                    torch.empty(1, S, S, dtype=torch.float16), torch.empty(1, S, dtype=torch.float16),
+                    torch.empty(1, S, S, dtype=torch.float16), torch.empty(1, S, dtype=torch.float16),
+                    torch.empty(1, S, dtype=torch.float16), torch.empty(1, dtype=torch.float16),
+                    torch.empty(S), torch.empty(1))
+    assert ek.CPP.rar_scores is None
+    assert (ek.CUDA.rar_scores is torch.ops.rcar_fast.rar_scores.default) == \
+        torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rar_scores", "CUDA")
+    with FakeTensorMode():
+        out = torch.ops.rcar_fast.rar_scores(*args())
+    assert out.shape == (2, 3) and out.dtype == torch.float32
+    with pytest.raises(NotImplementedError, match="rar_scores"):
+        torch.ops.rcar_fast.rar_scores(*args())
+
+
 def test_extension_attention_takes_a_gram():
     """The extension's attention op (csrc/ops.cpp) takes the optional gram after context_index:
     the CPU kernel checks it by name and does not need it (the same output), opcheck's schema,

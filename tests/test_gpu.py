@@ -15,6 +15,7 @@ import torch
 
 import rcar_fast
 from gpu_cases import (CONFIGS, GPU_BACKENDS, Dims, attention_128_row_cases, flickr_shaped_block, rar_128_row_cases,
+                       rar_scores_are_rar_then_the_layer,
                        fp32_matches_reference, gradients_match_reference, half_error_within_twice_torch,
                        half_pair_scores_within_twice_torch, memory_within_budget, pair_scores_match_the_grid,
                        rcr_op_matches_torch_step, repeated_lengths, selftest_passes,
@@ -151,14 +152,19 @@ def test_cuda_rcr_gemm_kernels(backend, kernel, dtype, atol, monkeypatch):
     """The CUDA rcr op on each of its GEMM kernels (launch.h use_wgmma; RCAR_FAST_CUDA_WGMMA=0 asks
     for wmma) against torch's step in float64: rcr_wgmma_kernel (Hopper's wgmma: descriptors,
     accumulator layout and fences never run anywhere else; the emulator's model of them is written
-    from the PTX ISA) and rcr_gemm_kernel. Shapes: s = 256, d = 1024 (K 256 and 512: 4 and 8 chunks
-    of 64, both buffers reused), 16 x 35 rows (5 row blocks of 128); s = 76, d = 300 (K not a
-    multiple of 8: element loads, a partial chunk, partial column blocks)."""
+    from the PTX ISA) and rcr_gemm_kernel; with wgmma the temperatures too (one more block a row
+    block of the hidden layer's rcr_wgmma_kernel launch, its kRcrSmooth epilogue, m64n128k16: s / 2
+    <= 128 here), else cuBLAS and rcr_smooth_kernel.
+    Shapes: s = 256, d = 1024 (K 256 and 512: 4 and 8 chunks of 64, both buffers reused), 16 x 35
+    rows (5 row blocks of 128); s = 76, d = 300 (K not a multiple of 8: element loads, a partial
+    chunk, partial column blocks)."""
     _wgmma_or_wmma(kernel, monkeypatch)
     ran = _kernels_run(lambda: [rcr_op_matches_torch_step("cuda", "cuda", dtype, with_state, atol, d=d, s=s, B=B)
                                 for d, s, B in ((1024, 256, 16), (300, 76, 1)) for with_state in (False, True)])
     want, other = ("rcr_wgmma_kernel", "rcr_gemm_kernel")[::1 if kernel == "wgmma" else -1]
     assert any(want in n for n in ran) and not any(other in n for n in ran), ran   # the kernel asked for ran
+    # the temperatures: in the hidden layer's rcr_wgmma_kernel launch with wgmma, rcr_smooth_kernel without
+    assert any("rcr_smooth_kernel" in n for n in ran) == (kernel == "wmma"), ran
 
 
 @pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
@@ -205,6 +211,16 @@ def test_cuda_rar_128_row_blocks(backend, kernel, dtype, monkeypatch):
     _wgmma_or_wmma(kernel, monkeypatch)
     ran = _kernels_run(lambda: rar_128_row_cases("cuda", "cuda", dtype))
     assert any("rar_fwd_wg_kernel" in n for n in ran) == (kernel == "wgmma"), ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
+def test_cuda_rar_scores(backend, kernel, dtype, monkeypatch):
+    """The CUDA rar_scores op (the scoring layer in rar_fwd_wg_kernel's last launch with wgmma; after
+    rar_fwd_kernel in ATen without) against its rar op then the layer in torch (gpu_cases)."""
+    _wgmma_or_wmma(kernel, monkeypatch)
+    rar_scores_are_rar_then_the_layer("cuda", "cuda", dtype)
 
 
 def _wgmma_or_wmma(kernel, monkeypatch):

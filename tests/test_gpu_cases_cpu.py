@@ -12,7 +12,7 @@ import rcar_fast
 
 import test_gpu
 from gpu_cases import (CONFIGS, Dims, attention_128_row_cases, flickr_shaped_block, fp32_matches_reference,
-                       rar_128_row_cases,
+                       rar_128_row_cases, rar_scores_are_rar_then_the_layer,
                        gradients_match_reference, half_error_within_twice_torch, half_pair_scores_within_twice_torch,
                        pair_scores_match_the_grid, rcr_op_matches_torch_step, repeated_lengths,
                        selftest_passes, training_step_with_dropout, context_gram_gives_the_same_attention)
@@ -131,6 +131,14 @@ def test_cuda_rar_128_row_blocks_case(backend, dtype):
     """The cases and tolerances of the GPU tier's test_cuda_rar_128_row_blocks on the C++ CPU
     kernel: a correct rar op meets them."""
     rar_128_row_cases(backend, "cpu", dtype)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("triton"))
+def test_rar_scores_case(backend):
+    """The GPU tier's test_cuda_rar_scores check on the Triton interpreter's rar_scores (two of the
+    cases: the interpreter is slow)."""
+    from test_cuda_emu import RAR_WG_CASES
+    rar_scores_are_rar_then_the_layer(backend, "cpu", torch.float16, cases=RAR_WG_CASES[:2])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -200,12 +200,7 @@ struct TcProjectionWg {
     const int k0 = (threadIdx.x >> 7) * 16;   // this warpgroup's 16 columns of the chunk
     const auto* a8 = reinterpret_cast<const unsigned char*>(A) + wg_core_offset(0, k0, kBD);
     const auto* b8 = reinterpret_cast<const unsigned char*>(B) + wg_core_offset(0, k0, kBD);
-    wg::fence_acc(acc);   // no access of the accumulators moved past the fence (as CUTLASS)
-    wg::fence();
-    wg::mma_m64n256k16<T>(acc, wg::desc(a8, 128, kBD * 16), wg::desc(b8, 128, kBD * 16));
-    wg::commit();
-    wg::wait0();
-    wg::fence_acc(acc);
+    wg::batch(acc, [&] { wg::mma_m64n256k16<T>(acc, wg::desc(a8, 128, kBD * 16), wg::desc(b8, 128, kBD * 16)); });
   }
 
   // Both warpgroups' sums into Y (holds a barrier: every thread calls it): the second stores, the
@@ -836,15 +831,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wg_kernel(const Att
     }
     wg::proxy_fence();
     __syncthreads();
-    wg::fence_acc(sacc);
-    wg::fence();
+    wg::batch(sacc, [&] {
 #pragma unroll
-    for (int kk = 0; kk < kBD; kk += 16)
-      wg::mma_m64k16<T, BC>(sacc, wg::desc(xs + wg_core_offset(r0, kk, kBD), 128, kBD * 16),
-                            wg::desc(cs + wg_core_offset(0, kk, kBD), 128, kBD * 16));
-    wg::commit();
-    wg::wait0();
-    wg::fence_acc(sacc);
+      for (int kk = 0; kk < kBD; kk += 16)
+        wg::mma_m64k16<T, BC>(sacc, wg::desc(xs + wg_core_offset(r0, kk, kBD), 128, kBD * 16),
+                              wg::desc(cs + wg_core_offset(0, kk, kBD), 128, kBD * 16));
+    });
     __syncthreads();   // xs and cs free for the next chunk
   }
 #pragma unroll
@@ -899,15 +891,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wg_kernel(const Att
     float uacc[kBD / 2];
 #pragma unroll
     for (int i = 0; i < kBD / 2; ++i) uacc[i] = 0.f;
-    wg::fence_acc(uacc);
-    wg::fence();
+    wg::batch(uacc, [&] {
 #pragma unroll
-    for (int kk = 0; kk < BC; kk += 16)
-      wg::mma_m64k16<T, kBD>(uacc, wg::desc(Pb + wg_core_offset(r0, kk, BC), 128, BC * 16),
-                             wg::desc(ct + wg_core_offset(0, kk, BC), 128, BC * 16));
-    wg::commit();
-    wg::wait0();
-    wg::fence_acc(uacc);
+      for (int kk = 0; kk < BC; kk += 16)
+        wg::mma_m64k16<T, kBD>(uacc, wg::desc(Pb + wg_core_offset(r0, kk, BC), 128, BC * 16),
+                               wg::desc(ct + wg_core_offset(0, kk, BC), 128, BC * 16));
+    });
     // (Q - A)^2 at each register's element, two adjacent columns a pair
 #pragma unroll
     for (int i = 0; i < kBD / 2; i += 2) {
@@ -928,15 +917,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wg_kernel(const Att
     }
     wg::proxy_fence();
     __syncthreads();
-    wg::fence_acc(yacc);
-    wg::fence();
+    wg::batch(yacc, [&] {
 #pragma unroll
-    for (int kk = 0; kk < kBD; kk += 16)
-      wg::mma_m64k16<T, kNG>(yacc, wg::desc(as + wg_core_offset(r0, kk, kBD), 128, kBD * 16),
-                             wg::desc(ws + wg_core_offset(0, kk, kBD), 128, kBD * 16));
-    wg::commit();
-    wg::wait0();
-    wg::fence_acc(yacc);
+      for (int kk = 0; kk < kBD; kk += 16)
+        wg::mma_m64k16<T, kNG>(yacc, wg::desc(as + wg_core_offset(r0, kk, kBD), 128, kBD * 16),
+                               wg::desc(ws + wg_core_offset(0, kk, kBD), 128, kBD * 16));
+    });
     __syncthreads();   // ct, ws and as free for the next chunk
   }
 

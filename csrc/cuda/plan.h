@@ -233,6 +233,7 @@ RCAR_HD int64_t rcr_gemm_smem(int elem) {
 // 128 contiguous bytes; the K chunk's 8 core matrices of a row group back to back, then the
 // next row group: rcr_wgmma_offset). The epilogue reads the accumulator registers (no region).
 constexpr int kRcrWgBK = 64;
+constexpr int kRcrSmoothBN = 128;   // rcr_wgmma_kernel<.., kRcrSmooth>'s block columns (s / 2 at most)
 RCAR_HD int64_t rcr_wgmma_stage(int elem) { return (int64_t)(kRcrBM + kRcrBN) * kRcrWgBK * elem; }
 RCAR_HD int64_t rcr_wgmma_smem(int elem) { return 2 * rcr_wgmma_stage(elem); }
 // Byte offset of element (r, k) of a 16-bit wgmma operand tile of bk columns (a K chunk) stored

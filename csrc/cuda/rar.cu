@@ -13,6 +13,8 @@
 // dE += dKp Wk, dh = dgp Wq.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/addmv.h>
+#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -114,13 +116,14 @@ void prepare_rar_fwd_wg(int elem, const RarArgs<T>& r, const RarPlan& pl) {
     prepare_smem(rar_fwd_wg_kernel<T>, rar_wg_layout(elem, pl.gp, r.S).total, "rar");
 }
 
+// score.w set: the step writes the scores, not h (h_out unused)
 template <typename T>
 void launch_rar_fwd_wg(const RarArgs<T>& r, const RarPlan& pl, int64_t blocks, int64_t t, const Tensor& pre,
-                       Tensor& h_out, cudaStream_t stream) {
+                       Tensor& h_out, const RarScore& score, cudaStream_t stream) {
   if constexpr (!std::is_same<T, float>::value) {
     const int64_t smem = rar_wg_layout((int)sizeof(T), pl.gp, r.S).total;
-    rar_fwd_wg_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(r, pl.bq, pl.gp, t, ptr<T>(pre),
-                                                                                 mut_ptr<T>(h_out));
+    rar_fwd_wg_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+        r, pl.bq, pl.gp, t, ptr<T>(pre), score.w != nullptr ? nullptr : mut_ptr<T>(h_out), score);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -146,18 +149,25 @@ void launch_rar_bwd(const RarArgs<T>& r, int64_t pairs, const Tensor& grad, Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const Tensor& wq, const Tensor& bq,
-                const Tensor& wk, const Tensor& bk, const Tensor& wv, const Tensor& bv, const OptTensor& keep_k,
-                const OptTensor& keep_g) {
-  rcar_fast::check_rar(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g);
-  check_cuda_dtype(E, "E");
-  c10::cuda::CUDAGuard guard(E.device());
+// The rar op's T steps (rar_cuda); with score_w (rar_scores_cuda) the scoring layer too: in the last
+// step's launch where that is rar_fwd_wg_kernel (h never stored), else sigmoid(h . score_w +
+// score_b) in ATen after it. Returns h (B, P, s), or the scores (B, P) float32 with score_w.
+Tensor rar_run(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const Tensor& wq, const Tensor& bq,
+               const Tensor& wk, const Tensor& bk, const Tensor& wv, const Tensor& bv, const OptTensor& keep_k,
+               const OptTensor& keep_g, const Tensor* score_w, const Tensor* score_b) {
   const RarInputs in = prepare(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g);
   const int64_t pairs = in.B * in.P;
-  if (pairs * in.S == 0) return at::empty({in.B, in.P, in.S}, E.options());
+  Tensor scores;
+  if (score_w != nullptr) scores = at::empty({in.B, in.P}, E.options().dtype(at::kFloat));
+  if (pairs * in.S == 0) {
+    if (score_w == nullptr) return at::empty({in.B, in.P, in.S}, E.options());
+    // s = 0: h is empty, each score the sigmoid of the bias alone
+    return pairs == 0 ? scores : at::sigmoid(score_b->expand({in.B, in.P})).contiguous();
+  }
   check_pairs(pairs);
   // h: (pairs, s) in E's dtype; the start is the mean of E over each pair's valid rows (rar_mean_kernel)
   Tensor h;
+  bool scored = false;   // the last step's launch wrote the scores
   if (in.has_h) h = in.h.view({pairs, in.S});
   cudaStream_t stream = current_stream();
   dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
@@ -184,12 +194,16 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
     for (int64_t t = 0; t < in.steps; ++t) {
       // the gates' pre-activations of every pair, one GEMM in E's dtype: pre = h Wq_t^T + bq_t
       const Tensor pre = at::addmm(in.bq.select(0, t), h, in.wq.select(0, t).t());
-      Tensor h_next = at::empty({pairs, in.S}, E.options());
       if (wg) {
-        launch_rar_fwd_wg<T>(r, pl, blocks, t, pre, h_next, stream);
+        scored = score_w != nullptr && t == in.steps - 1;
+        const RarScore sc{scored ? score_w->data_ptr<float>() : nullptr, scored ? score_b->data_ptr<float>() : nullptr,
+                          scored ? scores.data_ptr<float>() : nullptr};
+        Tensor h_next = scored ? Tensor() : at::empty({pairs, in.S}, E.options());
+        launch_rar_fwd_wg<T>(r, pl, blocks, t, pre, h_next, sc, stream);
         h = h_next;
         continue;
       }
+      Tensor h_next = at::empty({pairs, in.S}, E.options());
       switch (pl.mt) {
         case 1: launch_rar_fwd<T, 1>(r, pl, blocks, t, pre, h_next, stream); break;
         case 2: launch_rar_fwd<T, 2>(r, pl, blocks, t, pre, h_next, stream); break;
@@ -199,8 +213,41 @@ Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const
       h = h_next;
     }
   });
-  // check_rar requires T >= 1 steps: h is the last step's fresh output, never the caller's h0
-  return h.view({in.B, in.P, in.S});
+  if (score_w == nullptr) return h.view({in.B, in.P, in.S});   // the last step's fresh output (T >= 1)
+  if (!scored) scores = at::sigmoid(at::addmv(*score_b, h.to(at::kFloat), *score_w)).view({in.B, in.P});
+  return scores;
+}
+
+Tensor rar_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const Tensor& wq, const Tensor& bq,
+                const Tensor& wk, const Tensor& bk, const Tensor& wv, const Tensor& bv, const OptTensor& keep_k,
+                const OptTensor& keep_g) {
+  rcar_fast::check_rar(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g);
+  check_cuda_dtype(E, "E");
+  c10::cuda::CUDAGuard guard(E.device());
+  return rar_run(E, qlens, h0, wq, bq, wk, bk, wv, bv, keep_k, keep_g, nullptr, nullptr);
+}
+
+// rcar_fast::rar_scores: rar without dropout, then each pair's score sigmoid(score_w . h + score_b)
+// (float32, from h rounded to E's dtype) taken in the last step's launch where that is
+// rar_fwd_wg_kernel. score_w (s,), score_b (1,): contiguous float32 on E's device.
+Tensor rar_scores_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& h0, const Tensor& wq, const Tensor& bq,
+                       const Tensor& wk, const Tensor& bk, const Tensor& wv, const Tensor& bv, const Tensor& score_w,
+                       const Tensor& score_b) {
+  rcar_fast::check_rar(E, qlens, h0, wq, bq, wk, bk, wv, bv, OptTensor(), OptTensor());
+  check_cuda_dtype(E, "E");
+  TORCH_CHECK(wq.size(0) >= 1, "wq: the fused scoring layer is taken in the last RAR step; got ", wq.size(0),
+              " steps (wq.shape[0])");
+  const int64_t S = E.size(3);
+  auto check = [&](const char* name, const Tensor& t, int64_t n) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.scalar_type() == at::kFloat && t.device() == E.device() &&
+                    t.is_contiguous(),
+                name, ": expected a contiguous float32 tensor of shape (", n, ") on ", E.device(), ", got ",
+                t.scalar_type(), " ", t.sizes(), " on ", t.device(), t.is_contiguous() ? "" : ", not contiguous");
+  };
+  check("score_w", score_w, S);
+  check("score_b", score_b, 1);
+  c10::cuda::CUDAGuard guard(E.device());
+  return rar_run(E, qlens, h0, wq, bq, wk, bk, wv, bv, OptTensor(), OptTensor(), &score_w, &score_b);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rar_bwd_cuda(
@@ -250,4 +297,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rar_bwd_cuda(
 TORCH_LIBRARY_IMPL(rcar_fast, CUDA, m) {
   m.impl("rar", &rcar_fast::cuda::rar_cuda);
   m.impl("rar_bwd", &rcar_fast::cuda::rar_bwd_cuda);
+  m.impl("rar_scores", &rcar_fast::cuda::rar_scores_cuda);
 }

@@ -178,7 +178,34 @@ __global__ void __launch_bounds__(kThreads) rar_mean_kernel(const T* __restrict_
   }
 }
 
+// The scoring layer in a RAR step's launch (rar_fwd_wg_kernel; w null: h written instead):
+// out[pair] = sigmoid(w . h + b[0]) in fp32 from h rounded to E's dtype; w (s,), b (1,), out
+// (B * P,) float32.
+struct RarScore {
+  const float* w;
+  const float* b;
+  float* out;
+};
+
 // ---------------------------------------------------------------- forward: GP pairs per block (shared parts)
+// Block x of a RAR forward launch: pairs p0 .. p0 + gp - 1 of context item b (x = b * groups +
+// p0 / gp, groups = ceil(P / gp)). rar_block_pid0: the pair id b * P + p0 of its first pair.
+// rar_block_pairs: qls[g] = pair g's query length (0 past P, up to MAXGP), and the block's pairs
+// (fewer than gp in a partial last block); holds a barrier: every thread calls it.
+__device__ __forceinline__ int64_t rar_block_pid0(int64_t P, int gp) {
+  const int64_t groups = (P + gp - 1) / gp, b = (int64_t)blockIdx.x / groups;
+  return b * P + ((int64_t)blockIdx.x - b * groups) * gp;
+}
+
+template <int MAXGP, typename T>
+__device__ __forceinline__ int rar_block_pairs(const RarArgs<T>& r, int gp, int* qls) {
+  const int64_t P = r.P, p0 = rar_block_pid0(P, gp) % P;
+  const int np = (int)(P - p0 < gp ? P - p0 : gp);
+  if (threadIdx.x < MAXGP) qls[threadIdx.x] = (int)threadIdx.x < np ? clamp_len(r.qlens[p0 + threadIdx.x], r.Lq) : 0;
+  __syncthreads();
+  return np;
+}
+
 // gws[g * sk + m] = tanh(pre[pair g, m]) keep_g[pair g, m] wv_t[m] in fp32 for the block's pairs
 // pid0 .. pid0 + np - 1 (zeros past s and for g >= np, up to gp). No barrier.
 template <typename T>
@@ -242,13 +269,8 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
   int* qls = reinterpret_cast<int*>(smem + L.qls);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sk = L.sk, lde = L.lde, ldo = ld_op((int)sizeof(T));
-  const int64_t groups = (P + gp - 1) / gp;
-  const int64_t b = (int64_t)blockIdx.x / groups;
-  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
-  const int np = (int)(P - p0 < gp ? P - p0 : gp);   // pairs in this block
-  const int64_t pid0 = b * P + p0;                      // pair id of g = 0
-  if (tid < kTcMaxGP) qls[tid] = tid < np ? clamp_len(r.qlens[p0 + tid], Lq) : 0;
-  __syncthreads();
+  const int np = rar_block_pairs<kTcMaxGP>(r, gp, qls);   // pairs in this block
+  const int64_t pid0 = rar_block_pid0(P, gp);            // pair id of g = 0
 
   // E of every pair (valid rows; zeros elsewhere, padding columns included), the gates, zero logits
   const int rows = L.rows;
@@ -324,7 +346,8 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_kernel(const RarArgs<T> r
 // Then the softmax and h = l2n(sum_q a[q] E[q]) per pair, a warp per pair. s <= 256.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) rar_fwd_wg_kernel(const RarArgs<T> r, int bq, int gp, int64_t t,
-                                                              const T* __restrict__ pre, T* __restrict__ h_out) {
+                                                              const T* __restrict__ pre, T* __restrict__ h_out,
+                                                              const RarScore score) {
   static_assert(!std::is_same<T, float>::value, "16-bit operands");
   static_assert(kThreads == 256 && kWgRows == 128 && kBD == 32 && kNG == 256, "2 warpgroups of 64 rows");
   extern __shared__ __align__(128) unsigned char smem[];
@@ -338,13 +361,8 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_wg_kernel(const RarArgs<T
   int* qls = reinterpret_cast<int*>(smem + L.qls);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wt = tid & 127, r0 = 64 * (tid >> 7);
   const int sk = L.sk;
-  const int64_t groups = (P + gp - 1) / gp;
-  const int64_t b = (int64_t)blockIdx.x / groups;
-  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
-  const int np = (int)(P - p0 < gp ? P - p0 : gp);   // pairs in this block
-  const int64_t pid0 = b * P + p0;                      // pair id of g = 0
-  if (tid < kWgMaxGP) qls[tid] = tid < np ? clamp_len(r.qlens[p0 + tid], Lq) : 0;
-  __syncthreads();
+  const int np = rar_block_pairs<kWgMaxGP>(r, gp, qls);   // pairs in this block
+  const int64_t pid0 = rar_block_pid0(P, gp);            // pair id of g = 0
   auto row_valid = [&](int rr) {
     const int g = rr / bq;
     return g < gp && rr - g * bq < qls[g];
@@ -392,15 +410,12 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_wg_kernel(const RarArgs<T
     }
     wg::proxy_fence();   // this thread's stores of Wk (and, the first time, of E), visible to wgmma
     __syncthreads();
-    wg::fence_acc(yacc);
-    wg::fence();
+    wg::batch(yacc, [&] {
 #pragma unroll
-    for (int kk = 0; kk < kBD; kk += 16)
-      wg::mma_m64k16<T, kNG>(yacc, wg::desc(es + wg_core_offset(r0, k0 + kk, sk), 128, sk * 16),
-                             wg::desc(ws + wg_core_offset(0, kk, kBD), 128, kBD * 16));
-    wg::commit();
-    wg::wait0();
-    wg::fence_acc(yacc);
+      for (int kk = 0; kk < kBD; kk += 16)
+        wg::mma_m64k16<T, kNG>(yacc, wg::desc(es + wg_core_offset(r0, k0 + kk, sk), 128, sk * 16),
+                               wg::desc(ws + wg_core_offset(0, kk, kBD), 128, kBD * 16));
+    });
     __syncthreads();   // ws free for the next chunk
   }
 
@@ -451,10 +466,20 @@ __global__ void __launch_bounds__(kThreads, 1) rar_fwd_wg_kernel(const RarArgs<T
     }
     ss = warp_sum(ss);
     const float rn = 1.f / (sqrtf(ss) + kEps);
+    float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < kNG / 32; ++i) {
       const int m = lane + 32 * i;
-      if (m < S) h_out[(pid0 + g) * S + m] = from_f<T>(n > 0 ? u[i] * rn : 0.f);
+      if (m >= S) continue;
+      const T hv = from_f<T>(n > 0 ? u[i] * rn : 0.f);
+      if (score.w != nullptr)
+        dot = fmaf(to_f(hv), score.w[m], dot);   // h rounded to E's dtype, as rar returns it
+      else
+        h_out[(pid0 + g) * S + m] = hv;
+    }
+    if (score.w != nullptr) {
+      dot = warp_sum(dot);
+      if (lane == 0) score.out[pid0 + g] = 1.f / (1.f + expf(-(dot + score.b[0])));
     }
   }
 }

@@ -17,6 +17,9 @@
 //   hs     = E ws1^T + bs1                   cuBLAS
 //   lam    = relu(ws2 tanh(hs) + bs2 + lam_old)   rcr_smooth_kernel: a warp per row, fp32, one rounding
 //                                            (was tanh_, a GEMV, add, relu and a mask in ATen)
+//   (fp16/bf16 with wgmma and s / 2 <= 128: in their place one more block a row block of the
+//   hidden layer's rcr_wgmma_kernel launch, its kRcrSmooth epilogue: lam from the accumulators of
+//   E ws1^T, hs never stored)
 //
 // F_old is all ones where factors is None. Rows at or past a pair's query length are zero in F
 // and lam whatever E, factors and lam hold there (selection: the kernel never reads F_old there).
@@ -61,10 +64,13 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
   if (rows > 0) {
     const Tensor ql = qlens.contiguous();
     cudaStream_t stream = current_stream();
-    const Tensor hs = at::addmm(bs1, x, ws1.t());                          // (rows, s/2), contiguous
     const Tensor ws2c = ws2.contiguous(), bs2c = bs2.contiguous();
     const Tensor lam_old = lam ? lam->reshape({rows}).contiguous() : Tensor();
     const int64_t H2 = ws1.size(0);
+    // the temperatures in rcr_wgmma_kernel's kRcrSmooth epilogue (fp16/bf16 with wgmma, s / 2 <=
+    // 128), else cuBLAS hs = E ws1^T + bs1 and rcr_smooth_kernel
+    const bool wgmma = fused && use_wgmma();
+    const bool smooth_wg = wgmma && H2 <= kRcrSmoothBN;
     const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
     dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -74,7 +80,6 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
         Tensor hidden = at::empty({rows, H1}, E.options());
         // rcr_wgmma_kernel where the device and the build have wgmma, else rcr_gemm_kernel: the
         // same arguments, grid and results (up to the order of the fp32 sums)
-        const bool wgmma = use_wgmma();
         auto hidden_k = wgmma ? rcr_wgmma_kernel<T, kRcrHidden> : rcr_gemm_kernel<T, kRcrHidden>;
         auto factors_k = wgmma ? rcr_wgmma_kernel<T, kRcrFactors> : rcr_gemm_kernel<T, kRcrFactors>;
         const int64_t smem = wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T));
@@ -86,15 +91,28 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
                       "CUDA RCR GEMM takes (2^31 blocks of 128 x 256); split the call");
           return static_cast<unsigned>(nblocks);
         };
-        if (H1 > 0) {
-          hidden_k<<<blocks(H1), kThreads, smem, stream>>>(ptr<T>(xc), ptr<T>(w1c), ptr<T>(b1c), nullptr,
-                                                           ql.data_ptr<int>(), rows, H1, S, P, Lq, mut_ptr<T>(hidden));
+        // the temperatures in the hidden layer's launch (one more block a row block; E from L2)
+        const Tensor ws1c = ws1.contiguous(), bs1c = bs1.contiguous();
+        RcrSmooth<T> sm{};
+        if (smooth_wg)
+          sm = RcrSmooth<T>{ptr<T>(ws1c), ptr<T>(bs1c), ptr<T>(ws2c), ptr<T>(bs2c),
+                            lam_old.defined() ? ptr<T>(lam_old) : nullptr, mut_ptr<T>(lam_new), H2,
+                            static_cast<float>(lam_scalar)};
+        if (H1 > 0 || smooth_wg) {
+          const int64_t row_blocks = (rows + kRcrBM - 1) / kRcrBM, nb = (H1 + kRcrBN - 1) / kRcrBN;
+          TORCH_CHECK(row_blocks * (nb + 1) < (int64_t(1) << 31), "rcr: ", rows, " rows of E are more than one "
+                      "launch of the CUDA RCR GEMM takes (2^31 blocks of 128 x 256); split the call");
+          const unsigned grid = static_cast<unsigned>(row_blocks * (nb + (smooth_wg ? 1 : 0)));
+          if (H1 == 0) prepare_smem(hidden_k, smem, "rcr (hidden layer GEMM)");
+          hidden_k<<<grid, kThreads, smem, stream>>>(ptr<T>(xc), ptr<T>(w1c), ptr<T>(b1c), nullptr,
+                                                     ql.data_ptr<int>(), rows, H1, S, P, Lq, mut_ptr<T>(hidden), sm);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (D > 0) {
           factors_k<<<blocks(D), kThreads, smem, stream>>>(ptr<T>(hidden), ptr<T>(w2c), ptr<T>(b2c),
                                                            f_old.defined() ? ptr<T>(f_old) : nullptr,
-                                                           ql.data_ptr<int>(), rows, D, H1, P, Lq, mut_ptr<T>(F));
+                                                           ql.data_ptr<int>(), rows, D, H1, P, Lq, mut_ptr<T>(F),
+                                                           RcrSmooth<T>{});
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       } else if (F.numel() > 0) {
@@ -103,11 +121,14 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
                                                              ql.data_ptr<int>(), rows, P, Lq, D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      const unsigned sgrid = static_cast<unsigned>(std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t(1) << 20));
-      rcr_smooth_kernel<T><<<sgrid, kThreads, 0, stream>>>(
-          ptr<T>(hs), ptr<T>(ws2c), ptr<T>(bs2c), lam_old.defined() ? ptr<T>(lam_old) : nullptr,
-          static_cast<float>(lam_scalar), ql.data_ptr<int>(), rows, P, Lq, H2, mut_ptr<T>(lam_new));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!smooth_wg) {
+        const Tensor hs = at::addmm(bs1, x, ws1.t());   // (rows, s/2), contiguous
+        const unsigned sgrid = static_cast<unsigned>(std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t(1) << 20));
+        rcr_smooth_kernel<T><<<sgrid, kThreads, 0, stream>>>(
+            ptr<T>(hs), ptr<T>(ws2c), ptr<T>(bs2c), lam_old.defined() ? ptr<T>(lam_old) : nullptr,
+            static_cast<float>(lam_scalar), ql.data_ptr<int>(), rows, P, Lq, H2, mut_ptr<T>(lam_new));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   }
   return std::make_tuple(F.view({B, P, Lq, D}), lam_new);

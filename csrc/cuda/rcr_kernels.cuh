@@ -43,9 +43,23 @@ __global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m
 // tiles (4 A and 4 B fragments per 16 products). K is streamed 32 columns at a time (zeros past M,
 // N and K); the epilogue takes each warp's tile 16 rows at a time through shared memory (plan.h
 // rcr_gemm_smem: the regions alias).
-enum { kRcrHidden = 0, kRcrFactors = 1 };
+enum { kRcrHidden = 0, kRcrFactors = 1, kRcrSmooth = 2 };   // kRcrSmooth: rcr_wgmma_block only
 
-// The epilogue of element (gr, gc) of out from its fp32 sum acc (both RCR GEMM kernels).
+// The temperatures in rcr_wgmma_kernel<T, kRcrHidden>'s launch (its kRcrSmooth blocks; ws1 null:
+// none): lam = relu(ws2 . tanh(A ws1^T + bs1) + bs2 + lam_old) per row of A, zero at rows at or
+// past their query length, lam_old (M) or lam_scalar where null, lam (M). H2 <= kRcrSmoothBN.
+template <typename T>
+struct RcrSmooth {
+  const T* ws1;       // (H2, K), or nullptr
+  const T* bs1;       // (H2,)
+  const T* ws2;       // (H2,)
+  const T* bs2;       // (1,)
+  const T* lam_old;   // (M,) or nullptr
+  T* lam;             // (M,)
+  int64_t H2;
+  float lam_scalar;
+};
+
 template <typename T, int EPI>
 __device__ __forceinline__ float rcr_epilogue(float acc, int64_t gr, int64_t gc, const T* __restrict__ bias,
                                               const T* __restrict__ f_old, const int* __restrict__ qlens, int64_t N,
@@ -63,9 +77,10 @@ template <typename T, int EPI>
 __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restrict__ A, const T* __restrict__ B,
                                                             const T* __restrict__ bias, const T* __restrict__ f_old,
                                                             const int* __restrict__ qlens, int64_t M, int64_t N,
-                                                            int64_t K, int64_t P, int64_t Lq, T* __restrict__ out) {
+                                                            int64_t K, int64_t P, int64_t Lq, T* __restrict__ out,
+                                                            const RcrSmooth<T> sm) {
   static_assert(!std::is_same<T, float>::value, "fp32 runs cuBLAS and rcr_factors_kernel");
-  static_assert(EPI == kRcrHidden || EPI == kRcrFactors, "an epilogue of the list");
+  static_assert(EPI == kRcrHidden || EPI == kRcrFactors, "an epilogue of the list (kRcrSmooth: rcr_wgmma_kernel)");
   static_assert(kWarps == 8 && kRcrBM == 2 * 64 && kRcrBN == 4 * 64, "8 warps of 64 x 64");
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -132,19 +147,16 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
 // K). The epilogue goes from the registers to out.
 // Compiled for any other target (sm_80, plain sm_90) the kernel traps: the launcher runs it only
 // where it was built for sm_90a (rcr.cu).
+// One block of rcr_wgmma_kernel: rows m0 .. m0 + 127, columns n0 .. n0 + BN - 1 of out (BN 256;
+// kRcrSmooth: 128, n0 = 0, N <= 128: a row's whole sum in its warpgroup; out, f_old: lam, lam_old).
 template <typename T, int EPI>
-__global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restrict__ A, const T* __restrict__ B,
-                                                             const T* __restrict__ bias, const T* __restrict__ f_old,
-                                                             const int* __restrict__ qlens, int64_t M, int64_t N,
-                                                             int64_t K, int64_t P, int64_t Lq, T* __restrict__ out) {
-  static_assert(!std::is_same<T, float>::value, "fp32 runs cuBLAS and rcr_factors_kernel");
-  static_assert(EPI == kRcrHidden || EPI == kRcrFactors, "an epilogue of the list");
-  static_assert(kThreads == 2 * 128 && kRcrBM == 2 * 64 && kRcrBN == 256, "2 warpgroups of 64 x 256");
-#if defined(RCAR_FAST_CUDA_EMU) || defined(RCAR_FAST_WGMMA_ON_DEVICE)
-  extern __shared__ __align__(128) unsigned char smem[];
+__device__ __forceinline__ void rcr_wgmma_block(const T* __restrict__ A, const T* __restrict__ B,
+                                                const T* __restrict__ bias, const T* __restrict__ f_old,
+                                                const int* __restrict__ qlens, int64_t M, int64_t N, int64_t K,
+                                                int64_t P, int64_t Lq, T* __restrict__ out, const RcrSmooth<T>& sm,
+                                                int64_t m0, int64_t n0, unsigned char* smem) {
+  constexpr int BN = EPI == kRcrSmooth ? kRcrSmoothBN : kRcrBN;
   const int tid = threadIdx.x, g = tid >> 7;
-  const int64_t nb = (N + kRcrBN - 1) / kRcrBN;
-  const int64_t m0 = ((int64_t)blockIdx.x / nb) * kRcrBM, n0 = ((int64_t)blockIdx.x % nb) * kRcrBN;
   const int64_t stage = rcr_wgmma_stage((int)sizeof(T));
   const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 && reinterpret_cast<uintptr_t>(B) % 16 == 0;
 
@@ -152,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
   // of its tile (core_unit_row / core_unit_col: rcr_wgmma_offset's order).
   // vec: all of a thread's 16-byte loads issued before its stores (kPer in flight, zeros past M,
   // N and K); else element by element.
-  constexpr int kUnitsA = kRcrBM * kRcrWgBK / 8, kUnits = (kRcrBM + kRcrBN) * kRcrWgBK / 8;
+  constexpr int kUnitsA = kRcrBM * kRcrWgBK / 8, kUnits = (kRcrBM + BN) * kRcrWgBK / 8;
   constexpr int kPer = kUnits / kThreads;
   static_assert(kUnits % kThreads == 0, "whole units a thread");
   auto unit = [&](int u, int64_t k0, const T*& src, int64_t& gr, int64_t& gk, int64_t& rows) {
@@ -190,9 +202,9 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
     wg::proxy_fence();   // these generic-proxy stores, visible to wgmma after the next barrier
   };
 
-  float acc[128];
+  float acc[BN / 2];
 #pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
   const int64_t chunks = (K + kRcrWgBK - 1) / kRcrWgBK;
   if (chunks > 0) load_chunk(0, 0);
   __syncthreads();
@@ -205,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
 #pragma unroll
     for (int kk = 0; kk < kRcrWgBK; kk += 16) {
       // lbo: the next 8 of K (the next core matrix of the row group); sbo: the next 8 rows
-      wg::mma_m64n256k16<T>(acc, wg::desc(as + rcr_wgmma_offset(0, kk), 128, kRcrWgBK * 16),
+      wg::mma_m64k16<T, BN>(acc, wg::desc(as + rcr_wgmma_offset(0, kk), 128, kRcrWgBK * 16),
                             wg::desc(bs + rcr_wgmma_offset(0, kk), 128, kRcrWgBK * 16));
     }
     wg::commit();
@@ -216,11 +228,62 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
   }
 
   const int t = tid & 127;
+  if constexpr (EPI == kRcrSmooth) {
+    // lam of rows m0 + 64 g + acc_row(t, 2 h): register 4 m + 2 h + j holds column 8 m + 2 (t % 4) + j
+    // (acc_row / acc_col), a row's columns in the 4 lanes t % 4 (zero past N: B's rows there are)
+    float part[2] = {0.f, 0.f};
 #pragma unroll
-  for (int i = 0; i < 128; ++i) {
-    const int64_t gr = m0 + 64 * g + wg::acc_row(t, i), gc = n0 + wg::acc_col(t, i);
-    if (gr < M && gc < N) out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(acc[i], gr, gc, bias, f_old, qlens, N, P, Lq));
+    for (int i = 0; i < BN / 2; ++i) {
+      const int64_t gc = wg::acc_col(t, i);
+      if (gc < N) part[(i >> 1) & 1] = fmaf(tanhf(acc[i] + to_f(bias[gc])), to_f(sm.ws2[gc]), part[(i >> 1) & 1]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      part[h] += __shfl_xor_sync(0xffffffffu, part[h], 1);
+      part[h] += __shfl_xor_sync(0xffffffffu, part[h], 2);
+      const int64_t gr = m0 + 64 * g + wg::acc_row(t, 2 * h);
+      if ((t & 3) != 0 || gr >= M) continue;
+      const int64_t q = gr % Lq, p = (gr / Lq) % P;
+      float v = 0.f;
+      if (q < (int64_t)clamp_len(qlens[p], Lq)) {
+        v = part[h] + to_f(sm.bs2[0]) + (f_old != nullptr ? to_f(f_old[gr]) : sm.lam_scalar);
+        v = v < 0.f ? 0.f : v;   // relu that keeps a NaN (fmaxf would drop it), as torch's
+      }
+      out[gr] = from_f<T>(v);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+      const int64_t gr = m0 + 64 * g + wg::acc_row(t, i), gc = n0 + wg::acc_col(t, i);
+      if (gr < M && gc < N)
+        out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(acc[i], gr, gc, bias, f_old, qlens, N, P, Lq));
+    }
   }
+}
+
+// Hidden (kRcrHidden) launches with sm.ws1 set hold nb + 1 blocks a row block: the last one the
+// temperatures (kRcrSmooth: B = ws1, beside the row block's other blocks, so A comes from L2).
+template <typename T, int EPI>
+__global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restrict__ A, const T* __restrict__ B,
+                                                             const T* __restrict__ bias, const T* __restrict__ f_old,
+                                                             const int* __restrict__ qlens, int64_t M, int64_t N,
+                                                             int64_t K, int64_t P, int64_t Lq, T* __restrict__ out,
+                                                             const RcrSmooth<T> sm) {
+  static_assert(!std::is_same<T, float>::value, "fp32 runs cuBLAS and rcr_factors_kernel");
+  static_assert(EPI == kRcrHidden || EPI == kRcrFactors, "an epilogue of the list (kRcrSmooth: kRcrHidden's sm)");
+  static_assert(kThreads == 2 * 128 && kRcrBM == 2 * 64 && kRcrBN == 256, "2 warpgroups of 64 x 256");
+#if defined(RCAR_FAST_CUDA_EMU) || defined(RCAR_FAST_WGMMA_ON_DEVICE)
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t nb = (N + kRcrBN - 1) / kRcrBN, nbx = nb + (EPI == kRcrHidden && sm.ws1 != nullptr ? 1 : 0);
+  const int64_t m0 = ((int64_t)blockIdx.x / nbx) * kRcrBM, cb = (int64_t)blockIdx.x % nbx;
+  if constexpr (EPI == kRcrHidden) {
+    if (cb == nb) {   // the row block's temperatures
+      rcr_wgmma_block<T, kRcrSmooth>(A, sm.ws1, sm.bs1, sm.lam_old, qlens, M, sm.H2, K, P, Lq, sm.lam, sm, m0, 0,
+                                     smem);
+      return;
+    }
+  }
+  rcr_wgmma_block<T, EPI>(A, B, bias, f_old, qlens, M, N, K, P, Lq, out, sm, m0, cb * kRcrBN, smem);
 #else
   __trap();   // built without sm_90a: never launched (rcr.cu)
 #endif

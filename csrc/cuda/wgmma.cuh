@@ -62,7 +62,7 @@ __device__ __forceinline__ void fence_acc(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// D += A B^T for a 64 x N tile, N in {16, 32, 48, 64, 256} (scale-d true, set from a register as
+// D += A B^T for a 64 x N tile, N in {16, 32, 48, 64, 128, 256} (scale-d true, set from a register as
 // CUTLASS does: the accumulators' zeros come from the kernel), scales of A and B 1, no transposes,
 // fp32 accumulators: N / 2 registers a thread, in the layout of acc_row / acc_col.
 template <typename T, int N>
@@ -100,6 +100,22 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[N / 2], uint64_t da, uint6
   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define RCAR_FAST_WG_PRED_64 "%34"
 #define RCAR_FAST_WG_DESC_64 "%32, %33"
+#define RCAR_FAST_WG_REGS_128 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define RCAR_FAST_WG_OUTS_128 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define RCAR_FAST_WG_PRED_128 "%66"
+#define RCAR_FAST_WG_DESC_128 "%64, %65"
 #define RCAR_FAST_WG_REGS_256 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
@@ -151,6 +167,8 @@ RCAR_FAST_WGMMA(48, __half, "f16")
 RCAR_FAST_WGMMA(48, __nv_bfloat16, "bf16")
 RCAR_FAST_WGMMA(64, __half, "f16")
 RCAR_FAST_WGMMA(64, __nv_bfloat16, "bf16")
+RCAR_FAST_WGMMA(128, __half, "f16")
+RCAR_FAST_WGMMA(128, __nv_bfloat16, "bf16")
 RCAR_FAST_WGMMA(256, __half, "f16")
 RCAR_FAST_WGMMA(256, __nv_bfloat16, "bf16")
 #undef RCAR_FAST_WGMMA
@@ -170,6 +188,10 @@ RCAR_FAST_WGMMA(256, __nv_bfloat16, "bf16")
 #undef RCAR_FAST_WG_OUTS_64
 #undef RCAR_FAST_WG_PRED_64
 #undef RCAR_FAST_WG_DESC_64
+#undef RCAR_FAST_WG_REGS_128
+#undef RCAR_FAST_WG_OUTS_128
+#undef RCAR_FAST_WG_PRED_128
+#undef RCAR_FAST_WG_DESC_128
 #undef RCAR_FAST_WG_REGS_256
 #undef RCAR_FAST_WG_OUTS_256
 #undef RCAR_FAST_WG_PRED_256
@@ -200,6 +222,20 @@ __device__ __forceinline__ void mma_m64n256k16(float (&d)[128], uint64_t da, uin
   mma_m64k16<T, 256>(d, da, db);
 }
 #endif
+
+// One batch on the accumulators acc, waited for: the fences before (no access of acc moved past
+// them, as CUTLASS), issue() (its wgmma calls), commit, wait, the compiler fence after. The
+// operands' writers fenced the async proxy before the barrier ahead of this; the caller's next
+// barrier frees them.
+template <int N, typename Issue>
+__device__ __forceinline__ void batch(float (&acc)[N], Issue&& issue) {
+  fence_acc(acc);
+  fence();
+  issue();
+  commit();
+  wait0();
+  fence_acc(acc);
+}
 
 }  // namespace wg
 }  // namespace cuda

@@ -38,12 +38,18 @@ torch.library.register_fake("rcar_fast::rcr")(contract.rcr_fake)
 @torch.library.register_fake("rcar_fast::context_gram")
 def _context_gram_fake(context, clens):
     return context.new_empty(context.shape[0], context.shape[1], context.shape[1], dtype=torch.float32)
+
+
+@torch.library.register_fake("rcar_fast::rar_scores")
+def _rar_scores_fake(E, qlens, h0, wq, bq, wk, bk, wv, bv, score_w, score_b):
+    return E.new_empty(E.shape[0], E.shape[1], dtype=torch.float32)
 contract.register_attention_autograd(contract.RegisteredOp("rcar_fast::attention"), _ops.attention_bwd)
 contract.register_rar_autograd(contract.RegisteredOp("rcar_fast::rar"), _ops.rar_bwd.default, _ops.rar.default)
 
 _HAS_CPU_RCR = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", "CPU")
 _HAS_CUDA_RCR = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", "CUDA")
 _HAS_CUDA_GRAM = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::context_gram", "CUDA")
+_HAS_CUDA_SCORES = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rar_scores", "CUDA")
 
 #: "cpp": default block budget 96 MiB; d-wide buffers per block 3 (F and the new F being built),
 #: 6 under autograd (measured, tests/test_memory.py; with RCR recomputed in backward a step's
@@ -54,10 +60,12 @@ CPP = KernelSet(name="cpp", devices=("cpu",), attention=_ops.attention.default, 
                 rcr=_ops.rcr.default if _HAS_CPU_RCR else None, rcr_devices=("cpu",) if _HAS_CPU_RCR else ())
 #: "cuda": default block budget 2 GiB or, where more, the GPU's share (KernelSet.budget); the
 #: same buffer counts; the context items' Gram matrices made once for several calls at inference
-#: (context_gram: once per call for the t2i grid's images, else once per block), as triton's
+#: (context_gram: once per call for the t2i grid's images, else once per block), and the scoring
+#: layer in RAR's last launch (rar_scores: rar_fwd_wg_kernel's epilogue on an sm_90a build), as triton's
 CUDA = KernelSet(name="cuda", devices=("cuda",), attention=_ops.attention.default, rar=_ops.rar.default,
                  attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
                  budgets={"cpu": 96 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6,
                  rcr_recompute=True,
                  rcr=_ops.rcr.default if _HAS_CUDA_RCR else None, rcr_devices=("cuda",) if _HAS_CUDA_RCR else (),
-                 context_gram=_ops.context_gram.default if _HAS_CUDA_GRAM else None)
+                 context_gram=_ops.context_gram.default if _HAS_CUDA_GRAM else None,
+                 rar_scores=_ops.rar_scores.default if _HAS_CUDA_SCORES else None)

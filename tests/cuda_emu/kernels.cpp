@@ -240,10 +240,12 @@ int64_t emu_attention_fwd(int dtype, int mode, const void* q, const int* qlens, 
 // One RAR forward step (rar_fwd_wg_kernel where emu_set_wgmma and plan.h choose_rar_wg_plan say,
 // else rar_fwd_kernel, as rar_cuda launches them) given the gates' pre-activations
 // pre = h Wq_t^T + bq_t (B, P, s) in E's type (its tanh, keep_g and wv_t taken by the kernel); h_out
-// (B, P, s) in E's type. Returns 1000 GP + MT, or 0 when the plan does not fit `limit`.
+// (B, P, s) in E's type, or with score_w the scores (B * P) float32 sigmoid(score_w . h + score_b[0])
+// instead (rar_fwd_wg_kernel only). Returns 1000 GP + MT, or 0 when the plan does not fit `limit`.
 int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk, const void* bk, const void* bv,
                      const void* wv, const void* keep_k, const void* keep_g, int64_t B, int64_t P, int64_t Lq,
-                     int64_t S, int64_t t, const void* pre, int64_t limit, void* h_out) {
+                     int64_t S, int64_t t, const void* pre, int64_t limit, void* h_out, const float* score_w,
+                     const float* score_b, float* scores) {
   int64_t used = 0;
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -253,13 +255,15 @@ int64_t emu_rar_step(int dtype, const void* E, const int* qlens, const void* wk,
       const RarPlan w = choose_rar_wg_plan((int)sizeof(T), Lq, S, P, limit);
       if (w.gp > 0 && use_wgmma) {
         cuda_emu::launch((unsigned)(B * ((P + w.gp - 1) / w.gp)), kThreads, [&] {
-          rar_fwd_wg_kernel<T>(r, w.bq, w.gp, t, static_cast<const T*>(pre), static_cast<T*>(h_out));
+          rar_fwd_wg_kernel<T>(r, w.bq, w.gp, t, static_cast<const T*>(pre), static_cast<T*>(h_out),
+                               RarScore{score_w, score_b, scores});
         },
                          (size_t)rar_wg_layout((int)sizeof(T), w.gp, S).total);
         used = 1000 * w.gp + w.mt;
         return;
       }
     }
+    if (score_w != nullptr) throw std::runtime_error("the scoring layer is rar_fwd_wg_kernel's");
     const RarPlan pl = choose_rar_plan((int)sizeof(T), Lq, S, P, limit);
     if (pl.gp == 0) return;
     const unsigned blocks = (unsigned)(B * ((P + pl.gp - 1) / pl.gp));
@@ -389,7 +393,8 @@ void emu_rcr_gemm(int dtype, int epi, const void* A, const void* B, const void* 
               *fo = static_cast<const T*>(f_old);
       T* o = static_cast<T*>(out);
       auto run = [&](auto kernel) {
-        cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, b, bi, fo, qlens, M, N, K, P, Lq, o); }, smem);
+        cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, b, bi, fo, qlens, M, N, K, P, Lq, o, RcrSmooth<T>{}); },
+                         smem);
       };
       if (use_wgmma)
         epi == kRcrHidden ? run(rcr_wgmma_kernel<T, kRcrHidden>) : run(rcr_wgmma_kernel<T, kRcrFactors>);
@@ -401,6 +406,32 @@ void emu_rcr_gemm(int dtype, int epi, const void* A, const void* B, const void* 
 
 // lam = relu(ws2 . tanh(hs) + bs2 + lam_old), zero past a query length (rcr_smooth_kernel), on a
 // grid of `grid` blocks of kWarps rows each (grid-stride over rows).
+// rcr_wgmma_kernel<T, kRcrHidden> with the temperatures in its launch, as rcr.cu launches it on an
+// sm_90a build (s / 2 <= 128): hidden (rows x H1) = tanh(E w1^T + b1) and lam (rows) = relu(ws2 .
+// tanh(E ws1^T + bs1) + bs2 + lam_old), zero at padded rows; E (rows x K), w1 (H1 x K), ws1 (H2 x K);
+// lam_old (rows) or null (lam_scalar). A row block's H1 / 256 hidden blocks, then its temperatures.
+void emu_rcr_hidden_smooth_wg(int dtype, const void* E, const void* w1, const void* b1, const void* ws1,
+                              const void* bs1, const void* ws2, const void* bs2, const void* lam_old, float lam_scalar,
+                              const int* qlens, int64_t rows, int64_t H1, int64_t H2, int64_t K, int64_t P, int64_t Lq,
+                              void* hidden, void* lam) {
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if constexpr (std::is_same<T, float>::value) {
+      throw std::runtime_error("the RCR GEMM kernels are fp16/bf16 only");
+    } else {
+      if (H2 > kRcrSmoothBN) throw std::runtime_error("the temperatures' block takes s / 2 <= kRcrSmoothBN");
+      const RcrSmooth<T> sm{static_cast<const T*>(ws1), static_cast<const T*>(bs1), static_cast<const T*>(ws2),
+                            static_cast<const T*>(bs2), static_cast<const T*>(lam_old), static_cast<T*>(lam), H2,
+                            lam_scalar};
+      const int64_t blocks = (rows + kRcrBM - 1) / kRcrBM * ((H1 + kRcrBN - 1) / kRcrBN + 1);
+      cuda_emu::launch((unsigned)blocks, kThreads, [&] {
+        rcr_wgmma_kernel<T, kRcrHidden>(static_cast<const T*>(E), static_cast<const T*>(w1), static_cast<const T*>(b1),
+                                        nullptr, qlens, rows, H1, K, P, Lq, static_cast<T*>(hidden), sm);
+      }, (size_t)rcr_wgmma_smem((int)sizeof(T)));
+    }
+  });
+}
+
 void emu_rcr_smooth(int dtype, const void* hs, const void* ws2, const void* bs2, const void* lam_old,
                     float lam_scalar, const int* qlens, int64_t rows, int64_t P, int64_t Lq, int64_t H2,
                     unsigned grid, void* lam) {

@@ -403,7 +403,7 @@ inline void fence_acc(float (&)[N]) {}
 template <typename T, int N>
 inline void mma_m64k16(float (&d)[N / 2], uint64_t da, uint64_t db) {
   static_assert(sizeof(T) == 2, "wgmma .f16 / .bf16");
-  static_assert(N == 16 || N == 32 || N == 48 || N == 64 || N == 256, "the N wgmma.cuh instantiates");
+  static_assert(N == 16 || N == 32 || N == 48 || N == 64 || N == 128 || N == 256, "the N wgmma.cuh instantiates");
   auto& st = cuda_emu::wg_state[threadIdx.x];
   if (!st.fenced) throw std::runtime_error("cuda_emu: a wgmma without wgmma.fence before its batch");
   st.open.push_back({d, da, db, std::is_same<T, c10::Half>::value ? 1 : 2, N});
