@@ -624,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
   float* us = reinterpret_cast<float*>(smem + L.us);
   const int ldS = L.ldS, ldP = L.ldP, ldo = ld_op((int)sizeof(T));
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t P = a.P, Lq = a.Lq, D = a.D;
   const int64_t groups = (P + gp - 1) / gp;
   const int64_t b = (int64_t)blockIdx.x / groups;                 // 0 when paired (the output's B is 1)

@@ -70,7 +70,7 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
     // the temperatures in rcr_wgmma_kernel's kRcrSmooth epilogue (fp16/bf16 with wgmma, s / 2 <=
     // 128), else cuBLAS hs = E ws1^T + bs1 and rcr_smooth_kernel
     const bool wgmma = fused && use_wgmma();
-    const bool smooth_wg = wgmma && H2 <= kRcrSmoothBN;
+    const bool smooth_wg = wgmma && H2 > 0 && H2 <= kRcrSmoothBN;   // (H2 0: the kernel's "none")
     const Tensor f_old = factors ? factors->reshape({rows, D}).contiguous() : Tensor();
     dispatch_float(E.scalar_type(), "E", [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;

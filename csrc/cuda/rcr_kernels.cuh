@@ -45,8 +45,8 @@ __global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m
 // rcr_gemm_smem: the regions alias).
 enum { kRcrHidden = 0, kRcrFactors = 1, kRcrSmooth = 2 };   // kRcrSmooth: rcr_wgmma_block only
 
-// The temperatures in rcr_wgmma_kernel<T, kRcrHidden>'s launch (its kRcrSmooth blocks; ws1 null:
-// none): lam = relu(ws2 . tanh(A ws1^T + bs1) + bs2 + lam_old) per row of A, zero at rows at or
+// The temperatures in rcr_wgmma_kernel<T, kRcrHidden>'s launch (its kRcrSmooth blocks; H2 0: none,
+// as RcrSmooth<T>{} says): lam = relu(ws2 . tanh(A ws1^T + bs1) + bs2 + lam_old) per row of A, zero at rows at or
 // past their query length, lam_old (M) or lam_scalar where null, lam (M). H2 <= kRcrSmoothBN.
 template <typename T>
 struct RcrSmooth {
@@ -238,9 +238,12 @@ __device__ __forceinline__ void rcr_wgmma_block(const T* __restrict__ A, const T
       if (gc < N) part[(i >> 1) & 1] = fmaf(tanhf(acc[i] + to_f(bias[gc])), to_f(sm.ws2[gc]), part[(i >> 1) & 1]);
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < 2; ++h) {   // every lane: the 4 lanes of a row, t % 4
       part[h] += __shfl_xor_sync(0xffffffffu, part[h], 1);
       part[h] += __shfl_xor_sync(0xffffffffu, part[h], 2);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
       const int64_t gr = m0 + 64 * g + wg::acc_row(t, 2 * h);
       if ((t & 3) != 0 || gr >= M) continue;
       const int64_t q = gr % Lq, p = (gr / Lq) % P;
@@ -261,7 +264,7 @@ __device__ __forceinline__ void rcr_wgmma_block(const T* __restrict__ A, const T
   }
 }
 
-// Hidden (kRcrHidden) launches with sm.ws1 set hold nb + 1 blocks a row block: the last one the
+// Hidden (kRcrHidden) launches with sm.H2 > 0 hold nb + 1 blocks a row block: the last one the
 // temperatures (kRcrSmooth: B = ws1, beside the row block's other blocks, so A comes from L2).
 template <typename T, int EPI>
 __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restrict__ A, const T* __restrict__ B,
@@ -274,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
   static_assert(kThreads == 2 * 128 && kRcrBM == 2 * 64 && kRcrBN == 256, "2 warpgroups of 64 x 256");
 #if defined(RCAR_FAST_CUDA_EMU) || defined(RCAR_FAST_WGMMA_ON_DEVICE)
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t nb = (N + kRcrBN - 1) / kRcrBN, nbx = nb + (EPI == kRcrHidden && sm.ws1 != nullptr ? 1 : 0);
+  const int64_t nb = (N + kRcrBN - 1) / kRcrBN, nbx = nb + (EPI == kRcrHidden && sm.H2 > 0 ? 1 : 0);
   const int64_t m0 = ((int64_t)blockIdx.x / nbx) * kRcrBM, cb = (int64_t)blockIdx.x % nbx;
   if constexpr (EPI == kRcrHidden) {
     if (cb == nb) {   // the row block's temperatures

@@ -343,9 +343,6 @@ MUTANTS = [
     dict(name="cuda rcr smooth wg: padded rows not zeroed (their NaN E read)",
          file=RCRK, old="      if (q < (int64_t)clamp_len(qlens[p], Lq)) {\n        v = part[h]",
          new="      if (true) {\n        v = part[h]", tests=[f"{EMU}::test_rcr_hidden_and_temperatures_wgmma"]),
-    dict(name="cuda rcr smooth wg: m64n256k16 over a block of 128 columns (B's zero rows past them read as 256)",
-         file=RCRK, old="  constexpr int BN = EPI == kRcrSmooth ? kRcrSmoothBN : kRcrBN;",
-         new="  constexpr int BN = kRcrBN;", tests=[f"{EMU}::test_rcr_hidden_and_temperatures_wgmma"]),
     # rar_fwd_wg_kernel's scoring layer (rar_scores)
     dict(name="cuda rar wg score: the layer on h before its rounding to E's dtype",
          file=RAR, old="        dot = fmaf(to_f(hv), score.w[m], dot);   // h rounded to E's dtype, as rar returns it",
