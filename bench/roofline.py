@@ -350,7 +350,7 @@ def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "
     sum over its 4 lanes by shuffles, lam read and written, E from L2 beside the row block's other
     blocks; the s/2-wide layer never stored); then F = clamp(tanh(H W2^T + b2) + F_old, -1, 1)
     (zero at padded rows; F_old read where there is one, M never stored). (Builds without
-    sm_90a, and s / 2 above 128: cuBLAS E ws1^T and rcr_smooth_kernel, not modelled; fp32 keeps
+    sm_90a, and s / 2 of 0 or above 128: cuBLAS E ws1^T and rcr_smooth_kernel, not modelled; fp32 keeps
     cuBLAS for all three GEMMs: not modelled, the shapes are bf16.)"""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
