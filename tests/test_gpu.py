@@ -186,31 +186,26 @@ def test_cuda_wgmma_kernels_in_a_flickr_block(backend, kernel, monkeypatch):
         assert not wg and tc, ran
 
 
+#: the 128-row wgmma kernels' GPU checks: (the op, its cases in gpu_cases, the kernel taken with wgmma)
+CASES_128 = {"attention": (attention_128_row_cases, "attention_fwd_wg_kernel"),
+             "rar": (rar_128_row_cases, "rar_fwd_wg_kernel")}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
+@pytest.mark.parametrize("op", sorted(CASES_128))
 @pytest.mark.parametrize("backend", [_backend_param("cuda")])
-def test_cuda_attention_128_row_blocks(backend, kernel, dtype, monkeypatch):
-    """The CUDA attention op with the projection on the emulator's 128-row cases
+def test_cuda_128_row_blocks(backend, op, kernel, dtype, monkeypatch):
+    """The CUDA attention op with the projection and the rar op on the emulator's 128-row cases
     (tests/test_cuda_emu.py WG_CASES: BC 16 to 64, d 45 to 104, s 24 to 256, 128 pairs of one
-    row, NaN in the padding, F and lam or not) against the fp64 reference with the emulator's
-    tolerances: attention_fwd_wg_kernel (every product on wgmma, an H200 with an sm_90a build) or
-    attention_fwd_tc_kernel (RCAR_FAST_CUDA_WGMMA=0); the profile shows which ran."""
+    row; RAR_WG_CASES; NaN in the padding, F and lam or dropout or not) against the fp64
+    reference with the emulator's tolerances: attention_fwd_wg_kernel / rar_fwd_wg_kernel (every
+    product on wgmma, an H200 with an sm_90a build) or attention_fwd_tc_kernel / rar_fwd_kernel
+    (RCAR_FAST_CUDA_WGMMA=0); the profile shows which ran."""
+    cases, wg_kernel = CASES_128[op]
     _wgmma_or_wmma(kernel, monkeypatch)
-    ran = _kernels_run(lambda: attention_128_row_cases("cuda", "cuda", dtype))
-    assert any("attention_fwd_wg_kernel" in n for n in ran) == (kernel == "wgmma"), ran
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
-@pytest.mark.parametrize("backend", [_backend_param("cuda")])
-def test_cuda_rar_128_row_blocks(backend, kernel, dtype, monkeypatch):
-    """The CUDA rar op on the emulator's 128-row cases (tests/test_cuda_emu.py RAR_WG_CASES) against
-    the fp64 reference with the emulator's tolerances: rar_fwd_wg_kernel (the keys on wgmma, an
-    H200 with an sm_90a build) or rar_fwd_kernel (RCAR_FAST_CUDA_WGMMA=0); the profile shows which
-    ran."""
-    _wgmma_or_wmma(kernel, monkeypatch)
-    ran = _kernels_run(lambda: rar_128_row_cases("cuda", "cuda", dtype))
-    assert any("rar_fwd_wg_kernel" in n for n in ran) == (kernel == "wgmma"), ran
+    ran = _kernels_run(lambda: cases("cuda", "cuda", dtype))
+    assert any(wg_kernel in n for n in ran) == (kernel == "wgmma"), ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

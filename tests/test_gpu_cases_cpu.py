@@ -11,8 +11,7 @@ import torch
 import rcar_fast
 
 import test_gpu
-from gpu_cases import (CONFIGS, Dims, attention_128_row_cases, flickr_shaped_block, fp32_matches_reference,
-                       rar_128_row_cases, rar_scores_are_rar_then_the_layer,
+from gpu_cases import (CONFIGS, Dims, flickr_shaped_block, fp32_matches_reference, rar_scores_are_rar_then_the_layer,
                        gradients_match_reference, half_error_within_twice_torch, half_pair_scores_within_twice_torch,
                        pair_scores_match_the_grid, rcr_op_matches_torch_step, repeated_lengths,
                        selftest_passes, training_step_with_dropout, context_gram_gives_the_same_attention)
@@ -118,19 +117,12 @@ def test_cuda_rcr_gemm_kernels_case(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("op", sorted(test_gpu.CASES_128))
 @pytest.mark.parametrize("backend", cpu_backends("cpp"))
-def test_cuda_attention_128_row_blocks_case(backend, dtype):
-    """The cases and tolerances of the GPU tier's test_cuda_attention_128_row_blocks on the C++ CPU
-    kernel: a correct attention op meets them."""
-    attention_128_row_cases(backend, "cpu", dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", cpu_backends("cpp"))
-def test_cuda_rar_128_row_blocks_case(backend, dtype):
-    """The cases and tolerances of the GPU tier's test_cuda_rar_128_row_blocks on the C++ CPU
-    kernel: a correct rar op meets them."""
-    rar_128_row_cases(backend, "cpu", dtype)
+def test_cuda_128_row_blocks_case(backend, op, dtype):
+    """The cases and tolerances of the GPU tier's test_cuda_128_row_blocks on the C++ CPU kernels:
+    correct attention and rar ops meet them."""
+    test_gpu.CASES_128[op][0](backend, "cpu", dtype)
 
 
 @pytest.mark.parametrize("backend", cpu_backends("triton"))

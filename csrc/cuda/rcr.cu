@@ -83,10 +83,11 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
         auto hidden_k = wgmma ? rcr_wgmma_kernel<T, kRcrHidden> : rcr_gemm_kernel<T, kRcrHidden>;
         auto factors_k = wgmma ? rcr_wgmma_kernel<T, kRcrFactors> : rcr_gemm_kernel<T, kRcrFactors>;
         const int64_t smem = wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T));
-        if (H1 > 0) prepare_smem(hidden_k, smem, "rcr (hidden layer GEMM)");
+        if (H1 > 0 || smooth_wg) prepare_smem(hidden_k, smem, "rcr (hidden layer GEMM)");
         if (D > 0) prepare_smem(factors_k, smem, "rcr (factors GEMM)");
-        auto blocks = [&](int64_t n) {   // 128 x 256 blocks of a (rows, n) output, one grid dimension
-          const int64_t nblocks = (rows + kRcrBM - 1) / kRcrBM * ((n + kRcrBN - 1) / kRcrBN);
+        // 128 x 256 blocks of a (rows, n) output and `extra` more a row block, one grid dimension
+        auto blocks = [&](int64_t n, int64_t extra) {
+          const int64_t nblocks = (rows + kRcrBM - 1) / kRcrBM * ((n + kRcrBN - 1) / kRcrBN + extra);
           TORCH_CHECK(nblocks < (int64_t(1) << 31), "rcr: ", rows, " rows of E are more than one launch of the "
                       "CUDA RCR GEMM takes (2^31 blocks of 128 x 256); split the call");
           return static_cast<unsigned>(nblocks);
@@ -99,20 +100,16 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
                             lam_old.defined() ? ptr<T>(lam_old) : nullptr, mut_ptr<T>(lam_new), H2,
                             static_cast<float>(lam_scalar)};
         if (H1 > 0 || smooth_wg) {
-          const int64_t row_blocks = (rows + kRcrBM - 1) / kRcrBM, nb = (H1 + kRcrBN - 1) / kRcrBN;
-          TORCH_CHECK(row_blocks * (nb + 1) < (int64_t(1) << 31), "rcr: ", rows, " rows of E are more than one "
-                      "launch of the CUDA RCR GEMM takes (2^31 blocks of 128 x 256); split the call");
-          const unsigned grid = static_cast<unsigned>(row_blocks * (nb + (smooth_wg ? 1 : 0)));
-          if (H1 == 0) prepare_smem(hidden_k, smem, "rcr (hidden layer GEMM)");
-          hidden_k<<<grid, kThreads, smem, stream>>>(ptr<T>(xc), ptr<T>(w1c), ptr<T>(b1c), nullptr,
-                                                     ql.data_ptr<int>(), rows, H1, S, P, Lq, mut_ptr<T>(hidden), sm);
+          hidden_k<<<blocks(H1, smooth_wg ? 1 : 0), kThreads, smem, stream>>>(
+              ptr<T>(xc), ptr<T>(w1c), ptr<T>(b1c), nullptr, ql.data_ptr<int>(), rows, H1, S, P, Lq, mut_ptr<T>(hidden),
+              sm);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (D > 0) {
-          factors_k<<<blocks(D), kThreads, smem, stream>>>(ptr<T>(hidden), ptr<T>(w2c), ptr<T>(b2c),
-                                                           f_old.defined() ? ptr<T>(f_old) : nullptr,
-                                                           ql.data_ptr<int>(), rows, D, H1, P, Lq, mut_ptr<T>(F),
-                                                           RcrSmooth<T>{});
+          factors_k<<<blocks(D, 0), kThreads, smem, stream>>>(ptr<T>(hidden), ptr<T>(w2c), ptr<T>(b2c),
+                                                              f_old.defined() ? ptr<T>(f_old) : nullptr,
+                                                              ql.data_ptr<int>(), rows, D, H1, P, Lq, mut_ptr<T>(F),
+                                                              RcrSmooth<T>{});
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       } else if (F.numel() > 0) {
