@@ -237,11 +237,13 @@ def plan_shared(chips):
                     queries.append(f"bwd {Lq} {Lc}")
                     keys.append((cc, "attention_bwd_kernel<{T}, %d>" % mode, tname, shape, None))
                 keys.append((cc, "l2n_bwd_rows_kernel<{T}>", tname, shape, 0))
-            if elem == 4:   # fp16/bf16 run the chain in rcr_gemm_kernel's epilogue
+            if elem == 4:   # fp16/bf16 run the chains in rcr_gemm_kernel's epilogues
                 keys.append((cc, "rcr_factors_kernel<{T}>", tname, f"rows x d={1024}", 0))
+                keys.append((cc, "rcr_factors_bwd_kernel<{T}>", tname, f"rows x d={1024}", 0))
             else:   # kRcrHidden (E W1^T: K = s; on sm_90 its launch takes the temperatures too),
-                # kRcrFactors (H W2^T: K = 2 s)
-                for epi, shape in ((0, f"rows x 2s={2 * S_DIM}, K={S_DIM}"), (1, f"rows x d=1024, K={2 * S_DIM}")):
+                # kRcrFactors (H W2^T: K = 2 s), kRcrFactorsBwd (the rcr_factors_bwd op: H W2^T again)
+                for epi, shape in ((0, f"rows x 2s={2 * S_DIM}, K={S_DIM}"), (1, f"rows x d=1024, K={2 * S_DIM}"),
+                                   (3, f"rows x d=1024, K={2 * S_DIM}, backward")):
                     queries.append(f"rcrgemm {elem}")
                     keys.append((cc, "rcr_gemm_kernel<{T}, %d>" % epi, tname, shape, None))
                     if cc == 90:   # launch.h use_wgmma: an H100/H200 runs this one (rcr_gemm_kernel

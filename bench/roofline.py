@@ -259,15 +259,18 @@ def rcr_torch(book: Book, B: int, P: int, Lq: int, prefix: str = "rcr (torch)") 
              hbm=N * 2 * s * e * 2 + N * d * e * (2 + 3 + 2) + N * 4 * 4)
 
 
-def rcr_recomputed_backward(book: Book, B: int, P: int, Lq: int, has_f: bool, kernel: bool = False) -> None:
+def rcr_recomputed_backward(book: Book, B: int, P: int, Lq: int, has_f: bool, kernel: bool = False,
+                            bn: int = 128) -> None:
     """The backward of RCR under autograd for the fused backends (rcar_fast.torch_math.
     rcr_step_recomputed; its forward is rcr_torch's in-place step, nothing saved). Once over the
     block: the temperatures' branch (s/2 wide: recomputed, relu's mask, its gradients, E's
     gradient through it) and the accumulators. Then RCR_CHUNKS = 4 chunks of rows: h1 again
     (GEMM, tanh_); the d-wide chain, either torch ops (cuda: t again (GEMM, tanh_), z = t + F,
     abs_ and <= (the clamp's mask), where (gF), dF's copy where F was given, 1 - t^2 (addcmul),
-    mul_: gm) or, with ``kernel`` (triton), kernels/rcr.py's _rcr_factors_bwd_kernel (M = h1 W2^T
-    recomputed on the tensor cores, gF and F read, gm and dF written, one pass); then gm^T h1
+    mul_: gm) or, with ``kernel``, the kernel set's rcr_factors_bwd (triton: kernels/rcr.py's
+    _rcr_factors_bwd_kernel, 128 x ``bn`` = 128 tiles; cuda: the kRcrFactorsBwd epilogue of
+    rcr_wgmma_kernel, 128 x 256 blocks: M = h1 W2^T recomputed on the tensor cores, gF and F read,
+    gm and dF written, one pass; h1 re-read from L2 once per column block); then gm^T h1
     into dW2 (addmm_), gm W2, 1 - h1^2 and mul_, ga1^T e into dW1, ga1 W1 into dE (addmm_), the
     bias sums: twice the forward's products besides the recompute."""
     N = B * P * Lq
@@ -281,7 +284,7 @@ def rcr_recomputed_backward(book: Book, B: int, P: int, Lq: int, has_f: bool, ke
         book.add("rcr recomputed backward: h1 again (GEMM)", count=chunks, tc=2 * N * s * 2 * s,
                  hbm=N * s * e + N * 2 * s * e)
         book.add("rcr_factors_bwd (M again, the clamp's mask, tanh')", count=chunks, tc=2 * N * 2 * s * d,
-                 simt=N * d * 12, l2=N * 2 * s * e * -(-d // 128) + chunks * d * 2 * s * e * -(-N // (128 * chunks)),
+                 simt=N * d * 12, l2=N * 2 * s * e * -(-d // bn) + chunks * d * 2 * s * e * -(-N // (128 * chunks)),
                  hbm=N * 2 * s * e + N * d * e * (2 + (2 if has_f else 0)) + d * 2 * s * e)
         # tanh_ of h1, 1 - h1^2 and mul_, the bias sums
         book.add("rcr recomputed backward: element-wise", count=7 * chunks, simt=N * 2 * s * 8,
@@ -792,7 +795,8 @@ def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     fp32 to memory), the products with the shared weight (Y, dW, G2) in cuBLAS on tensor cores
     (the model's bf16: D2 and dY rounded to bf16, two casts, fp32 outputs; fp32 inputs take exact
     fp32 products, not modelled), l2n_bwd_rows_kernel, attention_bwd_kernel (recompute, SIMT scores and P C,
-    atomics into dQ, dC), RAR's backward."""
+    atomics into dQ, dC), RAR's backward, RCR's recomputed backward with its d-wide chain one launch
+    (the rcr_factors_bwd op: rcr_wgmma_kernel's kRcrFactorsBwd epilogue)."""
     Lq, Lc = _rows(shape, Lg)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     N = pairs * Lq
@@ -808,7 +812,7 @@ def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
         book.add("rar_bwd_kernel + its GEMMs", count=3, tc=pairs * 2 * 16 * ((Lq + 15) // 16) * s * s * 3,
                  simt=pairs * 2 * s * s * 2, l2=pairs * (2 * s * s * e), hbm=pairs * Lq * s * 4 * 3)
         if t < shape.steps - 1:
-            rcr_recomputed_backward(book, B, P, Lq, t > 0)
+            rcr_recomputed_backward(book, B, P, Lq, t > 0, kernel=True, bn=CUDA_RCR_BN)
 
 
 def torch_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: bool = False) -> None:

@@ -153,4 +153,29 @@ inline void check_rcr(const at::Tensor& E, const at::Tensor& qlens, const c10::o
   }
 }
 
+// rcr_factors_bwd: hidden (n, h1), w2 (d, h1), b2 (d), factors None | (n, d), grad (n, d),
+// dfactors None | (n, d), all of hidden's dtype and device
+inline void check_rcr_factors_bwd(const at::Tensor& hidden, const at::Tensor& w2, const at::Tensor& b2,
+                                  const c10::optional<at::Tensor>& factors, const at::Tensor& grad,
+                                  const c10::optional<at::Tensor>& dfactors) {
+  TORCH_CHECK(hidden.is_floating_point(), "hidden: expected a floating tensor, got ", hidden.scalar_type());
+  TORCH_CHECK(hidden.dim() == 2, "hidden: expected (n, h1), got shape ", hidden.sizes());
+  const int64_t N = hidden.size(0), H1 = hidden.size(1);
+  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == H1, "w2: expected (d, ", H1, "), got ", w2.sizes());
+  const int64_t D = w2.size(0);
+  check_float(w2, "w2", hidden);
+  check_float(b2, "b2", hidden);
+  check_shape(b2, "b2", {D});
+  check_float(grad, "grad", hidden);
+  check_shape(grad, "grad", {N, D});
+  if (factors) {
+    check_float(*factors, "factors", hidden);
+    check_shape(*factors, "factors", {N, D});
+  }
+  if (dfactors) {
+    check_float(*dfactors, "dfactors", hidden);
+    check_shape(*dfactors, "dfactors", {N, D});
+  }
+}
+
 }  // namespace rcar_fast

@@ -23,6 +23,11 @@ TORCH_LIBRARY(rcar_fast, m) {
         "Tensor wv, Tensor bv, Tensor score_w, Tensor score_b) -> Tensor");
   m.def("rcr(Tensor E, Tensor qlens, Tensor? factors, Tensor? lam, float lam_scalar, Tensor w1, Tensor b1, "
         "Tensor w2, Tensor b2, Tensor ws1, Tensor bs1, Tensor ws2, Tensor bs2) -> (Tensor, Tensor)");
+  // the d-wide chain of RCR's recomputed backward (rcar_fast.torch_math.rcr_step_recomputed):
+  // gm = grad [|z| <= 1] (1 - t^2), t = tanh(hidden w2^T + b2), z = t + factors (ones for None),
+  // (n, d) in hidden's dtype; grad [|z| <= 1] written into dfactors where given
+  m.def("rcr_factors_bwd(Tensor hidden, Tensor w2, Tensor b2, Tensor? factors, Tensor grad, "
+        "Tensor(a!)? dfactors) -> Tensor");
 }
 
 namespace {

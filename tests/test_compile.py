@@ -283,15 +283,17 @@ def test_every_row_is_keyed_by_the_current_tree(report, request):
 CUDA_KERNELS = {"gram_kernel", "attention_fwd_kernel", "attention_fwd_tc_kernel", "attention_fwd_wg_kernel",
                 "rar_fwd_wg_kernel", "attention_bwd_kernel",
                 "l2n_bwd_rows_kernel", "rar_mean_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
-                "rcr_factors_kernel", "rcr_smooth_kernel", "rcr_gemm_kernel", "rcr_wgmma_kernel"}
+                "rcr_factors_kernel", "rcr_factors_bwd_kernel", "rcr_smooth_kernel", "rcr_gemm_kernel",
+                "rcr_wgmma_kernel"}
 #: kernels with fp16/bf16 instances only (fp32 runs attention_fwd_kernel's exact SIMT products,
 #: and cuBLAS with rcr_factors_kernel for RCR)
 HALF_ONLY = {"attention_fwd_tc_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel", "rcr_gemm_kernel",
              "rcr_wgmma_kernel"}
 #: kernels with code for sm_90a only (wgmma), a trap in the sm_80 build, launched on sm_90 alone
 SM90A_ONLY = {"rcr_wgmma_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel"}
-#: kernels with an fp32 instance only (fp16/bf16 take RCR's chain in rcr_gemm_kernel's epilogue)
-FP32_ONLY = {"rcr_factors_kernel"}
+#: kernels with an fp32 instance only (fp16/bf16 take RCR's chains, forward and backward, in
+#: rcr_gemm_kernel's epilogues)
+FP32_ONLY = {"rcr_factors_kernel", "rcr_factors_bwd_kernel"}
 
 
 def _cuda_name(r):

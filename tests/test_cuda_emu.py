@@ -89,6 +89,7 @@ def build_emu(folder: str):
     so.emu_rcr_factors.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint]
     so.emu_rcr_gemm.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64,
                                 _VP]
+    so.emu_rcr_factors_bwd.argtypes = [ctypes.c_int, *[_VP] * 6, _I64, _I64, _I64, ctypes.c_uint, _VP, _VP]
     so.emu_rcr_hidden_smooth_wg.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _I64,
                                             _I64, _I64, _I64, _I64, _I64, _VP, _VP]
     so.emu_rcr_smooth.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64, _I64, ctypes.c_uint,
@@ -793,6 +794,59 @@ def test_rcr_gemm(emu, epi, has_f, dtype, wgmma, K):
     torch.testing.assert_close(out.double(), want, **TOL[dtype], equal_nan=True)
     assert (want.abs() == 1).any() or epi == RCR_HIDDEN    # the clamp is reached
     assert (emu.emu_wgmma_ops() > 0) == bool(wgmma)      # the kernel asked for ran
+
+
+@pytest.mark.parametrize("has_f,want_df", [(False, True), (True, True), (True, False)], ids=["F=1", "F", "F,no dF"])
+@pytest.mark.parametrize("dtype,wgmma,H", [(torch.float32, 0, 40), (torch.float16, 0, 40), (torch.bfloat16, 0, 40),
+                                           (torch.float16, 1, 136), (torch.bfloat16, 1, 150)],
+                         ids=["fp32", "fp16,wmma", "bf16,wmma", "fp16,wgmma,K136", "bf16,wgmma,K150"])
+def test_rcr_factors_bwd(emu, dtype, wgmma, H, has_f, want_df):
+    """The rcr_factors_bwd op's kernels as rcr.cu launches them (the d-wide chain of RCR's
+    recomputed backward): fp16/bf16 the kRcrFactorsBwd epilogue of rcr_gemm_kernel (wmma, K = 40:
+    two chunks of 32) or rcr_wgmma_kernel (K 136: 16-byte loads, three chunks; 150: element loads),
+    fp32 rcr_factors_bwd_kernel over the host's product, over 150 rows x d = 300 (two row blocks
+    and two column blocks, the second of each partial; a grid of 4 blocks for fp32), against the
+    chain in fp64: gm = grad [|z| <= 1] (1 - t^2), dF = grad [|z| <= 1], t = tanh(hidden w2^T + b2),
+    z = t + F (1 without F), at the elements whose mask rounding cannot flip (|z| not within 1% of
+    1); the others zero or grad's value. A NaN in F gives zeros there (|z| <= 1 is false, as torch's
+    where). Every tensor read or written ends at an inaccessible page (_Guarded)."""
+    n, D = 150, 300
+    g = torch.Generator().manual_seed(21 + H + has_f)
+    hidden = torch.tanh(torch.randn(n, H, generator=g, dtype=torch.float64)).to(dtype)
+    w2 = (torch.randn(D, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dtype)
+    b2 = (torch.randn(D, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    fac = (torch.rand(n, D, generator=g, dtype=torch.float64) * 2.4 - 1.2).to(dtype) if has_f else None
+    grad = torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype)
+    if fac is not None:
+        fac[140, 290] = float("nan")     # the second row block's second column block
+    h64, w64, b64, g64 = (x.double() for x in (hidden, w2, b2, grad))
+    t = torch.tanh(h64 @ w64.t() + b64)
+    z = t + (1.0 if fac is None else fac.double())
+    gz = torch.where(z.abs() <= 1, g64, torch.zeros(()).double())
+    sure = (z.abs() - 1).abs() > 0.01
+    assert sure.float().mean() > 0.8 and (gz[sure] == 0).any() and (gz[sure] != 0).any()
+    guard = _Guarded()
+    gm = guard(torch.full((n, D), float("nan"), dtype=dtype))
+    df = guard(torch.full((n, D), float("nan"), dtype=dtype)) if want_df else None
+    m = (hidden @ w2.t()).contiguous() if dtype == torch.float32 else None
+    emu.emu_wgmma_ops()
+    emu.emu_set_wgmma(wgmma)
+    try:
+        emu.emu_rcr_factors_bwd(DTYPES[dtype], _ptr(guard(hidden)), _ptr(guard(w2)), _ptr(m), _ptr(b2),
+                                _ptr(guard(fac)), _ptr(guard(grad)), n, D, H, 4, _ptr(gm), _ptr(df))
+    finally:
+        emu.emu_set_wgmma(0)
+    assert (emu.emu_wgmma_ops() > 0) == bool(wgmma)      # the kernel asked for ran
+    tol = TOL[dtype] if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gm.double()[sure], (gz * (1 - t * t))[sure], **tol)
+    unsure = ~sure
+    for out in [gm] + ([df] if want_df else []):
+        assert not out.isnan().any()
+    if want_df:
+        torch.testing.assert_close(df.double()[sure], gz[sure], **tol)
+        assert ((df.double()[unsure] == 0) | (df.double() == g64)[unsure]).all()
+    if fac is not None:
+        assert gm[140, 290] == 0 and (not want_df or df[140, 290] == 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

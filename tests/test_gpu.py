@@ -167,6 +167,31 @@ def test_cuda_rcr_gemm_kernels(backend, kernel, dtype, atol, monkeypatch):
     assert any("rcr_smooth_kernel" in n for n in ran) == (kernel == "wmma"), ran
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
+def test_cuda_rcr_factors_bwd(backend, kernel, dtype, monkeypatch):
+    """The CUDA rcr_factors_bwd op (RCR's recomputed backward's d-wide chain) against the chain in
+    fp64 (test_rcr_recompute.factors_bwd_matches_the_chain; its CPU twin runs the extension's CPU
+    op): 300 rows x d = 1024 from a hidden layer 512 wide (K = 2 s, s = 256), with and without F;
+    fp16/bf16 the kRcrFactorsBwd epilogue of rcr_wgmma_kernel or rcr_gemm_kernel (the profile says
+    which ran), fp32 cuBLAS and rcr_factors_bwd_kernel."""
+    from test_rcr_recompute import factors_bwd_matches_the_chain
+    if dtype == torch.float32 and kernel == "wgmma":
+        pytest.skip("fp32 takes cuBLAS and rcr_factors_bwd_kernel either way")
+    _wgmma_or_wmma(kernel, monkeypatch)
+    tol = {torch.float16: dict(rtol=4e-3, atol=4e-3), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+           torch.float32: dict(rtol=1e-4, atol=1e-5)}[dtype]
+    fn = torch.ops.rcar_fast.rcr_factors_bwd.default
+    ran = _kernels_run(lambda: [factors_bwd_matches_the_chain(fn, 300, 1024, dtype, with_f, tol, "cuda", h=512)
+                                for with_f in (False, True)])
+    if dtype == torch.float32:
+        assert any("rcr_factors_bwd_kernel" in n for n in ran), ran
+    else:
+        want, other = ("rcr_wgmma_kernel", "rcr_gemm_kernel")[::1 if kernel == "wgmma" else -1]
+        assert any(want in n for n in ran) and not any(other in n for n in ran), ran
+
+
 @pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
 @pytest.mark.parametrize("backend", [_backend_param("cuda")])
 def test_cuda_wgmma_kernels_in_a_flickr_block(backend, kernel, monkeypatch):

@@ -136,8 +136,8 @@ def test_saves_only_its_inputs():
 def test_fused_backends_train_through_it_and_torch_does_not(backend, monkeypatch):
     """The fused backends' training step calls the recomputing step (one call per RCR step, the
     gradients of the reference's within fp64 rounding, in several chunks), triton with its kernel
-    for the d-wide chain (kernels/rcr.py rcr_factors_bwd), cpp with torch ops; the torch backend
-    keeps plain autograd."""
+    for the d-wide chain (kernels/rcr.py rcr_factors_bwd), cpp with the extension's op
+    (rcr_factors_bwd); the torch backend keeps plain autograd."""
     if rcar_fast.backend_status()[backend] != "available":
         pytest.skip(f"{backend}: {rcar_fast.backend_status()[backend]}")
     monkeypatch.setattr(tm, "RCR_CHUNKS", 4)
@@ -165,7 +165,7 @@ def test_fused_backends_train_through_it_and_torch_does_not(backend, monkeypatch
         # every block's two RCR steps in forward, then again in the checkpointed recompute
         blocks = len(calls) // 4
         assert blocks >= 1 and calls == ["rcr_modules.0.", "rcr_modules.1."] * (2 * blocks)
-        kernel = _triton_rcr().rcr_factors_bwd if backend == "triton" else None
+        kernel = _triton_rcr().rcr_factors_bwd if backend == "triton" else _extension_chain()
         assert chains and all(c is kernel for c in chains)
     tol = dict(rtol=1e-5, atol=1e-7) if backend == "triton" else dict(rtol=1e-9, atol=1e-11)
     for got, want in zip(grads[backend], grads["reference"]):
@@ -203,21 +203,47 @@ def _chain_case(n: int, d: int, h: int, with_f: bool, dtype, seed: int = 11):
 @pytest.mark.parametrize("n,d", [(70, 20), (130, 300)])
 def test_triton_factors_bwd_matches_the_chain(n, d, dtype, with_f):
     """kernels/rcr.py rcr_factors_bwd (interpreter) against the chain in fp64 on the same
-    inputs: gm = grad [|z| <= 1] (1 - t^2) and dF = grad [|z| <= 1], t = tanh(hidden W2^T + b2),
-    z = t + F (1 without F), over several row and column tiles (n past a tile of rows, d below
-    and above a column tile), at the elements whose mask rounding cannot flip (|z| not within 1%
-    of 1); the rest of the elements (the mask's choice either way) are zero or gz's value."""
-    rcr = _triton_rcr()
-    hidden, w2, b2, fac, grad = _chain_case(n, d, 16, with_f, dtype)
-    dF = torch.full((n, d), float("nan"), dtype=dtype)
-    gm = rcr.rcr_factors_bwd(hidden, w2, b2, fac, grad, dF)
+    inputs, over several row and column tiles (n past a tile of rows, d below and above a column
+    tile): factors_bwd_matches_the_chain."""
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    factors_bwd_matches_the_chain(_triton_rcr().rcr_factors_bwd, n, d, dtype, with_f, tol)
+
+
+def _extension_chain():
+    """The extension's rcr_factors_bwd op (the "cpp" kernel set's chain), or a skip."""
+    from rcar_fast.backends import extension_kernels
+    if extension_kernels.CPP.rcr_factors_bwd is None:
+        pytest.skip("the extension has no CPU rcr_factors_bwd")
+    return extension_kernels.CPP.rcr_factors_bwd
+
+
+@pytest.mark.parametrize("with_f", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_extension_factors_bwd_matches_the_chain(dtype, with_f):
+    """The extension's rcr_factors_bwd op on CPU (float, double for double; one rounding to the
+    inputs' dtype) against the chain in fp64: factors_bwd_matches_the_chain. Its CUDA kernels:
+    tests/test_cuda_emu.py test_rcr_factors_bwd (emulator) and test_gpu.py."""
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
+           torch.float16: dict(rtol=2e-3, atol=2e-3)}[dtype]
+    factors_bwd_matches_the_chain(_extension_chain(), 70, 300, dtype, with_f, tol)
+
+
+def factors_bwd_matches_the_chain(fn, n, d, dtype, with_f, tol, device="cpu", h=16):
+    """fn(hidden, w2, b2, factors, grad, dF) (a kernel set's rcr_factors_bwd) against the chain
+    in fp64 on the same inputs: gm = grad [|z| <= 1] (1 - t^2) and dF = grad [|z| <= 1],
+    t = tanh(hidden W2^T + b2), z = t + F (1 without F), at the elements whose mask rounding cannot
+    flip (|z| not within 1% of 1); the rest of the elements (the mask's choice either way) are zero
+    or gz's value. dF NaN-filled before, so an element fn leaves unwritten shows."""
+    hidden, w2, b2, fac, grad = (None if x is None else x.to(device) for x in _chain_case(n, d, h, with_f, dtype))
+    dF = torch.full((n, d), float("nan"), dtype=dtype, device=device)
+    gm = fn(hidden, w2, b2, fac, grad, dF)
+    hidden, w2, b2, fac, grad, gm, dF = (None if x is None else x.cpu() for x in (hidden, w2, b2, fac, grad, gm, dF))
     h64, w64, b64, g64 = (x.double() for x in (hidden, w2, b2, grad))
     t = torch.tanh(h64 @ w64.t() + b64)
     z = t + (1.0 if fac is None else fac.double())
     gz = torch.where(z.abs() <= 1, g64, torch.zeros(()).double())
     sure = (z.abs() - 1).abs() > 0.01
     assert sure.float().mean() > 0.8 and (gz[sure] == 0).any() and (gz[sure] != 0).any()
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
     assert gm.dtype == dF.dtype == dtype
     torch.testing.assert_close(gm.double()[sure], (gz * (1 - t * t))[sure], **tol)
     torch.testing.assert_close(dF.double()[sure], gz[sure], **tol)
@@ -244,18 +270,52 @@ def test_triton_factors_bwd_without_df_and_into_a_misaligned_view():
     assert (big[0] == 7).all()
 
 
-@needs_triton
 @pytest.mark.parametrize("with_state", [False, True])
-def test_recomputed_step_with_the_triton_chain_equals_the_torch_chain(with_state, monkeypatch):
-    """rcr_step_recomputed with the Triton kernel for its d-wide chain (as the triton backend
-    trains) against the torch ops' chain: the same gradients (fp64 inputs: the kernel computes in
-    fp32), in 3 chunks."""
+@pytest.mark.parametrize("chain", ["triton", "extension"])
+def test_recomputed_step_with_a_kernel_chain_equals_the_torch_chain(chain, with_state, monkeypatch):
+    """rcr_step_recomputed with a kernel set's op for its d-wide chain (as the triton, cpp and cuda
+    backends train) against the torch ops' chain: the same gradients (fp64 inputs: the Triton kernel
+    computes in fp32, the extension's CPU op in fp64), in 3 chunks (dF written into row slices of
+    one buffer)."""
     monkeypatch.setattr(tm, "RCR_CHUNKS", 3)
     monkeypatch.setattr(tm, "RCR_MIN_CHUNK_ROWS", 1)
-    kernel = _triton_rcr().rcr_factors_bwd
+    if chain == "triton" and "triton" not in rcar_fast.available_backends("cpu"):
+        pytest.skip("triton not importable")
+    kernel = _triton_rcr().rcr_factors_bwd if chain == "triton" else _extension_chain()
+    tol = dict(rtol=1e-5, atol=1e-6) if chain == "triton" else dict(rtol=1e-12, atol=1e-13)
     case = _case(with_state, torch.float64)
     _, g_torch = _grads(_recomputed, *case)
     _, g_kernel = _grads(lambda E, f, lam, w: tm.rcr_step_recomputed(E, f, lam, w, "", kernel), *case)
     for a, b in zip(g_kernel, g_torch):
         scale = b.abs().max().clamp(min=1)
-        torch.testing.assert_close(a / scale, b / scale, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a / scale, b / scale, **tol)
+
+
+def test_extension_factors_bwd_refuses_bad_input_by_name():
+    """The extension's rcr_factors_bwd checks every argument before any work: a wrong shape or
+    dtype gets an error naming the argument; dfactors a view whose rows are not contiguous is
+    written all the same (through a buffer), its neighbours untouched; its fake has gm's shape, and
+    opcheck holds (the schema's declared mutation of dfactors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fn = _extension_chain()
+    hidden, w2, b2, fac, grad = _chain_case(9, 20, 16, True, torch.float32)
+    bad = {"w2": (hidden, w2[:, :5], b2, fac, grad, None), "b2": (hidden, w2, b2[:3], fac, grad, None),
+           "factors": (hidden, w2, b2, fac[:4], grad, None), "grad": (hidden, w2, b2, fac, grad.double(), None),
+           "dfactors": (hidden, w2, b2, fac, grad, torch.empty(9, 21)), "hidden": (hidden[0], w2, b2, fac, grad, None)}
+    for name, args in bad.items():
+        with pytest.raises(RuntimeError, match=f"^{name}: expected"):
+            fn(*args)
+    ref_df = torch.empty(9, 20)
+    ref = fn(hidden, w2, b2, fac, grad, ref_df)
+    big = torch.full((9, 30), 7.0)
+    view = big[:, 5:25]
+    assert not view.is_contiguous()
+    torch.testing.assert_close(fn(hidden, w2, b2, fac, grad, view), ref, rtol=0, atol=0)
+    torch.testing.assert_close(view, ref_df, rtol=0, atol=0)
+    assert (big[:, :5] == 7).all() and (big[:, 25:] == 7).all()
+    with FakeTensorMode():
+        out = torch.ops.rcar_fast.rcr_factors_bwd(torch.empty(9, 16), torch.empty(20, 16), torch.empty(20), None,
+                                                  torch.empty(9, 20), None)
+    assert out.shape == (9, 20) and out.dtype == torch.float32
+    for args in ((hidden, w2, b2, fac, grad, torch.empty(9, 20)), (hidden, w2, b2, None, grad, None)):
+        torch.library.opcheck(torch.ops.rcar_fast.rcr_factors_bwd.default, args)   # schema (the mutation), fake

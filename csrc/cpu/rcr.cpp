@@ -1,4 +1,4 @@
-// rcar_fast::rcr on CPU (inference only; the contract: csrc/README.md).
+// rcar_fast::rcr on CPU (inference only; the contract: csrc/README.md), and rcr_factors_bwd (below).
 //
 // One RCR step, row-wise: tiles of at most kTileRows valid rows (consecutive pairs), threads
 // take tiles dynamically. Per tile: H = tanh(E [W1; Ws1]^T + [b1; bs1]) is one GEMM (both
@@ -7,6 +7,8 @@
 // lam <- relu(ws2 . H2 + bs2 + lam). Padded rows are never read and are written as zeros.
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -151,8 +153,49 @@ std::tuple<at::Tensor, at::Tensor> rcr_cpu(const at::Tensor& E, const at::Tensor
   return {fout, lout};
 }
 
+
+// rcr_factors_bwd: the d-wide chain of RCR's recomputed backward, in float (double for double) from
+// one GEMM M = hidden W2^T, then per element t = tanh(M + b2), z = t + F_old (1 without factors),
+// gz = grad where |z| <= 1 (torch's clamp gradient; 0 for a NaN z), gm = gz (1 - t^2), dF = gz;
+// rounded once to hidden's dtype. Every row.
+at::Tensor rcr_factors_bwd_cpu(const at::Tensor& hidden, const at::Tensor& w2, const at::Tensor& b2,
+                               const c10::optional<at::Tensor>& factors, const at::Tensor& grad,
+                               const c10::optional<at::Tensor>& dfactors) {
+  check_rcr_factors_bwd(hidden, w2, b2, factors, grad, dfactors);
+  TORCH_CHECK(hidden.device().is_cpu(), "hidden: the CPU kernels take CPU tensors, got ", hidden.device());
+  const auto ct = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t N = hidden.size(0), D = w2.size(0);
+  at::Tensor m = at::mm(as_compute(hidden, ct), as_compute(w2, ct).t()).contiguous();   // becomes gm
+  at::Tensor b2c = as_compute(b2, ct), g = as_compute(grad, ct), f = factors ? as_compute(*factors, ct) : at::Tensor();
+  at::Tensor df = dfactors ? at::empty({N, D}, m.options()) : at::Tensor();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    T* mp = m.data_ptr<T>();
+    const T* bp = b2c.data_ptr<T>();
+    const T* gp = g.data_ptr<T>();
+    const T* fp = f.defined() ? f.data_ptr<T>() : nullptr;
+    T* dp = df.defined() ? df.data_ptr<T>() : nullptr;
+    at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0 * D; i < r1 * D; ++i) {
+        const T t = std::tanh(mp[i] + bp[i % D]);
+        const T z = t + (fp ? fp[i] : T(1));
+        const T gz = std::abs(z) <= T(1) ? gp[i] : T(0);
+        mp[i] = gz * (T(1) - t * t);
+        if (dp) dp[i] = gz;
+      }
+    });
+  };
+  if (ct == at::kDouble) run(double{});
+  else run(float{});
+  if (dfactors) dfactors->copy_(df);
+  return m.scalar_type() == hidden.scalar_type() ? m : m.to(hidden.scalar_type());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rcar_fast, CPU, m) { m.impl("rcr", &rcr_cpu); }
+TORCH_LIBRARY_IMPL(rcar_fast, CPU, m) {
+  m.impl("rcr", &rcr_cpu);
+  m.impl("rcr_factors_bwd", &rcr_factors_bwd_cpu);
+}
 
 }  // namespace rcar_fast::cpu

@@ -21,11 +21,17 @@
 //   hidden layer's rcr_wgmma_kernel launch, its kRcrSmooth epilogue: lam from the accumulators of
 //   E ws1^T, hs never stored)
 //
+// rcr_factors_bwd (training: the d-wide chain of rcar_fast.torch_math.rcr_step_recomputed's
+// backward, every row): fp16/bf16 one launch, the kRcrFactorsBwd epilogue of rcr_wgmma_kernel (with
+// wgmma) or rcr_gemm_kernel: M = hidden W2^T on the tensor cores, never stored, F_old and the
+// gradient read once, gm and dF written once; fp32 cuBLAS hidden W2^T, then rcr_factors_bwd_kernel.
+//
 // F_old is all ones where factors is None. Rows at or past a pair's query length are zero in F
 // and lam whatever E, factors and lam hold there (selection: the kernel never reads F_old there).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -45,6 +51,14 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+
+// Grid of the RCR GEMM kernels: 128 x 256 blocks of a (rows, n) output and `extra` more a row block.
+unsigned rcr_blocks(int64_t rows, int64_t n, int64_t extra, const char* op) {
+  const int64_t nblocks = (rows + kRcrBM - 1) / kRcrBM * ((n + kRcrBN - 1) / kRcrBN + extra);
+  TORCH_CHECK(nblocks < (int64_t(1) << 31), op, ": ", rows, " rows are more than one launch of the CUDA RCR GEMM "
+              "takes (2^31 blocks of 128 x 256); split the call");
+  return static_cast<unsigned>(nblocks);
+}
 
 std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const OptTensor& factors,
                                     const OptTensor& lam, double lam_scalar, const Tensor& w1, const Tensor& b1,
@@ -85,13 +99,7 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
         const int64_t smem = wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T));
         if (H1 > 0 || smooth_wg) prepare_smem(hidden_k, smem, "rcr (hidden layer GEMM)");
         if (D > 0) prepare_smem(factors_k, smem, "rcr (factors GEMM)");
-        // 128 x 256 blocks of a (rows, n) output and `extra` more a row block, one grid dimension
-        auto blocks = [&](int64_t n, int64_t extra) {
-          const int64_t nblocks = (rows + kRcrBM - 1) / kRcrBM * ((n + kRcrBN - 1) / kRcrBN + extra);
-          TORCH_CHECK(nblocks < (int64_t(1) << 31), "rcr: ", rows, " rows of E are more than one launch of the "
-                      "CUDA RCR GEMM takes (2^31 blocks of 128 x 256); split the call");
-          return static_cast<unsigned>(nblocks);
-        };
+        auto blocks = [&](int64_t n, int64_t extra) { return rcr_blocks(rows, n, extra, "rcr"); };
         // the temperatures in the hidden layer's launch (one more block a row block; E from L2)
         const Tensor ws1c = ws1.contiguous(), bs1c = bs1.contiguous();
         RcrSmooth<T> sm{};
@@ -102,14 +110,14 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
         if (H1 > 0 || smooth_wg) {
           hidden_k<<<blocks(H1, smooth_wg ? 1 : 0), kThreads, smem, stream>>>(
               ptr<T>(xc), ptr<T>(w1c), ptr<T>(b1c), nullptr, ql.data_ptr<int>(), rows, H1, S, P, Lq, mut_ptr<T>(hidden),
-              sm);
+              sm, RcrGrad<T>{});
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (D > 0) {
           factors_k<<<blocks(D, 0), kThreads, smem, stream>>>(ptr<T>(hidden), ptr<T>(w2c), ptr<T>(b2c),
                                                               f_old.defined() ? ptr<T>(f_old) : nullptr,
                                                               ql.data_ptr<int>(), rows, D, H1, P, Lq, mut_ptr<T>(F),
-                                                              RcrSmooth<T>{});
+                                                              RcrSmooth<T>{}, RcrGrad<T>{});
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       } else if (F.numel() > 0) {
@@ -131,10 +139,49 @@ std::tuple<Tensor, Tensor> rcr_cuda(const Tensor& E, const Tensor& qlens, const 
   return std::make_tuple(F.view({B, P, Lq, D}), lam_new);
 }
 
+Tensor rcr_factors_bwd_cuda(const Tensor& hidden, const Tensor& w2, const Tensor& b2, const OptTensor& factors,
+                            const Tensor& grad, const OptTensor& dfactors) {
+  rcar_fast::check_rcr_factors_bwd(hidden, w2, b2, factors, grad, dfactors);
+  check_cuda_dtype(hidden, "hidden");
+  c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t N = hidden.size(0), H1 = hidden.size(1), D = w2.size(0);
+  Tensor gm = at::empty({N, D}, hidden.options());
+  if (gm.numel() == 0) return gm;
+  // dF straight into dfactors where its rows are contiguous, else through a buffer
+  const bool direct = dfactors && dfactors->is_contiguous();
+  Tensor df = !dfactors ? Tensor() : (direct ? *dfactors : at::empty({N, D}, hidden.options()));
+  const Tensor f_old = factors ? factors->contiguous() : Tensor();
+  const Tensor g = grad.contiguous(), b2c = b2.contiguous();
+  cudaStream_t stream = current_stream();
+  dispatch_float(hidden.scalar_type(), "hidden", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const RcrGrad<T> rg{ptr<T>(g), df.defined() ? mut_ptr<T>(df) : nullptr};
+    const T* fo = f_old.defined() ? ptr<T>(f_old) : nullptr;
+    if constexpr (!std::is_same<T, float>::value) {
+      const Tensor hc = hidden.contiguous(), w2c = w2.contiguous();
+      const bool wgmma = use_wgmma();
+      auto k = wgmma ? rcr_wgmma_kernel<T, kRcrFactorsBwd> : rcr_gemm_kernel<T, kRcrFactorsBwd>;
+      const int64_t smem = wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T));
+      prepare_smem(k, smem, "rcr_factors_bwd (GEMM)");
+      k<<<rcr_blocks(N, D, 0, "rcr_factors_bwd"), kThreads, smem, stream>>>(
+          ptr<T>(hc), ptr<T>(w2c), ptr<T>(b2c), fo, nullptr, N, D, H1, 1, 1, mut_ptr<T>(gm), RcrSmooth<T>{}, rg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const Tensor m = at::mm(hidden, w2.t());   // (N, D), contiguous; TF32 as torch's matmul setting says
+      const unsigned grid = static_cast<unsigned>(std::min<int64_t>(N, int64_t(1) << 20));
+      rcr_factors_bwd_kernel<T><<<grid, kThreads, 0, stream>>>(ptr<T>(m), ptr<T>(b2c), fo, N, D, mut_ptr<T>(gm), rg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  if (dfactors && !direct) dfactors->copy_(df);
+  return gm;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace rcar_fast
 
 TORCH_LIBRARY_IMPL(rcar_fast, CUDA, m) {
   m.impl("rcr", &rcar_fast::cuda::rcr_cuda);
+  m.impl("rcr_factors_bwd", &rcar_fast::cuda::rcr_factors_bwd_cuda);
 }

@@ -37,13 +37,54 @@ __global__ void __launch_bounds__(kThreads) rcr_factors_kernel(T* __restrict__ m
 //   kRcrFactors: out = clamp(tanh(A B^T + bias) + F_old, -1, 1), F_old all ones where null, zero
 //                at rows at or past their query length (row r: position r % Lq of query item
 //                (r / Lq) % P; F_old is not read there); a NaN in a valid row stays NaN
+//   kRcrFactorsBwd: the factors' backward (rcr_bwd_store, the rcr_factors_bwd op): out = gm,
+//                rg.df = gz, every row (qlens not read)
 // A (M x K), B (N x K), F_old and out (M x N): row-major, contiguous; bias (N). Block x: the
 // 128 x 256 block (x / nb, x % nb) of out, nb = ceil(N / 256), so the blocks of one row block run
 // together (A from HBM once, B from L2); warp w: rows 64 (w / 4), columns 64 (w % 4), 4 x 4 wmma
 // tiles (4 A and 4 B fragments per 16 products). K is streamed 32 columns at a time (zeros past M,
 // N and K); the epilogue takes each warp's tile 16 rows at a time through shared memory (plan.h
 // rcr_gemm_smem: the regions alias).
-enum { kRcrHidden = 0, kRcrFactors = 1, kRcrSmooth = 2 };   // kRcrSmooth: rcr_wgmma_block only
+enum { kRcrHidden = 0, kRcrFactors = 1, kRcrSmooth = 2, kRcrFactorsBwd = 3 };   // kRcrSmooth: rcr_wgmma_block only
+
+// x rounded to T and back (a no-op for float): the roundings of torch's step in T
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
+
+// kRcrFactorsBwd's operands beside the GEMM's (RcrGrad<T>{} for the other epilogues): grad, the
+// gradient of the new factors (M x N), and df (M x N) or nullptr (not wanted)
+template <typename T>
+struct RcrGrad {
+  const T* grad;
+  T* df;
+};
+
+// The d-wide chain of RCR's recomputed backward at (gr, gc) of an (. x N) output, from acc =
+// (hidden W2^T)[gr, gc]: t = tanh(acc + b2), z = t + F_old (1 where null), each rounded to T as
+// torch's step rounds them; gz = grad where |z| <= 1 (the clamp's gradient, torch's convention;
+// 0 for a NaN z); out = gz (1 - t^2), df = gz. rcr_gemm_kernel's and rcr_wgmma_kernel's
+// kRcrFactorsBwd epilogue (fp16/bf16) and rcr_factors_bwd_kernel (fp32, acc from cuBLAS).
+template <typename T>
+__device__ __forceinline__ void rcr_bwd_store(float acc, int64_t gr, int64_t gc, int64_t N, const T* __restrict__ bias,
+                                              const T* __restrict__ f_old, T* __restrict__ out, const RcrGrad<T>& rg) {
+  const int64_t i = gr * N + gc;
+  const float t = round_to<T>(tanhf(round_to<T>(acc + to_f(bias[gc]))));
+  const float z = round_to<T>(t + (f_old != nullptr ? to_f(f_old[i]) : 1.f));
+  const float gz = fabsf(z) <= 1.f ? to_f(rg.grad[i]) : 0.f;
+  out[i] = from_f<T>(gz * (1.f - t * t));
+  if (rg.df != nullptr) rg.df[i] = from_f<T>(gz);
+}
+
+// fp32's chain (rcr_bwd_store) over M = hidden W2^T (rows x D, contiguous, cuBLAS), out = gm.
+// Block per row (grid-stride over rows), threads over the columns.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rcr_factors_bwd_kernel(const T* __restrict__ m, const T* __restrict__ bias,
+                                                                   const T* __restrict__ f_old, int64_t rows,
+                                                                   int64_t D, T* __restrict__ out,
+                                                                   const RcrGrad<T> rg) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+    for (int64_t c = threadIdx.x; c < D; c += kThreads) rcr_bwd_store<T>(to_f(m[r * D + c]), r, c, D, bias, f_old, out, rg);
+}
 
 // The temperatures in rcr_wgmma_kernel<T, kRcrHidden>'s launch (its kRcrSmooth blocks; H2 0: none,
 // as RcrSmooth<T>{} says): lam = relu(ws2 . tanh(A ws1^T + bs1) + bs2 + lam_old) per row of A, zero at rows at or
@@ -78,9 +119,10 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
                                                             const T* __restrict__ bias, const T* __restrict__ f_old,
                                                             const int* __restrict__ qlens, int64_t M, int64_t N,
                                                             int64_t K, int64_t P, int64_t Lq, T* __restrict__ out,
-                                                            const RcrSmooth<T> sm) {
+                                                            const RcrSmooth<T> sm, const RcrGrad<T> rg) {
   static_assert(!std::is_same<T, float>::value, "fp32 runs cuBLAS and rcr_factors_kernel");
-  static_assert(EPI == kRcrHidden || EPI == kRcrFactors, "an epilogue of the list (kRcrSmooth: rcr_wgmma_kernel)");
+  static_assert(EPI == kRcrHidden || EPI == kRcrFactors || EPI == kRcrFactorsBwd,
+                "an epilogue of the list (kRcrSmooth: rcr_wgmma_kernel)");
   static_assert(kWarps == 8 && kRcrBM == 2 * 64 && kRcrBN == 4 * 64, "8 warps of 64 x 64");
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -129,7 +171,10 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
       const int r = idx >> 6, c = idx & 63;
       const int64_t gr = m0 + wr + 16 * i + r, gc = n0 + wc + c;
       if (gr >= M || gc >= N) continue;
-      out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(ep[r * kRcrEpiLd + c], gr, gc, bias, f_old, qlens, N, P, Lq));
+      if constexpr (EPI == kRcrFactorsBwd)
+        rcr_bwd_store<T>(ep[r * kRcrEpiLd + c], gr, gc, N, bias, f_old, out, rg);
+      else
+        out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(ep[r * kRcrEpiLd + c], gr, gc, bias, f_old, qlens, N, P, Lq));
     }
     __syncwarp();
   }
@@ -154,7 +199,7 @@ __device__ __forceinline__ void rcr_wgmma_block(const T* __restrict__ A, const T
                                                 const T* __restrict__ bias, const T* __restrict__ f_old,
                                                 const int* __restrict__ qlens, int64_t M, int64_t N, int64_t K,
                                                 int64_t P, int64_t Lq, T* __restrict__ out, const RcrSmooth<T>& sm,
-                                                int64_t m0, int64_t n0, unsigned char* smem) {
+                                                const RcrGrad<T>& rg, int64_t m0, int64_t n0, unsigned char* smem) {
   constexpr int BN = EPI == kRcrSmooth ? kRcrSmoothBN : kRcrBN;
   const int tid = threadIdx.x, g = tid >> 7;
   const int64_t stage = rcr_wgmma_stage((int)sizeof(T));
@@ -258,7 +303,10 @@ __device__ __forceinline__ void rcr_wgmma_block(const T* __restrict__ A, const T
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) {
       const int64_t gr = m0 + 64 * g + wg::acc_row(t, i), gc = n0 + wg::acc_col(t, i);
-      if (gr < M && gc < N)
+      if (gr >= M || gc >= N) continue;
+      if constexpr (EPI == kRcrFactorsBwd)
+        rcr_bwd_store<T>(acc[i], gr, gc, N, bias, f_old, out, rg);
+      else
         out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(acc[i], gr, gc, bias, f_old, qlens, N, P, Lq));
     }
   }
@@ -271,9 +319,10 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
                                                              const T* __restrict__ bias, const T* __restrict__ f_old,
                                                              const int* __restrict__ qlens, int64_t M, int64_t N,
                                                              int64_t K, int64_t P, int64_t Lq, T* __restrict__ out,
-                                                             const RcrSmooth<T> sm) {
+                                                             const RcrSmooth<T> sm, const RcrGrad<T> rg) {
   static_assert(!std::is_same<T, float>::value, "fp32 runs cuBLAS and rcr_factors_kernel");
-  static_assert(EPI == kRcrHidden || EPI == kRcrFactors, "an epilogue of the list (kRcrSmooth: kRcrHidden's sm)");
+  static_assert(EPI == kRcrHidden || EPI == kRcrFactors || EPI == kRcrFactorsBwd,
+                "an epilogue of the list (kRcrSmooth: kRcrHidden's sm)");
   static_assert(kThreads == 2 * 128 && kRcrBM == 2 * 64 && kRcrBN == 256, "2 warpgroups of 64 x 256");
 #if defined(RCAR_FAST_CUDA_EMU) || defined(RCAR_FAST_WGMMA_ON_DEVICE)
   extern __shared__ __align__(128) unsigned char smem[];
@@ -281,12 +330,12 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_wgmma_kernel(const T* __restr
   const int64_t m0 = ((int64_t)blockIdx.x / nbx) * kRcrBM, cb = (int64_t)blockIdx.x % nbx;
   if constexpr (EPI == kRcrHidden) {
     if (cb == nb) {   // the row block's temperatures
-      rcr_wgmma_block<T, kRcrSmooth>(A, sm.ws1, sm.bs1, sm.lam_old, qlens, M, sm.H2, K, P, Lq, sm.lam, sm, m0, 0,
-                                     smem);
+      rcr_wgmma_block<T, kRcrSmooth>(A, sm.ws1, sm.bs1, sm.lam_old, qlens, M, sm.H2, K, P, Lq, sm.lam, sm, rg, m0,
+                                     0, smem);
       return;
     }
   }
-  rcr_wgmma_block<T, EPI>(A, B, bias, f_old, qlens, M, N, K, P, Lq, out, sm, m0, cb * kRcrBN, smem);
+  rcr_wgmma_block<T, EPI>(A, B, bias, f_old, qlens, M, N, K, P, Lq, out, sm, rg, m0, cb * kRcrBN, smem);
 #else
   __trap();   // built without sm_90a: never launched (rcr.cu)
 #endif

@@ -60,7 +60,8 @@ class KernelSet:
     (plain PyTorch) keeps autograd's.
     rcr_factors_bwd: optional, on rcr_devices: that backward's d-wide chain as one kernel,
     (hidden (n, 2s), w2, b2, factors None | (n, d), grad (n, d), dfactors None | (n, d)) -> gm
-    (kernels/rcr.py rcr_factors_bwd); without it the chain runs as torch ops.
+    (kernels/rcr.py rcr_factors_bwd; the extension's rcr_factors_bwd op for cpp and cuda, csrc/README.md);
+    without it the chain runs as torch ops.
     workspace: a context manager the pipeline enters around the blocks of one call (buffers
     reused from block to block live for its duration).
     context_gram: optional, on ``devices``: (context, clens) -> what the attention's ``gram``

@@ -40,6 +40,11 @@ def _context_gram_fake(context, clens):
     return context.new_empty(context.shape[0], context.shape[1], context.shape[1], dtype=torch.float32)
 
 
+@torch.library.register_fake("rcar_fast::rcr_factors_bwd")
+def _rcr_factors_bwd_fake(hidden, w2, b2, factors, grad, dfactors):
+    return hidden.new_empty(hidden.shape[0], w2.shape[0])
+
+
 @torch.library.register_fake("rcar_fast::rar_scores")
 def _rar_scores_fake(E, qlens, h0, wq, bq, wk, bk, wv, bv, score_w, score_b):
     return E.new_empty(E.shape[0], E.shape[1], dtype=torch.float32)
@@ -50,22 +55,29 @@ _HAS_CPU_RCR = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", 
 _HAS_CUDA_RCR = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr", "CUDA")
 _HAS_CUDA_GRAM = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::context_gram", "CUDA")
 _HAS_CUDA_SCORES = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rar_scores", "CUDA")
+_HAS_CPU_RCR_BWD = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr_factors_bwd", "CPU")
+_HAS_CUDA_RCR_BWD = torch._C._dispatch_has_kernel_for_dispatch_key("rcar_fast::rcr_factors_bwd", "CUDA")
 
 #: "cpp": default block budget 96 MiB; d-wide buffers per block 3 (F and the new F being built),
 #: 6 under autograd (measured, tests/test_memory.py; with RCR recomputed in backward a step's
-#: peak is about 3.1 of them at one block, bench/results/train_memory.md: kept at 6, a margin)
+#: peak is about 3.1 of them at one block, bench/results/train_memory.md: kept at 6, a margin);
+#: the recomputed RCR backward's d-wide chain one op (rcr_factors_bwd: one GEMM, one pass), as cuda's
 CPP = KernelSet(name="cpp", devices=("cpu",), attention=_ops.attention.default, rar=_ops.rar.default,
                 attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
                 budgets={"cpu": 96 * 2**20}, live_buffers=3, live_buffers_train=6, rcr_recompute=True,
-                rcr=_ops.rcr.default if _HAS_CPU_RCR else None, rcr_devices=("cpu",) if _HAS_CPU_RCR else ())
+                rcr=_ops.rcr.default if _HAS_CPU_RCR else None, rcr_devices=("cpu",) if _HAS_CPU_RCR else (),
+                rcr_factors_bwd=_ops.rcr_factors_bwd.default if _HAS_CPU_RCR and _HAS_CPU_RCR_BWD else None)
 #: "cuda": default block budget 2 GiB or, where more, the GPU's share (KernelSet.budget); the
 #: same buffer counts; the context items' Gram matrices made once for several calls at inference
 #: (context_gram: once per call for the t2i grid's images, else once per block), and the scoring
-#: layer in RAR's last launch (rar_scores: rar_fwd_wg_kernel's epilogue on an sm_90a build), as triton's
+#: layer in RAR's last launch (rar_scores: rar_fwd_wg_kernel's epilogue on an sm_90a build), as triton's;
+#: the recomputed RCR backward's d-wide chain one launch (rcr_factors_bwd: the kRcrFactorsBwd epilogue
+#: of the RCR GEMM kernel in fp16/bf16), as triton's
 CUDA = KernelSet(name="cuda", devices=("cuda",), attention=_ops.attention.default, rar=_ops.rar.default,
                  attention_bwd=_ops.attention_bwd.default, rar_bwd=_ops.rar_bwd.default,
                  budgets={"cpu": 96 * 2**20, "cuda": 2 * 2**30}, live_buffers=3, live_buffers_train=6,
                  rcr_recompute=True,
                  rcr=_ops.rcr.default if _HAS_CUDA_RCR else None, rcr_devices=("cuda",) if _HAS_CUDA_RCR else (),
+                 rcr_factors_bwd=_ops.rcr_factors_bwd.default if _HAS_CUDA_RCR and _HAS_CUDA_RCR_BWD else None,
                  context_gram=_ops.context_gram.default if _HAS_CUDA_GRAM else None,
                  rar_scores=_ops.rar_scores.default if _HAS_CUDA_SCORES else None)

@@ -393,13 +393,41 @@ void emu_rcr_gemm(int dtype, int epi, const void* A, const void* B, const void* 
               *fo = static_cast<const T*>(f_old);
       T* o = static_cast<T*>(out);
       auto run = [&](auto kernel) {
-        cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, b, bi, fo, qlens, M, N, K, P, Lq, o, RcrSmooth<T>{}); },
-                         smem);
+        cuda_emu::launch((unsigned)blocks, kThreads,
+                         [&] { kernel(a, b, bi, fo, qlens, M, N, K, P, Lq, o, RcrSmooth<T>{}, RcrGrad<T>{}); }, smem);
       };
       if (use_wgmma)
         epi == kRcrHidden ? run(rcr_wgmma_kernel<T, kRcrHidden>) : run(rcr_wgmma_kernel<T, kRcrFactors>);
       else
         epi == kRcrHidden ? run(rcr_gemm_kernel<T, kRcrHidden>) : run(rcr_gemm_kernel<T, kRcrFactors>);
+    }
+  });
+}
+
+// The rcr_factors_bwd op's kernels as rcr.cu launches them: fp16/bf16 one launch of the RCR GEMM
+// kernel's kRcrFactorsBwd epilogue (rcr_wgmma_kernel under emu_set_wgmma(1), else rcr_gemm_kernel),
+// gm (n x D) from hidden (n x H) and w2 (D x H); fp32 rcr_factors_bwd_kernel over m = hidden w2^T
+// (given: the host's cuBLAS product) on a grid of `grid` blocks. f_old and df may be null.
+void emu_rcr_factors_bwd(int dtype, const void* hidden, const void* w2, const void* m, const void* b2,
+                         const void* f_old, const void* grad, int64_t n, int64_t D, int64_t H, unsigned grid, void* gm,
+                         void* df) {
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const RcrGrad<T> rg{static_cast<const T*>(grad), static_cast<T*>(df)};
+    const T *bi = static_cast<const T*>(b2), *fo = static_cast<const T*>(f_old);
+    T* out = static_cast<T*>(gm);
+    if constexpr (std::is_same<T, float>::value) {
+      cuda_emu::launch(grid, kThreads,
+                       [&] { rcr_factors_bwd_kernel<T>(static_cast<const T*>(m), bi, fo, n, D, out, rg); });
+    } else {
+      const int64_t blocks = (n + kRcrBM - 1) / kRcrBM * ((D + kRcrBN - 1) / kRcrBN);
+      const size_t smem = (size_t)(use_wgmma ? rcr_wgmma_smem((int)sizeof(T)) : rcr_gemm_smem((int)sizeof(T)));
+      const T *h = static_cast<const T*>(hidden), *w = static_cast<const T*>(w2);
+      auto run = [&](auto kernel) {
+        cuda_emu::launch((unsigned)blocks, kThreads,
+                         [&] { kernel(h, w, bi, fo, nullptr, n, D, H, 1, 1, out, RcrSmooth<T>{}, rg); }, smem);
+      };
+      use_wgmma ? run(rcr_wgmma_kernel<T, kRcrFactorsBwd>) : run(rcr_gemm_kernel<T, kRcrFactorsBwd>);
     }
   });
 }
@@ -426,7 +454,8 @@ void emu_rcr_hidden_smooth_wg(int dtype, const void* E, const void* w1, const vo
       const int64_t blocks = (rows + kRcrBM - 1) / kRcrBM * ((H1 + kRcrBN - 1) / kRcrBN + 1);
       cuda_emu::launch((unsigned)blocks, kThreads, [&] {
         rcr_wgmma_kernel<T, kRcrHidden>(static_cast<const T*>(E), static_cast<const T*>(w1), static_cast<const T*>(b1),
-                                        nullptr, qlens, rows, H1, K, P, Lq, static_cast<T*>(hidden), sm);
+                                        nullptr, qlens, rows, H1, K, P, Lq, static_cast<T*>(hidden), sm,
+                                        RcrGrad<T>{});
       }, (size_t)rcr_wgmma_smem((int)sizeof(T)));
     }
   });
