@@ -197,6 +197,30 @@ RCAR_INLINE void rcr_tail(T* m, const T* b, const T* f, int64_t n) {
   }
 }
 
+// One row of rcr_factors_bwd over m = (hidden W2^T)'s row, in place: t = tanh(m + b), z = t + f
+// (1 where f is null), gz = g where |z| <= 1 (0 for a NaN z), m <- gz (1 - t^2), df <- gz (df
+// may be null)
+template <class T>
+RCAR_INLINE void rcr_bwd_row(T* m, const T* b, const T* f, const T* g, T* df, int64_t n) {
+  if (df) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T t = vtanh<T>(m[i] + b[i]);
+      const T z = t + (f ? f[i] : T(1));
+      const T gz = std::abs(z) <= T(1) ? g[i] : T(0);
+      m[i] = gz * (T(1) - t * t);
+      df[i] = gz;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T t = vtanh<T>(m[i] + b[i]);
+      const T z = t + (f ? f[i] : T(1));
+      m[i] = std::abs(z) <= T(1) ? g[i] * (T(1) - t * t) : T(0);
+    }
+  }
+}
+
 // sum_i tanh(k[i] + b[i]) * w[i] * keep[i] (keep may be null): one RAR logit
 template <class T>
 RCAR_INLINE T tanh_dot(const T* k, const T* b, const T* w, const T* keep, int64_t n) {
@@ -289,6 +313,7 @@ void scale(float* dst, const float* x, float s, int64_t n);
 void mul(float* dst, const float* a, const float* b, int64_t n);
 void axpy(float* y, float a, const float* x, int64_t n);
 void rcr_tail(float* m, const float* b, const float* f, int64_t n);
+void rcr_bwd_row(float* m, const float* b, const float* f, const float* g, float* df, int64_t n);
 float tanh_dot(const float* k, const float* b, const float* w, const float* keep, int64_t n);
 float exp_shift_sum(float* x, float m, int64_t n);
 // St[c * ldst + r] = X[r] . C[c] (r < rows, c < clen, rows of length D); U[r] = sum_c Pm[r, c] C[c].
@@ -333,6 +358,9 @@ inline void scale(double* d, const double* x, double s, int64_t n) { vm::scale(d
 inline void mul(double* d, const double* a, const double* b, int64_t n) { vm::mul(d, a, b, n); }
 inline void axpy(double* y, double a, const double* x, int64_t n) { vm::axpy(y, a, x, n); }
 inline void rcr_tail(double* m, const double* b, const double* f, int64_t n) { vm::rcr_tail(m, b, f, n); }
+inline void rcr_bwd_row(double* m, const double* b, const double* f, const double* g, double* df, int64_t n) {
+  vm::rcr_bwd_row(m, b, f, g, df, n);
+}
 inline double tanh_dot(const double* k, const double* b, const double* w, const double* keep, int64_t n) {
   return vm::tanh_dot(k, b, w, keep, n);
 }

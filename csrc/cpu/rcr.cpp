@@ -155,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor> rcr_cpu(const at::Tensor& E, const at::Tensor
 
 
 // rcr_factors_bwd: the d-wide chain of RCR's recomputed backward, in float (double for double) from
-// one GEMM M = hidden W2^T, then per element t = tanh(M + b2), z = t + F_old (1 without factors),
-// gz = grad where |z| <= 1 (torch's clamp gradient; 0 for a NaN z), gm = gz (1 - t^2), dF = gz;
-// rounded once to hidden's dtype. Every row.
+// one GEMM M = hidden W2^T, then per row in cache (rcr_bwd_row, vectorised): t = tanh(M + b2),
+// z = t + F_old (1 without factors), gz = grad where |z| <= 1 (torch's clamp gradient; 0 for a NaN
+// z), gm = gz (1 - t^2) in M's place, dF = gz; rounded once to hidden's dtype. Every row.
 at::Tensor rcr_factors_bwd_cpu(const at::Tensor& hidden, const at::Tensor& w2, const at::Tensor& b2,
                                const c10::optional<at::Tensor>& factors, const at::Tensor& grad,
                                const c10::optional<at::Tensor>& dfactors) {
@@ -167,7 +167,9 @@ at::Tensor rcr_factors_bwd_cpu(const at::Tensor& hidden, const at::Tensor& w2, c
   const int64_t N = hidden.size(0), D = w2.size(0);
   at::Tensor m = at::mm(as_compute(hidden, ct), as_compute(w2, ct).t()).contiguous();   // becomes gm
   at::Tensor b2c = as_compute(b2, ct), g = as_compute(grad, ct), f = factors ? as_compute(*factors, ct) : at::Tensor();
-  at::Tensor df = dfactors ? at::empty({N, D}, m.options()) : at::Tensor();
+  // dF straight into dfactors where it is contiguous in the compute type, else through a buffer
+  const bool direct = dfactors && dfactors->scalar_type() == ct && dfactors->is_contiguous();
+  at::Tensor df = !dfactors ? at::Tensor() : (direct ? *dfactors : at::empty({N, D}, m.options()));
   auto run = [&](auto tag) {
     using T = decltype(tag);
     T* mp = m.data_ptr<T>();
@@ -176,18 +178,13 @@ at::Tensor rcr_factors_bwd_cpu(const at::Tensor& hidden, const at::Tensor& w2, c
     const T* fp = f.defined() ? f.data_ptr<T>() : nullptr;
     T* dp = df.defined() ? df.data_ptr<T>() : nullptr;
     at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0 * D; i < r1 * D; ++i) {
-        const T t = std::tanh(mp[i] + bp[i % D]);
-        const T z = t + (fp ? fp[i] : T(1));
-        const T gz = std::abs(z) <= T(1) ? gp[i] : T(0);
-        mp[i] = gz * (T(1) - t * t);
-        if (dp) dp[i] = gz;
-      }
+      for (int64_t r = r0; r < r1; ++r)
+        rcr_bwd_row(mp + r * D, bp, fp ? fp + r * D : nullptr, gp + r * D, dp ? dp + r * D : nullptr, D);
     });
   };
   if (ct == at::kDouble) run(double{});
   else run(float{});
-  if (dfactors) dfactors->copy_(df);
+  if (dfactors && !direct) dfactors->copy_(df);
   return m.scalar_type() == hidden.scalar_type() ? m : m.to(hidden.scalar_type());
 }
 

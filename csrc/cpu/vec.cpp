@@ -19,6 +19,9 @@ RCAR_CLONES void scale(float* d, const float* x, float s, int64_t n) { vm::scale
 RCAR_CLONES void mul(float* d, const float* a, const float* b, int64_t n) { vm::mul(d, a, b, n); }
 RCAR_CLONES void axpy(float* y, float a, const float* x, int64_t n) { vm::axpy(y, a, x, n); }
 RCAR_CLONES void rcr_tail(float* m, const float* b, const float* f, int64_t n) { vm::rcr_tail(m, b, f, n); }
+RCAR_CLONES void rcr_bwd_row(float* m, const float* b, const float* f, const float* g, float* df, int64_t n) {
+  vm::rcr_bwd_row(m, b, f, g, df, n);
+}
 RCAR_CLONES float tanh_dot(const float* k, const float* b, const float* w, const float* keep, int64_t n) {
   return vm::tanh_dot(k, b, w, keep, n);
 }
