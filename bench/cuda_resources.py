@@ -225,14 +225,14 @@ def plan_shared(chips):
                     if elem == 2 and mode == 1 and cc == 90:   # launch.h use_wgmma: first the 128-row kernel
                         queries.append(f"wg {elem} {Lq} {Lc} {width} {mode} {TC_PAIRS} 0 {limit}")
                         keys.append((cc, "attention_fwd_wg_kernel<{T}, {BC}>", tname, shape + f",P={TC_PAIRS}", "wg"))
-                    if elem == 2 and mode != 2:   # the launcher tries the tensor-core kernel first
+                    if elem == 2:   # the launchers try the tensor-core kernel first (mode 2: the backward's D2)
                         for paired in (0, 1):
                             queries.append(f"tc {elem} {Lq} {Lc} {width} {mode} {TC_PAIRS} {paired} {limit}")
                             keys.append((cc, "attention_fwd_tc_kernel<{T}, {MT}, %d, {WG}>" % mode, tname,
                                          shape + (",paired" if paired else f",P={TC_PAIRS}"), "tc"))
                     queries.append(f"fwd {elem} {Lq} {Lc} {width} {mode} {limit}")
                     keys.append((cc, "attention_fwd_kernel<{T}, {MT}, %d>" % mode, tname, shape,
-                                 "fallback" if elem == 2 and mode != 2 else None))
+                                 "fallback" if elem == 2 else None))
                 for mode in (0, 1):
                     queries.append(f"bwd {Lq} {Lc}")
                     keys.append((cc, "attention_bwd_kernel<{T}, %d>" % mode, tname, shape, None))

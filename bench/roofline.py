@@ -554,7 +554,7 @@ def cuda_tc_wgmma_projection(rows: int) -> bool:
     return rows == 64
 
 
-def cuda_tc_fragment_bytes(rows: int, BC: int, d: int, s: int) -> int:
+def cuda_tc_fragment_bytes(rows: int, BC: int, d: int, s: int, project: bool = True) -> int:
     """Shared-memory bytes attention_fwd_tc_kernel's wmma fragments read in one block (512 B per
     16 x 16 fp16/bf16 fragment), with the split-K reductions' fp32 tiles (csrc/cuda/attention_kernels.cuh):
     the scores X C^T: warps 0-3 take the first 16 of every 32-column chunk of d, warps 4-7 the
@@ -565,16 +565,17 @@ def cuda_tc_fragment_bytes(rows: int, BC: int, d: int, s: int) -> int:
     every chunk, warp w % 4 takes 64 of the 256 columns for all MT row tiles (MT A and 4 B fragments
     a step); the halves meet in y. On the H200 a 64-row block's projection runs on wgmma instead
     (cuda_tc_wgmma_projection): warpgroup 0 takes the first 16 of every chunk, warpgroup 1 the
-    second, each wgmma reading its 64 x 16 of A and 256 x 16 of W from shared memory once."""
+    second, each wgmma reading its 64 x 16 of A and 256 x 16 of W from shared memory once.
+    project False (kModeAttended, kModeSquaredDiff): the scores and one pass of P C, no projection."""
     mt, nct, frag = rows // 16, BC // 16, 512
     wpr = max(1, 4 // mt)
-    passes = -(-s // 256)          # the projection's 256-column passes, each with its own P C
+    passes = -(-s // 256) if project else 1   # the projection's 256-column passes, each with its own P C
     scores = (d // 16) * (mt * min(wpr, nct) + mt * nct) * frag + 3 * rows * BC * 4
     pc = (d // 32) * 2 * mt * nct * frag * passes + 2 * mt * nct * frag
     proj = (d // 16) * 4 * (mt + 4) * frag * passes + 3 * rows * 256 * passes * 4
     if cuda_tc_wgmma_projection(rows):   # per 16 of d one warpgroup's wgmma reads A's 64 and W's 256 rows
         proj = (d // 16) * (64 + 256) * 16 * ELEM * passes + 3 * rows * 256 * passes * 4
-    return scores + pc + proj
+    return scores + pc + (proj if project else 0)
 
 
 #: query rows of attention_fwd_wg_kernel's block (csrc/cuda/plan.h kWgRows): 2 warpgroups of 64
@@ -791,22 +792,43 @@ def cuda_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute: b
 
 
 def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
-    """The CUDA backward per step: the forward kernel again in kModeSquaredDiff (D2 = (Q - A)^2
-    fp32 to memory), the products with the shared weight (Y, dW, G2) in cuBLAS on tensor cores
-    (the model's bf16: D2 and dY rounded to bf16, two casts, fp32 outputs; fp32 inputs take exact
-    fp32 products, not modelled), l2n_bwd_rows_kernel, attention_bwd_kernel (recompute, SIMT scores and P C,
+    """The CUDA backward per step: the forward again in kModeSquaredDiff, D2 = (Q - A)^2 to memory:
+    for fp16/bf16 with Lq, Lc <= 64 attention_fwd_tc_kernel (GP packed pairs of one context item a
+    64-row block, the scores and one pass of P C on wmma, D2 written in the inputs' dtype: no cast),
+    else attention_fwd_kernel (per pair, SIMT, D2 in fp32, cast for cuBLAS); the products with the
+    shared weight (Y, dW, G2) in cuBLAS on tensor cores (the model's bf16: D2 and dY as bf16
+    operands, dY's cast, fp32 outputs; fp32 inputs take exact fp32 products, not modelled),
+    l2n_bwd_rows_kernel, attention_bwd_kernel (recompute, SIMT scores and P C,
     atomics into dQ, dC), RAR's backward, RCR's recomputed backward with its d-wide chain one launch
     (the rcr_factors_bwd op: rcr_wgmma_kernel's kRcrFactorsBwd epilogue)."""
     Lq, Lc = _rows(shape, Lg)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
     N = pairs * Lq
+    plan = cuda_tc_plan(Lq, Lc, P)
     for t in range(shape.steps):
         simt = 2 * Lq * Lc * d * 2
-        book.add("attention_fwd_kernel (kModeSquaredDiff)", count=1, simt=pairs * simt, smem=pairs * simt * 4,
-                 l2=pairs * (Lq * d + 2 * Lc * d) * e + N * d * 4, hbm=N * d * 4)
-        book.add("cuBLAS, bf16 operands, fp32 out: Y, dW, G2 (+ casts of D2, dY; Y's bias)", count=6,
-                 tc=3 * 2 * N * d * s, simt=N * (d + s) * 2,
-                 hbm=N * d * (4 + 3 * e + 4) + N * s * (4 + 4 + 3 * e) + s * d * e)
+        has_f = t > 0
+        if plan is not None:
+            BQ, BC, GP, rows = plan
+            blocks = B * -(-P // GP)
+            # per pair Q twice (F * Q, then Q - A) and F once; per block the context twice and its
+            # Gram matrix; D2 written in the inputs' dtype
+            book.add("attention_fwd_tc_kernel (kModeSquaredDiff)", count=1, note=f"BQ {BQ} BC {BC} GP {GP}",
+                     hmma=True, tc=blocks * 2 * rows * BC * d * 2,
+                     simt=blocks * GP * (8 * BQ * d + 2 * BQ * BC * BC + 30 * BQ * BC),
+                     smem=blocks * (cuda_tc_fragment_bytes(rows, BC, d, s, project=False)
+                                    + (rows + 2 * BC) * d * e + rows * d * 4 * 2),
+                     l2=pairs * (2 * Lq * d + (Lq * d if has_f else 0)) * e + blocks * (2 * Lc * d * e + Lc * Lc * 4)
+                     + N * d * e,
+                     hbm=N * d * e)
+            casts, cast_simt, d2_bytes = 5, N * s * 2, N * d * (2 * e + 4)
+        else:
+            book.add("attention_fwd_kernel (kModeSquaredDiff)", count=1, simt=pairs * simt, smem=pairs * simt * 4,
+                     l2=pairs * (Lq * d + 2 * Lc * d) * e + N * d * 4, hbm=N * d * 4)
+            casts, cast_simt, d2_bytes = 6, N * (d + s) * 2, N * d * (4 + 3 * e + 4)
+        book.add("cuBLAS, bf16 operands, fp32 out: Y, dW, G2 (+ casts of D2 where fp32, dY; Y's bias)", count=casts,
+                 tc=3 * 2 * N * d * s, simt=cast_simt,
+                 hbm=d2_bytes + N * s * (4 + 4 + 3 * e) + s * d * e)
         book.add("attention_bwd_kernel", count=1, simt=pairs * simt * 2, smem=pairs * simt * 2 * 4,
                  l2=pairs * ((Lq + Lc) * d * 4 * 2 + Lq * d * 4), hbm=N * d * 4)
         book.add("rar_bwd_kernel + its GEMMs", count=3, tc=pairs * 2 * 16 * ((Lq + 15) // 16) * s * s * 3,

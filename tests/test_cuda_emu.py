@@ -80,6 +80,10 @@ def build_emu(folder: str):
     so.emu_rar_step.restype = _I64
     so.emu_attention_sqdiff.argtypes = [ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _I64, _I64, _I64,
                                         _I64, _I64, _I64, _I64, _VP]
+    so.emu_attention_sqdiff_chunk.argtypes = [ctypes.c_int, *[_VP] * 7, _F32, _VP, *[_I64] * 8, _VP]
+    so.emu_attention_sqdiff_chunk.restype = _I64
+    so.emu_bwd_chunk_end.argtypes = [_I64] * 4
+    so.emu_bwd_chunk_end.restype = _I64
     so.emu_l2n_bwd_rows.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64, _VP]
     so.emu_attention_bwd.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _VP,
                                      _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _VP, _VP]
@@ -431,12 +435,19 @@ def test_per_pair_forward(emu, with_state, with_weight, dtype):
     _check(out, _ref(args), dtype)
 
 
+def sqdiff_is_tensor_core(dtype, Lq, Lc) -> bool:
+    """Whether attention_bwd_cuda takes the backward's (Q - A)^2 from attention_fwd_tc_kernel
+    (fp16/bf16, Lq and Lc <= 64: in the inputs' dtype) or from attention_fwd_kernel (fp32)."""
+    return dtype != torch.float32 and Lq <= 64 and Lc <= 64
+
+
 def emu_attention_grads(emu, args, grad):
     """attention_bwd as attention_bwd_cuda computes it (one chunk of pairs): without a weight
-    attention_bwd_kernel on the output's gradient; with one the forward kernel's (Q - A)^2
-    (kModeSquaredDiff), Y = D2 W^T + b, l2n_bwd_rows_kernel's dY, dW = dY^T D2, db = sum dY and
-    G2 = dY W (torch here, cuBLAS there: fp32 products in fp32; in fp16/bf16 D2 and dY rounded to
-    the inputs' dtype, fp32 sums), then attention_bwd_kernel on G2.
+    attention_bwd_kernel on the output's gradient; with one the forward's (Q - A)^2
+    (kModeSquaredDiff: attention_fwd_tc_kernel in the inputs' dtype where sqdiff_is_tensor_core,
+    checked to have run, else attention_fwd_kernel in fp32), Y = D2 W^T + b, l2n_bwd_rows_kernel's
+    dY, dW = dY^T D2, db = sum dY and G2 = dY W (torch here, cuBLAS there: fp32 products in fp32;
+    in fp16/bf16 D2 and dY in the inputs' dtype, fp32 sums), then attention_bwd_kernel on G2.
     Returns (dquery, dcontext, dfactors, dlam, dweight, dbias), None where absent."""
     q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
     P, Lq, D = q.shape
@@ -454,12 +465,14 @@ def emu_attention_grads(emu, args, grad):
                               _ptr(grad.contiguous()), _ptr(dq), _ptr(dc), _ptr(df), _ptr(dlam))
     else:
         S = w.shape[0]
-        d2 = torch.full((pairs * Lq, D), float("nan"))
-        emu.emu_attention_sqdiff(dt, *common, _ptr(gram), B, P, Lq, Lc, D, 0, pairs, _ptr(d2))
+        tc = sqdiff_is_tensor_core(q.dtype, Lq, Lc)
+        d2 = torch.full((pairs * Lq, D), float("nan"), dtype=q.dtype if tc else torch.float32)
+        used = emu.emu_attention_sqdiff_chunk(dt, *common, _ptr(gram), B, P, Lq, Lc, D, 0, pairs, H200_SMEM, _ptr(d2))
+        assert (used > 0) == tc, used
         Wf = w.float()
         half = q.dtype != torch.float32
         rounded = (lambda x: x.to(q.dtype).float()) if half else (lambda x: x)   # as rounded operands
-        d2r = rounded(d2)
+        d2r = rounded(d2.float())
         Y = torch.addmm(b.float(), d2r, Wf.t()).contiguous()
         dy = torch.full((pairs * Lq, S), float("nan"))
         emu.emu_l2n_bwd_rows(dt, _ptr(Y), _ptr(grad.contiguous()), _ptr(ql), 0, pairs * Lq, P, Lq, S, _ptr(dy))
@@ -499,6 +512,56 @@ def test_attention_backward(emu, with_state, with_weight, dtype):
     assert not got[0][pad].any()
     if f is not None:
         assert not got[2][:, pad].any() and not got[3][:, pad].any()
+
+
+@pytest.mark.parametrize("paired", [False, True], ids=["grid", "paired"])
+@pytest.mark.parametrize("chunk", [2, 3, 5, 7, 20], ids=lambda c: f"chunk{c}")
+def test_backward_sqdiff_chunks(emu, chunk, paired):
+    """The backward's (Q - A)^2 from attention_fwd_tc_kernel (kModeSquaredDiff, fp16) in the chunks
+    attention_bwd_cuda takes (plan.h bwd_chunk_end / bwd_chunk_rect; B = 2 items, P = 5 pairs each):
+    chunks of 2 and 3 are parts of one context item (pairs p0 .. of item b0, the last part shorter),
+    5 one whole item, 7 one item (whole items only), 20 all of them; paired (B = 1 on the output's
+    side) parts of the one row of pairs. Each chunk's rows equal the one-call rows of its pairs exactly, and
+    those equal the per-pair kernel's fp32 (Q - A)^2 within fp16 rounding; padded rows zero
+    (finite, for dW = dY^T D2). The chunks tile the pairs in order."""
+    B, P, Lq, Lc, D = 2, 5, 6, 9, 40
+    args = _sample(torch.float16, seed=51 + paired, with_state=True, with_weight=True, B=B, P=P, Lq=Lq, Lc=Lc, d=D,
+                   s=24, qlens=_mixed_lengths(P, Lq, 9))
+    q, ql, c, cl, f, lam, lam_scalar = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args[:7]]
+    cidx = None
+    if paired:   # pair p against item context_index[p]; the per-pair tensors have one item on the context side
+        cidx = torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32)
+        f, lam = f[:1].contiguous(), lam[:1].contiguous()
+    Bo = 1 if paired else B
+    pairs, dt = Bo * P, DTYPES[torch.float16]
+    gram = torch.full((B, Lc, Lc), float("nan"))
+    emu.emu_gram(dt, _ptr(c), _ptr(cl), B, Lc, D, c.stride(0), c.stride(1), _ptr(gram))
+    common = [_ptr(q), _ptr(ql), _ptr(c), _ptr(cl), _ptr(cidx), _ptr(f), _ptr(lam), lam_scalar, _ptr(gram),
+              B, P, Lq, Lc, D]
+    whole = torch.full((pairs * Lq, D), float("nan"), dtype=torch.float16)
+    assert emu.emu_attention_sqdiff_chunk(dt, *common, 0, pairs, H200_SMEM, _ptr(whole)) > 0
+    simt = torch.full((pairs * Lq, D), float("nan"))
+    emu.emu_attention_sqdiff(dt, *common, 0, pairs, _ptr(simt))
+    pad = (torch.arange(Lq)[None, :] >= ql[:, None].long()).repeat(Bo, 1).reshape(-1)
+    if paired:
+        pad |= (cl[cidx.long()] == 0).repeat_interleave(Lq)
+    assert not whole.isnan().any() and (whole[pad] == 0).all()
+    torch.testing.assert_close(whole.float(), simt, **TOL[torch.float16])
+    ends, pid0 = [], 0
+    while pid0 < pairs:
+        pid1 = emu.emu_bwd_chunk_end(pid0, chunk, pairs, P)
+        assert pid0 < pid1 <= pairs and (pid1 - pid0 <= chunk or chunk < 1)
+        if chunk < P:
+            assert pid0 // P == (pid1 - 1) // P          # inside one context item
+        elif pid1 < pairs:
+            assert pid1 % P == 0                          # whole items
+        part = torch.full(((pid1 - pid0) * Lq, D), float("nan"), dtype=torch.float16)
+        assert emu.emu_attention_sqdiff_chunk(dt, *common, pid0, pid1, H200_SMEM, _ptr(part)) > 0
+        assert torch.equal(part, whole[pid0 * Lq:pid1 * Lq]), (pid0, pid1)
+        ends.append(pid1)
+        pid0 = pid1
+    per_item = -(-P // chunk) if chunk < P else 1
+    assert len(ends) == (per_item * Bo if chunk < P else -(-Bo // (chunk // P)))
 
 
 # ----------------------------------------------------------------------------- RAR

@@ -192,6 +192,18 @@ def test_cuda_rcr_factors_bwd(backend, kernel, dtype, monkeypatch):
         assert any(want in n for n in ran) and not any(other in n for n in ran), ran
 
 
+@pytest.mark.parametrize("backend", [_backend_param("cuda")])
+def test_cuda_backward_d2_from_the_tensor_core_forward(backend):
+    """The CUDA attention backward in bf16 (test_fused_ops.half_backward_matches_fp32: within 5% of
+    its fp32 backward; dW and db the same with and without dF) takes the chunk's (Q - A)^2 from
+    attention_fwd_tc_kernel in kModeSquaredDiff (mode 2; Lq 6, Lc 9), not the per-pair kernel; its
+    chunking into rectangles of the pair grid is checked in the emulator (test_backward_sqdiff_chunks)."""
+    from test_fused_ops import half_backward_matches_fp32
+    ran = _kernels_run(lambda: half_backward_matches_fp32("cuda", "cuda", torch.bfloat16))
+    assert any("attention_fwd_tc_kernel" in n and ", 2, false>" in n for n in ran), ran
+    assert not any("attention_fwd_kernel" in n and ", 2>" in n for n in ran), ran
+
+
 @pytest.mark.parametrize("kernel", ["wgmma", "wmma"])
 @pytest.mark.parametrize("backend", [_backend_param("cuda")])
 def test_cuda_wgmma_kernels_in_a_flickr_block(backend, kernel, monkeypatch):

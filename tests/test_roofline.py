@@ -205,9 +205,15 @@ def test_cuda_plans_are_the_kernels(cuda_plan_exe, attn_type):
             BQ, GP, rows = RL.cuda_rar_plan(Lq, P)
             assert rar_bytes > 0 and rar_gp == GP, (L, P, GP, rar_gp)
             assert rows % (16 * rar_mt) == 0 and rows - GP * BQ < 16 * rar_mt, (L, P, rows, rar_mt)
-    # the fp32 attention and the backward's kModeSquaredDiff never take the tensor-core kernel
-    assert _ask(cuda_plan_exe, [f"tc 4 16 36 256 1 1000 0 {H200_SMEM}", f"tc 2 16 36 256 2 1000 0 {H200_SMEM}"]) \
+    # the fp32 attention never takes the tensor-core kernel, nor rows past 64; the backward's
+    # kModeSquaredDiff in bf16 does, with the model's plan (cuda_tc_plan, as cuda_backward books it),
+    # its projection never on wgmma (no projection)
+    assert _ask(cuda_plan_exe, [f"tc 4 16 36 256 1 1000 0 {H200_SMEM}", f"tc 2 80 36 256 2 1000 0 {H200_SMEM}"]) \
         == [(0, 0, 0, 0), (0, 0, 0, 0)]
+    for Lq, Lc, P in ((16, 36, 1000), (36, 16, 128), (6, 48, 128), (36, 24, 3), (64, 36, 1000)):
+        mt, nbytes, gp, wg = _ask(cuda_plan_exe, [f"tc 2 {Lq} {Lc} 256 2 {P} 0 {H200_SMEM}"])[0]
+        BQ, BC, GP, rows = RL.cuda_tc_plan(Lq, Lc, P)
+        assert (mt * 16, gp, wg) == (rows, GP, 0) and 0 < nbytes <= H200_SMEM, (Lq, Lc, P, mt, gp, wg)
     # nor the wgmma one, which takes kModeAlignment on the grid only (not kModeAttended, not paired)
     # and s up to 256; the same query in bf16 does take it
     assert _ask(cuda_plan_exe, [f"wg 4 16 36 256 1 1000 0 {H200_SMEM}", f"wg 2 16 36 256 2 1000 0 {H200_SMEM}",

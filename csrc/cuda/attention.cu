@@ -11,9 +11,11 @@
 //
 // Backward: without a weight, one per-pair kernel (attention_bwd_kernel, kModeAttended) recomputes the
 // pair and produces every gradient. With a weight, pairs are processed in chunks that bound the
-// scratch memory: the forward kernel in kModeSquaredDiff writes D2 = (Q - A)^2 (fp32) for the chunk, the
+// scratch memory (rectangles of the pair grid, plan.h bwd_chunk_end): the forward in kModeSquaredDiff
+// writes D2 = (Q - A)^2 for the chunk (fp16/bf16 with Lq, Lc <= 64: attention_fwd_tc_kernel, GP
+// packed pairs a block, D2 in the inputs' dtype; else attention_fwd_kernel per pair, D2 in fp32), the
 // shared-weight products run in cuBLAS (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W; fp16/bf16 on tensor
-// cores from D2 and dY rounded to the inputs' dtype, fp32 outputs; fp32 exact) with
+// cores from D2 and dY in the inputs' dtype, fp32 outputs; fp32 exact) with
 // dY from l2n_bwd_rows_kernel, and attention_bwd_kernel (kModeAlignment) takes G2 = d(D2) from there.
 // dquery and dcontext are accumulated with fp32 atomics (summed over pairs).
 // Paired (context_index given): block pid = p is pair p, which reads context item
@@ -184,14 +186,16 @@ void launch_fwd_wg(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* 
 // 128-row wgmma kernel where plan.h choose_wg_plan takes the shapes, else the tensor-core kernel,
 // GP pairs of one context item per block (plan.h choose_tc_plan). Returns false where neither
 // applies (the caller runs attention_fwd_kernel).
+// r: the pairs to run (the whole grid by default; the backward's chunks: a rectangle, with `a`
+// from attn_args_rect).
 template <typename T, int MODE>
-bool try_fwd_tc(const AttnInputs& in, const AttnArgs<T>& a, void* out, cudaStream_t stream) {
+bool try_fwd_tc(const AttnInputs& in, const AttnArgs<T>& a, const PairRect& r, void* out, cudaStream_t stream) {
   if constexpr (std::is_same<T, float>::value) {
     return false;
   } else {
-    const TcPlan w = choose_wg_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx.defined(), MODE, smem_limit());
+    const TcPlan w = choose_wg_plan((int)sizeof(T), in.Lq, in.Lc, in.S, r.np, in.cidx.defined(), MODE, smem_limit());
     if (w.gp > 0 && use_wgmma()) {
-      const int64_t blocks = in.Bo * ((in.P + w.gp - 1) / w.gp);
+      const int64_t blocks = r.nb * ((r.np + w.gp - 1) / w.gp);
       check_grid(blocks);
       switch (w.bc) {
         case 16: launch_fwd_wg<T, 16>(a, w, blocks, out, stream); break;
@@ -201,9 +205,9 @@ bool try_fwd_tc(const AttnInputs& in, const AttnArgs<T>& a, void* out, cudaStrea
       }
       return true;
     }
-    const TcPlan t = choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx.defined(), MODE, smem_limit());
+    const TcPlan t = choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, r.np, in.cidx.defined(), MODE, smem_limit());
     if (t.gp == 0) return false;
-    const int64_t blocks = in.Bo * ((in.P + t.gp - 1) / t.gp);
+    const int64_t blocks = r.nb * ((r.np + t.gp - 1) / t.gp);
     check_grid(blocks);
     switch (t.mt) {
       case 1: launch_fwd_tc<T, 1, MODE>(a, t, blocks, out, stream); break;
@@ -240,12 +244,13 @@ Tensor attention_cuda(const Tensor& query, const Tensor& qlens, const Tensor& co
     // the caller's (context_gram, made once for several calls on this context) or this call's own
     const Tensor g = gram ? *gram : gram_of<T>(in.c, in.clens, stream);
     const AttnArgs<T> a = make_args<T>(in, lam_scalar, g);
+    const PairRect grid{0, in.Bo, 0, in.P};   // every pair
     void* o = out.data_ptr();
     if (!in.has_w) {
-      if (!try_fwd_tc<T, kModeAttended>(in, a, o, stream)) launch_fwd<T, 1, kModeAttended>(a, 0, pairs, o, stream);
+      if (!try_fwd_tc<T, kModeAttended>(in, a, grid, o, stream)) launch_fwd<T, 1, kModeAttended>(a, 0, pairs, o, stream);
       return;
     }
-    if (try_fwd_tc<T, kModeAlignment>(in, a, o, stream)) return;
+    if (try_fwd_tc<T, kModeAlignment>(in, a, grid, o, stream)) return;
     switch (projection_mt((int)sizeof(T), in)) {
       case 1: launch_fwd<T, 1, kModeAlignment>(a, 0, pairs, o, stream); break;
       case 2: launch_fwd<T, 2, kModeAlignment>(a, 0, pairs, o, stream); break;
@@ -297,9 +302,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     }
     prepare_smem(attention_bwd_kernel<T, kModeAlignment>, bwd_smem, "attention_bwd");
     // chunks of pairs: D2 and G2 (Lq x d) and Y, dY (Lq x s) per pair, fp32, about 256 MiB in all
+    // (whole context items where a chunk holds P pairs, else a part of one: bwd_chunk_end)
     const int64_t per_pair = in.Lq * (2 * in.D + 2 * in.S) * 4;
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(pairs, (int64_t(256) << 20) / std::max<int64_t>(1, per_pair)));
-    Tensor D2 = at::empty({chunk * in.Lq, in.D}, f32);
+    constexpr bool kHalf = !std::is_same<T, float>::value;
+    const at::ScalarType st = query.scalar_type();
+    // fp16/bf16 with Lq, Lc <= 64: D2 from attention_fwd_tc_kernel in the inputs' dtype
+    const bool tc_d2 = kHalf && choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, 1, in.cidx.defined(),
+                                               kModeSquaredDiff, smem_limit()).gp > 0;
+    Tensor D2 = at::empty({chunk * in.Lq, in.D}, tc_d2 ? query.options() : f32);
     Tensor G2 = at::empty({chunk * in.Lq, in.D}, f32);
     Tensor dY = at::empty({chunk * in.Lq, in.S}, f32);
     const Tensor& W = in.w;   // contiguous, the inputs' dtype (prepare)
@@ -308,16 +319,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     // on tensor cores, D2 and dY rounded to the inputs' dtype (as the forward's projection took
     // (Q - A)^2 and W, and as the Triton backward takes dY), fp32 sums and outputs (cuBLAS with an
     // fp32 output, at::mm's out_dtype); fp32 exact fp32 products (TF32 off).
-    constexpr bool kHalf = !std::is_same<T, float>::value;
-    const at::ScalarType st = query.scalar_type();
-    for (int64_t pid0 = 0; pid0 < pairs; pid0 += chunk) {
-      const int64_t n = std::min(chunk, pairs - pid0);
+    for (int64_t pid0 = 0, pid1; pid0 < pairs; pid0 = pid1) {
+      pid1 = bwd_chunk_end(pid0, chunk, pairs, in.P);
+      const int64_t n = pid1 - pid0;
       const int64_t rows = n * in.Lq;
       Tensor d2 = D2.narrow(0, 0, rows);
       Tensor g2 = G2.narrow(0, 0, rows);
       Tensor dy = dY.narrow(0, 0, rows);
-      launch_fwd<T, 1, kModeSquaredDiff>(a, pid0, n, d2.data_ptr(), stream);
-      const Tensor d2h = kHalf ? d2.to(st) : Tensor();
+      if (tc_d2) {
+        const PairRect r = bwd_chunk_rect(pid0, pid1, in.P);
+        const bool ok = try_fwd_tc<T, kModeSquaredDiff>(in, attn_args_rect(a, r), r, d2.data_ptr(), stream);
+        TORCH_CHECK(ok, "attention_bwd: the tensor-core forward refused a chunk it was planned for");
+      } else {
+        launch_fwd<T, 1, kModeSquaredDiff>(a, pid0, n, d2.data_ptr(), stream);
+      }
+      const Tensor d2h = !kHalf ? Tensor() : (tc_d2 ? d2 : d2.to(st));
       const Tensor Y = kHalf ? at::mm(d2h, W.t(), at::kFloat).add_(bf) : at::addmm(bf, d2, W.t());
       const int64_t blocks = (rows + kWarps - 1) / kWarps;
       l2n_bwd_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(

@@ -35,6 +35,26 @@ struct AttnArgs {
   float lam_scalar;
 };
 
+// a's pairs restricted to the rectangle r of the pair grid (plan.h PairRect: context items r.b0 ..,
+// pairs r.p0 .. of each; paired: r.b0 = 0): a kernel's b and p then count from there and P = r.np,
+// so its output rows are the rectangle's, in pid order (the backward's chunks). Host side.
+template <typename T>
+inline AttnArgs<T> attn_args_rect(AttnArgs<T> a, const PairRect& r) {
+  a.q += r.p0 * a.sq_p;
+  a.qlens += r.p0;
+  if (a.cidx != nullptr) {
+    a.cidx += r.p0;
+  } else {
+    a.c += r.b0 * a.sc_b;
+    a.clens += r.b0;
+    a.gram += r.b0 * a.Lc * a.Lc;
+  }
+  if (a.f != nullptr) a.f += r.b0 * a.sf_b + r.p0 * a.sf_p;
+  if (a.lam != nullptr) a.lam += r.b0 * a.sl_b + r.p0 * a.sl_p;
+  a.P = r.np;
+  return a;
+}
+
 // ---------------------------------------------------------------- G = C C^T per context item
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) gram_kernel(const T* __restrict__ c, const int* __restrict__ clens,
@@ -602,11 +622,13 @@ __device__ __forceinline__ void tc_ctx_chunk(const T* __restrict__ cb, int64_t s
 }
 
 // WG: the projection on wgmma (TcProjectionWg; kModeAlignment, MT 4 only), else on wmma.
+// kModeAttended writes A, kModeSquaredDiff (Q - A)^2 (the backward's scratch, the inputs' dtype,
+// (B, P, Lq, d) of the launch's pairs: attn_args_rect gives a chunk's), kModeAlignment E.
 template <typename T, int MT, int MODE, bool WG = false>
 __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const AttnArgs<T> a, int bq, int bc, int gp,
                                                                        void* out) {
   static_assert(!std::is_same<T, float>::value, "fp32 runs attention_fwd_kernel (exact SIMT products)");
-  static_assert(MODE == kModeAttended || MODE == kModeAlignment, "kModeSquaredDiff runs attention_fwd_kernel");
+  static_assert(MODE == kModeAttended || MODE == kModeAlignment || MODE == kModeSquaredDiff, "a mode of the list");
   static_assert(MT >= 1 && MT <= kTcMaxMT, "16 MT rows, at most kTcRows");
   static_assert(!WG || (tc_wgmma_projection(MT, MODE) && kThreads == 256), "wgmma: one 64-row block, 2 warpgroups");
   using namespace nvcuda;
@@ -680,7 +702,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
 
   TcPC<T, MT> pc;   // this warp's row tile of P, in registers for every chunk of pass 2
   pc.load(Pb, ldP, bc);
-  if constexpr (MODE == kModeAttended) {
+  if constexpr (MODE != kModeAlignment) {
     T* o = static_cast<T*>(out);
     for (int64_t d0 = 0; d0 < D; d0 += kBD) {
       tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
@@ -692,7 +714,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
         const int64_t d = d0 + k;
         if (d < D && row_valid(r)) {
           const int g = row_pair(r), q = r - g * bq;
-          o[((b * P + p0 + g) * Lq + q) * D + d] = from_f<T>(us[r * kLDU + k] * inv[r]);
+          float v = us[r * kLDU + k] * inv[r];
+          if constexpr (MODE == kModeSquaredDiff) {
+            const float dq = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]) - v;
+            v = dq * dq;
+          }
+          o[((b * P + p0 + g) * Lq + q) * D + d] = from_f<T>(v);
         }
       }
       // the next chunk's cs is written before a barrier that every thread reaches after this loop,

@@ -37,8 +37,8 @@ RCAR_HD int smaller_mt(int mt) { return mt == 4 ? 2 : 1; }
 
 // ---------------------------------------------------------------- attention forward
 // What the attention kernels write (their MODE template argument): kModeAttended A (d wide);
-// kModeAlignment the fused projection, E (s wide); kModeSquaredDiff (Q - A)^2 in fp32 (the
-// backward's scratch). The backward kernel takes kModeAttended (the gradient of A given) or
+// kModeAlignment the fused projection, E (s wide); kModeSquaredDiff (Q - A)^2 (the backward's
+// scratch: fp32 from attention_fwd_kernel, the inputs' dtype from attention_fwd_tc_kernel). The backward kernel takes kModeAttended (the gradient of A given) or
 // kModeAlignment (the gradient of (Q - A)^2 given, from the projection's backward).
 enum AttnMode : int { kModeAttended = 0, kModeAlignment = 1, kModeSquaredDiff = 2 };
 // The forward kernel's regions (bytes from the start of dynamic shared memory):
@@ -132,7 +132,7 @@ RCAR_HD AttnTcLayout attn_tc_layout(int elem, int rows, int bc, int gp, int64_t 
 }
 
 // The tensor-core kernel's launch for these shapes, or gp = 0 where it does not apply (fp32,
-// Lq or Lc above kTcMaxLen, kModeSquaredDiff, or not even one pair's block fits `limit` bytes).
+// Lq or Lc above kTcMaxLen, or not even one pair's block fits `limit` bytes).
 // gp: pairs per block (1 paired, never more than P; lowered one at a time until the block fits);
 // mt: row tiles, 16 mt >= gp * bq.
 struct TcPlan {
@@ -146,8 +146,7 @@ RCAR_HD constexpr bool tc_wgmma_projection(int mt, int mode) { return mt == 4 &&
 RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64_t P, bool paired, int mode,
                               int64_t limit) {
   TcPlan t{0, 0, 0, 0};
-  if (elem != 2 || mode == kModeSquaredDiff || Lq < 1 || Lc < 1 || P < 1 || Lq > kTcMaxLen || Lc > kTcMaxLen)
-    return t;
+  if (elem != 2 || Lq < 1 || Lc < 1 || P < 1 || Lq > kTcMaxLen || Lc > kTcMaxLen) return t;
   const int bq = (int)Lq, bc = (int)round_up(Lc, 16);
   int gp = paired ? 1 : kTcRows / bq;
   if (gp < 1) gp = 1;
@@ -158,6 +157,30 @@ RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64
     if (gp == 1) return t;
     --gp;
   }
+}
+
+// ---------------------------------------------------------------- the backward's chunks of pairs
+// attention_bwd_cuda (with a weight) takes the pairs pid = b P + p (p; B = 1 paired) in chunks of
+// about `chunk` pairs, each a rectangle of the pair grid, so that the tensor-core forward can
+// write the chunk's (Q - A)^2 rows in pid order: whole context items (b0 .. b0 + nb - 1, every p)
+// where a chunk holds at least P pairs, else pairs p0 .. p0 + np - 1 of one item b0.
+struct PairRect {
+  int64_t b0, nb, p0, np;
+};
+
+// The end of the chunk that starts at pair pid0 (pairs in all; pid0 a chunk start of this rule).
+RCAR_HD int64_t bwd_chunk_end(int64_t pid0, int64_t chunk, int64_t pairs, int64_t P) {
+  const int64_t item_end = (pid0 / P + 1) * P;
+  int64_t end = chunk >= P ? pid0 + (chunk / P) * P : pid0 + chunk;
+  if (chunk < P && end > item_end) end = item_end;
+  return end < pairs ? end : pairs;
+}
+
+// The rectangle of pairs pid0 .. pid1 - 1 (a chunk of bwd_chunk_end).
+RCAR_HD PairRect bwd_chunk_rect(int64_t pid0, int64_t pid1, int64_t P) {
+  const int64_t b0 = pid0 / P, p0 = pid0 - b0 * P;
+  if (p0 == 0 && (pid1 - pid0) % P == 0) return PairRect{b0, (pid1 - pid0) / P, 0, P};
+  return PairRect{b0, 1, p0, pid1 - pid0};
 }
 
 // ---------------------------------------------------------------- attention forward on wgmma (sm_90a, fp16/bf16)

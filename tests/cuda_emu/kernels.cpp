@@ -115,14 +115,14 @@ void run_tc(const AttnArgs<T>& a, const TcPlan& t, int64_t blocks, void* out) {
   go(attention_fwd_tc_kernel<T, MT, MODE, false>);
 }
 
+// The tensor-core forwards as attention.cu try_fwd_tc launches them over the pairs of rectangle r
+// (a = attn_args_rect(..., r)): 1000 GP + MT of the plan taken, or 0 where neither applies.
 template <typename T, int MODE>
-int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
-  const AttnArgs<T> a = attn_args<T>(in);
-  const int64_t Bo = in.cidx != nullptr ? 1 : in.B;
-  if constexpr (!std::is_same<T, float>::value) {   // attention_cuda: try_fwd_tc
-    const TcPlan w = choose_wg_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx != nullptr, MODE, limit);
+int64_t try_tc(const AttnIn& in, const AttnArgs<T>& a, const PairRect& r, int64_t limit, void* out) {
+  if constexpr (!std::is_same<T, float>::value) {
+    const TcPlan w = choose_wg_plan((int)sizeof(T), in.Lq, in.Lc, in.S, r.np, in.cidx != nullptr, MODE, limit);
     if (w.gp > 0 && use_wgmma) {
-      const int64_t blocks = Bo * ((in.P + w.gp - 1) / w.gp);
+      const int64_t blocks = r.nb * ((r.np + w.gp - 1) / w.gp);
       const size_t smem = (size_t)attn_wg_layout((int)sizeof(T), w.bc, w.gp).total;
       auto go = [&](auto kernel) {
         cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(a, w.bq, w.gp, out); }, smem);
@@ -135,9 +135,9 @@ int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
       }
       return 1000 * w.gp + w.mt;
     }
-    const TcPlan t = choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, in.P, in.cidx != nullptr, MODE, limit);
+    const TcPlan t = choose_tc_plan((int)sizeof(T), in.Lq, in.Lc, in.S, r.np, in.cidx != nullptr, MODE, limit);
     if (t.gp > 0) {
-      const int64_t blocks = Bo * ((in.P + t.gp - 1) / t.gp);
+      const int64_t blocks = r.nb * ((r.np + t.gp - 1) / t.gp);
       switch (t.mt) {
         case 1: run_tc<T, 1, MODE>(a, t, blocks, out); break;
         case 2: run_tc<T, 2, MODE>(a, t, blocks, out); break;
@@ -147,6 +147,14 @@ int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
       return 1000 * t.gp + t.mt;
     }
   }
+  return 0;
+}
+
+template <typename T, int MODE>
+int64_t attention_fwd(const AttnIn& in, int64_t limit, void* out) {
+  const AttnArgs<T> a = attn_args<T>(in);
+  const int64_t Bo = in.cidx != nullptr ? 1 : in.B;
+  if (const int64_t used = try_tc<T, MODE>(in, a, PairRect{0, Bo, 0, in.P}, limit, out)) return used;
   const int mt = MODE == kModeAlignment ? choose_attn_mt((int)sizeof(T), in.Lq, in.Lc, in.S, limit) : 1;
   const int64_t pairs = Bo * in.P;
   auto go = [&](auto mt_tag) {
@@ -298,6 +306,33 @@ void emu_attention_sqdiff(int dtype, const void* q, const int* qlens, const void
     cuda_emu::launch((unsigned)n, kThreads, [&] { attention_fwd_kernel<T, 1, kModeSquaredDiff>(a, pid0, out); },
                      (size_t)attn_fwd_layout((int)sizeof(T), Lq, Lc, 0, 1, kModeSquaredDiff).total);
   });
+}
+
+// The backward's (Q - A)^2 for the chunk of pairs pid0 .. pid1 - 1 (plan.h bwd_chunk_end's) as
+// attention_bwd_cuda writes it: fp16/bf16 where the tensor-core forward applies,
+// attention_fwd_tc_kernel in kModeSquaredDiff over the chunk's rectangle (bwd_chunk_rect,
+// attn_args_rect), out (pid1 - pid0, Lq, D) in the inputs' dtype: returns 1000 GP + MT; else
+// emu_attention_sqdiff's fp32 (returns 0).
+int64_t emu_attention_sqdiff_chunk(int dtype, const void* q, const int* qlens, const void* c, const int* clens,
+                                   const int* cidx, const void* f, const void* lam, float lam_scalar,
+                                   const float* gram, int64_t B, int64_t P, int64_t Lq, int64_t Lc, int64_t D,
+                                   int64_t pid0, int64_t pid1, int64_t limit, void* out) {
+  const AttnIn in{q, c, f, lam, nullptr, nullptr, qlens, clens, cidx, gram, lam_scalar, B, P, Lq, Lc, D, 0};
+  int64_t used = 0;
+  by_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const PairRect r = bwd_chunk_rect(pid0, pid1, P);
+    used = try_tc<T, kModeSquaredDiff>(in, attn_args_rect(attn_args<T>(in), r), r, limit, out);
+  });
+  if (used == 0)
+    emu_attention_sqdiff(dtype, q, qlens, c, clens, cidx, f, lam, lam_scalar, gram, B, P, Lq, Lc, D, pid0,
+                         pid1 - pid0, static_cast<float*>(out));
+  return used;
+}
+
+// The chunks attention_bwd_cuda takes (plan.h bwd_chunk_end): the end of the one at pid0.
+int64_t emu_bwd_chunk_end(int64_t pid0, int64_t chunk, int64_t pairs, int64_t P) {
+  return bwd_chunk_end(pid0, chunk, pairs, P);
 }
 
 // dY of E = l2n(Y) for rows pid0 * Lq .. (l2n_bwd_rows_kernel, kWarps rows per block).

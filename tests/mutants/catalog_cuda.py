@@ -6,12 +6,30 @@ ATT = "csrc/cuda/attention_kernels.cuh"
 RAR = "csrc/cuda/rar_kernels.cuh"
 RCRK = "csrc/cuda/rcr_kernels.cuh"
 EMU = "tests/test_cuda_emu.py"
+CHUNKS = f"{EMU}::test_backward_sqdiff_chunks"
 #: the tests that run attention_fwd_tc_kernel's 64-row wgmma projection (TcProjectionWg): on an
 #: emulated sm_90a build the grid's larger blocks take attention_fwd_wg_kernel
 TC_WG_TESTS = [f"{EMU}::test_wgmma_forward_where_the_128_row_kernel_does_not_apply",
                f"{EMU}::test_tensor_core_forward_wide_projection"]
 
 MUTANTS = [
+    # the attention backward's D2 from attention_fwd_tc_kernel (kModeSquaredDiff) in chunks of the pair grid
+    dict(name="cuda tc sqdiff: A written instead of (Q - A)^2",
+         file=ATT, old="          if constexpr (MODE == kModeSquaredDiff) {\n            const float dq",
+         new="          if constexpr (MODE == -1) {\n            const float dq",
+         tests=[f"{EMU}::test_backward_sqdiff_chunks", f"{EMU}::test_attention_backward"]),
+    dict(name="cuda tc sqdiff: a chunk's factors not offset to its first pair",
+         file=ATT, old="  if (a.f != nullptr) a.f += r.b0 * a.sf_b + r.p0 * a.sf_p;",
+         new="  if (a.f != nullptr) a.f += r.b0 * a.sf_b;", tests=[CHUNKS]),
+    dict(name="cuda tc sqdiff: a chunk's context lengths not offset to its first item",
+         file=ATT, old="    a.clens += r.b0;\n", new="", tests=[CHUNKS]),
+    dict(name="cuda tc sqdiff: a chunk's Gram matrices not offset to its first item",
+         file=ATT, old="    a.gram += r.b0 * a.Lc * a.Lc;\n", new="", tests=[CHUNKS]),
+    dict(name="cuda bwd chunks: a part of an item runs into the next item",
+         file="csrc/cuda/plan.h", old="  if (chunk < P && end > item_end) end = item_end;\n", new="", tests=[CHUNKS]),
+    dict(name="cuda bwd chunks: a part of an item taken for whole items",
+         file="csrc/cuda/plan.h", old="  if (p0 == 0 && (pid1 - pid0) % P == 0) return PairRect{b0, (pid1 - pid0) / P, 0, P};",
+         new="  if (p0 == 0) return PairRect{b0, (pid1 - pid0) / P, 0, P};", tests=[CHUNKS]),
     # the rcr_factors_bwd op's CUDA kernels (rcr_bwd_store: the kRcrFactorsBwd epilogue, rcr_factors_bwd_kernel)
     dict(name="cuda rcr bwd: tanh's derivative left out of gm",
          file=RCRK, old="  out[i] = from_f<T>(gz * (1.f - t * t));", new="  out[i] = from_f<T>(gz);",
@@ -44,8 +62,8 @@ MUTANTS = [
          tests=[f"{EMU}::test_tensor_core_forward_groups"]),
     dict(name="cuda tc forward: no barrier between P C into us and its readers (kModeAttended)",
          file=ATT,
-         old="      pc.chunk(cs, ldo, us);\n      __syncthreads();\n      for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {\n        const int r = idx >> 5, k = idx & 31;\n        const int64_t d = d0 + k;\n        if (d < D && row_valid(r)) {\n          const int g = row_pair(r), q = r - g * bq;\n          o[",
-         new="      pc.chunk(cs, ldo, us);\n      for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {\n        const int r = idx >> 5, k = idx & 31;\n        const int64_t d = d0 + k;\n        if (d < D && row_valid(r)) {\n          const int g = row_pair(r), q = r - g * bq;\n          o[",
+         old="      pc.chunk(cs, ldo, us);\n      __syncthreads();\n      for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {\n        const int r = idx >> 5, k = idx & 31;\n        const int64_t d = d0 + k;\n        if (d < D && row_valid(r)) {\n          const int g = row_pair(r), q = r - g * bq;\n          float v = us[r * kLDU + k] * inv[r];",
+         new="      pc.chunk(cs, ldo, us);\n      for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {\n        const int r = idx >> 5, k = idx & 31;\n        const int64_t d = d0 + k;\n        if (d < D && row_valid(r)) {\n          const int g = row_pair(r), q = r - g * bq;\n          float v = us[r * kLDU + k] * inv[r];",
          tests=[f"{EMU}::test_tensor_core_forward_groups"]),
     dict(name="cuda tc forward: the split-K halves not summed (the second half's products lost)",
          file=ATT, old="      for (int e = 0; e < other.num_elements; ++e) acc[i].x[e] += other.x[e];",
