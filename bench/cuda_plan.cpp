@@ -9,6 +9,8 @@
 //                                             0 0 0 0: not applicable; on sm_90a builds the
 //                                             launcher takes it before attention_fwd_tc_kernel)
 //   bwd LQ LC                    ->  1 BYTES    attention_bwd_kernel
+//   bwdtc ELEM LQ LC P PAIRED LIMIT -> MT BYTES GP  attention_bwd_tc_kernel (choose_bwd_tc_plan;
+//                                             0 0 0: not applicable, attention_bwd_kernel runs)
 //   gram LC                      ->  1 BYTES    gram_kernel
 //   rar ELEM LQ S LIMIT          ->  MT BYTES   rar_bwd_kernel
 //   rarfwd ELEM LQ S P LIMIT     ->  MT BYTES GP  rar_fwd_kernel (choose_rar_plan; 0 0 0: does not fit)
@@ -55,6 +57,12 @@ int main() {
       int64_t lq, lc;
       in >> lq >> lc;
       std::cout << 1 << " " << attn_bwd_layout(lq, lc).total << "\n";
+    } else if (what == "bwdtc") {
+      int64_t elem, lq, lc, p, paired, limit;
+      in >> elem >> lq >> lc >> p >> paired >> limit;
+      const TcPlan t = choose_bwd_tc_plan((int)elem, lq, lc, p, paired != 0, limit);
+      const int64_t bytes = t.gp ? attn_bwd_tc_layout((int)elem, 16 * t.mt, t.bc, t.gp).total : 0;
+      std::cout << t.mt << " " << bytes << " " << t.gp << "\n";
     } else if (what == "gram") {
       int64_t lc;
       in >> lc;

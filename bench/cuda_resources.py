@@ -51,7 +51,7 @@ TC_PAIRS = 1000
 S_DIM = 256
 #: kernels whose fp16/bf16 instances run the block GEMM on tensor cores
 TENSOR_CORE_GEMM = ("rar_fwd_kernel", "rar_fwd_wg_kernel", "rar_bwd_kernel", "attention_fwd_tc_kernel",
-                    "attention_fwd_wg_kernel", "rcr_gemm_kernel", "rcr_wgmma_kernel")
+                    "attention_fwd_wg_kernel", "attention_bwd_tc_kernel", "rcr_gemm_kernel", "rcr_wgmma_kernel")
 #: kernels with code for sm_90a only (wgmma: csrc/cuda/wgmma.cuh); compiled for sm_80 they are a
 #: trap the launchers never run
 SM90A_ONLY = ("rcr_wgmma_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel")
@@ -234,8 +234,14 @@ def plan_shared(chips):
                     keys.append((cc, "attention_fwd_kernel<{T}, {MT}, %d>" % mode, tname, shape,
                                  "fallback" if elem == 2 else None))
                 for mode in (0, 1):
+                    if elem == 2:   # attention.cu launch_bwd: the tensor-core backward first
+                        for paired in (0, 1):
+                            queries.append(f"bwdtc {elem} {Lq} {Lc} {TC_PAIRS} {paired} {limit}")
+                            keys.append((cc, "attention_bwd_tc_kernel<{T}, {MT}, %d>" % mode, tname,
+                                         shape + (",paired" if paired else f",P={TC_PAIRS}"), "tc"))
                     queries.append(f"bwd {Lq} {Lc}")
-                    keys.append((cc, "attention_bwd_kernel<{T}, %d>" % mode, tname, shape, None))
+                    keys.append((cc, "attention_bwd_kernel<{T}, %d>" % mode, tname, shape,
+                                 "fallback" if elem == 2 else None))
                 keys.append((cc, "l2n_bwd_rows_kernel<{T}>", tname, shape, 0))
             if elem == 4:   # fp16/bf16 run the chains in rcr_gemm_kernel's epilogues
                 keys.append((cc, "rcr_factors_kernel<{T}>", tname, f"rows x d={1024}", 0))

@@ -798,8 +798,10 @@ def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
     else attention_fwd_kernel (per pair, SIMT, D2 in fp32, cast for cuBLAS); the products with the
     shared weight (Y, dW, G2) in cuBLAS on tensor cores (the model's bf16: D2 and dY as bf16
     operands, dY's cast, fp32 outputs; fp32 inputs take exact fp32 products, not modelled),
-    l2n_bwd_rows_kernel, attention_bwd_kernel (recompute, SIMT scores and P C,
-    atomics into dQ, dC), RAR's backward, RCR's recomputed backward with its d-wide chain one launch
+    l2n_bwd_rows_kernel, the backward kernel (recompute: fp16/bf16 with Lq, Lc <= 64
+    attention_bwd_tc_kernel, the forward's 64-row blocks of packed pairs with every d-wide product
+    on wmma (HMMA) and dC's atomics once per block; else attention_bwd_kernel per pair, SIMT; both
+    with dQ's atomics), RAR's backward, RCR's recomputed backward with its d-wide chain one launch
     (the rcr_factors_bwd op: rcr_wgmma_kernel's kRcrFactorsBwd epilogue)."""
     Lq, Lc = _rows(shape, Lg)
     pairs, d, s, e = B * P, D, S_DIM, ELEM
@@ -829,8 +831,29 @@ def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
         book.add("cuBLAS, bf16 operands, fp32 out: Y, dW, G2 (+ casts of D2 where fp32, dY; Y's bias)", count=casts,
                  tc=3 * 2 * N * d * s, simt=cast_simt,
                  hbm=d2_bytes + N * s * (4 + 4 + 3 * e) + s * d * e)
-        book.add("attention_bwd_kernel", count=1, simt=pairs * simt * 2, smem=pairs * simt * 2 * 4,
-                 l2=pairs * ((Lq + Lc) * d * 4 * 2 + Lq * d * 4), hbm=N * d * 4)
+        if plan is not None:
+            BQ, BC, GP, rows = plan
+            blocks = B * -(-P // GP)
+            chunks, mt, nct, frag = -(-d // 32), rows // 16, BC // 16, 512
+            # wmma per block: the scores, P C (pass C), dA C^T, P C and dS0 C (pass E), dC's
+            # P^T dA and dS0^T X (K = rows) and M C (K = BC)
+            tc = blocks * (14 * rows * BC * d + 2 * BC * BC * d)
+            # fragments read from shared memory: the scores and one P C as the forward's, dA C^T as
+            # the scores, two more P C, dC's tiles (2 rows / 16 A and B pairs and BC / 16 M C pairs)
+            frags = (cuda_tc_fragment_bytes(rows, BC, d, s, project=False) * 2
+                     + chunks * (2 * 2 * mt * nct + nct * 2 * (4 * mt + 2 * nct)) * frag)
+            stores = 2 * (2 * rows + BC) * d * e + 3 * rows * d * 4 * 2 + BC * d * 4 * 2
+            book.add("attention_bwd_tc_kernel", count=1, note=f"BQ {BQ} BC {BC} GP {GP}", hmma=True, tc=tc,
+                     simt=blocks * (GP * 24 * BQ * d + 4 * rows * BC * BC + 60 * rows * BC),
+                     smem=blocks * (frags + stores),
+                     # per pair: Q three times, F twice (with F), G2 twice, dQ's atomics, dF; per block
+                     # the context three times, its Gram matrix, dC's atomics
+                     l2=pairs * (Lq * d * e * 3 + (Lq * d * e * 2 + Lq * d * 4 if has_f else 0) + Lq * d * 4 * 2
+                                 + Lq * d * 8) + blocks * (3 * Lc * d * e + Lc * Lc * 4 + Lc * d * 8),
+                     hbm=N * d * 4 + N * d * e + (N * d * (4 + e) if has_f else 0) + (P * Lq + B * Lc) * d * 4)
+        else:
+            book.add("attention_bwd_kernel", count=1, simt=pairs * simt * 2, smem=pairs * simt * 2 * 4,
+                     l2=pairs * ((Lq + Lc) * d * 4 * 2 + Lq * d * 4), hbm=N * d * 4)
         book.add("rar_bwd_kernel + its GEMMs", count=3, tc=pairs * 2 * 16 * ((Lq + 15) // 16) * s * s * 3,
                  simt=pairs * 2 * s * s * 2, l2=pairs * (2 * s * s * e), hbm=pairs * Lq * s * 4 * 3)
         if t < shape.steps - 1:

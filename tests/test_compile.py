@@ -281,14 +281,14 @@ def test_every_row_is_keyed_by_the_current_tree(report, request):
 # ----------------------------------------------------------------------------- CUDA kernels
 
 CUDA_KERNELS = {"gram_kernel", "attention_fwd_kernel", "attention_fwd_tc_kernel", "attention_fwd_wg_kernel",
-                "rar_fwd_wg_kernel", "attention_bwd_kernel",
+                "rar_fwd_wg_kernel", "attention_bwd_kernel", "attention_bwd_tc_kernel",
                 "l2n_bwd_rows_kernel", "rar_mean_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
                 "rcr_factors_kernel", "rcr_factors_bwd_kernel", "rcr_smooth_kernel", "rcr_gemm_kernel",
                 "rcr_wgmma_kernel"}
 #: kernels with fp16/bf16 instances only (fp32 runs attention_fwd_kernel's exact SIMT products,
 #: and cuBLAS with rcr_factors_kernel for RCR)
-HALF_ONLY = {"attention_fwd_tc_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel", "rcr_gemm_kernel",
-             "rcr_wgmma_kernel"}
+HALF_ONLY = {"attention_fwd_tc_kernel", "attention_fwd_wg_kernel", "attention_bwd_tc_kernel", "rar_fwd_wg_kernel",
+             "rcr_gemm_kernel", "rcr_wgmma_kernel"}
 #: kernels with code for sm_90a only (wgmma), a trap in the sm_80 build, launched on sm_90 alone
 SM90A_ONLY = {"rcr_wgmma_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel"}
 #: kernels with an fp32 instance only (fp16/bf16 take RCR's chains, forward and backward, in
@@ -332,8 +332,8 @@ def test_cuda_half_precision_projection_uses_tensor_cores(cuda_report):
     gemm = [r for r in cuda_report if r["tensor_core_gemm"]]
     # the fused projection, RAR's keys and RCR's GEMMs, fp16 and bf16, on both archs
     assert {(r["kernel"], r["dtype"], r["arch"]) for r in gemm} == {
-        (k, dt, a) for k in ("attention_fwd_kernel", "attention_fwd_tc_kernel", "rar_fwd_kernel", "rar_bwd_kernel",
-                             "rcr_gemm_kernel")
+        (k, dt, a) for k in ("attention_fwd_kernel", "attention_fwd_tc_kernel", "attention_bwd_tc_kernel",
+                             "rar_fwd_kernel", "rar_bwd_kernel", "rcr_gemm_kernel")
         for dt in ("fp16", "bf16") for a in ("sm_80", "sm_90")} | {
         (k, dt, "sm_90") for k in ("rcr_wgmma_kernel", "attention_fwd_wg_kernel", "rar_fwd_wg_kernel")
         for dt in ("fp16", "bf16")}

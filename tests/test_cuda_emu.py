@@ -86,7 +86,8 @@ def build_emu(folder: str):
     so.emu_bwd_chunk_end.restype = _I64
     so.emu_l2n_bwd_rows.argtypes = [ctypes.c_int, _VP, _VP, _VP, _I64, _I64, _I64, _I64, _I64, _VP]
     so.emu_attention_bwd.argtypes = [ctypes.c_int, ctypes.c_int, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _F32, _VP, _VP,
-                                     _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _VP, _VP]
+                                     _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _VP, _VP]
+    so.emu_attention_bwd.restype = _I64
     so.emu_rar_bwd.argtypes = [ctypes.c_int, *[_VP] * 12, _I64, _I64, _I64, _I64, _I64, _VP, _VP, _VP, _VP]
     so.emu_rar_bwd.restype = _I64
     so.emu_rar_mean.argtypes = [ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _I64, _VP]
@@ -441,46 +442,70 @@ def sqdiff_is_tensor_core(dtype, Lq, Lc) -> bool:
     return dtype != torch.float32 and Lq <= 64 and Lc <= 64
 
 
-def emu_attention_grads(emu, args, grad):
-    """attention_bwd as attention_bwd_cuda computes it (one chunk of pairs): without a weight
-    attention_bwd_kernel on the output's gradient; with one the forward's (Q - A)^2
-    (kModeSquaredDiff: attention_fwd_tc_kernel in the inputs' dtype where sqdiff_is_tensor_core,
-    checked to have run, else attention_fwd_kernel in fp32), Y = D2 W^T + b, l2n_bwd_rows_kernel's
-    dY, dW = dY^T D2, db = sum dY and G2 = dY W (torch here, cuBLAS there: fp32 products in fp32;
-    in fp16/bf16 D2 and dY in the inputs' dtype, fp32 sums), then attention_bwd_kernel on G2.
-    Returns (dquery, dcontext, dfactors, dlam, dweight, dbias), None where absent."""
+def emu_attention_grads(emu, args, grad, chunk=None, context_index=None, limit=H200_SMEM):
+    """attention_bwd as attention_bwd_cuda computes it: without a weight the backward kernel on the
+    output's gradient, all pairs at once; with one, per chunk of pairs (plan.h bwd_chunk_end; all
+    pairs where chunk is None) the forward's (Q - A)^2 (kModeSquaredDiff: attention_fwd_tc_kernel
+    in the inputs' dtype where sqdiff_is_tensor_core, checked to have run, else attention_fwd_kernel
+    in fp32), Y = D2 W^T + b, l2n_bwd_rows_kernel's dY, dW += dY^T D2, db += sum dY and G2 = dY W
+    (torch here, cuBLAS there: fp32 products in fp32; in fp16/bf16 D2 and dY in the inputs' dtype,
+    fp32 sums), then the backward kernel on G2. The backward kernel: attention_bwd_tc_kernel in
+    fp16/bf16 where plan.h choose_bwd_tc_plan takes the shapes, else attention_bwd_kernel per pair.
+    context_index: the paired form (pair p against item context_index[p]; the per-pair tensors
+    then have one item on the context side).
+    Returns ((dquery, dcontext, dfactors, dlam, dweight, dbias), None where absent; the backward
+    kernel's plans, 1000 GP + MT each, 0 for the per-pair kernel)."""
     q, ql, c, cl, f, lam, lam_scalar, w, b = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
     P, Lq, D = q.shape
     B, Lc = c.shape[:2]
-    pairs, dt = B * P, DTYPES[q.dtype]
+    cidx = None if context_index is None else context_index.to(torch.int32).contiguous()
+    Bo = 1 if cidx is not None else B
+    pairs, dt = Bo * P, DTYPES[q.dtype]
     gram = torch.full((B, Lc, Lc), float("nan"))
     emu.emu_gram(dt, _ptr(c), _ptr(cl), B, Lc, D, c.stride(0), c.stride(1), _ptr(gram))
     dq, dc = torch.zeros(P, Lq, D), torch.zeros(B, Lc, D)
-    df = None if f is None else torch.full((B, P, Lq, D), float("nan"))
-    dlam = None if lam is None else torch.full((B, P, Lq), float("nan"))
-    common = [_ptr(q), _ptr(ql), _ptr(c), _ptr(cl), None, _ptr(f), _ptr(lam), lam_scalar]
+    df = None if f is None else torch.full((Bo, P, Lq, D), float("nan"))
+    dlam = None if lam is None else torch.full((Bo, P, Lq), float("nan"))
+    common = [_ptr(q), _ptr(ql), _ptr(c), _ptr(cl), _ptr(cidx), _ptr(f), _ptr(lam), lam_scalar]
+    outs = [_ptr(dq), _ptr(dc), _ptr(df), _ptr(dlam)]
     dw = db = None
+    plans = []
     if w is None:
-        emu.emu_attention_bwd(dt, MODE_ATTENDED, *common, None, _ptr(gram), B, P, Lq, Lc, D, 0, 0, pairs,
-                              _ptr(grad.contiguous()), _ptr(dq), _ptr(dc), _ptr(df), _ptr(dlam))
-    else:
-        S = w.shape[0]
-        tc = sqdiff_is_tensor_core(q.dtype, Lq, Lc)
-        d2 = torch.full((pairs * Lq, D), float("nan"), dtype=q.dtype if tc else torch.float32)
-        used = emu.emu_attention_sqdiff_chunk(dt, *common, _ptr(gram), B, P, Lq, Lc, D, 0, pairs, H200_SMEM, _ptr(d2))
+        plans.append(emu.emu_attention_bwd(dt, MODE_ATTENDED, *common, None, _ptr(gram), B, P, Lq, Lc, D, 0, 0, pairs,
+                                           limit, _ptr(grad.contiguous()), *outs))
+        return (dq, dc, df, dlam, dw, db), plans
+    S = w.shape[0]
+    Wf = w.float()
+    half = q.dtype != torch.float32
+    rounded = (lambda x: x.to(q.dtype).float()) if half else (lambda x: x)   # as rounded operands
+    tc = sqdiff_is_tensor_core(q.dtype, Lq, Lc)
+    db, dw = torch.zeros(S), torch.zeros(S, D)
+    gflat = grad.contiguous()
+    pid0 = 0
+    while pid0 < pairs:
+        pid1 = emu.emu_bwd_chunk_end(pid0, chunk or pairs, pairs, P)
+        n = pid1 - pid0
+        d2 = torch.full((n * Lq, D), float("nan"), dtype=q.dtype if tc else torch.float32)
+        used = emu.emu_attention_sqdiff_chunk(dt, *common, _ptr(gram), B, P, Lq, Lc, D, pid0, pid1, limit, _ptr(d2))
         assert (used > 0) == tc, used
-        Wf = w.float()
-        half = q.dtype != torch.float32
-        rounded = (lambda x: x.to(q.dtype).float()) if half else (lambda x: x)   # as rounded operands
         d2r = rounded(d2.float())
         Y = torch.addmm(b.float(), d2r, Wf.t()).contiguous()
-        dy = torch.full((pairs * Lq, S), float("nan"))
-        emu.emu_l2n_bwd_rows(dt, _ptr(Y), _ptr(grad.contiguous()), _ptr(ql), 0, pairs * Lq, P, Lq, S, _ptr(dy))
+        dy = torch.full((n * Lq, S), float("nan"))
+        emu.emu_l2n_bwd_rows(dt, _ptr(Y), _ptr(gflat), _ptr(ql), pid0, n * Lq, P, Lq, S, _ptr(dy))
         dyr = rounded(dy)
-        db, dw, g2 = dy.sum(0), dyr.t() @ d2r, (dyr @ Wf).contiguous()
-        emu.emu_attention_bwd(dt, MODE_ALIGNMENT, *common, _ptr(w), _ptr(gram), B, P, Lq, Lc, D, S, 0, pairs,
-                              _ptr(g2), _ptr(dq), _ptr(dc), _ptr(df), _ptr(dlam))
-    return dq, dc, df, dlam, dw, db
+        db += dy.sum(0)
+        dw += dyr.t() @ d2r
+        g2 = (dyr @ Wf).contiguous()
+        plans.append(emu.emu_attention_bwd(dt, MODE_ALIGNMENT, *common, _ptr(w), _ptr(gram), B, P, Lq, Lc, D, S, pid0,
+                                           n, limit, _ptr(g2), *outs))
+        pid0 = pid1
+    return (dq, dc, df, dlam, dw, db), plans
+
+
+def bwd_is_tensor_core(dtype, Lq, Lc) -> bool:
+    """Whether attention_bwd_cuda runs attention_bwd_tc_kernel (fp16/bf16, Lq and Lc <= 64, a
+    block that fits the H200's shared memory) or attention_bwd_kernel per pair."""
+    return dtype != torch.float32 and Lq <= 64 and Lc <= 64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -495,23 +520,66 @@ def test_attention_backward(emu, with_state, with_weight, dtype):
     B, P, Lq = c.shape[0], q.shape[0], q.shape[1]
     width = q.shape[2] if args[7] is None else args[7].shape[0]
     grad = torch.randn(B, P, Lq, width, generator=torch.Generator().manual_seed(3)).to(dtype)
-    got = emu_attention_grads(emu, args, grad)
-    leaves = [a.double().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+    got, plans = emu_attention_grads(emu, args, grad)
+    assert all((u > 0) == bwd_is_tensor_core(dtype, Lq, c.shape[1]) for u in plans), plans
+    _check_grads(args, grad, got, dtype)
+
+
+def _check_grads(args, grad, got, dtype, context_index=None):
+    """Every gradient of sum(grad * out) (got: emu_attention_grads') against the fp64 reference's
+    autograd on the same (rounded) inputs (paired: _ref's per-pair form); padded rows of dquery,
+    dfactors and dlam exactly zero; nothing left unwritten (NaN)."""
+    q, ql, c, cl, f, lam = args[:6]
+    Lq = q.shape[1]
+    leaves = [a.double().detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
               for a in args]
-    out = ref_attention(*leaves)
+    out = _ref(leaves, context_index)
     floats = [i for i in (0, 2, 4, 5, 7, 8) if leaves[i] is not None]
-    want = dict(zip(floats, torch.autograd.grad((out * grad.double()).sum(), [leaves[i] for i in floats])))
+    want = dict(zip(floats, torch.autograd.grad((out * grad.double()).sum(), [leaves[i] for i in floats],
+                                                allow_unused=True)))
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for i, g in zip((0, 2, 4, 5, 7, 8), got):
         if i not in want:
             assert g is None
             continue
         assert not torch.isnan(g).any(), i
-        torch.testing.assert_close(g.double(), torch.nan_to_num(want[i]), **tol)
+        w = torch.zeros_like(g, dtype=torch.float64) if want[i] is None else torch.nan_to_num(want[i])
+        torch.testing.assert_close(g.double(), w, **tol)
     pad = torch.arange(Lq)[None, :] >= ql[:, None].long()
     assert not got[0][pad].any()
     if f is not None:
         assert not got[2][:, pad].any() and not got[3][:, pad].any()
+
+
+@pytest.mark.parametrize("form", ["grid", "paired", "chunks"])
+@pytest.mark.parametrize("with_state,with_weight", ATT_CASES, ids=ATT_IDS)
+def test_tensor_core_backward(emu, with_state, with_weight, form):
+    """attention_bwd_tc_kernel (fp16) on blocks of several packed pairs: P = 11 query items of up
+    to Lq = 6 rows (GP 10, 64-row blocks (MT 4): two blocks an item, the second one pair), Lc = 37
+    context rows (bc 48: three column tiles of the scores, dP and the dC chunk) on item 0 and 1 row
+    on item 1, d = 72 (three chunks, the last partial); paired (context_index: one pair a block,
+    MT 1); chunks of 4 pairs with a weight (parts of an item: the chunk's G2 and outputs offset to
+    it; without a weight all pairs at once) - every gradient against the fp64 reference's autograd.
+    The plan each launch took is checked."""
+    P, Lq, Lc = 11, 6, 37
+    args = _sample(torch.float16, seed=61 + with_state + 2 * with_weight, with_state=with_state,
+                   with_weight=with_weight, P=P, Lq=Lq, Lc=Lc, d=72, s=24, qlens=_mixed_lengths(P, Lq, 12))
+    cidx = torch.tensor([0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0]) if form == "paired" else None
+    if cidx is not None and with_state:
+        args[4], args[5] = args[4][:1].contiguous(), args[5][:1].contiguous()
+    Bo = 1 if cidx is not None else 2
+    width = 72 if args[7] is None else args[7].shape[0]
+    grad = torch.randn(Bo, P, Lq, width, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    chunk = 4 if form == "chunks" else None
+    got, plans = emu_attention_grads(emu, args, grad, chunk=chunk, context_index=cidx)
+    if form == "grid":
+        want = [10004]
+    elif form == "paired":
+        want = [1001]
+    else:
+        want = [4002, 4002, 3002] * 2 if with_weight else [10004]
+    assert plans == want, plans
+    _check_grads(args, grad, got, torch.float16, cidx)
 
 
 @pytest.mark.parametrize("paired", [False, True], ids=["grid", "paired"])

@@ -193,15 +193,19 @@ def test_cuda_rcr_factors_bwd(backend, kernel, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [_backend_param("cuda")])
-def test_cuda_backward_d2_from_the_tensor_core_forward(backend):
+def test_cuda_backward_on_tensor_cores(backend):
     """The CUDA attention backward in bf16 (test_fused_ops.half_backward_matches_fp32: within 5% of
-    its fp32 backward; dW and db the same with and without dF) takes the chunk's (Q - A)^2 from
-    attention_fwd_tc_kernel in kModeSquaredDiff (mode 2; Lq 6, Lc 9), not the per-pair kernel; its
-    chunking into rectangles of the pair grid is checked in the emulator (test_backward_sqdiff_chunks)."""
+    its fp32 backward; dW and db the same with and without dF; Lq 6, Lc 9) takes the chunk's
+    (Q - A)^2 from attention_fwd_tc_kernel in kModeSquaredDiff (mode 2) and its gradients from
+    attention_bwd_tc_kernel (kModeAlignment), neither per-pair kernel; the chunks' rectangles and
+    the tensor-core backward's gradients are checked in the emulator (test_backward_sqdiff_chunks,
+    test_tensor_core_backward)."""
     from test_fused_ops import half_backward_matches_fp32
     ran = _kernels_run(lambda: half_backward_matches_fp32("cuda", "cuda", torch.bfloat16))
     assert any("attention_fwd_tc_kernel" in n and ", 2, false>" in n for n in ran), ran
+    assert any("attention_bwd_tc_kernel" in n and ", 1>" in n for n in ran), ran
     assert not any("attention_fwd_kernel" in n and ", 2>" in n for n in ran), ran
+    assert not any("attention_bwd_kernel" in n for n in ran), ran
 
 
 @pytest.mark.parametrize("kernel", ["wgmma", "wmma"])

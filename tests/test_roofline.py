@@ -214,6 +214,11 @@ def test_cuda_plans_are_the_kernels(cuda_plan_exe, attn_type):
         mt, nbytes, gp, wg = _ask(cuda_plan_exe, [f"tc 2 {Lq} {Lc} 256 2 {P} 0 {H200_SMEM}"])[0]
         BQ, BC, GP, rows = RL.cuda_tc_plan(Lq, Lc, P)
         assert (mt * 16, gp, wg) == (rows, GP, 0) and 0 < nbytes <= H200_SMEM, (Lq, Lc, P, mt, gp, wg)
+        # the tensor-core backward packs its blocks the same way (cuda_backward books it so)
+        bmt, bbytes, bgp = _ask(cuda_plan_exe, [f"bwdtc 2 {Lq} {Lc} {P} 0 {H200_SMEM}"])[0]
+        assert (bmt * 16, bgp) == (rows, GP) and 0 < bbytes <= H200_SMEM, (Lq, Lc, P, bmt, bgp)
+    assert _ask(cuda_plan_exe, [f"bwdtc 4 16 36 1000 0 {H200_SMEM}", f"bwdtc 2 80 36 1000 0 {H200_SMEM}",
+                                f"bwdtc 2 16 80 1000 0 {H200_SMEM}"]) == [(0, 0, 0)] * 3
     # nor the wgmma one, which takes kModeAlignment on the grid only (not kModeAttended, not paired)
     # and s up to 256; the same query in bf16 does take it
     assert _ask(cuda_plan_exe, [f"wg 4 16 36 256 1 1000 0 {H200_SMEM}", f"wg 2 16 36 256 2 1000 0 {H200_SMEM}",

@@ -9,14 +9,16 @@
 // pair, scores and P C in fp32 SIMT, the projection by the block GEMM (wmma for fp16/bf16, exact
 // fp32 FMAs for fp32). With a weight the d-wide attended context never leaves the chip.
 //
-// Backward: without a weight, one per-pair kernel (attention_bwd_kernel, kModeAttended) recomputes the
-// pair and produces every gradient. With a weight, pairs are processed in chunks that bound the
+// Backward (launch_bwd): the backward kernel recomputes the pairs and produces every gradient:
+// fp16/bf16 with Lq, Lc <= 64 attention_bwd_tc_kernel (the forward's blocks of packed pairs, every
+// d-wide product on wmma, dcontext's atomics once per block), else attention_bwd_kernel per pair
+// (fp32 SIMT). Without a weight it takes the output's gradient (kModeAttended). With a weight, pairs are processed in chunks that bound the
 // scratch memory (rectangles of the pair grid, plan.h bwd_chunk_end): the forward in kModeSquaredDiff
 // writes D2 = (Q - A)^2 for the chunk (fp16/bf16 with Lq, Lc <= 64: attention_fwd_tc_kernel, GP
 // packed pairs a block, D2 in the inputs' dtype; else attention_fwd_kernel per pair, D2 in fp32), the
 // shared-weight products run in cuBLAS (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W; fp16/bf16 on tensor
 // cores from D2 and dY in the inputs' dtype, fp32 outputs; fp32 exact) with
-// dY from l2n_bwd_rows_kernel, and attention_bwd_kernel (kModeAlignment) takes G2 = d(D2) from there.
+// dY from l2n_bwd_rows_kernel, and the backward kernel (kModeAlignment) takes G2 = d(D2) from there.
 // dquery and dcontext are accumulated with fp32 atomics (summed over pairs).
 // Paired (context_index given): block pid = p is pair p, which reads context item
 // context_index[p] (its clens, its Gram matrix, its rows of dcontext); the output's B is 1.
@@ -219,6 +221,43 @@ bool try_fwd_tc(const AttnInputs& in, const AttnArgs<T>& a, const PairRect& r, v
   }
 }
 
+// The backward kernel for pairs pid0 .. pid0 + n - 1 (one chunk of bwd_chunk_end; mode 0 all pairs):
+// fp16/bf16 attention_bwd_tc_kernel over the chunk's rectangle where plan.h choose_bwd_tc_plan
+// takes the shapes (its arguments and outputs pointed at the rectangle), else attention_bwd_kernel
+// per pair. gsrc: mode 0 the output's gradient (all pairs), mode 1 the chunk's G2.
+template <typename T, int MODE>
+void launch_bwd(const AttnInputs& in, const AttnArgs<T>& a, int64_t pid0, int64_t n, const void* gsrc,
+                const BwdOut& o, cudaStream_t stream) {
+  if constexpr (!std::is_same<T, float>::value) {
+    const PairRect r = bwd_chunk_rect(pid0, pid0 + n, in.P);
+    const bool paired = in.cidx.defined();
+    const TcPlan t = choose_bwd_tc_plan((int)sizeof(T), in.Lq, in.Lc, r.np, paired, smem_limit());
+    if (t.gp > 0) {
+      const AttnArgs<T> ar = attn_args_rect(a, r);
+      const BwdOut orr = bwd_out_rect(o, r, pid0, in.Lq, in.Lc, in.D, paired);
+      const int64_t blocks = r.nb * ((r.np + t.gp - 1) / t.gp);
+      check_grid(blocks);
+      const int64_t smem = attn_bwd_tc_layout((int)sizeof(T), 16 * t.mt, t.bc, t.gp).total;
+      auto go = [&](auto kernel) {
+        prepare_smem(kernel, smem, "attention_bwd");
+        kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(ar, t.bq, t.bc, t.gp, gsrc, orr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      switch (t.mt) {
+        case 1: go(attention_bwd_tc_kernel<T, 1, MODE>); break;
+        case 2: go(attention_bwd_tc_kernel<T, 2, MODE>); break;
+        case 3: go(attention_bwd_tc_kernel<T, 3, MODE>); break;
+        default: go(attention_bwd_tc_kernel<T, 4, MODE>); break;
+      }
+      return;
+    }
+  }
+  const int64_t smem = attn_bwd_layout(in.Lq, in.Lc).total;
+  prepare_smem(attention_bwd_kernel<T, MODE>, smem, "attention_bwd");
+  attention_bwd_kernel<T, MODE><<<static_cast<unsigned>(n), kThreads, smem, stream>>>(a, pid0, gsrc, o);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The row-group size of the fused projection (plan.h: smallest covering Lq that fits the device).
 int projection_mt(int elem, const AttnInputs& in) {
   return choose_attn_mt(elem, in.Lq, in.Lc, in.S, smem_limit());
@@ -288,19 +327,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
   const Tensor g = grad.contiguous();
   BwdOut o{dq.data_ptr<float>(), dc.data_ptr<float>(), want_df ? df.data_ptr<float>() : nullptr,
            in.has_lam ? dlam.data_ptr<float>() : nullptr};
-  const int64_t bwd_smem = attn_bwd_layout(in.Lq, in.Lc).total;
 
   dispatch_float(query.scalar_type(), "query", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     Tensor gram = gram_of<T>(in.c, in.clens, stream);
     const AttnArgs<T> a = make_args<T>(in, lam_scalar, gram);
     if (!in.has_w) {
-      prepare_smem(attention_bwd_kernel<T, kModeAttended>, bwd_smem, "attention_bwd");
-      attention_bwd_kernel<T, kModeAttended><<<static_cast<unsigned>(pairs), kThreads, bwd_smem, stream>>>(a, 0, g.data_ptr(), o);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_bwd<T, kModeAttended>(in, a, 0, pairs, g.data_ptr(), o, stream);
       return;
     }
-    prepare_smem(attention_bwd_kernel<T, kModeAlignment>, bwd_smem, "attention_bwd");
     // chunks of pairs: D2 and G2 (Lq x d) and Y, dY (Lq x s) per pair, fp32, about 256 MiB in all
     // (whole context items where a chunk holds P pairs, else a part of one: bwd_chunk_end)
     const int64_t per_pair = in.Lq * (2 * in.D + 2 * in.S) * 4;
@@ -349,8 +384,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
         dw.addmm_(dy.t(), d2);
         at::mm_out(g2, dy, W);
       }
-      attention_bwd_kernel<T, kModeAlignment><<<static_cast<unsigned>(n), kThreads, bwd_smem, stream>>>(a, pid0, g2.data_ptr(), o);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_bwd<T, kModeAlignment>(in, a, pid0, n, g2.data_ptr(), o, stream);
     }
   });
   return std::make_tuple(dq, dc, df, dlam, dw, db);

@@ -376,13 +376,41 @@ __device__ __forceinline__ bool tc_row_valid(int r, int bq, int gp, const int* q
   return g < gp && r - g * bq < qls[g];
 }
 
-// The block's start: qls (each pair's query length; 0 past P or where clen is 0), the output rows
-// at or past each pair's length written as zeros, lam_s[r] (the temperature of row r, 0 where r is
-// not valid). Returns false where clen is 0 (every row then written as zeros: nothing to attend
+// The block of a launch of packed pairs (attention_fwd_tc_kernel, attention_fwd_wg_kernel,
+// attention_bwd_tc_kernel): pairs p0 .. p0 + gp - 1 of item b (block x = b * groups + p0 / gp,
+// groups = ceil(P / gp)), whose context item is bcx (paired: gp = 1, b = 0, cidx[p0]).
+struct TcBlock {
+  int64_t b, p0, bcx;
+};
+
+template <typename T>
+__device__ __forceinline__ TcBlock tc_block_of(const AttnArgs<T>& a, int gp) {
+  const int64_t groups = (a.P + gp - 1) / gp;
+  const int64_t b = (int64_t)blockIdx.x / groups;                 // 0 when paired (the output's B is 1)
+  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
+  const int64_t bcx = a.cidx != nullptr ? (int64_t)a.cidx[p0] : b;   // the block's context item
+  return TcBlock{b, p0, bcx};
+}
+
+// The forwards' zero_pad for tc_block_begin: pair g's output rows (width wide, T) at or past its length.
+template <typename T>
+struct TcZeroOut {
+  void* out;
+  int64_t b, p0, P, Lq, width;
+  const int* qls;
+  __device__ __forceinline__ void operator()(int g) const {
+    T* o = static_cast<T*>(out) + (b * P + p0 + g) * Lq * width;
+    for (int64_t idx = (int64_t)qls[g] * width + threadIdx.x; idx < Lq * width; idx += kThreads) o[idx] = from_f<T>(0.f);
+  }
+};
+
+// The block's start: qls (each pair's query length; 0 past P or where clen is 0), zero_pad(g) for
+// each pair g of the block (its outputs at padded rows: every row where clen is 0), lam_s[r] (the
+// temperature of row r, 0 where r is not valid). Returns false where clen is 0 (nothing to attend
 // to). Holds a barrier: every thread calls it.
-template <typename T, int MAXGP>
+template <typename T, int MAXGP, typename ZeroPad>
 __device__ __forceinline__ bool tc_block_begin(const AttnArgs<T>& a, int64_t b, int64_t p0, int gp, int bq, int rows,
-                                               int clen, int64_t width, int* qls, float* lam_s, void* out) {
+                                               int clen, int* qls, float* lam_s, ZeroPad zero_pad) {
   const int tid = threadIdx.x;
   const int64_t P = a.P, Lq = a.Lq;
   if (tid < MAXGP) {
@@ -390,10 +418,7 @@ __device__ __forceinline__ bool tc_block_begin(const AttnArgs<T>& a, int64_t b, 
     qls[tid] = (tid < gp && p < P && clen > 0) ? clamp_len(a.qlens[p], Lq) : 0;
   }
   __syncthreads();
-  for (int g = 0; g < gp && p0 + g < P; ++g) {
-    T* o = static_cast<T*>(out) + (b * P + p0 + g) * Lq * width;
-    for (int64_t idx = (int64_t)qls[g] * width + tid; idx < Lq * width; idx += kThreads) o[idx] = from_f<T>(0.f);
-  }
+  for (int g = 0; g < gp && p0 + g < P; ++g) zero_pad(g);
   if (clen == 0) return false;
   for (int r = tid; r < rows; r += kThreads) {
     float lv = 0.f;
@@ -410,12 +435,13 @@ __device__ __forceinline__ bool tc_block_begin(const AttnArgs<T>& a, int64_t b, 
 // LeakyReLU (zero rows and columns stay zero), each pair's column norms over its own rows (nrm,
 // gp x bc), the softmax over the valid columns (fp32 in S; put_p(r, c, p) for every r < rows and
 // c < bc, zeros past clen and in rows of no pair) and inv[r] = 1 / (|U[r]| + eps), |U[r]| =
-// sqrt(P[r] G P[r]^T) from the item's Gram matrix G (Lc x Lc). Holds barriers: every thread
-// calls it; the last barrier follows every write.
+// sqrt(P[r] G P[r]^T) from the item's Gram matrix G (Lc x Lc), |U[r]| itself into un where given
+// (the backward's; 0 in rows of no pair). Holds barriers: every thread calls it; the last barrier
+// follows every write.
 template <typename PutP>
 __device__ __forceinline__ void tc_block_probs(float* S, int ldS, int rows, int bc, int gp, int bq, const int* qls,
                                                const float* lam_s, int clen, const float* G, int64_t Lc, float* nrm,
-                                               float* inv, PutP put_p) {
+                                               float* inv, PutP put_p, float* un = nullptr) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int idx = tid; idx < rows * bc; idx += kThreads) {
     const int r = idx / bc, c = idx - r * bc;
@@ -459,6 +485,7 @@ __device__ __forceinline__ void tc_block_probs(float* S, int ldS, int rows, int 
   for (int r = warp; r < rows; r += kWarps) {
     if (!tc_row_valid(r, bq, gp, qls)) {
       if (lane == 0) inv[r] = 0.f;
+      if (lane == 0 && un != nullptr) un[r] = 0.f;
       continue;
     }
     const float* prow = S + r * ldS;
@@ -470,6 +497,7 @@ __device__ __forceinline__ void tc_block_probs(float* S, int ldS, int rows, int 
     }
     acc = warp_sum(acc);
     if (lane == 0) inv[r] = 1.f / (sqrtf(fmaxf(acc, 0.f)) + kEps);
+    if (lane == 0 && un != nullptr) un[r] = sqrtf(fmaxf(acc, 0.f));
   }
   __syncthreads();
 }
@@ -537,6 +565,26 @@ struct TcScoreTiles {
   }
   __device__ __forceinline__ int tj(int j) const { return tj0 + kWpr * j; }
   __device__ __forceinline__ bool live(int j) const { return ti < MT && tj(j) < nct; }
+
+  // One kBD chunk of A C^T into this warp's tiles: A (16 MT rows x kBD, row stride ldo), the
+  // context chunk cs (bc rows x kBD), this half's 16 columns of the chunk (split-K). No barrier.
+  template <typename T>
+  __device__ __forceinline__ void times_ctx_t(const T* A, const T* cs, int ldo,
+                                              nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[kTcMaxCT]) const {
+    using namespace nvcuda;
+    if (!live(0)) return;
+    const int kk = ((threadIdx.x >> 5) / kTcHalf) * 16;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+    wmma::load_matrix_sync(af, A + ti * 16 * ldo + kk, ldo);
+#pragma unroll
+    for (int j = 0; j < kTcMaxCT; ++j) {
+      if (live(j)) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
+        wmma::load_matrix_sync(bf, cs + tj(j) * 16 * ldo + kk, ldo);
+        wmma::mma_sync(acc[j], af, bf, acc[j]);
+      }
+    }
+  }
 };
 
 // P C, one warp's share: row tile w / 2 of P (16 x bc, the inputs' type) held as bc / 16 A
@@ -621,6 +669,45 @@ __device__ __forceinline__ void tc_ctx_chunk(const T* __restrict__ cb, int64_t s
   }
 }
 
+// Pass 1 of the tensor-core blocks (attention_fwd_tc_kernel, attention_bwd_tc_kernel): S0 (16 MT
+// rows x bc fp32, into S) = X C^T, X = F * Q rounded to T (rows of no pair zero), split-K between
+// the two halves of the warps (TcScoreTiles), the halves meeting in S. xs, cs: the chunks' staging
+// (rows x ld_op, bc x ld_op). Holds barriers: every thread calls it; the last follows S's writes.
+template <typename T, int MT, typename RowValid>
+__device__ __forceinline__ void tc_block_scores(const AttnArgs<T>& a, int64_t b, int64_t p0, int bq, int bc, int clen,
+                                                const T* __restrict__ cb, RowValid row_valid, T* xs, T* cs, float* S,
+                                                int ldS) {
+  using namespace nvcuda;
+  constexpr int ROWS = 16 * MT;
+  const int tid = threadIdx.x, warp = tid >> 5, ldo = ld_op((int)sizeof(T));
+  const int64_t D = a.D;
+  auto row_pair = [&](int r) { return r / bq; };
+  const TcScoreTiles<MT> st(bc);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[kTcMaxCT];
+#pragma unroll
+  for (int j = 0; j < kTcMaxCT; ++j) wmma::fill_fragment(sacc[j], 0.f);
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      float v = 0.f;
+      if (d < D && row_valid(r)) {
+        const int g = row_pair(r), q = r - g * bq;
+        v = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]);
+        if (a.f != nullptr) v *= to_f(a.f[b * a.sf_b + (p0 + g) * a.sf_p + q * a.sf_l + d]);
+      }
+      xs[r * ldo + k] = from_f<T>(v);
+    }
+    tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
+    __syncthreads();
+    st.times_ctx_t(xs, cs, ldo, sacc);
+    __syncthreads();
+  }
+  tc_splitk_meet(sacc, ldS, [&](int j) { return st.live(j); },
+                 [&](int j) { return S + st.ti * 16 * ldS + st.tj(j) * 16; });
+  __syncthreads();
+}
+
 // WG: the projection on wgmma (TcProjectionWg; kModeAlignment, MT 4 only), else on wmma.
 // kModeAttended writes A, kModeSquaredDiff (Q - A)^2 (the backward's scratch, the inputs' dtype,
 // (B, P, Lq, d) of the launch's pairs: attn_args_rect gives a chunk's), kModeAlignment E.
@@ -648,54 +735,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_tc_kernel(const Att
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t P = a.P, Lq = a.Lq, D = a.D;
-  const int64_t groups = (P + gp - 1) / gp;
-  const int64_t b = (int64_t)blockIdx.x / groups;                 // 0 when paired (the output's B is 1)
-  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
-  const int64_t bcx = a.cidx != nullptr ? (int64_t)a.cidx[p0] : b;   // the block's context item
+  const TcBlock blk = tc_block_of(a, gp);
+  const int64_t b = blk.b, p0 = blk.p0, bcx = blk.bcx;
   const int clen = clamp_len(a.clens[bcx], a.Lc);
   const int64_t width = MODE == kModeAlignment ? a.S : D;
-  if (!tc_block_begin<T, kTcMaxGP>(a, b, p0, gp, bq, ROWS, clen, width, qls, lam_s, out)) return;
+  if (!tc_block_begin<T, kTcMaxGP>(a, b, p0, gp, bq, ROWS, clen, qls, lam_s, TcZeroOut<T>{out, b, p0, P, Lq, width, qls}))
+    return;
   auto row_pair = [&](int r) { return r / bq; };
   auto row_valid = [&](int r) { return tc_row_valid(r, bq, gp, qls); };
   const T* cb = a.c + bcx * a.sc_b;
 
-  // pass 1: S0 = X C^T, split-K between the two halves of the warps (TcScoreTiles)
-  const TcScoreTiles<MT> st(bc);
-  const int kk1 = (warp / kTcHalf) * 16;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[kTcMaxCT];
-#pragma unroll
-  for (int j = 0; j < kTcMaxCT; ++j) wmma::fill_fragment(sacc[j], 0.f);
-  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
-    for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
-      const int r = idx >> 5, k = idx & 31;
-      const int64_t d = d0 + k;
-      float v = 0.f;
-      if (d < D && row_valid(r)) {
-        const int g = row_pair(r), q = r - g * bq;
-        v = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]);
-        if (a.f != nullptr) v *= to_f(a.f[b * a.sf_b + (p0 + g) * a.sf_p + q * a.sf_l + d]);
-      }
-      xs[r * ldo + k] = from_f<T>(v);
-    }
-    tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
-    __syncthreads();
-    if (st.live(0)) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-      wmma::load_matrix_sync(af, xs + st.ti * 16 * ldo + kk1, ldo);
-#pragma unroll
-      for (int j = 0; j < kTcMaxCT; ++j) {
-        if (st.live(j)) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-          wmma::load_matrix_sync(bf, cs + st.tj(j) * 16 * ldo + kk1, ldo);
-          wmma::mma_sync(sacc[j], af, bf, sacc[j]);
-        }
-      }
-    }
-    __syncthreads();
-  }
-  tc_splitk_meet(sacc, ldS, [&](int j) { return st.live(j); },
-                 [&](int j) { return S + st.ti * 16 * ldS + st.tj(j) * 16; });
-  __syncthreads();
+  // pass 1: S0 = X C^T (tc_block_scores)
+  tc_block_scores<T, MT>(a, b, p0, bq, bc, clen, cb, row_valid, xs, cs, S, ldS);
 
   tc_block_probs(S, ldS, ROWS, bc, gp, bq, qls, lam_s, clen, a.gram + bcx * a.Lc * a.Lc, a.Lc, nrm, inv,
                  [&](int r, int c, float v) { Pb[r * ldP + c] = from_f<T>(v); });
@@ -821,11 +872,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wg_kernel(const Att
 
   const int tid = threadIdx.x, wt = tid & 127, r0 = 64 * (tid >> 7);   // r0: this warpgroup's first row
   const int64_t P = a.P, Lq = a.Lq, D = a.D, Sw = a.S;
-  const int64_t groups = (P + gp - 1) / gp;
-  const int64_t b = (int64_t)blockIdx.x / groups;
-  const int64_t p0 = ((int64_t)blockIdx.x - b * groups) * gp;
-  const int clen = clamp_len(a.clens[b], a.Lc);
-  if (!tc_block_begin<T, kWgMaxGP>(a, b, p0, gp, bq, kWgRows, clen, Sw, qls, lam_s, out)) return;
+  const TcBlock blk = tc_block_of(a, gp);
+  const int64_t b = blk.b, p0 = blk.p0, bcx = blk.bcx;   // bcx = b: never paired
+  const int clen = clamp_len(a.clens[bcx], a.Lc);
+  if (!tc_block_begin<T, kWgMaxGP>(a, b, p0, gp, bq, kWgRows, clen, qls, lam_s, TcZeroOut<T>{out, b, p0, P, Lq, Sw, qls}))
+    return;
   auto row_valid = [&](int r) { return tc_row_valid(r, bq, gp, qls); };
   // element (r, d) of the query (f: times the factors), for a valid row r
   auto query = [&](int r, int64_t d, bool f) {
@@ -1205,6 +1256,292 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnAr
     }
     __syncthreads();
   }
+}
+
+// ---------------------------------------------------------------- backward on tensor cores (fp16/bf16)
+// attention_bwd_tc_kernel<T, MT, MODE>: attention_bwd_kernel's gradients (same formulas, same
+// outputs) for the blocks of attention_fwd_tc_kernel (plan.h choose_bwd_tc_plan: GP packed pairs
+// of context item b in 16 MT rows, BC = Lc rounded up to 16), every d-wide product on wmma with
+// fp32 accumulators, its operands rounded to T (X = F * Q, P, dA, dS0, M, as the Triton backward's):
+//   pass A  S0 = X C^T (tc_block_scores); LeakyReLU(S0) kept (Sl); tc_block_probs: P, |U|, inv
+//   pass C  per chunk of d: U = P C (TcPC); dA (mode 0: grad; mode 1: -2 (Q - A) G2), udA =
+//           rowsum(U dA) (fp32); dP += dA C^T (split-K halves, met after the last chunk)
+//   on chip (fp32): coefU; dP = inv dP - coefU (P G); M = P^T diag(coefU) P summed over the
+//           block's rows (its pairs share the context item, so their dC terms add); dZ, dlam,
+//           dSn; per pair the column terms; dS0
+//   pass E  per chunk: U = P C and dX = dS0 C (TcPC each); dQ += dDq + dX F (atomics), dF = dX Q;
+//           the block's dC chunk = P^T (dA / (|U| + eps)) + dS0^T X - M C (a warp per 16 x 16
+//           tile: K the block's rows, then the context rows) into dcontext by atomics, once per
+//           block instead of once per pair
+// The launch's pairs are those of `a` (attn_args_rect may narrow them to a chunk of the backward):
+// pair (b, p) of it is pid = b P + p; gsrc (mode 0: grad (B, P, Lq, d) T; mode 1: G2 (pairs, Lq, d)
+// fp32) and o.df, o.dlam start at its first pair, o.dq at its first query item, o.dc at its first
+// context item (paired: every item; cidx names them).
+template <typename T, int MT, int MODE>
+__global__ void __launch_bounds__(kThreads, 1) attention_bwd_tc_kernel(const AttnArgs<T> a, int bq, int bc, int gp,
+                                                                    const void* gsrc, BwdOut o) {
+  static_assert(!std::is_same<T, float>::value, "fp32 runs attention_bwd_kernel (exact SIMT products)");
+  static_assert(MODE == kModeAttended || MODE == kModeAlignment, "the gradient of A, or of (Q - A)^2");
+  static_assert(MT >= 1 && MT <= kTcMaxMT && kWarps == 8, "16 MT rows; dC's 16 x 16 tiles a warp each");
+  using namespace nvcuda;
+  constexpr int ROWS = 16 * MT;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const AttnBwdTcLayout L = attn_bwd_tc_layout((int)sizeof(T), ROWS, bc, gp);
+  float* S = reinterpret_cast<float*>(smem + L.S);
+  float* Sl = reinterpret_cast<float*>(smem + L.Sl);
+  float* dP = reinterpret_cast<float*>(smem + L.dP);
+  T* Pb = reinterpret_cast<T*>(smem + L.Pb);
+  T* dSb = reinterpret_cast<T*>(smem + L.dSb);
+  T* Mb = reinterpret_cast<T*>(smem + L.Mb);
+  float* nrm = reinterpret_cast<float*>(smem + L.nrm);
+  float* colc = reinterpret_cast<float*>(smem + L.colc);
+  float* inv = reinterpret_cast<float*>(smem + L.inv);
+  float* un = reinterpret_cast<float*>(smem + L.un);
+  float* udA = reinterpret_cast<float*>(smem + L.udA);
+  float* coefU = reinterpret_cast<float*>(smem + L.coefU);
+  float* lam_s = reinterpret_cast<float*>(smem + L.lam);
+  T* xs = reinterpret_cast<T*>(smem + L.xs);
+  T* das = reinterpret_cast<T*>(smem + L.das);
+  T* cs = reinterpret_cast<T*>(smem + L.cs);
+  float* us = reinterpret_cast<float*>(smem + L.us);
+  float* ux = reinterpret_cast<float*>(smem + L.ux);
+  float* dcs = reinterpret_cast<float*>(smem + L.dcs);
+  int* qls = reinterpret_cast<int*>(smem + L.qls);
+  const int ldS = L.ldS, ldP = L.ldP, ldo = ld_op((int)sizeof(T));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t P = a.P, Lq = a.Lq, D = a.D, Lc = a.Lc;
+  const TcBlock blk = tc_block_of(a, gp);
+  const int64_t b = blk.b, p0 = blk.p0, bcx = blk.bcx;
+  const int clen = clamp_len(a.clens[bcx], a.Lc);
+  // the per-pair outputs at padded rows (every row where clen is 0)
+  auto zero_pad = [&](int g) {
+    const int64_t pid = b * P + p0 + g;
+    if (o.dlam != nullptr)
+      for (int64_t q = qls[g] + tid; q < Lq; q += kThreads) o.dlam[pid * Lq + q] = 0.f;
+    if (o.df != nullptr)
+      for (int64_t idx = (int64_t)qls[g] * D + tid; idx < Lq * D; idx += kThreads) o.df[pid * Lq * D + idx] = 0.f;
+  };
+  if (!tc_block_begin<T, kTcMaxGP>(a, b, p0, gp, bq, ROWS, clen, qls, lam_s, zero_pad)) return;
+  auto row_valid = [&](int r) { return tc_row_valid(r, bq, gp, qls); };
+  for (int r = tid; r < ROWS; r += kThreads) udA[r] = 0.f;
+  const T* cb = a.c + bcx * a.sc_b;
+  const float* G = a.gram + bcx * Lc * Lc;
+  const T* grad = MODE == kModeAttended ? static_cast<const T*>(gsrc) : nullptr;
+  const float* g2 = MODE == kModeAlignment ? static_cast<const float*>(gsrc) : nullptr;
+  // row r's pair-local index and element d of its d-wide tensors (pid order: G2, grad, dF)
+  auto row_elem = [&](int r, int64_t d) {
+    const int g = r / bq;
+    return ((b * P + p0 + g) * Lq + (r - g * bq)) * D + d;
+  };
+  auto q_elem = [&](int r, int64_t d) {   // Q's, and dQ's
+    const int g = r / bq;
+    return (p0 + g) * a.sq_p + (r - g * bq) * a.sq_l + d;
+  };
+
+  // pass A: the scores, LeakyReLU kept, the probabilities
+  tc_block_scores<T, MT>(a, b, p0, bq, bc, clen, cb, row_valid, xs, cs, S, ldS);
+  for (int idx = tid; idx < ROWS * bc; idx += kThreads) {
+    const int r = idx / bc, c = idx - r * bc;
+    const float v = S[r * ldS + c];
+    Sl[r * ldS + c] = v > 0.f ? v : 0.1f * v;
+  }
+  __syncthreads();
+  tc_block_probs(S, ldS, ROWS, bc, gp, bq, qls, lam_s, clen, G, Lc, nrm, inv,
+                 [&](int r, int c, float v) { Pb[r * ldP + c] = from_f<T>(v); }, un);
+  const float* Pf = S;   // P, fp32
+
+  // pass C: udA = rowsum(U dA), dP = dA C^T (split-K halves)
+  TcPC<T, MT> pc;   // this warp's row tile of P, in registers for passes C and E
+  pc.load(Pb, ldP, bc);
+  const TcScoreTiles<MT> st(bc);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dacc[kTcMaxCT];
+#pragma unroll
+  for (int j = 0; j < kTcMaxCT; ++j) wmma::fill_fragment(dacc[j], 0.f);
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
+    __syncthreads();
+    pc.chunk(cs, ldo, us);
+    __syncthreads();
+    // warp-uniform rows: r = idx / 32 is the same for the 32 lanes of a warp, and in every chunk
+    for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      float dA = 0.f, u = 0.f;
+      if (d < D && row_valid(r)) {
+        u = us[r * kLDU + k];
+        if constexpr (MODE == kModeAlignment) {
+          const float dq = to_f(a.q[q_elem(r, d)]) - u * inv[r];
+          dA = -2.f * dq * g2[row_elem(r, d)];
+        } else {
+          dA = to_f(grad[row_elem(r, d)]);
+        }
+      }
+      das[r * ldo + k] = from_f<T>(dA);
+      const float t = warp_sum(u * dA);
+      if (lane == 0) udA[r] += t;
+    }
+    __syncthreads();
+    st.times_ctx_t(das, cs, ldo, dacc);
+    __syncthreads();
+  }
+  tc_splitk_meet(dacc, ldS, [&](int j) { return st.live(j); },
+                 [&](int j) { return dP + st.ti * 16 * ldS + st.tj(j) * 16; });
+  for (int r = tid; r < ROWS; r += kThreads) {
+    const float u = un[r];
+    coefU[r] = u > 0.f ? udA[r] * inv[r] * inv[r] / u : 0.f;
+  }
+  __syncthreads();
+
+  // on chip: dP through |U| (P G), M; the softmax, temperatures, norms across queries, LeakyReLU
+  for (int idx = tid; idx < ROWS * bc; idx += kThreads) {
+    const int r = idx / bc, c = idx - r * bc;
+    float v = 0.f;
+    if (c < clen && row_valid(r)) {
+      const float* prow = Pf + r * ldS;
+      float pg = 0.f;
+      for (int c2 = 0; c2 < clen; ++c2) pg = fmaf(prow[c2], G[c2 * Lc + c], pg);
+      v = inv[r] * dP[r * ldS + c] - coefU[r] * pg;
+    }
+    dP[r * ldS + c] = v;
+  }
+  for (int idx = tid; idx < bc * bc; idx += kThreads) {
+    const int c = idx / bc, c2 = idx - c * bc;
+    float m = 0.f;
+    if (c < clen && c2 < clen)
+      for (int r = 0; r < ROWS; ++r) m = fmaf(Pf[r * ldS + c] * coefU[r], Pf[r * ldS + c2], m);
+    Mb[c * ldP + c2] = from_f<T>(-m);   // dC -= M C
+  }
+  __syncthreads();
+  for (int r = warp; r < ROWS; r += kWarps) {
+    if (!row_valid(r)) continue;
+    const int g = r / bq;
+    const float* prow = Pf + r * ldS;
+    float* drow = dP + r * ldS;
+    float rs = 0.f;
+    for (int c = lane; c < clen; c += 32) rs = fmaf(prow[c], drow[c], rs);
+    rs = warp_sum(rs);
+    float dl = 0.f;
+    const float lq = lam_s[r];
+    const float* nr = nrm + g * bc;
+    for (int c = lane; c < clen; c += 32) {
+      const float dz = prow[c] * (drow[c] - rs);
+      dl = fmaf(dz, Sl[r * ldS + c] / (nr[c] + kEps), dl);
+      drow[c] = dz * lq;   // dSn
+    }
+    dl = warp_sum(dl);
+    if (o.dlam != nullptr && lane == 0) o.dlam[(b * P + p0 + g) * Lq + (r - g * bq)] = dl;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < gp * bc; idx += kThreads) {
+    const int g = idx / bc, c = idx - g * bc;
+    float acc = 0.f;
+    for (int q = 0; q < qls[g]; ++q) acc = fmaf(Sl[(g * bq + q) * ldS + c], dP[(g * bq + q) * ldS + c], acc);
+    const float n = nrm[idx];
+    colc[idx] = c < clen && n > 0.f ? acc / (n * (n + kEps) * (n + kEps)) : 0.f;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < ROWS * bc; idx += kThreads) {
+    const int r = idx / bc, c = idx - r * bc;
+    float v = 0.f;
+    if (c < clen && row_valid(r)) {
+      const int g = r / bq;
+      const float s = Sl[r * ldS + c];
+      const float ds = dP[r * ldS + c] / (nrm[g * bc + c] + kEps) - s * colc[g * bc + c];
+      v = s > 0.f ? ds : 0.1f * ds;   // dS0 (S0 > 0 exactly where the LeakyReLU's output is)
+    }
+    dSb[r * ldP + c] = from_f<T>(v);
+  }
+  __syncthreads();
+
+  // pass E: dX = dS0 C, dF, dQ; the block's dC
+  TcPC<T, MT> px;   // this warp's row tile of dS0
+  px.load(dSb, ldP, bc);
+  const int nct = bc / 16, ct = warp >> 1, kt = warp & 1;   // dC: this warp's 16 x 16 tile of the chunk
+  for (int64_t d0 = 0; d0 < D; d0 += kBD) {
+    tc_ctx_chunk(cb, a.sc_l, clen, bc, d0, D, cs, ldo);
+    for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {   // X = F * Q, the dS0^T X operand
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      float v = 0.f;
+      if (d < D && row_valid(r)) {
+        v = to_f(a.q[q_elem(r, d)]);
+        if (a.f != nullptr) {
+          const int g = r / bq;
+          v *= to_f(a.f[b * a.sf_b + (p0 + g) * a.sf_p + (r - g * bq) * a.sf_l + d]);
+        }
+      }
+      xs[r * ldo + k] = from_f<T>(v);
+    }
+    __syncthreads();
+    pc.chunk(cs, ldo, us);
+    px.chunk(cs, ldo, ux);
+    __syncthreads();
+    for (int idx = tid; idx < ROWS * kBD; idx += kThreads) {
+      const int r = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      float dAs = 0.f;
+      if (d < D && row_valid(r)) {
+        const int g = r / bq;
+        const float qv = to_f(a.q[q_elem(r, d)]);
+        const float fv = a.f != nullptr ? to_f(a.f[b * a.sf_b + (p0 + g) * a.sf_p + (r - g * bq) * a.sf_l + d]) : 1.f;
+        const float dx = ux[r * kLDU + k];
+        float dDq = 0.f, dA;
+        if constexpr (MODE == kModeAlignment) {
+          dDq = 2.f * (qv - us[r * kLDU + k] * inv[r]) * g2[row_elem(r, d)];
+          dA = -dDq;
+        } else {
+          dA = to_f(grad[row_elem(r, d)]);
+        }
+        atomicAdd(o.dq + ((p0 + g) * Lq + (r - g * bq)) * D + d, dDq + dx * fv);
+        if (o.df != nullptr) o.df[row_elem(r, d)] = dx * qv;
+        dAs = dA * inv[r];
+      }
+      das[r * ldo + k] = from_f<T>(dAs);
+    }
+    __syncthreads();
+    if (ct < nct) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int r0 = 0; r0 < ROWS; r0 += 16) {   // P^T (dA / (|U| + eps)) + dS0^T X: K the block's rows
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> at;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bt;
+        wmma::load_matrix_sync(at, Pb + r0 * ldP + ct * 16, ldP);
+        wmma::load_matrix_sync(bt, das + r0 * ldo + kt * 16, ldo);
+        wmma::mma_sync(acc, at, bt, acc);
+        wmma::load_matrix_sync(at, dSb + r0 * ldP + ct * 16, ldP);
+        wmma::load_matrix_sync(bt, xs + r0 * ldo + kt * 16, ldo);
+        wmma::mma_sync(acc, at, bt, acc);
+      }
+      for (int c0 = 0; c0 < bc; c0 += 16) {   // - M C: K the context rows
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> am;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bm;
+        wmma::load_matrix_sync(am, Mb + ct * 16 * ldP + c0, ldP);
+        wmma::load_matrix_sync(bm, cs + c0 * ldo + kt * 16, ldo);
+        wmma::mma_sync(acc, am, bm, acc);
+      }
+      wmma::store_matrix_sync(dcs + ct * 16 * kLDU + kt * 16, acc, kLDU, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int idx = tid; idx < clen * kBD; idx += kThreads) {
+      const int c = idx >> 5, k = idx & 31;
+      const int64_t d = d0 + k;
+      if (d < D) atomicAdd(o.dc + (bcx * Lc + c) * D + d, dcs[c * kLDU + k]);
+    }
+    // the next chunk's stores (cs, xs) come before a barrier that follows this loop in every thread;
+    // dcs is written again only after two more barriers
+  }
+}
+
+// o for the pairs pid0 .. of rectangle r (attn_args_rect's): the per-pair outputs from its first
+// pair, dquery from its first query item, dcontext from its first context item (paired: all items,
+// which the pairs name). Host side.
+inline BwdOut bwd_out_rect(BwdOut o, const PairRect& r, int64_t pid0, int64_t Lq, int64_t Lc, int64_t D, bool paired) {
+  o.dq += r.p0 * Lq * D;
+  if (!paired) o.dc += r.b0 * Lc * D;
+  if (o.df != nullptr) o.df += pid0 * Lq * D;
+  if (o.dlam != nullptr) o.dlam += pid0 * Lq;
+  return o;
 }
 
 // ---------------------------------------------------------------- dY for the backward's mode 1

@@ -104,10 +104,15 @@ struct AttnTcLayout {
   int ldS, ldP, ldy;
 };
 
+// Row strides of the tensor-core blocks' fp32 scores (ldS) and of their probabilities in the compute
+// type (ldP: a multiple of 16 bytes, as wmma's loads need)
+RCAR_HD int tc_ld_scores(int bc) { return bc + 4; }
+RCAR_HD int tc_ld_probs(int bc) { return bc + 8; }
+
 RCAR_HD AttnTcLayout attn_tc_layout(int elem, int rows, int bc, int gp, int64_t s, int mode) {
   AttnTcLayout L{};
-  L.ldS = bc + 4;
-  L.ldP = bc + 8;
+  L.ldS = tc_ld_scores(bc);
+  L.ldP = tc_ld_probs(bc);
   L.S = 0;
   L.Pb = a128(L.S + (int64_t)rows * L.ldS * 4);
   L.nrm = a128(L.Pb + (int64_t)rows * L.ldP * elem);
@@ -143,8 +148,11 @@ struct TcPlan {
 // instance) where the device and the build have it (launch.h use_wgmma): one 64-row block.
 RCAR_HD constexpr bool tc_wgmma_projection(int mt, int mode) { return mt == 4 && mode == kModeAlignment; }
 
-RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64_t P, bool paired, int mode,
-                              int64_t limit) {
+// The packing of the 64-row tensor-core blocks (forward and backward): Lq rows a pair back to back,
+// GP = kTcRows / Lq pairs (1 paired; at most P), lowered one at a time while fits(rows, bc, gp)
+// is false (gp 0 where even one pair does not fit, or fp32, or Lq or Lc above kTcMaxLen).
+template <typename Fits>
+RCAR_HD TcPlan pack_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t P, bool paired, Fits fits) {
   TcPlan t{0, 0, 0, 0};
   if (elem != 2 || Lq < 1 || Lc < 1 || P < 1 || Lq > kTcMaxLen || Lc > kTcMaxLen) return t;
   const int bq = (int)Lq, bc = (int)round_up(Lc, 16);
@@ -153,10 +161,17 @@ RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64
   if (gp > P) gp = (int)P;
   for (;;) {
     const int mt = (gp * bq + 15) / 16;
-    if (attn_tc_layout(elem, 16 * mt, bc, gp, s, mode).total <= limit) return TcPlan{bq, bc, gp, mt};
+    if (fits(16 * mt, bc, gp)) return TcPlan{bq, bc, gp, mt};
     if (gp == 1) return t;
     --gp;
   }
+}
+
+RCAR_HD TcPlan choose_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t s, int64_t P, bool paired, int mode,
+                              int64_t limit) {
+  return pack_tc_plan(elem, Lq, Lc, P, paired, [&](int rows, int bc, int gp) {
+    return attn_tc_layout(elem, rows, bc, gp, s, mode).total <= limit;
+  });
 }
 
 // ---------------------------------------------------------------- the backward's chunks of pairs
@@ -293,6 +308,61 @@ RCAR_HD AttnBwdLayout attn_bwd_layout(int64_t Lq, int64_t Lc) {
   L.das = a128(L.fs + Lq * kLDF * 4);
   L.total = a128(L.das + Lq * kLDF * 4);
   return L;
+}
+
+// ---------------------------------------------------------------- attention backward on tensor cores (fp16/bf16)
+// attention_bwd_tc_kernel: the blocks of attention_fwd_tc_kernel (GP packed pairs of one context
+// item, 16 MT rows, BC = Lc rounded up to 16), every d-wide product on wmma. Regions:
+//   S     rows x ldS fp32: the scores S0, then the probabilities P (tc_block_probs)
+//   Sl    rows x ldS fp32: LeakyReLU(S0) kept for the temperatures' and the norms' gradients
+//   dP    rows x ldS fp32: dP (the split-K meet), then dZ -> dSn -> dS0 in place
+//   Pb, dSb  rows x ldP: P and dS0 in the compute type (A operands; transposed: dC's)
+//   Mb    bc x ldP: -M = -P^T diag(coefU) P in the compute type (dC -= M C)
+//   nrm, colc  gp x bc fp32 (per pair); inv, un, udA, coefU, lam  rows fp32 each
+//   xs    rows x ld_op: the (F * Q) chunk (pass A and E), compute type
+//   das   rows x ld_op: dA (pass C) / dA / (|U| + eps) (pass E), compute type
+//   cs    bc x ld_op context chunk, compute type
+//   us, ux  rows x kLDU fp32: P C and dS0 C chunks;  dcs  bc x kLDU fp32: the block's dC chunk
+//   qls   kTcMaxGP int32
+struct AttnBwdTcLayout {
+  int64_t S, Sl, dP, Pb, dSb, Mb, nrm, colc, inv, un, udA, coefU, lam, xs, das, cs, us, ux, dcs, qls, total;
+  int ldS, ldP;
+};
+
+RCAR_HD AttnBwdTcLayout attn_bwd_tc_layout(int elem, int rows, int bc, int gp) {
+  AttnBwdTcLayout L{};
+  L.ldS = tc_ld_scores(bc);
+  L.ldP = tc_ld_probs(bc);
+  const int64_t fS = (int64_t)rows * L.ldS * 4, hP = (int64_t)rows * L.ldP * elem, op = (int64_t)ld_op(elem) * elem;
+  L.S = 0;
+  L.Sl = a128(L.S + fS);
+  L.dP = a128(L.Sl + fS);
+  L.Pb = a128(L.dP + fS);
+  L.dSb = a128(L.Pb + hP);
+  L.Mb = a128(L.dSb + hP);
+  L.nrm = a128(L.Mb + (int64_t)bc * L.ldP * elem);
+  L.colc = a128(L.nrm + (int64_t)gp * bc * 4);
+  L.inv = a128(L.colc + (int64_t)gp * bc * 4);
+  L.un = a128(L.inv + (int64_t)rows * 4);
+  L.udA = a128(L.un + (int64_t)rows * 4);
+  L.coefU = a128(L.udA + (int64_t)rows * 4);
+  L.lam = a128(L.coefU + (int64_t)rows * 4);
+  L.xs = a128(L.lam + (int64_t)rows * 4);
+  L.das = a128(L.xs + (int64_t)rows * op);
+  L.cs = a128(L.das + (int64_t)rows * op);
+  L.us = a128(L.cs + (int64_t)bc * op);
+  L.ux = a128(L.us + (int64_t)rows * kLDU * 4);
+  L.dcs = a128(L.ux + (int64_t)rows * kLDU * 4);
+  L.qls = a128(L.dcs + (int64_t)bc * kLDU * 4);
+  L.total = a128(L.qls + kTcMaxGP * 4);
+  return L;
+}
+
+// The tensor-core backward's launch (choose_tc_plan's packing, its own layout), or gp = 0 where it
+// does not apply: fp32, Lq or Lc above kTcMaxLen, or not even one pair's block fits `limit`.
+RCAR_HD TcPlan choose_bwd_tc_plan(int elem, int64_t Lq, int64_t Lc, int64_t P, bool paired, int64_t limit) {
+  return pack_tc_plan(elem, Lq, Lc, P, paired,
+                      [&](int rows, int bc, int gp) { return attn_bwd_tc_layout(elem, rows, bc, gp).total <= limit; });
 }
 
 // ---------------------------------------------------------------- Gram matrix G = C C^T per context item

@@ -347,24 +347,57 @@ void emu_l2n_bwd_rows(int dtype, const float* Y, const void* grad, const int* ql
   });
 }
 
-// attention_bwd_kernel for pairs pid0 .. pid0 + n - 1; mode 0: gsrc = grad (the input type,
-// (Bo, P, Lq, D)); mode 1: gsrc = G2 = dY W, fp32 (n, Lq, D). dq, dc accumulate (fp32, zeroed by
-// the caller); df, dlam may be null.
-void emu_attention_bwd(int dtype, int mode, const void* q, const int* qlens, const void* c, const int* clens,
-                       const int* cidx, const void* f, const void* lam, float lam_scalar, const void* w,
-                       const float* gram, int64_t B, int64_t P, int64_t Lq, int64_t Lc, int64_t D, int64_t S,
-                       int64_t pid0, int64_t n, const void* gsrc, float* dq, float* dc, float* df, float* dlam) {
+// The attention backward's kernel for pairs pid0 .. pid0 + n - 1 (a chunk of plan.h bwd_chunk_end)
+// as attention_bwd_cuda launches it: fp16/bf16 attention_bwd_tc_kernel over the chunk's rectangle
+// where choose_bwd_tc_plan takes the shapes (returns 1000 GP + MT), else attention_bwd_kernel per
+// pair (returns 0); mode 0: gsrc = grad (the input type, (Bo, P, Lq, D)); mode 1: gsrc = G2 = dY W,
+// fp32 (n, Lq, D). dq, dc accumulate (fp32, zeroed by the caller); df, dlam may be null.
+int64_t emu_attention_bwd(int dtype, int mode, const void* q, const int* qlens, const void* c, const int* clens,
+                          const int* cidx, const void* f, const void* lam, float lam_scalar, const void* w,
+                          const float* gram, int64_t B, int64_t P, int64_t Lq, int64_t Lc, int64_t D, int64_t S,
+                          int64_t pid0, int64_t n, int64_t limit, const void* gsrc, float* dq, float* dc, float* df,
+                          float* dlam) {
   const AttnIn in{q, c, f, lam, w, nullptr, qlens, clens, cidx, gram, lam_scalar, B, P, Lq, Lc, D, S};
+  int64_t used = 0;
   by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const AttnArgs<T> a = attn_args<T>(in);
     const BwdOut o{dq, dc, df, dlam};
+    // attention.cu launch_bwd: fp16/bf16 the tensor-core kernel over the chunk's rectangle where
+    // plan.h choose_bwd_tc_plan takes the shapes
+    if constexpr (!std::is_same<T, float>::value) {
+      const PairRect r = bwd_chunk_rect(pid0, pid0 + n, P);
+      const TcPlan t = choose_bwd_tc_plan((int)sizeof(T), Lq, Lc, r.np, cidx != nullptr, limit);
+      if (t.gp > 0) {
+        const AttnArgs<T> ar = attn_args_rect(a, r);
+        const BwdOut orr = bwd_out_rect(o, r, pid0, Lq, Lc, D, cidx != nullptr);
+        const int64_t blocks = r.nb * ((r.np + t.gp - 1) / t.gp);
+        const size_t smem = (size_t)attn_bwd_tc_layout((int)sizeof(T), 16 * t.mt, t.bc, t.gp).total;
+        auto go = [&](auto kernel) {
+          cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(ar, t.bq, t.bc, t.gp, gsrc, orr); }, smem);
+        };
+        auto by_mode = [&](auto mt_tag) {
+          constexpr int M = decltype(mt_tag)::value;
+          if (mode == kModeAlignment) go(attention_bwd_tc_kernel<T, M, kModeAlignment>);
+          else go(attention_bwd_tc_kernel<T, M, kModeAttended>);
+        };
+        switch (t.mt) {
+          case 1: by_mode(std::integral_constant<int, 1>()); break;
+          case 2: by_mode(std::integral_constant<int, 2>()); break;
+          case 3: by_mode(std::integral_constant<int, 3>()); break;
+          default: by_mode(std::integral_constant<int, 4>()); break;
+        }
+        used = 1000 * t.gp + t.mt;
+        return;
+      }
+    }
     const size_t smem = (size_t)attn_bwd_layout(Lq, Lc).total;
     if (mode == kModeAlignment)
       cuda_emu::launch((unsigned)n, kThreads, [&] { attention_bwd_kernel<T, kModeAlignment>(a, pid0, gsrc, o); }, smem);
     else
       cuda_emu::launch((unsigned)n, kThreads, [&] { attention_bwd_kernel<T, kModeAttended>(a, pid0, gsrc, o); }, smem);
   });
+  return used;
 }
 
 // rar_bwd_kernel (one step, one block per pair, MT as rar_bwd_cuda picks it): dE's direct part,

@@ -7,12 +7,44 @@ RAR = "csrc/cuda/rar_kernels.cuh"
 RCRK = "csrc/cuda/rcr_kernels.cuh"
 EMU = "tests/test_cuda_emu.py"
 CHUNKS = f"{EMU}::test_backward_sqdiff_chunks"
+TC_BWD = f"{EMU}::test_tensor_core_backward"
 #: the tests that run attention_fwd_tc_kernel's 64-row wgmma projection (TcProjectionWg): on an
 #: emulated sm_90a build the grid's larger blocks take attention_fwd_wg_kernel
 TC_WG_TESTS = [f"{EMU}::test_wgmma_forward_where_the_128_row_kernel_does_not_apply",
                f"{EMU}::test_tensor_core_forward_wide_projection"]
 
 MUTANTS = [
+    # attention_bwd_tc_kernel (the backward on tensor cores) and its chunks' outputs
+    dict(name="cuda tc backward: dC without - M C",
+         file=ATT, old="    Mb[c * ldP + c2] = from_f<T>(-m);   // dC -= M C", new="    Mb[c * ldP + c2] = from_f<T>(0.f * m);",
+         tests=[TC_BWD]),
+    dict(name="cuda tc backward: dC's P^T dA term not divided by |U| + eps",
+         file=ATT, old="        dAs = dA * inv[r];\n      }\n      das[r * ldo + k] = from_f<T>(dAs);",
+         new="        dAs = dA;\n      }\n      das[r * ldo + k] = from_f<T>(dAs);", tests=[TC_BWD]),
+    dict(name="cuda tc backward: the norms' column terms over the first pair's rows",
+         file=ATT, old="    for (int q = 0; q < qls[g]; ++q) acc = fmaf(Sl[(g * bq + q) * ldS + c], dP[(g * bq + q) * ldS + c], acc);",
+         new="    for (int q = 0; q < qls[g]; ++q) acc = fmaf(Sl[q * ldS + c], dP[q * ldS + c], acc);", tests=[TC_BWD]),
+    dict(name="cuda tc backward: rowsum(U dA) kept from the last chunk only",
+         file=ATT, old="      if (lane == 0) udA[r] += t;\n    }\n    __syncthreads();\n    st.times_ctx_t(das",
+         new="      if (lane == 0) udA[r] = t;\n    }\n    __syncthreads();\n    st.times_ctx_t(das", tests=[TC_BWD]),
+    dict(name="cuda tc backward: dlam of item b written at item 0's",
+         file=ATT, old="    if (o.dlam != nullptr && lane == 0) o.dlam[(b * P + p0 + g) * Lq + (r - g * bq)] = dl;",
+         new="    if (o.dlam != nullptr && lane == 0) o.dlam[(p0 + g) * Lq + (r - g * bq)] = dl;", tests=[TC_BWD]),
+    dict(name="cuda tc backward: only the first 16 context rows of dC",
+         file=ATT, old="    if (ct < nct) {\n      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;",
+         new="    if (ct < 1) {\n      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;", tests=[TC_BWD]),
+    dict(name="cuda tc backward: dS0 without the LeakyReLU's slope",
+         file=ATT, old="      v = s > 0.f ? ds : 0.1f * ds;   // dS0", new="      v = ds;   // dS0", tests=[TC_BWD]),
+    dict(name="cuda tc backward: the kept scores not through the LeakyReLU",
+         file=ATT, old="    Sl[r * ldS + c] = v > 0.f ? v : 0.1f * v;", new="    Sl[r * ldS + c] = v;", tests=[TC_BWD]),
+    dict(name="cuda tc backward: a chunk's dF not offset to its first pair",
+         file=ATT, old="  if (o.df != nullptr) o.df += pid0 * Lq * D;\n", new="", tests=[TC_BWD]),
+    dict(name="cuda tc backward: a chunk's dquery not offset to its first query item",
+         file=ATT, old="  o.dq += r.p0 * Lq * D;\n", new="", tests=[TC_BWD]),
+    dict(name="cuda tc backward: the padded rows' dF left unwritten",
+         file=ATT, old="      for (int64_t idx = (int64_t)qls[g] * D + tid; idx < Lq * D; idx += kThreads) o.df[pid * Lq * D + idx] = 0.f;",
+         new="      for (int64_t idx = (int64_t)qls[g] * D + tid; idx < Lq * D; idx += kThreads) o.df[pid * Lq * D] = 0.f;",
+         tests=[TC_BWD]),
     # the attention backward's D2 from attention_fwd_tc_kernel (kModeSquaredDiff) in chunks of the pair grid
     dict(name="cuda tc sqdiff: A written instead of (Q - A)^2",
          file=ATT, old="          if constexpr (MODE == kModeSquaredDiff) {\n            const float dq",
@@ -237,7 +269,8 @@ MUTANTS = [
          new="    qls[tid] = (tid < gp && p < P && clen > 0) ? clamp_len(a.qlens[p], Lq) : 0;\n  }",
          tests=[f"{EMU}::test_tensor_core_forward_groups"]),
     dict(name="cuda plan: the probabilities' row stride BC + 4 (not a multiple of 16 bytes for wmma)",
-         file="csrc/cuda/plan.h", old="  L.ldP = bc + 8;", new="  L.ldP = bc + 4;",
+         file="csrc/cuda/plan.h", old="RCAR_HD int tc_ld_probs(int bc) { return bc + 8; }",
+         new="RCAR_HD int tc_ld_probs(int bc) { return bc + 4; }",
          tests=[f"{EMU}::test_tensor_core_forward_groups"]),
     dict(name="cuda tc forward: the query's rows read with stride d, not the tensor's row stride",
          file=ATT, old="        v = to_f(a.q[(p0 + g) * a.sq_p + q * a.sq_l + d]);",
