@@ -836,15 +836,15 @@ def cuda_backward(book: Book, shape: Shape, B: int, P: int, Lg: int) -> None:
             blocks = B * -(-P // GP)
             chunks, mt, nct, frag = -(-d // 32), rows // 16, BC // 16, 512
             # wmma per block: the scores, P C (pass C), dA C^T, P C and dS0 C (pass E), dC's
-            # P^T dA and dS0^T X (K = rows) and M C (K = BC)
-            tc = blocks * (14 * rows * BC * d + 2 * BC * BC * d)
+            # P^T dU and dS0^T X (K = rows)
+            tc = blocks * 14 * rows * BC * d
             # fragments read from shared memory: the scores and one P C as the forward's, dA C^T as
-            # the scores, two more P C, dC's tiles (2 rows / 16 A and B pairs and BC / 16 M C pairs)
+            # the scores, two more P C, dC's tiles (2 rows / 16 A and B pairs each)
             frags = (cuda_tc_fragment_bytes(rows, BC, d, s, project=False) * 2
-                     + chunks * (2 * 2 * mt * nct + nct * 2 * (4 * mt + 2 * nct)) * frag)
+                     + chunks * (2 * 2 * mt * nct + nct * 2 * 4 * mt) * frag)
             stores = 2 * (2 * rows + BC) * d * e + 3 * rows * d * 4 * 2 + BC * d * 4 * 2
             book.add("attention_bwd_tc_kernel", count=1, note=f"BQ {BQ} BC {BC} GP {GP}", hmma=True, tc=tc,
-                     simt=blocks * (GP * 24 * BQ * d + 4 * rows * BC * BC + 60 * rows * BC),
+                     simt=blocks * (GP * 26 * BQ * d + 2 * rows * BC * BC + 60 * rows * BC),
                      smem=blocks * (frags + stores),
                      # per pair: Q three times, F twice (with F), G2 twice, dQ's atomics, dF; per block
                      # the context three times, its Gram matrix, dC's atomics

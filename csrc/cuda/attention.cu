@@ -224,7 +224,8 @@ bool try_fwd_tc(const AttnInputs& in, const AttnArgs<T>& a, const PairRect& r, v
 // The backward kernel for pairs pid0 .. pid0 + n - 1 (one chunk of bwd_chunk_end; mode 0 all pairs):
 // fp16/bf16 attention_bwd_tc_kernel over the chunk's rectangle where plan.h choose_bwd_tc_plan
 // takes the shapes (its arguments and outputs pointed at the rectangle), else attention_bwd_kernel
-// per pair. gsrc: mode 0 the output's gradient (all pairs), mode 1 the chunk's G2.
+// per pair. gsrc: mode 0 the output's gradient (every pair: the tensor-core kernel takes it from the
+// chunk's first pair, as its outputs), mode 1 the chunk's G2.
 template <typename T, int MODE>
 void launch_bwd(const AttnInputs& in, const AttnArgs<T>& a, int64_t pid0, int64_t n, const void* gsrc,
                 const BwdOut& o, cudaStream_t stream) {
@@ -240,7 +241,9 @@ void launch_bwd(const AttnInputs& in, const AttnArgs<T>& a, int64_t pid0, int64_
       const int64_t smem = attn_bwd_tc_layout((int)sizeof(T), 16 * t.mt, t.bc, t.gp).total;
       auto go = [&](auto kernel) {
         prepare_smem(kernel, smem, "attention_bwd");
-        kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(ar, t.bq, t.bc, t.gp, gsrc, orr);
+        const void* gs = MODE == kModeAttended ? static_cast<const void*>(static_cast<const T*>(gsrc) + pid0 * in.Lq * in.D)
+                                               : gsrc;
+        kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(ar, t.bq, t.bc, t.gp, gs, orr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       switch (t.mt) {

@@ -1262,17 +1262,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_kernel(const AttnAr
 // attention_bwd_tc_kernel<T, MT, MODE>: attention_bwd_kernel's gradients (same formulas, same
 // outputs) for the blocks of attention_fwd_tc_kernel (plan.h choose_bwd_tc_plan: GP packed pairs
 // of context item b in 16 MT rows, BC = Lc rounded up to 16), every d-wide product on wmma with
-// fp32 accumulators, its operands rounded to T (X = F * Q, P, dA, dS0, M, as the Triton backward's):
+// fp32 accumulators, its operands rounded to T (X = F * Q, P, dA, dS0, dU, as the Triton backward's):
 //   pass A  S0 = X C^T (tc_block_scores); LeakyReLU(S0) kept (Sl); tc_block_probs: P, |U|, inv
 //   pass C  per chunk of d: U = P C (TcPC); dA (mode 0: grad; mode 1: -2 (Q - A) G2), udA =
 //           rowsum(U dA) (fp32); dP += dA C^T (split-K halves, met after the last chunk)
-//   on chip (fp32): coefU; dP = inv dP - coefU (P G); M = P^T diag(coefU) P summed over the
-//           block's rows (its pairs share the context item, so their dC terms add); dZ, dlam,
-//           dSn; per pair the column terms; dS0
+//   on chip (fp32): coefU; dP = inv dP - coefU (P G); dZ, dlam, dSn; per pair the column terms; dS0
 //   pass E  per chunk: U = P C and dX = dS0 C (TcPC each); dQ += dDq + dX F (atomics), dF = dX Q;
-//           the block's dC chunk = P^T (dA / (|U| + eps)) + dS0^T X - M C (a warp per 16 x 16
-//           tile: K the block's rows, then the context rows) into dcontext by atomics, once per
-//           block instead of once per pair
+//           dU = dA / (|U| + eps) - coefU U in fp32, rounded once (not P^T diag(coefU) P C as a
+//           separate product: the two terms nearly cancel where dA is near parallel to U, and
+//           coefU ~ |dA| / |U|^2 would overflow fp16); the block's dC chunk = P^T dU + dS0^T X (a
+//           warp per 16 x 16 tile, K the block's rows: its pairs share the context item, so their
+//           terms add) into dcontext by atomics, once per block instead of once per pair
 // The launch's pairs are those of `a` (attn_args_rect may narrow them to a chunk of the backward):
 // pair (b, p) of it is pid = b P + p; gsrc (mode 0: grad (B, P, Lq, d) T; mode 1: G2 (pairs, Lq, d)
 // fp32) and o.df, o.dlam start at its first pair, o.dq at its first query item, o.dc at its first
@@ -1292,7 +1292,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_tc_kernel(const Att
   float* dP = reinterpret_cast<float*>(smem + L.dP);
   T* Pb = reinterpret_cast<T*>(smem + L.Pb);
   T* dSb = reinterpret_cast<T*>(smem + L.dSb);
-  T* Mb = reinterpret_cast<T*>(smem + L.Mb);
   float* nrm = reinterpret_cast<float*>(smem + L.nrm);
   float* colc = reinterpret_cast<float*>(smem + L.colc);
   float* inv = reinterpret_cast<float*>(smem + L.inv);
@@ -1334,7 +1333,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_tc_kernel(const Att
     const int g = r / bq;
     return ((b * P + p0 + g) * Lq + (r - g * bq)) * D + d;
   };
-  auto q_elem = [&](int r, int64_t d) {   // Q's, and dQ's
+  auto q_elem = [&](int r, int64_t d) {   // Q's
     const int g = r / bq;
     return (p0 + g) * a.sq_p + (r - g * bq) * a.sq_l + d;
   };
@@ -1404,13 +1403,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_tc_kernel(const Att
       v = inv[r] * dP[r * ldS + c] - coefU[r] * pg;
     }
     dP[r * ldS + c] = v;
-  }
-  for (int idx = tid; idx < bc * bc; idx += kThreads) {
-    const int c = idx / bc, c2 = idx - c * bc;
-    float m = 0.f;
-    if (c < clen && c2 < clen)
-      for (int r = 0; r < ROWS; ++r) m = fmaf(Pf[r * ldS + c] * coefU[r], Pf[r * ldS + c2], m);
-    Mb[c * ldP + c2] = from_f<T>(-m);   // dC -= M C
   }
   __syncthreads();
   for (int r = warp; r < ROWS; r += kWarps) {
@@ -1485,17 +1477,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_tc_kernel(const Att
         const int g = r / bq;
         const float qv = to_f(a.q[q_elem(r, d)]);
         const float fv = a.f != nullptr ? to_f(a.f[b * a.sf_b + (p0 + g) * a.sf_p + (r - g * bq) * a.sf_l + d]) : 1.f;
-        const float dx = ux[r * kLDU + k];
+        const float dx = ux[r * kLDU + k], u = us[r * kLDU + k];
         float dDq = 0.f, dA;
         if constexpr (MODE == kModeAlignment) {
-          dDq = 2.f * (qv - us[r * kLDU + k] * inv[r]) * g2[row_elem(r, d)];
+          dDq = 2.f * (qv - u * inv[r]) * g2[row_elem(r, d)];
           dA = -dDq;
         } else {
           dA = to_f(grad[row_elem(r, d)]);
         }
         atomicAdd(o.dq + ((p0 + g) * Lq + (r - g * bq)) * D + d, dDq + dx * fv);
         if (o.df != nullptr) o.df[row_elem(r, d)] = dx * qv;
-        dAs = dA * inv[r];
+        dAs = dA * inv[r] - coefU[r] * u;   // dU
       }
       das[r * ldo + k] = from_f<T>(dAs);
     }
@@ -1503,7 +1495,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_tc_kernel(const Att
     if (ct < nct) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.f);
-      for (int r0 = 0; r0 < ROWS; r0 += 16) {   // P^T (dA / (|U| + eps)) + dS0^T X: K the block's rows
+      for (int r0 = 0; r0 < ROWS; r0 += 16) {   // P^T dU + dS0^T X: K the block's rows
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> at;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bt;
         wmma::load_matrix_sync(at, Pb + r0 * ldP + ct * 16, ldP);
@@ -1512,13 +1504,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_tc_kernel(const Att
         wmma::load_matrix_sync(at, dSb + r0 * ldP + ct * 16, ldP);
         wmma::load_matrix_sync(bt, xs + r0 * ldo + kt * 16, ldo);
         wmma::mma_sync(acc, at, bt, acc);
-      }
-      for (int c0 = 0; c0 < bc; c0 += 16) {   // - M C: K the context rows
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> am;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bm;
-        wmma::load_matrix_sync(am, Mb + ct * 16 * ldP + c0, ldP);
-        wmma::load_matrix_sync(bm, cs + c0 * ldo + kt * 16, ldo);
-        wmma::mma_sync(acc, am, bm, acc);
       }
       wmma::store_matrix_sync(dcs + ct * 16 * kLDU + kt * 16, acc, kLDU, wmma::mem_row_major);
     }

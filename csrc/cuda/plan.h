@@ -317,15 +317,14 @@ RCAR_HD AttnBwdLayout attn_bwd_layout(int64_t Lq, int64_t Lc) {
 //   Sl    rows x ldS fp32: LeakyReLU(S0) kept for the temperatures' and the norms' gradients
 //   dP    rows x ldS fp32: dP (the split-K meet), then dZ -> dSn -> dS0 in place
 //   Pb, dSb  rows x ldP: P and dS0 in the compute type (A operands; transposed: dC's)
-//   Mb    bc x ldP: -M = -P^T diag(coefU) P in the compute type (dC -= M C)
 //   nrm, colc  gp x bc fp32 (per pair); inv, un, udA, coefU, lam  rows fp32 each
 //   xs    rows x ld_op: the (F * Q) chunk (pass A and E), compute type
-//   das   rows x ld_op: dA (pass C) / dA / (|U| + eps) (pass E), compute type
+//   das   rows x ld_op: dA (pass C) / dU (pass E), compute type
 //   cs    bc x ld_op context chunk, compute type
 //   us, ux  rows x kLDU fp32: P C and dS0 C chunks;  dcs  bc x kLDU fp32: the block's dC chunk
 //   qls   kTcMaxGP int32
 struct AttnBwdTcLayout {
-  int64_t S, Sl, dP, Pb, dSb, Mb, nrm, colc, inv, un, udA, coefU, lam, xs, das, cs, us, ux, dcs, qls, total;
+  int64_t S, Sl, dP, Pb, dSb, nrm, colc, inv, un, udA, coefU, lam, xs, das, cs, us, ux, dcs, qls, total;
   int ldS, ldP;
 };
 
@@ -339,8 +338,7 @@ RCAR_HD AttnBwdTcLayout attn_bwd_tc_layout(int elem, int rows, int bc, int gp) {
   L.dP = a128(L.Sl + fS);
   L.Pb = a128(L.dP + fS);
   L.dSb = a128(L.Pb + hP);
-  L.Mb = a128(L.dSb + hP);
-  L.nrm = a128(L.Mb + (int64_t)bc * L.ldP * elem);
+  L.nrm = a128(L.dSb + hP);
   L.colc = a128(L.nrm + (int64_t)gp * bc * 4);
   L.inv = a128(L.colc + (int64_t)gp * bc * 4);
   L.un = a128(L.inv + (int64_t)rows * 4);

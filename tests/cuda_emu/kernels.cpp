@@ -373,8 +373,11 @@ int64_t emu_attention_bwd(int dtype, int mode, const void* q, const int* qlens, 
         const BwdOut orr = bwd_out_rect(o, r, pid0, Lq, Lc, D, cidx != nullptr);
         const int64_t blocks = r.nb * ((r.np + t.gp - 1) / t.gp);
         const size_t smem = (size_t)attn_bwd_tc_layout((int)sizeof(T), 16 * t.mt, t.bc, t.gp).total;
+        // mode 0: the gradient from the chunk's first pair, as launch_bwd
+        const void* gs = mode == kModeAttended ? static_cast<const void*>(static_cast<const T*>(gsrc) + pid0 * Lq * D)
+                                               : gsrc;
         auto go = [&](auto kernel) {
-          cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(ar, t.bq, t.bc, t.gp, gsrc, orr); }, smem);
+          cuda_emu::launch((unsigned)blocks, kThreads, [&] { kernel(ar, t.bq, t.bc, t.gp, gs, orr); }, smem);
         };
         auto by_mode = [&](auto mt_tag) {
           constexpr int M = decltype(mt_tag)::value;

@@ -15,12 +15,12 @@ TC_WG_TESTS = [f"{EMU}::test_wgmma_forward_where_the_128_row_kernel_does_not_app
 
 MUTANTS = [
     # attention_bwd_tc_kernel (the backward on tensor cores) and its chunks' outputs
-    dict(name="cuda tc backward: dC without - M C",
-         file=ATT, old="    Mb[c * ldP + c2] = from_f<T>(-m);   // dC -= M C", new="    Mb[c * ldP + c2] = from_f<T>(0.f * m);",
+    dict(name="cuda tc backward: dU without - coefU U (dC's - M C)",
+         file=ATT, old="        dAs = dA * inv[r] - coefU[r] * u;   // dU", new="        dAs = dA * inv[r];   // dU",
          tests=[TC_BWD]),
-    dict(name="cuda tc backward: dC's P^T dA term not divided by |U| + eps",
-         file=ATT, old="        dAs = dA * inv[r];\n      }\n      das[r * ldo + k] = from_f<T>(dAs);",
-         new="        dAs = dA;\n      }\n      das[r * ldo + k] = from_f<T>(dAs);", tests=[TC_BWD]),
+    dict(name="cuda tc backward: dU's dA not divided by |U| + eps",
+         file=ATT, old="        dAs = dA * inv[r] - coefU[r] * u;   // dU", new="        dAs = dA - coefU[r] * u;   // dU",
+         tests=[TC_BWD]),
     dict(name="cuda tc backward: the norms' column terms over the first pair's rows",
          file=ATT, old="    for (int q = 0; q < qls[g]; ++q) acc = fmaf(Sl[(g * bq + q) * ldS + c], dP[(g * bq + q) * ldS + c], acc);",
          new="    for (int q = 0; q < qls[g]; ++q) acc = fmaf(Sl[q * ldS + c], dP[q * ldS + c], acc);", tests=[TC_BWD]),
