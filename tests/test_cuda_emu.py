@@ -942,20 +942,11 @@ def test_rcr_factors_bwd(emu, dtype, wgmma, H, has_f, want_df):
     1); the others zero or grad's value. A NaN in F gives zeros there (|z| <= 1 is false, as torch's
     where). Every tensor read or written ends at an inaccessible page (_Guarded)."""
     n, D = 150, 300
-    g = torch.Generator().manual_seed(21 + H + has_f)
-    hidden = torch.tanh(torch.randn(n, H, generator=g, dtype=torch.float64)).to(dtype)
-    w2 = (torch.randn(D, H, generator=g, dtype=torch.float64) / H ** 0.5).to(dtype)
-    b2 = (torch.randn(D, generator=g, dtype=torch.float64) * 0.3).to(dtype)
-    fac = (torch.rand(n, D, generator=g, dtype=torch.float64) * 2.4 - 1.2).to(dtype) if has_f else None
-    grad = torch.randn(n, D, generator=g, dtype=torch.float64).to(dtype)
+    from test_rcr_recompute import _chain_case, chain_fp64
+    hidden, w2, b2, fac, grad = _chain_case(n, D, H, has_f, dtype, seed=21 + H + has_f)
     if fac is not None:
         fac[140, 290] = float("nan")     # the second row block's second column block
-    h64, w64, b64, g64 = (x.double() for x in (hidden, w2, b2, grad))
-    t = torch.tanh(h64 @ w64.t() + b64)
-    z = t + (1.0 if fac is None else fac.double())
-    gz = torch.where(z.abs() <= 1, g64, torch.zeros(()).double())
-    sure = (z.abs() - 1).abs() > 0.01
-    assert sure.float().mean() > 0.8 and (gz[sure] == 0).any() and (gz[sure] != 0).any()
+    t, gz, sure, g64 = chain_fp64(hidden, w2, b2, fac, grad)
     guard = _Guarded()
     gm = guard(torch.full((n, D), float("nan"), dtype=dtype))
     df = guard(torch.full((n, D), float("nan"), dtype=dtype)) if want_df else None

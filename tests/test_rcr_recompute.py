@@ -228,6 +228,19 @@ def test_extension_factors_bwd_matches_the_chain(dtype, with_f):
     factors_bwd_matches_the_chain(_extension_chain(), 70, 300, dtype, with_f, tol)
 
 
+def chain_fp64(hidden, w2, b2, fac, grad):
+    """The chain in fp64 on the given (rounded) inputs: (t = tanh(hidden W2^T + b2), gz = grad
+    [|z| <= 1] with z = t + F (1 without F), the elements whose mask rounding cannot flip (|z|
+    not within 1% of 1: most of them, with both sides of the clamp), grad in fp64)."""
+    h64, w64, b64, g64 = (x.double() for x in (hidden, w2, b2, grad))
+    t = torch.tanh(h64 @ w64.t() + b64)
+    z = t + (1.0 if fac is None else fac.double())
+    gz = torch.where(z.abs() <= 1, g64, torch.zeros(()).double())
+    sure = (z.abs() - 1).abs() > 0.01
+    assert sure.float().mean() > 0.8 and (gz[sure] == 0).any() and (gz[sure] != 0).any()
+    return t, gz, sure, g64
+
+
 def factors_bwd_matches_the_chain(fn, n, d, dtype, with_f, tol, device="cpu", h=16):
     """fn(hidden, w2, b2, factors, grad, dF) (a kernel set's rcr_factors_bwd) against the chain
     in fp64 on the same inputs: gm = grad [|z| <= 1] (1 - t^2) and dF = grad [|z| <= 1],
@@ -238,12 +251,7 @@ def factors_bwd_matches_the_chain(fn, n, d, dtype, with_f, tol, device="cpu", h=
     dF = torch.full((n, d), float("nan"), dtype=dtype, device=device)
     gm = fn(hidden, w2, b2, fac, grad, dF)
     hidden, w2, b2, fac, grad, gm, dF = (None if x is None else x.cpu() for x in (hidden, w2, b2, fac, grad, gm, dF))
-    h64, w64, b64, g64 = (x.double() for x in (hidden, w2, b2, grad))
-    t = torch.tanh(h64 @ w64.t() + b64)
-    z = t + (1.0 if fac is None else fac.double())
-    gz = torch.where(z.abs() <= 1, g64, torch.zeros(()).double())
-    sure = (z.abs() - 1).abs() > 0.01
-    assert sure.float().mean() > 0.8 and (gz[sure] == 0).any() and (gz[sure] != 0).any()
+    t, gz, sure, g64 = chain_fp64(hidden, w2, b2, fac, grad)
     assert gm.dtype == dF.dtype == dtype
     torch.testing.assert_close(gm.double()[sure], (gz * (1 - t * t))[sure], **tol)
     torch.testing.assert_close(dF.double()[sure], gz[sure], **tol)
