@@ -12,8 +12,9 @@
 // Backward (launch_bwd): the backward kernel recomputes the pairs and produces every gradient:
 // fp16/bf16 with Lq, Lc <= 64 attention_bwd_tc_kernel (the forward's blocks of packed pairs, every
 // d-wide product on wmma, dcontext's atomics once per block), else attention_bwd_kernel per pair
-// (fp32 SIMT). Without a weight it takes the output's gradient (kModeAttended). With a weight, pairs are processed in chunks that bound the
-// scratch memory (rectangles of the pair grid, plan.h bwd_chunk_end): the forward in kModeSquaredDiff
+// (fp32 SIMT). Without a weight it takes the output's gradient (kModeAttended). With a weight,
+// pairs are processed in chunks that bound the scratch memory (rectangles of the pair grid, plan.h
+// bwd_chunk_end): the forward in kModeSquaredDiff
 // writes D2 = (Q - A)^2 for the chunk (fp16/bf16 with Lq, Lc <= 64: attention_fwd_tc_kernel, GP
 // packed pairs a block, D2 in the inputs' dtype; else attention_fwd_kernel per pair, D2 in fp32), the
 // shared-weight products run in cuBLAS (Y = D2 W^T + b, dW += dY^T D2, G2 = dY W; fp16/bf16 on tensor
@@ -241,8 +242,8 @@ void launch_bwd(const AttnInputs& in, const AttnArgs<T>& a, int64_t pid0, int64_
       const int64_t smem = attn_bwd_tc_layout((int)sizeof(T), 16 * t.mt, t.bc, t.gp).total;
       auto go = [&](auto kernel) {
         prepare_smem(kernel, smem, "attention_bwd");
-        const void* gs = MODE == kModeAttended ? static_cast<const void*>(static_cast<const T*>(gsrc) + pid0 * in.Lq * in.D)
-                                               : gsrc;
+        const T* grad0 = static_cast<const T*>(gsrc) + pid0 * in.Lq * in.D;   // mode 0: the chunk's first pair
+        const void* gs = MODE == kModeAttended ? static_cast<const void*>(grad0) : gsrc;
         kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(ar, t.bq, t.bc, t.gp, gs, orr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
