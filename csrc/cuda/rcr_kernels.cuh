@@ -114,6 +114,17 @@ __device__ __forceinline__ float rcr_epilogue(float acc, int64_t gr, int64_t gc,
   }
 }
 
+// Element (gr, gc) of an RCR GEMM's output from its accumulator, by the epilogue EPI (both kernels).
+template <typename T, int EPI>
+__device__ __forceinline__ void rcr_store(float acc, int64_t gr, int64_t gc, const T* __restrict__ bias,
+                                          const T* __restrict__ f_old, const int* __restrict__ qlens, int64_t N,
+                                          int64_t P, int64_t Lq, T* __restrict__ out, const RcrGrad<T>& rg) {
+  if constexpr (EPI == kRcrFactorsBwd)
+    rcr_bwd_store<T>(acc, gr, gc, N, bias, f_old, out, rg);
+  else
+    out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(acc, gr, gc, bias, f_old, qlens, N, P, Lq));
+}
+
 template <typename T, int EPI>
 __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restrict__ A, const T* __restrict__ B,
                                                             const T* __restrict__ bias, const T* __restrict__ f_old,
@@ -171,10 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1) rcr_gemm_kernel(const T* __restri
       const int r = idx >> 6, c = idx & 63;
       const int64_t gr = m0 + wr + 16 * i + r, gc = n0 + wc + c;
       if (gr >= M || gc >= N) continue;
-      if constexpr (EPI == kRcrFactorsBwd)
-        rcr_bwd_store<T>(ep[r * kRcrEpiLd + c], gr, gc, N, bias, f_old, out, rg);
-      else
-        out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(ep[r * kRcrEpiLd + c], gr, gc, bias, f_old, qlens, N, P, Lq));
+      rcr_store<T, EPI>(ep[r * kRcrEpiLd + c], gr, gc, bias, f_old, qlens, N, P, Lq, out, rg);
     }
     __syncwarp();
   }
@@ -304,10 +312,7 @@ __device__ __forceinline__ void rcr_wgmma_block(const T* __restrict__ A, const T
     for (int i = 0; i < BN / 2; ++i) {
       const int64_t gr = m0 + 64 * g + wg::acc_row(t, i), gc = n0 + wg::acc_col(t, i);
       if (gr >= M || gc >= N) continue;
-      if constexpr (EPI == kRcrFactorsBwd)
-        rcr_bwd_store<T>(acc[i], gr, gc, N, bias, f_old, out, rg);
-      else
-        out[gr * N + gc] = from_f<T>(rcr_epilogue<T, EPI>(acc[i], gr, gc, bias, f_old, qlens, N, P, Lq));
+      rcr_store<T, EPI>(acc[i], gr, gc, bias, f_old, qlens, N, P, Lq, out, rg);
     }
   }
 }
