@@ -8,6 +8,7 @@ measured rows are judged against it.
     python -m bench.roofline --json
     python -m bench.roofline --write            # bench/results/roofline.md and roofline.json
     python -m bench.roofline --compare history.csv   # measured rows (bf16 on a GPU) vs predicted
+    python -m bench.roofline --what-if-rcr-on-chip 128   # a design not built, against the code
 
 Shapes (lengths drawn as bench/shapes.py draws them, seeded):
   flickr30k   the Flickr30K test matrix: 1,000 images x 5,000 captions, lengths 6..24,
@@ -84,6 +85,9 @@ class Shape:
     attn_type: str = "t2i"
     training: bool = False
     seed: int = 0
+    #: a design not built, modelled for the decision (--what-if-rcr-on-chip, triton only): RCR's
+    #: factors F made on chip, BDF columns of d at a time, in the next step's attention (0: as built)
+    rcr_on_chip: int = 0
 
     def lengths(self) -> List[int]:
         """The caption lengths ``python -m bench`` draws for a shard of this size and seed."""
@@ -370,14 +374,15 @@ def rcr_fused(book: Book, B: int, P: int, Lq: int, has_f: bool, backend: str = "
 TRITON_RCR_BM, TRITON_RCR_BN, TRITON_RCR_FACTORS_BN = 128, 64, 256
 
 
-def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
+def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool, factors: bool = True) -> None:
     """The Triton RCR step for inference (kernels/rcr.py): two GEMM kernels with their
     element-wise work in the epilogue. rcr_hidden: one program per BM rows holds its E tile and
     runs down W1's, then ws1's, rows BN at a time (each from its own pointer): H = tanh(E W1^T +
     b1) (N x 2s, stored) and the temperatures relu(ws2 tanh(E ws1^T + bs1) + bs2 + lam) (the
     s/2-wide hidden layer never stored). rcr_factors_gemm: BM x BN tiles of F = clamp(tanh(H W2^T + b2) + F_old, -1, 1), zero
     at padded rows (M never stored). L2 counts every tile a program reads (hidden: E once, W1 and
-    ws1 once per row block; factors: H once per column block of F, W2 once per row block)."""
+    ws1 once per row block; factors: H once per column block of F, W2 once per row block).
+    factors False: no factors launch (rcr_on_chip's what-if: the next attention makes F)."""
     N = B * P * Lq
     s, d, e = S_DIM, D, ELEM
     BM, BN = TRITON_RCR_BM, TRITON_RCR_BN
@@ -387,12 +392,40 @@ def rcr_triton(book: Book, B: int, P: int, Lq: int, has_f: bool) -> None:
              tc=rb * BM * 2 * s * cols, simt=N * (2 * s + s // 2) * 8,
              hbm=N * s * e + N * 2 * s * e + N * 4 * 2 + (2 * s + s // 2) * s * e,
              l2=rb * BM * s * e + rb * (2 * s + s // 2) * s * e + N * 2 * s * e + N * 4 * 2)
+    if not factors:       # the what-if of rcr_on_chip: F made in the next attention instead
+        return
     BN = TRITON_RCR_FACTORS_BN
     nf = -(-d // BN)
     book.add("rcr_factors_gemm (clamp(tanh(H W2^T + b2) + F))", count=1, note=f"BM {BM} BN {BN}",
              tc=rb * BM * nf * BN * 2 * 2 * s, simt=N * d * 10,
              hbm=N * 2 * s * e + N * d * e * (2 if has_f else 1) + 2 * s * d * e + P * 4,
              l2=rb * nf * (BM + BN) * 2 * s * e + N * d * e * (2 if has_f else 1))
+
+
+def rcr_on_chip(shape: Shape, t: int) -> bool:
+    """Whether the what-if of shape.rcr_on_chip applies at step t's attention: inference, and the
+    factors it takes are the first RCR step's, F = clamp(tanh(H W2^T + b2) + 1, -1, 1) (F_old all
+    ones, so nothing but H is read), read by no later RCR step (T = 2: step 1's attention only)."""
+    return bool(shape.rcr_on_chip) and not shape.training and shape.steps == 2 and t == 1
+
+
+def triton_factors_on_chip(book: Book, BDF: int, B: int, P: int, Lq: int, programs: int, M: int, tag: str) -> None:
+    """A design not built (the what-if --what-if-rcr-on-chip BDF; bench/results/gpu_notes.md,
+    2026-12-05 3rd session): step 1's attention makes F itself in pass 1, BDF columns of d at a
+    time, F[:, chunk] = min(tanh(H W2[chunk]^T + b2[chunk]) + 1, 1) from its M rows of H (N x 2s,
+    stored by rcr_hidden) and W2, then S += (F * Q)[:, chunk] C[:, chunk]^T, so F is never stored.
+    Booked on top of the attention_fwd line as written (the same launch): the F product at the
+    program's M rows (tensor cores), its tanh and clamp, H read once per column chunk and W2 once
+    per program (L2; H at its valid rows), H once and W2 once from HBM; and F's read taken back
+    (the line counts it for has_f)."""
+    d, s, e, pairs = D, S_DIM, ELEM, B * P
+    chunks = -(-d // BDF)
+    name = f"attention_fwd{tag}"
+    book.add(name, count=0, tc=programs * 2 * M * chunks * BDF * 2 * s, simt=programs * M * d * 10,
+             l2=pairs * Lq * 2 * s * e * chunks + programs * d * 2 * s * e - pairs * Lq * d * e,
+             hbm=pairs * Lq * 2 * s * e + 2 * s * d * e - pairs * Lq * d * e)
+    if "F on chip" not in book.launches[name].note:
+        book.launches[name].note += f", step 1 makes F on chip (BDF {BDF})"
 
 
 # ----------------------------------------------------------------------------- backends
@@ -465,11 +498,13 @@ def triton_forward(book: Book, shape: Shape, B: int, P: int, Lg: int, recompute:
                  + programs * (2 * Lc * d * e + s * d * e + gram_tile_bytes(Lc)),
                  hbm=pairs * (Lq * s * e + (Lq * d * e if has_f else 0)) + (P * Lq + B * Lc) * d * e + s * d * e
                  + B * Lc * Lc * 4)
+        if rcr_on_chip(shape, t):
+            triton_factors_on_chip(book, shape.rcr_on_chip, B, P, Lq, programs, M, tag)
         if t < shape.steps - 1:
             if shape.training:     # under autograd: torch's step in place (rcr_step_recomputed)
                 rcr_torch(book, B, P, Lq, "rcr (torch)" + tag)
             else:
-                rcr_triton(book, B, P, Lq, has_f)
+                rcr_triton(book, B, P, Lq, has_f, factors=not rcr_on_chip(shape, t + 1))
         first = t == 0    # step 0 (no h given) makes the mean of E and its gate on chip (FIRST)
         if not first:
             # cuBLAS: h (pairs x s) times Wq^T, the bias in its epilogue; h read, the gate written
@@ -986,6 +1021,28 @@ def markdown(shapes, backends, launches: bool) -> str:
     return "\n".join(lines)
 
 
+def what_if_rcr_on_chip(shapes, BDF: int) -> str:
+    """Markdown: per inference shape, the triton backend as built against the same with RCR's
+    factors made on chip in step 1's attention (triton_factors_on_chip), totals and the two lines
+    that change."""
+    from dataclasses import replace
+    lines = [f"What-if (not built), triton, bf16, one H200, predicted: F made on chip in step 1's attention, "
+             f"BDF {BDF}", "", "| shape | design | predicted s | attention_fwd s | rcr_factors_gemm s | HBM GB "
+             "| L2 GB | TC TFLOP |", "|" + " --- |" * 8]
+    for sname in shapes:
+        shape = SHAPES[sname]
+        if shape.training:
+            continue
+        for label, sh in (("as built", shape), (f"F on chip, BDF {BDF}", replace(shape, rcr_on_chip=BDF))):
+            book = model("triton", sh)
+            ls = book.launches
+            fac = ls.get("rcr_factors_gemm (clamp(tanh(H W2^T + b2) + F))")
+            lines.append(f"| {sname} | {label} | {book.seconds():.4f} | {ls['attention_fwd'].seconds():.4f} "
+                         f"| {fac.seconds() if fac else 0:.4f} | {sum(x.hbm for x in ls.values()) / 1e9:.0f} "
+                         f"| {sum(x.l2 for x in ls.values()) / 1e9:.0f} | {sum(x.tc for x in ls.values()) / 1e12:.1f} |")
+    return "\n".join(lines)
+
+
 RESULTS_MD = "bench/results/roofline.md"
 RESULTS_JSON = "bench/results/roofline.json"
 
@@ -1048,7 +1105,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write", action="store_true", help=f"write {RESULTS_MD} and {RESULTS_JSON}")
     ap.add_argument("--compare", metavar="CSV", help="measured bf16 GPU rows of CSV vs the committed predictions")
+    ap.add_argument("--what-if-rcr-on-chip", type=int, metavar="BDF", dest="what_if",
+                    help="a design not built: the triton backend with RCR's factors made in the next "
+                         "attention, BDF columns of d at a time (F never stored), against the code as built")
     a = ap.parse_args(argv)
+    if a.what_if is not None:
+        if a.what_if < 16 or a.what_if & (a.what_if - 1):
+            print(f"python -m bench.roofline: --what-if-rcr-on-chip: BDF must be a power of two >= 16, "
+                  f"got {a.what_if}", file=sys.stderr)
+            return 2
+        print(what_if_rcr_on_chip(a.shape or ["flickr30k", "mscoco5k", "headline"], a.what_if))
+        return 0
     if a.compare:
         import os
         from .report import read_csv

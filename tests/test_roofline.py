@@ -133,6 +133,61 @@ def test_cli_bad_backend_is_one_line(capsys):
     assert len(err) == 1 and "nope" in err[0]
 
 
+FACTORS = "rcr_factors_gemm (clamp(tanh(H W2^T + b2) + F))"
+
+
+@pytest.mark.parametrize("sname", ["flickr30k", "headline"])
+def test_rcr_on_chip_what_if_books_the_design(sname):
+    """The what-if of RCR's factors made on chip in step 1's attention (a design not built:
+    triton_factors_on_chip): no factors launch, the F product's work on the attention line (at
+    least the useful N x d x 2s multiply-adds, at most the program's padded rows' twice over),
+    and F's HBM round trip gone (written once and read once: at least 2 N x d elements fewer in
+    all; H and W2 read in the attention instead of in the factors launch)."""
+    import dataclasses
+    shape = RL.SHAPES[sname]
+    built = RL.model("triton", shape)
+    for bdf in (64, 128, 256):
+        what = RL.model("triton", dataclasses.replace(shape, rcr_on_chip=bdf))
+        assert FACTORS in built.launches and FACTORS not in what.launches
+        assert sum(x.count for x in what.launches.values()) == \
+            sum(x.count for x in built.launches.values()) - built.launches[FACTORS].count
+        N = shape.n_images * sum(shape.lengths())          # t2i: every caption word of every pair
+        useful = N * RL.D * 2 * RL.S_DIM * 2
+        extra = what.launches["attention_fwd"].tc - built.launches["attention_fwd"].tc
+        assert useful <= extra <= 2 * useful, (bdf, extra / useful)
+        hbm = [sum(x.hbm for x in b.launches.values()) for b in (built, what)]
+        assert hbm[0] - hbm[1] >= 2 * N * RL.D * RL.ELEM, (bdf, hbm)
+        assert "F on chip (BDF %d)" % bdf in what.launches["attention_fwd"].note
+    for tname in ("train", "train_t2i"):       # under autograd the what-if does not apply
+        t = RL.SHAPES[tname]
+        assert RL.model("triton", dataclasses.replace(t, rcr_on_chip=256)).seconds() == RL.model("triton", t).seconds()
+
+
+def test_rcr_on_chip_does_not_pay_at_a_tile_that_compiles():
+    """The decision the what-if records (bench/results/gpu_notes.md, 2026-12-05 3rd session): with
+    BDF 128, the widest chunk whose prototype compiled without spills on sm_90 (256 spilled about
+    2 KB a thread, which the model does not count), F on chip is predicted slower than the code as
+    built for the Flickr30K matrix and MSCOCO 5K, and BDF 256 at most 5% faster. If this fails the
+    model changed: revisit the decision."""
+    import dataclasses
+    for sname in ("flickr30k", "mscoco5k"):
+        shape = RL.SHAPES[sname]
+        built = RL.model("triton", shape).seconds()
+        t128 = RL.model("triton", dataclasses.replace(shape, rcr_on_chip=128)).seconds()
+        t256 = RL.model("triton", dataclasses.replace(shape, rcr_on_chip=256)).seconds()
+        assert t128 > built, (sname, t128, built)
+        assert 0.95 * built < t256 < built, (sname, t256, built)
+
+
+def test_what_if_cli(capsys):
+    assert RL.main(["--what-if-rcr-on-chip", "100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "BDF" in err[0] and "100" in err[0]
+    assert RL.main(["--what-if-rcr-on-chip", "128", "--shape", "headline", "--shape", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "| headline | as built |" in out and "| headline | F on chip, BDF 128 |" in out and "train" not in out
+
+
 @pytest.fixture(scope="module")
 def cuda_plan_exe(tmp_path_factory):
     """bench/cuda_plan.cpp (csrc/cuda/plan.h's launch plan) built for the host."""

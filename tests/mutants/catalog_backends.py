@@ -170,4 +170,17 @@ MUTANTS = [
          file="bench/device_suite.sh", old="    reserve=$(( SUMMARY_CAP + SUMMARY_GRACE + END_RESERVE ))",
          new="    reserve=$(( SUMMARY_CAP + SUMMARY_GRACE ))",
          tests=["tests/test_device_suite.py::test_hung_stages_are_cut_and_the_rest_runs_inside_the_deadline"]),
+    # bench/roofline.py: the what-if of RCR's factors made on chip (a design not built)
+    dict(name="roofline what-if: F's read in the attention left booked (its HBM round trip half gone)",
+         file="bench/roofline.py", old="             hbm=pairs * Lq * 2 * s * e + 2 * s * d * e - pairs * Lq * d * e)",
+         new="             hbm=pairs * Lq * 2 * s * e + 2 * s * d * e)",
+         tests=["tests/test_roofline.py::test_rcr_on_chip_what_if_books_the_design"]),
+    dict(name="roofline what-if: the F product over half of d",
+         file="bench/roofline.py", old="    chunks = -(-d // BDF)\n", new="    chunks = -(-d // BDF) // 2\n",
+         tests=["tests/test_roofline.py::test_rcr_on_chip_what_if_books_the_design"]),
+    dict(name="roofline what-if: applied under autograd too",
+         file="bench/roofline.py",
+         old="    return bool(shape.rcr_on_chip) and not shape.training and shape.steps == 2 and t == 1",
+         new="    return bool(shape.rcr_on_chip) and shape.steps == 2 and t == 1",
+         tests=["tests/test_roofline.py::test_rcr_on_chip_what_if_books_the_design"]),
 ]
