@@ -138,20 +138,21 @@ def _rcr_hidden_kernel(e_ptr, qlen_ptr, w1_ptr, b1_ptr, ws1_ptr, bs1_ptr, ws2_pt
 
 
 @triton.jit
-def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_ROWS, P, LQ,
-                             D: tl.constexpr, H_DIM: tl.constexpr,
-                             HAS_F: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             BK: tl.constexpr):
-    """Program (m, n): the BM x BN tile of F = clamp(tanh(H W2^T + b2) + F_old, -1, 1) (N_ROWS x D;
-    F_old likewise, or all ones without HAS_F), zero at invalid rows. Every matrix contiguous."""
-    row0 = tl.program_id(0).to(tl.int64) * BM
-    rl = tl.arange(0, BM)
-    r = tl.program_id(0) * BM + rl
-    valid = _valid_rows(qlen_ptr, r, N_ROWS, P, LQ)
-    c = tl.program_id(1) * BN + tl.arange(0, BN)
+def _column_halves(x, BM: tl.constexpr, BN: tl.constexpr):
+    """x (BM x BN) as its columns [0, BN/2) and [BN/2, BN), each BM x BN/2. No data moves for a
+    tensor-core accumulator (every thread of the MMA layouts holds columns of both halves); the
+    fp32 FMA tile goes once through shared memory."""
+    return tl.split(tl.permute(tl.reshape(x, (BM, 2, BN // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _factors_store(acc, b2_ptr, f_ptr, out_ptr, row0, rl, valid, r, N_ROWS, n0, D: tl.constexpr,
+                   HAS_F: tl.constexpr, BN: tl.constexpr):
+    """Columns n0 .. n0 + BN of the factors' tile, stored: clamp(tanh(acc + b2) + F_old, -1, 1)
+    (F_old all ones without HAS_F), zero at invalid rows; acc (BM x BN, fp32) the products of
+    those columns, rl, valid and r the program's rows as _rcr_factors_gemm_kernel has them."""
+    c = n0 + tl.arange(0, BN)
     cm = c < D
-    acc = _mm_tile(tl.multiple_of(h_ptr + row0 * H_DIM, 16), rl, valid, tl.multiple_of(w2_ptr, 16), c, cm, H_DIM,
-                   IEEE, BM, BN, BK)
     m = acc + tl.load(b2_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     v2 = valid[:, None] & cm[None, :]
     offs = rl[:, None] * D + c[None, :]
@@ -164,6 +165,38 @@ def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_
     out = tl.where(v2, tl.minimum(z, 1.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
     tl.store(tl.multiple_of(out_ptr + row0 * D, 16) + offs, out.to(out_ptr.dtype.element_ty),
              mask=(r < N_ROWS)[:, None] & cm[None, :])
+
+
+@triton.jit
+def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_ROWS, P, LQ,
+                             D: tl.constexpr, H_DIM: tl.constexpr,
+                             HAS_F: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr):
+    """Program (m, n): the BM x BN tile of F = clamp(tanh(H W2^T + b2) + F_old, -1, 1) (N_ROWS x D;
+    F_old likewise, or all ones without HAS_F), zero at invalid rows. Every matrix contiguous.
+    The epilogue takes the tile a quarter of its columns at a time (_factors_store), so that the
+    F_old tile and the conversion to the stores' layout never sit beside the whole fp32
+    accumulator: whole, bf16/fp16 128 x 256 took 255 registers and spilled 4-16 B with F_old
+    under triton 3.6 on sm_80 (rewrites of that whole-tile epilogue spilled 8-112 B under one
+    version or architecture or another, halves 16-36 B); quarters take 213-232 registers, no
+    spill under 3.6 or 3.8 (python -m bench.resources)."""
+    row0 = tl.program_id(0).to(tl.int64) * BM
+    rl = tl.arange(0, BM)
+    r = tl.program_id(0) * BM + rl
+    valid = _valid_rows(qlen_ptr, r, N_ROWS, P, LQ)
+    c = tl.program_id(1) * BN + tl.arange(0, BN)
+    cm = c < D
+    acc = _mm_tile(tl.multiple_of(h_ptr + row0 * H_DIM, 16), rl, valid, tl.multiple_of(w2_ptr, 16), c, cm, H_DIM,
+                   IEEE, BM, BN, BK)
+    lo, hi = _column_halves(acc, BM, BN)
+    q0, q1 = _column_halves(lo, BM, BN // 2)
+    q2, q3 = _column_halves(hi, BM, BN // 2)
+    n0 = tl.program_id(1) * BN
+    Q: tl.constexpr = BN // 4
+    _factors_store(q0, b2_ptr, f_ptr, out_ptr, row0, rl, valid, r, N_ROWS, n0, D, HAS_F, Q)
+    _factors_store(q1, b2_ptr, f_ptr, out_ptr, row0, rl, valid, r, N_ROWS, n0 + Q, D, HAS_F, Q)
+    _factors_store(q2, b2_ptr, f_ptr, out_ptr, row0, rl, valid, r, N_ROWS, n0 + 2 * Q, D, HAS_F, Q)
+    _factors_store(q3, b2_ptr, f_ptr, out_ptr, row0, rl, valid, r, N_ROWS, n0 + 3 * Q, D, HAS_F, Q)
 
 
 @triton.jit

@@ -170,40 +170,16 @@ def test_every_block_fits_an_sm(report):
     assert not bad, "\n".join(bad)
 
 
-#: triton 3.6's one known spill, not on the H200 (sm_90): RCR's factors GEMM given the previous
-#: factors (HAS_F), bf16/fp16, on sm_80: 4-16 B at 255 registers (its 128 x 256 fp32 accumulator
-#: beside the F tile); triton 3.8 compiles it without, and every variant tried under 3.6 spilled on
-#: sm_80 in one dtype or the other (BK 16 or 64, 2 stages; bench/results/gpu_notes.md). The rows it
-#: covers: this configuration and launch exactly, each within the bytes 3.6 reported (spill
-#: stores, loads, stack frame, LDL/STL instructions); the test fails once no row needs it
-TRITON36_KNOWN_SPILL = dict(kernel="rcr_factors_gemm", arch="sm_80", dtypes=("bf16", "fp16"),
-                            config="D=1024,H_DIM=512,HAS_F=True,IEEE=False,BM=128,BN=256,BK=32", warps=8, stages=3,
-                            max_bytes=16, max_local_instructions=4)
-
-
-def _known_spill(r, which):
-    k = TRITON36_KNOWN_SPILL
-    return (which == "triton36" and r["kernel"] == k["kernel"] and r["arch"] == k["arch"] and r["dtype"] in k["dtypes"]
-            and r["config"] == k["config"] and (r["num_warps"], r["num_stages"]) == (k["warps"], k["stages"])
-            and max(r["spill_stores"], r["spill_loads"], r["stack"]) <= k["max_bytes"]
-            and max(r["ldl"], r["stl"]) <= k["max_local_instructions"])
-
-
 def _spills(r):
     return r["spill_stores"] or r["spill_loads"] or r["stack"] or r["ldl"] or r["stl"]
 
 
-def test_no_spills_or_stack(report, request):
-    """Every kernel, every dtype (fp32 included), both architectures: no spill stores or loads,
-    no stack frame, no local-memory instructions in the SASS (triton 3.6's report: but for
-    TRITON36_KNOWN_SPILL, within its bytes, and only while it still spills)."""
-    which = request.node.callspec.params["report"]
+def test_no_spills_or_stack(report):
+    """Every kernel, every dtype (fp32 included), both architectures, triton 3.6's report too: no
+    spill stores or loads, no stack frame, no local-memory instructions in the SASS."""
     bad = [f"{_name(r)}: spill {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B, "
-           f"LDL/STL {r['ldl']}/{r['stl']}" for r in report if _spills(r) and not _known_spill(r, which)]
+           f"LDL/STL {r['ldl']}/{r['stl']}" for r in report if _spills(r)]
     assert not bad, "\n".join(bad)
-    if which == "triton36":
-        assert any(_spills(r) and _known_spill(r, which) for r in report), \
-            "TRITON36_KNOWN_SPILL no longer spills under triton 3.6: drop the exception"
 
 
 def test_half_precision_uses_tensor_cores(report):
