@@ -1107,12 +1107,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", metavar="CSV", help="measured bf16 GPU rows of CSV vs the committed predictions")
     ap.add_argument("--what-if-rcr-on-chip", type=int, metavar="BDF", dest="what_if",
                     help="a design not built: the triton backend with RCR's factors made in the next "
-                         "attention, BDF columns of d at a time (F never stored), against the code as built")
+                         "attention, BDF columns of d at a time (F never stored), against the code as built; "
+                         "a markdown table of the inference shapes (--backends and --json do not apply)")
     a = ap.parse_args(argv)
     if a.what_if is not None:
-        if a.what_if < 16 or a.what_if & (a.what_if - 1):
-            print(f"python -m bench.roofline: --what-if-rcr-on-chip: BDF must be a power of two >= 16, "
-                  f"got {a.what_if}", file=sys.stderr)
+        if a.what_if < 16 or a.what_if > D or a.what_if & (a.what_if - 1):
+            print(f"python -m bench.roofline: --what-if-rcr-on-chip: BDF must be a power of two from 16 to "
+                  f"d = {D}, got {a.what_if}", file=sys.stderr)
             return 2
         print(what_if_rcr_on_chip(a.shape or ["flickr30k", "mscoco5k", "headline"], a.what_if))
         return 0

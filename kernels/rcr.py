@@ -178,8 +178,8 @@ def _rcr_factors_gemm_kernel(h_ptr, qlen_ptr, w2_ptr, b2_ptr, f_ptr, out_ptr, N_
     F_old tile and the conversion to the stores' layout never sit beside the whole fp32
     accumulator: whole, bf16/fp16 128 x 256 took 255 registers and spilled 4-16 B with F_old
     under triton 3.6 on sm_80 (rewrites of that whole-tile epilogue spilled 8-112 B under one
-    version or architecture or another, halves 16-36 B); quarters take 213-232 registers, no
-    spill under 3.6 or 3.8 (python -m bench.resources)."""
+    version or architecture or another, halves 16-36 B); quarters take 213-232 registers with
+    F_old and 182-221 without, no spill under 3.6 or 3.8 (python -m bench.resources)."""
     row0 = tl.program_id(0).to(tl.int64) * BM
     rl = tl.arange(0, BM)
     r = tl.program_id(0) * BM + rl

@@ -180,9 +180,10 @@ def test_rcr_on_chip_does_not_pay_at_a_tile_that_compiles():
 
 
 def test_what_if_cli(capsys):
-    assert RL.main(["--what-if-rcr-on-chip", "100"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "BDF" in err[0] and "100" in err[0]
+    for bad in ("100", "8", str(2 * RL.D)):
+        assert RL.main(["--what-if-rcr-on-chip", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "BDF" in err[0] and bad in err[0]
     assert RL.main(["--what-if-rcr-on-chip", "128", "--shape", "headline", "--shape", "train"]) == 0
     out = capsys.readouterr().out
     assert "| headline | as built |" in out and "| headline | F on chip, BDF 128 |" in out and "train" not in out
