@@ -313,4 +313,14 @@ MUTANTS = [
     dict(name="triton: the packed norm's segmented maximum drops a NaN (a pair's rows before a NaN row finite)",
          file=ATT, old="tl.where((v1 != v1) | (v2 != v2), v1 + v2, tl.maximum(v1, v2))", new="tl.maximum(v1, v2)",
          tests=["tests/test_fused_ops.py::test_attention_nan_in_a_valid_row_reaches_the_whole_pair[triton]"]),
+    # the same bugs, caught by the property-based test alone (tests/test_fused_fuzz.py: random
+    # shapes against the fp64 reference, not the hand-written cases above)
+    dict(name="triton fuzz: the packed pairs' segmented sum runs on across pairs",
+         file=ATT, old="    return tl.where(s1 == s2, v1 + v2, v2), s2", new="    return v1 + v2, s2",
+         tests=["tests/test_fused_fuzz.py::test_attention_op_on_random_problems[triton]"]),
+    dict(name="triton fuzz: the backward's dP of every pair at its item's first pair",
+         file=BWD,
+         old="    tl.store(dp_ptr + ((b * P + p[:, None]) * BQ + rq[:, None]) * BC + rc[None, :], dP, mask=(p < P)[:, None])",
+         new="    tl.store(dp_ptr + (b * P * BQ + rq[:, None]) * BC + rc[None, :], dP, mask=(p < P)[:, None])",
+         tests=["tests/test_fused_fuzz.py::test_attention_op_on_random_problems[triton]"]),
 ]
