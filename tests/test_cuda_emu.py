@@ -525,19 +525,20 @@ def test_attention_backward(emu, with_state, with_weight, dtype):
     _check_grads(args, grad, got, dtype)
 
 
-#: the CUDA backwards' gradients against the fp64 reference (the attention's and RAR's): bf16
-#: keeps 8 bits of mantissa where fp16 keeps 11, and tests/test_cuda_emu_fuzz.py's random bf16
-#: problems (gradients up to about 3) reached errors of 0.024 at 2e-2
+#: the CUDA backwards' gradients against the fp64 reference (the attention's and RAR's; bf16 as
+#: fp16: tests/test_cuda_emu_fuzz.py's random bf16 RAR problems stay within it)
 GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2),
-            torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+            torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
-def _check_grads(args, grad, got, dtype, context_index=None, skip=None):
+def _check_grads(args, grad, got, dtype, context_index=None, skip=None, slack=None):
     """Every gradient of sum(grad * out) (got: emu_attention_grads') against the fp64 reference's
     autograd on the same (rounded) inputs (paired: _ref's per-pair form); padded rows of dquery,
     dfactors and dlam exactly zero; nothing left unwritten (NaN). skip: {the argument's position
     (0 query, 2 context, 4 factors): a mask of its gradient's elements not compared with the
-    reference} (tests/test_cuda_emu_fuzz.py: kink_masks)."""
+    reference} (tests/test_cuda_emu_fuzz.py: kink_masks); slack: {the argument's position: a
+    tensor of its gradient's shape}, an element within it of the reference passes (the fuzz's
+    conditioning_slack), the rest are compared at the usual tolerance."""
     q, ql, c, cl, f, lam = args[:6]
     Lq = q.shape[1]
     leaves = [a.double().detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
@@ -556,6 +557,8 @@ def _check_grads(args, grad, got, dtype, context_index=None, skip=None):
         gd = g.double()
         if skip is not None and skip.get(i) is not None:
             gd = torch.where(skip[i], w, gd)
+        if slack is not None and slack.get(i) is not None:
+            gd = torch.where((gd - w).abs() <= slack[i], w, gd)
         torch.testing.assert_close(gd, w, **tol)
     pad = torch.arange(Lq)[None, :] >= ql[:, None].long()
     assert not got[0][pad].any()

@@ -21,10 +21,10 @@ pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_cuda_emu import TOL, _check, _check_grads, _ref  # noqa: E402
-from test_cuda_emu_fuzz import kink_masks, problems  # noqa: E402
+from test_cuda_emu_fuzz import conditioning_slack, kink_masks, problems  # noqa: E402
 from test_fused_ops import BACKENDS, _ops  # noqa: E402
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -46,14 +46,17 @@ def test_attention_op_on_random_problems(backend, problem):
     """The op's output against the fp64 reference within the dtype's tolerance (no element left
     unwritten: rows past a query length are zeros); in fp32 also every gradient of sum(grad *
     out) through the op's autograd (the kernels' backward), but for the elements a score at
-    LeakyReLU's kink reaches (kink_masks), with dquery, dfactors and dlam zero at padded rows."""
+    LeakyReLU's kink reaches (kink_masks), each within the usual tolerance or the problem's own
+    sensitivity to rounding (conditioning_slack), with dquery, dfactors and dlam zero at padded
+    rows."""
     args, cidx, dtype = problem
     att = _ops(backend)[0]
     out = att(*args, context_index=None if cidx is None else cidx.to(torch.int32))
     _check(out, _ref(args, cidx), dtype)
     if dtype == torch.float32:
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(out.numel())).to(dtype)
-        _check_grads(args, grad, _grads(att, args, grad, cidx), dtype, cidx, skip=kink_masks(args, cidx, dtype))
+        _check_grads(args, grad, _grads(att, args, grad, cidx), dtype, cidx, skip=kink_masks(args, cidx, dtype),
+                     slack=conditioning_slack(args, grad, cidx, dtype))
 
 
 def test_the_problems_reach_the_packed_forward():
@@ -66,7 +69,7 @@ def test_the_problems_reach_the_packed_forward():
     attention = load_kernels().attention
     seen = []
 
-    @settings(SETTINGS, max_examples=40)
+    @settings(SETTINGS, max_examples=25)
     @given(problems(dtypes=("fp32", "fp16")))
     def collect(problem):
         args, cidx, dtype = problem
