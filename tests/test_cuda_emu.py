@@ -531,6 +531,18 @@ GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=
             torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
+def ref_grads(args, grad, context_index=None):
+    """{the argument's position (0, 2, 4, 5, 7, 8, where given): the fp64 reference's gradient of
+    sum(grad * out) (None where it does not depend on it)} on the same (rounded) inputs (paired:
+    _ref's per-pair form)."""
+    leaves = [a.double().detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+              for a in args]
+    out = _ref(leaves, context_index)
+    floats = [i for i in (0, 2, 4, 5, 7, 8) if leaves[i] is not None]
+    return dict(zip(floats, torch.autograd.grad((out * grad.double()).sum(), [leaves[i] for i in floats],
+                                                allow_unused=True)))
+
+
 def _check_grads(args, grad, got, dtype, context_index=None, skip=None, slack=None):
     """Every gradient of sum(grad * out) (got: emu_attention_grads') against the fp64 reference's
     autograd on the same (rounded) inputs (paired: _ref's per-pair form); padded rows of dquery,
@@ -541,12 +553,7 @@ def _check_grads(args, grad, got, dtype, context_index=None, skip=None, slack=No
     conditioning_slack), the rest are compared at the usual tolerance."""
     q, ql, c, cl, f, lam = args[:6]
     Lq = q.shape[1]
-    leaves = [a.double().detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-              for a in args]
-    out = _ref(leaves, context_index)
-    floats = [i for i in (0, 2, 4, 5, 7, 8) if leaves[i] is not None]
-    want = dict(zip(floats, torch.autograd.grad((out * grad.double()).sum(), [leaves[i] for i in floats],
-                                                allow_unused=True)))
+    want = ref_grads(args, grad, context_index)
     tol = GRAD_TOL[dtype]
     for i, g in zip((0, 2, 4, 5, 7, 8), got):
         if i not in want:

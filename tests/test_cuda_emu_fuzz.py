@@ -20,14 +20,14 @@ pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from rcar_testutil import NAN  # noqa: E402
 from test_cuda_emu import (A100_SMEM, H200_SMEM, TOL, _check, _check_grads, _ref, emu,  # noqa: E402,F401
-                           emu_attention, emu_attention_grads, emu_lib, emu_rar, emu_rar_bwd_check)
+                           emu_attention, emu_attention_grads, emu_lib, emu_rar, emu_rar_bwd_check, ref_grads)
 from test_fused_ops import _rar_sample, ref_rar  # noqa: E402
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-NAN = float("nan")
 
 
 @st.composite
@@ -136,16 +136,12 @@ def conditioning_slack(args, grad, cidx, dtype, trials=2):
     drawn fp16 problem's gradients of about 5 moved by 0.3-1.2 under 2^-8 perturbations, the
     kernel's error was 0.17), an error within this is the problem's, not the kernel's. A bug's
     error does not follow the problem's conditioning."""
-    u = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
-    pos = [i for i in (0, 2, 4, 5, 7, 8) if isinstance(args[i], torch.Tensor)]
+    u = torch.finfo(dtype).eps / 2
 
-    def ref_grads(a):
-        leaves = [x.double().detach().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                  for x in a]
-        out = _ref(leaves, cidx)
-        gs = torch.autograd.grad((out * grad.double()).sum(), [leaves[i] for i in pos], allow_unused=True)
-        return {i: torch.zeros_like(leaves[i]) if g is None else torch.nan_to_num(g) for i, g in zip(pos, gs)}
-    base = ref_grads(args)
+    def grads(a):
+        return {i: torch.zeros_like(a[i], dtype=torch.float64) if g is None else torch.nan_to_num(g)
+                for i, g in ref_grads(a, grad, cidx).items()}
+    base = grads(args)
     gen = torch.Generator().manual_seed(int(args[0].numel()))
     worst = {i: torch.zeros_like(g) for i, g in base.items()}
     for _ in range(trials):
@@ -153,7 +149,7 @@ def conditioning_slack(args, grad, cidx, dtype, trials=2):
         for i in (0, 2, 4):
             if isinstance(a[i], torch.Tensor):
                 a[i] = a[i].double() * (1 + u * (2 * torch.rand(a[i].shape, generator=gen, dtype=torch.float64) - 1))
-        for i, g in ref_grads(a).items():
+        for i, g in grads(a).items():
             worst[i] = torch.maximum(worst[i], (g - base[i]).abs())
     return {i: 2 * w for i, w in worst.items()}
 
